@@ -1,0 +1,64 @@
+# The compiled data path: its C-level layout at a glance.
+# Python API (same as udpflannel.frame.PyEngine):
+#   Engine(vni=, vtep_mac=, network=, subnet_len=, tun_addr=)
+#   set_route(subnet, public_ip, port, vtep_mac) / del_route(subnet) / lookup(addr)
+#   route_count() / counters()
+#   encap(packet) / decap(datagram, source)         one packet, for tests and tools
+#   attach(tun_fd, udp_fd) / drain_tun(budget) / drain_udp(budget)   the hot path
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    struct in_addr:
+        uint32_t s_addr
+    struct sockaddr_in:
+        uint16_t sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+    uint16_t htons(uint16_t)
+    uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
+
+
+# Open-addressing hash map uint32 -> int32 (linear probing, backward-shift delete).
+# Lookups cost the same with 1 or 100,000 peers.
+cdef struct htab:
+    uint32_t *keys
+    int32_t *vals
+    uint32_t bits
+    uint32_t count
+
+
+cdef struct route_t:
+    uint32_t subnet          # host order, network address of the peer's subnet
+    uint32_t public_ip       # host order
+    uint16_t port
+    uint8_t mac[6]
+    sockaddr_in addr         # prebuilt destination for sendto
+
+
+cdef class Engine:
+    cdef uint32_t vni
+    cdef uint8_t own_mac[6]
+    cdef uint8_t vxlan_hdr[8]
+    cdef uint32_t net, netmask, shift, subnet_len, tun_addr
+    cdef htab by_subnet      # subnet -> index into routes
+    cdef htab by_sender      # public IP -> number of subnets it owns
+    cdef route_t *routes
+    cdef int32_t nroutes, route_cap
+    cdef uint64_t ctr[32]
+    cdef int tun_fd, udp_fd
+    cdef uint8_t *buf        # HEADROOM + 65536: one packet with room for headers
+    cdef uint8_t *icmp       # scratch for ICMP errors
+    cdef int icmp_len
+    cdef int last_drop       # counter slot of the latest drop (single-packet API)
+
+    cdef uint32_t _subnet_base(self, str subnet) except? 0
+    cdef int drop(self, int reason) noexcept nogil
+    cdef int unroutable(self, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) noexcept nogil
+
+    cdef route_t *find(self, uint32_t addr) noexcept nogil
+    cdef int encap_c(self, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil
+    cdef int decap_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
+                     Py_ssize_t *plen) noexcept nogil

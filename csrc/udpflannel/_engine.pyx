@@ -1,0 +1,498 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The compiled data path. Theory of operation:
+
+The event loop calls drain_tun() when the TUN fd is readable and drain_udp() when the
+UDP socket is. Each drains its fd until EAGAIN or `budget` packets, with the GIL
+released, into one preallocated buffer that keeps HEADROOM bytes in front of the
+packet so the VXLAN and inner Ethernet headers are written in place (no copy). Every
+per-packet outcome is a counter bump, never a Python object or exception.
+
+Route changes (set_route/del_route) run on the loop thread between drains, so the
+tables need no lock. The decisions mirror udpflannel.frame.PyEngine exactly; tests
+compare the two byte for byte.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+from libc.string cimport memcpy, memset, memcmp
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.errno cimport errno, EAGAIN, EINTR
+from posix.unistd cimport read, write
+
+import ipaddress
+from udpflannel.frame import COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    ssize_t sendto(int, const void *, size_t, int, const sockaddr *, socklen_t)
+    ssize_t recvfrom(int, void *, size_t, int, sockaddr *, socklen_t *)
+    int AF_INET
+
+cdef enum:
+    HEADROOM = 22            # VXLAN header + inner Ethernet header
+    BUFSIZE = 65536 + 64
+cdef uint32_t EMPTY = 0xFFFFFFFFu
+
+cdef enum:
+    ACT_SEND = 0
+    ACT_ICMP = 1
+    ACT_DELIVER = 2
+    ACT_DROP = 3
+
+# Counter slots, in udpflannel.frame.COUNTERS order.
+cdef enum:
+    C_TX_PACKETS = 0
+    C_TX_BYTES
+    C_RX_PACKETS
+    C_RX_BYTES
+    C_ICMP
+    D_BAD_PACKET
+    D_NO_ROUTE
+    D_SEND_ERROR
+    D_SHORT
+    D_BAD_FLAGS
+    D_BAD_VNI
+    D_BAD_MAC
+    D_BAD_ETHERTYPE
+    D_BAD_IP
+    D_UNKNOWN_SENDER
+    D_SPOOFED
+    D_TUN_WRITE_ERROR
+    N_COUNTERS
+
+_ACTIONS = {ACT_SEND: SEND, ACT_ICMP: ICMP, ACT_DELIVER: DELIVER, ACT_DROP: DROP}
+_REASONS = {D_BAD_PACKET + i: r for i, r in enumerate(TX_DROPS + RX_DROPS)}
+assert len(COUNTERS) == N_COUNTERS
+
+
+# ---- hash map uint32 -> int32 ------------------------------------------------------
+
+cdef inline uint32_t _slot(uint32_t key, uint32_t bits) noexcept nogil:
+    return (key * <uint32_t>0x9E3779B1u) >> (32 - bits)
+
+
+cdef int htab_init(htab *h, uint32_t bits) except -1:
+    h.bits = bits
+    h.count = 0
+    h.keys = <uint32_t *>malloc((<size_t>1 << bits) * sizeof(uint32_t))
+    h.vals = <int32_t *>malloc((<size_t>1 << bits) * sizeof(int32_t))
+    if h.keys == NULL or h.vals == NULL:
+        raise MemoryError()
+    memset(h.keys, 0xFF, (<size_t>1 << bits) * sizeof(uint32_t))
+    return 0
+
+
+cdef void htab_free(htab *h) noexcept:
+    free(h.keys)
+    free(h.vals)
+    h.keys = NULL
+    h.vals = NULL
+
+
+cdef inline int32_t htab_get(const htab *h, uint32_t key) noexcept nogil:
+    cdef uint32_t mask = (1u << h.bits) - 1
+    cdef uint32_t i = _slot(key, h.bits)
+    while h.keys[i] != EMPTY:
+        if h.keys[i] == key:
+            return h.vals[i]
+        i = (i + 1) & mask
+    return -1
+
+
+cdef int htab_put(htab *h, uint32_t key, int32_t val) except -1:
+    cdef htab bigger
+    cdef uint32_t i, mask
+    if (h.count + 1) * 2 > (1u << h.bits):
+        htab_init(&bigger, h.bits + 1)
+        for i in range(1u << h.bits):
+            if h.keys[i] != EMPTY:
+                htab_put(&bigger, h.keys[i], h.vals[i])
+        htab_free(h)
+        h[0] = bigger
+    mask = (1u << h.bits) - 1
+    i = _slot(key, h.bits)
+    while h.keys[i] != EMPTY and h.keys[i] != key:
+        i = (i + 1) & mask
+    if h.keys[i] == EMPTY:
+        h.count += 1
+    h.keys[i] = key
+    h.vals[i] = val
+    return 0
+
+
+cdef bint htab_del(htab *h, uint32_t key) noexcept:
+    # Backward-shift deletion keeps probe chains intact without tombstones.
+    cdef uint32_t mask = (1u << h.bits) - 1
+    cdef uint32_t i = _slot(key, h.bits), j, home
+    while h.keys[i] != key:
+        if h.keys[i] == EMPTY:
+            return False
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if h.keys[j] == EMPTY:
+            break
+        home = _slot(h.keys[j], h.bits)
+        # move j back to i unless its home lies cyclically in (i, j]
+        if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+            h.keys[i] = h.keys[j]
+            h.vals[i] = h.vals[j]
+            i = j
+    h.keys[i] = EMPTY
+    h.count -= 1
+    return True
+
+
+# ---- byte helpers ------------------------------------------------------------------
+
+cdef inline uint32_t _be32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint16_t _be16(const uint8_t *p) noexcept nogil:
+    return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef inline void _put16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v >> 8
+    p[1] = v & 0xFF
+
+
+cdef inline void _put32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+cdef uint16_t _checksum(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t s = 0
+    cdef Py_ssize_t i = 0
+    while i + 1 < n:
+        s += (<uint32_t>p[i] << 8) | p[i + 1]
+        i += 2
+    if i < n:
+        s += <uint32_t>p[i] << 8
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint16_t>(~s & 0xFFFF)
+
+
+cdef uint32_t _ip(object text) except? 0:
+    return int(ipaddress.IPv4Address(text))
+
+
+cdef class Engine:
+    def __cinit__(self):
+        self.routes = NULL
+        self.buf = NULL
+        self.icmp = NULL
+        self.tun_fd = -1
+        self.udp_fd = -1
+
+    def __init__(self, *, int vni, bytes vtep_mac, str network, int subnet_len, str tun_addr):
+        net = ipaddress.IPv4Network(network)
+        if not 0 < vni < (1 << 24):
+            raise ValueError(f"VNI {vni} out of range")
+        if len(vtep_mac) != 6:
+            raise ValueError("vtep_mac must be 6 bytes")
+        if not net.prefixlen < subnet_len <= 30:
+            raise ValueError(f"subnet length /{subnet_len} does not fit {net}")
+        self.vni = vni
+        memcpy(self.own_mac, <const char *>vtep_mac, 6)
+        memset(self.vxlan_hdr, 0, 8)
+        self.vxlan_hdr[0] = 0x08
+        self.vxlan_hdr[4] = (vni >> 16) & 0xFF
+        self.vxlan_hdr[5] = (vni >> 8) & 0xFF
+        self.vxlan_hdr[6] = vni & 0xFF
+        self.net = int(net.network_address)
+        self.netmask = int(net.netmask)
+        self.subnet_len = subnet_len
+        self.shift = 32 - subnet_len
+        self.tun_addr = _ip(tun_addr)
+        htab_init(&self.by_subnet, 4)
+        htab_init(&self.by_sender, 4)
+        self.route_cap = 16
+        self.nroutes = 0
+        self.routes = <route_t *>calloc(self.route_cap, sizeof(route_t))
+        self.buf = <uint8_t *>malloc(BUFSIZE)
+        self.icmp = <uint8_t *>malloc(128)
+        if self.routes == NULL or self.buf == NULL or self.icmp == NULL:
+            raise MemoryError()
+        memset(self.ctr, 0, sizeof(self.ctr))
+
+    def __dealloc__(self):
+        htab_free(&self.by_subnet)
+        htab_free(&self.by_sender)
+        free(self.routes)
+        free(self.buf)
+        free(self.icmp)
+
+    # ---- control path (Python objects are fine here) ------------------------------
+
+    cdef uint32_t _subnet_base(self, str subnet) except? 0:
+        s = ipaddress.IPv4Network(subnet)
+        cdef uint32_t base = int(s.network_address)
+        if s.prefixlen != self.subnet_len or (base & self.netmask) != self.net:
+            raise ValueError(f"{subnet} is not a /{self.subnet_len} inside the overlay network")
+        return base
+
+    def set_route(self, str subnet, str public_ip, int port, bytes vtep_mac):
+        cdef uint32_t base = self._subnet_base(subnet)
+        cdef uint32_t ip = _ip(public_ip)
+        cdef route_t *r
+        cdef int32_t n
+        if len(vtep_mac) != 6 or not 0 < port < 65536:
+            raise ValueError("bad port or MAC")
+        self.del_route(subnet)
+        if self.nroutes == self.route_cap:
+            r = <route_t *>realloc(self.routes, 2 * self.route_cap * sizeof(route_t))
+            if r == NULL:
+                raise MemoryError()
+            self.routes = r
+            self.route_cap *= 2
+        r = &self.routes[self.nroutes]
+        memset(r, 0, sizeof(route_t))
+        r.subnet = base
+        r.public_ip = ip
+        r.port = port
+        memcpy(r.mac, <const char *>vtep_mac, 6)
+        r.addr.sin_family = AF_INET
+        r.addr.sin_port = htons(port)
+        r.addr.sin_addr.s_addr = htonl(ip)
+        htab_put(&self.by_subnet, base, self.nroutes)
+        n = htab_get(&self.by_sender, ip)
+        htab_put(&self.by_sender, ip, (n if n > 0 else 0) + 1)
+        self.nroutes += 1
+
+    def del_route(self, str subnet):
+        cdef uint32_t base = self._subnet_base(subnet)
+        cdef int32_t i = htab_get(&self.by_subnet, base), n
+        cdef uint32_t ip
+        if i < 0:
+            return False
+        ip = self.routes[i].public_ip
+        htab_del(&self.by_subnet, base)
+        self.nroutes -= 1
+        if i != self.nroutes:  # keep the array dense: move the last route into the hole
+            self.routes[i] = self.routes[self.nroutes]
+            htab_put(&self.by_subnet, self.routes[i].subnet, i)
+        n = htab_get(&self.by_sender, ip)
+        if n > 1:
+            htab_put(&self.by_sender, ip, n - 1)
+        else:
+            htab_del(&self.by_sender, ip)
+        return True
+
+    def lookup(self, str address):
+        cdef route_t *r = self.find(_ip(address))
+        if r == NULL:
+            return None
+        return (str(ipaddress.IPv4Address(r.public_ip)), r.port, (<char *>r.mac)[:6])
+
+    def route_count(self):
+        return self.nroutes
+
+    def counters(self):
+        return {name: self.ctr[i] for i, name in enumerate(COUNTERS)}
+
+    # ---- the rules (C, no GIL) ------------------------------------------------------
+
+    cdef int drop(self, int reason) noexcept nogil:
+        self.ctr[reason] += 1
+        self.last_drop = reason
+        return ACT_DROP
+
+    cdef route_t *find(self, uint32_t addr) noexcept nogil:
+        cdef int32_t i
+        if (addr & self.netmask) != self.net:
+            return NULL
+        i = htab_get(&self.by_subnet, (addr >> self.shift) << self.shift)
+        return NULL if i < 0 else &self.routes[i]
+
+    cdef int encap_c(self, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil:
+        """pkt has HEADROOM writable bytes before it. On ACT_SEND the frame starts at
+        pkt - HEADROOM; on ACT_ICMP the reply is in self.icmp."""
+        cdef uint8_t version = pkt[0] >> 4 if n > 0 else 0
+        cdef uint32_t dst
+        cdef route_t *r
+        cdef uint8_t *h
+        if version == 4 and n >= 20:
+            dst = _be32(pkt + 16)
+            r = self.find(dst)
+            if r == NULL:
+                return self.unroutable(pkt, n, dst)
+        elif version == 6 and n >= 40:
+            return self.drop(D_NO_ROUTE)  # the overlay carries IPv4 subnets only
+        else:
+            return self.drop(D_BAD_PACKET)
+        h = pkt - HEADROOM
+        memcpy(h, self.vxlan_hdr, 8)
+        memcpy(h + 8, r.mac, 6)
+        memcpy(h + 14, self.own_mac, 6)
+        h[20] = 0x08
+        h[21] = 0x00
+        out[0] = r
+        self.ctr[C_TX_PACKETS] += 1
+        self.ctr[C_TX_BYTES] += n
+        return ACT_SEND
+
+    cdef int unroutable(self, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) noexcept nogil:
+        cdef Py_ssize_t ihl = (pkt[0] & 0x0F) * 4, quoted
+        cdef uint16_t frag = _be16(pkt + 6) & 0x1FFF
+        cdef bint icmp_error = False
+        cdef uint8_t *o = self.icmp
+        if pkt[9] == 1 and n > ihl:
+            icmp_error = pkt[ihl] in (3, 4, 5, 11, 12)
+        if ((dst & self.netmask) != self.net or ihl < 20 or n < ihl or frag != 0
+                or icmp_error):
+            return self.drop(D_NO_ROUTE)
+        quoted = ihl + 8 if n >= ihl + 8 else n
+        memset(o, 0, 28)
+        o[0] = 0x45
+        _put16(o + 2, <uint16_t>(28 + quoted))
+        o[8] = 64
+        o[9] = 1
+        _put32(o + 12, self.tun_addr)
+        memcpy(o + 16, pkt + 12, 4)
+        o[20] = 3  # destination unreachable, code 0: net unreachable
+        memcpy(o + 28, pkt, quoted)
+        _put16(o + 22, _checksum(o + 20, 8 + quoted))
+        _put16(o + 10, _checksum(o, 20))
+        self.icmp_len = <int>(28 + quoted)
+        self.ctr[C_ICMP] += 1
+        return ACT_ICMP
+
+    cdef int decap_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
+                     Py_ssize_t *plen) noexcept nogil:
+        """On ACT_DELIVER the packet is d[HEADROOM : HEADROOM + plen]."""
+        cdef uint8_t *p = d + HEADROOM
+        cdef uint16_t ethertype
+        cdef Py_ssize_t ihl, total
+        cdef route_t *owner = NULL
+        if n < HEADROOM + 20:
+            return self.drop(D_SHORT)
+        if d[0] != 0x08 or d[1] != 0 or d[2] != 0 or d[3] != 0 or d[7] != 0:
+            return self.drop(D_BAD_FLAGS)
+        if ((<uint32_t>d[4] << 16) | (<uint32_t>d[5] << 8) | d[6]) != self.vni:
+            return self.drop(D_BAD_VNI)
+        if memcmp(d + 8, self.own_mac, 6) != 0:
+            return self.drop(D_BAD_MAC)
+        ethertype = _be16(d + 20)
+        if ethertype == 0x0800:
+            ihl = (p[0] & 0x0F) * 4
+            total = _be16(p + 2)
+            if (p[0] >> 4) != 4 or ihl < 20 or total < ihl or HEADROOM + total > n:
+                return self.drop(D_BAD_IP)
+            owner = self.find(_be32(p + 12))
+        elif ethertype == 0x86DD:
+            if n < HEADROOM + 40 or (p[0] >> 4) != 6:
+                return self.drop(D_BAD_IP)
+            total = 40 + _be16(p + 4)
+            if HEADROOM + total > n:
+                return self.drop(D_BAD_IP)
+        else:
+            return self.drop(D_BAD_ETHERTYPE)
+        if owner == NULL or owner.public_ip != source:
+            if htab_get(&self.by_sender, source) > 0:
+                return self.drop(D_SPOOFED)
+            return self.drop(D_UNKNOWN_SENDER)
+        plen[0] = total
+        self.ctr[C_RX_PACKETS] += 1
+        self.ctr[C_RX_BYTES] += total
+        return ACT_DELIVER
+
+    # ---- one packet at a time, for tests and tools ----------------------------------
+
+    def encap(self, bytes packet):
+        cdef Py_ssize_t n = len(packet)
+        cdef route_t *r = NULL
+        cdef int act
+        if n > BUFSIZE - HEADROOM:
+            raise ValueError("packet too long")
+        memcpy(self.buf + HEADROOM, <const char *>packet, n)
+        act = self.encap_c(self.buf + HEADROOM, n, &r)
+        if act == ACT_SEND:
+            return SEND, bytes(self.buf[:HEADROOM + n]), (str(ipaddress.IPv4Address(r.public_ip)), r.port)
+        if act == ACT_ICMP:
+            return ICMP, bytes(self.icmp[:self.icmp_len]), None
+        return DROP, self._last_drop(), None
+
+    def decap(self, bytes datagram, str source):
+        cdef Py_ssize_t n = len(datagram), plen = 0
+        cdef uint32_t src = _ip(source)
+        if n > BUFSIZE:
+            raise ValueError("datagram too long")
+        memcpy(self.buf, <const char *>datagram, n)
+        if self.decap_c(self.buf, n, src, &plen) == ACT_DELIVER:
+            return DELIVER, bytes(self.buf[HEADROOM:HEADROOM + plen]), None
+        return DROP, self._last_drop(), None
+
+    def _last_drop(self):
+        return _REASONS[self.last_drop]
+
+    # ---- the hot path ---------------------------------------------------------------
+
+    def attach(self, int tun_fd, int udp_fd):
+        """Give the engine the non-blocking TUN fd and UDP socket fd it drains."""
+        self.tun_fd = tun_fd
+        self.udp_fd = udp_fd
+
+    def drain_tun(self, int budget):
+        """Read the TUN until EAGAIN or budget packets; returns packets read,
+        or -errno if the TUN itself failed."""
+        cdef int done = 0, act, err = 0
+        cdef ssize_t n
+        cdef route_t *r = NULL
+        if self.tun_fd < 0:
+            raise RuntimeError("attach() first")
+        with nogil:
+            while done < budget:
+                n = read(self.tun_fd, self.buf + HEADROOM, BUFSIZE - HEADROOM)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:  # EWOULDBLOCK == EAGAIN on Linux
+                        err = errno
+                    break
+                done += 1
+                act = self.encap_c(self.buf + HEADROOM, n, &r)
+                if act == ACT_SEND:
+                    if sendto(self.udp_fd, self.buf, HEADROOM + n, 0,
+                              <sockaddr *>&r.addr, sizeof(sockaddr_in)) < 0:
+                        self.ctr[C_TX_PACKETS] -= 1
+                        self.ctr[C_TX_BYTES] -= n
+                        self.ctr[D_SEND_ERROR] += 1
+                elif act == ACT_ICMP:
+                    write(self.tun_fd, self.icmp, self.icmp_len)
+        return -err if err else done
+
+    def drain_udp(self, int budget):
+        """Receive until EAGAIN or budget datagrams; returns datagrams received,
+        or -errno if the socket itself failed."""
+        cdef int done = 0, err = 0
+        cdef ssize_t n
+        cdef Py_ssize_t plen = 0
+        cdef sockaddr_in src
+        cdef socklen_t slen
+        if self.udp_fd < 0:
+            raise RuntimeError("attach() first")
+        with nogil:
+            while done < budget:
+                slen = sizeof(sockaddr_in)
+                n = recvfrom(self.udp_fd, self.buf, BUFSIZE, 0, <sockaddr *>&src, &slen)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:  # EWOULDBLOCK == EAGAIN on Linux
+                        err = errno
+                    break
+                done += 1
+                if self.decap_c(self.buf, n, ntohl(src.sin_addr.s_addr), &plen) == ACT_DELIVER:
+                    if write(self.tun_fd, self.buf + HEADROOM, plen) < 0:
+                        self.ctr[C_RX_PACKETS] -= 1
+                        self.ctr[C_RX_BYTES] -= plen
+                        self.ctr[D_TUN_WRITE_ERROR] += 1
+        return -err if err else done
