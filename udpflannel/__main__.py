@@ -1,0 +1,5 @@
+import sys
+
+from udpflannel.cli import main
+
+sys.exit(main())

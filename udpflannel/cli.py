@@ -1,0 +1,185 @@
+"""Command line: parse flags into options, run, map failures to one line + exit code.
+
+Every flag of `run` can also come from the environment as FLANNELD_<FLAG> (dashes as
+underscores, upper case), as with flanneld; a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import sys
+from typing import Callable, NoReturn, Sequence
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        self.exit(EXIT_USAGE, f"udpflannel: error: {message} (see --help)\n")
+
+
+def _env(name: str, default=None):
+    return os.environ.get("FLANNELD_" + name.upper().replace("-", "_"), default)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a UDP port (1-65535)")
+    return value
+
+
+def _vni(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 1 << 24:
+        raise argparse.ArgumentTypeError(f"{text} is not a VNI (1-16777215)")
+    return value
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    def flag(name: str, **kw) -> None:
+        default = _env(name.lstrip("-"), kw.pop("default", None))
+        conv = kw.get("type")
+        if default is not None and conv is not None and isinstance(default, str):
+            try:
+                default = conv(default)
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                p.error(f"environment FLANNELD_{name.lstrip('-').upper().replace('-', '_')}: {e}")
+        p.add_argument(name, default=default, **kw)
+
+    flag("--tun", default="flannel0", help="TUN device name (default flannel0)")
+    flag("--iface", help="underlay interface (default: the default route's)")
+    flag("--public-ip", type=_ipv4, help="IP advertised to other nodes (default: --iface's)")
+    flag("--registry-file", default="/var/lib/udpflannel/registry.db",
+         help="embedded registry (SQLite) shared by daemons on this host")
+    flag("--net-config", help="network config JSON used when the registry has none")
+    flag("--subnet-file", default="/run/flannel/subnet.env", help="where to write subnet.env")
+    flag("--state-dir", default="/var/lib/udpflannel", help="keeps the VTEP MAC across restarts")
+    flag("--admin-socket", help="msgpack admin socket (default /run/udpflannel/<tun>.sock)")
+    flag("--port", type=_port, help="VXLAN UDP port (default: the config's Backend.Port, 8472)")
+    flag("--vni", type=_vni, help="VXLAN network identifier (default: the config's Backend.VNI, 1)")
+    flag("--engine", choices=("compiled", "python"), default="compiled",
+         help="data path: the compiled engine or its pure-Python reference twin")
+    flag("--subnet-lease-ttl", type=_positive, default=24 * 60.0,
+         help="lease lifetime in minutes (default 1440)")
+    flag("--subnet-lease-renew-margin", type=_positive, default=60.0,
+         help="renew this many minutes before expiry (default 60)")
+    flag("--etcd-endpoints", help="comma-separated etcd v3 URLs; selects the etcd registry")
+    flag("--etcd-prefix", default="/coreos.com/network")
+    flag("--etcd-cafile")
+    flag("--etcd-certfile")
+    flag("--etcd-keyfile")
+    flag("--etcd-username")
+    flag("--etcd-password")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="udpflannel", description="flannel's userspace overlay, speaking VXLAN")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_run_flags(sub.add_parser("run", help="run the node daemon"))
+
+    demo = sub.add_parser("demo", help="a whole overlay in network namespaces on this machine")
+    demo.add_argument("--nodes", type=int, default=2, help="number of nodes (2-16, default 2)")
+    demo.add_argument("--seconds", type=float, default=3.0, help="TCP transfer duration")
+    demo.add_argument("--engine", choices=("compiled", "python"), default="compiled")
+    demo.add_argument("-v", "--verbose", action="store_true")
+
+    status = sub.add_parser("status", help="ask a running daemon for its lease and counters")
+    status.add_argument("--admin-socket", default="/run/udpflannel/flannel0.sock")
+    return parser
+
+
+def _run_options(a: argparse.Namespace):
+    from udpflannel.daemon import RunOptions
+    endpoints = tuple(e.strip() for e in (a.etcd_endpoints or "").split(",") if e.strip())
+    return RunOptions(
+        tun=a.tun, iface=a.iface, public_ip=a.public_ip, registry_file=a.registry_file,
+        net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
+        admin_socket=a.admin_socket, port=a.port, vni=a.vni, engine=a.engine,
+        lease_ttl=a.subnet_lease_ttl * 60, renew_margin=a.subnet_lease_renew_margin * 60,
+        etcd_endpoints=endpoints, etcd_prefix=a.etcd_prefix.rstrip("/"),
+        etcd_cafile=a.etcd_cafile, etcd_certfile=a.etcd_certfile, etcd_keyfile=a.etcd_keyfile,
+        etcd_username=a.etcd_username, etcd_password=a.etcd_password)
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    import uvloop
+    from udpflannel import daemon
+    if os.geteuid() != 0:
+        raise PermissionError("udpflannel run needs root (CAP_NET_ADMIN) to create the TUN device")
+    uvloop.run(daemon.run(_run_options(a)))
+    return EXIT_OK
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from udpflannel import demo
+    if not 2 <= a.nodes <= 16:
+        raise ValueError(f"--nodes {a.nodes}: choose 2 to 16")
+    if os.geteuid() != 0:
+        raise PermissionError("udpflannel demo needs root to create network namespaces")
+    return demo.main(a.nodes, a.seconds, a.engine)
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    import json
+    from udpflannel import admin
+    print(json.dumps(admin.query(a.admin_socket), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run, "demo": _cmd_demo, "status": _cmd_status}
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from udpflannel.config import ConfigError
+    from udpflannel.daemon import FatalError
+    from udpflannel.dataplane import DataplaneError
+    from udpflannel.netconf import NetconfError
+    from udpflannel.registry.base import RegistryError
+    from udpflannel.subnet import NoFreeSubnet, SubnetLost
+    from udpflannel.tun import TunError
+    return (FatalError, ConfigError, DataplaneError, NetconfError, RegistryError, NoFreeSubnet,
+            SubnetLost, TunError, PermissionError, FileNotFoundError, ConnectionError,
+            ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except _expected_errors() as e:
+        print(f"udpflannel: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a bug: still one line, details only with -v
+        logging.getLogger("udpflannel").debug("internal error", exc_info=True)
+        print(f"udpflannel: internal error: {type(e).__name__}: {e} (rerun with -v for details)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

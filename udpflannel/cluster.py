@@ -1,0 +1,133 @@
+"""Run `udpflannel run` daemons inside a Lab's namespaces (demo, bench, tests).
+
+Each node gets its own state dir, subnet.env, admin socket and log file under
+``workdir``; all share one registry (the embedded file, or etcd endpoints). Daemons
+are real processes, stopped by pid: SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from udpflannel import admin
+from udpflannel.netns import Lab
+
+
+class ClusterError(Exception):
+    pass
+
+
+class Cluster:
+    def __init__(self, lab: Lab, workdir: str, *, engine: str = "compiled",
+                 extra_args: Sequence[str] = (), etcd_endpoints: str | None = None) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.engine = engine
+        self.extra_args = list(extra_args)
+        self.etcd_endpoints = etcd_endpoints
+        self.registry_file = os.path.join(workdir, "registry.db")
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def node_dir(self, i: int) -> str:
+        path = os.path.join(self.workdir, f"n{i + 1}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def admin_path(self, i: int) -> str:
+        return os.path.join(self.node_dir(i), "admin.sock")
+
+    def argv(self, i: int) -> list[str]:
+        d = self.node_dir(i)
+        argv = [sys.executable, "-m", "udpflannel", "run", "--tun", "flannel0", "--iface", "eth0",
+                "--subnet-file", os.path.join(d, "subnet.env"), "--state-dir", d,
+                "--admin-socket", self.admin_path(i), "--engine", self.engine]
+        if self.etcd_endpoints:
+            argv += ["--etcd-endpoints", self.etcd_endpoints]
+        else:
+            argv += ["--registry-file", self.registry_file]
+        return argv + self.extra_args
+
+    def start(self, i: int, extra: Sequence[str] = ()) -> subprocess.Popen:
+        if i in self.procs and self.procs[i].poll() is None:
+            raise ClusterError(f"node {i + 1} already running")
+        if os.path.exists(self.admin_path(i)):
+            os.unlink(self.admin_path(i))
+        log = open(os.path.join(self.node_dir(i), "daemon.log"), "ab")
+        proc = self.lab.nodes[i].popen(self.argv(i) + list(extra), stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs[i] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for i in range(len(self.lab.nodes)):
+            self.start(i)
+
+    def stop(self, i: int, grace: float = 5.0) -> int | None:
+        proc = self.procs.pop(i, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(grace)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for i in list(self.procs):
+            self.stop(i)
+
+    def log_tail(self, i: int, lines: int = 15) -> str:
+        try:
+            with open(os.path.join(self.node_dir(i), "daemon.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def status(self, i: int) -> dict[str, Any]:
+        return admin.query(self.admin_path(i), timeout=2.0)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [self.status(i) for i in sorted(self.procs)]
+
+    def overlay_addr(self, i: int) -> str:
+        """The node's TUN address (<subnet .0>), which answers pings over the overlay."""
+        return str(ipaddress.IPv4Network(self.status(i)["subnet"]).network_address)
+
+    def wait_status(self, i: int, predicate, timeout: float = 20.0, what: str = "ready") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            proc = self.procs.get(i)
+            if proc is not None and proc.poll() is not None:
+                raise ClusterError(f"node {i + 1} exited with {proc.returncode}:\n{self.log_tail(i)}")
+            try:
+                last = self.status(i)
+                if predicate(last):
+                    return last
+            except (OSError, ConnectionError):
+                pass
+            time.sleep(0.1)
+        raise ClusterError(f"node {i + 1} not {what} after {timeout}s (last status {last}):\n"
+                           f"{self.log_tail(i)}")
+
+    def wait_converged(self, timeout: float = 20.0) -> None:
+        """Every running node knows a route to every other running node."""
+        peers = len(self.procs) - 1
+        for i in sorted(self.procs):
+            self.wait_status(i, lambda st: st["routes"] >= peers, timeout, f"routing to {peers} peers")

@@ -1,0 +1,132 @@
+"""Event-loop adapter: TUN fd and UDP socket fd -> the engine's drain loops.
+
+Both fds are level-triggered readers on the (uv)loop. A callback enters compiled code
+once and drains up to BUDGET packets with the GIL released, so the loop stays
+responsive to control work (route changes, renewals, the admin socket) between
+bursts. Route changes are applied on the loop thread, between drains: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+
+from udpflannel.config import NetworkConfig
+from udpflannel.frame import PyEngine
+from udpflannel.lease import EventType, Lease, LeaseEvent, mac_bytes
+
+log = logging.getLogger(__name__)
+
+BUDGET = 256
+SOCKET_BUFFER = 4 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+
+class DataplaneError(Exception):
+    pass
+
+
+def make_engine(kind: str, config: NetworkConfig, lease: Lease):
+    """'compiled' (the default) or 'python' (the reference twin, slow)."""
+    args = dict(vni=config.vni, vtep_mac=mac_bytes(lease.vtep_mac), network=str(config.network),
+                subnet_len=config.subnet_len, tun_addr=str(lease.subnet.network_address))
+    if kind == "python":
+        return PyEngine(**args)
+    from udpflannel._engine import Engine
+    return Engine(**args)
+
+
+def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((str(address), port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise DataplaneError(f"UDP port {port} on {address} is already in use "
+                                 "(another flanneld/udpflannel or a kernel VXLAN device?)") from None
+        raise DataplaneError(f"cannot bind UDP {address}:{port}: {e.strerror}") from None
+    for opt, fallback in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:  # not root: the capped, unforced size
+            sock.setsockopt(socket.SOL_SOCKET, fallback, SOCKET_BUFFER)
+    sock.setblocking(False)
+    return sock
+
+
+class Dataplane:
+    def __init__(self, engine, tun_fd: int, sock: socket.socket, config: NetworkConfig,
+                 port: int) -> None:
+        self.engine = engine
+        self.tun_fd = tun_fd
+        self.sock = sock
+        self.config = config
+        self.port = port
+        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        engine.attach(tun_fd, sock.fileno())
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.tun_fd, self._on_tun)
+        loop.add_reader(self.sock.fileno(), self._on_udp)
+
+    def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.tun_fd)
+        loop.remove_reader(self.sock.fileno())
+
+    def _on_tun(self) -> None:
+        n = self.engine.drain_tun(BUDGET)
+        if n < 0:
+            self._fail(f"reading the TUN device failed: {os.strerror(-n)}")
+
+    def _on_udp(self) -> None:
+        n = self.engine.drain_udp(BUDGET)
+        if n < 0:
+            self._fail(f"receiving on the UDP socket failed: {os.strerror(-n)}")
+
+    def _fail(self, message: str) -> None:
+        self.stop()
+        if not self.failed.done():
+            self.failed.set_exception(DataplaneError(message))
+
+    # --- control: lease events -> routes ------------------------------------------
+    def apply(self, events: list[LeaseEvent]) -> None:
+        for ev in events:
+            lease = ev.lease
+            if ev.type is EventType.REMOVED:
+                try:
+                    if self.engine.del_route(str(lease.subnet)):
+                        log.info("peer removed: %s", lease.subnet)
+                except ValueError:
+                    pass
+                continue
+            reason = self._unusable(lease)
+            if reason:
+                log.info("ignoring lease %s from %s: %s", lease.subnet, lease.public_ip, reason)
+                try:
+                    self.engine.del_route(str(lease.subnet))
+                except ValueError:
+                    pass
+                continue
+            self.engine.set_route(str(lease.subnet), str(lease.public_ip), self.port,
+                                  mac_bytes(lease.vtep_mac))
+            log.info("peer added: %s via %s (VTEP %s)", lease.subnet, lease.public_ip, lease.vtep_mac)
+
+    def _unusable(self, lease: Lease) -> str | None:
+        if not lease.routable_by_vxlan():
+            return f"backend type {lease.backend_type or 'udp'!r} does not speak VXLAN framing"
+        if lease.vni is not None and lease.vni != self.config.vni:
+            return f"VNI {lease.vni} differs from ours ({self.config.vni})"
+        if not self.config.contains_subnet(lease.subnet):
+            return f"not a /{self.config.subnet_len} inside {self.config.network}"
+        return None
+
+    def routes(self) -> int:
+        return self.engine.route_count()

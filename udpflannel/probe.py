@@ -1,0 +1,112 @@
+"""Reachability and throughput probes between namespaces: ICMP echo and a TCP stream.
+
+Sockets are created inside the namespace they belong to (Namespace.call) and used
+from any thread afterwards: a socket keeps the namespace it was created in.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from udpflannel.frame import inet_checksum
+from udpflannel.netns import Namespace
+
+
+def _echo_request(ident: int, seq: int, payload: bytes) -> bytes:
+    head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    return struct.pack("!BBHHH", 8, 0, inet_checksum(head + payload), ident, seq) + payload
+
+
+def ping(ns: Namespace, dst: str, count: int = 3, timeout: float = 1.0,
+         interval: float = 0.0) -> list[float | None]:
+    """RTTs in seconds (None for a lost echo), from inside ``ns``."""
+    sock = ns.call(socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident = os.getpid() & 0xFFFF ^ threading.get_ident() & 0xFFFF
+    rtts: list[float | None] = []
+    try:
+        for seq in range(count):
+            sock.sendto(_echo_request(ident, seq, b"udpflannel-probe"), (dst, 0))
+            sent = time.perf_counter()
+            rtts.append(_await_reply(sock, dst, ident, seq, sent, timeout))
+            if interval:
+                time.sleep(interval)
+    finally:
+        sock.close()
+    return rtts
+
+
+def _await_reply(sock: socket.socket, dst: str, ident: int, seq: int, sent: float,
+                 timeout: float) -> float | None:
+    deadline = sent + timeout
+    while (left := deadline - time.perf_counter()) > 0:
+        sock.settimeout(left)
+        try:
+            data, (src, _) = sock.recvfrom(2048)
+        except socket.timeout:
+            return None
+        ihl = (data[0] & 0x0F) * 4
+        if src == dst and len(data) >= ihl + 8 and data[ihl] == 0:
+            if struct.unpack_from("!HH", data, ihl + 4) == (ident, seq):
+                return time.perf_counter() - sent
+    return None
+
+
+@dataclass(frozen=True)
+class TcpResult:
+    bytes: int
+    seconds: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes * 8 / self.seconds / 1e9
+
+
+def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3.0,
+               port: int = 5201, timeout: float = 10.0) -> TcpResult:
+    """Send for ``seconds`` from ``src`` to ``dst_addr`` (in ``dst``); bytes counted by
+    the receiver, which also checks the stream's content."""
+    listener = dst.call(socket.create_server, ("0.0.0.0", port))
+    listener.settimeout(timeout)
+    got: dict[str, object] = {}
+
+    def receive() -> None:
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(timeout)
+            total, start = 0, None
+            with conn:
+                while chunk := conn.recv(1 << 20):
+                    if start is None:
+                        start = time.perf_counter()
+                    # byte k of the stream is k % 256: spot-check both ends of each read
+                    if chunk[0] != total % 256 or chunk[-1] != (total + len(chunk) - 1) % 256:
+                        raise ValueError(f"corrupt stream near byte {total}")
+                    total += len(chunk)
+            got["result"] = TcpResult(total, time.perf_counter() - (start or time.perf_counter()))
+        except BaseException as e:
+            got["error"] = e
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    try:
+        client = src.call(socket.socket)
+        client.settimeout(timeout)
+        client.connect((dst_addr, port))
+        block = bytes(range(256)) * 256
+        end = time.perf_counter() + seconds
+        with client:
+            while time.perf_counter() < end:
+                client.sendall(block)
+        receiver.join(timeout)
+    finally:
+        listener.close()
+    if "error" in got:
+        raise got["error"]  # type: ignore[misc]
+    if "result" not in got:
+        raise TimeoutError("TCP receiver did not finish")
+    return got["result"]  # type: ignore[return-value]

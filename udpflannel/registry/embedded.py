@@ -1,0 +1,221 @@
+"""The embedded registry: a SQLite file that several daemons on one host share.
+
+Same data model as flannel's etcd layout: one config row, one row per leased subnet
+holding flannel's lease JSON, an expiry time. An append-only ``events`` table gives
+watchers a revision to follow (SQLite has no cross-process notification, so watchers
+poll it; a poll is one indexed read). Expired leases are swept by whichever daemon
+looks first, and the sweep records REMOVED events like etcd's lease expiry does.
+
+Every statement runs on one worker thread so the event loop never blocks on a file
+lock; writes use BEGIN IMMEDIATE so two processes racing for a subnet are serialised
+by SQLite and the PRIMARY KEY makes exactly one of them win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import replace
+from typing import AsyncIterator, Callable, TypeVar
+
+from udpflannel import lease as leases
+from udpflannel.lease import EventType, Lease, LeaseEvent
+from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+KEEP_EVENTS = 10_000  # history kept for watchers; older revisions are "compacted"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS config (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (subnet TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (rev INTEGER PRIMARY KEY AUTOINCREMENT, subnet TEXT NOT NULL,
+                                   value BLOB, expires REAL);
+"""
+
+
+class EmbeddedRegistry:
+    def __init__(self, path: str, *, poll_interval: float = 0.1,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.poll_interval = poll_interval
+        self._clock = clock
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    # --- plumbing -----------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                     check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+            except (sqlite3.Error, OSError) as e:
+                raise RegistryError(f"registry file {self.path}: {e}") from None
+            self._db = db
+        return self._db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            try:
+                return fn(self._connect())
+            except sqlite3.Error as e:
+                raise RegistryError(f"registry file {self.path}: {e}") from None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    @staticmethod
+    def _write(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    def _sweep(self, db: sqlite3.Connection) -> None:
+        now = self._clock()
+        if db.execute("SELECT 1 FROM leases WHERE expires < ? LIMIT 1", (now,)).fetchone() is None:
+            return
+
+        def expire(db: sqlite3.Connection) -> None:
+            for (subnet,) in db.execute("SELECT subnet FROM leases WHERE expires < ?", (now,)).fetchall():
+                db.execute("DELETE FROM leases WHERE subnet = ?", (subnet,))
+                db.execute("INSERT INTO events (subnet, value) VALUES (?, NULL)", (subnet,))
+        self._write(db, expire)
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, subnet: str, value: bytes | None, expires: float | None) -> None:
+        cur = db.execute("INSERT INTO events (subnet, value, expires) VALUES (?, ?, ?)",
+                         (subnet, value, expires))
+        if cur.lastrowid % 1000 == 0:
+            db.execute("DELETE FROM events WHERE rev <= ?", (cur.lastrowid - KEEP_EVENTS,))
+
+    @staticmethod
+    def _revision(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return row[0] if row else 0
+
+    # --- the Registry contract -----------------------------------------------------
+    async def get_config(self) -> str | None:
+        row = await self._run(lambda db: db.execute("SELECT value FROM config").fetchone())
+        return row[0] if row else None
+
+    async def put_config_if_absent(self, text: str) -> str:
+        def put(db: sqlite3.Connection) -> str:
+            db.execute("INSERT OR IGNORE INTO config (id, value) VALUES (1, ?)", (text,))
+            return db.execute("SELECT value FROM config").fetchone()[0]
+        return await self._run(lambda db: self._write(db, put))
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        def list_(db: sqlite3.Connection) -> tuple[list[Lease], int]:
+            self._sweep(db)
+            db.execute("BEGIN")
+            try:
+                rows = db.execute("SELECT subnet, value, expires FROM leases").fetchall()
+                rev = self._revision(db)
+            finally:
+                db.execute("COMMIT")
+            return [x for x in (_decode(*row) for row in rows) if x is not None], rev
+        return await self._run(list_)
+
+    async def create_lease(self, lease: Lease, ttl: float) -> Lease:
+        expires = self._clock() + ttl
+        value = leases.encode_value(lease)
+
+        def create(db: sqlite3.Connection) -> None:
+            self._sweep(db)
+
+            def insert(db: sqlite3.Connection) -> None:
+                try:
+                    db.execute("INSERT INTO leases (subnet, value, expires) VALUES (?, ?, ?)",
+                               (lease.key, value, expires))
+                except sqlite3.IntegrityError:
+                    raise LeaseTaken(str(lease.subnet)) from None
+                self._record(db, lease.key, value, expires)
+            self._write(db, insert)
+        await self._run(create)
+        return replace(lease, expiration=expires)
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        expires = self._clock() + ttl
+        value = leases.encode_value(lease)
+
+        def renew(db: sqlite3.Connection) -> None:
+            self._sweep(db)
+
+            def update(db: sqlite3.Connection) -> None:
+                row = db.execute("SELECT value, expires FROM leases WHERE subnet = ?",
+                                 (lease.key,)).fetchone()
+                if row is None or bytes(row[0]) != value:
+                    raise LeaseLost(lease.subnet, _decode(lease.key, *row) if row else None)
+                db.execute("UPDATE leases SET expires = ? WHERE subnet = ?", (expires, lease.key))
+                self._record(db, lease.key, value, expires)
+            self._write(db, update)
+        await self._run(renew)
+        return replace(lease, expiration=expires)
+
+    async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
+        key = leases.subnet_key(subnet)
+
+        def delete(db: sqlite3.Connection) -> None:
+            if db.execute("DELETE FROM leases WHERE subnet = ?", (key,)).rowcount:
+                self._record(db, key, None, None)
+        await self._run(lambda db: self._write(db, delete))
+
+    async def watch_leases(self, revision: int) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
+        since = revision
+        while True:
+            def poll(db: sqlite3.Connection) -> list[tuple]:
+                self._sweep(db)
+                rows = db.execute("SELECT rev, subnet, value, expires FROM events WHERE rev >= ? "
+                                  "ORDER BY rev", (since,)).fetchall()
+                if since > 1 and (not rows or rows[0][0] != since):
+                    # Either nothing new (fine) or the oldest wanted event was trimmed.
+                    oldest = db.execute("SELECT min(rev) FROM events").fetchone()[0]
+                    if oldest is not None and oldest > since:
+                        raise Compacted(f"revision {since} compacted (oldest kept {oldest})")
+                return rows
+            rows = await self._run(poll)
+            if rows:
+                events = []
+                for _rev, subnet, value, expires in rows:
+                    if value is None:
+                        try:
+                            gone = Lease(leases.parse_subnet_key(subnet), ipaddress.IPv4Address(0), "")
+                        except leases.LeaseError:
+                            continue
+                        events.append(LeaseEvent(EventType.REMOVED, gone))
+                    else:
+                        decoded = _decode(subnet, value, expires)
+                        if decoded is not None:
+                            events.append(LeaseEvent(EventType.ADDED, decoded))
+                since = rows[-1][0] + 1
+                yield events, rows[-1][0]
+            await asyncio.sleep(self.poll_interval)
+
+    async def close(self) -> None:
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+        if self._db is not None:
+            await self._run(close)
+            self._db = None
+        self._pool.shutdown(wait=False)
+
+
+def _decode(key: str, value: bytes, expires: float) -> Lease | None:
+    try:
+        return leases.decode(key, bytes(value), expires)
+    except leases.LeaseError as e:
+        log.warning("ignoring %s", e)
+        return None
