@@ -103,6 +103,13 @@ def build_parser() -> Parser:
     demo.add_argument("--engine", choices=("compiled", "python"), default="compiled")
     demo.add_argument("-v", "--verbose", action="store_true")
 
+    bench = sub.add_parser("bench", help="throughput and latency: veth vs kernel VXLAN vs udpflannel")
+    bench.add_argument("--seconds", type=_positive, default=5.0, help="duration of each iperf3 run")
+    bench.add_argument("--repeat", type=int, default=3, help="repetitions; the table shows medians")
+    bench.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
+    bench.add_argument("--only", help="comma-separated subset of cases to run")
+    bench.add_argument("-v", "--verbose", action="store_true")
+
     status = sub.add_parser("status", help="ask a running daemon for its lease and counters")
     status.add_argument("--admin-socket", default="/run/udpflannel/flannel0.sock")
     return parser
@@ -124,8 +131,6 @@ def _run_options(a: argparse.Namespace):
 def _cmd_run(a: argparse.Namespace) -> int:
     import uvloop
     from udpflannel import daemon
-    if os.geteuid() != 0:
-        raise PermissionError("udpflannel run needs root (CAP_NET_ADMIN) to create the TUN device")
     uvloop.run(daemon.run(_run_options(a)))
     return EXIT_OK
 
@@ -139,6 +144,15 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return demo.main(a.nodes, a.seconds, a.engine)
 
 
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from udpflannel import bench
+    if os.geteuid() != 0:
+        raise PermissionError("udpflannel bench needs root to create network namespaces")
+    if a.repeat < 1:
+        raise ValueError(f"--repeat {a.repeat}: must be at least 1")
+    return bench.main(a)
+
+
 def _cmd_status(a: argparse.Namespace) -> int:
     import json
     from udpflannel import admin
@@ -147,7 +161,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _cmd_run, "demo": _cmd_demo, "status": _cmd_status}
+    "run": _cmd_run, "demo": _cmd_demo, "bench": _cmd_bench, "status": _cmd_status}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

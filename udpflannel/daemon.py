@@ -24,7 +24,7 @@ from udpflannel.dataplane import Dataplane, make_engine, open_udp_socket
 from udpflannel.lease import Lease
 from udpflannel.registry.base import Registry, RegistryError
 from udpflannel.subnet import Backoff, RegistryHealth, SubnetManager
-from udpflannel.tun import Tun
+from udpflannel.tun import Tun, preflight as tun_preflight
 
 log = logging.getLogger("udpflannel")
 
@@ -126,6 +126,7 @@ async def run(opts: RunOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    tun_preflight()  # fail before touching the registry
     # pyroute2's sync API runs an asyncio loop of its own, and uvloop cannot carry
     # netlink sockets: netlink calls go to a worker thread.
     underlay = await asyncio.to_thread(netconf.find_underlay, opts.iface, opts.public_ip)

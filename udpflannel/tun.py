@@ -19,10 +19,30 @@ class TunError(Exception):
     """The TUN device cannot be created; the message says why in one line."""
 
 
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return os.geteuid() == 0
+
+
+def preflight() -> None:
+    """Fail early, before a lease is taken, if no TUN device can be made here."""
+    if not has_net_admin():
+        raise TunError("need root or CAP_NET_ADMIN to create the TUN device and its routes")
+    if not os.path.exists("/dev/net/tun"):
+        raise TunError("/dev/net/tun does not exist (load the tun module: modprobe tun)")
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        raise TunError("cannot open /dev/net/tun: permission denied")
+
+
 class Tun:
     def __init__(self, name: str) -> None:
-        if not os.path.exists("/dev/net/tun"):
-            raise TunError("/dev/net/tun does not exist (load the tun module: modprobe tun)")
+        preflight()
         try:
             self._dev = pytun.TunTapDevice(name=name, flags=IFF_TUN | IFF_NO_PI)
         except pytun.Error as e:

@@ -1,0 +1,39 @@
+# Everything a fresh Debian machine needs, then the demo / the tests / the benchmark.
+# Run as root: the demo, tests and bench create network namespaces and TUN devices.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT    := python3-venv iproute2 iputils-ping iperf3 etcd-server etcd-client tcpdump
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench setup system-packages clean
+
+demo: setup
+	$(VENV)/bin/udpflannel demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(VENV)/bin/udpflannel bench
+
+setup: system-packages $(STAMP)
+
+system-packages:
+	@missing=$$(for p in $(APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@# Debian's etcd-server package may start a system etcd; the tests start their own.
+	@(command -v systemctl >/dev/null && systemctl disable --now etcd >/dev/null 2>&1) || true
+
+$(STAMP): pyproject.toml setup.py csrc/udpflannel/_engine.pyx csrc/udpflannel/_engine.pxd
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(PY) -c "import udpflannel._engine"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info udpflannel/*.so csrc/udpflannel/*.c

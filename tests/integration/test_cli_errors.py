@@ -1,0 +1,142 @@
+"""Bad input gets one clear line and a non-zero exit, never a traceback, and loses
+nothing (no lease taken, no config stored)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+RUN = [sys.executable, "-m", "udpflannel", "run"]
+
+
+def _check_one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = err[-1]
+    assert last.startswith("udpflannel: error:"), last
+    for word in words:
+        assert word in last, last
+    return last
+
+
+def _registry_rows(path: str, table: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    with sqlite3.connect(path) as db:
+        try:
+            return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "0"], ["--port", "not a UDP port"]),
+    (["--vni", "16777216"], ["VNI"]),
+    (["--public-ip", "10.1.2"], ["not an IPv4 address"]),
+    (["--no-such-flag"], ["unrecognized"]),
+    (["--engine", "turbo"], ["invalid choice"]),
+])
+def test_bad_flags(argv, words):
+    proc = subprocess.run(RUN + argv, capture_output=True, text=True, timeout=30)
+    _check_one_line_error(proc, 2, *words)
+
+
+def test_bad_environment_flag():
+    env = dict(os.environ, FLANNELD_PORT="eighty")
+    proc = subprocess.run(RUN, capture_output=True, text=True, timeout=30, env=env)
+    _check_one_line_error(proc, 2, "FLANNELD_PORT")
+
+
+def _node_run(lab, workdir, extra, **kw):
+    d = workdir
+    argv = RUN + ["--iface", "eth0", "--registry-file", f"{d}/reg.db", "--state-dir", d,
+                  "--subnet-file", f"{d}/subnet.env", "--admin-socket", f"{d}/a.sock"] + extra
+    proc = lab.nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("config, words", [
+    ("{not json", ["not valid JSON"]),
+    ('{"Network": "10.244.0.0/29"}', ["smaller than /28"]),
+    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}', ["not supported"]),
+    ('{"Network": "10.244.0.0/16", "SubnetLen": 31}', ["SubnetLen"]),
+])
+def test_bad_network_config_stores_nothing(make_lab, workdir, config, words):
+    lab = make_lab(1)
+    path = f"{workdir}/net.json"
+    with open(path, "w") as f:
+        f.write(config)
+    proc = _node_run(lab, workdir, ["--net-config", path])
+    _check_one_line_error(proc, 1, path, *words)
+    assert _registry_rows(f"{workdir}/reg.db", "config") == 0
+    assert _registry_rows(f"{workdir}/reg.db", "leases") == 0
+
+
+def test_missing_net_config_file(make_lab, workdir):
+    proc = _node_run(make_lab(1), workdir, ["--net-config", f"{workdir}/absent.json"])
+    _check_one_line_error(proc, 1, "absent.json")
+
+
+def test_port_in_use_takes_no_lease(make_lab, workdir):
+    lab = make_lab(1)
+    blocker = lab.nodes[0].call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with blocker:
+        blocker.bind((lab.addresses[0], 8472))
+        proc = _node_run(lab, workdir, [])
+    _check_one_line_error(proc, 1, "8472", "in use")
+    assert _registry_rows(f"{workdir}/reg.db", "leases") == 0
+
+
+def test_without_net_admin_takes_no_lease(make_lab, workdir):
+    # root, but with CAP_NET_ADMIN dropped from the bounding set (util-linux setpriv)
+    argv = ["setpriv", "--bounding-set", "-net_admin"] + RUN + [
+        "--iface", "eth0", "--registry-file", f"{workdir}/reg.db", "--state-dir", workdir,
+        "--subnet-file", f"{workdir}/subnet.env"]
+    proc = make_lab(1).nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _check_one_line_error(subprocess.CompletedProcess(argv, proc.returncode, out, err), 1,
+                          "CAP_NET_ADMIN")
+    assert _registry_rows(f"{workdir}/reg.db", "leases") == 0
+
+
+def _hide_dev_net_tun() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 0x4000, 0x40000
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
+    if libc.mount(b"tmpfs", b"/dev/net", b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+
+
+def test_no_dev_net_tun_takes_no_lease(make_lab, workdir):
+    lab = make_lab(1)
+    name = lab.nodes[0].name
+    from pyroute2 import netns
+
+    def prepare() -> None:
+        netns.setns(name)
+        _hide_dev_net_tun()
+    argv = RUN + ["--iface", "eth0", "--registry-file", f"{workdir}/reg.db", "--state-dir", workdir,
+                  "--subnet-file", f"{workdir}/subnet.env"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, preexec_fn=prepare)
+    _check_one_line_error(proc, 1, "/dev/net/tun")
+    assert _registry_rows(f"{workdir}/reg.db", "leases") == 0

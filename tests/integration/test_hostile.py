@@ -1,0 +1,71 @@
+"""Hostile datagrams at a daemon's VXLAN port while real traffic flows through it:
+the traffic is undisturbed and every bad datagram is counted under its reason."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+
+from scapy.layers.inet import ICMP, IP
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
+
+from udpflannel import probe
+
+COUNT = 100
+
+
+def test_hostile_datagrams_are_counted_and_traffic_survives(make_lab, make_cluster):
+    lab = make_lab(3)  # node 3 runs no daemon: an unknown host on the underlay
+    cluster = make_cluster(lab)
+    cluster.start(0)
+    cluster.start(1)
+    cluster.wait_converged()
+    a, b = cluster.status(0), cluster.status(1)
+    a_net, b_net = ipaddress.IPv4Network(a["subnet"]), ipaddress.IPv4Network(b["subnet"])
+    target = (lab.addresses[1], 8472)
+
+    def frame(src: str, *, vni=1, flags=0x08, dst_mac=b["vtep_mac"], ethertype=None) -> bytes:
+        eth = Ether(dst=dst_mac, src=a["vtep_mac"])
+        if ethertype is not None:
+            eth.type = ethertype
+        return bytes(VXLAN(flags=flags, vni=vni) / eth / IP(src=src, dst=str(b_net[1])) / ICMP())
+
+    good_src = str(a_net[5])
+    unleased = str(ipaddress.IPv4Network("10.244.0.0/16")[-2])  # inside the overlay, no owner
+    from_peer = {  # sent from node 1's underlay address: a known peer misbehaving
+        "drop_bad_flags": frame(good_src, flags=0x0C),
+        "drop_bad_vni": frame(good_src, vni=2),
+        "drop_bad_mac": frame(good_src, dst_mac="02:00:00:00:00:99"),
+        "drop_bad_ethertype": frame(good_src, ethertype=0x0806),
+        "drop_spoofed": frame(unleased),
+        "drop_short": frame(good_src)[:30],
+        "drop_bad_ip": frame(good_src)[:-4],  # IP total length now exceeds the datagram
+    }
+    from_stranger = {"drop_unknown_sender": frame(good_src)}
+
+    before = cluster.status(1)["counters"]
+    result: dict = {}
+    stream = threading.Thread(target=lambda: result.setdefault(
+        "tcp", probe.tcp_stream(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), 2.0)))
+    stream.start()
+    try:
+        time.sleep(0.3)
+        for ns, batch in ((lab.nodes[0], from_peer), (lab.nodes[2], from_stranger)):
+            sock = ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                for n in range(COUNT):
+                    for datagram in batch.values():
+                        sock.sendto(datagram, target)
+                    if n % 10 == 9:
+                        time.sleep(0.002)  # stay well inside the receive buffer
+    finally:
+        stream.join(15)
+    assert result["tcp"].bytes > 1_000_000  # content-checked by the receiver
+    after = cluster.status(1)["counters"]
+    for reason in list(from_peer) + list(from_stranger):
+        assert after[reason] - before[reason] == COUNT, reason
+    # and the daemon is still healthy: both directions still work
+    assert all(probe.ping(lab.nodes[1], cluster.overlay_addr(0), count=2))
