@@ -18,6 +18,7 @@ import concurrent.futures
 import ipaddress
 import logging
 import os
+import random
 import sqlite3
 import time
 from dataclasses import replace
@@ -54,22 +55,35 @@ class EmbeddedRegistry:
         if self._db is None:
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                     check_same_thread=False)
+            except OSError as e:
+                raise RegistryError(f"registry file {self.path}: {e}") from None
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                 check_same_thread=False)
+            try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(_SCHEMA)
-            except (sqlite3.Error, OSError) as e:
-                raise RegistryError(f"registry file {self.path}: {e}") from None
+            except sqlite3.Error:
+                db.close()
+                raise
             self._db = db
         return self._db
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
-            try:
-                return fn(self._connect())
-            except sqlite3.Error as e:
-                raise RegistryError(f"registry file {self.path}: {e}") from None
+            # Some lock conflicts (the switch to WAL on a new file, a read upgraded to
+            # a write) fail at once instead of waiting; each call is one transaction,
+            # so it is safe to run again.
+            for attempt in range(100):
+                try:
+                    return fn(self._connect())
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) and "busy" not in str(e):
+                        raise RegistryError(f"registry file {self.path}: {e}") from None
+                    time.sleep(0.01 + random.random() * 0.04)
+                except sqlite3.Error as e:
+                    raise RegistryError(f"registry file {self.path}: {e}") from None
+            raise RegistryError(f"registry file {self.path}: still locked after 100 attempts")
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     @staticmethod
