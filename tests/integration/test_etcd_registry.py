@@ -1,0 +1,439 @@
+"""EtcdRegistry against a real etcd: flannel's bytes, races, expiry, compaction, outages.
+
+Values written here are compared with flannel's literal JSON and read back with
+etcdctl, and leases written by hand with etcdctl (as flanneld would) must be
+understood, so agreement with flannel is checked outside our own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+import uuid
+
+import pytest
+
+from udpflannel.lease import EventType, Lease
+from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
+from udpflannel.registry.etcd import EtcdRegistry
+
+try:
+    from .etcd_server import EtcdServer, TLSFiles, etcd_server, fresh_etcd  # noqa: F401
+except ImportError:
+    from etcd_server import EtcdServer, TLSFiles, etcd_server, fresh_etcd  # noqa: F401
+
+FLANNEL_VALUE = ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+                 '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+NET = ipaddress.IPv4Network
+
+
+def lease(subnet: str = "10.244.7.0/24", ip: str = "192.168.64.3", mac: str = "c6:d2:32:6f:8f:44") -> Lease:
+    return Lease(NET(subnet), ipaddress.IPv4Address(ip), "vxlan", 1, mac)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loop():
+    """One event loop for the module: grpc.aio keeps a poller bound to the first loop it
+    served, and complains ("Event loop is closed") if each test used asyncio.run."""
+    global _LOOP
+    _LOOP = asyncio.new_event_loop()
+    try:
+        yield _LOOP
+    finally:
+        _LOOP.run_until_complete(_LOOP.shutdown_asyncgens())
+        _LOOP.close()
+        _LOOP = None
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def run(coro):
+    assert _LOOP is not None
+    return _LOOP.run_until_complete(coro)
+
+
+def unique_prefix() -> str:
+    return f"/test-{uuid.uuid4().hex[:8]}/network"
+
+
+async def next_batch(watch, timeout: float = 5.0):
+    return await asyncio.wait_for(watch.__anext__(), timeout)
+
+
+async def collect(watch, want, timeout: float = 8.0) -> list:
+    """Events from ``watch`` until ``want(events)`` holds."""
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while not want(events):
+        batch, _ = await next_batch(watch, max(0.1, deadline - time.monotonic()))
+        events += batch
+    return events
+
+
+def lease_id_of(server: EtcdServer, key: str) -> int:
+    doc = server.etcdctl_json("get", key)
+    return int(doc["kvs"][0]["lease"])
+
+
+def ttl_of(server: EtcdServer, lease_id: int) -> tuple[int, int]:
+    doc = server.etcdctl_json("lease", "timetolive", f"{lease_id:x}")
+    return int(doc["granted-ttl"]), int(doc["ttl"])
+
+
+def test_config(etcd_server: EtcdServer) -> None:
+    prefix = unique_prefix()
+    text = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            assert await reg.get_config() is None
+            assert await reg.put_config_if_absent(text) == text
+            assert await reg.put_config_if_absent('{"Network": "10.9.0.0/16"}') == text
+            assert await reg.get_config() == text
+            etcd_server.etcdctl("put", f"{prefix}/config", '{"Network":"10.50.0.0/16"}')
+            assert await reg.get_config() == '{"Network":"10.50.0.0/16"}'
+        finally:
+            await reg.close()
+
+    run(body())
+    assert etcd_server.etcdctl("get", f"{prefix}/config", "--print-value-only").strip() == '{"Network":"10.50.0.0/16"}'
+
+
+def test_create_lease_writes_flannels_bytes(etcd_server: EtcdServer) -> None:
+    key = "/coreos.com/network/subnets/10.244.7.0-24"
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint])
+        try:
+            before = time.time()
+            created = await reg.create_lease(lease(), ttl=30)
+            assert before + 29 <= created.expiration <= time.time() + 31
+            listed, _ = await reg.list_leases()
+            return created, listed
+        finally:
+            await reg.close()
+
+    created, listed = run(body())
+    try:
+        raw = etcd_server.etcdctl("get", key, "--print-value-only")
+        assert raw == FLANNEL_VALUE + "\n"
+        granted, remaining = ttl_of(etcd_server, lease_id_of(etcd_server, key))
+        assert granted == 30 and 25 <= remaining <= 30
+        (mine,) = [x for x in listed if x.subnet == NET("10.244.7.0/24")]
+        assert mine.same_route(lease()) and abs(mine.expiration - created.expiration) < 3
+    finally:
+        etcd_server.etcdctl("del", key)
+
+
+def test_hand_written_leases_are_listed_and_watched(etcd_server: EtcdServer, caplog) -> None:
+    prefix = unique_prefix()
+    subnets = f"{prefix}/subnets"
+    flannel_udp = '{"PublicIP":"10.0.0.9"}'  # flannel's udp backend omits BackendType
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            lease_hex = etcd_server.etcdctl("lease", "grant", "60").split()[1]
+            etcd_server.etcdctl("put", "--lease", lease_hex, f"{subnets}/10.244.7.0-24", FLANNEL_VALUE)
+            etcd_server.etcdctl("put", f"{subnets}/10.244.8.0-24", flannel_udp)
+            etcd_server.etcdctl("put", f"{subnets}/10.244.9.0-24", "not json")
+            etcd_server.etcdctl("put", f"{subnets}/garbage", FLANNEL_VALUE)
+            with caplog.at_level(logging.WARNING, logger="udpflannel.registry.etcd"):
+                leases, rev = await reg.list_leases()
+                await reg.list_leases()
+            assert sorted(str(x.subnet) for x in leases) == ["10.244.7.0/24", "10.244.8.0/24"]
+            by = {str(x.subnet): x for x in leases}
+            assert by["10.244.7.0/24"].same_route(lease())
+            assert 55 <= by["10.244.7.0/24"].expiration - time.time() <= 61
+            assert by["10.244.8.0/24"].backend_type == "" and by["10.244.8.0/24"].expiration == 0
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 2, [r.getMessage() for r in warnings]  # once per bad key
+
+            watch = reg.watch_leases(rev)
+            try:
+                etcd_server.etcdctl("put", f"{subnets}/10.244.20.0-24",
+                                    FLANNEL_VALUE.replace("192.168.64.3", "192.168.64.20"))
+                etcd_server.etcdctl("put", f"{subnets}/10.244.8.0-24", "{broken")
+                etcd_server.etcdctl("del", f"{subnets}/10.244.7.0-24")
+                await reg.delete_lease(NET("10.244.20.0/24"))
+                events = await collect(watch, lambda ev: len(ev) >= 4)
+            finally:
+                await watch.aclose()
+            kinds = [(e.type, str(e.lease.subnet)) for e in events]
+            assert kinds == [(EventType.ADDED, "10.244.20.0/24"), (EventType.REMOVED, "10.244.8.0/24"),
+                             (EventType.REMOVED, "10.244.7.0/24"), (EventType.REMOVED, "10.244.20.0/24")]
+            assert events[0].lease.public_ip == ipaddress.IPv4Address("192.168.64.20")
+            assert events[0].lease.vtep_mac == "c6:d2:32:6f:8f:44" and events[0].lease.vni == 1
+            # REMOVED carries the lease that went away (prev_kv): its VtepMAC is needed.
+            assert events[2].lease.same_route(lease())
+        finally:
+            await reg.close()
+
+    run(body())
+
+
+def test_create_race_has_one_winner(etcd_server: EtcdServer) -> None:
+    prefix = unique_prefix()
+    leases_before = len(etcd_server.etcdctl_json("lease", "list").get("leases") or [])
+
+    async def body():
+        regs = [EtcdRegistry([etcd_server.endpoint], prefix=prefix) for _ in range(20)]
+        try:
+            tries = [r.create_lease(lease(ip=f"192.168.64.{i + 1}"), ttl=60) for i, r in enumerate(regs)]
+            results = await asyncio.gather(*tries, return_exceptions=True)
+        finally:
+            await asyncio.gather(*(r.close() for r in regs))  # close waits for revocations
+        return results
+
+    results = run(body())
+    winners = [r for r in results if isinstance(r, Lease)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, LeaseTaken) for r in results if not isinstance(r, Lease)), results
+    stored = json.loads(etcd_server.etcdctl("get", f"{prefix}/subnets/10.244.7.0-24", "--print-value-only"))
+    assert stored["PublicIP"] == str(winners[0].public_ip)
+    leases_after = len(etcd_server.etcdctl_json("lease", "list").get("leases") or [])
+    assert leases_after == leases_before + 1  # the 19 losing grants were revoked
+
+
+def test_renew(etcd_server: EtcdServer) -> None:
+    prefix = unique_prefix()
+    key = f"{prefix}/subnets/10.244.7.0-24"
+    other = lease(ip="192.168.64.99", mac="02:00:00:00:00:99")
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            mine = await reg.create_lease(lease(), ttl=5)
+            first = lease_id_of(etcd_server, key)
+            renewed = await reg.renew_lease(mine, ttl=40)
+            assert time.time() + 38 <= renewed.expiration <= time.time() + 41
+            second = lease_id_of(etcd_server, key)
+            assert second != first and ttl_of(etcd_server, second)[0] == 40
+            assert etcd_server.etcdctl("get", key, "--print-value-only") == FLANNEL_VALUE + "\n"
+
+            etcd_server.etcdctl("del", key)
+            with pytest.raises(LeaseLost) as lost:
+                await reg.renew_lease(mine, ttl=40)
+            assert lost.value.holder is None and lost.value.subnet == mine.subnet
+            assert etcd_server.etcdctl("get", key) == ""  # renewal did not re-create it
+
+            taken_by = etcd_server.etcdctl("lease", "grant", "60").split()[1]
+            etcd_server.etcdctl("put", "--lease", taken_by, key,
+                                FLANNEL_VALUE.replace("192.168.64.3", "192.168.64.99")
+                                .replace("c6:d2:32:6f:8f:44", "02:00:00:00:00:99"))
+            with pytest.raises(LeaseLost) as lost:
+                await reg.renew_lease(mine, ttl=40)
+            assert lost.value.holder is not None and lost.value.holder.same_route(other)
+            assert json.loads(etcd_server.etcdctl("get", key, "--print-value-only"))["PublicIP"] == "192.168.64.99"
+            assert lease_id_of(etcd_server, key) == int(taken_by, 16)
+            return first
+        finally:
+            await reg.close()
+
+    first = run(body())
+    assert ttl_of(etcd_server, first)[1] == -1  # the superseded etcd lease was revoked
+
+
+def test_expired_lease_arrives_as_removed(etcd_server: EtcdServer) -> None:
+    prefix = unique_prefix()
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            _, rev = await reg.list_leases()
+            watch = reg.watch_leases(rev)
+            try:
+                await reg.create_lease(lease(), ttl=2)
+                events = await collect(watch, lambda ev: any(e.type is EventType.REMOVED for e in ev), timeout=10)
+            finally:
+                await watch.aclose()
+            assert [e.type for e in events] == [EventType.ADDED, EventType.REMOVED]
+            assert events[1].lease.same_route(lease())
+            assert (await reg.list_leases())[0] == []
+        finally:
+            await reg.close()
+
+    run(body())
+
+
+def test_watch_from_compacted_revision_raises_compacted(etcd_server: EtcdServer) -> None:
+    prefix = unique_prefix()
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            _, rev = await reg.list_leases()
+            await reg.create_lease(lease("10.244.1.0/24"), ttl=60)
+            await reg.create_lease(lease("10.244.2.0/24"), ttl=60)
+            _, now = await reg.list_leases()
+            etcd_server.etcdctl("compact", str(now))
+            watch = reg.watch_leases(rev)
+            with pytest.raises(Compacted):
+                await next_batch(watch)
+            await watch.aclose()
+            # From the compaction point on, watching works.
+            watch = reg.watch_leases(now)
+            try:
+                await reg.delete_lease(NET("10.244.1.0/24"))
+                (event,), _ = await next_batch(watch)
+                assert event.type is EventType.REMOVED and event.lease.subnet == NET("10.244.1.0/24")
+            finally:
+                await watch.aclose()
+        finally:
+            await reg.close()
+
+    run(body())
+
+
+def test_failover_to_next_endpoint(etcd_server: EtcdServer) -> None:
+    dead = "http://127.0.0.1:1"
+
+    async def body():
+        reg = EtcdRegistry([dead, etcd_server.endpoint], prefix=unique_prefix(), timeout=3)
+        try:
+            assert await reg.get_config() is None
+            await reg.create_lease(lease(), ttl=10)
+            assert len((await reg.list_leases())[0]) == 1
+        finally:
+            await reg.close()
+
+    run(body())
+
+
+def test_close_ends_watches(etcd_server: EtcdServer) -> None:
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=unique_prefix())
+        _, rev = await reg.list_leases()
+        pending = asyncio.ensure_future(next_batch(reg.watch_leases(rev)))
+        await asyncio.sleep(0.2)
+        await reg.close()
+        with pytest.raises(RegistryError, match="closed"):
+            await pending
+        with pytest.raises(RegistryError, match="closed"):
+            await reg.get_config()
+
+    run(body())
+
+
+def test_outage_raises_registry_error_then_recovers(fresh_etcd: EtcdServer) -> None:
+    timeout = 2.0
+
+    async def body():
+        reg = EtcdRegistry([fresh_etcd.endpoint], timeout=timeout)
+        try:
+            mine = await reg.create_lease(lease(), ttl=60)
+            _, rev = await reg.list_leases()
+            watch = reg.watch_leases(rev)
+            pending = asyncio.ensure_future(next_batch(watch, 10))
+            await asyncio.sleep(0.2)
+
+            fresh_etcd.stop()
+            with pytest.raises(RegistryError):
+                await pending  # the watch notices at once
+            await watch.aclose()
+            calls = {
+                "get_config": reg.get_config, "list_leases": reg.list_leases,
+                "create_lease": lambda: reg.create_lease(lease("10.244.9.0/24"), 60),
+                "renew_lease": lambda: reg.renew_lease(mine, 60),
+                "delete_lease": lambda: reg.delete_lease(NET("10.244.9.0/24")),
+                "put_config_if_absent": lambda: reg.put_config_if_absent("{}"),
+                "watch_leases": lambda: reg.watch_leases(rev).__anext__(),
+            }
+            for name, call in calls.items():
+                t0 = time.monotonic()
+                with pytest.raises(RegistryError) as err:
+                    await call()
+                assert time.monotonic() - t0 < timeout + 0.5, name
+                assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+            fresh_etcd.start()
+            deadline = time.monotonic() + 10
+            while True:  # callers retry with backoff; the channel reconnects within ~1 s
+                try:
+                    leases, rev = await reg.list_leases()
+                    break
+                except RegistryError:
+                    assert time.monotonic() < deadline, "etcd came back but calls still fail"
+                    await asyncio.sleep(0.2)
+            assert [x.subnet for x in leases] == [mine.subnet]
+            await reg.renew_lease(mine, 60)
+            watch = reg.watch_leases((await reg.list_leases())[1])
+            try:
+                await reg.delete_lease(mine.subnet)
+                (event,), _ = await next_batch(watch)
+                assert event.type is EventType.REMOVED
+            finally:
+                await watch.aclose()
+
+            # A frozen etcd accepts connections and never answers: calls must time out.
+            fresh_etcd.pause()
+            try:
+                for call in (reg.get_config, reg.list_leases, lambda: reg.create_lease(lease(), 60)):
+                    t0 = time.monotonic()
+                    with pytest.raises(RegistryError, match="timed out"):
+                        await call()
+                    assert timeout - 0.2 < time.monotonic() - t0 < timeout + 0.5
+            finally:
+                fresh_etcd.resume()
+        finally:
+            await reg.close()
+
+    run(body())
+
+
+def test_tls_client_certs_and_password_auth(tmp_path) -> None:
+    try:
+        from .etcd_server import require_etcd
+    except ImportError:
+        from etcd_server import require_etcd
+    require_etcd()
+    tls = TLSFiles.generate(tmp_path / "pki")
+    with EtcdServer(tmp_path / "etcd", tls=tls, extra_args=("--auth-token-ttl", "1")) as server:
+        server.etcdctl("user", "add", "root:rootpw")
+        server.etcdctl("auth", "enable")
+        certs = dict(cafile=tls.ca, certfile=tls.client_cert, keyfile=tls.client_key)
+
+        async def body():
+            reg = EtcdRegistry([server.endpoint], username="root", password="rootpw", timeout=3, **certs)
+            other = EtcdRegistry([server.endpoint], username="root", password="rootpw", timeout=3, **certs)
+            try:
+                await reg.create_lease(lease(), ttl=30)
+                leases, rev = await reg.list_leases()
+                assert [x.subnet for x in leases] == [NET("10.244.7.0/24")]
+                assert await other.get_config() is None
+                await asyncio.sleep(2.5)  # both auth tokens (TTL 1 s) expire: re-authenticate
+                assert await other.put_config_if_absent("{}") == "{}"
+                watch = reg.watch_leases(rev)  # etcd refuses a watch with a stale token
+                try:
+                    pending = asyncio.ensure_future(next_batch(watch))
+                    await asyncio.sleep(0.5)
+                    await other.delete_lease(NET("10.244.7.0/24"))
+                    (event,), _ = await pending
+                    assert event.type is EventType.REMOVED
+                finally:
+                    await watch.aclose()
+            finally:
+                await reg.close()
+                await other.close()
+
+            bad = EtcdRegistry([server.endpoint], username="root", password="wrong", timeout=3, **certs)
+            try:
+                with pytest.raises(RegistryError, match="authentication failed"):
+                    await bad.get_config()
+            finally:
+                await bad.close()
+            no_cert = EtcdRegistry([server.endpoint], cafile=tls.ca, username="root", password="rootpw", timeout=3)
+            try:
+                with pytest.raises(RegistryError):
+                    await no_cert.get_config()
+            finally:
+                await no_cert.close()
+
+        run(body())
+        value = server.etcdctl("get", "/coreos.com/network/subnets/10.244.7.0-24", user="root:rootpw")
+        assert value == ""

@@ -1,0 +1,562 @@
+"""The etcd v3 registry: flannel's key layout, so udpflannel joins real flannel clusters.
+
+Layout (see flannel-compat.md): ``<prefix>/config`` holds the network config;
+``<prefix>/subnets/10.244.7.0-24`` holds a lease's JSON, attached to an etcd lease
+whose TTL is the lease's lifetime. Expiry is etcd deleting the key, which a watch
+reports as a DELETE.
+
+Theory of operation
+-------------------
+* Client: aetcd 1.0 (asyncio gRPC), checked to work with the installed grpcio and
+  protobuf. One aetcd client (one gRPC channel) per endpoint, made on first use and
+  kept until close(). Calls go to the "current" endpoint; a connection-level failure
+  (unreachable, timed out) moves "current" to the next endpoint, and idempotent calls
+  (reads, grants, deletes) are retried there within the same time budget. Transactions
+  are never retried: their outcome is unknown after such a failure.
+* Every public call is bounded by ``timeout`` seconds in total, and every failure of
+  the store surfaces as RegistryError with a one-line message (no gRPC traceback).
+  Callers retry with backoff; gRPC's own reconnect backoff is capped at 1 s so a
+  channel recovers soon after etcd comes back.
+* create_lease: grant, then ``If(Version(key) == 0) Then(Put(key, value, lease))``,
+  flannel's transaction. renew_lease: grant, then ``If(Value(key) == our value)
+  Then(Put(key, value, new lease)) Else(Get(key))``; unlike flannel's blind put it
+  cannot steal a subnet someone else took after our key expired. Grants left unused
+  (lost race, failed compare, unknown outcome) and the superseded lease after a
+  renewal are revoked in the background, so callers are not held up by cleanup.
+* watch_leases drives the Watch RPC itself, using aetcd's generated stubs on the
+  client's channel (see the quirks below), with ``prev_kv`` so that a REMOVED event
+  carries the lease that went away (its VtepMAC is needed to undo fdb entries).
+
+aetcd quirks worked around here
+-------------------------------
+* ``Client.connect()`` only ever builds an insecure channel: TLS is impossible through
+  its API. ``_Client`` overrides connect() to build a secure channel when asked.
+* It authenticates once and never refreshes the token (etcd's simple tokens expire
+  after ``--auth-token-ttl``, 5 min idle by default): on "invalid auth token" we
+  re-authenticate and retry once.
+* Its watch API hands out events one at a time, dropping the response header, batch
+  boundaries and progress notifications, and its stream task can stop without telling
+  the watch. So the watch here uses ``aetcd.rpc.WatchStub`` directly.
+* Closing a gRPC channel cancels reads in flight with asyncio.CancelledError; a watch
+  torn down by close() turns that into RegistryError.
+
+Revisions: ``list_leases`` returns the range's header revision; ``watch_leases(rev)``
+starts at ``rev + 1`` (changes *after* rev, as base.Registry says; flannel does the
+same). A batch's revision is that of its last event, not the header's: while a watch
+catches up, etcd stamps the header with the current revision even when it sends only
+part of the backlog, so resuming from the header revision could skip events. Progress
+notifications arrive as empty batches carrying the header revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import re
+import time
+import urllib.parse
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import aetcd
+import aetcd.exceptions
+import grpc
+import grpc.aio
+from aetcd import rpc
+
+from udpflannel.lease import (
+    EventType, Lease, LeaseError, LeaseEvent, decode, encode_value, parse_subnet_key, subnet_key,
+)
+from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/coreos.com/network"
+UNKNOWN_IP = ipaddress.IPv4Address("0.0.0.0")
+_TTL_LOOKUPS = 16  # concurrent LeaseTimeToLive calls while listing
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_endpoints(endpoints: list[str] | str, tls_configured: bool) -> list[Endpoint]:
+    """flannel's --etcd-endpoints: URLs, comma-separated or listed. Like etcd's
+    clientv3: http:// is plain, https:// is TLS, no scheme is TLS iff TLS files are given."""
+    items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    out = []
+    for item in items:
+        for url in filter(None, (part.strip() for part in item.split(","))):
+            parts = urllib.parse.urlsplit(url if "://" in url else f"//{url}")
+            scheme = parts.scheme or ("https" if tls_configured else "http")
+            if scheme not in ("http", "https"):
+                raise ValueError(f"etcd endpoint {url!r}: scheme must be http or https")
+            try:
+                port = parts.port or 2379
+            except ValueError:
+                raise ValueError(f"etcd endpoint {url!r}: bad port") from None
+            if not parts.hostname:
+                raise ValueError(f"etcd endpoint {url!r}: no host")
+            out.append(Endpoint(url, parts.hostname, port, scheme == "https"))
+    if not out:
+        raise ValueError("no etcd endpoints given")
+    return out
+
+
+# "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.1:2379: Connection refused"
+_GRPC_BOILERPLATE = re.compile(r"^failed to connect to all addresses; last error: \w+: (?:ipv[46]:)?\S+: ")
+
+
+class _WatchRefused(Exception):
+    """etcd canceled a watch as it was created (the reason is the message)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, (asyncio.TimeoutError, aetcd.exceptions.ConnectionTimeoutError)):
+        return "timed out"
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "timed out"
+    text = (exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)) or ""
+    lines = _GRPC_BOILERPLATE.sub("", text.strip()).splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_auth_expiry(exc: BaseException) -> bool:
+    if isinstance(exc, aetcd.exceptions.UnauthenticatedError):
+        return True
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return True
+    text = _one_line(exc)
+    # A watch created with an expired token is refused as "permission denied".
+    return any(s in text for s in ("invalid auth token", "auth store is old", "permission denied"))
+
+
+# What the client stack raises when etcd fails; anything else is a bug and propagates.
+_CLIENT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, grpc.aio.BaseError, OSError,
+                  asyncio.TimeoutError, _WatchRefused)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, (asyncio.TimeoutError, OSError, aetcd.exceptions.ConnectionFailedError,
+                        aetcd.exceptions.ConnectionTimeoutError, aetcd.exceptions.WatchTimeoutError)):
+        return True
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class _Client(aetcd.Client):
+    """aetcd.Client whose channel may be TLS, and which can re-authenticate."""
+
+    def __init__(self, index: int, endpoint: Endpoint, credentials: grpc.ChannelCredentials | None,
+                 username: str | None, password: str | None, timeout: float,
+                 options: dict[str, object]) -> None:
+        super().__init__(host=endpoint.host, port=endpoint.port, username=username,
+                         password=password, timeout=timeout, options=options)
+        self.index = index
+        self.endpoint = endpoint
+        self._credentials = credentials
+        self.watchstub: rpc.WatchStub | None = None
+
+    async def connect(self) -> None:  # replaces aetcd's, which is insecure-only
+        if self._connected.is_set():
+            return
+        if self.channel is None:
+            opts = list(self._options.items())
+            if self._credentials is not None:
+                self.channel = grpc.aio.secure_channel(self.endpoint.target, self._credentials, options=opts)
+            else:
+                self.channel = grpc.aio.insecure_channel(self.endpoint.target, options=opts)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self.auth_stub = rpc.AuthStub(self.channel)
+            self.watchstub = rpc.WatchStub(self.channel)  # aetcd's Watcher is not used
+        await self.authenticate()
+        self._connected.set()
+
+    async def authenticate(self) -> None:
+        if self._username is None:
+            return
+        resp = await self.auth_stub.Authenticate(
+            rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+        self.metadata = (("token", resp.token),)
+
+
+class EtcdRegistry:
+    """base.Registry over etcd v3, byte-compatible with flanneld's etcd v3 registry."""
+
+    def __init__(self, endpoints: list[str] | str, prefix: str = DEFAULT_PREFIX, cafile: str | None = None,
+                 certfile: str | None = None, keyfile: str | None = None, username: str | None = None,
+                 password: str | None = None, timeout: float = 5.0) -> None:
+        if (username is None) != (password is None):
+            raise ValueError("etcd username and password must be given together")
+        if (certfile is None) != (keyfile is None):
+            raise ValueError("etcd certfile and keyfile must be given together")
+        if timeout <= 0:
+            raise ValueError("etcd timeout must be positive")
+        tls_files = any(f is not None for f in (cafile, certfile, keyfile))
+        self._endpoints = parse_endpoints(endpoints, tls_files)
+        self._credentials: grpc.ChannelCredentials | None = None
+        if tls_files or any(ep.tls for ep in self._endpoints):
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(cafile, "CA file"),
+                private_key=_read(keyfile, "key file"),
+                certificate_chain=_read(certfile, "certificate file"))
+        self._username = username
+        self._password = password
+        self.timeout = float(timeout)
+        self.prefix = "/" + prefix.strip("/")
+        self._config_key = f"{self.prefix}/config".encode()
+        self._subnets = f"{self.prefix}/subnets/".encode()
+        self._options: dict[str, object] = {
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 1000,
+            # A watch on a silently dead connection must fail, not hang: ping while
+            # streams are open (etcd refuses pings more often than every 5 s).
+            "grpc.keepalive_time_ms": 10_000,
+            "grpc.keepalive_timeout_ms": int(self.timeout * 1000),
+            "grpc.http2.max_pings_without_data": 0,
+            "grpc.max_receive_message_length": 64 << 20,
+        }
+        self._clients: dict[int, _Client] = {}
+        self._client_lock = asyncio.Lock()
+        self._current = 0
+        self._warned: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._watches: set[grpc.aio.StreamStreamCall] = set()
+        self._closing = False  # close() has begun: watches end, revocations finish
+        self._closed = False  # no more calls
+
+    def __repr__(self) -> str:
+        return f"EtcdRegistry({','.join(ep.url for ep in self._endpoints)}, prefix={self.prefix!r})"
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _client(self, index: int) -> _Client:
+        if self._closed:
+            raise RegistryError("etcd registry is closed")
+        async with self._client_lock:
+            client = self._clients.get(index)
+            if client is None:
+                endpoint = self._endpoints[index]
+                client = _Client(index, endpoint, self._credentials if endpoint.tls else None,
+                                 self._username, self._password, self.timeout, self._options)
+                self._clients[index] = client
+        await client.connect()
+        return client
+
+    def _fail_over(self, index: int) -> None:
+        if self._current == index and len(self._endpoints) > 1:
+            self._current = (index + 1) % len(self._endpoints)
+            log.info("etcd: %s failed, trying %s next", self._endpoints[index].url,
+                     self._endpoints[self._current].url)
+
+    async def _run(self, what: str, op: Callable[[_Client], Awaitable[T]], *,
+                   retry: bool = True, deadline: float | None = None) -> T:
+        """Run ``op`` against the current endpoint, failing over on connection errors,
+        all within ``timeout`` (or ``deadline``, a loop time); errors → RegistryError."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.timeout
+        attempts = len(self._endpoints) if retry else 1
+        reauthenticated = False
+        errors: list[str] = []
+        while attempts > 0:
+            index = self._current
+            endpoint = self._endpoints[index]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                errors.append(f"{endpoint.url}: timed out")
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    client = await self._client(index)
+                    return await op(client)
+            except _CLIENT_ERRORS as e:
+                if self._username is not None and not reauthenticated and _is_auth_expiry(e):
+                    reauthenticated = True
+                    log.debug("etcd %s at %s: %s; authenticating again", what, endpoint.url, _one_line(e))
+                    client = self._clients.get(index)
+                    if client is not None:
+                        client._connected.clear()  # connect() re-authenticates
+                    continue
+                if not _is_connection_error(e):
+                    raise RegistryError(f"etcd {what} failed at {endpoint.url}: {_one_line(e)}") from None
+                errors.append(f"{endpoint.url}: {_one_line(e)}")
+                self._fail_over(index)
+                attempts -= 1
+        raise RegistryError(f"etcd {what} failed: {'; '.join(errors)}")
+
+    def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
+        return self._subnets + subnet_key(subnet).encode()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _revoke_later(self, lease_id: int) -> None:
+        """Revoke an etcd lease we will not use; if that fails it expires on its own."""
+        async def revoke() -> None:
+            try:
+                await self._run("revoke lease", lambda c: c.revoke_lease(lease_id))
+            except RegistryError as e:
+                log.debug("etcd: could not revoke lease %x (it will expire): %s", lease_id, e)
+        self._spawn(revoke())
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("etcd: skipping %s: %s", key, message)
+
+    def _decode(self, key: str, value: bytes, expiration: float = 0.0) -> Lease | None:
+        try:
+            lease = decode(key, value, expiration)
+        except LeaseError as e:
+            self._warn_once(key, str(e))
+            return None
+        self._warned.discard(key)
+        return lease
+
+    async def _grant(self, ttl: float, deadline: float) -> tuple[int, int]:
+        """Grant an etcd lease of at least ``ttl`` seconds: (id, granted TTL)."""
+        granted = await self._run("lease grant", lambda c: c.lease(max(1, math.ceil(ttl))), deadline=deadline)
+        return granted.id, granted.ttl
+
+    # -- Registry ---------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Reach the store now (calls also connect lazily); RegistryError if none answers."""
+        await self._run("connect", lambda c: c.get(self._config_key))
+
+    async def get_config(self) -> str | None:
+        got = await self._run("get config", lambda c: c.get(self._config_key))
+        return None if got is None else got.value.decode("utf-8", "replace")
+
+    async def put_config_if_absent(self, text: str) -> str:
+        key = self._config_key
+
+        async def txn(c: _Client):
+            return await c.transaction(
+                compare=[c.transactions.version(key) == 0],
+                success=[c.transactions.put(key, text.encode())],
+                failure=[c.transactions.get(key)])
+
+        ok, responses = await self._run("put config", txn, retry=False)
+        if ok:
+            return text
+        got = responses[0] if responses else []
+        if not got:  # deleted between compare and get: cannot happen inside one txn
+            raise RegistryError("etcd put config: config vanished during transaction")
+        return got[0][0].decode("utf-8", "replace")
+
+    async def list_leases(self) -> tuple[list[Lease], int]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        got = await self._run("list leases", lambda c: c.get_prefix(self._subnets), deadline=deadline)
+        now = time.time()
+        ttls = await self._remaining_ttls({kv.lease for kv in got.kvs if kv.lease}, deadline)
+        leases = []
+        for kv in got.kvs:
+            ttl = ttls.get(kv.lease)
+            expiration = now + ttl if ttl is not None and ttl >= 0 else 0.0
+            lease = self._decode(kv.key.decode("utf-8", "replace"), kv.value, expiration)
+            if lease is not None:
+                leases.append(lease)
+        return leases, got.header.revision
+
+    async def _remaining_ttls(self, ids: set[int], deadline: float) -> dict[int, int]:
+        """Remaining TTL per etcd lease id (flannel shows expirations too); missing ones
+        stay unknown rather than failing the listing."""
+        sem = asyncio.Semaphore(_TTL_LOOKUPS)
+        out: dict[int, int] = {}
+
+        async def one(lease_id: int) -> None:
+            async with sem:
+                try:
+                    info = await self._run("lease ttl", lambda c: c.get_lease_info(lease_id, keys=False),
+                                           deadline=deadline)
+                except RegistryError:
+                    return
+                out[lease_id] = info.TTL
+
+        await asyncio.gather(*(one(i) for i in ids))
+        return out
+
+    async def create_lease(self, lease: Lease, ttl: float) -> Lease:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        started = time.time()
+        lease_id, granted = await self._grant(ttl, deadline)
+        key, value = self._key(lease.subnet), encode_value(lease)
+
+        async def txn(c: _Client):
+            return await c.transaction(
+                compare=[c.transactions.version(key) == 0],
+                success=[c.transactions.put(key, value, lease=lease_id)],
+                failure=[])
+
+        try:
+            ok, _ = await self._run("create lease", txn, retry=False, deadline=deadline)
+        except RegistryError:
+            self._revoke_later(lease_id)  # outcome unknown: make sure we hold nothing
+            raise
+        if not ok:
+            self._revoke_later(lease_id)
+            raise LeaseTaken(f"subnet {lease.subnet} is already leased")
+        return _with_expiration(lease, started + granted)
+
+    async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        started = time.time()
+        lease_id, granted = await self._grant(ttl, deadline)
+        key, value = self._key(lease.subnet), encode_value(lease)
+
+        async def txn(c: _Client):
+            return await c.transaction(
+                compare=[c.transactions.value(key) == value],
+                success=[c.transactions.put(key, value, lease=lease_id, prev_kv=True)],
+                failure=[c.transactions.get(key)])
+
+        try:
+            ok, responses = await self._run("renew lease", txn, retry=False, deadline=deadline)
+        except RegistryError:
+            self._revoke_later(lease_id)
+            raise
+        if not ok:
+            self._revoke_later(lease_id)
+            got = responses[0] if responses else []
+            holder = self._decode(key.decode(), got[0][0]) if got else None
+            raise LeaseLost(lease.subnet, holder)
+        old = responses[0].response_put.prev_kv.lease if responses else 0
+        if old and old != lease_id:
+            self._revoke_later(old)  # the key has left it; nothing else should be on it
+        return _with_expiration(lease, started + granted)
+
+    async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
+        key = self._key(subnet)
+        await self._run("delete lease", lambda c: c.delete(key))
+
+    async def watch_leases(self, revision: int) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
+        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=self._subnets, range_end=aetcd.utils.prefix_range_end(self._subnets),
+            start_revision=revision + 1, progress_notify=True, prev_kv=True))
+
+        async def open_stream(c: _Client) -> tuple[_Client, grpc.aio.StreamStreamCall, rpc.WatchResponse]:
+            call = c.watchstub.Watch(metadata=c.metadata)
+            self._watches.add(call)
+            try:
+                await call.write(create)
+                resp = await call.read()
+                if resp is not grpc.aio.EOF and resp.canceled and not resp.compact_revision:
+                    raise _WatchRefused(f"watch canceled: {resp.cancel_reason or 'no reason'}")
+                return c, call, resp
+            except BaseException:
+                self._watches.discard(call)
+                call.cancel()
+                raise
+
+        if self._closing:
+            raise RegistryError("etcd registry is closed")
+        client, call, resp = await self._run("watch", open_stream, retry=True)
+        endpoint = client.endpoint
+        try:
+            while True:
+                if resp is grpc.aio.EOF:
+                    raise RegistryError(f"etcd watch at {endpoint.url}: stream closed by server")
+                if resp.compact_revision:
+                    raise Compacted(f"etcd history before revision {resp.compact_revision} is compacted "
+                                    f"(asked for {revision + 1})")
+                if resp.canceled:
+                    raise RegistryError(f"etcd watch at {endpoint.url} canceled: {resp.cancel_reason or 'no reason'}")
+                if not resp.created:
+                    events = self._events(resp.events)
+                    if resp.events:
+                        yield events, max(ev.kv.mod_revision for ev in resp.events)
+                    else:
+                        yield [], resp.header.revision  # progress notification
+                try:
+                    resp = await call.read()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._closing and task is not None and not task.cancelling():
+                        raise RegistryError("etcd watch ended: registry closed") from None
+                    raise
+                except (grpc.RpcError, grpc.aio.BaseError, OSError) as e:
+                    if _is_connection_error(e):
+                        self._fail_over(client.index)
+                    raise RegistryError(f"etcd watch at {endpoint.url} failed: {_one_line(e)}") from None
+        finally:
+            self._watches.discard(call)
+            call.cancel()
+
+    def _events(self, raw) -> list[LeaseEvent]:
+        events = []
+        for ev in raw:
+            key = ev.kv.key.decode("utf-8", "replace")
+            try:
+                subnet = parse_subnet_key(key)
+            except LeaseError as e:
+                self._warn_once(key, str(e))
+                continue
+            if ev.type == rpc.Event.PUT:
+                lease = self._decode(key, ev.kv.value)
+                if lease is not None:
+                    events.append(LeaseEvent(EventType.ADDED, lease))
+                    continue
+                # The key no longer holds a usable lease: to us it is gone, as in a re-list.
+            lease = None
+            if ev.HasField("prev_kv"):
+                try:
+                    lease = decode(key, ev.prev_kv.value)
+                except LeaseError:
+                    pass
+            events.append(LeaseEvent(EventType.REMOVED, lease or Lease(subnet, UNKNOWN_IP, "")))
+        return events
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for call in list(self._watches):
+            call.cancel()
+        if self._background:  # pending revocations: give them a moment, then drop them
+            _, pending = await asyncio.wait(list(self._background), timeout=self.timeout)
+            for task in pending:
+                task.cancel()
+        self._closed = True
+        for client in self._clients.values():
+            try:
+                await client.close()
+            except Exception as e:  # noqa: BLE001 - closing is best effort
+                log.debug("etcd: closing %s: %s", client.endpoint.url, _one_line(e))
+        self._clients.clear()
+
+
+def _with_expiration(lease: Lease, expiration: float) -> Lease:
+    return replace(lease, expiration=expiration)
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"etcd {what} {path}: {e.strerror}") from None
