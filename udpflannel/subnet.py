@@ -203,7 +203,7 @@ class SubnetManager:
                 if self.lease is not None and self.lease.subnet not in {x.subnet for x in current}:
                     await self.renew_or_recreate()
                 backoff.reset()
-                async for events, rev in self.registry.watch_leases(rev + 1):
+                async for events, rev in self.registry.watch_leases(rev):
                     out = []
                     for ev in events:
                         if self.lease is not None and ev.lease.subnet == self.lease.subnet:

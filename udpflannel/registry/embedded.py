@@ -188,7 +188,7 @@ class EmbeddedRegistry:
         await self._run(lambda db: self._write(db, delete))
 
     async def watch_leases(self, revision: int) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
-        since = revision
+        since = revision + 1  # the first revision not yet seen
         while True:
             def poll(db: sqlite3.Connection) -> list[tuple]:
                 self._sweep(db)
