@@ -47,6 +47,15 @@ def _ipv4(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
 
 
+def _offloads(text: str) -> str:
+    from udpflannel.dataplane import parse_offloads
+    try:
+        parse_offloads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -78,6 +87,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     flag("--vni", type=_vni, help="VXLAN network identifier (default: the config's Backend.VNI, 1)")
     flag("--engine", choices=("compiled", "python"), default="compiled",
          help="data path: the compiled engine or its pure-Python reference twin")
+    flag("--offload", type=_offloads, default="auto",
+         help="auto (default: all the kernel allows), off, or a comma list of tso,gso,gro")
     flag("--subnet-lease-ttl", type=_positive, default=24 * 60.0,
          help="lease lifetime in minutes (default 1440)")
     flag("--subnet-lease-renew-margin", type=_positive, default=60.0,
@@ -121,7 +132,7 @@ def _run_options(a: argparse.Namespace):
     return RunOptions(
         tun=a.tun, iface=a.iface, public_ip=a.public_ip, registry_file=a.registry_file,
         net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
-        admin_socket=a.admin_socket, port=a.port, vni=a.vni, engine=a.engine,
+        admin_socket=a.admin_socket, port=a.port, vni=a.vni, engine=a.engine, offload=a.offload,
         lease_ttl=a.subnet_lease_ttl * 60, renew_margin=a.subnet_lease_renew_margin * 60,
         etcd_endpoints=endpoints, etcd_prefix=a.etcd_prefix.rstrip("/"),
         etcd_cafile=a.etcd_cafile, etcd_certfile=a.etcd_certfile, etcd_keyfile=a.etcd_keyfile,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from udpflannel import admin, config as netconfig, localstate, netconf
-from udpflannel.dataplane import Dataplane, make_engine, open_udp_socket
+from udpflannel.dataplane import Dataplane, make_engine, open_udp_socket, parse_offloads
 from udpflannel.lease import Lease
 from udpflannel.registry.base import Registry, RegistryError
 from udpflannel.subnet import Backoff, RegistryHealth, SubnetManager
@@ -46,6 +46,7 @@ class RunOptions:
     port: int | None = None
     vni: int | None = None
     engine: str = "compiled"
+    offload: str = "auto"  # see dataplane.parse_offloads
     lease_ttl: float = 24 * 3600.0
     renew_margin: float = 3600.0
     etcd_endpoints: tuple[str, ...] = ()
@@ -150,11 +151,12 @@ async def run(opts: RunOptions) -> None:
             lambda: manager.acquire(wanted, localstate.previous_subnet(opts.subnet_file)), retry)
         log.info("leased %s (VTEP MAC %s)", lease.subnet, mac)
 
-        tun = Tun(opts.tun)
+        offloads = parse_offloads(opts.offload) if opts.engine == "compiled" else frozenset()
+        tun = Tun(opts.tun, vnet_hdr="tso" in offloads)
         cleanup.append(tun.close)
         await asyncio.to_thread(netconf.configure_tun, tun.name, lease.subnet, cfg.network, mtu)
         engine = make_engine(opts.engine, cfg, lease)
-        plane = Dataplane(engine, tun.fd, sock, cfg, cfg.port)
+        plane = Dataplane(engine, tun, sock, cfg, cfg.port, offloads)
         plane.start()
         cleanup.append(plane.stop)
         localstate.write_atomically(opts.subnet_file,
@@ -165,6 +167,7 @@ async def run(opts: RunOptions) -> None:
             return {"subnet": str(current.subnet), "public_ip": str(current.public_ip),
                     "vtep_mac": current.vtep_mac, "tun": tun.name, "mtu": mtu,
                     "routes": plane.routes(), "counters": engine.counters(),
+                    "offloads": engine.offloads(),
                     "registry_ok": manager.health.ok}
         server = await admin.serve(opts.admin_path, status)
         cleanup.append(server.close)

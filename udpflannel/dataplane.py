@@ -24,6 +24,35 @@ log = logging.getLogger(__name__)
 BUDGET = 256
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
+OFFLOADS = ("tso", "gso", "gro")  # TUN super-packets, UDP_SEGMENT sends, UDP_GRO receives
+
+
+def parse_offloads(text: str) -> frozenset[str]:
+    """'auto' (all the kernel allows), 'off', or a comma list of OFFLOADS."""
+    if text in ("auto", "all"):
+        return frozenset(OFFLOADS)
+    if text in ("off", "none", ""):
+        return frozenset()
+    wanted = frozenset(w.strip() for w in text.split(","))
+    unknown = wanted - set(OFFLOADS)
+    if unknown:
+        raise ValueError(f"unknown offload {', '.join(sorted(unknown))} (choose from {', '.join(OFFLOADS)}, auto, off)")
+    return wanted
+
+
+def enable_udp_offloads(sock: socket.socket, wanted: frozenset[str]) -> frozenset[str]:
+    """Turn on what the kernel accepts; what it refuses is simply not used."""
+    got = set()
+    for name, opt, value in (("gso", UDP_SEGMENT, 0), ("gro", UDP_GRO, 1)):
+        if name in wanted:
+            try:
+                sock.setsockopt(SOL_UDP, opt, value)  # GSO: per-send size, 0 = off by default
+                got.add(name)
+            except OSError as e:
+                log.warning("UDP %s refused by the kernel (%s); continuing without it",
+                            name.upper(), e.strerror)
+    return frozenset(got)
 
 
 class DataplaneError(Exception):
@@ -61,15 +90,19 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
 
 
 class Dataplane:
-    def __init__(self, engine, tun_fd: int, sock: socket.socket, config: NetworkConfig,
-                 port: int) -> None:
+    def __init__(self, engine, tun, sock: socket.socket, config: NetworkConfig,
+                 port: int, offloads: frozenset[str] = frozenset()) -> None:
         self.engine = engine
-        self.tun_fd = tun_fd
+        self.tun_fd = tun.fd
         self.sock = sock
         self.config = config
         self.port = port
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        engine.attach(tun_fd, sock.fileno())
+        udp = enable_udp_offloads(sock, offloads)
+        engine.attach(tun.fd, sock.fileno(), vnet_hdr=tun.vnet_hdr, gso="gso" in udp,
+                      gro="gro" in udp)
+        log.info("offloads: TUN TSO %s, UDP GSO %s, UDP GRO %s",
+                 *("on" if x else "off" for x in (tun.tso, "gso" in udp, "gro" in udp)))
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -28,6 +28,8 @@ import os
 import socket
 import struct
 
+from udpflannel import offload
+
 VXLAN_HLEN = 8
 ETH_HLEN = 14
 HEADROOM = VXLAN_HLEN + ETH_HLEN  # bytes added in front of each IP packet
@@ -35,10 +37,13 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 
 # Drop reasons, in counter order. Outbound first, then inbound.
-TX_DROPS = ("bad_packet", "no_route", "send_error")
+TX_DROPS = ("bad_packet", "no_route", "send_error", "bad_offload")
 RX_DROPS = ("short", "bad_flags", "bad_vni", "bad_mac", "bad_ethertype", "bad_ip",
             "unknown_sender", "spoofed", "tun_write_error")
-COUNTERS = (("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "icmp_unreachable")
+# tx_super_packets: TSO super-packets read from the TUN (each sent as many datagrams);
+# rx_merged_writes: TUN writes that carried several coalesced TCP segments.
+COUNTERS = (("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "icmp_unreachable",
+             "tx_super_packets", "rx_merged_writes")
             + tuple("drop_" + r for r in TX_DROPS + RX_DROPS))
 
 SEND, ICMP, DELIVER, DROP = "send", "icmp", "deliver", "drop"
@@ -211,11 +216,49 @@ class PyEngine:
         self._c["rx_bytes"] += total
         return DELIVER, bytes(d[p:p + total]), None
 
+    # --- offloads (rules in udpflannel.offload) ------------------------------------
+    def segment(self, data: bytes) -> list[bytes]:
+        """virtio header + packet (one TUN read) -> the VXLAN datagrams it becomes
+        (an ICMP reply for the TUN comes back with its zero virtio header)."""
+        try:
+            _flags, gso_type, *_ = offload.parse_vnet(data)
+            packets = offload.segment(data)
+        except offload.OffloadError:
+            self._drop("bad_offload")
+            return []
+        if gso_type != offload.GSO_NONE:
+            dst = int.from_bytes(packets[0][16:20], "big")
+            if self._find(dst) is None:
+                kind, reply, _ = self._unroutable(data[offload.VNET_HLEN:], dst)
+                return [offload.ZERO_VNET + reply] if kind == ICMP else []
+            self._c["tx_super_packets"] += 1
+        out = []
+        for packet in packets:
+            kind, frame, _addr = self.encap(packet)
+            if kind == SEND:
+                out.append(frame)
+            elif kind == ICMP:
+                out.append(offload.ZERO_VNET + frame)
+        return out
+
+    def coalesce(self, packets: list[bytes]) -> list[bytes]:
+        """Inner packets of consecutive datagrams -> TUN writes (virtio header + packet)."""
+        writes = offload.coalesce(packets)
+        self._c["rx_merged_writes"] += sum(1 for w in writes if w[1] != offload.GSO_NONE)
+        return writes
+
     # --- I/O drains (the compiled engine does these without Python objects) --------
-    def attach(self, tun_fd: int, udp_fd: int) -> None:
-        """Give the engine the non-blocking TUN fd and UDP socket fd it drains."""
+    def attach(self, tun_fd: int, udp_fd: int, *, vnet_hdr: bool = False, gso: bool = False,
+               gro: bool = False) -> None:
+        """Give the engine the non-blocking TUN fd and UDP socket fd it drains. The
+        twin's drains run without offloads (its segment/coalesce model them)."""
+        if vnet_hdr or gso or gro:
+            raise ValueError("the Python engine runs without offloads (use --offload off)")
         self._tun_fd = tun_fd
         self._sock = socket.socket(fileno=os.dup(udp_fd))
+
+    def offloads(self) -> dict[str, bool]:
+        return {"vnet_hdr": False, "gso": False, "gro": False}
 
     def drain_tun(self, budget: int) -> int:
         done = 0

@@ -7,12 +7,19 @@ and closing the last fd of a non-persistent TUN removes the device).
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 
 import pytun
 
+log = logging.getLogger(__name__)
+
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
 
 
 class TunError(Exception):
@@ -41,10 +48,15 @@ def preflight() -> None:
 
 
 class Tun:
-    def __init__(self, name: str) -> None:
+    """``vnet_hdr=True`` asks for IFF_VNET_HDR and TSO: reads may then be 64 KB TCP
+    super-packets with a virtio header (``self.tso`` says whether the kernel agreed to
+    hand them out; the header is there either way)."""
+
+    def __init__(self, name: str, vnet_hdr: bool = False) -> None:
         preflight()
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
         try:
-            self._dev = pytun.TunTapDevice(name=name, flags=IFF_TUN | IFF_NO_PI)
+            self._dev = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
             text = str(e)
             if "Operation not permitted" in text or "Permission denied" in text:
@@ -54,6 +66,14 @@ class Tun:
             raise TunError(f"cannot create TUN {name}: {text}") from None
         self.name = self._dev.name
         self.fd = self._dev.fileno()
+        self.vnet_hdr = vnet_hdr
+        self.tso = False
+        if vnet_hdr:
+            try:  # checksum offload first: the kernel refuses TSO without it
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+                self.tso = True
+            except OSError as e:
+                log.warning("TUN offloads refused (%s); reading one packet at a time", e.strerror)
         os.set_blocking(self.fd, False)
 
     def close(self) -> None:

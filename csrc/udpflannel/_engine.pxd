@@ -54,6 +54,19 @@ cdef class Engine:
     cdef int icmp_len
     cdef int last_drop       # counter slot of the latest drop (single-packet API)
 
+    # Offloads (see offload.py for the rules): which ones attach() turned on.
+    cdef bint vnet           # TUN speaks virtio_net_hdr: TSO reads, GSO writes
+    cdef bint gso            # UDP_SEGMENT sends (turned off for good on EIO)
+    cdef bint gro            # UDP_GRO receives
+    cdef uint8_t *obuf       # segmentation output: a window of VXLAN frames
+    cdef uint8_t *cbuf       # coalescing: virtio header + one growing super-packet
+    cdef Py_ssize_t co_len   # IP length of the super-packet in cbuf (0: empty)
+    cdef int co_count        # segments merged into it
+    cdef uint16_t co_mss
+    cdef uint32_t co_next_seq
+    cdef bint co_closed      # PSH or a short segment ended the run
+    cdef list captured       # tests: TUN writes land here instead of the fd
+
     cdef uint32_t _subnet_base(self, str subnet) except? 0
     cdef int drop(self, int reason) noexcept nogil
     cdef int unroutable(self, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) noexcept nogil
@@ -62,3 +75,13 @@ cdef class Engine:
     cdef int encap_c(self, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil
     cdef int decap_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
                      Py_ssize_t *plen) noexcept nogil
+    cdef void tun_read_vnet(self, Py_ssize_t n) noexcept nogil
+    cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil
+    cdef int send_window(self, route_t *r, int count, Py_ssize_t stride,
+                         Py_ssize_t lastlen) noexcept nogil
+    cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil
+    cdef void co_add(self, uint8_t *p, Py_ssize_t n) noexcept nogil
+    cdef void co_flush(self) noexcept nogil
+    cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil
+    cdef void emit_plain(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil
+    cdef int send_frame(self, route_t *r, uint8_t *frame, Py_ssize_t n) noexcept nogil

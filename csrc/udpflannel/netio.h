@@ -1,0 +1,156 @@
+/* Small C helpers for the engine: Internet checksums and the UDP GSO/GRO syscalls.
+ *
+ * Checksums are summed over native-order 32-bit words and folded; because the
+ * Internet checksum is byte-order independent (RFC 1071), storing the folded value
+ * in native order yields the right bytes on the wire.
+ *
+ * The socket calls return -errno instead of setting errno, so Cython's nogil code
+ * can branch on the result without touching thread-local state twice.
+ */
+#ifndef UDPFLANNEL_NETIO_H
+#define UDPFLANNEL_NETIO_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <netinet/in.h>
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+static inline uint64_t uf_csum_partial(const uint8_t *p, size_t n, uint64_t sum)
+{
+    uint32_t w;
+    while (n >= 4) {
+        memcpy(&w, p, 4);
+        sum += w;
+        p += 4;
+        n -= 4;
+    }
+    if (n >= 2) {
+        uint16_t h;
+        memcpy(&h, p, 2);
+        sum += h;
+        p += 2;
+        n -= 2;
+    }
+    if (n) {
+        uint16_t h = 0;
+        memcpy(&h, p, 1);  /* the odd byte is the high-order byte in network order */
+        sum += h;
+    }
+    return sum;
+}
+
+/* Fold to 16 bits, not inverted (the "partial" form a NEEDS_CSUM field holds). */
+static inline uint16_t uf_csum_fold(uint64_t sum)
+{
+    sum = (sum & 0xffffffffu) + (sum >> 32);
+    sum = (sum & 0xffffffffu) + (sum >> 32);
+    sum = (sum & 0xffffu) + (sum >> 16);
+    sum = (sum & 0xffffu) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+/* Sum of the IPv4 pseudo-header for protocol `proto` and L4 length `len`. */
+static inline uint64_t uf_pseudo4(const uint8_t *iphdr, uint8_t proto, uint16_t len)
+{
+    uint8_t ph[12];
+    memcpy(ph, iphdr + 12, 8);
+    ph[8] = 0;
+    ph[9] = proto;
+    ph[10] = len >> 8;
+    ph[11] = len & 0xff;
+    return uf_csum_partial(ph, 12, 0);
+}
+
+/* Send `count` equal-size datagrams (the last may be shorter) in one call. */
+static inline long uf_send_gso(int fd, const uint8_t *buf, size_t len, uint16_t segsize,
+                               const struct sockaddr_in *dst)
+{
+    struct iovec iov = {(void *)buf, len};
+    char control[CMSG_SPACE(sizeof(uint16_t))];
+    struct msghdr msg;
+    struct cmsghdr *cm;
+    memset(&msg, 0, sizeof msg);
+    memset(control, 0, sizeof control);
+    msg.msg_name = (void *)dst;
+    msg.msg_namelen = sizeof *dst;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_UDP;
+    cm->cmsg_type = UDP_SEGMENT;
+    cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    memcpy(CMSG_DATA(cm), &segsize, sizeof segsize);
+    long n = sendmsg(fd, &msg, 0);
+    return n < 0 ? -errno : n;
+}
+
+/* Send `count` datagrams of `stride` bytes each (the last `lastlen`) with sendmmsg. */
+#define UF_MMSG_MAX 64
+static inline long uf_send_many(int fd, const uint8_t *buf, int count, size_t stride,
+                                size_t lastlen, const struct sockaddr_in *dst)
+{
+    struct mmsghdr msgs[UF_MMSG_MAX];
+    struct iovec iovs[UF_MMSG_MAX];
+    int sent = 0;
+    while (sent < count) {
+        int batch = count - sent > UF_MMSG_MAX ? UF_MMSG_MAX : count - sent;
+        memset(msgs, 0, sizeof(struct mmsghdr) * batch);
+        for (int i = 0; i < batch; i++) {
+            int k = sent + i;
+            iovs[i].iov_base = (void *)(buf + (size_t)k * stride);
+            iovs[i].iov_len = k == count - 1 ? lastlen : stride;
+            msgs[i].msg_hdr.msg_iov = &iovs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = (void *)dst;
+            msgs[i].msg_hdr.msg_namelen = sizeof *dst;
+        }
+        int n = sendmmsg(fd, msgs, batch, 0);
+        if (n <= 0)
+            return sent ? sent : -errno;
+        sent += n;
+    }
+    return sent;
+}
+
+/* recvmsg that reports the GRO segment size (0 when the read is one datagram). */
+static inline long uf_recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr_in *src,
+                               int *segsize)
+{
+    struct iovec iov = {buf, cap};
+    char control[CMSG_SPACE(sizeof(int))];
+    struct msghdr msg;
+    struct cmsghdr *cm;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_name = src;
+    msg.msg_namelen = sizeof *src;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    long n = recvmsg(fd, &msg, 0);
+    if (n < 0)
+        return -errno;
+    *segsize = 0;
+    for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO)
+            memcpy(segsize, CMSG_DATA(cm), sizeof(int));
+    }
+    return n;
+}
+
+#endif

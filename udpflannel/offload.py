@@ -1,0 +1,208 @@
+"""TCP segmentation and coalescing around virtio_net_hdr, in pure Python (sans-IO).
+
+The reference for the compiled engine's offload path (tests compare them byte for
+byte). With IFF_VNET_HDR every TUN read and write carries a 10-byte virtio_net_hdr:
+
+    flags u8 (NEEDS_CSUM 1) | gso_type u8 (NONE 0, TCPV4 1) | hdr_len u16 |
+    gso_size u16 | csum_start u16 | csum_offset u16          (host byte order)
+
+Read side: the kernel hands us TCP super-packets of up to 64 KB (gso TCPV4) and
+packets whose L4 checksum is only the pseudo-header sum (NEEDS_CSUM). ``segment``
+cuts a super-packet into MSS-sized segments with their own IPv4 id, length, sequence
+number, flags and both checksums; ``complete_checksum`` finishes a NEEDS_CSUM one.
+A peer (maybe a kernel) gets ordinary, fully checksummed packets.
+
+Write side: ``coalesce`` merges consecutive segments of one TCP flow back into one
+super-packet written with gso TCPV4 + NEEDS_CSUM, so the kernel's stack handles 64 KB
+at a time. It merges only what is safe: IPv4 without options or fragmentation, ACK
+with at most PSH, identical TOS/TTL/DF/options, adjacent sequence numbers, equal
+segment sizes (the last may be shorter and ends the run, as does PSH), and only
+segments whose TCP checksum verifies (merging hides the originals' checksums).
+"""
+
+from __future__ import annotations
+
+import struct
+
+VNET_HLEN = 10
+NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
+MAX_PACKET = 65535
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+_vnet = struct.Struct("=BBHHHH")
+ZERO_VNET = bytes(VNET_HLEN)
+
+
+class OffloadError(ValueError):
+    """A virtio header or super-packet that cannot be processed (dropped, counted)."""
+
+
+def vnet_header(flags: int = 0, gso_type: int = 0, hdr_len: int = 0, gso_size: int = 0,
+                csum_start: int = 0, csum_offset: int = 0) -> bytes:
+    return _vnet.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+def parse_vnet(data: bytes) -> tuple[int, int, int, int, int, int]:
+    if len(data) < VNET_HLEN:
+        raise OffloadError("shorter than a virtio header")
+    return _vnet.unpack_from(data)
+
+
+def _sum16(data: bytes | memoryview, start: int = 0) -> int:
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _pseudo4(ip: bytes, proto: int, length: int) -> int:
+    return _sum16(bytes(ip[12:20]) + struct.pack("!BBH", 0, proto, length))
+
+
+def ip_checksum(header: bytes) -> int:
+    return ~_sum16(header[:10] + b"\0\0" + header[12:]) & 0xFFFF
+
+
+def tcp4_checksum(ip_header: bytes, segment: bytes) -> int:
+    """Full TCP checksum of ``segment`` (its checksum field taken as zero)."""
+    zeroed = segment[:16] + b"\0\0" + segment[18:]
+    return ~_sum16(zeroed, _pseudo4(ip_header, 6, len(segment))) & 0xFFFF
+
+
+def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """Finish a NEEDS_CSUM packet: the field holds the pseudo-header sum already."""
+    end = csum_start + csum_offset + 2
+    if csum_start >= len(packet) or end > len(packet):
+        raise OffloadError("checksum offsets outside the packet")
+    value = ~_sum16(packet[csum_start:]) & 0xFFFF
+    return packet[:end - 2] + struct.pack("!H", value) + packet[end:]
+
+
+def segment(data: bytes) -> list[bytes]:
+    """One TUN read (virtio header + packet) -> the IP packets to send to peers."""
+    flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = parse_vnet(data)
+    packet = data[VNET_HLEN:]
+    if gso_type == GSO_NONE:
+        if flags & NEEDS_CSUM:
+            packet = complete_checksum(packet, csum_start, csum_offset)
+        return [packet]
+    if gso_type & 0x7F != GSO_TCPV4:
+        raise OffloadError(f"unsupported gso_type {gso_type}")
+    if len(packet) < 40 or packet[0] >> 4 != 4:
+        raise OffloadError("TCPV4 super-packet without an IPv4 header")
+    ihl = (packet[0] & 0x0F) * 4
+    if ihl < 20 or len(packet) < ihl + 20 or packet[9] != 6:
+        raise OffloadError("TCPV4 super-packet without a TCP header")
+    thl = (packet[ihl + 12] >> 4) * 4
+    hlen = ihl + thl
+    if thl < 20 or len(packet) < hlen or gso_size == 0:
+        raise OffloadError("bad TCP header length or gso_size")
+    ip, tcp, payload = packet[:ihl], packet[ihl:hlen], packet[hlen:]
+    ident = struct.unpack_from("!H", ip, 4)[0]
+    seq = struct.unpack_from("!I", tcp, 4)[0]
+    tcp_flags = tcp[13]
+    out = []
+    count = max(1, -(-len(payload) // gso_size))
+    for i in range(count):
+        chunk = payload[i * gso_size:(i + 1) * gso_size]
+        last = i == count - 1
+        seg_flags = tcp_flags if last else tcp_flags & ~(TCP_FIN | TCP_PSH)
+        h = bytearray(ip)
+        struct.pack_into("!HH", h, 2, hlen + len(chunk), (ident + i) & 0xFFFF)
+        struct.pack_into("!H", h, 10, 0)
+        struct.pack_into("!H", h, 10, ip_checksum(bytes(h)))
+        t = bytearray(tcp)
+        struct.pack_into("!I", t, 4, (seq + i * gso_size) & 0xFFFFFFFF)
+        t[13] = seg_flags
+        body = bytes(t) + chunk
+        struct.pack_into("!H", t, 16, tcp4_checksum(bytes(h), body))
+        out.append(bytes(h) + bytes(t) + chunk)
+    return out
+
+
+def _mergeable(p: bytes) -> tuple | None:
+    """The flow identity of a TCP/IPv4 segment that may be merged, else None."""
+    if len(p) < 40 or p[0] != 0x45 or p[9] != 6:
+        return None
+    frag = struct.unpack_from("!H", p, 6)[0]
+    if frag & 0x3FFF:  # MF or an offset: a fragment
+        return None
+    total = struct.unpack_from("!H", p, 2)[0]
+    thl = (p[32] >> 4) * 4
+    if total != len(p) or thl < 20 or 20 + thl >= total:  # no payload: nothing to merge
+        return None
+    if p[33] & ~(TCP_ACK | TCP_PSH) or not p[33] & TCP_ACK:
+        return None
+    if tcp4_checksum(p[:20], p[20:]) != struct.unpack_from("!H", p, 36)[0]:
+        return None
+    # flow: addresses, ports, TOS, TTL, DF, header length and options
+    return (p[1], p[8], frag & 0x4000, p[12:24], thl, p[40:20 + thl])
+
+
+def coalesce(packets: list[bytes], limit: int = MAX_PACKET) -> list[bytes]:
+    """Inner packets of consecutive datagrams -> TUN writes (virtio header + packet)."""
+    out: list[bytes] = []
+    group: list[bytes] = []
+    key = None
+
+    def flush() -> None:
+        if len(group) == 1:
+            out.append(ZERO_VNET + group[0])
+        elif group:
+            out.append(_merge(group))
+        group.clear()
+
+    for p in packets:
+        k = _mergeable(p)
+        if group and k is not None and k == key and _extends(group, p, limit):
+            group.append(p)
+            continue
+        flush()
+        if k is None:
+            out.append(ZERO_VNET + p)
+            key = None
+        else:
+            group.append(p)
+            key = k
+    flush()
+    return out
+
+
+def _payload_len(p: bytes) -> int:
+    return len(p) - 20 - (p[32] >> 4) * 4
+
+
+def _extends(group: list[bytes], p: bytes, limit: int) -> bool:
+    first, prev = group[0], group[-1]
+    mss = _payload_len(first)
+    if prev[33] & TCP_PSH or _payload_len(prev) != mss:  # the run already ended
+        return False
+    size = _payload_len(p)
+    if size > mss:
+        return False
+    expected = (struct.unpack_from("!I", prev, 24)[0] + _payload_len(prev)) & 0xFFFFFFFF
+    if struct.unpack_from("!I", p, 24)[0] != expected:
+        return False
+    if struct.unpack_from("!I", p, 28)[0] != struct.unpack_from("!I", first, 28)[0]:
+        return False  # a different ACK number: keep the kernel's view of it exact
+    hlen = 20 + (first[32] >> 4) * 4
+    return hlen + sum(map(_payload_len, group)) + size <= limit
+
+
+def _merge(group: list[bytes]) -> bytes:
+    first = group[0]
+    hlen = 20 + (first[32] >> 4) * 4
+    payload = b"".join(p[hlen:] for p in group)
+    total = hlen + len(payload)
+    ip = bytearray(first[:20])
+    struct.pack_into("!H", ip, 2, total)
+    struct.pack_into("!H", ip, 10, ip_checksum(bytes(ip)))
+    tcp = bytearray(first[20:hlen])
+    tcp[13] |= group[-1][33] & TCP_PSH
+    # NEEDS_CSUM: the field holds the folded pseudo-header sum, not inverted
+    struct.pack_into("!H", tcp, 16, _pseudo4(bytes(ip), 6, total - 20))
+    header = vnet_header(NEEDS_CSUM, GSO_TCPV4, hlen, _payload_len(first), 20, 16)
+    return header + bytes(ip) + bytes(tcp) + payload
