@@ -115,8 +115,9 @@ def parse(text: str | bytes, *, default_port: int = DEFAULT_PORT) -> NetworkConf
         subnet_len = _int(cfg["subnetlen"], "SubnetLen", 1, 32)
     if subnet_len > 30:
         raise ConfigError(f"SubnetLen {subnet_len} is larger than 30")
-    if subnet_len <= network.prefixlen:
-        raise ConfigError(f"SubnetLen {subnet_len} must be longer than the Network's /{network.prefixlen}")
+    if subnet_len < network.prefixlen + 2:
+        raise ConfigError(f"SubnetLen {subnet_len} must be at least the Network's /{network.prefixlen} "
+                          "+ 2 (room for four subnets)")
 
     step = 1 << (32 - subnet_len)
     first = ipaddress.IPv4Address(int(network.network_address) + step)  # zeroth subnet is skipped
@@ -131,18 +132,22 @@ def parse(text: str | bytes, *, default_port: int = DEFAULT_PORT) -> NetworkConf
     if subnet_max < subnet_min:
         raise ConfigError(f"SubnetMax {subnet_max} is below SubnetMin {subnet_min}")
 
-    backend = cfg.get("backend") or {}
+    backend = cfg.get("backend")
+    if backend is None:  # flanneld's default backend is "udp" (raw IP on port 8285)
+        raise ConfigError('network config has no "Backend": flanneld would run its udp backend, '
+                          'which udpflannel cannot speak; add "Backend": {"Type": "vxlan"}')
     if not isinstance(backend, dict):
         raise ConfigError("Backend must be a JSON object")
     backend = _fold(backend)
-    btype = str(backend.get("type") or "vxlan").lower()
+    btype = str(backend.get("type") or "").lower()
     if btype not in SUPPORTED_BACKENDS:
         raise ConfigError(
             f'Backend Type {btype!r} is not supported: udpflannel speaks "vxlan" framing '
             '(set "Backend": {"Type": "vxlan"})'
         )
-    vni = _int(backend.get("vni", DEFAULT_VNI) or DEFAULT_VNI, "Backend.VNI", 1, (1 << 24) - 1)
-    port = _int(backend.get("port", default_port) or default_port, "Backend.Port", 1, 65535)
+    vni = _int(backend.get("vni", DEFAULT_VNI), "Backend.VNI", 1, (1 << 24) - 1)
+    port = backend.get("port") or default_port  # flannel: 0 means the default port
+    port = _int(port, "Backend.Port", 1, 65535)
     return NetworkConfig(network, subnet_len, subnet_min, subnet_max, btype, vni, port)
 
 

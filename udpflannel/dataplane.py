@@ -148,8 +148,12 @@ class Dataplane:
                 except ValueError:
                     pass
                 continue
-            self.engine.set_route(str(lease.subnet), str(lease.public_ip), self.port,
-                                  mac_bytes(lease.vtep_mac))
+            try:
+                self.engine.set_route(str(lease.subnet), str(lease.public_ip), self.port,
+                                      mac_bytes(lease.vtep_mac))
+            except ValueError as e:
+                log.warning("ignoring lease %s from %s: %s", lease.subnet, lease.public_ip, e)
+                continue
             log.info("peer added: %s via %s (VTEP %s)", lease.subnet, lease.public_ip, lease.vtep_mac)
 
     def _unusable(self, lease: Lease) -> str | None:

@@ -114,6 +114,8 @@ class PyEngine:
         ip = int(ipaddress.IPv4Address(public_ip))
         if len(vtep_mac) != 6 or not 0 < port < 65536:
             raise ValueError("bad port or MAC")
+        if ip in (0, 0xFFFFFFFF):
+            raise ValueError(f"{public_ip} cannot be a peer's address")
         self.del_route(subnet)
         self._routes[base] = (ip, port, bytes(vtep_mac))
         self._senders[ip] = self._senders.get(ip, 0) + 1

@@ -75,6 +75,8 @@ def decode(key: str, value: bytes | str, expiration: float = 0.0) -> Lease:
         if not isinstance(doc, dict):
             raise ValueError("not an object")
         fold = {k.lower(): v for k, v in doc.items()}
+        if not isinstance(fold["publicip"], str):
+            raise ValueError("PublicIP must be a string")
         public_ip = ipaddress.IPv4Address(fold["publicip"])
         btype = str(fold.get("backendtype") or "")
         data = fold.get("backenddata") or {}

@@ -287,6 +287,8 @@ cdef class Engine:
         cdef int32_t n
         if len(vtep_mac) != 6 or not 0 < port < 65536:
             raise ValueError("bad port or MAC")
+        if ip == 0 or ip == EMPTY:  # also keeps EMPTY free as the hash maps' slot marker
+            raise ValueError(f"{public_ip} cannot be a peer's address")
         self.del_route(subnet)
         if self.nroutes == self.route_cap:
             r = <route_t *>realloc(self.routes, 2 * self.route_cap * sizeof(route_t))

@@ -114,9 +114,6 @@ def test_bad_values_raise_lease_error(value):
         decode("10.244.1.0-24", value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: decode accepts a JSON number as PublicIP (ipaddress.IPv4Address(int)): "
-    '{"PublicIP":167772165} decodes as 10.0.0.5; flannel\'s ip.IP4 only accepts a string'))
 def test_numeric_public_ip_is_rejected():
     with pytest.raises(LeaseError):
         decode("10.244.1.0-24", b'{"PublicIP":167772165}')
