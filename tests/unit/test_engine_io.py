@@ -1,0 +1,133 @@
+"""The compiled engine's real I/O paths on real kernel sockets (no root needed): a
+SOCK_SEQPACKET pair stands in for the TUN (it keeps packet boundaries), loopback
+UDP sockets for the underlay. Covers UDP_SEGMENT sends, the fallback when the kernel
+refuses them, UDP_GRO receives and coalesced virtio writes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.packet import Raw
+
+from udpflannel import offload
+from udpflannel._engine import Engine
+from udpflannel.frame import PyEngine
+
+SOL_UDP, UDP_SEGMENT, UDP_GRO, SO_NO_CHECK = 17, 103, 104, 11
+A_MAC, B_MAC = b"\x02\0\0\0\0\x0a", b"\x02\0\0\0\0\x0b"
+PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
+
+
+def engine(mac: bytes, tun_addr: str) -> Engine:
+    return Engine(vni=1, vtep_mac=mac, network="10.244.0.0/16", subnet_len=24, tun_addr=tun_addr)
+
+
+@pytest.fixture
+def wires():
+    socks = []
+
+    def udp(opts: dict | None = None) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        for (level, name), value in (opts or {}).items():
+            s.setsockopt(level, name, value)
+        socks.append(s)
+        return s
+
+    def tun() -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        b.setblocking(False)
+        socks.extend((a, b))
+        return a, b
+    try:
+        yield udp, tun
+    finally:
+        for s in socks:
+            s.close()
+
+
+def super_packet() -> bytes:
+    raw = bytes(IP(src="10.244.1.7", dst="10.244.2.9", id=1) / TCP(flags="A", seq=7) / Raw(PAYLOAD))
+    return offload.vnet_header(offload.NEEDS_CSUM, offload.GSO_TCPV4, 40, 1400, 20, 16) + raw
+
+
+def drain_datagrams(sock: socket.socket) -> list[bytes]:
+    sock.settimeout(0.5)
+    out = []
+    try:
+        while True:
+            out.append(sock.recv(65535))
+    except socket.timeout:
+        return out
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_udp_segment_sends_and_falls_back_when_refused(wires, refuse):
+    udp, tun = wires
+    rx = udp()
+    # SO_NO_CHECK makes the kernel refuse UDP_SEGMENT (EINVAL), like a device
+    # without checksum offload does (EIO)
+    tx = udp({(socket.SOL_SOCKET, SO_NO_CHECK): 1} if refuse else None)
+    tx.setblocking(False)
+    app, tun_fd = tun()
+    a = engine(A_MAC, "10.244.1.0")
+    a.set_route("10.244.2.0/24", "127.0.0.1", rx.getsockname()[1], B_MAC)
+    a.attach(tun_fd.fileno(), tx.fileno(), vnet_hdr=True, gso=True)
+    app.send(super_packet())
+    assert a.drain_tun(8) == 1
+    got = drain_datagrams(rx)
+    twin = PyEngine(vni=1, vtep_mac=A_MAC, network="10.244.0.0/16", subnet_len=24, tun_addr="10.244.1.0")
+    twin.set_route("10.244.2.0/24", "127.0.0.1", rx.getsockname()[1], B_MAC)
+    assert got == twin.segment(super_packet())  # the same frames, one datagram each
+    assert a.offloads()["gso"] is (not refuse)
+    assert a.counters()["tx_packets"] == len(got) == 8 and a.counters()["drop_send_error"] == 0
+
+
+def test_gro_receive_coalesces_into_one_virtio_write(wires):
+    udp, tun = wires
+    rx = udp({(SOL_UDP, UDP_GRO): 1})
+    rx.setblocking(False)
+    tx = udp()
+    app, tun_fd = tun()
+    b = engine(B_MAC, "10.244.2.0")
+    b.set_route("10.244.1.0/24", "127.0.0.1", tx.getsockname()[1], A_MAC)
+    b.attach(tun_fd.fileno(), rx.fileno(), vnet_hdr=True, gro=True)
+    a = engine(A_MAC, "10.244.1.0")
+    a.set_route("10.244.2.0/24", "127.0.0.1", rx.getsockname()[1], B_MAC)
+    frames = a.segment(super_packet())
+    stride = len(frames[0])
+    # one UDP_SEGMENT send: over loopback it reaches a UDP_GRO socket in one piece
+    tx.sendmsg([b"".join(frames)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", stride))],
+               0, rx.getsockname())
+    assert b.drain_udp(8) >= 1
+    app.settimeout(0.5)
+    write = app.recv(70000)
+    flags, gso, hlen, size, start, off = offload.parse_vnet(write)
+    assert (flags, gso, hlen, size, start, off) == (1, 1, 40, 1400, 20, 16)
+    merged = IP(offload.complete_checksum(write[offload.VNET_HLEN:], start, off))
+    assert bytes(merged[TCP].payload) == PAYLOAD and merged[TCP].seq == 7
+    c = b.counters()
+    assert c["rx_packets"] == len(frames) and c["rx_merged_writes"] == 1
+
+
+def test_plain_tun_path_delivers_packets_one_by_one(wires):
+    udp, tun = wires
+    rx = udp()
+    rx.setblocking(False)
+    tx = udp()
+    app, tun_fd = tun()
+    b = engine(B_MAC, "10.244.2.0")
+    b.set_route("10.244.1.0/24", "127.0.0.1", tx.getsockname()[1], A_MAC)
+    b.attach(tun_fd.fileno(), rx.fileno())
+    a = engine(A_MAC, "10.244.1.0")
+    a.set_route("10.244.2.0/24", "127.0.0.1", rx.getsockname()[1], B_MAC)
+    frames = a.segment(super_packet())
+    for f in frames:
+        tx.sendto(f, rx.getsockname())
+    assert b.drain_udp(64) == len(frames)
+    app.settimeout(0.5)
+    packets = [app.recv(70000) for _ in frames]
+    assert b"".join(bytes(IP(p)[TCP].payload) for p in packets) == PAYLOAD
