@@ -22,6 +22,7 @@ from udpflannel.lease import EventType, Lease, LeaseEvent, mac_bytes
 log = logging.getLogger(__name__)
 
 BUDGET = 256
+LOG_EACH = 20  # lease events logged one by one up to this batch size
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
@@ -131,30 +132,40 @@ class Dataplane:
 
     # --- control: lease events -> routes ------------------------------------------
     def apply(self, events: list[LeaseEvent]) -> None:
+        """Lease events -> route changes. One log line per peer, except for big batches
+        (a snapshot of thousands of leases) which get a summary line."""
+        detail = log.info if len(events) <= LOG_EACH else log.debug
+        added = removed = ignored = 0
         for ev in events:
             lease = ev.lease
             if ev.type is EventType.REMOVED:
-                try:
-                    if self.engine.del_route(str(lease.subnet)):
-                        log.info("peer removed: %s", lease.subnet)
-                except ValueError:
-                    pass
+                if self._remove(lease):
+                    removed += 1
+                    detail("peer removed: %s", lease.subnet)
                 continue
             reason = self._unusable(lease)
-            if reason:
-                log.info("ignoring lease %s from %s: %s", lease.subnet, lease.public_ip, reason)
+            if reason is None:
                 try:
-                    self.engine.del_route(str(lease.subnet))
-                except ValueError:
-                    pass
-                continue
-            try:
-                self.engine.set_route(str(lease.subnet), str(lease.public_ip), self.port,
-                                      mac_bytes(lease.vtep_mac))
-            except ValueError as e:
-                log.warning("ignoring lease %s from %s: %s", lease.subnet, lease.public_ip, e)
-                continue
-            log.info("peer added: %s via %s (VTEP %s)", lease.subnet, lease.public_ip, lease.vtep_mac)
+                    self.engine.set_route(str(lease.subnet), str(lease.public_ip), self.port,
+                                          mac_bytes(lease.vtep_mac))
+                    added += 1
+                    detail("peer added: %s via %s (VTEP %s)", lease.subnet, lease.public_ip,
+                           lease.vtep_mac)
+                    continue
+                except ValueError as e:
+                    reason = str(e)
+            self._remove(lease)
+            ignored += 1
+            detail("ignoring lease %s from %s: %s", lease.subnet, lease.public_ip, reason)
+        if len(events) > LOG_EACH:
+            log.info("applied %d lease changes: %d peers added, %d removed, %d ignored; %d peers",
+                     len(events), added, removed, ignored, self.routes())
+
+    def _remove(self, lease: Lease) -> bool:
+        try:
+            return self.engine.del_route(str(lease.subnet))
+        except ValueError:  # not a subnet of ours: it never had a route
+            return False
 
     def _unusable(self, lease: Lease) -> str | None:
         if not lease.routable_by_vxlan():
