@@ -54,11 +54,16 @@ def test_bad_environment_flag():
     _check_one_line_error(proc, 2, "FLANNELD_PORT")
 
 
-def _node_run(lab, workdir, extra, **kw):
+def _node_run(lab, workdir, extra):
     d = workdir
     argv = RUN + ["--iface", "eth0", "--registry-file", f"{d}/reg.db", "--state-dir", d,
                   "--subnet-file", f"{d}/subnet.env", "--admin-socket", f"{d}/a.sock"] + extra
-    proc = lab.nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return _finish(lab.nodes[0], argv)
+
+
+def _finish(ns, argv) -> subprocess.CompletedProcess:
+    """Run argv inside namespace ns with a timeout; killed by pid if it overruns."""
+    proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=30)
     finally:
@@ -105,15 +110,7 @@ def test_without_net_admin_takes_no_lease(make_lab, workdir):
     argv = ["setpriv", "--bounding-set", "-net_admin"] + RUN + [
         "--iface", "eth0", "--registry-file", f"{workdir}/reg.db", "--state-dir", workdir,
         "--subnet-file", f"{workdir}/subnet.env"]
-    proc = make_lab(1).nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    _check_one_line_error(subprocess.CompletedProcess(argv, proc.returncode, out, err), 1,
-                          "CAP_NET_ADMIN")
+    _check_one_line_error(_finish(make_lab(1).nodes[0], argv), 1, "CAP_NET_ADMIN")
     assert _registry_rows(f"{workdir}/reg.db", "leases") == 0
 
 
