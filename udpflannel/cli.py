@@ -7,7 +7,6 @@ underscores, upper case), as with flanneld; a flag on the command line wins.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 import os

@@ -12,11 +12,10 @@ import shutil
 import signal
 import statistics
 import tempfile
-from typing import Any
 
 from udpflannel import probe
 from udpflannel.cluster import Cluster
-from udpflannel.netns import Lab
+from udpflannel.netns import Lab, owned_handler
 
 
 class DemoFailed(Exception):
@@ -28,9 +27,9 @@ def _say(text: str = "") -> None:
 
 
 def main(nodes: int, seconds: float, engine: str) -> int:
-    def interrupted(*_: Any) -> None:
+    def interrupted(_signum: int) -> None:
         raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGTERM, owned_handler(interrupted))
     workdir = tempfile.mkdtemp(prefix="udpflannel-demo-")
     try:
         with Lab(nodes, tag="ufd") as lab, Cluster(lab, workdir, engine=engine) as cluster:

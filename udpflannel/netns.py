@@ -20,6 +20,20 @@ from typing import Any, Callable, Sequence
 from pyroute2 import IPRoute, netns
 
 
+def owned_handler(handler: Callable[[int], None]) -> Callable[[int, Any], None]:
+    """A signal handler that acts only in the process that installed it. pyroute2
+    forks helper children (netns sockets) that inherit Python handlers and are
+    stopped with SIGTERM; there the signal must simply end the child, not unwind a
+    copy of the caller (which would remove the caller's namespaces under it)."""
+    owner = os.getpid()
+
+    def handle(signum: int, _frame: Any) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        handler(signum)
+    return handle
+
+
 class Namespace:
     def __init__(self, name: str) -> None:
         self.name = name

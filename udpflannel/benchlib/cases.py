@@ -1,0 +1,153 @@
+"""The cases the bench compares. Each builds its own throwaway two-node Lab (same
+underlay every time: two namespaces with a veth each into a bridge in a hub namespace,
+MTU 1500), yields a ``Target`` to measure node 1 -> node 2, and removes everything
+on exit.
+
+- ``veth``: nothing on top; target node 2's underlay address.
+- ``kernel-vxlan``: ``flannel.1`` configured by netlink exactly as flannel's vxlan
+  backend does (see flannel-compat.md); target node 2's ``<subnet>.0``.
+- ``udpflannel-<mode>``: two ``udpflannel run`` daemons sharing an embedded registry,
+  with the mode's extra daemon arguments; target node 2's TUN address.
+
+To add a udpflannel mode, add one line to ``UDPFLANNEL_MODES``: its daemon arguments
+and how many other (absent) peers to preload into the registry, so the route table
+holds that many entries while node 1 talks to node 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator
+
+from udpflannel import config as netconfig, kernelvxlan
+from udpflannel.benchlib.report import BASELINE as BASE_CASE
+from udpflannel.lease import Lease
+from udpflannel.registry.embedded import EmbeddedRegistry
+from udpflannel.cluster import Cluster
+from udpflannel.netns import Lab, Namespace
+
+# name -> (extra `udpflannel run` arguments, extra peers preloaded into the registry)
+UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int]] = {
+    "offload": (("--offload", "auto"), 0),
+    "offload-4096-peers": (("--offload", "auto"), 4094),
+    "no-offload": (("--offload", "off"), 0),
+    "python": (("--engine", "python"), 0),
+}
+# A network with room for 4,096 peers and more (16,384 /24s; the default /16 holds 255).
+BIG_NETWORK = '{"Network": "10.64.0.0/10", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}'
+
+LAB_TAG = "ufb"
+VXLAN_DEV, VXLAN_VNI, VXLAN_PORT, VXLAN_OVERHEAD = "flannel.1", 1, 8472, 50
+VXLAN_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")
+
+
+@dataclass(frozen=True)
+class Target:
+    src: Namespace
+    dst: Namespace
+    addr: str                      # where traffic goes, inside dst
+    daemons: tuple[int, ...] = ()  # pids of udpflannel daemons (node 1, node 2)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    setup: Callable[[], ContextManager[Target]]
+    daemon_args: tuple[str, ...] | None = None
+
+
+@contextmanager
+def veth() -> Iterator[Target]:
+    with Lab(2, tag=LAB_TAG) as lab:
+        yield Target(lab.nodes[0], lab.nodes[1], lab.addresses[1], note=f"lab {lab.id}")
+
+
+def _random_mac() -> str:
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFE) | 0x02   # unicast, locally administered (as flannel's)
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def _flannel_vxlan(ns: Namespace, local: str, subnet: str, mac: str, mtu: int,
+                   peer_ip: str, peer_subnet: str, peer_mac: str) -> None:
+    """What flanneld's vxlan backend does on one node for itself and one peer lease."""
+    with ns.ipr() as ipr:
+        dev = kernelvxlan.create(ipr, local_ip=local, underlay="eth0", subnet=subnet,
+                                 vtep_mac=mac, vni=VXLAN_VNI, port=VXLAN_PORT,
+                                 name=VXLAN_DEV, mtu=mtu - VXLAN_OVERHEAD)
+        kernelvxlan.add_peer(ipr, dev, subnet=peer_subnet, vtep_mac=peer_mac, public_ip=peer_ip)
+
+
+@contextmanager
+def kernel_vxlan() -> Iterator[Target]:
+    with Lab(2, tag=LAB_TAG) as lab:
+        macs = (_random_mac(), _random_mac())
+        for i in (0, 1):
+            j = 1 - i
+            _flannel_vxlan(lab.nodes[i], lab.addresses[i], VXLAN_SUBNETS[i], macs[i], lab.mtu,
+                           lab.addresses[j], VXLAN_SUBNETS[j], macs[j])
+        yield Target(lab.nodes[0], lab.nodes[1], VXLAN_SUBNETS[1].split("/")[0],
+                     note=f"lab {lab.id}, {VXLAN_DEV} MTU {lab.mtu - VXLAN_OVERHEAD}")
+
+
+def _preload_peers(registry_file: str, count: int) -> None:
+    """Leases of ``count`` absent nodes, so every daemon's route table holds them."""
+    async def write() -> None:
+        reg = EmbeddedRegistry(registry_file)
+        try:
+            cfg = netconfig.parse(await reg.put_config_if_absent(BIG_NETWORK))
+            for k in range(count):
+                subnet = cfg.subnet_at(cfg.subnet_count - 1 - k)  # far from what nodes pick
+                await reg.create_lease(Lease(subnet, ipaddress.IPv4Address(0x0A000000 + 0x10000 + k),
+                                             "vxlan", 1, _random_mac()), 3600)
+        finally:
+            await reg.close()
+    asyncio.run(write())
+
+
+def udpflannel(extra_args: tuple[str, ...], peers: int = 0) -> Callable[[], ContextManager[Target]]:
+    @contextmanager
+    def setup() -> Iterator[Target]:
+        workdir = tempfile.mkdtemp(prefix="udpflannel-bench-")
+        try:
+            with Lab(2, tag=LAB_TAG) as lab, \
+                    Cluster(lab, workdir, extra_args=extra_args) as cluster:
+                if peers:
+                    _preload_peers(cluster.registry_file, peers)
+                cluster.start_all()
+                cluster.wait_converged(timeout=30)
+                if peers:
+                    for i in (0, 1):
+                        cluster.wait_status(i, lambda st: st["routes"] >= peers + 1, 30,
+                                            f"routing to {peers + 1} peers")
+                pids = tuple(cluster.procs[i].pid for i in sorted(cluster.procs))
+                st = cluster.status(1)
+                yield Target(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), daemons=pids,
+                             note=f"lab {lab.id}, daemons {', '.join(map(str, pids))}, "
+                                  f"TUN MTU {st.get('mtu')}")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return setup
+
+
+def all_cases() -> list[Case]:
+    cases = [
+        Case("veth", "bare underlay: veth pairs through a bridge, no overlay", veth),
+        Case(BASE_CASE, "kernel VXLAN set up as flannel's vxlan backend (flannel.1, "
+                        f"VNI {VXLAN_VNI}, port {VXLAN_PORT}, nolearning, static neigh/fdb/route)",
+             kernel_vxlan),
+    ]
+    for mode, (extra, peers) in UDPFLANNEL_MODES.items():
+        more = f", {peers + 1} peers in the route table" if peers else ""
+        cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}{more}",
+                          udpflannel(extra, peers), daemon_args=extra))
+    return cases
+

@@ -1,0 +1,187 @@
+"""What the bench reports, and how: metrics, medians, ratios, the table, the JSON.
+
+Pure. A *run* is one repetition of one case:
+``{"rep": 1, "metrics": {key: value | None}, "steps": {...}, "errors": {step: text}}``;
+a failed step leaves its metrics None. Medians ignore None; a ratio is a case's
+median over the baseline's median (kernel VXLAN), None when either side is missing
+or the baseline is zero.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+SCHEMA = "udpflannel-bench/1"
+BASELINE = "kernel-vxlan"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    better: str                 # "higher" or "lower"
+    step: str                   # the bench step that produces it
+    daemon_only: bool = False   # only cases with a udpflannel daemon have it
+    integer: bool = False       # a count: no decimals unless a median falls between
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("tcp1_gbps", "TCP 1 stream", "Gbit/s", "higher", "tcp1"),
+    Metric("tcp1_retrans", "  retransmits", "segs", "lower", "tcp1", integer=True),
+    Metric("tcp4_gbps", "TCP 4 streams", "Gbit/s", "higher", "tcp4"),
+    Metric("tcp4_retrans", "  retransmits", "segs", "lower", "tcp4", integer=True),
+    Metric("udp_kpps", "UDP 64 B received", "kpkt/s", "higher", "udp"),
+    Metric("udp_loss_pct", "  loss", "%", "lower", "udp"),
+    Metric("rtt_p50_us", "ping RTT p50", "us", "lower", "ping"),
+    Metric("rtt_p99_us", "ping RTT p99", "us", "lower", "ping"),
+    Metric("daemon_cpu_s", "daemon CPU, both nodes", "s", "lower", "daemon", daemon_only=True),
+    Metric("daemon_rss_mib", "daemon peak RSS, max node", "MiB", "lower", "daemon", daemon_only=True),
+)
+METRIC_KEYS = tuple(m.key for m in METRICS)
+
+
+def _present(values: Iterable[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the values that are present; None when there are none."""
+    v = sorted(_present(values))
+    if not v:
+        return None
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def percentile(values: Iterable[float | None], q: float) -> float | None:
+    """q-th percentile (0-100), linear between closest ranks (numpy's default)."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} outside 0-100")
+    v = sorted(_present(values))
+    if not v:
+        return None
+    pos = (len(v) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+def run_medians(runs: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    return {k: median(r.get("metrics", {}).get(k) for r in runs) for k in METRIC_KEYS}
+
+
+def ratios(medians: Mapping[str, float | None],
+           base: Mapping[str, float | None] | None) -> dict[str, float | None]:
+    return {k: ratio(medians.get(k), (base or {}).get(k)) for k in METRIC_KEYS}
+
+
+def select_cases(names: Sequence[str], only: str | None) -> list[str]:
+    """Cases named in ``only`` (comma-separated names or shell patterns such as
+    ``udpflannel-*``), kept in the bench's own order. An entry matching nothing is an
+    error, so a typo never silently measures less."""
+    if not only:
+        return list(names)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    if not wanted:
+        raise ValueError("--only names no case")
+    for w in wanted:
+        if not any(fnmatch.fnmatchcase(n, w) for n in names):
+            raise ValueError(f"--only {w!r} matches no case (cases: {', '.join(names)})")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, w) for w in wanted)]
+
+
+def format_value(v: float | None, integer: bool = False) -> str:
+    if v is None:
+        return "-"
+    if integer:
+        return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def format_ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    if r >= 100:
+        return f"x{r:.0f}"
+    if r >= 10:
+        return f"x{r:.1f}"
+    if r >= 0.1 or r == 0:
+        return f"x{r:.2f}"
+    return f"x{r:.2g}"
+
+
+def one_line(text: str) -> str:
+    """First line, plus the last one when there are more (e.g. a daemon's last log line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def render_table(order: Sequence[str], medians: Mapping[str, Mapping[str, float | None]],
+                 baseline: str = BASELINE) -> str:
+    """Rows are metrics, columns cases; each cell is "median  x ratio-to-baseline"."""
+    base = medians.get(baseline)
+    cells: dict[str, list[tuple[str, str]]] = {}
+    for case in order:
+        rs = ratios(medians[case], base)
+        cells[case] = [(format_value(medians[case].get(m.key), m.integer),
+                        format_ratio(rs[m.key]) if base is not None else "")
+                       for m in METRICS]
+    label_w = max(len(m.label) for m in METRICS)
+    unit_w = max(len(m.unit) for m in METRICS)
+    lines = []
+    header = f"{'':<{label_w}}  {'':<{unit_w}}"
+    widths: dict[str, tuple[int, int]] = {}
+    for case in order:
+        vw = max(len(v) for v, _ in cells[case])
+        rw = max(len(r) for _, r in cells[case])
+        pad = max(len(case) - (vw + 1 + rw), 0)
+        widths[case] = (vw + pad, rw)
+        header += "  " + case.rjust(vw + pad + 1 + rw)
+    lines.append(header.rstrip())
+    for i, m in enumerate(METRICS):
+        row = f"{m.label:<{label_w}}  {m.unit:<{unit_w}}"
+        for case in order:
+            vw, rw = widths[case]
+            v, r = cells[case][i]
+            row += f"  {v:>{vw}} {r:>{rw}}"
+        lines.append(row.rstrip())
+    return "\n".join(lines)
+
+
+def build_document(meta: Mapping[str, Any], cases: Mapping[str, Mapping[str, Any]],
+                   baseline: str = BASELINE) -> dict[str, Any]:
+    """The JSON written next to the chart: every run, plus medians and ratios.
+    ``cases`` maps name -> {"description", "daemon_args", "runs": [...]}, in order."""
+    meds = {name: run_medians(c["runs"]) for name, c in cases.items()}
+    base = meds.get(baseline)
+    out_cases = {}
+    for name, c in cases.items():
+        out_cases[name] = {
+            **{k: v for k, v in c.items() if k != "runs"},
+            "median": meds[name],
+            "ratio_to_baseline": ratios(meds[name], base) if base is not None else None,
+            "runs": list(c["runs"]),
+        }
+    errors = [{"case": name, "rep": r.get("rep"), "step": step, "error": text}
+              for name, c in cases.items() for r in c["runs"]
+              for step, text in (r.get("errors") or {}).items()]
+    return {"schema": SCHEMA, "meta": dict(meta), "baseline": baseline,
+            "metrics": [asdict(m) for m in METRICS], "cases": out_cases,
+            "errors": errors, "ok": not errors}
