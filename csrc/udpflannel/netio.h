@@ -28,38 +28,60 @@
 #define UDP_GRO 104
 #endif
 
+static inline uint64_t uf_add_carry(uint64_t a, uint64_t b)
+{
+    a += b;
+    return a + (a < b);  /* end-around carry keeps the one's complement sum exact */
+}
+
 static inline uint64_t uf_csum_partial(const uint8_t *p, size_t n, uint64_t sum)
 {
-    uint32_t w;
-    while (n >= 4) {
-        memcpy(&w, p, 4);
-        sum += w;
+    uint64_t a = 0, b = 0, c = 0, d = 0, w;
+    while (n >= 32) {  /* four independent carry chains */
+        memcpy(&w, p, 8);      a = uf_add_carry(a, w);
+        memcpy(&w, p + 8, 8);  b = uf_add_carry(b, w);
+        memcpy(&w, p + 16, 8); c = uf_add_carry(c, w);
+        memcpy(&w, p + 24, 8); d = uf_add_carry(d, w);
+        p += 32;
+        n -= 32;
+    }
+    while (n >= 8) {
+        memcpy(&w, p, 8);
+        a = uf_add_carry(a, w);
+        p += 8;
+        n -= 8;
+    }
+    if (n >= 4) {
+        uint32_t v;
+        memcpy(&v, p, 4);
+        b = uf_add_carry(b, v);
         p += 4;
         n -= 4;
     }
     if (n >= 2) {
         uint16_t h;
         memcpy(&h, p, 2);
-        sum += h;
+        c = uf_add_carry(c, h);
         p += 2;
         n -= 2;
     }
     if (n) {
         uint16_t h = 0;
         memcpy(&h, p, 1);  /* the odd byte is the high-order byte in network order */
-        sum += h;
+        d = uf_add_carry(d, h);
     }
-    return sum;
+    return uf_add_carry(uf_add_carry(uf_add_carry(uf_add_carry(a, b), c), d), sum);
 }
 
 /* Fold to 16 bits, not inverted (the "partial" form a NEEDS_CSUM field holds). */
 static inline uint16_t uf_csum_fold(uint64_t sum)
 {
-    sum = (sum & 0xffffffffu) + (sum >> 32);
-    sum = (sum & 0xffffffffu) + (sum >> 32);
-    sum = (sum & 0xffffu) + (sum >> 16);
-    sum = (sum & 0xffffu) + (sum >> 16);
-    return (uint16_t)sum;
+    uint32_t x = (uint32_t)sum, y = (uint32_t)(sum >> 32);
+    x += y;
+    x += (x < y);
+    x = (x & 0xffffu) + (x >> 16);
+    x = (x & 0xffffu) + (x >> 16);
+    return (uint16_t)x;
 }
 
 /* Sum of the IPv4 pseudo-header for protocol `proto` and L4 length `len`. */
