@@ -75,6 +75,8 @@ cdef class Engine:
     cdef int encap_c(self, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil
     cdef int decap_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
                      Py_ssize_t *plen) noexcept nogil
+    cdef int tun_drain_c(self, int budget) noexcept nogil
+    cdef int udp_drain_c(self, int budget) noexcept nogil
     cdef void tun_read_vnet(self, Py_ssize_t n) noexcept nogil
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil
     cdef int send_window(self, route_t *r, int count, Py_ssize_t stride,

@@ -496,37 +496,52 @@ cdef class Engine:
     def drain_tun(self, int budget):
         """Read the TUN until EAGAIN or budget reads; returns reads done,
         or -errno if the TUN itself failed."""
-        cdef int done = 0, act, err = 0
-        cdef ssize_t n
-        cdef route_t *r = NULL
+        cdef int r
         if self.tun_fd < 0:
             raise RuntimeError("attach() first")
         with nogil:
-            while done < budget:
-                if self.vnet:  # the virtio header lands just before the packet
-                    n = read(self.tun_fd, self.buf + HEADROOM - VNET, BUFSIZE - HEADROOM + VNET)
-                else:
-                    n = read(self.tun_fd, self.buf + HEADROOM, BUFSIZE - HEADROOM)
-                if n < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno != EAGAIN:  # EWOULDBLOCK == EAGAIN on Linux
-                        err = errno
-                    break
-                done += 1
-                if self.vnet:
-                    self.tun_read_vnet(n)
+            r = self.tun_drain_c(budget)
+        return r
+
+    def drain_udp(self, int budget):
+        """Receive until EAGAIN or budget reads; returns reads done,
+        or -errno if the socket itself failed."""
+        cdef int r
+        if self.udp_fd < 0:
+            raise RuntimeError("attach() first")
+        with nogil:
+            r = self.udp_drain_c(budget)
+        return r
+
+    cdef int tun_drain_c(self, int budget) noexcept nogil:
+        cdef int done = 0, act
+        cdef ssize_t n
+        cdef route_t *r = NULL
+        while done < budget:
+            if self.vnet:  # the virtio header lands just before the packet
+                n = read(self.tun_fd, self.buf + HEADROOM - VNET, BUFSIZE - HEADROOM + VNET)
+            else:
+                n = read(self.tun_fd, self.buf + HEADROOM, BUFSIZE - HEADROOM)
+            if n < 0:
+                if errno == EINTR:
                     continue
-                act = self.encap_c(self.buf + HEADROOM, n, &r)
-                if act == ACT_SEND:
-                    if sendto(self.udp_fd, self.buf, HEADROOM + n, 0,
-                              <sockaddr *>&r.addr, sizeof(sockaddr_in)) < 0:
-                        self.ctr[C_TX_PACKETS] -= 1
-                        self.ctr[C_TX_BYTES] -= n
-                        self.ctr[D_SEND_ERROR] += 1
-                elif act == ACT_ICMP:
-                    self.emit_plain(self.icmp, self.icmp_len, 0)
-        return -err if err else done
+                if errno != EAGAIN:  # EWOULDBLOCK == EAGAIN on Linux
+                    return -errno
+                break
+            done += 1
+            if self.vnet:
+                self.tun_read_vnet(n)
+                continue
+            act = self.encap_c(self.buf + HEADROOM, n, &r)
+            if act == ACT_SEND:
+                if sendto(self.udp_fd, self.buf, HEADROOM + n, 0,
+                          <sockaddr *>&r.addr, sizeof(sockaddr_in)) < 0:
+                    self.ctr[C_TX_PACKETS] -= 1
+                    self.ctr[C_TX_BYTES] -= n
+                    self.ctr[D_SEND_ERROR] += 1
+            elif act == ACT_ICMP:
+                self.emit_plain(self.icmp, self.icmp_len, 0)
+        return done
 
     cdef void tun_read_vnet(self, Py_ssize_t n) noexcept nogil:
         """One read of virtio header + packet at self.buf + HEADROOM - VNET."""
@@ -669,45 +684,40 @@ cdef class Engine:
         rc = uf_send_many(self.udp_fd, self.obuf, count, stride, lastlen, &r.addr)
         return <int>rc if rc > 0 else 0
 
-    def drain_udp(self, int budget):
-        """Receive until EAGAIN or budget reads; returns reads done,
-        or -errno if the socket itself failed."""
-        cdef int done = 0, err = 0, segsize = 0
+    cdef int udp_drain_c(self, int budget) noexcept nogil:
+        cdef int done = 0, segsize = 0
         cdef long n
         cdef Py_ssize_t plen = 0, off, dl
         cdef sockaddr_in src
         cdef socklen_t slen
         cdef uint32_t source
-        if self.udp_fd < 0:
-            raise RuntimeError("attach() first")
-        with nogil:
-            while done < budget:
-                if self.gro:
-                    n = uf_recv_gro(self.udp_fd, self.buf, BUFSIZE, &src, &segsize)
-                else:
-                    slen = sizeof(sockaddr_in)
-                    n = recvfrom(self.udp_fd, self.buf, BUFSIZE, 0, <sockaddr *>&src, &slen)
-                    if n < 0:
-                        n = -errno
-                    segsize = 0
+        while done < budget:
+            if self.gro:
+                n = uf_recv_gro(self.udp_fd, self.buf, BUFSIZE, &src, &segsize)
+            else:
+                slen = sizeof(sockaddr_in)
+                n = recvfrom(self.udp_fd, self.buf, BUFSIZE, 0, <sockaddr *>&src, &slen)
                 if n < 0:
-                    if n == -EINTR:
-                        continue
-                    if n != -EAGAIN:
-                        err = <int>-n
-                    break
-                done += 1
-                source = ntohl(src.sin_addr.s_addr)
-                if segsize <= 0 or segsize >= n:
-                    segsize = <int>n
-                off = 0
-                while off < n:
-                    dl = n - off if n - off < segsize else segsize
-                    if self.decap_c(self.buf + off, dl, source, &plen) == ACT_DELIVER:
-                        self.deliver(self.buf + off + HEADROOM, plen)
-                    off += segsize
-                self.co_flush()
-        return -err if err else done
+                    n = -errno
+                segsize = 0
+            if n < 0:
+                if n == -EINTR:
+                    continue
+                if n != -EAGAIN:
+                    return <int>n
+                break
+            done += 1
+            source = ntohl(src.sin_addr.s_addr)
+            if segsize <= 0 or segsize >= n:
+                segsize = <int>n
+            off = 0
+            while off < n:
+                dl = n - off if n - off < segsize else segsize
+                if self.decap_c(self.buf + off, dl, source, &plen) == ACT_DELIVER:
+                    self.deliver(self.buf + off + HEADROOM, plen)
+                off += segsize
+            self.co_flush()
+        return done
 
     cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil:
         """A validated inner packet with writable bytes before it (its Ethernet header)."""
