@@ -16,8 +16,9 @@ Write side: ``coalesce`` merges consecutive segments of one TCP flow back into o
 super-packet written with gso TCPV4 + NEEDS_CSUM, so the kernel's stack handles 64 KB
 at a time. It merges only what is safe: IPv4 without options or fragmentation, ACK
 with at most PSH, identical TOS/TTL/DF/options, adjacent sequence numbers, equal
-segment sizes (the last may be shorter and ends the run, as does PSH), and only
-segments whose TCP checksum verifies (merging hides the originals' checksums).
+segment sizes (the last may be shorter and ends the run, as does PSH), at most
+MAX_MERGE segments, and only segments whose TCP checksum verifies (merging hides the
+originals' checksums).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ VNET_HLEN = 10
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
 MAX_PACKET = 65535
+MAX_MERGE = 64  # segments per coalesced write (one iovec each in the compiled engine)
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 _vnet = struct.Struct("=BBHHHH")
@@ -177,6 +179,8 @@ def _payload_len(p: bytes) -> int:
 
 def _extends(group: list[bytes], p: bytes, limit: int) -> bool:
     first, prev = group[0], group[-1]
+    if len(group) >= MAX_MERGE:
+        return False
     mss = _payload_len(first)
     if prev[33] & TCP_PSH or _payload_len(prev) != mss:  # the run already ended
         return False

@@ -9,6 +9,12 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
 cdef extern from "<netinet/in.h>" nogil:
     struct in_addr:
         uint32_t s_addr
@@ -58,12 +64,16 @@ cdef class Engine:
     cdef bint vnet           # TUN speaks virtio_net_hdr: TSO reads, GSO writes
     cdef bint gso            # UDP_SEGMENT sends (turned off for good on EIO)
     cdef bint gro            # UDP_GRO receives
-    cdef uint8_t *obuf       # segmentation output: a window of VXLAN frames
-    cdef uint8_t *cbuf       # coalescing: virtio header + one growing super-packet
-    cdef Py_ssize_t co_len   # IP length of the super-packet in cbuf (0: empty)
-    cdef int co_count        # segments merged into it
+    cdef uint8_t *obuf       # segmentation: a window of frame headers
+    cdef iovec tx_iov[128]   # frame k = tx_iov[2k] (headers) + tx_iov[2k+1] (payload)
+    cdef uint8_t *cbuf       # coalescing: virtio + IP + TCP headers of the super-packet
+    cdef uint8_t *co_first   # the run's first packet (in the receive buffer)
+    cdef iovec rx_iov[66]    # [headers in cbuf] + one payload per merged segment
+    cdef Py_ssize_t co_len   # IP length of the run so far
+    cdef int co_count        # segments in the run (0: none)
     cdef uint16_t co_mss
     cdef uint32_t co_next_seq
+    cdef bint co_psh         # the last segment carried PSH
     cdef bint co_closed      # PSH or a short segment ended the run
     cdef list captured       # tests: TUN writes land here instead of the fd
 
@@ -79,11 +89,11 @@ cdef class Engine:
     cdef int udp_drain_c(self, int budget) noexcept nogil
     cdef void tun_read_vnet(self, Py_ssize_t n) noexcept nogil
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil
-    cdef int send_window(self, route_t *r, int count, Py_ssize_t stride,
-                         Py_ssize_t lastlen) noexcept nogil
+    cdef int send_window(self, route_t *r, int count, Py_ssize_t stride) noexcept nogil
     cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil
     cdef void co_add(self, uint8_t *p, Py_ssize_t n) noexcept nogil
     cdef void co_flush(self) noexcept nogil
     cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil
+    cdef int emitv(self, iovec *iov, int iovcnt, int packets) noexcept nogil
     cdef void emit_plain(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil
     cdef int send_frame(self, route_t *r, uint8_t *frame, Py_ssize_t n) noexcept nogil

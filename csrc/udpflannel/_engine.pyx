@@ -18,6 +18,9 @@ from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.unistd cimport read, write
 
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
 import ipaddress
 from udpflannel.frame import COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS
 
@@ -33,10 +36,9 @@ cdef extern from "netio.h" nogil:
     uint64_t uf_csum_partial(const uint8_t *p, size_t n, uint64_t sum)
     uint16_t uf_csum_fold(uint64_t sum)
     uint64_t uf_pseudo4(const uint8_t *iphdr, uint8_t proto, uint16_t len)
-    long uf_send_gso(int fd, const uint8_t *buf, size_t len, uint16_t segsize,
-                     const sockaddr_in *dst)
-    long uf_send_many(int fd, const uint8_t *buf, int count, size_t stride, size_t lastlen,
-                      const sockaddr_in *dst)
+    long uf_send_gso_iov(int fd, iovec *iov, int iovcnt, uint16_t segsize,
+                         const sockaddr_in *dst)
+    long uf_send_many_iov(int fd, iovec *iov, int count, const sockaddr_in *dst)
     long uf_recv_gro(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize)
     int EIO
     int EINVAL
@@ -45,7 +47,7 @@ cdef enum:
     VNET = 10                # sizeof(struct virtio_net_hdr)
     NEEDS_CSUM = 1
     GSO_TCPV4 = 1
-    OBUF_SIZE = 256 * 1024   # one window of segmented frames
+    OBUF_SIZE = 64 * 256     # one window of segment headers (payloads stay in place)
     MAX_WINDOW = 64          # UDP_SEGMENT's limit on segments per send
     UDP_GSO_MAX = 65507      # payload bytes one UDP_SEGMENT send may carry
     TCP_PSH = 0x08
@@ -257,7 +259,7 @@ cdef class Engine:
                 or self.cbuf == NULL):
             raise MemoryError()
         self.icmp += VNET  # room for a virtio header in front of the ICMP reply
-        self.co_len = 0
+        self.co_count = 0
         self.captured = None
         memset(self.ctr, 0, sizeof(self.ctr))
 
@@ -583,13 +585,14 @@ cdef class Engine:
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil:
         """Cut a TCPv4 super-packet into MSS-sized segments, each its own VXLAN frame
         with fresh IPv4 id/length/checksum and TCP seq/flags/checksum, and send them a
-        window at a time (one UDP_SEGMENT call, or sendmmsg)."""
-        cdef Py_ssize_t ihl, thl, hlen, payload, stride, off, chunk, lastlen = 0
+        window at a time (one UDP_SEGMENT call, or sendmmsg). Only the headers are
+        written (into obuf); each frame's payload is an iovec into the read buffer."""
+        cdef Py_ssize_t ihl, thl, hlen, payload, stride, off, chunk, window_bytes
         cdef uint32_t seq
         cdef uint16_t ident
         cdef uint8_t flags
         cdef route_t *r
-        cdef int i, k, count, window, sent
+        cdef int i, k, count, window, sent, built
         cdef uint8_t *f
         cdef uint8_t *ip
         cdef uint8_t *tcp
@@ -614,9 +617,7 @@ cdef class Engine:
         payload = n - hlen
         count = <int>((payload + mss - 1) // mss) if payload > 0 else 1
         stride = HEADROOM + hlen + mss
-        window = <int>(OBUF_SIZE // stride)
-        if window > MAX_WINDOW:
-            window = MAX_WINDOW
+        window = MAX_WINDOW
         if self.gso and window > UDP_GSO_MAX // stride:
             window = <int>(UDP_GSO_MAX // stride)
         ident = _be16(pkt + 4)
@@ -625,12 +626,13 @@ cdef class Engine:
         i = 0
         while i < count:
             k = 0
+            window_bytes = 0
             while k < window and i + k < count:
                 off = (i + k) * mss
                 chunk = payload - off if payload - off < mss else mss
                 if chunk < 0:
                     chunk = 0
-                f = self.obuf + k * stride
+                f = self.obuf + k * (HEADROOM + hlen)
                 memcpy(f, self.vxlan_hdr, 8)
                 memcpy(f + 8, r.mac, 6)
                 memcpy(f + 14, self.own_mac, 6)
@@ -639,7 +641,6 @@ cdef class Engine:
                 ip = f + HEADROOM
                 tcp = ip + ihl
                 memcpy(ip, pkt, hlen)
-                memcpy(ip + hlen, pkt + hlen + off, chunk)
                 _put16(ip + 2, <uint16_t>(hlen + chunk))
                 _put16(ip + 4, <uint16_t>(ident + i + k))
                 _store_native16(ip + 10, 0)
@@ -648,40 +649,46 @@ cdef class Engine:
                 if i + k != count - 1:
                     tcp[13] = flags & ~(TCP_FIN | TCP_PSH)
                 _store_native16(tcp + 16, 0)
-                _store_native16(tcp + 16, ~uf_csum_fold(
-                    uf_csum_partial(tcp, thl + chunk, uf_pseudo4(ip, 6, <uint16_t>(thl + chunk)))))
-                lastlen = HEADROOM + hlen + chunk
-                self.ctr[C_TX_PACKETS] += 1
-                self.ctr[C_TX_BYTES] += hlen + chunk
+                _store_native16(tcp + 16, ~uf_csum_fold(uf_csum_partial(
+                    pkt + hlen + off, chunk,
+                    uf_csum_partial(tcp, thl, uf_pseudo4(ip, 6, <uint16_t>(thl + chunk))))))
+                self.tx_iov[2 * k].iov_base = f
+                self.tx_iov[2 * k].iov_len = HEADROOM + hlen
+                self.tx_iov[2 * k + 1].iov_base = pkt + hlen + off
+                self.tx_iov[2 * k + 1].iov_len = chunk
+                window_bytes += hlen + chunk
                 k += 1
-            sent = self.send_window(r, k, stride, lastlen)
-            if sent < k:
-                self.ctr[C_TX_PACKETS] -= k - sent
-                self.ctr[C_TX_BYTES] -= (k - sent) * (hlen + mss)  # approximate the tail
-                self.ctr[D_SEND_ERROR] += k - sent
-            i += k
+            built = k
+            sent = self.send_window(r, built, stride)
+            self.ctr[C_TX_PACKETS] += sent
+            if sent == built:
+                self.ctr[C_TX_BYTES] += window_bytes
+            else:  # count exactly what left: the first `sent` frames of the window
+                for k in range(sent):
+                    self.ctr[C_TX_BYTES] += (self.tx_iov[2 * k].iov_len - HEADROOM
+                                             + self.tx_iov[2 * k + 1].iov_len)
+                self.ctr[D_SEND_ERROR] += built - sent
+            i += built
 
-    cdef int send_window(self, route_t *r, int count, Py_ssize_t stride,
-                         Py_ssize_t lastlen) noexcept nogil:
-        """Send `count` frames from obuf; returns how many left."""
+    cdef int send_window(self, route_t *r, int count, Py_ssize_t stride) noexcept nogil:
+        """Send the `count` frames described by tx_iov; returns how many left."""
         cdef long rc
+        cdef int k
         if self.captured is not None:
             with gil:
                 for k in range(count):
-                    self.captured.append(self.obuf[k * stride:k * stride + (
-                        lastlen if k == count - 1 else stride)])
+                    self.captured.append(
+                        (<uint8_t *>self.tx_iov[2 * k].iov_base)[:self.tx_iov[2 * k].iov_len]
+                        + (<uint8_t *>self.tx_iov[2 * k + 1].iov_base)[:self.tx_iov[2 * k + 1].iov_len])
             return count
         if self.gso and count > 1:
-            rc = uf_send_gso(self.udp_fd, self.obuf, (count - 1) * stride + lastlen,
-                             <uint16_t>stride, &r.addr)
+            rc = uf_send_gso_iov(self.udp_fd, self.tx_iov, 2 * count, <uint16_t>stride, &r.addr)
             if rc >= 0:
                 return count
             if rc != -EIO and rc != -EINVAL:
                 return 0
             self.gso = False  # the egress device cannot do it: sendmmsg from now on
-        if count == 1:
-            return 1 if self.send_frame(r, self.obuf, lastlen) >= 0 else 0
-        rc = uf_send_many(self.udp_fd, self.obuf, count, stride, lastlen, &r.addr)
+        rc = uf_send_many_iov(self.udp_fd, self.tx_iov, count, &r.addr)
         return <int>rc if rc > 0 else 0
 
     cdef int udp_drain_c(self, int budget) noexcept nogil:
@@ -729,7 +736,10 @@ cdef class Engine:
     # ---- receive coalescing (rules: udpflannel/offload.py) --------------------------
 
     cdef void co_add(self, uint8_t *p, Py_ssize_t n) noexcept nogil:
-        cdef uint8_t *g = self.cbuf + VNET
+        """Merge p into the current run if it extends it, else flush and start anew.
+        The run is kept as pointers into the receive buffer (no copy): its first
+        packet, whose headers become the super-packet's, and one iovec per payload."""
+        cdef uint8_t *g = self.co_first
         cdef Py_ssize_t thl, size
         cdef bint ok = (n >= 40 and p[0] == 0x45 and p[9] == 6 and (_be16(p + 6) & 0x3FFF) == 0
                         and _be16(p + 2) == n)
@@ -744,56 +754,83 @@ cdef class Engine:
             self.emit_plain(p, n, 1)
             return
         size = n - 20 - thl
-        if (self.co_len and not self.co_closed and size <= self.co_mss
+        if (self.co_count and not self.co_closed and size <= self.co_mss
+                and self.co_count < MAX_WINDOW
                 and p[1] == g[1] and p[8] == g[8] and (p[6] & 0x40) == (g[6] & 0x40)
                 and memcmp(p + 12, g + 12, 12) == 0 and ((g[32] >> 4) * 4) == thl
                 and memcmp(p + 40, g + 40, thl - 20) == 0
                 and memcmp(p + 28, g + 28, 4) == 0
                 and _be32(p + 24) == self.co_next_seq
                 and self.co_len + size <= 65535):
-            memcpy(g + self.co_len, p + 20 + thl, size)
-            self.co_len += size
             self.co_count += 1
+            self.rx_iov[self.co_count].iov_base = p + 20 + thl
+            self.rx_iov[self.co_count].iov_len = size
+            self.co_len += size
             self.co_next_seq += <uint32_t>size
-            g[33] |= p[33] & TCP_PSH
-            if size < self.co_mss or (p[33] & TCP_PSH):
+            self.co_psh = (p[33] & TCP_PSH) != 0
+            if size < self.co_mss or self.co_psh:
                 self.co_closed = True
             return
         self.co_flush()
-        memcpy(g, p, n)
+        self.co_first = p
         self.co_len = n
         self.co_count = 1
+        self.rx_iov[1].iov_base = p + 20 + thl
+        self.rx_iov[1].iov_len = size
         self.co_mss = <uint16_t>size
         self.co_next_seq = _be32(p + 24) + <uint32_t>size
-        self.co_closed = (p[33] & TCP_PSH) != 0
+        self.co_psh = (p[33] & TCP_PSH) != 0
+        self.co_closed = self.co_psh
 
     cdef void co_flush(self) noexcept nogil:
+        """Write the run: alone as it came, or as one GSO super-packet whose headers
+        (virtio + IP + TCP, in cbuf) precede the payload iovecs."""
         cdef uint8_t *v = self.cbuf
         cdef uint8_t *g = self.cbuf + VNET
         cdef uint16_t hlen, x
-        if self.co_len == 0:
+        cdef int k
+        if self.co_count == 0:
             return
         if self.co_count == 1:
-            memset(v, 0, VNET)
-        else:
-            hlen = <uint16_t>(20 + (g[32] >> 4) * 4)
-            _put16(g + 2, <uint16_t>self.co_len)
-            _store_native16(g + 10, 0)
-            _store_native16(g + 10, ~uf_csum_fold(uf_csum_partial(g, 20, 0)))
-            # NEEDS_CSUM: the TCP field holds the folded pseudo-header sum
-            _store_native16(g + 36, uf_csum_fold(uf_pseudo4(g, 6, <uint16_t>(self.co_len - 20))))
-            v[0] = NEEDS_CSUM
-            v[1] = GSO_TCPV4
-            memcpy(v + 2, &hlen, 2)
-            memcpy(v + 4, &self.co_mss, 2)
-            x = 20
-            memcpy(v + 6, &x, 2)
-            x = 16
-            memcpy(v + 8, &x, 2)
-            self.ctr[C_RX_MERGED] += 1
-        self.emit(self.cbuf, VNET + self.co_len, self.co_count)
-        self.co_len = 0
+            self.emit_plain(self.co_first, self.co_len, 1)
+            self.co_count = 0
+            return
+        hlen = <uint16_t>(20 + (self.co_first[32] >> 4) * 4)
+        memcpy(g, self.co_first, hlen)
+        _put16(g + 2, <uint16_t>self.co_len)
+        _store_native16(g + 10, 0)
+        _store_native16(g + 10, ~uf_csum_fold(uf_csum_partial(g, 20, 0)))
+        if self.co_psh:
+            g[33] |= TCP_PSH
+        # NEEDS_CSUM: the TCP field holds the folded pseudo-header sum
+        _store_native16(g + 36, uf_csum_fold(uf_pseudo4(g, 6, <uint16_t>(self.co_len - 20))))
+        v[0] = NEEDS_CSUM
+        v[1] = GSO_TCPV4
+        memcpy(v + 2, &hlen, 2)
+        memcpy(v + 4, &self.co_mss, 2)
+        x = 20
+        memcpy(v + 6, &x, 2)
+        x = 16
+        memcpy(v + 8, &x, 2)
+        self.rx_iov[0].iov_base = self.cbuf
+        self.rx_iov[0].iov_len = VNET + hlen
+        self.ctr[C_RX_MERGED] += 1
+        self.emitv(self.rx_iov, self.co_count + 1, self.co_count)
         self.co_count = 0
+
+    cdef int emitv(self, iovec *iov, int iovcnt, int packets) noexcept nogil:
+        """writev to the TUN (or join into `captured` in tests)."""
+        cdef int k
+        if self.captured is not None:
+            with gil:
+                self.captured.append(b"".join(
+                    [(<uint8_t *>iov[k].iov_base)[:iov[k].iov_len] for k in range(iovcnt)]))
+            return 0
+        if writev(self.tun_fd, iov, iovcnt) < 0:
+            self.ctr[C_RX_PACKETS] -= packets
+            self.ctr[D_TUN_WRITE_ERROR] += packets
+            return -1
+        return 0
 
     cdef void emit_plain(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil:
         """Write one packet as is; with vnet_hdr it needs a zero header in front
@@ -843,18 +880,27 @@ cdef class Engine:
     def coalesce(self, list packets):
         """Inner packets of consecutive datagrams -> TUN writes (virtio header + packet)."""
         cdef bytes p
-        cdef Py_ssize_t n
+        cdef Py_ssize_t n, total = 0, at = 0
+        cdef uint8_t *scratch
+        for p in packets:
+            total += HEADROOM + len(p)
+        scratch = <uint8_t *>malloc(total + 1)
+        if scratch == NULL:
+            raise MemoryError()
         self.captured = []
         saved, self.vnet = self.vnet, True
         try:
-            for p in packets:
+            for p in packets:  # laid out like a GRO read: each packet after its headers
                 n = len(p)
                 if n > BUFSIZE - HEADROOM:
                     raise ValueError("packet too long")
-                memcpy(self.buf + HEADROOM, <const char *>p, n)
-                self.co_add(self.buf + HEADROOM, n)
+                memcpy(scratch + at + HEADROOM, <const char *>p, n)
+                self.co_add(scratch + at + HEADROOM, n)
+                at += HEADROOM + n
             self.co_flush()
             return self.captured
         finally:
+            self.co_count = 0
+            free(scratch)
             self.captured = None
             self.vnet = saved

@@ -96,11 +96,12 @@ static inline uint64_t uf_pseudo4(const uint8_t *iphdr, uint8_t proto, uint16_t 
     return uf_csum_partial(ph, 12, 0);
 }
 
-/* Send `count` equal-size datagrams (the last may be shorter) in one call. */
-static inline long uf_send_gso(int fd, const uint8_t *buf, size_t len, uint16_t segsize,
-                               const struct sockaddr_in *dst)
+/* One UDP_SEGMENT send: the kernel cuts the gathered bytes every `segsize` bytes
+ * into datagrams (the last may be shorter). Frames stay scattered: header and
+ * payload are separate iovecs, so the payload is never copied in userspace. */
+static inline long uf_send_gso_iov(int fd, struct iovec *iov, int iovcnt, uint16_t segsize,
+                                   const struct sockaddr_in *dst)
 {
-    struct iovec iov = {(void *)buf, len};
     char control[CMSG_SPACE(sizeof(uint16_t))];
     struct msghdr msg;
     struct cmsghdr *cm;
@@ -108,8 +109,8 @@ static inline long uf_send_gso(int fd, const uint8_t *buf, size_t len, uint16_t 
     memset(control, 0, sizeof control);
     msg.msg_name = (void *)dst;
     msg.msg_namelen = sizeof *dst;
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
+    msg.msg_iov = iov;
+    msg.msg_iovlen = iovcnt;
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
     cm = CMSG_FIRSTHDR(&msg);
@@ -121,23 +122,20 @@ static inline long uf_send_gso(int fd, const uint8_t *buf, size_t len, uint16_t 
     return n < 0 ? -errno : n;
 }
 
-/* Send `count` datagrams of `stride` bytes each (the last `lastlen`) with sendmmsg. */
+/* `count` datagrams with sendmmsg; datagram k is iov[2k] + iov[2k+1].
+ * Returns how many were sent, or -errno if none was. */
 #define UF_MMSG_MAX 64
-static inline long uf_send_many(int fd, const uint8_t *buf, int count, size_t stride,
-                                size_t lastlen, const struct sockaddr_in *dst)
+static inline long uf_send_many_iov(int fd, struct iovec *iov, int count,
+                                    const struct sockaddr_in *dst)
 {
     struct mmsghdr msgs[UF_MMSG_MAX];
-    struct iovec iovs[UF_MMSG_MAX];
     int sent = 0;
     while (sent < count) {
         int batch = count - sent > UF_MMSG_MAX ? UF_MMSG_MAX : count - sent;
         memset(msgs, 0, sizeof(struct mmsghdr) * batch);
         for (int i = 0; i < batch; i++) {
-            int k = sent + i;
-            iovs[i].iov_base = (void *)(buf + (size_t)k * stride);
-            iovs[i].iov_len = k == count - 1 ? lastlen : stride;
-            msgs[i].msg_hdr.msg_iov = &iovs[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_iov = iov + 2 * (sent + i);
+            msgs[i].msg_hdr.msg_iovlen = 2;
             msgs[i].msg_hdr.msg_name = (void *)dst;
             msgs[i].msg_hdr.msg_namelen = sizeof *dst;
         }

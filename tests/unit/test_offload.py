@@ -145,13 +145,23 @@ def test_segments_coalesce_back_into_the_super_packet(size, mss, psh):
     if len(segs) == 1:
         assert writes == [bytes(VNET_HLEN) + segs[0]]
         return
-    assert len(writes) == 1 and counters["rx_merged_writes"] == 1
-    _flags, _gso, hlen, gso_size, start, off = offload.parse_vnet(writes[0])
-    assert (hlen, gso_size, start, off) == (40, mss, 20, 16)
-    merged = assert_checksums_valid(complete(writes[0]))
-    assert bytes(merged[TCP].payload) == payload
-    assert str(merged[TCP].flags) == ("PA" if psh else "A")
-    assert merged.id == IP(segs[0]).id
+    runs = [segs[i:i + offload.MAX_MERGE] for i in range(0, len(segs), offload.MAX_MERGE)]
+    assert len(writes) == len(runs)
+    data = b""
+    for write, run in zip(writes, runs):
+        if len(run) == 1:
+            assert write == bytes(VNET_HLEN) + run[0]
+            data += bytes(IP(run[0])[TCP].payload)
+            continue
+        _flags, _gso, hlen, gso_size, start, off = offload.parse_vnet(write)
+        assert (hlen, gso_size, start, off) == (40, mss, 20, 16)
+        merged = assert_checksums_valid(complete(write))
+        last = write is writes[-1]
+        assert str(merged[TCP].flags) == ("PA" if psh and last else "A")
+        assert merged.id == IP(run[0]).id
+        data += bytes(merged[TCP].payload)
+    assert data == payload
+    assert counters["rx_merged_writes"] == sum(len(r) > 1 for r in runs)
 
 
 def test_coalescing_keeps_flows_apart_and_respects_boundaries():
