@@ -7,7 +7,13 @@ ahead of expiry and retries with backoff while the registry is away; if our key 
 vanished it re-creates the same subnet (a new subnet would strand the node's pods),
 and only if another node took it does it give up with SubnetLost. ``watch`` turns a
 snapshot plus the registry's change stream into route events; after a reconnect or a
-compaction it re-lists and diffs, so nothing missed during an outage is lost.
+compaction it re-lists and diffs, so nothing missed during an outage is lost. The
+listing ``acquire`` made is handed to the first ``watch`` as its snapshot (watching from
+that revision on also covers whatever changed since), so a start lists the registry
+once, not twice: with 5,000 leases in etcd a listing is the bulk of start-up time.
+Renewal and re-creation are serialized: the watch (our key deleted) and the renewal
+timer may both find the key gone at once, and the loser of that re-create must not
+mistake the winner's lease for another node's.
 
 The clock and the random source are injected so tests can drive time.
 """
@@ -56,10 +62,12 @@ class Backoff:
 
 
 class RegistryHealth:
-    """Logs once per change of state, not once per failed call."""
+    """Logs once per change of state, not once per failed call. ``recovered`` is set
+    when the registry answers again after a failure (and cleared by whoever waits)."""
 
     def __init__(self) -> None:
         self.ok = True
+        self.recovered = asyncio.Event()
 
     def failed(self, what: str, err: Exception) -> None:
         if self.ok:
@@ -69,6 +77,7 @@ class RegistryHealth:
     def succeeded(self) -> None:
         if not self.ok:
             log.info("registry reachable again")
+            self.recovered.set()
         self.ok = True
 
 
@@ -87,13 +96,16 @@ class SubnetManager:
         self._rng = rng or random.Random()
         self.health = RegistryHealth()
         self.lease: Lease | None = None
+        self._listing: tuple[list[Lease], int] | None = None  # acquire's, for the first watch
+        self._renewing = asyncio.Lock()
 
     # --- acquire ------------------------------------------------------------------
     async def acquire(self, wanted: Lease, previous: ipaddress.IPv4Network | None = None,
                       attempts: int = 20) -> Lease:
         """Lease a subnet for ``wanted`` (whose subnet field is ignored)."""
         for _ in range(attempts):
-            current, _rev = await self.registry.list_leases()
+            current, rev = await self.registry.list_leases()
+            self._listing = (current, rev)
             taken = {x.subnet for x in current}
             mine = [x for x in current if x.public_ip == wanted.public_ip
                     and self.config.contains_subnet(x.subnet)]
@@ -155,35 +167,65 @@ class SubnetManager:
         return max(left - margin, 0.0)
 
     async def keep_renewed(self) -> None:
-        """Runs forever; raises SubnetLost if our subnet went to another node."""
+        """Runs forever; raises SubnetLost if our subnet went to another node.
+
+        After a failed renewal it retries with backoff (1 s doubling to 60 s), and at
+        once when the watch finds the registry reachable again: a lease whose renewal
+        is overdue must not wait out a long backoff and expire after the outage."""
         assert self.lease is not None
         backoff = Backoff(1.0, 60.0)
         delay = self._renew_delay(self.lease)
+        failing = False
         while True:
-            await self._sleep(delay)
+            await self._pause(delay, wake_on_recovery=failing)
             try:
                 await self.renew_or_recreate()
                 self.health.succeeded()
                 backoff.reset()
+                failing = False
                 delay = self._renew_delay(self.lease)
             except RegistryError as e:
                 self.health.failed("renew", e)
+                self.health.recovered.clear()  # no await since failed(): no wake-up is lost
+                failing = True
                 delay = backoff.delay()
+
+    async def _pause(self, delay: float, wake_on_recovery: bool) -> None:
+        if not wake_on_recovery:
+            await self._sleep(delay)
+            return
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        waker = asyncio.ensure_future(self.health.recovered.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
 
     async def renew_or_recreate(self) -> None:
         assert self.lease is not None
-        try:
-            self.lease = await self.registry.renew_lease(self.lease, self.ttl)
-            log.debug("renewed %s until %s", self.lease.subnet, time.ctime(self.lease.expiration))
-        except LeaseLost as lost:
-            if lost.holder is not None:
-                raise SubnetLost(f"our subnet {lost.subnet} is now leased by {lost.holder.public_ip}; "
-                                 "refusing to take another subnet (it would strand this node's pods)") from None
+        async with self._renewing:
+            await self._renew_or_recreate()
+
+    async def _renew_or_recreate(self) -> None:
+        assert self.lease is not None
+        for _ in range(3):
+            try:
+                self.lease = await self.registry.renew_lease(self.lease, self.ttl)
+                log.debug("renewed %s until %s", self.lease.subnet, time.ctime(self.lease.expiration))
+                return
+            except LeaseLost as lost:
+                if lost.holder is not None:
+                    raise SubnetLost(f"our subnet {lost.subnet} is now leased by {lost.holder.public_ip}; "
+                                     "refusing to take another subnet (it would strand this node's pods)") from None
             try:
                 self.lease = await self.registry.create_lease(self.lease, self.ttl)
                 log.warning("our lease %s had vanished from the registry; re-created it", self.lease.subnet)
+                return
             except LeaseTaken:
-                raise SubnetLost(f"our subnet {lost.subnet} was taken by another node") from None
+                pass  # someone wrote the key between our renew and create: renew says who
+        raise SubnetLost(f"our subnet {self.lease.subnet} keeps changing hands in the registry; "
+                         "refusing to take another subnet (it would strand this node's pods)")
 
     # --- watch --------------------------------------------------------------------
     async def watch(self) -> AsyncIterator[list[LeaseEvent]]:
@@ -193,14 +235,21 @@ class SubnetManager:
         backoff = Backoff()
         while True:
             try:
-                current, rev = await self.registry.list_leases()
+                # acquire's listing, made just before our lease was written: no need to
+                # list again, and our key's absence from it means nothing
+                from_acquire = self._listing is not None
+                if self._listing is not None:
+                    (current, rev), self._listing = self._listing, None
+                else:
+                    current, rev = await self.registry.list_leases()
                 fresh = snapshot(x for x in current if not self._is_ours(x))
                 changes = diff(known, fresh)
                 known = fresh
                 self.health.succeeded()
                 if changes:
                     yield changes
-                if self.lease is not None and self.lease.subnet not in {x.subnet for x in current}:
+                if (not from_acquire and self.lease is not None
+                        and self.lease.subnet not in {x.subnet for x in current}):
                     await self.renew_or_recreate()
                 backoff.reset()
                 async for events, rev in self.registry.watch_leases(rev):

@@ -1,11 +1,13 @@
 """A real, throwaway etcd for integration tests.
 
 ``EtcdServer`` runs /usr/bin/etcd on 127.0.0.1 with free random client and peer ports
-and its own data directory, and can be stopped and started again on the same ports and
-data (outage tests) or frozen with SIGSTOP (hang tests). The process is always ended by
-its pid: terminate, wait 5 s, kill. As a last resort it is started under
-``setpriv --pdeathsig TERM`` so it dies with the test process, and an atexit hook stops
-any server a crashed test left behind.
+and its own data directory, or on ``host``, an address inside a test's own network
+namespace, with ``popen`` (e.g. Namespace.popen) starting etcd and every etcdctl call
+there. It can be stopped and started again on the same ports and data (outage tests)
+or frozen with SIGSTOP (hang tests). The process is always ended by its pid:
+terminate, wait 5 s, kill. As a last resort it is started under ``setpriv --pdeathsig
+TERM`` so it dies with the test process, and an atexit hook stops any server a crashed
+test left behind.
 
 Fixtures: ``etcd_server`` (one server per test module) and ``fresh_etcd`` (one per
 test, for tests that stop, freeze or reconfigure it). Import them into a test module:
@@ -27,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -88,7 +90,8 @@ class TLSFiles:
 class EtcdServer:
     """One etcd member; ``endpoint`` is its client URL. Restartable on the same ports."""
 
-    def __init__(self, base_dir: Path, *, tls: TLSFiles | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, base_dir: Path, *, tls: TLSFiles | None = None, extra_args: tuple[str, ...] = (),
+                 host: str = "127.0.0.1", popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "etcd.log"
@@ -97,10 +100,12 @@ class EtcdServer:
         self.peer_port = free_port()
         self.tls = tls
         self.extra_args = tuple(extra_args)
+        self.host = host
+        self._popen = popen
         self.proc: subprocess.Popen[bytes] | None = None
         scheme = "https" if tls else "http"
-        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
-        self.peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self.endpoint = f"{scheme}://{host}:{self.client_port}"
+        self.peer_url = f"http://{host}:{self.peer_port}"
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -123,7 +128,7 @@ class EtcdServer:
         if shutil.which("setpriv"):
             cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]  # setpriv execs: same pid
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = self._popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         _running.add(self)
         deadline = time.monotonic() + timeout
         while True:
@@ -187,9 +192,20 @@ class EtcdServer:
             args += [f"--user={user}"]
         return args
 
+    def _ctl(self, argv: list[str], timeout: float = 15.0) -> subprocess.CompletedProcess:
+        """Run etcdctl where etcd is reachable (through ``popen``); killed on timeout."""
+        proc = self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "ETCDCTL_API": "3"})
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
     def etcdctl(self, *args: str, user: str | None = None, check: bool = True) -> str:
-        res = subprocess.run(self.ctl_args(user) + list(args), capture_output=True, text=True, timeout=15,
-                             env={**os.environ, "ETCDCTL_API": "3"})
+        res = self._ctl(self.ctl_args(user) + list(args))
         if check and res.returncode != 0:
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {res.stderr.strip()}")
         return res.stdout
@@ -198,9 +214,7 @@ class EtcdServer:
         return json.loads(self.etcdctl(*args, "-w", "json", user=user))
 
     def _healthy(self) -> bool:
-        res = subprocess.run(self.ctl_args() + ["endpoint", "health"], capture_output=True, timeout=10,
-                             env={**os.environ, "ETCDCTL_API": "3"})
-        return res.returncode == 0
+        return self._ctl(self.ctl_args() + ["endpoint", "health"], timeout=10).returncode == 0
 
     def revision(self) -> int:
         return int(self.etcdctl_json("get", "/", "--prefix", "--keys-only", "--limit=1")["header"]["revision"])

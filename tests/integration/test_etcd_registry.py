@@ -113,7 +113,9 @@ def test_create_lease_writes_flannels_bytes(etcd_server: EtcdServer) -> None:
             before = time.time()
             created = await reg.create_lease(lease(), ttl=30)
             assert before + 29 <= created.expiration <= time.time() + 31
-            listed, _ = await reg.list_leases()
+            listed, _ = await reg.list_leases(with_expiration=True)
+            plain, _ = await reg.list_leases()  # no TTL lookups: expiration unknown (0)
+            assert [x.expiration for x in plain if x.subnet == NET("10.244.7.0/24")] == [0.0]
             return created, listed
         finally:
             await reg.close()
@@ -144,7 +146,7 @@ def test_hand_written_leases_are_listed_and_watched(etcd_server: EtcdServer, cap
             etcd_server.etcdctl("put", f"{subnets}/10.244.9.0-24", "not json")
             etcd_server.etcdctl("put", f"{subnets}/garbage", FLANNEL_VALUE)
             with caplog.at_level(logging.WARNING, logger="udpflannel.registry.etcd"):
-                leases, rev = await reg.list_leases()
+                leases, rev = await reg.list_leases(with_expiration=True)
                 await reg.list_leases()
             assert sorted(str(x.subnet) for x in leases) == ["10.244.7.0/24", "10.244.8.0/24"]
             by = {str(x.subnet): x for x in leases}

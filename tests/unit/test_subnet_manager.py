@@ -158,6 +158,55 @@ def test_renew_extends_and_recreates_a_vanished_lease(db):
     assert [x.subnet for x in leases] == [lease.subnet]
 
 
+def test_watch_and_renewal_both_finding_our_lease_gone_recreate_it_once(db):
+    """The watch (our key deleted) and the renewal timer can re-create at the same time;
+    the loser must not take the winner's fresh lease for another node's."""
+    async def go():
+        reg = EmbeddedRegistry(db)
+        mgr = SubnetManager(reg, CFG)
+        lease = await mgr.acquire(wanted("192.0.2.1"))
+        await reg.delete_lease(lease.subnet)
+        await asyncio.gather(mgr.renew_or_recreate(), mgr.renew_or_recreate(), mgr.renew_or_recreate())
+        leases, _ = await reg.list_leases()
+        await reg.close()
+        return lease, leases
+    lease, leases = run(go())
+    assert [(x.subnet, x.public_ip) for x in leases] == [(lease.subnet, lease.public_ip)]
+
+
+def test_failed_renewal_is_retried_as_soon_as_the_registry_is_back(db):
+    """Backoff after a failed renewal starts at 1 s and grows to 60 s; when the watch
+    sees the registry again, an overdue renewal must not wait that out."""
+    from udpflannel.registry.base import RegistryError
+
+    class Flaky(EmbeddedRegistry):
+        down = False
+        renewals: list[float] = []
+
+        async def renew_lease(self, lease, ttl):
+            self.renewals.append(asyncio.get_running_loop().time())
+            if self.down:
+                raise RegistryError("etcd renew lease failed: connection refused")
+            return await super().renew_lease(lease, ttl)
+
+    async def go():
+        reg = Flaky(db)
+        mgr = SubnetManager(reg, CFG, ttl=2, renew_margin=1.95)  # renews every 50 ms
+        await mgr.acquire(wanted("192.0.2.1"))
+        reg.down = True
+        renewer = asyncio.ensure_future(mgr.keep_renewed())
+        await asyncio.sleep(0.2)
+        assert not mgr.health.ok and len(reg.renewals) == 1  # failed once, now backing off 1 s
+        reg.down = False
+        mgr.health.succeeded()  # what the watch does when its re-list works
+        await asyncio.sleep(0.1)
+        renewer.cancel()
+        await reg.close()
+        return reg.renewals
+    renewals = run(go())
+    assert len(renewals) >= 2 and renewals[1] - renewals[0] < 0.3
+
+
 def test_subnet_taken_by_another_node_is_fatal(db):
     async def go():
         reg = EmbeddedRegistry(db)
