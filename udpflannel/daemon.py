@@ -154,7 +154,8 @@ async def run(opts: RunOptions) -> None:
         offloads = parse_offloads(opts.offload) if opts.engine == "compiled" else frozenset()
         tun = Tun(opts.tun, vnet_hdr="tso" in offloads)
         cleanup.append(tun.close)
-        await asyncio.to_thread(netconf.configure_tun, tun.name, lease.subnet, cfg.network, mtu)
+        await asyncio.to_thread(netconf.configure_tun, tun.name, lease.subnet, cfg.network, mtu,
+                                tun.tso)
         engine = make_engine(opts.engine, cfg, lease)
         plane = Dataplane(engine, tun, sock, cfg, cfg.port, offloads)
         plane.start()

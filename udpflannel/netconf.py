@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 
@@ -65,14 +68,32 @@ def find_underlay(iface: str | None, public_ip: str | None) -> Underlay:
                     ipaddress.IPv4Address(public_ip) if public_ip else local, link.get("mtu"))
 
 
+UDP_GSO_MAX = 65507  # payload bytes one UDP_SEGMENT send may carry
+VXLAN_FRAME_HEADERS = 22  # VXLAN + inner Ethernet, in front of each inner packet
+
+
+def tso_size_for_one_send(mtu: int) -> int:
+    """The largest TCP super-packet the TUN should hand us so that all its segments,
+    each framed in VXLAN, fit one UDP_SEGMENT send (so the peer's GRO sees one run
+    and writes one super-packet). Assumes the worst TCP header, 20 + 12 (timestamps)."""
+    segments = UDP_GSO_MAX // (mtu + VXLAN_FRAME_HEADERS)
+    return segments * (mtu - 52) + 40
+
+
 def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network,
-                  mtu: int) -> None:
-    """<subnet .0>/32 on the TUN, MTU, link up, and the whole overlay routed into it."""
+                  mtu: int, tso: bool = False) -> None:
+    """<subnet .0>/32 on the TUN, MTU, link up, and the whole overlay routed into it.
+    With TSO, cap the super-packet size so each leaves in one UDP_SEGMENT send."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
             raise NetconfError(f"TUN device {name} vanished")
         index = found[0]
+        if tso:
+            try:
+                ipr.link("set", index=index, gso_max_size=tso_size_for_one_send(mtu))
+            except NetlinkError as e:  # older kernels: bigger super-packets, two sends each
+                log.info("cannot cap the TUN's TSO size (%s); continuing", e)
         try:
             ipr.link("set", index=index, mtu=mtu)
             ipr.addr("replace", index=index, address=str(subnet.network_address), prefixlen=32)
