@@ -76,6 +76,14 @@ cdef class Engine:
     cdef bint co_psh         # the last segment carried PSH
     cdef bint co_closed      # PSH or a short segment ended the run
     cdef list captured       # tests: TUN writes land here instead of the fd
+    # The send batch: frames to one peer, read and framed in place in bbuf.
+    cdef uint8_t *bbuf
+    cdef Py_ssize_t b_off    # bytes queued
+    cdef int b_count
+    cdef iovec b_iov[64]     # one per queued frame
+    cdef Py_ssize_t b_seg    # the first frame's size (UDP_SEGMENT's segment size)
+    cdef bint b_closed       # a shorter frame was queued: it must be the last
+    cdef route_t *b_route
 
     cdef uint32_t _subnet_base(self, str subnet) except? 0
     cdef int drop(self, int reason) noexcept nogil
@@ -87,7 +95,10 @@ cdef class Engine:
                      Py_ssize_t *plen) noexcept nogil
     cdef int tun_drain_c(self, int budget) noexcept nogil
     cdef int udp_drain_c(self, int budget) noexcept nogil
-    cdef void tun_read_vnet(self, Py_ssize_t n) noexcept nogil
+    cdef void tun_read_vnet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil
+    cdef uint8_t *batch_slot(self) noexcept nogil
+    cdef void queue_packet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil
+    cdef void flush_batch(self) noexcept nogil
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil
     cdef int send_window(self, route_t *r, int count, Py_ssize_t stride) noexcept nogil
     cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil

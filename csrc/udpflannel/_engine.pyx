@@ -13,7 +13,7 @@ compare the two byte for byte.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
-from libc.string cimport memcpy, memset, memcmp
+from libc.string cimport memcpy, memset, memcmp, memmove
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.unistd cimport read, write
@@ -48,6 +48,7 @@ cdef enum:
     NEEDS_CSUM = 1
     GSO_TCPV4 = 1
     OBUF_SIZE = 64 * 256     # one window of segment headers (payloads stay in place)
+    BBUF_SIZE = 4 * 65536    # the send batch: frames read and framed in place
     MAX_WINDOW = 64          # UDP_SEGMENT's limit on segments per send
     UDP_GSO_MAX = 65507      # payload bytes one UDP_SEGMENT send may carry
     TCP_PSH = 0x08
@@ -223,6 +224,7 @@ cdef class Engine:
         self.icmp = NULL
         self.obuf = NULL
         self.cbuf = NULL
+        self.bbuf = NULL
         self.tun_fd = -1
         self.udp_fd = -1
 
@@ -255,11 +257,14 @@ cdef class Engine:
         self.icmp = <uint8_t *>malloc(VNET + 128)
         self.obuf = <uint8_t *>malloc(OBUF_SIZE)
         self.cbuf = <uint8_t *>malloc(VNET + BUFSIZE)
+        self.bbuf = <uint8_t *>malloc(BBUF_SIZE)
         if (self.routes == NULL or self.buf == NULL or self.icmp == NULL or self.obuf == NULL
-                or self.cbuf == NULL):
+                or self.cbuf == NULL or self.bbuf == NULL):
             raise MemoryError()
         self.icmp += VNET  # room for a virtio header in front of the ICMP reply
         self.co_count = 0
+        self.b_count = 0
+        self.b_off = 0
         self.captured = None
         memset(self.ctr, 0, sizeof(self.ctr))
 
@@ -272,6 +277,7 @@ cdef class Engine:
             free(self.icmp - VNET)
         free(self.obuf)
         free(self.cbuf)
+        free(self.bbuf)
 
     # ---- control path (Python objects are fine here) ------------------------------
 
@@ -516,43 +522,109 @@ cdef class Engine:
         return r
 
     cdef int tun_drain_c(self, int budget) noexcept nogil:
-        cdef int done = 0, act
+        """Each packet is read straight into the send batch (bbuf), framed in place,
+        and queued; consecutive frames to one peer leave together (one UDP_SEGMENT
+        send when their sizes allow, else sendmmsg). The batch is flushed before
+        this returns, so batching never delays a packet past the end of a drain."""
+        cdef int done = 0
         cdef ssize_t n
-        cdef route_t *r = NULL
+        cdef uint8_t *slot
         while done < budget:
+            slot = self.batch_slot()
             if self.vnet:  # the virtio header lands just before the packet
-                n = read(self.tun_fd, self.buf + HEADROOM - VNET, BUFSIZE - HEADROOM + VNET)
+                n = read(self.tun_fd, slot - VNET, BUFSIZE - HEADROOM + VNET)
             else:
-                n = read(self.tun_fd, self.buf + HEADROOM, BUFSIZE - HEADROOM)
+                n = read(self.tun_fd, slot, BUFSIZE - HEADROOM)
             if n < 0:
                 if errno == EINTR:
                     continue
                 if errno != EAGAIN:  # EWOULDBLOCK == EAGAIN on Linux
+                    self.flush_batch()
                     return -errno
                 break
             done += 1
             if self.vnet:
-                self.tun_read_vnet(n)
-                continue
-            act = self.encap_c(self.buf + HEADROOM, n, &r)
-            if act == ACT_SEND:
-                if sendto(self.udp_fd, self.buf, HEADROOM + n, 0,
-                          <sockaddr *>&r.addr, sizeof(sockaddr_in)) < 0:
-                    self.ctr[C_TX_PACKETS] -= 1
-                    self.ctr[C_TX_BYTES] -= n
-                    self.ctr[D_SEND_ERROR] += 1
-            elif act == ACT_ICMP:
-                self.emit_plain(self.icmp, self.icmp_len, 0)
+                self.tun_read_vnet(slot, n)
+            else:
+                self.queue_packet(slot, n)
+        self.flush_batch()
         return done
 
-    cdef void tun_read_vnet(self, Py_ssize_t n) noexcept nogil:
-        """One read of virtio header + packet at self.buf + HEADROOM - VNET."""
-        cdef uint8_t *v = self.buf + HEADROOM - VNET
-        cdef uint8_t *pkt = self.buf + HEADROOM
+    cdef uint8_t *batch_slot(self) noexcept nogil:
+        """Where the next packet goes: after the queued frames, HEADROOM bytes in."""
+        if BBUF_SIZE - self.b_off < BUFSIZE + HEADROOM:
+            self.flush_batch()
+        return self.bbuf + self.b_off + HEADROOM
+
+    cdef void queue_packet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
+        """Frame the packet at the batch slot in place and queue it (or answer ICMP)."""
+        cdef route_t *r = NULL
+        cdef int act = self.encap_c(pkt, n, &r)
+        cdef uint8_t *frame = pkt - HEADROOM
+        cdef Py_ssize_t flen = n + HEADROOM
+        if act == ACT_ICMP:
+            self.emit_plain(self.icmp, self.icmp_len, 0)
+            return
+        if act != ACT_SEND:
+            return
+        if self.b_count and (r != self.b_route or (self.gso and (flen > self.b_seg or self.b_closed))):
+            self.flush_batch()  # the frame cannot join: send the others, then start anew
+            memmove(self.bbuf, frame, flen)
+            frame = self.bbuf
+        if self.b_count == 0:
+            self.b_route = r
+            self.b_seg = flen
+            self.b_closed = False
+        self.b_iov[self.b_count].iov_base = frame
+        self.b_iov[self.b_count].iov_len = flen
+        self.b_count += 1
+        self.b_off = (frame - self.bbuf) + flen
+        if flen < self.b_seg:
+            self.b_closed = True  # UDP_SEGMENT: only the last datagram may be shorter
+        if self.b_count == MAX_WINDOW or self.b_off + self.b_seg > UDP_GSO_MAX:
+            self.flush_batch()
+
+    cdef void flush_batch(self) noexcept nogil:
+        cdef int count = self.b_count, sent = 0, k
+        cdef long rc
+        if count == 0:
+            return
+        self.b_count = 0
+        self.b_off = 0
+        if self.captured is not None:
+            with gil:
+                for k in range(count):
+                    self.captured.append(
+                        (<uint8_t *>self.b_iov[k].iov_base)[:self.b_iov[k].iov_len])
+            return
+        if count == 1:
+            sent = 1 if sendto(self.udp_fd, self.b_iov[0].iov_base, self.b_iov[0].iov_len, 0,
+                               <sockaddr *>&self.b_route.addr, sizeof(sockaddr_in)) >= 0 else 0
+        else:
+            if self.gso:  # queue_packet kept the sizes UDP_SEGMENT needs
+                rc = uf_send_gso_iov(self.udp_fd, self.b_iov, count, <uint16_t>self.b_seg,
+                                     &self.b_route.addr)
+                if rc >= 0:
+                    sent = count
+                elif rc == -EIO or rc == -EINVAL:
+                    self.gso = False  # refused: sendmmsg from now on
+            if sent == 0:
+                for k in range(count):
+                    self.tx_iov[2 * k] = self.b_iov[k]
+                    self.tx_iov[2 * k + 1].iov_base = NULL
+                    self.tx_iov[2 * k + 1].iov_len = 0
+                rc = uf_send_many_iov(self.udp_fd, self.tx_iov, count, &self.b_route.addr)
+                sent = <int>rc if rc > 0 else 0
+        for k in range(sent, count):  # exact counters: undo what did not leave
+            self.ctr[C_TX_PACKETS] -= 1
+            self.ctr[C_TX_BYTES] -= self.b_iov[k].iov_len - HEADROOM
+            self.ctr[D_SEND_ERROR] += 1
+
+    cdef void tun_read_vnet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
+        """One read: virtio header at pkt - VNET, then the packet (at a batch slot)."""
+        cdef uint8_t *v = pkt - VNET
         cdef Py_ssize_t plen = n - VNET
         cdef uint16_t gso_size, cstart, coff
-        cdef route_t *r = NULL
-        cdef int act
         if n < VNET:
             self.drop(D_BAD_OFFLOAD)
             return
@@ -563,6 +635,7 @@ cdef class Engine:
             if (v[1] & 0x7F) != GSO_TCPV4:
                 self.drop(D_BAD_OFFLOAD)
                 return
+            self.flush_batch()  # keep the order of packets on the wire
             self.send_segments(pkt, plen, gso_size)
             return
         if v[0] & NEEDS_CSUM:
@@ -573,14 +646,7 @@ cdef class Engine:
             # csum_start to the end and inverting gives the full checksum.
             _store_native16(pkt + cstart + coff,
                             ~uf_csum_fold(uf_csum_partial(pkt + cstart, plen - cstart, 0)))
-        act = self.encap_c(pkt, plen, &r)
-        if act == ACT_SEND:
-            if self.send_frame(r, self.buf, HEADROOM + plen) < 0:
-                self.ctr[C_TX_PACKETS] -= 1
-                self.ctr[C_TX_BYTES] -= plen
-                self.ctr[D_SEND_ERROR] += 1
-        elif act == ACT_ICMP:
-            self.emit_plain(self.icmp, self.icmp_len, 0)
+        self.queue_packet(pkt, plen)
 
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil:
         """Cut a TCPv4 super-packet into MSS-sized segments, each its own VXLAN frame
@@ -867,11 +933,14 @@ cdef class Engine:
         cdef Py_ssize_t n = len(data)
         if n > BUFSIZE - HEADROOM + VNET:
             raise ValueError("read too long")
-        memcpy(self.buf + HEADROOM - VNET, <const char *>data, n)
+        self.flush_batch()
+        cdef uint8_t *slot = self.batch_slot()
+        memcpy(slot - VNET, <const char *>data, n)
         self.captured = []
         saved, self.vnet = self.vnet, True
         try:
-            self.tun_read_vnet(n)
+            self.tun_read_vnet(slot, n)
+            self.flush_batch()
             return self.captured
         finally:
             self.captured = None
