@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 BUDGET = 256
 LOG_EACH = 20  # lease events logged one by one up to this batch size
-SOCKET_BUFFER = 4 << 20
+SOCKET_BUFFER = 32 << 20  # room for ~250 GRO batches of 64 KB while the daemon is busy
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 OFFLOADS = ("tso", "gso", "gro")  # TUN super-packets, UDP_SEGMENT sends, UDP_GRO receives
