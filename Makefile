@@ -12,6 +12,7 @@ demo: setup
 	$(VENV)/bin/udpflannel demo
 
 test: setup
+	$(VENV)/bin/ruff check udpflannel tests bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup

@@ -97,7 +97,7 @@ class Lab:
                 ipr.link("add", ifname="br0", kind="bridge")
             self.hub.link_up("lo")
             self.hub.link_up("br0")
-            for i in range(1, self.count + 1):
+            for _ in range(self.count):
                 self.add_node()
         except BaseException:
             self.close()

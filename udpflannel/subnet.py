@@ -252,7 +252,7 @@ class SubnetManager:
                         and self.lease.subnet not in {x.subnet for x in current}):
                     await self.renew_or_recreate()
                 backoff.reset()
-                async for events, rev in self.registry.watch_leases(rev):
+                async for events, _rev in self.registry.watch_leases(rev):
                     out = []
                     for ev in events:
                         if self.lease is not None and ev.lease.subnet == self.lease.subnet:

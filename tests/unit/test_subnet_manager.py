@@ -16,7 +16,8 @@ from udpflannel.registry.embedded import EmbeddedRegistry
 from udpflannel.subnet import NoFreeSubnet, SubnetLost, SubnetManager
 
 CFG = netconfig.default_config()
-SMALL = netconfig.parse(json.dumps({"Network": "10.9.0.0/26", "SubnetLen": 30, "Backend": {"Type": "vxlan"}}))  # 15 usable
+SMALL = netconfig.parse(json.dumps(  # 15 usable subnets
+    {"Network": "10.9.0.0/26", "SubnetLen": 30, "Backend": {"Type": "vxlan"}}))
 
 
 class Clock:

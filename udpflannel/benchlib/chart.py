@@ -68,8 +68,8 @@ def write_png(doc: Mapping[str, Any], path: str) -> None:
         ax.axis("off")
     meta = doc["meta"]
     fig.suptitle(f"udpflannel bench, {meta.get('started', '')}: median of {meta.get('repeat')} "
-                 f"run(s), iperf3 {meta.get('iperf_seconds')} s each; ↑/↓ = higher/lower is better; ratio = value / {doc['baseline']}; "
-                 f"uf- = udpflannel-", fontsize=10)
+                 f"run(s), iperf3 {meta.get('iperf_seconds')} s each; ↑/↓ = higher/lower is better; "
+                 f"ratio = value / {doc['baseline']}; uf- = udpflannel-", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

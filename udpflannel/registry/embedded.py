@@ -74,7 +74,7 @@ class EmbeddedRegistry:
             # Some lock conflicts (the switch to WAL on a new file, a read upgraded to
             # a write) fail at once instead of waiting; each call is one transaction,
             # so it is safe to run again.
-            for attempt in range(100):
+            for _attempt in range(100):
                 try:
                     return fn(self._connect())
                 except sqlite3.OperationalError as e:
@@ -190,7 +190,7 @@ class EmbeddedRegistry:
     async def watch_leases(self, revision: int) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
         since = revision + 1  # the first revision not yet seen
         while True:
-            def poll(db: sqlite3.Connection) -> list[tuple]:
+            def poll(db: sqlite3.Connection, since: int = since) -> list[tuple]:
                 self._sweep(db)
                 rows = db.execute("SELECT rev, subnet, value, expires FROM events WHERE rev >= ? "
                                   "ORDER BY rev", (since,)).fetchall()
