@@ -66,6 +66,8 @@ def test_restart_keeps_subnet_and_mac(make_lab, make_cluster):
     cluster.start(0)
     first = cluster.wait_status(0, lambda s: True)
     assert cluster.stop(0) == 0  # SIGTERM is a clean stop
+    with lab.nodes[0].ipr() as ipr:
+        assert ipr.link_lookup(ifname="flannel0") == []  # the device went with the daemon
     cluster.start(0)
     second = cluster.wait_status(0, lambda s: True)
     assert (second["subnet"], second["vtep_mac"]) == (first["subnet"], first["vtep_mac"])
