@@ -15,10 +15,18 @@ from typing import Any, Callable
 import msgpack
 
 
+class AdminSocketBusy(Exception):
+    pass
+
+
 async def serve(path: str, status: Callable[[], dict[str, Any]]) -> asyncio.AbstractServer:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.exists(path):
-        os.unlink(path)
+        if not _listening(path):
+            os.unlink(path)  # a stale socket left by a daemon that died
+        else:
+            raise AdminSocketBusy(f"admin socket {path} belongs to a running daemon "
+                                  "(another udpflannel on this node? use --admin-socket)")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         unpacker = msgpack.Unpacker()
@@ -38,6 +46,16 @@ async def serve(path: str, status: Callable[[], dict[str, Any]]) -> asyncio.Abst
     server = await asyncio.start_unix_server(handle, path)
     os.chmod(path, 0o600)
     return server
+
+
+def _listening(path: str) -> bool:
+    """Whether a process listens on the socket (the kernel accepts for it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
 
 
 def query(path: str, cmd: str = "status", timeout: float = 5.0) -> dict[str, Any]:

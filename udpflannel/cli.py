@@ -175,16 +175,18 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from udpflannel.admin import AdminSocketBusy
     from udpflannel.config import ConfigError
     from udpflannel.daemon import FatalError
+    from udpflannel.demo import DemoFailed
     from udpflannel.dataplane import DataplaneError
     from udpflannel.netconf import NetconfError
     from udpflannel.registry.base import RegistryError
     from udpflannel.subnet import NoFreeSubnet, SubnetLost
     from udpflannel.tun import TunError
-    return (FatalError, ConfigError, DataplaneError, NetconfError, RegistryError, NoFreeSubnet,
-            SubnetLost, TunError, PermissionError, FileNotFoundError, ConnectionError,
-            ValueError)
+    return (FatalError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError, NetconfError,
+            RegistryError, NoFreeSubnet, SubnetLost, TunError, PermissionError, FileNotFoundError,
+            ConnectionError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

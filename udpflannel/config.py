@@ -90,7 +90,7 @@ def parse(text: str | bytes, *, default_port: int = DEFAULT_PORT) -> NetworkConf
     """Parse flannel's network config JSON, fill in flannel's defaults, validate."""
     try:
         raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"network config is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError("network config must be a JSON object")

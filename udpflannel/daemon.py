@@ -73,10 +73,15 @@ def open_registry(opts: RunOptions) -> Registry:
     return EmbeddedRegistry(opts.registry_file)
 
 
-async def _until_reachable(what: str, call, retry: bool):
-    """Run a registry call; while it fails, retry (etcd) or give up (a local file)."""
+class Stopped(Exception):
+    """SIGTERM/SIGINT arrived while start-up was still waiting for the registry."""
+
+
+async def _until_reachable(what: str, call, retry: bool, stop: asyncio.Event):
+    """Run a registry call; while it fails, retry (etcd) or give up (a local file).
+    A stop request ends the wait (within one call's timeout)."""
     health, backoff = RegistryHealth(), Backoff(0.5, 10.0)
-    while True:
+    while not stop.is_set():
         try:
             result = await call()
             health.succeeded()
@@ -85,11 +90,16 @@ async def _until_reachable(what: str, call, retry: bool):
             if not retry:
                 raise FatalError(str(e)) from None
             health.failed(what, e)
-            await asyncio.sleep(backoff.delay())
+            try:
+                await asyncio.wait_for(stop.wait(), backoff.delay())
+            except asyncio.TimeoutError:
+                pass
+    raise Stopped(what)
 
 
-async def load_network_config(registry: Registry, opts: RunOptions, retry: bool) -> netconfig.NetworkConfig:
-    stored = await _until_reachable("reading config", registry.get_config, retry)
+async def load_network_config(registry: Registry, opts: RunOptions, retry: bool,
+                              stop: asyncio.Event) -> netconfig.NetworkConfig:
+    stored = await _until_reachable("reading config", registry.get_config, retry, stop)
     if stored is None:
         if opts.net_config:
             try:
@@ -106,7 +116,7 @@ async def load_network_config(registry: Registry, opts: RunOptions, retry: bool)
         else:
             text = netconfig.default_config().to_json()
         stored = await _until_reachable("writing config",
-                                        lambda: registry.put_config_if_absent(text), retry)
+                                        lambda: registry.put_config_if_absent(text), retry, stop)
     where = f"{opts.etcd_prefix}/config" if opts.etcd_endpoints else f"config in {opts.registry_file}"
     cfg = _parse(stored, where)
     if opts.vni is not None or opts.port is not None:
@@ -135,7 +145,7 @@ async def run(opts: RunOptions) -> None:
     retry = bool(opts.etcd_endpoints)
     cleanup: list[Any] = []
     try:
-        cfg = await load_network_config(registry, opts, retry)
+        cfg = await load_network_config(registry, opts, retry, stop)
         mac = localstate.load_or_create_mac(opts.state_dir, opts.tun)
         sock = open_udp_socket(underlay.address, cfg.port)
         cleanup.append(sock.close)
@@ -148,7 +158,7 @@ async def run(opts: RunOptions) -> None:
         wanted = Lease(cfg.network, underlay.public_ip, "vxlan", cfg.vni, mac)
         lease = await _until_reachable(
             "acquiring a lease",
-            lambda: manager.acquire(wanted, localstate.previous_subnet(opts.subnet_file)), retry)
+            lambda: manager.acquire(wanted, localstate.previous_subnet(opts.subnet_file)), retry, stop)
         log.info("leased %s (VTEP MAC %s)", lease.subnet, mac)
 
         offloads = parse_offloads(opts.offload) if opts.engine == "compiled" else frozenset()
@@ -172,6 +182,7 @@ async def run(opts: RunOptions) -> None:
                     "registry_ok": manager.health.ok}
         server = await admin.serve(opts.admin_path, status)
         cleanup.append(server.close)
+        cleanup.append(lambda: os.path.exists(opts.admin_path) and os.unlink(opts.admin_path))
 
         async def follow() -> None:
             async for events in manager.watch():
@@ -190,9 +201,9 @@ async def run(opts: RunOptions) -> None:
             if t.exception() is not None:
                 raise FatalError(str(t.exception()))
         log.info("stopping: lease %s kept for reuse, %s removed", lease.subnet, tun.name)
+    except Stopped as e:
+        log.info("stopped while %s; nothing was changed", e)
     finally:
         for undo in reversed(cleanup):
             undo()
-        if os.path.exists(opts.admin_path):
-            os.unlink(opts.admin_path)
         await registry.close()

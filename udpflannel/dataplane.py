@@ -72,8 +72,7 @@ def make_engine(kind: str, config: NetworkConfig, lease: Lease):
 
 def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # no SO_REUSEADDR: a second daemon on this port must fail, not share it
         sock.bind((str(address), port))
     except OSError as e:
         sock.close()

@@ -82,11 +82,15 @@ def decode(key: str, value: bytes | str, expiration: float = 0.0) -> Lease:
         data = fold.get("backenddata") or {}
         data = {k.lower(): v for k, v in data.items()} if isinstance(data, dict) else {}
         vni = data.get("vni")
+        if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int)
+                                or not 0 <= vni < 1 << 24):
+            raise ValueError(f"VNI {vni!r} is not a 24-bit integer")
         mac = data.get("vtepmac")
         if mac is not None:
             mac = normalize_mac(str(mac))
-        return Lease(subnet, public_ip, btype, int(vni) if vni is not None else None, mac, expiration)
-    except (ValueError, KeyError, TypeError) as e:
+        return Lease(subnet, public_ip, btype, vni, mac, expiration)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # anything a hostile or broken value can raise: one bad key must never stop a node
         raise LeaseError(f"lease {key}: bad value {value!r}: {e}") from None
 
 

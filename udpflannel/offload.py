@@ -29,6 +29,8 @@ VNET_HLEN = 10
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
 MAX_PACKET = 65535
+UDP_MAX_PAYLOAD = 65507  # what one IPv4 UDP datagram can carry
+FRAME_HEADERS = 22  # VXLAN + inner Ethernet in front of each segment
 MAX_MERGE = 64  # segments per coalesced write (one iovec each in the compiled engine)
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -91,7 +93,7 @@ def segment(data: bytes) -> list[bytes]:
         if flags & NEEDS_CSUM:
             packet = complete_checksum(packet, csum_start, csum_offset)
         return [packet]
-    if gso_type & 0x7F != GSO_TCPV4:
+    if gso_type != GSO_TCPV4:  # ECN (0x80) is never asked for: TSO_ECN is not requested
         raise OffloadError(f"unsupported gso_type {gso_type}")
     if len(packet) < 40 or packet[0] >> 4 != 4:
         raise OffloadError("TCPV4 super-packet without an IPv4 header")
@@ -102,6 +104,8 @@ def segment(data: bytes) -> list[bytes]:
     hlen = ihl + thl
     if thl < 20 or len(packet) < hlen or gso_size == 0:
         raise OffloadError("bad TCP header length or gso_size")
+    if FRAME_HEADERS + hlen + gso_size > UDP_MAX_PAYLOAD:
+        raise OffloadError(f"gso_size {gso_size} makes segments too big for a UDP datagram")
     ip, tcp, payload = packet[:ihl], packet[ihl:hlen], packet[hlen:]
     ident = struct.unpack_from("!H", ip, 4)[0]
     seq = struct.unpack_from("!I", tcp, 4)[0]
@@ -138,7 +142,7 @@ def _mergeable(p: bytes) -> tuple | None:
         return None
     if p[33] & ~(TCP_ACK | TCP_PSH) or not p[33] & TCP_ACK:
         return None
-    if tcp4_checksum(p[:20], p[20:]) != struct.unpack_from("!H", p, 36)[0]:
+    if _sum16(p[20:], _pseudo4(p[:20], 6, len(p) - 20)) != 0xFFFF:  # checksum must verify
         return None
     # flow: addresses, ports, TOS, TTL, DF, header length and options
     return (p[1], p[8], frag & 0x4000, p[12:24], thl, p[40:20 + thl])

@@ -526,7 +526,7 @@ cdef class Engine:
         and queued; consecutive frames to one peer leave together (one UDP_SEGMENT
         send when their sizes allow, else sendmmsg). The batch is flushed before
         this returns, so batching never delays a packet past the end of a drain."""
-        cdef int done = 0
+        cdef int done = 0, err
         cdef ssize_t n
         cdef uint8_t *slot
         while done < budget:
@@ -539,8 +539,9 @@ cdef class Engine:
                 if errno == EINTR:
                     continue
                 if errno != EAGAIN:  # EWOULDBLOCK == EAGAIN on Linux
+                    err = errno  # before the flush's own syscalls touch errno
                     self.flush_batch()
-                    return -errno
+                    return -err
                 break
             done += 1
             if self.vnet:
@@ -632,7 +633,7 @@ cdef class Engine:
         memcpy(&cstart, v + 6, 2)
         memcpy(&coff, v + 8, 2)
         if v[1] != 0:
-            if (v[1] & 0x7F) != GSO_TCPV4:
+            if v[1] != GSO_TCPV4:  # ECN (0x80) is never asked for: TSO_ECN is not requested
                 self.drop(D_BAD_OFFLOAD)
                 return
             self.flush_batch()  # keep the order of packets on the wire
@@ -671,8 +672,8 @@ cdef class Engine:
             return
         thl = (pkt[ihl + 12] >> 4) * 4
         hlen = ihl + thl
-        if thl < 20 or n < hlen or mss == 0:
-            self.drop(D_BAD_OFFLOAD)
+        if thl < 20 or n < hlen or mss == 0 or HEADROOM + hlen + mss > UDP_GSO_MAX:
+            self.drop(D_BAD_OFFLOAD)  # (a segment must fit one UDP datagram)
             return
         r = self.find(_be32(pkt + 16))
         if r == NULL:
@@ -797,7 +798,7 @@ cdef class Engine:
         if self.vnet:
             self.co_add(p, n)
         else:
-            self.emit(p, n, 1)
+            self.emit(p, n, 1, n)
 
     # ---- receive coalescing (rules: udpflannel/offload.py) --------------------------
 
@@ -881,10 +882,11 @@ cdef class Engine:
         self.rx_iov[0].iov_base = self.cbuf
         self.rx_iov[0].iov_len = VNET + hlen
         self.ctr[C_RX_MERGED] += 1
-        self.emitv(self.rx_iov, self.co_count + 1, self.co_count)
+        self.emitv(self.rx_iov, self.co_count + 1, self.co_count,
+                   self.co_len + (self.co_count - 1) * hlen)  # what rx_bytes counted
         self.co_count = 0
 
-    cdef int emitv(self, iovec *iov, int iovcnt, int packets) noexcept nogil:
+    cdef int emitv(self, iovec *iov, int iovcnt, int packets, Py_ssize_t nbytes) noexcept nogil:
         """writev to the TUN (or join into `captured` in tests)."""
         cdef int k
         if self.captured is not None:
@@ -894,18 +896,20 @@ cdef class Engine:
             return 0
         if writev(self.tun_fd, iov, iovcnt) < 0:
             self.ctr[C_RX_PACKETS] -= packets
+            self.ctr[C_RX_BYTES] -= nbytes
             self.ctr[D_TUN_WRITE_ERROR] += packets
             return -1
         return 0
 
     cdef void emit_plain(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil:
+        # packets is 1 for a delivered packet (n bytes), 0 for our own ICMP replies
         """Write one packet as is; with vnet_hdr it needs a zero header in front
         (p must have VNET writable bytes before it)."""
         if self.vnet:
             memset(p - VNET, 0, VNET)
-            self.emit(p - VNET, n + VNET, packets)
+            self.emit(p - VNET, n + VNET, packets, n * packets)
         else:
-            self.emit(p, n, packets)
+            self.emit(p, n, packets, n * packets)
 
     cdef int send_frame(self, route_t *r, uint8_t *frame, Py_ssize_t n) noexcept nogil:
         if self.captured is not None:
@@ -914,14 +918,16 @@ cdef class Engine:
             return 0
         return <int>sendto(self.udp_fd, frame, n, 0, <sockaddr *>&r.addr, sizeof(sockaddr_in))
 
-    cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil:
-        """Write to the TUN (or to `captured` in tests); `packets` delivered ones in it."""
+    cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets, Py_ssize_t nbytes) noexcept nogil:
+        """Write to the TUN (or to `captured` in tests); it carries `packets` delivered
+        packets of `nbytes` bytes in all (undone from rx_* if the write fails)."""
         if self.captured is not None:
             with gil:
                 self.captured.append(p[:n])
             return 0
         if write(self.tun_fd, p, n) < 0:
             self.ctr[C_RX_PACKETS] -= packets
+            self.ctr[C_RX_BYTES] -= nbytes
             self.ctr[D_TUN_WRITE_ERROR] += packets
             return -1
         return 0

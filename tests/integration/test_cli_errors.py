@@ -137,3 +137,27 @@ def test_no_dev_net_tun_takes_no_lease(make_lab, workdir):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, preexec_fn=prepare)
     _check_one_line_error(proc, 1, "/dev/net/tun")
     assert _registry_rows(f"{workdir}/reg.db", "leases") == 0
+
+
+def test_sigterm_while_waiting_for_an_unreachable_etcd(make_lab, workdir):
+    """Start-up keeps retrying an unreachable etcd (as flanneld does), but a stop
+    request ends it promptly and cleanly."""
+    import signal
+    import time
+    lab = make_lab(1)
+    argv = RUN + ["--iface", "eth0", "--etcd-endpoints", "http://127.0.0.1:1", "--state-dir", workdir,
+                  "--subnet-file", f"{workdir}/subnet.env", "--admin-socket", f"{workdir}/a.sock"]
+    proc = lab.nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)
+        assert proc.poll() is None  # still retrying
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err
+        assert time.monotonic() - started < 10
+        assert "unreachable" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
