@@ -197,6 +197,8 @@ async def run(opts: RunOptions) -> None:
         for t in tasks:
             if t not in done:
                 t.cancel()
+        # let cancelled tasks finish before the registry closes under them
+        await asyncio.gather(*tasks, return_exceptions=True)
         for t in done:
             if t.exception() is not None:
                 raise FatalError(str(t.exception()))

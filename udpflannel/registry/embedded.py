@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEEP_EVENTS = 10_000  # history kept for watchers; older revisions are "compacted"
+LOCK_PATIENCE = 30.0  # seconds a call keeps retrying a locked database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS config (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL);
@@ -57,7 +58,7 @@ class EmbeddedRegistry:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             except OSError as e:
                 raise RegistryError(f"registry file {self.path}: {e}") from None
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+            db = sqlite3.connect(self.path, timeout=5, isolation_level=None,
                                  check_same_thread=False)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -74,16 +75,19 @@ class EmbeddedRegistry:
             # Some lock conflicts (the switch to WAL on a new file, a read upgraded to
             # a write) fail at once instead of waiting; each call is one transaction,
             # so it is safe to run again.
-            for _attempt in range(100):
+            deadline = time.monotonic() + LOCK_PATIENCE
+            while True:
                 try:
                     return fn(self._connect())
                 except sqlite3.OperationalError as e:
                     if "locked" not in str(e) and "busy" not in str(e):
                         raise RegistryError(f"registry file {self.path}: {e}") from None
+                    if time.monotonic() > deadline:
+                        raise RegistryError(f"registry file {self.path}: still locked after "
+                                            f"{LOCK_PATIENCE:.0f} s") from None
                     time.sleep(0.01 + random.random() * 0.04)
                 except sqlite3.Error as e:
                     raise RegistryError(f"registry file {self.path}: {e}") from None
-            raise RegistryError(f"registry file {self.path}: still locked after 100 attempts")
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     @staticmethod
@@ -91,10 +95,11 @@ class EmbeddedRegistry:
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # never leave a write lock held after a failure
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return result
 
     def _sweep(self, db: sqlite3.Connection) -> None:
