@@ -113,9 +113,9 @@ class Cluster:
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
-            proc = self.procs.get(i)
-            if proc is not None and proc.poll() is not None:
-                raise ClusterError(f"node {i + 1} exited with {proc.returncode}:\n{self.log_tail(i)}")
+            for j, proc in self.procs.items():  # any node dying explains a wait that fails
+                if proc.poll() is not None:
+                    raise ClusterError(f"node {j + 1} exited with {proc.returncode}:\n{self.log_tail(j)}")
             try:
                 last = self.status(i)
                 if predicate(last):
@@ -123,8 +123,9 @@ class Cluster:
             except (OSError, ConnectionError):
                 pass
             time.sleep(0.1)
+        others = "".join(f"\nnode {j + 1} log:\n{self.log_tail(j, 5)}" for j in self.procs if j != i)
         raise ClusterError(f"node {i + 1} not {what} after {timeout}s (last status {last}):\n"
-                           f"{self.log_tail(i)}")
+                           f"{self.log_tail(i)}{others}")
 
     def wait_converged(self, timeout: float = 20.0) -> None:
         """Every running node knows a route to every other running node."""

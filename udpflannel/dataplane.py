@@ -101,8 +101,8 @@ class Dataplane:
         udp = enable_udp_offloads(sock, offloads)
         engine.attach(tun.fd, sock.fileno(), vnet_hdr=tun.vnet_hdr, gso="gso" in udp,
                       gro="gro" in udp)
-        log.info("offloads: TUN TSO %s, UDP GSO %s, UDP GRO %s",
-                 *("on" if x else "off" for x in (tun.tso, "gso" in udp, "gro" in udp)))
+        log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s", getattr(tun, "offloads", "none"),
+                 *("on" if x else "off" for x in ("gso" in udp, "gro" in udp)))
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -228,7 +228,7 @@ class PyEngine:
             self._drop("bad_offload")
             return []
         if gso_type != offload.GSO_NONE:
-            dst = int.from_bytes(packets[0][16:20], "big")
+            dst = int.from_bytes(packets[0][16:20], "big")  # all segments share it
             if self._find(dst) is None:
                 kind, reply, _ = self._unroutable(data[offload.VNET_HLEN:], dst)
                 return [offload.ZERO_VNET + reply] if kind == ICMP else []

@@ -6,7 +6,8 @@ byte). With IFF_VNET_HDR every TUN read and write carries a 10-byte virtio_net_h
     flags u8 (NEEDS_CSUM 1) | gso_type u8 (NONE 0, TCPV4 1) | hdr_len u16 |
     gso_size u16 | csum_start u16 | csum_offset u16          (host byte order)
 
-Read side: the kernel hands us TCP super-packets of up to 64 KB (gso TCPV4) and
+Read side: the kernel hands us TCP super-packets of up to 64 KB (gso TCPV4), UDP ones
+(gso UDP_L4, from senders using UDP_SEGMENT, when the kernel offers USO) and
 packets whose L4 checksum is only the pseudo-header sum (NEEDS_CSUM). ``segment``
 cuts a super-packet into MSS-sized segments with their own IPv4 id, length, sequence
 number, flags and both checksums; ``complete_checksum`` finishes a NEEDS_CSUM one.
@@ -27,7 +28,7 @@ import struct
 
 VNET_HLEN = 10
 NEEDS_CSUM = 1
-GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 4, 5
 MAX_PACKET = 65535
 UDP_MAX_PAYLOAD = 65507  # what one IPv4 UDP datagram can carry
 FRAME_HEADERS = 22  # VXLAN + inner Ethernet in front of each segment
@@ -93,40 +94,51 @@ def segment(data: bytes) -> list[bytes]:
         if flags & NEEDS_CSUM:
             packet = complete_checksum(packet, csum_start, csum_offset)
         return [packet]
-    if gso_type != GSO_TCPV4:  # ECN (0x80) is never asked for: TSO_ECN is not requested
+    if gso_type not in (GSO_TCPV4, GSO_UDP_L4):  # ECN (0x80) is never asked for
         raise OffloadError(f"unsupported gso_type {gso_type}")
-    if len(packet) < 40 or packet[0] >> 4 != 4:
-        raise OffloadError("TCPV4 super-packet without an IPv4 header")
+    proto = 6 if gso_type == GSO_TCPV4 else 17
+    if len(packet) < 28 or packet[0] >> 4 != 4:
+        raise OffloadError("super-packet without an IPv4 header")
     ihl = (packet[0] & 0x0F) * 4
-    if ihl < 20 or len(packet) < ihl + 20 or packet[9] != 6:
-        raise OffloadError("TCPV4 super-packet without a TCP header")
-    thl = (packet[ihl + 12] >> 4) * 4
-    hlen = ihl + thl
-    if thl < 20 or len(packet) < hlen or gso_size == 0:
-        raise OffloadError("bad TCP header length or gso_size")
+    if ihl < 20 or len(packet) < ihl + (20 if proto == 6 else 8) or packet[9] != proto:
+        raise OffloadError("super-packet without its TCP/UDP header")
+    l4len = (packet[ihl + 12] >> 4) * 4 if proto == 6 else 8
+    hlen = ihl + l4len
+    if l4len < 8 or len(packet) < hlen or gso_size == 0:
+        raise OffloadError("bad L4 header length or gso_size")
     if FRAME_HEADERS + hlen + gso_size > UDP_MAX_PAYLOAD:
         raise OffloadError(f"gso_size {gso_size} makes segments too big for a UDP datagram")
-    ip, tcp, payload = packet[:ihl], packet[ihl:hlen], packet[hlen:]
+    ip, l4, payload = packet[:ihl], packet[ihl:hlen], packet[hlen:]
     ident = struct.unpack_from("!H", ip, 4)[0]
-    seq = struct.unpack_from("!I", tcp, 4)[0]
-    tcp_flags = tcp[13]
-    out = []
     count = max(1, -(-len(payload) // gso_size))
+    out = []
     for i in range(count):
         chunk = payload[i * gso_size:(i + 1) * gso_size]
-        last = i == count - 1
-        seg_flags = tcp_flags if last else tcp_flags & ~(TCP_FIN | TCP_PSH)
         h = bytearray(ip)
         struct.pack_into("!HH", h, 2, hlen + len(chunk), (ident + i) & 0xFFFF)
         struct.pack_into("!H", h, 10, 0)
         struct.pack_into("!H", h, 10, ip_checksum(bytes(h)))
-        t = bytearray(tcp)
-        struct.pack_into("!I", t, 4, (seq + i * gso_size) & 0xFFFFFFFF)
-        t[13] = seg_flags
-        body = bytes(t) + chunk
-        struct.pack_into("!H", t, 16, tcp4_checksum(bytes(h), body))
-        out.append(bytes(h) + bytes(t) + chunk)
+        out.append(bytes(h) + (_tcp_segment(h, l4, chunk, i, count, gso_size) if proto == 6
+                               else _udp_datagram(h, l4, chunk)))
     return out
+
+
+def _tcp_segment(ip: bytearray, tcp: bytes, chunk: bytes, i: int, count: int, mss: int) -> bytes:
+    t = bytearray(tcp)
+    seq = struct.unpack_from("!I", tcp, 4)[0]
+    struct.pack_into("!I", t, 4, (seq + i * mss) & 0xFFFFFFFF)
+    if i != count - 1:
+        t[13] = tcp[13] & ~(TCP_FIN | TCP_PSH)
+    struct.pack_into("!H", t, 16, tcp4_checksum(bytes(ip), bytes(t) + chunk))
+    return bytes(t) + chunk
+
+
+def _udp_datagram(ip: bytearray, udp: bytes, chunk: bytes) -> bytes:
+    u = bytearray(udp)
+    struct.pack_into("!HH", u, 4, 8 + len(chunk), 0)
+    value = ~_sum16(bytes(u) + chunk, _pseudo4(bytes(ip), 17, 8 + len(chunk))) & 0xFFFF
+    struct.pack_into("!H", u, 6, value or 0xFFFF)  # 0 would mean "no checksum"
+    return bytes(u) + chunk
 
 
 def _mergeable(p: bytes) -> tuple | None:

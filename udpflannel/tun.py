@@ -19,7 +19,7 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
-TUN_F_CSUM, TUN_F_TSO4 = 0x01, 0x02
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x20, 0x40
 
 
 class TunError(Exception):
@@ -68,13 +68,27 @@ class Tun:
         self.fd = self._dev.fileno()
         self.vnet_hdr = vnet_hdr
         self.tso = False
+        self.offloads = "none"
         if vnet_hdr:
-            try:  # checksum offload first: the kernel refuses TSO without it
-                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
-                self.tso = True
-            except OSError as e:
-                log.warning("TUN offloads refused (%s); reading one packet at a time", e.strerror)
+            self.tso = self._ask_offloads()
         os.set_blocking(self.fd, False)
+
+    def _ask_offloads(self) -> bool:
+        """TCP super-packets (TSO4), and UDP ones too (USO, Linux >= 6.2) where the
+        kernel accepts it. Checksum offload is part of each request: the kernel
+        refuses segmentation without it, and USO only as USO4 and USO6 together
+        (IPv6 super-packets are dropped like every IPv6 packet: the overlay is IPv4)."""
+        error = None
+        for flags, what in ((TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4 | TUN_F_USO6, "TSO + USO"),
+                            (TUN_F_CSUM | TUN_F_TSO4, "TSO")):
+            try:
+                fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+                self.offloads = what
+                return True
+            except OSError as e:
+                error = e
+        log.warning("TUN offloads refused (%s); reading one packet at a time", error.strerror)
+        return False
 
     def close(self) -> None:
         """Close the fd; the (non-persistent) device disappears with it."""

@@ -99,7 +99,8 @@ cdef class Engine:
     cdef uint8_t *batch_slot(self) noexcept nogil
     cdef void queue_packet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil
     cdef void flush_batch(self) noexcept nogil
-    cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil
+    cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
+                            uint8_t proto) noexcept nogil
     cdef int send_window(self, route_t *r, int count, Py_ssize_t stride) noexcept nogil
     cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil
     cdef void co_add(self, uint8_t *p, Py_ssize_t n) noexcept nogil

@@ -47,6 +47,7 @@ cdef enum:
     VNET = 10                # sizeof(struct virtio_net_hdr)
     NEEDS_CSUM = 1
     GSO_TCPV4 = 1
+    GSO_UDP_L4 = 5
     OBUF_SIZE = 64 * 256     # one window of segment headers (payloads stay in place)
     BBUF_SIZE = 4 * 65536    # the send batch: frames read and framed in place
     MAX_WINDOW = 64          # UDP_SEGMENT's limit on segments per send
@@ -633,11 +634,11 @@ cdef class Engine:
         memcpy(&cstart, v + 6, 2)
         memcpy(&coff, v + 8, 2)
         if v[1] != 0:
-            if v[1] != GSO_TCPV4:  # ECN (0x80) is never asked for: TSO_ECN is not requested
+            if v[1] != GSO_TCPV4 and v[1] != GSO_UDP_L4:  # ECN (0x80): TSO_ECN is not asked for
                 self.drop(D_BAD_OFFLOAD)
                 return
             self.flush_batch()  # keep the order of packets on the wire
-            self.send_segments(pkt, plen, gso_size)
+            self.send_segments(pkt, plen, gso_size, 6 if v[1] == GSO_TCPV4 else 17)
             return
         if v[0] & NEEDS_CSUM:
             if cstart >= plen or cstart + coff + 2 > plen:
@@ -649,12 +650,15 @@ cdef class Engine:
                             ~uf_csum_fold(uf_csum_partial(pkt + cstart, plen - cstart, 0)))
         self.queue_packet(pkt, plen)
 
-    cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss) noexcept nogil:
-        """Cut a TCPv4 super-packet into MSS-sized segments, each its own VXLAN frame
-        with fresh IPv4 id/length/checksum and TCP seq/flags/checksum, and send them a
-        window at a time (one UDP_SEGMENT call, or sendmmsg). Only the headers are
-        written (into obuf); each frame's payload is an iovec into the read buffer."""
+    cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
+                            uint8_t proto) noexcept nogil:
+        """Cut a TCPv4 (proto 6) or UDPv4 (proto 17) super-packet into MSS-sized
+        segments, each its own VXLAN frame with fresh IPv4 id/length/checksum and TCP
+        seq/flags/checksum or UDP length/checksum, and send them a window at a time
+        (one UDP_SEGMENT call, or sendmmsg). Only the headers are written (into obuf);
+        each frame's payload is an iovec into the read buffer."""
         cdef Py_ssize_t ihl, thl, hlen, payload, stride, off, chunk, window_bytes
+        cdef uint16_t csum
         cdef uint32_t seq
         cdef uint16_t ident
         cdef uint8_t flags
@@ -663,16 +667,16 @@ cdef class Engine:
         cdef uint8_t *f
         cdef uint8_t *ip
         cdef uint8_t *tcp
-        if n < 40 or (pkt[0] >> 4) != 4:
+        if n < 28 or (pkt[0] >> 4) != 4:
             self.drop(D_BAD_OFFLOAD)
             return
         ihl = (pkt[0] & 0x0F) * 4
-        if ihl < 20 or n < ihl + 20 or pkt[9] != 6:
+        if ihl < 20 or n < ihl + (20 if proto == 6 else 8) or pkt[9] != proto:
             self.drop(D_BAD_OFFLOAD)
             return
-        thl = (pkt[ihl + 12] >> 4) * 4
+        thl = (pkt[ihl + 12] >> 4) * 4 if proto == 6 else 8
         hlen = ihl + thl
-        if thl < 20 or n < hlen or mss == 0 or HEADROOM + hlen + mss > UDP_GSO_MAX:
+        if thl < 8 or n < hlen or mss == 0 or HEADROOM + hlen + mss > UDP_GSO_MAX:
             self.drop(D_BAD_OFFLOAD)  # (a segment must fit one UDP datagram)
             return
         r = self.find(_be32(pkt + 16))
@@ -688,8 +692,8 @@ cdef class Engine:
         if self.gso and window > UDP_GSO_MAX // stride:
             window = <int>(UDP_GSO_MAX // stride)
         ident = _be16(pkt + 4)
-        seq = _be32(pkt + ihl + 4)
-        flags = pkt[ihl + 13]
+        seq = _be32(pkt + ihl + 4) if proto == 6 else 0
+        flags = pkt[ihl + 13] if proto == 6 else 0
         i = 0
         while i < count:
             k = 0
@@ -712,13 +716,21 @@ cdef class Engine:
                 _put16(ip + 4, <uint16_t>(ident + i + k))
                 _store_native16(ip + 10, 0)
                 _store_native16(ip + 10, ~uf_csum_fold(uf_csum_partial(ip, ihl, 0)))
-                _put32(tcp + 4, seq + <uint32_t>off)
-                if i + k != count - 1:
-                    tcp[13] = flags & ~(TCP_FIN | TCP_PSH)
-                _store_native16(tcp + 16, 0)
-                _store_native16(tcp + 16, ~uf_csum_fold(uf_csum_partial(
-                    pkt + hlen + off, chunk,
-                    uf_csum_partial(tcp, thl, uf_pseudo4(ip, 6, <uint16_t>(thl + chunk))))))
+                if proto == 6:
+                    _put32(tcp + 4, seq + <uint32_t>off)
+                    if i + k != count - 1:
+                        tcp[13] = flags & ~(TCP_FIN | TCP_PSH)
+                    _store_native16(tcp + 16, 0)
+                    _store_native16(tcp + 16, ~uf_csum_fold(uf_csum_partial(
+                        pkt + hlen + off, chunk,
+                        uf_csum_partial(tcp, thl, uf_pseudo4(ip, 6, <uint16_t>(thl + chunk))))))
+                else:  # UDP: each datagram its own length and checksum (0 is sent as FFFF)
+                    _put16(tcp + 4, <uint16_t>(8 + chunk))
+                    _store_native16(tcp + 6, 0)
+                    csum = ~uf_csum_fold(uf_csum_partial(
+                        pkt + hlen + off, chunk,
+                        uf_csum_partial(tcp, 8, uf_pseudo4(ip, 17, <uint16_t>(8 + chunk)))))
+                    _store_native16(tcp + 6, csum if csum != 0 else 0xFFFF)
                 self.tx_iov[2 * k].iov_base = f
                 self.tx_iov[2 * k].iov_len = HEADROOM + hlen
                 self.tx_iov[2 * k + 1].iov_base = pkt + hlen + off
