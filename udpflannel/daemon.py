@@ -80,7 +80,7 @@ class Stopped(Exception):
 async def _until_reachable(what: str, call, retry: bool, stop: asyncio.Event):
     """Run a registry call; while it fails, retry (etcd) or give up (a local file).
     A stop request ends the wait (within one call's timeout)."""
-    health, backoff = RegistryHealth(), Backoff(0.5, 10.0)
+    health, backoff = RegistryHealth(starting=True), Backoff(0.5, 10.0)
     while not stop.is_set():
         try:
             result = await call()

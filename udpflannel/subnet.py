@@ -65,13 +65,15 @@ class RegistryHealth:
     """Logs once per change of state, not once per failed call. ``recovered`` is set
     when the registry answers again after a failure (and cleared by whoever waits)."""
 
-    def __init__(self) -> None:
+    def __init__(self, starting: bool = False) -> None:
         self.ok = True
         self.recovered = asyncio.Event()
+        # before the data plane runs there are no routes to keep: say so honestly
+        self.consequence = "retrying" if starting else "data plane keeps its routes, retrying"
 
     def failed(self, what: str, err: Exception) -> None:
         if self.ok:
-            log.warning("registry unreachable (%s): %s; data plane keeps its routes, retrying", what, err)
+            log.warning("registry unreachable (%s): %s; %s", what, err, self.consequence)
         self.ok = False
 
     def succeeded(self) -> None:
