@@ -3,7 +3,7 @@
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT    := python3-venv iproute2 iputils-ping iperf3 etcd-server etcd-client tcpdump
+APT    := python3-venv iproute2 iputils-ping iperf3 etcd-server etcd-client openssl util-linux
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench setup system-packages clean
