@@ -166,7 +166,12 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 def _cmd_status(a: argparse.Namespace) -> int:
     import json
     from udpflannel import admin
-    print(json.dumps(admin.query(a.admin_socket), indent=2, sort_keys=True))
+    try:
+        reply = admin.query(a.admin_socket)
+    except OSError as e:
+        raise ConnectionError(f"no daemon answers at {a.admin_socket}: "
+                              f"{e.strerror or e} (is `udpflannel run` running? see --admin-socket)") from None
+    print(json.dumps(reply, indent=2, sort_keys=True))
     return EXIT_OK
 
 

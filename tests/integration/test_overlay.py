@@ -125,3 +125,21 @@ def test_deleted_lease_removes_route_and_owner_recreates_it(make_lab, make_clust
     assert cluster.status(1)["subnet"] == str(subnet)
     cluster.wait_converged()
     assert _all_pairs_ping(cluster) == []
+
+
+def test_status_command_reports_the_running_daemon(make_lab, make_cluster):
+    import json
+    import subprocess
+    import sys
+    lab = make_lab(1)
+    cluster = make_cluster(lab)
+    cluster.start(0)
+    st = cluster.wait_status(0, lambda s: True)
+    out = subprocess.run([sys.executable, "-m", "udpflannel", "status", "--admin-socket",
+                          cluster.admin_path(0)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["subnet"] == st["subnet"] and "drop_spoofed" in doc["counters"]
+    gone = subprocess.run([sys.executable, "-m", "udpflannel", "status", "--admin-socket",
+                           cluster.admin_path(0) + ".absent"], capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 1 and gone.stderr.startswith("udpflannel: error: no daemon answers")
