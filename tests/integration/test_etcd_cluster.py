@@ -29,9 +29,9 @@ from udpflannel.cluster import Cluster
 from udpflannel.netns import Lab
 
 try:
-    from .etcd_server import EtcdServer, require_etcd
+    from .etcd_server import EtcdServer, require_etcd, wait_for
 except ImportError:
-    from etcd_server import EtcdServer, require_etcd
+    from etcd_server import EtcdServer, require_etcd, wait_for
 
 ENGINE = os.environ.get("UDPFLANNEL_TEST_ENGINE", "compiled")
 HUB_ADDR = "192.168.250.2"
@@ -99,17 +99,6 @@ def leases(etcd: EtcdServer, prefix: str) -> dict[str, dict]:
 def key_of(subnet: str) -> str:
     net = NET(subnet)
     return f"{net.network_address}-{net.prefixlen}"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def unreachable_pairs(cluster: Cluster) -> list[tuple[int, int]]:

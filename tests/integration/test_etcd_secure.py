@@ -29,9 +29,9 @@ from udpflannel.cluster import Cluster
 from udpflannel.netns import Lab
 
 try:
-    from .etcd_server import EtcdServer, TLSFiles, require_etcd
+    from .etcd_server import EtcdServer, TLSFiles, require_etcd, wait_for
 except ImportError:
-    from etcd_server import EtcdServer, TLSFiles, require_etcd
+    from etcd_server import EtcdServer, TLSFiles, require_etcd, wait_for
 
 ENGINE = os.environ.get("UDPFLANNEL_TEST_ENGINE", "compiled")
 HUB_ADDR = "192.168.250.2"
@@ -116,17 +116,6 @@ def enable_auth(etcd: EtcdServer) -> None:
 def log_of(cluster: Cluster, i: int) -> str:
     with open(os.path.join(cluster.node_dir(i), "daemon.log"), errors="replace") as f:
         return f.read()
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def assert_pings_both_ways(cluster: Cluster) -> None:
