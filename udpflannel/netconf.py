@@ -102,7 +102,3 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.I
         except NetlinkError as e:
             raise NetconfError(f"configuring {name}: {e.args[1] if len(e.args) > 1 else e}") from None
 
-
-def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))

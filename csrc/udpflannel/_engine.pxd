@@ -108,4 +108,3 @@ cdef class Engine:
     cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets, Py_ssize_t nbytes) noexcept nogil
     cdef int emitv(self, iovec *iov, int iovcnt, int packets, Py_ssize_t nbytes) noexcept nogil
     cdef void emit_plain(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil
-    cdef int send_frame(self, route_t *r, uint8_t *frame, Py_ssize_t n) noexcept nogil

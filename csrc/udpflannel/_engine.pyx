@@ -201,19 +201,6 @@ cdef inline void _store_native16(uint8_t *p, uint16_t v) noexcept nogil:
     memcpy(p, &v, 2)  # a checksum folded from native-order words goes back as is
 
 
-cdef uint16_t _checksum(const uint8_t *p, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t s = 0
-    cdef Py_ssize_t i = 0
-    while i + 1 < n:
-        s += (<uint32_t>p[i] << 8) | p[i + 1]
-        i += 2
-    if i < n:
-        s += <uint32_t>p[i] << 8
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return <uint16_t>(~s & 0xFFFF)
-
-
 cdef uint32_t _ip(object text) except? 0:
     return int(ipaddress.IPv4Address(text))
 
@@ -411,8 +398,8 @@ cdef class Engine:
         memcpy(o + 16, pkt + 12, 4)
         o[20] = 3  # destination unreachable, code 0: net unreachable
         memcpy(o + 28, pkt, quoted)
-        _put16(o + 22, _checksum(o + 20, 8 + quoted))
-        _put16(o + 10, _checksum(o, 20))
+        _store_native16(o + 22, ~uf_csum_fold(uf_csum_partial(o + 20, 8 + quoted, 0)))
+        _store_native16(o + 10, ~uf_csum_fold(uf_csum_partial(o, 20, 0)))
         self.icmp_len = <int>(28 + quoted)
         self.ctr[C_ICMP] += 1
         return ACT_ICMP
@@ -922,13 +909,6 @@ cdef class Engine:
             self.emit(p - VNET, n + VNET, packets, n * packets)
         else:
             self.emit(p, n, packets, n * packets)
-
-    cdef int send_frame(self, route_t *r, uint8_t *frame, Py_ssize_t n) noexcept nogil:
-        if self.captured is not None:
-            with gil:
-                self.captured.append(frame[:n])
-            return 0
-        return <int>sendto(self.udp_fd, frame, n, 0, <sockaddr *>&r.addr, sizeof(sockaddr_in))
 
     cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets, Py_ssize_t nbytes) noexcept nogil:
         """Write to the TUN (or to `captured` in tests); it carries `packets` delivered
