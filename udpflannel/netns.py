@@ -3,27 +3,40 @@
 A ``Lab`` is a private underlay: one hub namespace holding a bridge, and one namespace
 per node joined to it by a veth pair, all with unique names and all removed on exit,
 also after a failure or Ctrl-C. Work runs inside a namespace either as a process
-(``popen``: setns in the child before exec) or as a Python thread (``call``: setns
-is per thread on Linux, and sockets keep the namespace they were made in).
-Everything goes through pyroute2; nothing shells out to `ip`.
+(``popen``: `nsenter --net=...` execs the command there) or as a Python thread
+(``call``: setns is per thread on Linux, and sockets keep the namespace they were
+made in). Netlink goes through pyroute2; nothing shells out to `ip`.
+
+No Python runs between fork and exec, and nothing here forks without exec: the
+callers (pytest, bench) have threads (gRPC, pyroute2, SQLite workers), and a forked
+copy of such a process can deadlock, or run gRPC's fork handlers, which abort the
+children with "epoll_wait error: Bad file descriptor". pyroute2 would fork for
+``IPRoute(netns=...)`` and ``netns.create``; so namespaces are made by a thread that
+unshares its own network namespace and bind-mounts it, and netlink sockets are made
+by a thread inside the namespace and handed to IPRoute by fd.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import secrets
+import socket
 import subprocess
 import threading
 from typing import Any, Callable, Sequence
 
 from pyroute2 import IPRoute, netns
 
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/var/run/netns"
+
 
 def owned_handler(handler: Callable[[int], None]) -> Callable[[int, Any], None]:
-    """A signal handler that acts only in the process that installed it. pyroute2
-    forks helper children (netns sockets) that inherit Python handlers and are
-    stopped with SIGTERM; there the signal must simply end the child, not unwind a
+    """A signal handler that acts only in the process that installed it. A library
+    that forks a helper copy of this process (pyroute2 does for some calls) leaves
+    it our Python handlers; there the signal must simply end the child, not unwind a
     copy of the caller (which would remove the caller's namespaces under it)."""
     owner = os.getpid()
 
@@ -34,35 +47,50 @@ def owned_handler(handler: Callable[[int], None]) -> Callable[[int, Any], None]:
     return handle
 
 
+def on_own_thread(fn: Callable[[], Any], name: str, timeout: float) -> Any:
+    """fn() on a fresh thread (whose namespace changes die with it); its result or error."""
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            box["ok"] = fn()
+        except BaseException as e:  # handed back to the caller below
+            box["err"] = e
+    t = threading.Thread(target=body, daemon=True, name=name)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{name}: {getattr(fn, '__name__', fn)} timed out after {timeout}s")
+    if "err" in box:
+        raise box["err"]
+    return box.get("ok")
+
+
 class Namespace:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    @property
+    def path(self) -> str:
+        return os.path.join(NETNS_RUN_DIR, self.name)
+
     def ipr(self) -> IPRoute:
-        return IPRoute(netns=self.name)
+        sock = self.call(socket.socket, socket.AF_NETLINK, socket.SOCK_DGRAM, 0)  # NETLINK_ROUTE
+        return IPRoute(fileno=sock.detach())
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        """argv prefixed so that it runs in this namespace (nsenter execs it: same pid)."""
+        return ["nsenter", f"--net={self.path}", "--", *argv]
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
-        name = self.name
-        return subprocess.Popen(list(argv), preexec_fn=lambda: netns.setns(name), **kw)
+        return subprocess.Popen(self.exec_argv(argv), **kw)
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> Any:
         """Run fn(*args) on a thread inside this namespace; return or raise its result."""
-        box: dict[str, Any] = {}
-
-        def body() -> None:
-            try:
-                netns.setns(self.name)
-                box["ok"] = fn(*args)
-            except BaseException as e:  # handed back to the caller below
-                box["err"] = e
-        t = threading.Thread(target=body, daemon=True, name=f"in-{self.name}")
-        t.start()
-        t.join(timeout)
-        if t.is_alive():
-            raise TimeoutError(f"{getattr(fn, '__name__', fn)} in {self.name} timed out after {timeout}s")
-        if "err" in box:
-            raise box["err"]
-        return box.get("ok")
+        def inside() -> Any:
+            netns.setns(self.name, flags=0)  # never create (pyroute2 would fork to)
+            return fn(*args)
+        return on_own_thread(inside, f"in-{self.name}", timeout)
 
     def link_up(self, ifname: str, address: str | None = None, mtu: int | None = None) -> int:
         with self.ipr() as ipr:
@@ -121,8 +149,16 @@ class Lab:
         return node
 
     def _create(self, name: str) -> None:
-        netns.create(name)
-        self._made.append(name)
+        def unshare_and_bind() -> None:  # only this thread changes namespace
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"unshare for namespace {name}")
+            netns.attach(name, "thread-self")
+        try:
+            on_own_thread(unshare_and_bind, f"mk-{name}", 30.0)
+        finally:
+            if os.path.exists(os.path.join(NETNS_RUN_DIR, name)):
+                self._made.append(name)
 
     def close(self) -> None:
         for name in reversed(self._made):

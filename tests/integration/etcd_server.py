@@ -155,9 +155,12 @@ class EtcdServer:
             proc.wait(5)
 
     def pause(self) -> None:
-        """Freeze etcd (SIGSTOP): connections stay open and nothing answers."""
+        """Freeze etcd (SIGSTOP): connections stay open and nothing answers. Returns
+        once every thread is stopped: kill() only queues the signal, and a test that
+        expects the outage must not race etcd's last answers."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
+        wait_for(lambda: _all_threads_stopped(self.proc.pid), 5.0, "etcd to stop (SIGSTOP)", 0.005)
 
     def resume(self) -> None:
         assert self.proc is not None
@@ -218,6 +221,19 @@ class EtcdServer:
 
     def revision(self) -> int:
         return int(self.etcdctl_json("get", "/", "--prefix", "--keys-only", "--limit=1")["header"]["revision"])
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of pid is in state T (stopped), read from /proc/<pid>/task/*/stat."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tids:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    except OSError:
+        return False
+    return bool(states) and all(s in ("T", "t") for s in states)
 
 
 @atexit.register

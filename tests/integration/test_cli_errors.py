@@ -3,7 +3,6 @@ nothing (no lease taken, no config stored)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import sqlite3
@@ -114,28 +113,13 @@ def test_without_net_admin_takes_no_lease(make_lab, workdir):
     assert _registry_rows(f"{workdir}/reg.db", "leases") == 0
 
 
-def _hide_dev_net_tun() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 0x4000, 0x40000
-    if libc.unshare(CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare")
-    libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
-    if libc.mount(b"tmpfs", b"/dev/net", b"tmpfs", 0, None) != 0:
-        raise OSError(ctypes.get_errno(), "mount")
-
-
 def test_no_dev_net_tun_takes_no_lease(make_lab, workdir):
-    lab = make_lab(1)
-    name = lab.nodes[0].name
-    from pyroute2 import netns
-
-    def prepare() -> None:
-        netns.setns(name)
-        _hide_dev_net_tun()
+    # a private mount namespace with an empty tmpfs over /dev/net (util-linux unshare)
     argv = RUN + ["--iface", "eth0", "--registry-file", f"{workdir}/reg.db", "--state-dir", workdir,
                   "--subnet-file", f"{workdir}/subnet.env"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, preexec_fn=prepare)
-    _check_one_line_error(proc, 1, "/dev/net/tun")
+    hidden = ["unshare", "--mount", "--", "sh", "-c", 'mount -t tmpfs tmpfs /dev/net && exec "$@"',
+              "sh", *argv]
+    _check_one_line_error(_finish(make_lab(1).nodes[0], hidden), 1, "/dev/net/tun")
     assert _registry_rows(f"{workdir}/reg.db", "leases") == 0
 
 
