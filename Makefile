@@ -3,7 +3,8 @@
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT    := python3-venv iproute2 iputils-ping iperf3 etcd-server etcd-client openssl util-linux
+APT    := python3-venv gcc libc6-dev iproute2 iputils-ping iperf3 etcd-server etcd-client openssl util-linux \
+          iptables nftables containernetworking-plugins
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench setup system-packages clean

@@ -47,7 +47,7 @@ def _ipv4(text: str) -> str:
 
 
 def _offloads(text: str) -> str:
-    from udpflannel.dataplane import parse_offloads
+    from udpflannel.dataplane.userspace import parse_offloads
     try:
         parse_offloads(text)
     except ValueError as e:
@@ -140,13 +140,14 @@ def _run_options(a: argparse.Namespace):
 
 def _cmd_run(a: argparse.Namespace) -> int:
     import uvloop
+
     from udpflannel import daemon
     uvloop.run(daemon.run(_run_options(a)))
     return EXIT_OK
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from udpflannel import demo
+    from udpflannel.lab import demo
     if not 2 <= a.nodes <= 16:
         raise ValueError(f"--nodes {a.nodes}: choose 2 to 16")
     if os.geteuid() != 0:
@@ -155,7 +156,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from udpflannel import bench
+    from udpflannel.lab import bench
     if os.geteuid() != 0:
         raise PermissionError("udpflannel bench needs root to create network namespaces")
     if a.repeat < 1:
@@ -165,7 +166,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 def _cmd_status(a: argparse.Namespace) -> int:
     import json
-    from udpflannel import admin
+
+    from udpflannel.observe import admin
     try:
         reply = admin.query(a.admin_socket)
     except OSError as e:
@@ -180,15 +182,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from udpflannel.admin import AdminSocketBusy
-    from udpflannel.config import ConfigError
+    from udpflannel.core.config import ConfigError
     from udpflannel.daemon import FatalError
-    from udpflannel.demo import DemoFailed
-    from udpflannel.dataplane import DataplaneError
-    from udpflannel.netconf import NetconfError
+    from udpflannel.dataplane.userspace import DataplaneError
+    from udpflannel.host.netconf import NetconfError
+    from udpflannel.host.tun import TunError
+    from udpflannel.lab.demo import DemoFailed
+    from udpflannel.observe.admin import AdminSocketBusy
     from udpflannel.registry.base import RegistryError
     from udpflannel.subnet import NoFreeSubnet, SubnetLost
-    from udpflannel.tun import TunError
     return (FatalError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError, NetconfError,
             RegistryError, NoFreeSubnet, SubnetLost, TunError, PermissionError, FileNotFoundError,
             ConnectionError, ValueError)

@@ -19,12 +19,16 @@ import signal
 from dataclasses import dataclass, replace
 from typing import Any
 
-from udpflannel import admin, config as netconfig, localstate, netconf
-from udpflannel.dataplane import Dataplane, make_engine, open_udp_socket, parse_offloads
-from udpflannel.lease import Lease
+from udpflannel.core import config as netconfig
+from udpflannel.core import subnetenv
+from udpflannel.core.lease import Lease
+from udpflannel.dataplane.userspace import Dataplane, make_engine, open_udp_socket, parse_offloads
+from udpflannel.host import localstate, netconf
+from udpflannel.host.tun import Tun
+from udpflannel.host.tun import preflight as tun_preflight
+from udpflannel.observe import admin
 from udpflannel.registry.base import Registry, RegistryError
 from udpflannel.subnet import Backoff, RegistryHealth, SubnetManager
-from udpflannel.tun import Tun, preflight as tun_preflight
 
 log = logging.getLogger("udpflannel")
 
@@ -171,7 +175,7 @@ async def run(opts: RunOptions) -> None:
         plane.start()
         cleanup.append(plane.stop)
         localstate.write_atomically(opts.subnet_file,
-                                    localstate.render_subnet_env(cfg, lease.subnet, mtu, False))
+                                    subnetenv.render(cfg.network, lease.subnet, mtu, False))
 
         def status() -> dict[str, Any]:
             current = manager.lease

@@ -28,8 +28,8 @@ import time
 from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable
 
-from udpflannel.config import NetworkConfig
-from udpflannel.lease import EventType, Lease, LeaseEvent, diff, snapshot
+from udpflannel.core.config import NetworkConfig
+from udpflannel.core.lease import EventType, Lease, LeaseEvent, diff, snapshot
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, Registry, RegistryError
 
 log = logging.getLogger(__name__)

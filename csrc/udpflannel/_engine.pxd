@@ -1,5 +1,5 @@
 # The compiled data path: its C-level layout at a glance.
-# Python API (same as udpflannel.frame.PyEngine):
+# Python API (same as udpflannel.core.frame.PyEngine):
 #   Engine(vni=, vtep_mac=, network=, subnet_len=, tun_addr=)
 #   set_route(subnet, public_ip, port, vtep_mac) / del_route(subnet) / lookup(addr)
 #   route_count() / counters()

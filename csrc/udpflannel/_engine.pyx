@@ -8,7 +8,7 @@ packet so the VXLAN and inner Ethernet headers are written in place (no copy). E
 per-packet outcome is a counter bump, never a Python object or exception.
 
 Route changes (set_route/del_route) run on the loop thread between drains, so the
-tables need no lock. The decisions mirror udpflannel.frame.PyEngine exactly; tests
+tables need no lock. The decisions mirror udpflannel.core.frame.PyEngine exactly; tests
 compare the two byte for byte.
 """
 
@@ -22,7 +22,7 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
 import ipaddress
-from udpflannel.frame import COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS
+from udpflannel.core.frame import COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -67,7 +67,7 @@ cdef enum:
     ACT_DELIVER = 2
     ACT_DROP = 3
 
-# Counter slots, in udpflannel.frame.COUNTERS order.
+# Counter slots, in udpflannel.core.frame.COUNTERS order.
 cdef enum:
     C_TX_PACKETS = 0
     C_TX_BYTES

@@ -13,8 +13,8 @@ import tempfile
 
 import pytest
 
-from udpflannel.cluster import Cluster
-from udpflannel.netns import Lab
+from udpflannel.lab.cluster import Cluster
+from udpflannel.lab.netns import Lab
 
 ROOT = os.geteuid() == 0
 

@@ -24,9 +24,9 @@ import uuid
 
 import pytest
 
-from udpflannel import probe
-from udpflannel.cluster import Cluster
-from udpflannel.netns import Lab
+from udpflannel.lab import probe
+from udpflannel.lab.cluster import Cluster
+from udpflannel.lab.netns import Lab
 
 try:
     from .etcd_server import EtcdServer, require_etcd, wait_for

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from udpflannel.lease import EventType, Lease
+from udpflannel.core.lease import EventType, Lease
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
 from udpflannel.registry.etcd import EtcdRegistry
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from udpflannel import probe
-from udpflannel.cluster import Cluster
-from udpflannel.netns import Lab
+from udpflannel.lab import probe
+from udpflannel.lab.cluster import Cluster
+from udpflannel.lab.netns import Lab
 
 try:
     from .etcd_server import EtcdServer, TLSFiles, require_etcd, wait_for

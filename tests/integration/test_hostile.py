@@ -12,7 +12,7 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
-from udpflannel import probe
+from udpflannel.lab import probe
 
 COUNT = 100
 

@@ -8,8 +8,8 @@ import ipaddress
 
 import pytest
 
-from udpflannel import kernelvxlan, probe
-from udpflannel.lease import Lease
+from udpflannel.core.lease import Lease
+from udpflannel.lab import kernelvxlan, probe
 from udpflannel.registry.embedded import EmbeddedRegistry
 
 KERNEL_SUBNET = "10.244.200.0/24"

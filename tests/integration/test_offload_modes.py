@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from udpflannel import probe
+from udpflannel.lab import probe
 
 
 def _run_pair(make_lab, make_cluster, offload: str, seconds: float = 1.0):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from udpflannel import probe
+from udpflannel.lab import probe
 from udpflannel.registry.embedded import EmbeddedRegistry
 
 

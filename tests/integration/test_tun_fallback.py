@@ -10,9 +10,10 @@ import socket
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.vxlan import VXLAN
-
-from udpflannel import netconf, tun as tunmod
 from udpflannel._engine import Engine
+
+from udpflannel.host import netconf
+from udpflannel.host import tun as tunmod
 
 
 def test_tso_refused_falls_back_to_plain_reads(make_lab, monkeypatch):

@@ -9,11 +9,25 @@ arguments so a test can feed both the same input and compare outcomes.
 from __future__ import annotations
 
 import pytest
-
 from enginekit import (  # noqa: F401  (re-exported for tests)
-    DEFAULT_ARGS, ENGINE_CLASSES, ENGINE_IDS, NETWORK, OWN_MAC, PEER2_IP, PEER2_MAC,
-    PEER2_SUBNET, PEER_IP, PEER_MAC, PEER_PORT, PEER_SUBNET, SUBNET_LEN, TUN_ADDR, VNI,
-    add_default_peers, engine_args, make_engines,
+    DEFAULT_ARGS,
+    ENGINE_CLASSES,
+    ENGINE_IDS,
+    NETWORK,
+    OWN_MAC,
+    PEER2_IP,
+    PEER2_MAC,
+    PEER2_SUBNET,
+    PEER_IP,
+    PEER_MAC,
+    PEER_PORT,
+    PEER_SUBNET,
+    SUBNET_LEN,
+    TUN_ADDR,
+    VNI,
+    add_default_peers,
+    engine_args,
+    make_engines,
 )
 
 

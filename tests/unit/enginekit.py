@@ -7,7 +7,8 @@ Kept out of conftest.py so test modules can import it by a unique name
 from __future__ import annotations
 
 from udpflannel._engine import Engine
-from udpflannel.frame import PyEngine
+
+from udpflannel.core.frame import PyEngine
 
 ENGINE_CLASSES = (Engine, PyEngine)
 ENGINE_IDS = ("compiled", "twin")

@@ -13,9 +13,8 @@ import os
 
 import pytest
 
-from udpflannel.benchlib import parse, report
-from udpflannel.benchlib.report import BASELINE, METRIC_KEYS, METRICS
-
+from udpflannel.lab.benchlib import parse, report
+from udpflannel.lab.benchlib.report import BASELINE, METRIC_KEYS, METRICS
 
 # -- statistics -------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from udpflannel.config import ConfigError, NetworkConfig, default_config, parse
+from udpflannel.core.config import ConfigError, NetworkConfig, default_config, parse
 
 A = ipaddress.IPv4Address
 N = ipaddress.IPv4Network

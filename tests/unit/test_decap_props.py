@@ -10,12 +10,11 @@ from __future__ import annotations
 import struct
 
 import pytest
+from enginekit import OWN_MAC, PEER2_IP, PEER_IP, PEER_MAC, counter_delta, make_engines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enginekit import (OWN_MAC, PEER2_IP, PEER_IP, PEER_MAC, counter_delta,
-                       make_engines)
-from udpflannel.frame import RX_DROPS, TX_DROPS
+from udpflannel.core.frame import RX_DROPS, TX_DROPS
 
 SETTINGS = settings(max_examples=400, deadline=None)
 

@@ -12,10 +12,10 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
-
-from udpflannel import offload
 from udpflannel._engine import Engine
-from udpflannel.frame import PyEngine
+
+from udpflannel.core import offload
+from udpflannel.core.frame import PyEngine
 
 SOL_UDP, UDP_SEGMENT, UDP_GRO, SO_NO_CHECK = 17, 103, 104, 11
 A_MAC, B_MAC = b"\x02\0\0\0\0\x0a", b"\x02\0\0\0\0\x0b"

@@ -12,12 +12,11 @@ import importlib.machinery
 import pickle
 
 import pytest
-
 import udpflannel._engine as engine_module
-from udpflannel._engine import Engine
-from udpflannel.frame import COUNTERS, PyEngine
-
 from enginekit import OWN_MAC, engine_args
+from udpflannel._engine import Engine
+
+from udpflannel.core.frame import COUNTERS, PyEngine
 
 
 def test_module_is_a_compiled_extension():

@@ -15,10 +15,9 @@ IPv4/UDP headers belong to the kernel socket):
 from __future__ import annotations
 
 import pytest
+from enginekit import PEER_IP, PEER_PORT, counter_delta, engine_args, make_engines
 from scapy.layers.inet import ICMP, IP, UDP, IPerror, UDPerror
 from scapy.utils import checksum
-
-from enginekit import PEER_IP, PEER_PORT, counter_delta, engine_args, make_engines
 
 
 def h(text: str) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from enginekit import OWN_MAC, PEER2_IP, PEER2_MAC, PEER_IP, PEER_MAC, PEER_PORT, engine_args, make_engines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -16,9 +17,6 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
-
-from enginekit import (OWN_MAC, PEER2_IP, PEER2_MAC, PEER_IP, PEER_MAC, PEER_PORT,
-                       engine_args, make_engines)
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

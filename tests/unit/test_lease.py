@@ -10,9 +10,20 @@ import ipaddress
 
 import pytest
 
-from udpflannel.lease import (EventType, Lease, LeaseError, LeaseEvent, decode, diff,
-                              encode_value, mac_bytes, normalize_mac, parse_subnet_key,
-                              snapshot, subnet_key)
+from udpflannel.core.lease import (
+    EventType,
+    Lease,
+    LeaseError,
+    LeaseEvent,
+    decode,
+    diff,
+    encode_value,
+    mac_bytes,
+    normalize_mac,
+    parse_subnet_key,
+    snapshot,
+    subnet_key,
+)
 
 A = ipaddress.IPv4Address
 N = ipaddress.IPv4Network

@@ -7,14 +7,15 @@ import random
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from enginekit import make_engines
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
-from enginekit import make_engines
-from udpflannel import offload
-from udpflannel.offload import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HLEN, vnet_header
+from udpflannel.core import offload
+from udpflannel.core.offload import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HLEN, vnet_header
 
 SRC, DST = "10.244.1.7", "10.244.2.9"
 

@@ -7,13 +7,14 @@ import ipaddress
 import socket
 
 import pytest
+from enginekit import make_engines
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
-from enginekit import make_engines
-from udpflannel import admin, config, lease
-from udpflannel.dataplane import DataplaneError, open_udp_socket
-from udpflannel.offload import GSO_TCPV4, NEEDS_CSUM, vnet_header
+from udpflannel.core import config, lease
+from udpflannel.core.offload import GSO_TCPV4, NEEDS_CSUM, vnet_header
+from udpflannel.dataplane.userspace import DataplaneError, open_udp_socket
+from udpflannel.observe import admin
 
 
 def test_segment_size_too_big_for_a_datagram_is_dropped_not_spun_on():

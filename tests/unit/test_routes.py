@@ -12,10 +12,9 @@ import random
 import struct
 
 import pytest
+from enginekit import ENGINE_CLASSES, OWN_MAC, engine_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from enginekit import ENGINE_CLASSES, OWN_MAC, engine_args
 
 CONFIGS = [
     ("10.244.0.0/16", 24),

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from udpflannel import config as netconfig
-from udpflannel.lease import EventType, Lease
+from udpflannel.core import config as netconfig
+from udpflannel.core.lease import EventType, Lease
 from udpflannel.registry.embedded import EmbeddedRegistry
 from udpflannel.subnet import NoFreeSubnet, SubnetLost, SubnetManager
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from typing import AsyncIterator, Protocol
 
-from udpflannel.lease import Lease, LeaseEvent
+from udpflannel.core.lease import Lease, LeaseEvent
 
 
 class RegistryError(Exception):

@@ -24,8 +24,8 @@ import time
 from dataclasses import replace
 from typing import AsyncIterator, Callable, TypeVar
 
-from udpflannel import lease as leases
-from udpflannel.lease import EventType, Lease, LeaseEvent
+from udpflannel.core import lease as leases
+from udpflannel.core.lease import EventType, Lease, LeaseEvent
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
 
 log = logging.getLogger(__name__)

@@ -66,8 +66,15 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
-from udpflannel.lease import (
-    EventType, Lease, LeaseError, LeaseEvent, decode, encode_value, parse_subnet_key, subnet_key,
+from udpflannel.core.lease import (
+    EventType,
+    Lease,
+    LeaseError,
+    LeaseEvent,
+    decode,
+    encode_value,
+    parse_subnet_key,
+    subnet_key,
 )
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
 

@@ -27,7 +27,7 @@ import os
 import socket
 import struct
 
-from udpflannel import offload
+from udpflannel.core import offload
 
 VXLAN_HLEN = 8
 ETH_HLEN = 14
@@ -217,7 +217,7 @@ class PyEngine:
         self._c["rx_bytes"] += total
         return DELIVER, bytes(d[p:p + total]), None
 
-    # --- offloads (rules in udpflannel.offload) ------------------------------------
+    # --- offloads (rules in udpflannel.core.offload) ------------------------------------
     def segment(self, data: bytes) -> list[bytes]:
         """virtio header + packet (one TUN read) -> the VXLAN datagrams it becomes
         (an ICMP reply for the TUN comes back with its zero virtio header)."""

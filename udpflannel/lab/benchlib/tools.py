@@ -17,11 +17,11 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from udpflannel import probe
-from udpflannel.benchlib import parse
-from udpflannel.netns import Namespace
+from udpflannel.lab import probe
+from udpflannel.lab.benchlib import parse
+from udpflannel.lab.netns import Namespace
 
-log = logging.getLogger("udpflannel.bench")
+log = logging.getLogger("udpflannel.lab.bench")
 
 IPERF_PORT = 5201
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from udpflannel import admin
-from udpflannel.netns import Lab
+from udpflannel.lab.netns import Lab
+from udpflannel.observe import admin
 
 
 class ClusterError(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from udpflannel.benchlib.report import METRICS, format_ratio, format_value
+from udpflannel.lab.benchlib.report import METRICS, format_ratio, format_value
 
 _COLORS = {"veth": "#9e9e9e", "kernel-vxlan": "#3b6ea5"}
 _MODE_COLORS = ("#e07b39", "#c9a227", "#5aa469", "#b5485d", "#7e57c2", "#00897b")

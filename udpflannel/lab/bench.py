@@ -33,11 +33,11 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
-from udpflannel.benchlib import parse, report, tools
-from udpflannel.benchlib.cases import Case, Target, all_cases
-from udpflannel.netns import owned_handler
+from udpflannel.lab.benchlib import parse, report, tools
+from udpflannel.lab.benchlib.cases import Case, Target, all_cases
+from udpflannel.lab.netns import owned_handler
 
-log = logging.getLogger("udpflannel.bench")
+log = logging.getLogger("udpflannel.lab.bench")
 
 UDP_LENGTH = 64
 PING_COUNT, PING_INTERVAL = 200, 0.01
@@ -250,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
         f.write("\n")
     written = [stem + ".json"]
     try:
-        from udpflannel.benchlib import chart
+        from udpflannel.lab.benchlib import chart
         chart.write_png(doc, stem + ".png")
         written.append(stem + ".png")
     except Exception as e:   # the numbers matter more than the picture

@@ -13,8 +13,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from udpflannel.frame import inet_checksum
-from udpflannel.netns import Namespace
+from udpflannel.core.frame import inet_checksum
+from udpflannel.lab.netns import Namespace
 
 
 def _echo_request(ident: int, seq: int, payload: bytes) -> bytes:

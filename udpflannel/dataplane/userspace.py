@@ -15,9 +15,9 @@ import logging
 import os
 import socket
 
-from udpflannel.config import NetworkConfig
-from udpflannel.frame import PyEngine
-from udpflannel.lease import EventType, Lease, LeaseEvent, mac_bytes
+from udpflannel.core.config import NetworkConfig
+from udpflannel.core.frame import PyEngine
+from udpflannel.core.lease import EventType, Lease, LeaseEvent, mac_bytes
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,8 @@ import os
 import secrets
 import tempfile
 
-from udpflannel.config import NetworkConfig
-from udpflannel.lease import normalize_mac
-
-
-def render_subnet_env(config: NetworkConfig, subnet: ipaddress.IPv4Network, mtu: int,
-                      ipmasq: bool) -> str:
-    first = subnet.network_address + 1  # flannel writes the first usable address, not .0
-    return (f"FLANNEL_NETWORK={config.network}\n"
-            f"FLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
-            f"FLANNEL_MTU={mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n")
+from udpflannel.core import subnetenv
+from udpflannel.core.lease import normalize_mac
 
 
 def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
@@ -40,13 +31,9 @@ def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
     """The subnet recorded in an existing subnet.env, so a restart keeps it."""
     try:
         with open(path) as f:
-            for line in f:
-                name, _, value = line.strip().partition("=")
-                if name == "FLANNEL_SUBNET":
-                    return ipaddress.IPv4Network(value, strict=False)
-    except (OSError, ValueError):
-        pass
-    return None
+            return subnetenv.previous_subnet(f.read())
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def load_or_create_mac(state_dir: str, name: str) -> str:

@@ -13,9 +13,9 @@ import signal
 import statistics
 import tempfile
 
-from udpflannel import probe
-from udpflannel.cluster import Cluster
-from udpflannel.netns import Lab, owned_handler
+from udpflannel.lab import probe
+from udpflannel.lab.cluster import Cluster
+from udpflannel.lab.netns import Lab, owned_handler
 
 
 class DemoFailed(Exception):

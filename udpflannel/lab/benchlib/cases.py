@@ -25,12 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
-from udpflannel import config as netconfig, kernelvxlan
-from udpflannel.benchlib.report import BASELINE as BASE_CASE
-from udpflannel.lease import Lease
+from udpflannel.core import config as netconfig
+from udpflannel.core.lease import Lease
+from udpflannel.lab import kernelvxlan
+from udpflannel.lab.benchlib.report import BASELINE as BASE_CASE
+from udpflannel.lab.cluster import Cluster
+from udpflannel.lab.netns import Lab, Namespace
 from udpflannel.registry.embedded import EmbeddedRegistry
-from udpflannel.cluster import Cluster
-from udpflannel.netns import Lab, Namespace
 
 # name -> (extra `udpflannel run` arguments, extra peers preloaded into the registry)
 UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int]] = {
