@@ -123,6 +123,9 @@ async def load_network_config(registry: Registry, opts: RunOptions, retry: bool,
                                         lambda: registry.put_config_if_absent(text), retry, stop)
     where = f"{opts.etcd_prefix}/config" if opts.etcd_endpoints else f"config in {opts.registry_file}"
     cfg = _parse(stored, where)
+    if cfg.backend_type != "vxlan":  # the engine's udp framing lands with issue 9
+        raise FatalError(f"{where}: Backend Type {cfg.backend_type!r} is not supported by this "
+                         'version; use "Backend": {"Type": "vxlan"}')
     if opts.vni is not None or opts.port is not None:
         cfg = replace(cfg, vni=opts.vni or cfg.vni, port=opts.port or cfg.port)
     return cfg

@@ -160,8 +160,8 @@ def test_to_json_round_trips():
     (vx('"Network": "10.244.0.0/16", "SubnetMax": "10.244.9.128"'), "SubnetMax"),
     (vx('"Network": "10.244.0.0/16", "SubnetMin": "10.244.20.0", "SubnetMax": "10.244.10.0"'),
      "SubnetMax"),
-    ('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}', "udp"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}', "host-gw"),
+    ('{"Network": "10.244.0.0/16", "Backend": {}}', "Type"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard"}}', "wireguard"),
     ('{"Network": "10.244.0.0/16", "Backend": {"Type": "ipip"}}', "ipip"),
     ('{"Network": "10.244.0.0/16", "Backend": "vxlan"}', "Backend"),
@@ -193,7 +193,7 @@ def test_error_messages_are_specific():
         parse(vx('"Network": "10.244.0.0/16", "SubnetMin": "10.245.1.0"'))
     assert "10.245.1.0" in str(e.value) and "10.244.0.0/16" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
+        parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
     assert "vxlan" in str(e.value)  # says what to use instead
 
 
@@ -206,9 +206,48 @@ def test_vni_zero_is_an_error():
         parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 0}}')
 
 
-def test_missing_backend_means_udp_in_flannel():
-    with pytest.raises(ConfigError, match="udp"):
-        parse('{"Network": "10.244.0.0/16"}')
+def test_missing_backend_means_udp_as_in_flannel():
+    c = parse('{"Network": "10.244.0.0/16"}')
+    assert (c.backend_type, c.port) == ("udp", 8285)
+
+
+def test_udp_backend_port():
+    assert parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}').port == 8285
+    assert parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "UDP", "Port": 9000}}').port == 9000
+    c = parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
+    assert parse(c.to_json()) == c
+
+
+def test_vxlan_mtu_and_direct_routing():
+    c = parse(vx('"Network": "10.244.0.0/16"'))
+    assert (c.mtu, c.direct_routing, c.enable_nftables) == (None, False, False)
+    c = parse('{"Network": "10.244.0.0/16", "EnableNFTables": true, '
+              '"Backend": {"Type": "vxlan", "MTU": 1400, "DirectRouting": true}}')
+    assert (c.mtu, c.direct_routing, c.enable_nftables) == (1400, True, True)
+    assert parse(c.to_json()) == c
+    assert parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "MTU": 0}}').mtu is None
+
+
+@pytest.mark.parametrize("backend, words", [
+    ('{"Type": "vxlan", "GBP": true}', "GBP"),
+    ('{"Type": "vxlan", "Learning": true}', "Learning"),
+    ('{"Type": "vxlan", "MacPrefix": "0E-2A"}', "MacPrefix"),
+    ('{"Type": "vxlan", "MTU": 20}', "MTU"),
+    ('{"Type": "vxlan", "MTU": "1400"}', "MTU"),
+    ('{"Type": "vxlan", "DirectRouting": "yes"}', "DirectRouting"),
+])
+def test_refused_backend_keys(backend, words):
+    with pytest.raises(ConfigError, match=words):
+        parse('{"Network": "10.244.0.0/16", "Backend": ' + backend + "}")
+
+
+def test_gbp_false_is_fine():
+    parse('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "GBP": false, "Learning": false}}')
+
+
+def test_enable_nftables_must_be_a_bool():
+    with pytest.raises(ConfigError, match="EnableNFTables"):
+        parse(vx('"Network": "10.244.0.0/16", "EnableNFTables": 1'))
 
 
 def test_subnet_len_must_leave_four_subnets():

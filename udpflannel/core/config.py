@@ -3,7 +3,9 @@
 Pure: no I/O. The JSON is the one flanneld reads from ``<prefix>/config`` (etcd) or
 ``net-conf.json``; Go's decoder matches field names case-insensitively, so we do too.
 Only the IPv4 overlay is carried by udpflannel; an IPv6 network is refused with a
-clear message rather than silently ignored.
+clear message rather than silently ignored. Every key flanneld knows is either
+honoured or refused with one line; keys flanneld does not know are ignored, as
+flanneld's decoder ignores them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,20 @@ from typing import Any
 
 DEFAULT_NETWORK = "10.244.0.0/16"
 DEFAULT_VNI = 1
-DEFAULT_PORT = 8472
-# Backend types whose wire format udpflannel speaks: VXLAN framing with a VtepMAC.
-SUPPORTED_BACKENDS = ("vxlan",)
+DEFAULT_PORT = 8472  # vxlan: the Linux default, not IANA's 4789
+DEFAULT_UDP_PORT = 8285  # flanneld's udp backend
+# Backend types whose wire formats udpflannel speaks: "vxlan" (VXLAN framing with a
+# VtepMAC) and "udp" (flanneld's udp backend: the bare IP packet in a UDP datagram).
+SUPPORTED_BACKENDS = ("vxlan", "udp")
+DEFAULT_PORTS = {"vxlan": DEFAULT_PORT, "udp": DEFAULT_UDP_PORT}
+# Backend keys of flanneld's vxlan backend that change what it does and that we do
+# not implement: refused rather than ignored.
+_REFUSED_VXLAN_KEYS = {
+    "gbp": "GBP (VXLAN group policy) is not supported by udpflannel; remove it or set it to false",
+    "learning": "Learning (VXLAN source-address learning) is not supported by udpflannel; remove it "
+                "or set it to false",
+    "macprefix": "MacPrefix is used by flanneld on Windows only and is not supported; remove it",
+}
 
 
 class ConfigError(ValueError):
@@ -33,6 +46,9 @@ class NetworkConfig:
     backend_type: str = "vxlan"
     vni: int = DEFAULT_VNI
     port: int = DEFAULT_PORT
+    mtu: int | None = None  # Backend.MTU; None: the underlay's MTU minus the framing
+    direct_routing: bool = False  # Backend.DirectRouting (vxlan)
+    enable_nftables: bool = False  # EnableNFTables: masquerade/forward rules via nftables
 
     @property
     def subnet_count(self) -> int:
@@ -58,13 +74,24 @@ class NetworkConfig:
         return subnet.prefixlen == self.subnet_len and subnet.subnet_of(self.network)
 
     def to_json(self) -> str:
-        return json.dumps({
+        backend: dict[str, Any] = {"Type": self.backend_type}
+        if self.backend_type == "vxlan":
+            backend["VNI"] = self.vni
+        backend["Port"] = self.port
+        if self.mtu is not None:
+            backend["MTU"] = self.mtu
+        if self.direct_routing:
+            backend["DirectRouting"] = True
+        doc: dict[str, Any] = {
             "Network": str(self.network),
             "SubnetLen": self.subnet_len,
             "SubnetMin": str(self.subnet_min),
             "SubnetMax": str(self.subnet_max),
-            "Backend": {"Type": self.backend_type, "VNI": self.vni, "Port": self.port},
-        })
+            "Backend": backend,
+        }
+        if self.enable_nftables:
+            doc["EnableNFTables"] = True
+        return json.dumps(doc)
 
 
 def _fold(obj: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +113,7 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
     return value
 
 
-def parse(text: str | bytes, *, default_port: int = DEFAULT_PORT) -> NetworkConfig:
+def parse(text: str | bytes, *, default_port: int | None = None) -> NetworkConfig:
     """Parse flannel's network config JSON, fill in flannel's defaults, validate."""
     try:
         raw = json.loads(text)
@@ -132,23 +159,40 @@ def parse(text: str | bytes, *, default_port: int = DEFAULT_PORT) -> NetworkConf
     if subnet_max < subnet_min:
         raise ConfigError(f"SubnetMax {subnet_max} is below SubnetMin {subnet_min}")
 
+    enable_nftables = _bool(cfg.get("enablenftables", False), "EnableNFTables")
     backend = cfg.get("backend")
-    if backend is None:  # flanneld's default backend is "udp" (raw IP on port 8285)
-        raise ConfigError('network config has no "Backend": flanneld would run its udp backend, '
-                          'which udpflannel cannot speak; add "Backend": {"Type": "vxlan"}')
+    if backend is None:  # flanneld's default backend: udp (raw IP on port 8285)
+        backend = {"type": "udp"}
     if not isinstance(backend, dict):
         raise ConfigError("Backend must be a JSON object")
     backend = _fold(backend)
     btype = str(backend.get("type") or "").lower()
+    if not btype:
+        raise ConfigError('Backend has no "Type" (e.g. "Backend": {"Type": "vxlan"})')
     if btype not in SUPPORTED_BACKENDS:
         raise ConfigError(
-            f'Backend Type {btype!r} is not supported: udpflannel speaks "vxlan" framing '
+            f'Backend Type {btype!r} is not supported: udpflannel speaks "vxlan" and "udp" '
             '(set "Backend": {"Type": "vxlan"})'
         )
-    vni = _int(backend.get("vni", DEFAULT_VNI), "Backend.VNI", 1, (1 << 24) - 1)
-    port = backend.get("port") or default_port  # flannel: 0 means the default port
+    port = backend.get("port") or default_port or DEFAULT_PORTS[btype]  # flannel: 0 means default
     port = _int(port, "Backend.Port", 1, 65535)
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, btype, vni, port)
+    vni, mtu, direct = DEFAULT_VNI, None, False
+    if btype == "vxlan":
+        vni = _int(backend.get("vni", DEFAULT_VNI), "Backend.VNI", 1, (1 << 24) - 1)
+        for key, why in _REFUSED_VXLAN_KEYS.items():
+            if backend.get(key) not in (None, False, ""):
+                raise ConfigError(why)
+        if backend.get("mtu") not in (None, 0):
+            mtu = _int(backend["mtu"], "Backend.MTU", 68, 65535)
+        direct = _bool(backend.get("directrouting", False), "Backend.DirectRouting")
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, btype, vni, port, mtu,
+                         direct, enable_nftables)
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def default_config() -> NetworkConfig:
