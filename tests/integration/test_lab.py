@@ -29,7 +29,8 @@ def test_lab_popen_and_netlink_never_fork_python(make_lab):
 
 def test_lab_removes_its_namespaces(make_lab):
     lab = make_lab(1)
-    names = [lab.hub.name] + [n.name for n in lab.nodes]
+    extra = lab.add_namespace("pod1")
+    names = [lab.hub.name, extra.name] + [n.name for n in lab.nodes]
     assert all(os.path.exists(f"/var/run/netns/{n}") for n in names)
     lab.close()
     assert not any(os.path.exists(f"/var/run/netns/{n}") for n in names)

@@ -148,6 +148,14 @@ class Lab:
         self.addresses.append(address)
         return node
 
+    def add_namespace(self, suffix: str) -> Namespace:
+        """An extra, unconnected namespace of this lab (a pod, an outside host...),
+        removed with the lab."""
+        ns = Namespace(f"{self.id}-{suffix}")
+        self._create(ns.name)
+        ns.link_up("lo")
+        return ns
+
     def _create(self, name: str) -> None:
         def unshare_and_bind() -> None:  # only this thread changes namespace
             libc = ctypes.CDLL(None, use_errno=True)
