@@ -21,10 +21,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"udpflannel: error: {message} (see --help)\n")
 
 
-def _env(name: str, default=None):
-    return os.environ.get("FLANNELD_" + name.upper().replace("-", "_"), default)
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 0 < value < 65536:
@@ -62,16 +58,23 @@ def _positive(text: str) -> float:
     return value
 
 
+def _bool(text: str) -> bool:
+    """Go's flag package spelling of booleans, as flanneld accepts them."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     def flag(name: str, **kw) -> None:
-        default = _env(name.lstrip("-"), kw.pop("default", None))
-        conv = kw.get("type")
-        if default is not None and conv is not None and isinstance(default, str):
-            try:
-                default = conv(default)
-            except (ValueError, argparse.ArgumentTypeError) as e:
-                p.error(f"environment FLANNELD_{name.lstrip('-').upper().replace('-', '_')}: {e}")
-        p.add_argument(name, default=default, **kw)
+        p.add_argument(name, **kw)
+
+    def switch(name: str, default: bool, help: str) -> None:  # --x, --x=true, --x=false
+        p.add_argument(name, type=_bool, nargs="?", const=True, default=default, metavar="BOOL",
+                       help=help)
 
     flag("--tun", default="flannel0", help="TUN device name (default flannel0)")
     flag("--iface", help="underlay interface (default: the default route's)")
@@ -86,6 +89,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     flag("--vni", type=_vni, help="VXLAN network identifier (default: the config's Backend.VNI, 1)")
     flag("--engine", choices=("compiled", "python"), default="compiled",
          help="data path: the compiled engine or its pure-Python reference twin")
+    switch("--strict-source", False,
+           "drop every received packet whose inner source is outside its sender's subnet "
+           "(default: only sources inside the overlay network must match; routed sources "
+           "such as host addresses are delivered)")
     flag("--offload", type=_offloads, default="auto",
          help="auto (default: all the kernel allows), off, or a comma list of tso,gso,gro")
     flag("--subnet-lease-ttl", type=_positive, default=24 * 60.0,
@@ -100,6 +107,39 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     flag("--etcd-username")
     flag("--etcd-password")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+class _EnvError(Exception):
+    pass
+
+
+class _EnvParser(Parser):
+    def error(self, message: str) -> NoReturn:
+        raise _EnvError(message)
+
+
+def env_flags(environ: dict[str, str] | None = None) -> list[str]:
+    """FLANNELD_<FLAG> environment values as `--flag=value` arguments for `run`, each
+    checked by the same parser as the flag itself (one clear line naming the variable
+    when it is bad). They go before the command line's flags, which therefore win."""
+    environ = os.environ if environ is None else environ
+    checker = _EnvParser(prog="udpflannel run", add_help=False)
+    _add_run_flags(checker)
+    out = []
+    for action in checker._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or longs[0] == "--verbose":
+            continue
+        name = "FLANNELD_" + longs[0][2:].upper().replace("-", "_")
+        if name not in environ:
+            continue
+        arg = f"{longs[0]}={environ[name]}"
+        try:
+            checker.parse_args([arg])
+        except _EnvError as e:
+            raise _EnvError(f"environment {name}: {e}") from None
+        out.append(arg)
+    return out
 
 
 def build_parser() -> Parser:
@@ -132,6 +172,7 @@ def _run_options(a: argparse.Namespace):
         tun=a.tun, iface=a.iface, public_ip=a.public_ip, registry_file=a.registry_file,
         net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
         admin_socket=a.admin_socket, port=a.port, vni=a.vni, engine=a.engine, offload=a.offload,
+        strict_source=a.strict_source,
         lease_ttl=a.subnet_lease_ttl * 60, renew_margin=a.subnet_lease_renew_margin * 60,
         etcd_endpoints=endpoints, etcd_prefix=a.etcd_prefix.rstrip("/"),
         etcd_cafile=a.etcd_cafile, etcd_certfile=a.etcd_certfile, etcd_keyfile=a.etcd_keyfile,
@@ -197,6 +238,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and not ({"-h", "--help"} & set(argv)):
+        try:
+            argv = ["run", *env_flags(), *argv[1:]]
+        except _EnvError as e:
+            print(f"udpflannel: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

@@ -50,6 +50,7 @@ class RunOptions:
     port: int | None = None
     vni: int | None = None
     engine: str = "compiled"
+    strict_source: bool = False  # every inner source must lie in its sender's subnet
     offload: str = "auto"  # see dataplane.parse_offloads
     lease_ttl: float = 24 * 3600.0
     renew_margin: float = 3600.0
@@ -138,6 +139,21 @@ def _parse(text: str, where: str) -> netconfig.NetworkConfig:
         raise FatalError(f"{where}: {e}") from None
 
 
+HOUSEKEEPING_PERIOD = 2.0
+
+
+async def housekeeping(plane: Dataplane, underlay: netconf.Underlay) -> None:
+    """Slow checks while running. The underlay address vanishing (DHCP renumbering,
+    an operator's change) makes every send fail while the lease still advertises
+    the old address: exit with one line so a supervisor restarts us with the new one."""
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_PERIOD)
+        plane.check_offloads()
+        if not await asyncio.to_thread(netconf.underlay_address_present, underlay):
+            raise FatalError(f"the underlay address {underlay.address} is no longer on "
+                             f"{underlay.ifname}; exiting so that a restart advertises the new one")
+
+
 async def run(opts: RunOptions) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -173,7 +189,7 @@ async def run(opts: RunOptions) -> None:
         cleanup.append(tun.close)
         await asyncio.to_thread(netconf.configure_tun, tun.name, lease.subnet, cfg.network, mtu,
                                 tun.tso)
-        engine = make_engine(opts.engine, cfg, lease)
+        engine = make_engine(opts.engine, cfg, lease, opts.strict_source)
         plane = Dataplane(engine, tun, sock, cfg, cfg.port, offloads)
         plane.start()
         cleanup.append(plane.stop)
@@ -197,6 +213,7 @@ async def run(opts: RunOptions) -> None:
 
         tasks = [asyncio.create_task(follow(), name="watch"),
                  asyncio.create_task(manager.keep_renewed(), name="renew"),
+                 asyncio.create_task(housekeeping(plane, underlay), name="housekeeping"),
                  asyncio.create_task(stop.wait(), name="stop"),
                  plane.failed]
         log.info("running: %s up, %d peers", tun.name, plane.routes())

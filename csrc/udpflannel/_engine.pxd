@@ -1,6 +1,6 @@
 # The compiled data path: its C-level layout at a glance.
 # Python API (same as udpflannel.core.frame.PyEngine):
-#   Engine(vni=, vtep_mac=, network=, subnet_len=, tun_addr=)
+#   Engine(vni=, vtep_mac=, network=, subnet_len=, strict_source=False)
 #   set_route(subnet, public_ip, port, vtep_mac) / del_route(subnet) / lookup(addr)
 #   route_count() / counters()
 #   encap(packet) / decap(datagram, source)         one packet, for tests and tools
@@ -48,7 +48,8 @@ cdef class Engine:
     cdef uint32_t vni
     cdef uint8_t own_mac[6]
     cdef uint8_t vxlan_hdr[8]
-    cdef uint32_t net, netmask, shift, subnet_len, tun_addr
+    cdef uint32_t net, netmask, shift, subnet_len
+    cdef bint strict_source  # every inner source must lie in its sender's subnet
     cdef htab by_subnet      # subnet -> index into routes
     cdef htab by_sender      # public IP -> number of subnets it owns
     cdef route_t *routes
@@ -56,7 +57,8 @@ cdef class Engine:
     cdef uint64_t ctr[32]
     cdef int tun_fd, udp_fd
     cdef uint8_t *buf        # HEADROOM + 65536: one packet with room for headers
-    cdef uint8_t *icmp       # scratch for ICMP errors
+    cdef uint8_t *icmp       # scratch for ICMP errors (VNET bytes into icmp_mem)
+    cdef uint8_t *icmp_mem
     cdef int icmp_len
     cdef int last_drop       # counter slot of the latest drop (single-packet API)
 
@@ -64,6 +66,7 @@ cdef class Engine:
     cdef bint vnet           # TUN speaks virtio_net_hdr: TSO reads, GSO writes
     cdef bint gso            # UDP_SEGMENT sends (turned off for good on EIO)
     cdef bint gro            # UDP_GRO receives
+    cdef uint32_t rx_ovfl    # the socket's kernel drop count (SO_RXQ_OVFL), latest seen
     cdef uint8_t *obuf       # segmentation: a window of frame headers
     cdef iovec tx_iov[128]   # frame k = tx_iov[2k] (headers) + tx_iov[2k+1] (payload)
     cdef uint8_t *cbuf       # coalescing: virtio + IP + TCP headers of the super-packet
@@ -102,6 +105,7 @@ cdef class Engine:
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
                             uint8_t proto) noexcept nogil
     cdef int send_window(self, route_t *r, int count, Py_ssize_t stride) noexcept nogil
+    cdef void gso_failed(self, long rc) noexcept nogil
     cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil
     cdef void co_add(self, uint8_t *p, Py_ssize_t n) noexcept nogil
     cdef void co_flush(self) noexcept nogil

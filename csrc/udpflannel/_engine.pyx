@@ -39,7 +39,8 @@ cdef extern from "netio.h" nogil:
     long uf_send_gso_iov(int fd, iovec *iov, int iovcnt, uint16_t segsize,
                          const sockaddr_in *dst)
     long uf_send_many_iov(int fd, iovec *iov, int count, const sockaddr_in *dst)
-    long uf_recv_gro(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize)
+    long uf_recvmsg(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize,
+                    uint32_t *ovfl)
     int EIO
     int EINVAL
 
@@ -76,6 +77,7 @@ cdef enum:
     C_ICMP
     C_TX_SUPER
     C_RX_MERGED
+    C_GSO_FALLBACK
     D_BAD_PACKET
     D_NO_ROUTE
     D_SEND_ERROR
@@ -86,8 +88,10 @@ cdef enum:
     D_BAD_MAC
     D_BAD_ETHERTYPE
     D_BAD_IP
+    D_IPV6
     D_UNKNOWN_SENDER
     D_SPOOFED
+    D_TRUNCATED
     D_TUN_WRITE_ERROR
     N_COUNTERS
 
@@ -210,13 +214,15 @@ cdef class Engine:
         self.routes = NULL
         self.buf = NULL
         self.icmp = NULL
+        self.icmp_mem = NULL
         self.obuf = NULL
         self.cbuf = NULL
         self.bbuf = NULL
         self.tun_fd = -1
         self.udp_fd = -1
 
-    def __init__(self, *, int vni, bytes vtep_mac, str network, int subnet_len, str tun_addr):
+    def __init__(self, *, int vni, bytes vtep_mac, str network, int subnet_len,
+                 bint strict_source=False):
         net = ipaddress.IPv4Network(network)
         if not 0 < vni < (1 << 24):
             raise ValueError(f"VNI {vni} out of range")
@@ -235,24 +241,25 @@ cdef class Engine:
         self.netmask = int(net.netmask)
         self.subnet_len = subnet_len
         self.shift = 32 - subnet_len
-        self.tun_addr = _ip(tun_addr)
+        self.strict_source = strict_source
         htab_init(&self.by_subnet, 4)
         htab_init(&self.by_sender, 4)
         self.route_cap = 16
         self.nroutes = 0
         self.routes = <route_t *>calloc(self.route_cap, sizeof(route_t))
         self.buf = <uint8_t *>malloc(BUFSIZE)
-        self.icmp = <uint8_t *>malloc(VNET + 128)
+        self.icmp_mem = <uint8_t *>malloc(VNET + 128)
         self.obuf = <uint8_t *>malloc(OBUF_SIZE)
         self.cbuf = <uint8_t *>malloc(VNET + BUFSIZE)
         self.bbuf = <uint8_t *>malloc(BBUF_SIZE)
-        if (self.routes == NULL or self.buf == NULL or self.icmp == NULL or self.obuf == NULL
+        if (self.routes == NULL or self.buf == NULL or self.icmp_mem == NULL or self.obuf == NULL
                 or self.cbuf == NULL or self.bbuf == NULL):
             raise MemoryError()
-        self.icmp += VNET  # room for a virtio header in front of the ICMP reply
+        self.icmp = self.icmp_mem + VNET  # room for a virtio header in front of the ICMP reply
         self.co_count = 0
         self.b_count = 0
         self.b_off = 0
+        self.rx_ovfl = 0
         self.captured = None
         memset(self.ctr, 0, sizeof(self.ctr))
 
@@ -261,8 +268,7 @@ cdef class Engine:
         htab_free(&self.by_sender)
         free(self.routes)
         free(self.buf)
-        if self.icmp != NULL:
-            free(self.icmp - VNET)
+        free(self.icmp_mem)
         free(self.obuf)
         free(self.cbuf)
         free(self.bbuf)
@@ -394,7 +400,11 @@ cdef class Engine:
         _put16(o + 2, <uint16_t>(28 + quoted))
         o[8] = 64
         o[9] = 1
-        _put32(o + 12, self.tun_addr)
+        # From the unreachable address itself: a local source (the TUN's own address,
+        # flannel's choice) is dropped by the kernel as a martian, so the sender would
+        # never learn; an address of an unleased subnet is never local and routes back
+        # through the TUN, so reverse-path filtering accepts it too.
+        _put32(o + 12, dst)
         memcpy(o + 16, pkt + 12, 4)
         o[20] = 3  # destination unreachable, code 0: net unreachable
         memcpy(o + 28, pkt, quoted)
@@ -409,6 +419,7 @@ cdef class Engine:
         """On ACT_DELIVER the packet is d[HEADROOM : HEADROOM + plen]."""
         cdef uint8_t *p = d + HEADROOM
         cdef uint16_t ethertype
+        cdef uint32_t inner_src
         cdef Py_ssize_t ihl, total
         cdef route_t *owner = NULL
         if n < HEADROOM + 20:
@@ -425,7 +436,6 @@ cdef class Engine:
             total = _be16(p + 2)
             if (p[0] >> 4) != 4 or ihl < 20 or total < ihl or HEADROOM + total > n:
                 return self.drop(D_BAD_IP)
-            owner = self.find(_be32(p + 12))
         elif ethertype == 0x86DD:
             if n < HEADROOM + 40 or (p[0] >> 4) != 6:
                 return self.drop(D_BAD_IP)
@@ -434,10 +444,18 @@ cdef class Engine:
                 return self.drop(D_BAD_IP)
         else:
             return self.drop(D_BAD_ETHERTYPE)
-        if owner == NULL or owner.public_ip != source:
-            if htab_get(&self.by_sender, source) > 0:
-                return self.drop(D_SPOOFED)
+        if htab_get(&self.by_sender, source) <= 0:
             return self.drop(D_UNKNOWN_SENDER)
+        if ethertype != 0x0800:
+            return self.drop(D_IPV6)  # the overlay carries IPv4 only
+        inner_src = _be32(p + 12)
+        # A source inside the overlay must be the sender's own subnet (no node may
+        # speak for another's pods); one outside it is routed traffic (a host
+        # address, an ICMP error from a router), delivered unless strict_source.
+        if self.strict_source or (inner_src & self.netmask) == self.net:
+            owner = self.find(inner_src)
+            if owner == NULL or owner.public_ip != source:
+                return self.drop(D_SPOOFED)
         plen[0] = total
         self.ctr[C_RX_PACKETS] += 1
         self.ctr[C_RX_BYTES] += total
@@ -488,6 +506,11 @@ cdef class Engine:
     def offloads(self):
         """What is in use now (gso turns itself off if the kernel refuses it)."""
         return {"vnet_hdr": bool(self.vnet), "gso": bool(self.gso), "gro": bool(self.gro)}
+
+    def kernel_drops(self):
+        """Datagrams the kernel dropped on the UDP socket (its receive queue was full),
+        as last reported by SO_RXQ_OVFL; 0 until the option is on and a read saw it."""
+        return self.rx_ovfl
 
     def drain_tun(self, int budget):
         """Read the TUN until EAGAIN or budget reads; returns reads done,
@@ -595,8 +618,8 @@ cdef class Engine:
                                      &self.b_route.addr)
                 if rc >= 0:
                     sent = count
-                elif rc == -EIO or rc == -EINVAL:
-                    self.gso = False  # refused: sendmmsg from now on
+                else:
+                    self.gso_failed(rc)
             if sent == 0:
                 for k in range(count):
                     self.tx_iov[2 * k] = self.b_iov[k]
@@ -613,7 +636,7 @@ cdef class Engine:
         """One read: virtio header at pkt - VNET, then the packet (at a batch slot)."""
         cdef uint8_t *v = pkt - VNET
         cdef Py_ssize_t plen = n - VNET
-        cdef uint16_t gso_size, cstart, coff
+        cdef uint16_t gso_size, cstart, coff, csum
         if n < VNET:
             self.drop(D_BAD_OFFLOAD)
             return
@@ -632,9 +655,12 @@ cdef class Engine:
                 self.drop(D_BAD_OFFLOAD)
                 return
             # The field already holds the pseudo-header sum, so summing from
-            # csum_start to the end and inverting gives the full checksum.
-            _store_native16(pkt + cstart + coff,
-                            ~uf_csum_fold(uf_csum_partial(pkt + cstart, plen - cstart, 0)))
+            # csum_start to the end and inverting gives the full checksum. A UDP
+            # checksum of 0 means "none": its ones' complement twin FFFF is sent.
+            csum = ~uf_csum_fold(uf_csum_partial(pkt + cstart, plen - cstart, 0))
+            if csum == 0 and plen >= 20 and (pkt[0] >> 4) == 4 and pkt[9] == 17:
+                csum = 0xFFFF
+            _store_native16(pkt + cstart + coff, csum)
         self.queue_packet(pkt, plen)
 
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
@@ -663,7 +689,8 @@ cdef class Engine:
             return
         thl = (pkt[ihl + 12] >> 4) * 4 if proto == 6 else 8
         hlen = ihl + thl
-        if thl < 8 or n < hlen or mss == 0 or HEADROOM + hlen + mss > UDP_GSO_MAX:
+        if (thl < (20 if proto == 6 else 8) or n < hlen or mss == 0
+                or HEADROOM + hlen + mss > UDP_GSO_MAX):
             self.drop(D_BAD_OFFLOAD)  # (a segment must fit one UDP datagram)
             return
         r = self.find(_be32(pkt + 16))
@@ -751,28 +778,27 @@ cdef class Engine:
             rc = uf_send_gso_iov(self.udp_fd, self.tx_iov, 2 * count, <uint16_t>stride, &r.addr)
             if rc >= 0:
                 return count
-            if rc != -EIO and rc != -EINVAL:
-                return 0
-            self.gso = False  # the egress device cannot do it: sendmmsg from now on
+            self.gso_failed(rc)
         rc = uf_send_many_iov(self.udp_fd, self.tx_iov, count, &r.addr)
         return <int>rc if rc > 0 else 0
+
+    cdef void gso_failed(self, long rc) noexcept nogil:
+        """A UDP_SEGMENT send failed: the caller retries it as single datagrams. Only
+        EIO means the kernel cannot segment here (wireguard-go's rule): then GSO is off
+        for good (the daemon logs it). Anything else (EMSGSIZE or EINVAL when a path is
+        narrower than a segment, a full buffer) concerns this send alone."""
+        self.ctr[C_GSO_FALLBACK] += 1
+        if rc == -EIO:
+            self.gso = False
 
     cdef int udp_drain_c(self, int budget) noexcept nogil:
         cdef int done = 0, segsize = 0
         cdef long n
         cdef Py_ssize_t plen = 0, off, dl
         cdef sockaddr_in src
-        cdef socklen_t slen
         cdef uint32_t source
         while done < budget:
-            if self.gro:
-                n = uf_recv_gro(self.udp_fd, self.buf, BUFSIZE, &src, &segsize)
-            else:
-                slen = sizeof(sockaddr_in)
-                n = recvfrom(self.udp_fd, self.buf, BUFSIZE, 0, <sockaddr *>&src, &slen)
-                if n < 0:
-                    n = -errno
-                segsize = 0
+            n = uf_recvmsg(self.udp_fd, self.buf, BUFSIZE, &src, &segsize, &self.rx_ovfl)
             if n < 0:
                 if n == -EINTR:
                     continue
@@ -780,8 +806,14 @@ cdef class Engine:
                     return <int>n
                 break
             done += 1
+            if segsize < 0:  # control data cut short: the GRO segment size is unknown
+                self.drop(D_TRUNCATED)
+                continue
+            if n == 0:
+                self.drop(D_SHORT)
+                continue
             source = ntohl(src.sin_addr.s_addr)
-            if segsize <= 0 or segsize >= n:
+            if segsize == 0 or segsize >= n:
                 segsize = <int>n
             off = 0
             while off < n:

@@ -147,12 +147,26 @@ static inline long uf_send_many_iov(int fd, struct iovec *iov, int count,
     return sent;
 }
 
-/* recvmsg that reports the GRO segment size (0 when the read is one datagram). */
-static inline long uf_recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr_in *src,
-                               int *segsize)
+#ifndef SO_RXQ_OVFL
+#define SO_RXQ_OVFL 40
+#endif
+
+/* Room for every control message we ask for (UDP_GRO's int, SO_RXQ_OVFL's u32) and
+ * then some, aligned for struct cmsghdr as CMSG_* require. */
+union uf_cmsg_space {
+    char buf[CMSG_SPACE(sizeof(int)) + CMSG_SPACE(sizeof(uint32_t)) + 64];
+    struct cmsghdr align;
+};
+
+/* One recvmsg. *segsize: the GRO segment size (0 when the read is one datagram),
+ * or -1 when the kernel had to cut the control data (MSG_CTRUNC): then the segment
+ * size is unknown and the caller must not split the read. *ovfl: the socket's
+ * kernel drop count when SO_RXQ_OVFL is on (left alone otherwise). */
+static inline long uf_recvmsg(int fd, uint8_t *buf, size_t cap, struct sockaddr_in *src,
+                              int *segsize, uint32_t *ovfl)
 {
     struct iovec iov = {buf, cap};
-    char control[CMSG_SPACE(sizeof(int))];
+    union uf_cmsg_space control;
     struct msghdr msg;
     struct cmsghdr *cm;
     memset(&msg, 0, sizeof msg);
@@ -160,15 +174,21 @@ static inline long uf_recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr
     msg.msg_namelen = sizeof *src;
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
     long n = recvmsg(fd, &msg, 0);
     if (n < 0)
         return -errno;
     *segsize = 0;
+    if (msg.msg_flags & MSG_CTRUNC) {
+        *segsize = -1;
+        return n;
+    }
     for (cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
         if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO)
             memcpy(segsize, CMSG_DATA(cm), sizeof(int));
+        else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SO_RXQ_OVFL)
+            memcpy(ovfl, CMSG_DATA(cm), sizeof(uint32_t));
     }
     return n;
 }

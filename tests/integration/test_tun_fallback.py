@@ -40,7 +40,7 @@ def test_tso_refused_falls_back_to_plain_reads(make_lab, monkeypatch):
             out.bind(("127.0.0.1", 0))
             out.setblocking(False)
             engine = Engine(vni=1, vtep_mac=b"\x02\0\0\0\0\x01", network="10.244.0.0/16",
-                            subnet_len=24, tun_addr="10.244.1.0")
+                            subnet_len=24)
             engine.set_route("10.244.2.0/24", "127.0.0.1", peer.getsockname()[1], b"\x02\0\0\0\0\x02")
             engine.attach(dev.fd, out.fileno(), vnet_hdr=True, gso=False, gro=False)
             app.sendto(b"through a TUN without TSO", ("10.244.2.9", 9999))

@@ -30,8 +30,7 @@ PEER2_SUBNET = "10.244.3.0/24"
 PEER2_IP = "192.168.64.4"
 PEER2_MAC = bytes.fromhex("6a0000000004")
 
-DEFAULT_ARGS = dict(vni=VNI, vtep_mac=OWN_MAC, network=NETWORK, subnet_len=SUBNET_LEN,
-                    tun_addr=TUN_ADDR)
+DEFAULT_ARGS = dict(vni=VNI, vtep_mac=OWN_MAC, network=NETWORK, subnet_len=SUBNET_LEN)
 
 
 def engine_args(**overrides) -> dict:

@@ -225,8 +225,13 @@ def _flat():
                        id="spoofed-our-own-subnet")
     yield pytest.param(vxlan(inner(src="10.244.77.1")), PEER_IP, "spoofed",
                        id="spoofed-unleased-subnet")
-    yield pytest.param(vxlan(inner(src="8.8.8.8")), PEER_IP, "spoofed",
-                       id="spoofed-outside-overlay")
+    yield pytest.param(vxlan(inner(src="10.244.0.9")), PEER_IP, "spoofed",
+                       id="spoofed-zeroth-subnet")
+    yield pytest.param(b"", PEER_IP, "short", id="short-empty")
+    yield pytest.param(vxlan(bytes([0x60]) + b"\0" * 39, ethertype=b"\x86\xdd"), PEER_IP, "ipv6",
+                       id="ipv6-from-a-known-peer")
+    yield pytest.param(vxlan(bytes([0x60]) + b"\0" * 39, ethertype=b"\x86\xdd"), UNKNOWN_IP,
+                       "unknown_sender", id="ipv6-from-a-stranger")
 
 
 @pytest.mark.parametrize("datagram, source, reason", list(_flat()))
@@ -239,6 +244,22 @@ def test_each_drop_reason(engine, datagram, source, reason):
 @pytest.mark.parametrize("datagram, source, reason", list(_flat()))
 def test_each_drop_reason_engines_agree(datagram, source, reason):
     assert check_decap(datagram, source) == ("drop", reason, None)
+
+
+@pytest.mark.parametrize("src", ["8.8.8.8", "192.168.64.9", "172.16.0.1"])
+def test_routed_source_outside_the_overlay_is_delivered(src):
+    """A pod talking to a host address gets the reply: the peer routes it back with
+    the host's address as source (issue 7 part 3)."""
+    datagram = vxlan(inner(src=src))
+    for e in make_engines(with_peers=True):
+        assert e.decap(datagram, PEER_IP) == ("deliver", datagram[22:], None)
+
+
+@pytest.mark.parametrize("src", ["8.8.8.8", "10.244.3.9"])
+def test_strict_source_refuses_every_foreign_source(src):
+    for e in make_engines(with_peers=True, strict_source=True):
+        assert e.decap(vxlan(inner(src=src)), PEER_IP) == ("drop", "spoofed", None)
+        assert e.decap(VALID, PEER_IP)[0] == "deliver"
 
 
 def test_valid_datagram_is_delivered(engine):

@@ -179,7 +179,7 @@ def test_decap_scapy_ipv6_inner_is_not_delivered(engines):
 def test_encap_then_scapy_rewrap_then_decap(engine_cls):
     """Engine A frames, scapy re-parses and re-serialises, engine B unwraps."""
     a = engine_cls(**engine_args())
-    b = engine_cls(**engine_args(vtep_mac=PEER_MAC, tun_addr="10.244.2.0"))
+    b = engine_cls(**engine_args(vtep_mac=PEER_MAC))
     a.set_route("10.244.2.0/24", PEER_IP, PEER_PORT, PEER_MAC)
     b.set_route("10.244.1.0/24", "192.168.64.2", PEER_PORT, OWN_MAC)
     pkt = IP(src="10.244.1.9", dst="10.244.2.200") / TCP(dport=80, flags="S") / b"GET /"

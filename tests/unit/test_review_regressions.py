@@ -96,8 +96,7 @@ def test_failed_tun_write_undoes_rx_bytes_too():
     udp.bind(("127.0.0.1", 0))
     udp.setblocking(False)
     b.close()  # writes to `a` now fail with EPIPE
-    e = Engine(vni=1, vtep_mac=b"\x02\0\0\0\0\x0b", network="10.244.0.0/16", subnet_len=24,
-               tun_addr="10.244.2.0")
+    e = Engine(vni=1, vtep_mac=b"\x02\0\0\0\0\x0b", network="10.244.0.0/16", subnet_len=24)
     e.set_route("10.244.1.0/24", "127.0.0.1", 9, b"\x02\0\0\0\0\x0a")
     e.attach(a.fileno(), udp.fileno())
     from scapy.layers.l2 import Ether

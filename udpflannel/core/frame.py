@@ -13,19 +13,25 @@ Wire format (RFC 7348, as Linux and flannel's vxlan backend use it)::
 Outbound (TUN -> UDP): the packet's destination picks the peer whose subnet holds it.
 No peer but inside the overlay network -> ICMP net unreachable written back to the TUN
 (as flannel's udp proxy does; never in reply to an ICMP error or a non-first
-fragment). Anything else -> dropped and counted.
+fragment), sent from the unreachable address itself: flannel's choice, the TUN's own
+address, is a local source the kernel drops as a martian. Anything else -> dropped
+and counted.
 
-Inbound (UDP -> TUN): every header is checked, and the inner source address must lie
-in the subnet of the peer whose public IP sent the datagram; otherwise one drop
-counter names the reason.
+Inbound (UDP -> TUN): every header is checked and the sender must be a known node. An
+inner source inside the overlay network must lie in the sender's own subnet (no node
+may speak for another's pods); one outside it is routed traffic (a host address, a
+router's ICMP error) and is delivered, unless ``strict_source`` demands the sender's
+subnet for every source. Otherwise one drop counter names the reason.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
 import struct
+import sys
 
 from udpflannel.core import offload
 
@@ -37,15 +43,17 @@ ETH_P_IPV6 = 0x86DD
 
 # Drop reasons, in counter order. Outbound first, then inbound.
 TX_DROPS = ("bad_packet", "no_route", "send_error", "bad_offload")
-RX_DROPS = ("short", "bad_flags", "bad_vni", "bad_mac", "bad_ethertype", "bad_ip",
-            "unknown_sender", "spoofed", "tun_write_error")
+RX_DROPS = ("short", "bad_flags", "bad_vni", "bad_mac", "bad_ethertype", "bad_ip", "ipv6",
+            "unknown_sender", "spoofed", "truncated", "tun_write_error")
 # tx_super_packets: TSO super-packets read from the TUN (each sent as many datagrams);
-# rx_merged_writes: TUN writes that carried several coalesced TCP segments.
+# rx_merged_writes: TUN writes that carried several coalesced TCP segments;
+# gso_fallbacks: UDP_SEGMENT sends that failed and were sent again datagram by datagram.
 COUNTERS = (("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "icmp_unreachable",
-             "tx_super_packets", "rx_merged_writes")
+             "tx_super_packets", "rx_merged_writes", "gso_fallbacks")
             + tuple("drop_" + r for r in TX_DROPS + RX_DROPS))
 
 SEND, ICMP, DELIVER, DROP = "send", "icmp", "deliver", "drop"
+SO_RXQ_OVFL = 40  # socket option: each read reports the socket's kernel drop count
 
 _ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
 
@@ -63,15 +71,15 @@ def inet_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def icmp_net_unreachable(packet: bytes, source: int) -> bytes:
-    """ICMP type 3 code 0 from ``source`` back to the sender of ``packet``."""
+def icmp_net_unreachable(packet: bytes) -> bytes:
+    """ICMP type 3 code 0 back to the sender of ``packet``, from its destination."""
     ihl = (packet[0] & 0x0F) * 4
     quoted = packet[: ihl + 8]
     icmp = bytearray(b"\x03\x00\x00\x00\x00\x00\x00\x00" + quoted)
     struct.pack_into("!H", icmp, 2, inet_checksum(bytes(icmp)))
     total = 20 + len(icmp)
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 1, 0,
-                               source.to_bytes(4, "big"), packet[12:16]))
+                               packet[16:20], packet[12:16]))
     struct.pack_into("!H", ip, 10, inet_checksum(bytes(ip)))
     return bytes(ip + icmp)
 
@@ -80,7 +88,7 @@ class PyEngine:
     """Route table + framing + counters. Same API as ``udpflannel._engine.Engine``."""
 
     def __init__(self, *, vni: int, vtep_mac: bytes, network: str, subnet_len: int,
-                 tun_addr: str) -> None:
+                 strict_source: bool = False) -> None:
         net = ipaddress.IPv4Network(network)
         if not 0 < vni < 1 << 24:
             raise ValueError(f"VNI {vni} out of range")
@@ -94,11 +102,12 @@ class PyEngine:
         self._netmask = int(net.netmask)
         self._shift = 32 - subnet_len
         self._subnet_len = subnet_len
-        self._tun_addr = int(ipaddress.IPv4Address(tun_addr))
+        self._strict_source = strict_source
         self._vxlan = vxlan_header(vni)
         self._routes: dict[int, tuple[int, int, bytes]] = {}  # subnet base -> peer
         self._senders: dict[int, int] = {}  # public IP -> number of subnets it owns
         self._c = dict.fromkeys(COUNTERS, 0)
+        self._kernel_drops = 0
 
     # --- control path -------------------------------------------------------------
     def _subnet_base(self, subnet: str) -> int:
@@ -178,7 +187,7 @@ class PyEngine:
                 or frag_offset or is_icmp_error):
             return self._drop("no_route")
         self._c["icmp_unreachable"] += 1
-        return ICMP, icmp_net_unreachable(packet, self._tun_addr), None
+        return ICMP, icmp_net_unreachable(packet), None
 
     def decap(self, datagram: bytes, source: str) -> tuple[str, object, None]:
         """UDP -> TUN. (DELIVER, packet, None) | (DROP, reason, None)."""
@@ -210,9 +219,14 @@ class PyEngine:
         else:
             return self._drop("bad_ethertype")
         sender = int(ipaddress.IPv4Address(source))
-        owner = self._find(inner_src) if inner_src is not None else None
-        if owner is None or owner[0] != sender:
-            return self._drop("spoofed" if sender in self._senders else "unknown_sender")
+        if sender not in self._senders:
+            return self._drop("unknown_sender")
+        if inner_src is None:
+            return self._drop("ipv6")  # the overlay carries IPv4 only
+        if self._strict_source or inner_src & self._netmask == self._net:
+            owner = self._find(inner_src)
+            if owner is None or owner[0] != sender:
+                return self._drop("spoofed")
         self._c["rx_packets"] += 1
         self._c["rx_bytes"] += total
         return DELIVER, bytes(d[p:p + total]), None
@@ -261,13 +275,19 @@ class PyEngine:
     def offloads(self) -> dict[str, bool]:
         return {"vnet_hdr": False, "gso": False, "gro": False}
 
+    def kernel_drops(self) -> int:
+        return self._kernel_drops
+
     def drain_tun(self, budget: int) -> int:
+        """Like the compiled drain: reads done, or -errno if the TUN itself failed."""
         done = 0
         while done < budget:
             try:
                 packet = os.read(self._tun_fd, 65535)
-            except BlockingIOError:
+            except (BlockingIOError, InterruptedError):
                 break
+            except OSError as e:
+                return -(e.errno or errno.EIO)
             done += 1
             kind, data, addr = self.encap(packet)
             if kind == SEND:
@@ -282,13 +302,23 @@ class PyEngine:
         return done
 
     def drain_udp(self, budget: int) -> int:
+        """Like the compiled drain: reads done, or -errno if the socket itself failed."""
         done = 0
         while done < budget:
             try:
-                datagram, (source, _port) = self._sock.recvfrom(65535)
-            except BlockingIOError:
+                datagram, ancillary, flags, (source, _port) = self._sock.recvmsg(
+                    65535, socket.CMSG_SPACE(4) * 2)
+            except (BlockingIOError, InterruptedError):
                 break
+            except OSError as e:
+                return -(e.errno or errno.EIO)
             done += 1
+            for level, kind, value in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, SO_RXQ_OVFL) and len(value) >= 4:
+                    self._kernel_drops = int.from_bytes(value[:4], sys.byteorder)
+            if flags & socket.MSG_CTRUNC:
+                self._drop("truncated")
+                continue
             kind, data, _ = self.decap(datagram, source)
             if kind == DELIVER and not _write_quietly(self._tun_fd, data):
                 self._c["rx_packets"] -= 1

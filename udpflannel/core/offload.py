@@ -83,6 +83,8 @@ def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes
     if csum_start >= len(packet) or end > len(packet):
         raise OffloadError("checksum offsets outside the packet")
     value = ~_sum16(packet[csum_start:]) & 0xFFFF
+    if value == 0 and len(packet) >= 20 and packet[0] >> 4 == 4 and packet[9] == 17:
+        value = 0xFFFF  # a UDP checksum of 0 means "none": send its twin
     return packet[:end - 2] + struct.pack("!H", value) + packet[end:]
 
 
@@ -104,8 +106,8 @@ def segment(data: bytes) -> list[bytes]:
         raise OffloadError("super-packet without its TCP/UDP header")
     l4len = (packet[ihl + 12] >> 4) * 4 if proto == 6 else 8
     hlen = ihl + l4len
-    if l4len < 8 or len(packet) < hlen or gso_size == 0:
-        raise OffloadError("bad L4 header length or gso_size")
+    if l4len < (20 if proto == 6 else 8) or len(packet) < hlen or gso_size == 0:
+        raise OffloadError("bad L4 header length or gso_size")  # TCP: 20-60 bytes
     if FRAME_HEADERS + hlen + gso_size > UDP_MAX_PAYLOAD:
         raise OffloadError(f"gso_size {gso_size} makes segments too big for a UDP datagram")
     ip, l4, payload = packet[:ihl], packet[ihl:hlen], packet[hlen:]

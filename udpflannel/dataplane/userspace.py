@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 BUDGET = 256
 LOG_EACH = 20  # lease events logged one by one up to this batch size
 SOCKET_BUFFER = 32 << 20  # room for ~250 GRO batches of 64 KB while the daemon is busy
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_RXQ_OVFL = 32, 33, 40
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_OMIT = 10, 0, 5
 OFFLOADS = ("tso", "gso", "gro")  # TUN super-packets, UDP_SEGMENT sends, UDP_GRO receives
 
 
@@ -60,10 +61,10 @@ class DataplaneError(Exception):
     pass
 
 
-def make_engine(kind: str, config: NetworkConfig, lease: Lease):
+def make_engine(kind: str, config: NetworkConfig, lease: Lease, strict_source: bool = False):
     """'compiled' (the default) or 'python' (the reference twin, slow)."""
     args = dict(vni=config.vni, vtep_mac=mac_bytes(lease.vtep_mac), network=str(config.network),
-                subnet_len=config.subnet_len, tun_addr=str(lease.subnet.network_address))
+                subnet_len=config.subnet_len, strict_source=strict_source)
     if kind == "python":
         return PyEngine(**args)
     from udpflannel._engine import Engine
@@ -85,8 +86,22 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         except OSError:  # not root: the capped, unforced size
             sock.setsockopt(socket.SOL_SOCKET, fallback, SOCKET_BUFFER)
+    set_no_path_mtu(sock)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)  # every read reports kernel drops
     sock.setblocking(False)
     return sock
+
+
+def set_no_path_mtu(sock: socket.socket) -> None:
+    """Outer packets leave with DF clear and are fragmented if they exceed the
+    interface MTU, as kernel VXLAN's are by default; ICMP "fragmentation needed"
+    is ignored for this socket (IP_PMTUDISC_OMIT, Linux >= 3.16), so a forged one
+    from any host cannot shrink what the node sends (issue 7 part 1). Older kernels
+    get DF clear alone (IP_PMTUDISC_DONT)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_OMIT)
+    except OSError:
+        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
 
 
 class Dataplane:
@@ -101,6 +116,7 @@ class Dataplane:
         udp = enable_udp_offloads(sock, offloads)
         engine.attach(tun.fd, sock.fileno(), vnet_hdr=tun.vnet_hdr, gso="gso" in udp,
                       gro="gro" in udp)
+        self._gso = "gso" in udp
         log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s", getattr(tun, "offloads", "none"),
                  *("on" if x else "off" for x in ("gso" in udp, "gro" in udp)))
 
@@ -123,6 +139,14 @@ class Dataplane:
         n = self.engine.drain_udp(BUDGET)
         if n < 0:
             self._fail(f"receiving on the UDP socket failed: {os.strerror(-n)}")
+
+    def check_offloads(self) -> None:
+        """Say once in the log when the engine turned UDP GSO off for good (the kernel
+        answered EIO: the egress device cannot checksum-offload)."""
+        if self._gso and not self.engine.offloads()["gso"]:
+            self._gso = False
+            log.warning("UDP GSO turned off: the kernel cannot segment on this path (EIO); "
+                        "sending datagrams one by one")
 
     def _fail(self, message: str) -> None:
         self.stop()

@@ -11,9 +11,25 @@ from udpflannel.core import subnetenv
 from udpflannel.core.lease import normalize_mac
 
 
-def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
+def ensure_dir(path: str, mode: int) -> None:
+    """Create a missing directory (and parents) with exactly ``mode``, whatever the
+    umask: under umask 000 a plain makedirs gives 0777, and anyone could then swap
+    subnet.env or the VTEP MAC. An existing directory is the operator's and left alone."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent != path:
+        ensure_dir(parent, 0o755)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
+
+
+def write_atomically(path: str, text: str, mode: int = 0o644, dir_mode: int = 0o755) -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    ensure_dir(directory, dir_mode)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
@@ -47,5 +63,5 @@ def load_or_create_mac(state_dir: str, name: str) -> str:
     raw = bytearray(secrets.token_bytes(6))
     raw[0] = (raw[0] & 0xFC) | 0x02  # locally administered, unicast
     mac = ":".join(f"{b:02x}" for b in raw)
-    write_atomically(path, mac + "\n")
+    write_atomically(path, mac + "\n", dir_mode=0o700)
     return mac

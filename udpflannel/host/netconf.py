@@ -68,6 +68,15 @@ def find_underlay(iface: str | None, public_ip: str | None) -> Underlay:
                     ipaddress.IPv4Address(public_ip) if public_ip else local, link.get("mtu"))
 
 
+def underlay_address_present(underlay: Underlay) -> bool:
+    """Whether the underlay interface still holds the address our socket is bound to."""
+    with IPRoute() as ipr:
+        try:
+            return underlay.address in _ipv4_addresses(ipr, underlay.ifindex)
+        except NetlinkError:  # the interface itself is gone
+            return False
+
+
 UDP_GSO_MAX = 65507  # payload bytes one UDP_SEGMENT send may carry
 VXLAN_FRAME_HEADERS = 22  # VXLAN + inner Ethernet, in front of each inner packet
 

@@ -14,33 +14,53 @@ from typing import Any, Callable
 
 import msgpack
 
+from udpflannel.host import localstate
+
 
 class AdminSocketBusy(Exception):
     pass
 
 
+MAX_CONNECTIONS = 16  # concurrent clients; more are closed at once
+IDLE_TIMEOUT = 10.0  # seconds a client may stay silent
+MAX_REQUEST = 4096  # bytes of one request
+
+
 async def serve(path: str, status: Callable[[], dict[str, Any]]) -> asyncio.AbstractServer:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Listen on ``path`` (mode 0600, in a 0700 directory it creates). Bounded: at most
+    MAX_CONNECTIONS clients at a time, each dropped after IDLE_TIMEOUT seconds of
+    silence or a request over MAX_REQUEST bytes, so idle or hostile local clients
+    cannot pile up memory in the daemon."""
+    localstate.ensure_dir(os.path.dirname(os.path.abspath(path)), 0o700)
     if os.path.exists(path):
         if not _listening(path):
             os.unlink(path)  # a stale socket left by a daemon that died
         else:
             raise AdminSocketBusy(f"admin socket {path} belongs to a running daemon "
                                   "(another udpflannel on this node? use --admin-socket)")
+    clients: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        unpacker = msgpack.Unpacker()
+        if len(clients) >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        clients.add(writer)
+        unpacker = msgpack.Unpacker(max_buffer_size=MAX_REQUEST)
         try:
-            while data := await reader.read(4096):
+            while data := await asyncio.wait_for(reader.read(MAX_REQUEST), IDLE_TIMEOUT):
                 unpacker.feed(data)
                 for request in unpacker:
                     cmd = request.get("cmd") if isinstance(request, dict) else None
                     reply = status() if cmd == "status" else {"error": f"unknown command {cmd!r}"}
                     writer.write(msgpack.packb(reply))
-                    await writer.drain()
-        except (ConnectionError, ValueError, msgpack.UnpackException):
+                    await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
+        except (ConnectionError, ValueError, msgpack.UnpackException, msgpack.BufferFull,
+                asyncio.TimeoutError):
+            pass
+        except asyncio.CancelledError:  # the daemon is stopping: just hang up
             pass
         finally:
+            clients.discard(writer)
             writer.close()
 
     server = await asyncio.start_unix_server(handle, path)

@@ -1,0 +1,42 @@
+"""Local files are created with explicit modes, whatever the umask (issue 7 part 5)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from udpflannel.host import localstate
+
+
+@pytest.fixture
+def open_umask():
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_new_directories_get_exact_modes_under_umask_000(tmp_path, open_umask):
+    env = tmp_path / "run" / "flannel" / "subnet.env"
+    localstate.write_atomically(str(env), "FLANNEL_MTU=1450\n")
+    assert mode(env) == 0o644
+    assert mode(env.parent) == mode(env.parent.parent) == 0o755
+    mac = localstate.load_or_create_mac(str(tmp_path / "state" / "udpflannel"), "flannel0")
+    assert mode(tmp_path / "state" / "udpflannel") == 0o700
+    assert mode(tmp_path / "state" / "udpflannel" / "flannel0.vtep-mac") == 0o644
+    assert localstate.load_or_create_mac(str(tmp_path / "state" / "udpflannel"), "flannel0") == mac
+
+
+def test_existing_directory_is_left_alone(tmp_path, open_umask):
+    d = tmp_path / "mine"
+    d.mkdir(mode=0o750)
+    os.chmod(d, 0o750)
+    localstate.ensure_dir(str(d), 0o700)
+    assert mode(d) == 0o750
