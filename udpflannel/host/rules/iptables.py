@@ -1,0 +1,222 @@
+"""flanneld's masquerade and forward rules through iptables (iptables-save / -restore).
+
+Theory of operation. flanneld owns two chains: nat FLANNEL-POSTRTG, jumped to from
+POSTROUTING, and filter FLANNEL-FWD, jumped to from FORWARD (rule text and order from
+flannel-io/flannel pkg/trafficmngr/iptables/iptables.go, masqRules and forwardRules).
+Each resync, flanneld checks every rule with `iptables -C` and, if one is missing,
+deletes and re-appends them all in one `iptables-restore --noflush` so the order holds.
+
+Here the check reads each table once with `iptables-save -t TABLE` and compares our
+chain with the wanted lines exactly (same rules, same order, nothing else) and counts
+the jump (exactly one). A repair is one `iptables-restore -w --noflush` per table:
+declaring `:CHAIN - [0:0]` creates the chain or empties it, then its rules follow, all
+in one kernel transaction, so packets never meet a half-written chain (no window where
+forwarding is dropped or masquerading skipped). A missing jump is appended (as flanneld
+does); extra copies are deleted. Chains the spec does not want (e.g. --ip-masq turned
+off since the last run) are unhooked and deleted. Rules outside our two chains other
+than the jumps into them are never touched. Nothing is remembered between calls: the
+kernel is the state, so restarts and repeated calls never duplicate anything. If the
+tables change between our read and our write the restore fails; we read and try again
+once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from udpflannel.host.rules.base import Rules, RuleSpec, failed, run
+
+MASQ_CHAIN = "FLANNEL-POSTRTG"
+FWD_CHAIN = "FLANNEL-FWD"
+MASQ_COMMENT = "flanneld masq"
+FWD_COMMENT = "flanneld forward"
+KUBE_PROXY_MARK = "0x4000/0x4000"  # flannel pkg/trafficmngr/trafficmngr.go KubeProxyMark
+MULTICAST = "224.0.0.0/4"
+RESTORE = ("iptables-restore", "-w", "5", "--noflush")  # -w: wait for the xtables lock
+
+
+@dataclass(frozen=True)
+class IptRule:
+    chain: str
+    args: tuple[str, ...]
+
+    def spec(self) -> str:
+        """The rule as iptables-save prints it after `-A CHAIN` (comments quoted)."""
+        out = []
+        for i, arg in enumerate(self.args):
+            out.append(f'"{arg}"' if i and self.args[i - 1] == "--comment" else arg)
+        return " ".join(out)
+
+    def line(self) -> str:
+        return f"-A {self.chain} {self.spec()}"
+
+
+@dataclass(frozen=True)
+class OwnedChain:
+    table: str                   # "nat" or "filter"
+    name: str                    # our chain
+    hook: str                    # the built-in chain that jumps to it
+    jump: IptRule                # that jump (lives in ``hook``)
+    rules: tuple[IptRule, ...]   # our chain's content, in order
+
+
+def _masq(match: tuple[str, ...], target: tuple[str, ...]) -> IptRule:
+    return IptRule(MASQ_CHAIN, (*match, "-m", "comment", "--comment", MASQ_COMMENT, *target))
+
+
+def masq_chain(spec: RuleSpec) -> OwnedChain:
+    """flannel's masqRules, IPv4 (iptables.go); the jump is its rule 0."""
+    net, sub = str(spec.network), str(spec.subnet)
+    ret = ("-j", "RETURN")
+    masquerade = ("-j", "MASQUERADE", "--random-fully") if spec.fully_random else ("-j", "MASQUERADE")
+    rules = (
+        # kube-proxy marks what it will masquerade itself: no double NAT
+        _masq(("-m", "mark", "--mark", KUBE_PROXY_MARK), ret),
+        # traffic between this node's pods and the cluster network: never NAT
+        _masq(("-s", sub, "-d", net), ret),
+        _masq(("-s", net, "-d", sub), ret),
+        # outside traffic to a pod of this node keeps its source (externalTrafficPolicy=Local)
+        _masq(("!", "-s", net, "-d", sub), ret),
+        # pods leaving the cluster network, except multicast
+        _masq(("-s", net, "!", "-d", MULTICAST), masquerade),
+        # the host (or anything outside) talking into the cluster network
+        _masq(("!", "-s", net, "-d", net), masquerade),
+    )
+    jump = IptRule("POSTROUTING", ("-m", "comment", "--comment", MASQ_COMMENT, "-j", MASQ_CHAIN))
+    return OwnedChain("nat", MASQ_CHAIN, "POSTROUTING", jump, rules)
+
+
+def forward_chain(spec: RuleSpec) -> OwnedChain:
+    """flannel's forwardRules (iptables.go); the jump is its rule 0."""
+    net = str(spec.network)
+    rules = tuple(IptRule(FWD_CHAIN, (flag, net, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"))
+                  for flag in ("-s", "-d"))
+    jump = IptRule("FORWARD", ("-m", "comment", "--comment", FWD_COMMENT, "-j", FWD_CHAIN))
+    return OwnedChain("filter", FWD_CHAIN, "FORWARD", jump, rules)
+
+
+def owned_chains(spec: RuleSpec) -> list[tuple[OwnedChain, bool]]:
+    """Both chains we may own, each with whether the spec wants it."""
+    return [(masq_chain(spec), spec.masquerade), (forward_chain(spec), spec.forward)]
+
+
+def flannel_rule_list(spec: RuleSpec) -> list[str]:
+    """The wanted rules in flanneld's order, as `TABLE -A CHAIN SPEC` lines."""
+    out = []
+    for chain, wanted in owned_chains(spec):
+        if wanted:
+            out += [f"{chain.table} {r.line()}" for r in (chain.jump, *chain.rules)]
+    return out
+
+
+def parse_save(text: str) -> dict[str, list[str]]:
+    """iptables-save output of one table -> {chain: its `-A` lines, in order}."""
+    chains: dict[str, list[str]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith(":"):
+            chains.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            chains.setdefault(line.split()[1], []).append(line)
+    return chains
+
+
+def _targets(line: str, chain: str) -> bool:
+    return line.split()[-2:] == ["-j", chain]
+
+
+def plan(chain: OwnedChain, state: dict[str, list[str]], wanted: bool) -> tuple[list[str], list[str], list[str]]:
+    """What one chain needs, given its table's saved state: (chain declarations,
+    restore lines, one message per repair). Empty lists: nothing to do."""
+    hook_lines = state.get(chain.hook, [])
+    if not wanted:
+        if chain.name not in state:
+            return [], [], []
+        unhook = [f"-D {line[3:]}" for line in hook_lines if _targets(line, chain.name)]
+        lines = [*unhook, f"-F {chain.name}", f"-X {chain.name}"]
+        return [], lines, [f"iptables: removed {chain.table} chain {chain.name} (not wanted)"]
+    decls: list[str] = []
+    lines: list[str] = []
+    msgs: list[str] = []
+    want = [r.line() for r in chain.rules]
+    have = state.get(chain.name)
+    if have != want:
+        decls.append(f":{chain.name} - [0:0]")  # creates it, or empties it (--noflush)
+        lines += want
+        if have is None:
+            msgs.append(f"iptables: created {chain.table} chain {chain.name} ({len(want)} rules)")
+        else:
+            kept = sum(1 for w in want if w in have)
+            msgs.append(f"iptables: rewrote {chain.table} chain {chain.name} "
+                        f"({kept} of {len(want)} rules were in place)")
+    jumps = hook_lines.count(chain.jump.line())
+    if jumps == 0:
+        lines.append(chain.jump.line())
+        msgs.append(f"iptables: added jump {chain.hook} -> {chain.name}")
+    elif jumps > 1:
+        lines += [f"-D {chain.hook} {chain.jump.spec()}"] * (jumps - 1)
+        msgs.append(f"iptables: removed {jumps - 1} duplicate jump(s) {chain.hook} -> {chain.name}")
+    return decls, lines, msgs
+
+
+def restore_payload(table: str, decls: list[str], lines: list[str]) -> str:
+    return "\n".join([f"*{table}", *decls, *lines, "COMMIT", ""])
+
+
+class IptablesRules(Rules):
+    backend = "iptables"
+
+    def __init__(self, spec: RuleSpec) -> None:
+        super().__init__(spec)
+        self._lock = threading.Lock()  # one repair at a time from this process
+
+    def _read(self, table: str) -> dict[str, list[str]]:
+        proc = run(["iptables-save", "-t", table])
+        if proc.returncode != 0:
+            raise failed(proc, f"iptables-save -t {table}")
+        return parse_save(proc.stdout)
+
+    def _plan_all(self, chains: list[tuple[OwnedChain, bool]]) -> tuple[list[str], list[str]]:
+        """(one restore payload per table that needs work, the repair messages)."""
+        payloads: list[str] = []
+        msgs: list[str] = []
+        for table in dict.fromkeys(chain.table for chain, _ in chains):
+            state = self._read(table)
+            decls: list[str] = []
+            lines: list[str] = []
+            for chain, wanted in chains:
+                if chain.table == table:
+                    more_decls, more_lines, why = plan(chain, state, wanted)
+                    decls += more_decls
+                    lines += more_lines
+                    msgs += why
+            if decls or lines:
+                payloads.append(restore_payload(table, decls, lines))
+        return payloads, msgs
+
+    def _apply(self, chains: list[tuple[OwnedChain, bool]]) -> list[str]:
+        with self._lock:
+            error = None
+            for _attempt in range(2):  # a failed restore changed nothing: read again, retry once
+                payloads, msgs = self._plan_all(chains)
+                error = None
+                for payload in payloads:
+                    proc = run(RESTORE, payload)
+                    if proc.returncode != 0:
+                        error = failed(proc, "iptables-restore")
+                        break
+                if error is None:
+                    return msgs
+            raise error
+
+    def ensure(self) -> list[str]:
+        return self._apply(owned_chains(self.spec))
+
+    def remove(self) -> None:
+        self._apply([(chain, False) for chain, _ in owned_chains(self.spec)])
+
+    def present(self) -> bool:
+        with self._lock:
+            payloads, _ = self._plan_all(owned_chains(self.spec))
+            return not payloads

@@ -1,0 +1,237 @@
+"""flanneld's masquerade and forward rules through nftables (`nft`), as with EnableNFTables.
+
+Theory of operation. flanneld (pkg/trafficmngr/nftables/nftables.go) owns the table
+`ip flannel-ipv4` with two base chains: `postrtg` (nat, postrouting, priority srcnat)
+and `forward` (filter, forward, priority filter). It installs each chain as one
+transaction: add the chain, flush it, add the rules. It never re-checks them.
+
+Here the whole table is read back with `nft -j list table ip flannel-ipv4` (JSON is
+libnftables' stable schema, unlike the text listing) and each chain's hook and rules
+are compared with what the spec should produce (``expected_chains``). Chains that
+differ are rewritten by one `nft -f -` script: add table, add chain, flush chain, add
+rules, the way flanneld does it. nft runs a script as one kernel transaction, so
+packets see the old chain or the new one, never an empty one. A chain whose hook,
+priority or policy was changed is deleted and re-added in the same transaction.
+Chains the spec does not want are deleted. remove() deletes the table. Nothing else in
+the ruleset is read or touched, and nothing is remembered between calls.
+
+Two details copied from flanneld on purpose: the kube-proxy mark test is `meta mark
+0x4000` (an exact match, where iptables tests the bit 0x4000/0x4000), and the fourth
+masquerade rule is `ip saddr != <subnet> ip daddr <network> return` (the iptables
+rule is `! -s <network> -d <subnet>`). fully-random follows the spec (flanneld's
+nftables code uses it whenever the kernel supports it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from udpflannel.host.rules.base import Rules, RulesError, RuleSpec, failed, run
+
+FAMILY = "ip"
+TABLE = "flannel-ipv4"
+POSTRTG = "postrtg"
+FORWARD = "forward"
+KUBE_PROXY_MARK = 0x4000
+MULTICAST = "224.0.0.0/4"
+
+
+@dataclass(frozen=True)
+class NftChain:
+    name: str
+    comment: str
+    type: str
+    hook: str
+    priority: str  # as written in the script
+    prio: int      # as the kernel reports it
+    rules: tuple[str, ...]  # rule text, as flanneld writes it
+
+
+def _masq_rules(spec: RuleSpec) -> tuple[str, ...]:
+    """flannel's addMasqRules for the ip family (nftables.go)."""
+    net, sub = spec.network, spec.subnet
+    masquerade = "masquerade fully-random" if spec.fully_random else "masquerade"
+    return (
+        f"meta mark 0x{KUBE_PROXY_MARK:x} return",
+        f"ip saddr {sub} ip daddr {net} return",
+        f"ip saddr {net} ip daddr {sub} return",
+        f"ip saddr != {sub} ip daddr {net} return",
+        f"ip saddr {net} ip daddr != {MULTICAST} {masquerade}",
+        f"ip saddr != {net} ip daddr {net} {masquerade}",
+    )
+
+
+def chains(spec: RuleSpec) -> list[tuple[NftChain, bool]]:
+    """Both chains we may own, each with whether the spec wants it."""
+    postrtg = NftChain(POSTRTG, "chain to manage traffic masquerading by flannel",
+                       "nat", "postrouting", "srcnat", 100, _masq_rules(spec))
+    forward = NftChain(FORWARD, "chain to accept flannel traffic", "filter", "forward", "filter", 0,
+                       (f"ip saddr {spec.network} accept", f"ip daddr {spec.network} accept"))
+    return [(postrtg, spec.masquerade), (forward, spec.forward)]
+
+
+def add_chain_script(chain: NftChain, recreate: bool = False) -> list[str]:
+    where = f"{FAMILY} {TABLE} {chain.name}"
+    head = [f"flush chain {where}", f"delete chain {where}"] if recreate else []
+    return [*head,
+            f"add chain {where} {{ type {chain.type} hook {chain.hook} priority {chain.priority} ; "
+            f'comment "{chain.comment}" ; }}',
+            f"flush chain {where}",
+            *(f"add rule {where} {rule}" for rule in chain.rules)]
+
+
+def table_script() -> str:
+    return f'add table {FAMILY} {TABLE} {{ comment "rules for {TABLE}" ; }}'
+
+
+def nft_script(spec: RuleSpec) -> str:
+    """The full install from scratch, in flanneld's order: table, masquerade, forward."""
+    lines = [table_script()]
+    for chain, wanted in chains(spec):
+        if wanted:
+            lines += add_chain_script(chain)
+    return "\n".join(lines) + "\n"
+
+
+# --- what `nft -j list table` shows for those chains -------------------------------
+
+def _addr(net: ipaddress.IPv4Network) -> Any:
+    if net.prefixlen == 32:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _ip(field: str, op: str, net: ipaddress.IPv4Network) -> dict:
+    return {"match": {"op": op, "left": {"payload": {"protocol": "ip", "field": field}}, "right": _addr(net)}}
+
+
+def expected_exprs(spec: RuleSpec) -> dict[str, list[list[dict]]]:
+    """Per chain, the JSON `expr` of each rule in order, mirroring ``chains``."""
+    net, sub, mcast = spec.network, spec.subnet, ipaddress.IPv4Network(MULTICAST)
+    masq = {"masquerade": {"flags": ["fully-random"]} if spec.fully_random else None}
+    ret, accept = {"return": None}, {"accept": None}
+    return {
+        POSTRTG: [
+            [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": KUBE_PROXY_MARK}}, ret],
+            [_ip("saddr", "==", sub), _ip("daddr", "==", net), ret],
+            [_ip("saddr", "==", net), _ip("daddr", "==", sub), ret],
+            [_ip("saddr", "!=", sub), _ip("daddr", "==", net), ret],
+            [_ip("saddr", "==", net), _ip("daddr", "!=", mcast), masq],
+            [_ip("saddr", "!=", net), _ip("daddr", "==", net), masq],
+        ],
+        FORWARD: [[_ip("saddr", "==", net), accept], [_ip("daddr", "==", net), accept]],
+    }
+
+
+def _normal(expr: Any) -> Any:
+    """Smooth over how nft versions print the same thing (a lone flag as a string)."""
+    if isinstance(expr, dict):
+        return {k: ([v] if k == "flags" and isinstance(v, str) else _normal(v)) for k, v in expr.items()}
+    if isinstance(expr, list):
+        return [_normal(e) for e in expr]
+    return expr
+
+
+@dataclass
+class ChainState:
+    header: tuple  # (type, hook, prio, policy)
+    rules: list
+
+
+def parse_table(text: str) -> dict[str, ChainState]:
+    """`nft -j list table ip flannel-ipv4` -> {chain: its header and rule exprs, in order}."""
+    found: dict[str, ChainState] = {}
+    for item in json.loads(text).get("nftables", []):
+        if "chain" in item:
+            c = item["chain"]
+            found[c["name"]] = ChainState((c.get("type"), c.get("hook"), c.get("prio"), c.get("policy")), [])
+        elif "rule" in item:
+            r = item["rule"]
+            found.setdefault(r["chain"], ChainState((None, None, None, None), [])).rules.append(
+                _normal(r.get("expr", [])))
+    return found
+
+
+def plan(spec: RuleSpec, state: dict[str, ChainState] | None) -> tuple[list[str], list[str]]:
+    """(script lines, one message per repair) that bring the table to the spec;
+    ([], []) when all is in place. ``state`` None: the table does not exist."""
+    lines: list[str] = []
+    msgs: list[str] = []
+    if state is None:
+        lines.append(table_script())
+        msgs.append(f"nftables: created table {FAMILY} {TABLE}")
+        state = {}
+    exprs = expected_exprs(spec)
+    for chain, wanted in chains(spec):
+        have = state.get(chain.name)
+        if not wanted:
+            if have is not None:
+                lines += [f"flush chain {FAMILY} {TABLE} {chain.name}", f"delete chain {FAMILY} {TABLE} {chain.name}"]
+                msgs.append(f"nftables: removed chain {chain.name} (not wanted)")
+            continue
+        want = [_normal(e) for e in exprs[chain.name]]
+        header = (chain.type, chain.hook, chain.prio, "accept")
+        if have is not None and have.header == header and have.rules == want:
+            continue
+        lines += add_chain_script(chain, recreate=have is not None and have.header != header)
+        if have is None:
+            msgs.append(f"nftables: installed chain {chain.name} ({len(want)} rules)")
+        else:
+            kept = sum(1 for w in want if w in have.rules)
+            msgs.append(f"nftables: rewrote chain {chain.name} ({kept} of {len(want)} rules were in place)")
+    return lines, msgs
+
+
+class NftablesRules(Rules):
+    backend = "nftables"
+
+    def __init__(self, spec: RuleSpec) -> None:
+        super().__init__(spec)
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, ChainState] | None:
+        proc = run(["nft", "-j", "list", "table", FAMILY, TABLE])
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr:
+                return None
+            raise failed(proc, f"nft list table {FAMILY} {TABLE}")
+        try:
+            return parse_table(proc.stdout)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RulesError(f"nft list table {FAMILY} {TABLE}: unreadable JSON ({e})") from None
+
+    def _apply(self, lines: list[str], what: str) -> None:
+        proc = run(["nft", "-f", "-"], "\n".join(lines) + "\n")
+        if proc.returncode != 0:
+            raise failed(proc, what)
+
+    def ensure(self) -> list[str]:
+        with self._lock:
+            error = None
+            for _attempt in range(2):  # a failed script changed nothing: read again, retry once
+                lines, msgs = plan(self.spec, self._read())
+                if not lines:
+                    return []
+                try:
+                    self._apply(lines, "nft -f (install rules)")
+                    return msgs
+                except RulesError as e:
+                    error = e
+            raise error
+
+    def remove(self) -> None:
+        with self._lock:
+            if self._read() is not None:
+                # `delete table` fails if it vanished since the read: then it is gone anyway
+                proc = run(["nft", "delete", "table", FAMILY, TABLE])
+                if proc.returncode != 0 and self._read() is not None:
+                    raise failed(proc, f"nft delete table {FAMILY} {TABLE}")
+
+    def present(self) -> bool:
+        with self._lock:
+            lines, _ = plan(self.spec, self._read())
+            return not lines
