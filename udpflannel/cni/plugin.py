@@ -67,7 +67,7 @@ def main() -> int:
 def add(conf: cni.NetConf, env: Mapping[str, str]) -> dict[str, Any]:
     subnet = cni.load_subnet_env(_read_subnet_file(conf.subnet_file), conf.subnet_file)
     rendered = cni.render_delegate(conf, subnet)
-    data = json.dumps(rendered, sort_keys=True).encode()
+    data = json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode()  # as Go writes it
     _save(conf.data_dir, env["CNI_CONTAINERID"], data)
     out = _exec_delegate(rendered["type"], "ADD", data, env)
     try:
@@ -112,7 +112,7 @@ def check(conf: cni.NetConf, env: Mapping[str, str]) -> None:
         raise CniError(cni.DECODING_FAILURE, f"saved delegate config {path} is unreadable") from None
     if conf.prev_result is not None:  # the delegate checks the interfaces and IPs ADD reported
         saved["prevResult"] = conf.prev_result
-    _exec_delegate(plugin_type, "CHECK", json.dumps(saved, sort_keys=True).encode(), env)
+    _exec_delegate(plugin_type, "CHECK", json.dumps(saved, sort_keys=True, separators=(",", ":")).encode(), env)
 
 
 # --- I/O helpers --------------------------------------------------------------------
