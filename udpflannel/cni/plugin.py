@@ -1,11 +1,213 @@
-"""Placeholder until the CNI plugin lands (issue 11)."""
+"""udpflannel-cni: flannel's CNI meta-plugin, for nodes without flannel's own binary.
 
+The runtime execs this once per pod and command, so it imports only the standard
+library and the pure rendering module (no uvloop, grpc, pyroute2): start-up is the
+interpreter's plus a few milliseconds.
+
+    ADD    render the delegate (delegate.render_delegate) from the netconf and
+           subnet.env, save it as <dataDir>/<container id> (dir 0700, file 0600),
+           exec the delegate plugin from CNI_PATH with it, print its result.
+    DEL    replay DEL with the saved delegate, then remove the file. No file means
+           nothing to undo: success (the spec wants DEL idempotent). The daemon and
+           subnet.env are not needed, so pods can be torn down after flannel left.
+    CHECK  replay CHECK with the saved delegate plus the runtime's prevResult
+           (flannel's plugin answers CHECK with success without looking).
+    VERSION  the versions we speak.
+
+The saved file has flannel's name and content, so pods added by flannel's plugin are
+deleted correctly by this one and the other way round. Every failure is CNI error JSON
+on stdout and exit status 1; a delegate's own error JSON is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
 import sys
+from typing import Any, Mapping
+
+from udpflannel.cni import delegate as cni
+from udpflannel.cni.delegate import CniError
 
 
 def main() -> int:
-    print('{"cniVersion": "1.0.0", "code": 4, "msg": "udpflannel-cni is not built yet"}')
-    return 1
+    env = dict(os.environ)
+    command = env.get("CNI_COMMAND", "")
+    version: str | None = None
+    try:
+        if not command:  # a human ran us: say what we are, as libcni plugins do
+            print("CNI plugin udpflannel-cni (flannel-compatible meta-plugin)\n"
+                  f"CNI protocol versions supported: {', '.join(cni.SUPPORTED_VERSIONS)}", file=sys.stderr)
+            return 0
+        if command == "VERSION":
+            _print_json(cni.version_info())
+            return 0
+        if command not in ("ADD", "DEL", "CHECK"):
+            raise CniError(cni.INVALID_ENVIRONMENT, f"unknown CNI_COMMAND: {command}")
+        cni.check_environment(command, env)
+        conf = cni.load_netconf(_read_stdin_json())
+        version = conf.cni_version
+        cni.check_version(version, command)
+        if command == "ADD":
+            _print_json(add(conf, env))
+        elif command == "DEL":
+            delete(conf, env)
+        else:
+            check(conf, env)
+        return 0
+    except CniError as e:
+        _print_json(e.to_json(version))
+        return 1
+    except Exception as e:  # a bug or an unforeseen OS error: still JSON, never a traceback
+        _print_json(CniError(cni.INTERNAL, f"{type(e).__name__}: {e}").to_json(version))
+        return 1
+
+
+def add(conf: cni.NetConf, env: Mapping[str, str]) -> dict[str, Any]:
+    subnet = cni.load_subnet_env(_read_subnet_file(conf.subnet_file), conf.subnet_file)
+    rendered = cni.render_delegate(conf, subnet)
+    data = json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode()  # as Go writes it
+    _save(conf.data_dir, env["CNI_CONTAINERID"], data)
+    out = _exec_delegate(rendered["type"], "ADD", data, env)
+    try:
+        result = json.loads(out)
+    except ValueError:
+        raise CniError(cni.DECODING_FAILURE, f"delegate {rendered['type']} returned a result that is not JSON",
+                       out.decode(errors="replace")) from None
+    if not isinstance(result, dict):
+        raise CniError(cni.DECODING_FAILURE, f"delegate {rendered['type']} returned a result that is not an object")
+    return cni.convert_result(result, conf.cni_version)
+
+
+def delete(conf: cni.NetConf, env: Mapping[str, str]) -> None:
+    path = os.path.join(conf.data_dir, env["CNI_CONTAINERID"])
+    data = _load_saved(path)
+    if data is None:
+        return  # never added, or already deleted
+    try:
+        plugin_type = json.loads(data)["type"]
+        if not isinstance(plugin_type, str):
+            raise TypeError("type is not a string")
+    except (ValueError, KeyError, TypeError) as e:
+        # Nothing to replay with; as flannel does, drop it (the host keeps a stray veth
+        # until reboot) rather than fail every DEL of this pod forever.
+        print(f"udpflannel-cni: saved delegate {path} unreadable ({e}); removing it", file=sys.stderr)
+        _remove(path)
+        return
+    _exec_delegate(plugin_type, "DEL", data, env)
+    _remove(path)  # only after the delegate succeeded: a failed DEL is retried with it
+
+
+def check(conf: cni.NetConf, env: Mapping[str, str]) -> None:
+    path = os.path.join(conf.data_dir, env["CNI_CONTAINERID"])
+    data = _load_saved(path)
+    if data is None:
+        raise CniError(cni.NO_SAVED_DELEGATE, f"no saved delegate config {path}: ADD never ran for this container "
+                       "or DEL already did")
+    try:
+        saved = json.loads(data)
+        plugin_type = saved["type"]
+    except (ValueError, KeyError, TypeError):
+        raise CniError(cni.DECODING_FAILURE, f"saved delegate config {path} is unreadable") from None
+    if conf.prev_result is not None:  # the delegate checks the interfaces and IPs ADD reported
+        saved["prevResult"] = conf.prev_result
+    _exec_delegate(plugin_type, "CHECK", json.dumps(saved, sort_keys=True, separators=(",", ":")).encode(), env)
+
+
+# --- I/O helpers --------------------------------------------------------------------
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=4) + "\n")
+    sys.stdout.flush()
+
+
+def _read_stdin_json() -> Any:
+    try:
+        data = sys.stdin.buffer.read()
+    except OSError as e:
+        raise CniError(cni.IO_FAILURE, f"error reading from stdin: {e}") from None
+    try:
+        return json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CniError(cni.DECODING_FAILURE, f"error unmarshalling network config: {e}") from None
+
+
+def _read_subnet_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        # udpflannel writes it once the node forwards: until then pods must wait.
+        raise CniError(cni.TRY_AGAIN_LATER, f"{path} does not exist yet: is udpflannel running on this node?") \
+            from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CniError(cni.IO_FAILURE, f"cannot read {path}: {e}") from None
+
+
+def _save(data_dir: str, container_id: str, data: bytes) -> None:
+    """<dataDir>/<container id>, 0600, written whole or not at all (temp + fsync +
+    rename; the temp name starts with '.', which no container ID may)."""
+    path = os.path.join(data_dir, container_id)
+    tmp = os.path.join(data_dir, f".{container_id}.tmp")
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CniError(cni.IO_FAILURE, f"cannot save the delegate config {path}: {e}") from None
+
+
+def _load_saved(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CniError(cni.IO_FAILURE, f"cannot read the saved delegate config {path}: {e}") from None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def find_plugin(plugin_type: str, cni_path: str) -> str:
+    """The executable named ``plugin_type`` in the first CNI_PATH directory holding one."""
+    dirs = [d for d in cni_path.split(os.pathsep) if d]
+    if "/" in plugin_type or plugin_type in ("", ".", ".."):
+        raise CniError(cni.INVALID_NETWORK_CONFIG, f"invalid delegate plugin type {plugin_type!r}")
+    for d in dirs:
+        candidate = os.path.join(d, plugin_type)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise CniError(cni.DELEGATE_FAILED, f'failed to find plugin "{plugin_type}" in path {dirs}')
+
+
+def _exec_delegate(plugin_type: str, command: str, data: bytes, env: Mapping[str, str]) -> bytes:
+    """Run the delegate with our environment but its own CNI_COMMAND; its stderr is ours."""
+    path = find_plugin(plugin_type, env["CNI_PATH"])
+    try:
+        proc = subprocess.run([path], input=data, stdout=subprocess.PIPE, env=dict(env, CNI_COMMAND=command),
+                              check=False)
+    except OSError as e:
+        raise CniError(cni.DELEGATE_FAILED, f"cannot run delegate {path}: {e}") from None
+    if proc.returncode == 0:
+        return proc.stdout
+    try:
+        err = json.loads(proc.stdout)
+        raise CniError(int(err["code"]), str(err["msg"]), str(err.get("details") or ""))
+    except (ValueError, KeyError, TypeError):
+        raise CniError(cni.DELEGATE_FAILED, f"delegate {plugin_type} {command} failed with exit status "
+                       f"{proc.returncode}", proc.stdout.decode(errors="replace").strip()) from None
 
 
 if __name__ == "__main__":

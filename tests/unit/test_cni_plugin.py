@@ -1,0 +1,181 @@
+"""udpflannel-cni as a process, with a fake delegate (a shell script on CNI_PATH that
+logs what it was given). The real bridge/host-local run in tests/integration/test_cni.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from udpflannel.cni import delegate as cni
+
+FAKE_DELEGATE = """#!/bin/sh
+input=$(cat)
+printf '%s %s\\n' "$CNI_COMMAND" "$input" >> "$FAKE_LOG"
+case "$FAKE_MODE" in
+  fail) echo '{"cniVersion":"1.0.0","code":7,"msg":"fake says no","details":"d"}'; exit 1;;
+  crash) echo 'panic: something'; exit 2;;
+esac
+if [ "$CNI_COMMAND" = ADD ]; then
+  echo '{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.1.17.2/24","gateway":"10.1.17.1"}]}'
+fi
+"""
+
+SUBNET_ENV = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+
+
+class Rig:
+    def __init__(self, tmp: str) -> None:
+        self.bin = os.path.join(tmp, "bin")
+        os.mkdir(self.bin)
+        fake = os.path.join(self.bin, "bridge")
+        with open(fake, "w") as f:
+            f.write(FAKE_DELEGATE)
+        os.chmod(fake, 0o755)
+        self.log = os.path.join(tmp, "delegate.log")
+        self.subnet_file = os.path.join(tmp, "subnet.env")
+        with open(self.subnet_file, "w") as f:
+            f.write(SUBNET_ENV)
+        self.data_dir = os.path.join(tmp, "state", "flannel")
+        self.conf = {"cniVersion": "1.0.0", "name": "cbr0", "type": "udpflannel-cni",
+                     "subnetFile": self.subnet_file, "dataDir": self.data_dir}
+
+    def run(self, command: str, conf: dict | None = None, mode: str = "", cid: str = "c1",
+            **env: str) -> tuple[int, dict | None, str]:
+        full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
+                "CNI_CONTAINERID": cid, "CNI_NETNS": "/var/run/netns/nowhere", "CNI_IFNAME": "eth0",
+                "CNI_PATH": f"/nonexistent:{self.bin}", "FAKE_LOG": self.log, "FAKE_MODE": mode}
+        full.update(env)
+        full = {k: v for k, v in full.items() if v is not None}
+        proc = subprocess.run([sys.executable, "-m", "udpflannel.cni.plugin"],
+                              input=json.dumps(conf if conf is not None else self.conf).encode(),
+                              capture_output=True, env=full, timeout=30)
+        assert b"Traceback" not in proc.stderr, proc.stderr
+        out = json.loads(proc.stdout) if proc.stdout.strip() else None
+        return proc.returncode, out, proc.stderr.decode()
+
+    def calls(self) -> list[tuple[str, dict]]:
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as f:
+            return [(cmd, json.loads(data)) for cmd, data in (line.rstrip("\n").split(" ", 1) for line in f)]
+
+    def saved(self, cid: str = "c1") -> str:
+        return os.path.join(self.data_dir, cid)
+
+
+@pytest.fixture
+def rig(tmp_path):
+    return Rig(str(tmp_path))
+
+
+def test_add_saves_the_delegate_runs_it_and_converts_its_result(rig):
+    rc, out, _ = rig.run("ADD")
+    assert rc == 0
+    # the fake answered 0.4.0; the runtime asked for 1.0.0
+    assert out == {"cniVersion": "1.0.0", "ips": [{"address": "10.1.17.2/24", "gateway": "10.1.17.1"}]}
+    expected = cni.render_delegate(cni.load_netconf(rig.conf), cni.load_subnet_env(SUBNET_ENV, "x"))
+    assert rig.calls() == [("ADD", expected)]
+    with open(rig.saved()) as f:
+        assert json.load(f) == expected
+    assert stat.S_IMODE(os.stat(rig.saved()).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(rig.data_dir).st_mode) == 0o700
+    assert os.listdir(rig.data_dir) == ["c1"]  # no temp file left
+
+
+def test_del_replays_the_saved_delegate_then_forgets_it(rig):
+    assert rig.run("ADD")[0] == 0
+    os.unlink(rig.subnet_file)  # DEL must not need the daemon's file
+    rc, out, _ = rig.run("DEL", CNI_NETNS=None)
+    assert (rc, out) == (0, None)
+    (add, added), (dele, deleted) = rig.calls()
+    assert (add, dele) == ("ADD", "DEL") and deleted == added
+    assert not os.path.exists(rig.saved())
+    assert rig.run("DEL")[:2] == (0, None)  # again: nothing to do, still success
+    assert len(rig.calls()) == 2
+
+
+def test_failed_delegate_del_keeps_the_file_for_the_retry(rig):
+    assert rig.run("ADD")[0] == 0
+    rc, out, _ = rig.run("DEL", mode="fail")
+    assert rc == 1
+    assert out == {"cniVersion": "1.0.0", "code": 7, "msg": "fake says no", "details": "d"}  # passed through
+    assert os.path.exists(rig.saved())
+    assert rig.run("DEL")[0] == 0 and not os.path.exists(rig.saved())
+
+
+def test_unreadable_saved_file_is_dropped_on_del(rig):
+    os.makedirs(rig.data_dir)
+    with open(rig.saved(), "w") as f:
+        f.write("{garbage")
+    rc, _, err = rig.run("DEL")
+    assert rc == 0 and "unreadable" in err
+    assert not os.path.exists(rig.saved()) and rig.calls() == []
+
+
+def test_check_replays_with_the_runtimes_prev_result(rig):
+    rc, result, _ = rig.run("ADD")
+    assert rc == 0
+    assert rig.run("CHECK", dict(rig.conf, prevResult=result))[:2] == (0, None)
+    (_, added), (cmd, checked) = rig.calls()
+    assert cmd == "CHECK" and checked == dict(added, prevResult=result)
+
+
+def test_check_failure_is_reported(rig):
+    assert rig.run("ADD")[0] == 0
+    rc, out, _ = rig.run("CHECK", mode="fail")
+    assert rc == 1 and out["msg"] == "fake says no"
+
+
+def test_check_without_add_fails(rig):
+    rc, out, _ = rig.run("CHECK")
+    assert rc == 1 and out["code"] == cni.NO_SAVED_DELEGATE
+
+
+def test_delegate_that_crashes_without_json(rig):
+    rc, out, _ = rig.run("ADD", mode="crash")
+    assert rc == 1
+    assert out["code"] == cni.DELEGATE_FAILED
+    assert "exit status 2" in out["msg"] and "panic" in out["details"]
+
+
+def test_delegate_not_on_cni_path(rig):
+    rc, out, _ = rig.run("ADD", dict(rig.conf, delegate={"type": "macvlan"}))
+    assert rc == 1 and out["code"] == cni.DELEGATE_FAILED
+    assert 'failed to find plugin "macvlan"' in out["msg"]
+    rc, out, _ = rig.run("ADD", dict(rig.conf, delegate={"type": "../bin/bridge"}))
+    assert rc == 1 and out["code"] == cni.INVALID_NETWORK_CONFIG
+
+
+@pytest.mark.parametrize("command, conf_change, env, code", [
+    ("ADD", {"subnetFile": "/nonexistent/subnet.env"}, {}, cni.TRY_AGAIN_LATER),
+    ("ADD", {"cniVersion": "0.2.0"}, {}, cni.INCOMPATIBLE_VERSION),
+    ("CHECK", {"cniVersion": "0.3.1"}, {}, cni.INCOMPATIBLE_VERSION),
+    ("ADD", {"delegate": {"name": "x"}}, {}, cni.UNSUPPORTED_FIELD),
+    ("ADD", {}, {"CNI_PATH": ""}, cni.INVALID_ENVIRONMENT),
+    ("ADD", {}, {"CNI_CONTAINERID": "../escape"}, cni.INVALID_ENVIRONMENT),
+    ("GC", {}, {}, cni.INVALID_ENVIRONMENT),
+])
+def test_errors_are_cni_json(rig, command, conf_change, env, code):
+    rc, out, _ = rig.run(command, dict(rig.conf, **conf_change), **env)
+    assert rc == 1
+    assert set(out) == {"cniVersion", "code", "msg", "details"} and out["code"] == code
+    assert rig.calls() == [] and not os.path.exists(rig.saved())
+
+
+def test_not_json_on_stdin(rig):
+    proc = subprocess.run([sys.executable, "-m", "udpflannel.cni.plugin"], input=b"\xff{",
+                          capture_output=True, timeout=30,
+                          env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_PATH": "/x"})
+    assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == cni.DECODING_FAILURE
+
+
+def test_version_and_no_command(rig):
+    rc, out, _ = rig.run("VERSION")
+    assert (rc, out) == (0, cni.version_info())
+    rc, out, err = rig.run("", CNI_COMMAND=None)
+    assert (rc, out) == (0, None) and "0.3.0, 0.3.1, 0.4.0, 1.0.0" in err
