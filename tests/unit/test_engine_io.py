@@ -16,8 +16,9 @@ from udpflannel._engine import Engine
 
 from udpflannel.core import offload
 from udpflannel.core.frame import PyEngine
+from udpflannel.dataplane.userspace import Dataplane
 
-SOL_UDP, UDP_SEGMENT, UDP_GRO, SO_NO_CHECK = 17, 103, 104, 11
+SOL_UDP, UDP_SEGMENT, UDP_GRO, SO_NO_CHECK, IPPROTO_UDPLITE = 17, 103, 104, 11, 136
 A_MAC, B_MAC = b"\x02\0\0\0\0\x0a", b"\x02\0\0\0\0\x0b"
 PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
 
@@ -88,6 +89,48 @@ def test_udp_segment_sends_and_falls_back_when_refused(wires, refuse):
     c = a.counters()
     assert c["tx_packets"] == len(got) == 8 and c["drop_send_error"] == 0
     assert c["gso_fallbacks"] == (1 if refuse else 0)
+
+
+def test_eio_turns_gso_off_for_good(wires):
+    """EIO is the kernel saying it cannot segment here (a UDP-Lite socket gets it on
+    every kernel; an egress device without checksum offload on older ones): the send
+    is retried datagram by datagram and GSO stays off from then on."""
+    _, tun = wires
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, IPPROTO_UDPLITE)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, IPPROTO_UDPLITE)
+    with rx, tx:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(0.2)
+        tx.bind(("127.0.0.1", 0))
+        tx.setblocking(False)
+        app, tun_fd = tun()
+        a = engine(A_MAC)
+        a.set_route("10.244.2.0/24", "127.0.0.1", rx.getsockname()[1], B_MAC)
+        a.attach(tun_fd.fileno(), tx.fileno(), vnet_hdr=True, gso=True)
+        for _ in range(2):
+            app.send(super_packet())
+            assert a.drain_tun(8) == 1
+        assert len(drain_datagrams(rx)) == 16
+        c = a.counters()
+        assert a.offloads()["gso"] is False
+        assert c["gso_fallbacks"] == 1 and c["drop_send_error"] == 0  # the second went plain
+
+
+def test_dataplane_logs_gso_off_once(caplog):
+    class Engine:
+        gso = True
+
+        def offloads(self):
+            return {"gso": self.gso}
+    plane = Dataplane.__new__(Dataplane)
+    plane.engine, plane._gso = Engine(), True
+    plane.check_offloads()
+    plane.engine.gso = False
+    for _ in range(3):
+        plane.check_offloads()
+    assert [r.message for r in caplog.records].count(
+        "UDP GSO turned off: the kernel cannot segment on this path (EIO); "
+        "sending datagrams one by one") == 1
 
 
 def test_gro_receive_coalesces_into_one_virtio_write(wires):

@@ -67,9 +67,10 @@ class TcpResult:
 
 
 def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3.0,
-               port: int = 5201, timeout: float = 10.0) -> TcpResult:
-    """Send for ``seconds`` from ``src`` to ``dst_addr`` (in ``dst``); bytes counted by
-    the receiver, which also checks the stream's content."""
+               port: int = 5201, timeout: float = 10.0, nbytes: int | None = None) -> TcpResult:
+    """Send for ``seconds`` (or exactly ``nbytes``, however long it takes within
+    ``timeout`` per socket operation) from ``src`` to ``dst_addr`` (in ``dst``); bytes
+    counted by the receiver, which also checks the stream's content."""
     listener = dst.call(socket.create_server, ("0.0.0.0", port))
     listener.settimeout(timeout)
     got: dict[str, object] = {}
@@ -100,8 +101,13 @@ def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3
         block = bytes(range(256)) * 256
         end = time.perf_counter() + seconds
         with client:
-            while time.perf_counter() < end:
-                client.sendall(block)
+            if nbytes is not None:
+                for _ in range(nbytes // len(block)):
+                    client.sendall(block)
+                client.sendall(block[:nbytes % len(block)])
+            else:
+                while time.perf_counter() < end:
+                    client.sendall(block)
         receiver.join(timeout)
     finally:
         listener.close()
