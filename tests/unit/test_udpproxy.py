@@ -267,3 +267,23 @@ def test_commands_and_lease_are_flannels():
     events = [LeaseEvent(EventType.ADDED, vxlan), LeaseEvent(EventType.REMOVED, vxlan)]
     # every lease is routed, whatever its BackendType, to our own port
     assert route_commands(events, 8285) == [("set_route", (net, hop, 8285)), ("del_route", (net,))]
+
+
+def test_a_peer_beside_a_cluster_shares_its_registry(tmp_path):
+    from udpflannel.lab.cluster import Cluster
+    from udpflannel.lab.flanneld_udp import FlanneldUdpPeer
+    from udpflannel.lab.netns import Namespace
+
+    ns = Namespace("not-created")  # nothing here touches it
+    on_file = FlanneldUdpPeer.beside(Cluster(None, str(tmp_path)), ns)
+    argv = on_file.argv()
+    assert argv[argv.index("--registry-file") + 1] == str(tmp_path / "registry.db")
+    assert on_file.workdir == str(tmp_path / "fu")
+    on_etcd = FlanneldUdpPeer.beside(
+        Cluster(None, str(tmp_path), etcd_endpoints="http://192.168.250.2:2379",
+                extra_args=["--etcd-prefix", "/t-1/network"]), ns, name="fu2", port=8300)
+    argv = on_etcd.argv()
+    assert "--registry-file" not in argv
+    assert argv[argv.index("--etcd-endpoints") + 1] == "http://192.168.250.2:2379"
+    assert argv[argv.index("--etcd-prefix") + 1] == "/t-1/network"
+    assert argv[argv.index("--port") + 1] == "8300"
