@@ -382,6 +382,7 @@ class FlanneldUdpPeer:
         if self.port:
             argv += ["--port", str(self.port)]
         if self.net_config is not None:
+            os.makedirs(self.workdir, exist_ok=True)
             path = os.path.join(self.workdir, "net-conf.json")
             with open(path, "w") as f:
                 f.write(self.net_config)
