@@ -1,0 +1,89 @@
+"""One status schema for everything that reports on a node (pure).
+
+The daemon builds a ``NodeStatus`` on demand; the admin socket sends it as a map
+(``to_dict``), `udpflannel status` reads it back (``from_dict``) and renders it, and
+the HTTP endpoints derive /metrics, /healthz and /readyz from the same object. No
+other place reads status by key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from udpflannel.core.frame import COUNTERS, RX_DROPS, TX_DROPS
+
+DROP_REASONS = TX_DROPS + RX_DROPS
+
+
+@dataclass(frozen=True)
+class LeaseStatus:
+    subnet: str  # "10.244.7.0/24"
+    public_ip: str
+    backend_type: str  # "vxlan" or "udp"
+    vtep_mac: str | None = None
+    expiration: float = 0.0  # unix time; 0 when unknown
+
+
+@dataclass(frozen=True)
+class RegistryStatus:
+    kind: str  # "etcd" or "embedded"
+    where: str  # endpoints and prefix, or the SQLite file
+    reachable: bool = True
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    subnet: str
+    public_ip: str
+    framing: str  # "vxlan" or "udp"
+
+
+@dataclass(frozen=True)
+class DataplaneStatus:
+    kind: str  # "engine" or "kernel"
+    reason: str  # why this plane ("--dataplane engine", "auto: kernel VXLAN works", ...)
+    device: str  # flannel0, flannel.1
+    mtu: int
+    offloads: tuple[str, ...] = ()  # in use now: "tso", "gso", "gro" (engine)
+    peers: int = 0
+    forwarding: bool = False  # the data path runs (readiness)
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    kernel_drops: int = 0  # datagrams the kernel dropped on our socket (queue full)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    version: str
+    started: float  # unix time the daemon started
+    ready: bool  # subnet.env written and the data plane forwards
+    lease: LeaseStatus | None = None
+    registry: RegistryStatus | None = None
+    dataplane: DataplaneStatus | None = None
+    peer_list: tuple[PeerStatus, ...] | None = None  # only when asked for (cardinality)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NodeStatus":
+        """Inverse of to_dict, tolerant of keys it does not know (a newer daemon)."""
+        def build(kind, value):
+            if value is None:
+                return None
+            known = {f.name for f in fields(kind)}
+            return kind(**{k: v for k, v in value.items() if k in known})
+        plane = build(DataplaneStatus, d.get("dataplane"))
+        if plane is not None:
+            plane = DataplaneStatus(**{**asdict(plane), "offloads": tuple(plane.offloads)})
+        peers = d.get("peer_list")
+        return cls(version=d["version"], started=d["started"], ready=d["ready"],
+                   lease=build(LeaseStatus, d.get("lease")),
+                   registry=build(RegistryStatus, d.get("registry")),
+                   dataplane=plane,
+                   peer_list=None if peers is None else tuple(build(PeerStatus, p) for p in peers))
+
+    def drops(self) -> dict[str, int]:
+        """Every drop reason, present at 0."""
+        counters = self.dataplane.counters if self.dataplane else {}
+        return {r: int(counters.get("drop_" + r, 0)) for r in DROP_REASONS}
