@@ -1,11 +1,19 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The compiled data path. Theory of operation:
 
-The event loop calls drain_tun() when the TUN fd is readable and drain_udp() when the
-UDP socket is. Each drains its fd until EAGAIN or `budget` packets, with the GIL
-released, into one preallocated buffer that keeps HEADROOM bytes in front of the
-packet so the VXLAN and inner Ethernet headers are written in place (no copy). Every
-per-packet outcome is a counter bump, never a Python object or exception.
+The event loop calls drain_tun() when the TUN fd is readable, drain_udp() when the
+VXLAN socket is and drain_bare() when the flanneld-udp socket is. Each drains its fd
+until EAGAIN or `budget` packets, with the GIL released, into preallocated buffers
+that keep HEADROOM bytes in front of each packet read from the TUN, so the VXLAN and
+inner Ethernet headers are written in place (no copy). Every per-packet outcome is a
+counter bump, never a Python object or exception.
+
+Framing is a property of each route: FRAME_VXLAN (RFC 7348, as Linux and flanneld's
+vxlan backend) or FRAME_UDP (flanneld's udp backend: the bare IPv4 packet is the
+datagram, its TTL decremented on each side as flannel's proxy does). VXLAN frames
+leave from one of `tx_fds`, picked by a hash of the inner flow, so each flow has its
+own outer source port (RFC 7348 section 5: receivers' RSS and ECMP fabrics spread
+flows); udp frames leave from `bare_fd`, flanneld's port, as flanneld sends them.
 
 Route changes (set_route/del_route) run on the loop thread between drains, so the
 tables need no lock. The decisions mirror udpflannel.core.frame.PyEngine exactly; tests
@@ -16,20 +24,20 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 from libc.string cimport memcpy, memset, memcmp, memmove
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.errno cimport errno, EAGAIN, EINTR
-from posix.unistd cimport read, write
+from posix.unistd cimport read
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
 import ipaddress
-from udpflannel.core.frame import COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS
+from udpflannel.core.frame import (COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS,
+                                   FRAMINGS)
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     struct sockaddr:
         pass
     ssize_t sendto(int, const void *, size_t, int, const sockaddr *, socklen_t)
-    ssize_t recvfrom(int, void *, size_t, int, sockaddr *, socklen_t *)
     int AF_INET
 
 cdef extern from "netio.h" nogil:
@@ -42,7 +50,6 @@ cdef extern from "netio.h" nogil:
     long uf_recvmsg(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize,
                     uint32_t *ovfl)
     int EIO
-    int EINVAL
 
 cdef enum:
     VNET = 10                # sizeof(struct virtio_net_hdr)
@@ -52,6 +59,7 @@ cdef enum:
     OBUF_SIZE = 64 * 256     # one window of segment headers (payloads stay in place)
     BBUF_SIZE = 4 * 65536    # the send batch: frames read and framed in place
     MAX_WINDOW = 64          # UDP_SEGMENT's limit on segments per send
+    MAX_TX = 64              # outer source ports (sockets) a node sends VXLAN from
     UDP_GSO_MAX = 65507      # payload bytes one UDP_SEGMENT send may carry
     TCP_PSH = 0x08
     TCP_FIN = 0x01
@@ -60,7 +68,10 @@ cdef enum:
 cdef enum:
     HEADROOM = 22            # VXLAN header + inner Ethernet header
     BUFSIZE = 65536 + 64
-cdef uint32_t EMPTY = 0xFFFFFFFFu
+
+cdef enum:
+    FRAME_VXLAN = 0
+    FRAME_UDP = 1
 
 cdef enum:
     ACT_SEND = 0
@@ -78,10 +89,12 @@ cdef enum:
     C_TX_SUPER
     C_RX_MERGED
     C_GSO_FALLBACK
+    C_RX_CSUM_COMPLETED
     D_BAD_PACKET
     D_NO_ROUTE
     D_SEND_ERROR
     D_BAD_OFFLOAD
+    D_TTL_EXPIRED
     D_SHORT
     D_BAD_FLAGS
     D_BAD_VNI
@@ -98,115 +111,17 @@ cdef enum:
 _ACTIONS = {ACT_SEND: SEND, ACT_ICMP: ICMP, ACT_DELIVER: DELIVER, ACT_DROP: DROP}
 _REASONS = {D_BAD_PACKET + i: r for i, r in enumerate(TX_DROPS + RX_DROPS)}
 assert len(COUNTERS) == N_COUNTERS
+assert FRAMINGS == ("vxlan", "udp")  # FRAME_VXLAN, FRAME_UDP
 
-
-# ---- hash map uint32 -> int32 ------------------------------------------------------
-
-cdef inline uint32_t _slot(uint32_t key, uint32_t bits) noexcept nogil:
-    return (key * <uint32_t>0x9E3779B1u) >> (32 - bits)
-
-
-cdef int htab_init(htab *h, uint32_t bits) except -1:
-    h.bits = bits
-    h.count = 0
-    h.keys = <uint32_t *>malloc((<size_t>1 << bits) * sizeof(uint32_t))
-    h.vals = <int32_t *>malloc((<size_t>1 << bits) * sizeof(int32_t))
-    if h.keys == NULL or h.vals == NULL:
-        raise MemoryError()
-    memset(h.keys, 0xFF, (<size_t>1 << bits) * sizeof(uint32_t))
-    return 0
-
-
-cdef void htab_free(htab *h) noexcept:
-    free(h.keys)
-    free(h.vals)
-    h.keys = NULL
-    h.vals = NULL
-
-
-cdef inline int32_t htab_get(const htab *h, uint32_t key) noexcept nogil:
-    cdef uint32_t mask = (1u << h.bits) - 1
-    cdef uint32_t i = _slot(key, h.bits)
-    while h.keys[i] != EMPTY:
-        if h.keys[i] == key:
-            return h.vals[i]
-        i = (i + 1) & mask
-    return -1
-
-
-cdef int htab_put(htab *h, uint32_t key, int32_t val) except -1:
-    cdef htab bigger
-    cdef uint32_t i, mask
-    if (h.count + 1) * 2 > (1u << h.bits):
-        htab_init(&bigger, h.bits + 1)
-        for i in range(1u << h.bits):
-            if h.keys[i] != EMPTY:
-                htab_put(&bigger, h.keys[i], h.vals[i])
-        htab_free(h)
-        h[0] = bigger
-    mask = (1u << h.bits) - 1
-    i = _slot(key, h.bits)
-    while h.keys[i] != EMPTY and h.keys[i] != key:
-        i = (i + 1) & mask
-    if h.keys[i] == EMPTY:
-        h.count += 1
-    h.keys[i] = key
-    h.vals[i] = val
-    return 0
-
-
-cdef bint htab_del(htab *h, uint32_t key) noexcept:
-    # Backward-shift deletion keeps probe chains intact without tombstones.
-    cdef uint32_t mask = (1u << h.bits) - 1
-    cdef uint32_t i = _slot(key, h.bits), j, home
-    while h.keys[i] != key:
-        if h.keys[i] == EMPTY:
-            return False
-        i = (i + 1) & mask
-    j = i
-    while True:
-        j = (j + 1) & mask
-        if h.keys[j] == EMPTY:
-            break
-        home = _slot(h.keys[j], h.bits)
-        # move j back to i unless its home lies cyclically in (i, j]
-        if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
-            h.keys[i] = h.keys[j]
-            h.vals[i] = h.vals[j]
-            i = j
-    h.keys[i] = EMPTY
-    h.count -= 1
-    return True
-
-
-# ---- byte helpers ------------------------------------------------------------------
-
-cdef inline uint32_t _be32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline uint16_t _be16(const uint8_t *p) noexcept nogil:
-    return <uint16_t>((p[0] << 8) | p[1])
-
-
-cdef inline void _put16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = v >> 8
-    p[1] = v & 0xFF
-
-
-cdef inline void _put32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v >> 24
-    p[1] = (v >> 16) & 0xFF
-    p[2] = (v >> 8) & 0xFF
-    p[3] = v & 0xFF
-
-
-cdef inline void _store_native16(uint8_t *p, uint16_t v) noexcept nogil:
-    memcpy(p, &v, 2)  # a checksum folded from native-order words goes back as is
+include "_tables.pxi"
 
 
 cdef uint32_t _ip(object text) except? 0:
     return int(ipaddress.IPv4Address(text))
+
+
+cdef inline Py_ssize_t _framing_bytes(const route_t *r) noexcept nogil:
+    return HEADROOM if r.framing == FRAME_VXLAN else 0
 
 
 cdef class Engine:
@@ -220,6 +135,8 @@ cdef class Engine:
         self.bbuf = NULL
         self.tun_fd = -1
         self.udp_fd = -1
+        self.bare_fd = -1
+        self.ntx = 0
 
     def __init__(self, *, int vni, bytes vtep_mac, str network, int subnet_len,
                  bint strict_source=False):
@@ -256,6 +173,7 @@ cdef class Engine:
                 or self.cbuf == NULL or self.bbuf == NULL):
             raise MemoryError()
         self.icmp = self.icmp_mem + VNET  # room for a virtio header in front of the ICMP reply
+        memset(self.zero_vnet, 0, VNET)
         self.co_count = 0
         self.b_count = 0
         self.b_off = 0
@@ -282,13 +200,20 @@ cdef class Engine:
             raise ValueError(f"{subnet} is not a /{self.subnet_len} inside the overlay network")
         return base
 
-    def set_route(self, str subnet, str public_ip, int port, bytes vtep_mac):
+    def set_route(self, str subnet, str public_ip, int port, bytes vtep_mac=None,
+                  str framing="vxlan"):
+        """Route `subnet` to the node at public_ip:port. framing "vxlan" needs the
+        node's VtepMAC; "udp" (flanneld's udp backend) takes none."""
         cdef uint32_t base = self._subnet_base(subnet)
         cdef uint32_t ip = _ip(public_ip)
         cdef route_t *r
         cdef int32_t n
-        if len(vtep_mac) != 6 or not 0 < port < 65536:
-            raise ValueError("bad port or MAC")
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing {framing!r} is not one of {FRAMINGS}")
+        if framing == "vxlan" and (vtep_mac is None or len(vtep_mac) != 6):
+            raise ValueError("VXLAN framing needs a 6-byte VtepMAC")
+        if not 0 < port < 65536:
+            raise ValueError("bad port")
         if ip == 0 or ip == EMPTY:  # also keeps EMPTY free as the hash maps' slot marker
             raise ValueError(f"{public_ip} cannot be a peer's address")
         self.del_route(subnet)
@@ -303,7 +228,9 @@ cdef class Engine:
         r.subnet = base
         r.public_ip = ip
         r.port = port
-        memcpy(r.mac, <const char *>vtep_mac, 6)
+        r.framing = FRAME_VXLAN if framing == "vxlan" else FRAME_UDP
+        if r.framing == FRAME_VXLAN:
+            memcpy(r.mac, <const char *>vtep_mac, 6)
         r.addr.sin_family = AF_INET
         r.addr.sin_port = htons(port)
         r.addr.sin_addr.s_addr = htonl(ip)
@@ -332,10 +259,12 @@ cdef class Engine:
         return True
 
     def lookup(self, str address):
+        """(public IP, port, VtepMAC or None for udp framing), or None."""
         cdef route_t *r = self.find(_ip(address))
         if r == NULL:
             return None
-        return (str(ipaddress.IPv4Address(r.public_ip)), r.port, (<char *>r.mac)[:6])
+        mac = (<char *>r.mac)[:6] if r.framing == FRAME_VXLAN else None
+        return (str(ipaddress.IPv4Address(r.public_ip)), r.port, mac)
 
     def route_count(self):
         return self.nroutes
@@ -357,14 +286,33 @@ cdef class Engine:
         i = htab_get(&self.by_subnet, (addr >> self.shift) << self.shift)
         return NULL if i < 0 else &self.routes[i]
 
+    cdef int tx_fd(self, route_t *r, const uint8_t *pkt, Py_ssize_t n) noexcept nogil:
+        """The socket a packet to r leaves by (its outer source port)."""
+        if r.framing == FRAME_UDP:
+            return self.bare_fd
+        if self.ntx == 0:
+            return self.udp_fd
+        return self.tx_fds[(<uint64_t>flow_hash(pkt, n) * <uint64_t>self.ntx) >> 32]
+
+    cdef int ttl_expired(self, uint8_t *ip) noexcept nogil:
+        """flanneld udp framing: the TTL goes down by one on each side, and a packet
+        whose TTL would reach 0 is dropped (as flannel's proxy does). Returns 1 when
+        dropped; otherwise the header is updated, checksum included."""
+        if ip[8] <= 1:
+            self.drop(D_TTL_EXPIRED)
+            return 1
+        ip[8] -= 1
+        _ip_checksum(ip, (ip[0] & 0x0F) * 4)
+        return 0
+
     cdef int encap_c(self, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil:
         """pkt has HEADROOM writable bytes before it. On ACT_SEND the frame starts at
-        pkt - HEADROOM; on ACT_ICMP the reply is in self.icmp."""
+        pkt - _framing_bytes(route); on ACT_ICMP the reply is in self.icmp."""
         cdef uint8_t version = pkt[0] >> 4 if n > 0 else 0
         cdef uint32_t dst
         cdef route_t *r
         cdef uint8_t *h
-        if version == 4 and n >= 20:
+        if version == 4 and n >= 20 and (pkt[0] & 0x0F) >= 5:
             dst = _be32(pkt + 16)
             r = self.find(dst)
             if r == NULL:
@@ -373,12 +321,16 @@ cdef class Engine:
             return self.drop(D_NO_ROUTE)  # the overlay carries IPv4 subnets only
         else:
             return self.drop(D_BAD_PACKET)
-        h = pkt - HEADROOM
-        memcpy(h, self.vxlan_hdr, 8)
-        memcpy(h + 8, r.mac, 6)
-        memcpy(h + 14, self.own_mac, 6)
-        h[20] = 0x08
-        h[21] = 0x00
+        if r.framing == FRAME_UDP:
+            if self.ttl_expired(pkt):
+                return ACT_DROP
+        else:
+            h = pkt - HEADROOM
+            memcpy(h, self.vxlan_hdr, 8)
+            memcpy(h + 8, r.mac, 6)
+            memcpy(h + 14, self.own_mac, 6)
+            h[20] = 0x08
+            h[21] = 0x00
         out[0] = r
         self.ctr[C_TX_PACKETS] += 1
         self.ctr[C_TX_BYTES] += n
@@ -416,12 +368,8 @@ cdef class Engine:
 
     cdef int decap_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
                      Py_ssize_t *plen) noexcept nogil:
-        """On ACT_DELIVER the packet is d[HEADROOM : HEADROOM + plen]."""
-        cdef uint8_t *p = d + HEADROOM
+        """A VXLAN datagram. On ACT_DELIVER the packet is d[HEADROOM : HEADROOM + plen]."""
         cdef uint16_t ethertype
-        cdef uint32_t inner_src
-        cdef Py_ssize_t ihl, total
-        cdef route_t *owner = NULL
         if n < HEADROOM + 20:
             return self.drop(D_SHORT)
         if d[0] != 0x08 or d[1] != 0 or d[2] != 0 or d[3] != 0 or d[7] != 0:
@@ -432,21 +380,38 @@ cdef class Engine:
             return self.drop(D_BAD_MAC)
         ethertype = _be16(d + 20)
         if ethertype == 0x0800:
+            return self.accept_inner(d + HEADROOM, n - HEADROOM, 4, source, False, plen)
+        if ethertype == 0x86DD:
+            return self.accept_inner(d + HEADROOM, n - HEADROOM, 6, source, False, plen)
+        return self.drop(D_BAD_ETHERTYPE)
+
+    cdef int decap_bare_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
+                          Py_ssize_t *plen) noexcept nogil:
+        """A flanneld-udp datagram: the bare IP packet. On ACT_DELIVER it is d[:plen]."""
+        if n < 20:
+            return self.drop(D_SHORT)
+        return self.accept_inner(d, n, d[0] >> 4, source, True, plen)
+
+    cdef int accept_inner(self, uint8_t *p, Py_ssize_t avail, int family, uint32_t source,
+                          bint bare, Py_ssize_t *plen) noexcept nogil:
+        """The inner packet's rules, whatever the framing: a well-formed IP header that
+        fits, a known sender, IPv4, and an inner source that the sender may use."""
+        cdef Py_ssize_t ihl, total
+        cdef uint32_t inner_src
+        cdef route_t *owner
+        if family == 4:
             ihl = (p[0] & 0x0F) * 4
             total = _be16(p + 2)
-            if (p[0] >> 4) != 4 or ihl < 20 or total < ihl or HEADROOM + total > n:
+            if (p[0] >> 4) != 4 or ihl < 20 or total < ihl or total > avail:
                 return self.drop(D_BAD_IP)
-        elif ethertype == 0x86DD:
-            if n < HEADROOM + 40 or (p[0] >> 4) != 6:
-                return self.drop(D_BAD_IP)
-            total = 40 + _be16(p + 4)
-            if HEADROOM + total > n:
+        elif family == 6:
+            if avail < 40 or (p[0] >> 4) != 6 or 40 + _be16(p + 4) > avail:
                 return self.drop(D_BAD_IP)
         else:
-            return self.drop(D_BAD_ETHERTYPE)
+            return self.drop(D_BAD_IP)
         if htab_get(&self.by_sender, source) <= 0:
             return self.drop(D_UNKNOWN_SENDER)
-        if ethertype != 0x0800:
+        if family != 4:
             return self.drop(D_IPV6)  # the overlay carries IPv4 only
         inner_src = _be32(p + 12)
         # A source inside the overlay must be the sender's own subnet (no node may
@@ -456,10 +421,46 @@ cdef class Engine:
             owner = self.find(inner_src)
             if owner == NULL or owner.public_ip != source:
                 return self.drop(D_SPOOFED)
+        if bare and self.ttl_expired(p):
+            return ACT_DROP
+        self.complete_partial_csum(p, total)
         plen[0] = total
         self.ctr[C_RX_PACKETS] += 1
         self.ctr[C_RX_BYTES] += total
         return ACT_DELIVER
+
+    cdef void complete_partial_csum(self, uint8_t *p, Py_ssize_t total) noexcept nogil:
+        """A kernel VXLAN sender on the same host (bridge, veth, hypervisor) hands over
+        TCP/UDP packets whose checksum was never finished: CHECKSUM_PARTIAL travels
+        with the buffer and the field holds only the pseudo-header sum, which a real
+        NIC would have completed. Such a packet is finished here and counted; any other
+        bad checksum is left for the kernel to drop (real corruption stays dropped)."""
+        cdef Py_ssize_t ihl = (p[0] & 0x0F) * 4, l4 = total - ihl, off
+        cdef uint8_t proto = p[9]
+        cdef uint16_t field, pseudo, csum
+        cdef uint64_t psum
+        if (_be16(p + 6) & 0x3FFF) != 0:
+            return  # a fragment: its L4 checksum covers the whole datagram
+        if proto == 6 and l4 >= 20:
+            off = 16
+        elif proto == 17 and l4 >= 8:
+            off = 6
+        else:
+            return
+        field = _load_native16(p + ihl + off)
+        psum = uf_pseudo4(p, proto, <uint16_t>l4)
+        pseudo = uf_csum_fold(psum)
+        if not (field == pseudo or (field == 0 and pseudo == 0xFFFF)
+                or (field == 0xFFFF and pseudo == 0)):
+            return
+        if uf_csum_fold(uf_csum_partial(p + ihl, l4, psum)) == 0xFFFF:
+            return  # the field happens to be right as it is
+        # The field holds the pseudo-header sum: summing the L4 bytes completes it.
+        csum = ~uf_csum_fold(uf_csum_partial(p + ihl, l4, 0))
+        if csum == 0 and proto == 17:
+            csum = 0xFFFF  # a UDP checksum of 0 means "none"
+        _store_native16(p + ihl + off, csum)
+        self.ctr[C_RX_CSUM_COMPLETED] += 1
 
     # ---- one packet at a time, for tests and tools ----------------------------------
 
@@ -467,12 +468,15 @@ cdef class Engine:
         cdef Py_ssize_t n = len(packet)
         cdef route_t *r = NULL
         cdef int act
+        cdef Py_ssize_t fb
         if n > BUFSIZE - HEADROOM:
             raise ValueError("packet too long")
         memcpy(self.buf + HEADROOM, <const char *>packet, n)
         act = self.encap_c(self.buf + HEADROOM, n, &r)
         if act == ACT_SEND:
-            return SEND, bytes(self.buf[:HEADROOM + n]), (str(ipaddress.IPv4Address(r.public_ip)), r.port)
+            fb = _framing_bytes(r)
+            return (SEND, bytes(self.buf[HEADROOM - fb:HEADROOM + n]),
+                    (str(ipaddress.IPv4Address(r.public_ip)), r.port))
         if act == ACT_ICMP:
             return ICMP, bytes(self.icmp[:self.icmp_len]), None
         return DROP, self._last_drop(), None
@@ -487,18 +491,44 @@ cdef class Engine:
             return DELIVER, bytes(self.buf[HEADROOM:HEADROOM + plen]), None
         return DROP, self._last_drop(), None
 
+    def decap_bare(self, bytes datagram, str source):
+        cdef Py_ssize_t n = len(datagram), plen = 0
+        cdef uint32_t src = _ip(source)
+        if n > BUFSIZE:
+            raise ValueError("datagram too long")
+        memcpy(self.buf, <const char *>datagram, n)
+        if self.decap_bare_c(self.buf, n, src, &plen) == ACT_DELIVER:
+            return DELIVER, bytes(self.buf[:plen]), None
+        return DROP, self._last_drop(), None
+
+    def flow_index(self, bytes packet, int ways):
+        """Which of `ways` source-port sockets a packet's flow takes (tests)."""
+        if len(packet) < 20:
+            raise ValueError("not an IPv4 packet")
+        return (<uint64_t>flow_hash(<const uint8_t *><const char *>packet, len(packet))
+                * <uint64_t>ways) >> 32
+
     def _last_drop(self):
         return _REASONS[self.last_drop]
 
     # ---- the hot path ---------------------------------------------------------------
 
-    def attach(self, int tun_fd, int udp_fd, *, bint vnet_hdr=False, bint gso=False,
-               bint gro=False):
-        """Give the engine the non-blocking TUN fd and UDP socket fd it drains, and say
-        which offloads they were set up with: vnet_hdr (the TUN was opened with
+    def attach(self, int tun_fd, int udp_fd, *, int bare_fd=-1, tx_fds=(), bint vnet_hdr=False,
+               bint gso=False, bint gro=False):
+        """Give the engine the non-blocking fds it drains and sends by: the TUN, the
+        VXLAN socket (udp_fd), flanneld udp framing's socket (bare_fd, -1: none), and
+        the VXLAN source-port sockets (tx_fds; empty: send from udp_fd). Say which
+        offloads they were set up with: vnet_hdr (the TUN was opened with
         IFF_VNET_HDR), gso (UDP_SEGMENT may be used), gro (UDP_GRO is on)."""
+        cdef int k
+        if len(tx_fds) > MAX_TX:
+            raise ValueError(f"at most {MAX_TX} source-port sockets")
         self.tun_fd = tun_fd
         self.udp_fd = udp_fd
+        self.bare_fd = bare_fd
+        self.ntx = len(tx_fds)
+        for k in range(self.ntx):
+            self.tx_fds[k] = tx_fds[k]
         self.vnet = vnet_hdr
         self.gso = gso
         self.gro = gro
@@ -508,8 +538,8 @@ cdef class Engine:
         return {"vnet_hdr": bool(self.vnet), "gso": bool(self.gso), "gro": bool(self.gro)}
 
     def kernel_drops(self):
-        """Datagrams the kernel dropped on the UDP socket (its receive queue was full),
-        as last reported by SO_RXQ_OVFL; 0 until the option is on and a read saw it."""
+        """Datagrams the kernel dropped on the receiving sockets (their queues were
+        full), as last reported by SO_RXQ_OVFL; 0 until a read saw it."""
         return self.rx_ovfl
 
     def drain_tun(self, int budget):
@@ -523,20 +553,29 @@ cdef class Engine:
         return r
 
     def drain_udp(self, int budget):
-        """Receive until EAGAIN or budget reads; returns reads done,
+        """Receive VXLAN until EAGAIN or budget reads; returns reads done,
         or -errno if the socket itself failed."""
         cdef int r
         if self.udp_fd < 0:
             raise RuntimeError("attach() first")
         with nogil:
-            r = self.udp_drain_c(budget)
+            r = self.udp_drain_c(budget, self.udp_fd, False)
+        return r
+
+    def drain_bare(self, int budget):
+        """Receive flanneld udp framing until EAGAIN or budget reads (as drain_udp)."""
+        cdef int r
+        if self.bare_fd < 0:
+            raise RuntimeError("attach() with a bare_fd first")
+        with nogil:
+            r = self.udp_drain_c(budget, self.bare_fd, True)
         return r
 
     cdef int tun_drain_c(self, int budget) noexcept nogil:
         """Each packet is read straight into the send batch (bbuf), framed in place,
-        and queued; consecutive frames to one peer leave together (one UDP_SEGMENT
-        send when their sizes allow, else sendmmsg). The batch is flushed before
-        this returns, so batching never delays a packet past the end of a drain."""
+        and queued; consecutive frames to one peer and socket leave together (one
+        UDP_SEGMENT send when their sizes allow, else sendmmsg). The batch is flushed
+        before this returns, so batching never delays a packet past the end of a drain."""
         cdef int done = 0, err
         cdef ssize_t n
         cdef uint8_t *slot
@@ -571,20 +610,27 @@ cdef class Engine:
     cdef void queue_packet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
         """Frame the packet at the batch slot in place and queue it (or answer ICMP)."""
         cdef route_t *r = NULL
-        cdef int act = self.encap_c(pkt, n, &r)
-        cdef uint8_t *frame = pkt - HEADROOM
-        cdef Py_ssize_t flen = n + HEADROOM
+        cdef int act = self.encap_c(pkt, n, &r), fd
+        cdef uint8_t *frame
+        cdef Py_ssize_t flen, fb
         if act == ACT_ICMP:
             self.emit_plain(self.icmp, self.icmp_len, 0)
             return
         if act != ACT_SEND:
             return
-        if self.b_count and (r != self.b_route or (self.gso and (flen > self.b_seg or self.b_closed))):
+        fb = _framing_bytes(r)
+        frame = pkt - fb
+        flen = n + fb
+        fd = self.tx_fd(r, pkt, n)
+        if self.b_count and (r != self.b_route or fd != self.b_fd
+                             or (self.gso and (flen > self.b_seg or self.b_closed))):
             self.flush_batch()  # the frame cannot join: send the others, then start anew
             memmove(self.bbuf, frame, flen)
             frame = self.bbuf
         if self.b_count == 0:
             self.b_route = r
+            self.b_fd = fd
+            self.b_hdr = fb
             self.b_seg = flen
             self.b_closed = False
         self.b_iov[self.b_count].iov_base = frame
@@ -610,11 +656,11 @@ cdef class Engine:
                         (<uint8_t *>self.b_iov[k].iov_base)[:self.b_iov[k].iov_len])
             return
         if count == 1:
-            sent = 1 if sendto(self.udp_fd, self.b_iov[0].iov_base, self.b_iov[0].iov_len, 0,
+            sent = 1 if sendto(self.b_fd, self.b_iov[0].iov_base, self.b_iov[0].iov_len, 0,
                                <sockaddr *>&self.b_route.addr, sizeof(sockaddr_in)) >= 0 else 0
         else:
             if self.gso:  # queue_packet kept the sizes UDP_SEGMENT needs
-                rc = uf_send_gso_iov(self.udp_fd, self.b_iov, count, <uint16_t>self.b_seg,
+                rc = uf_send_gso_iov(self.b_fd, self.b_iov, count, <uint16_t>self.b_seg,
                                      &self.b_route.addr)
                 if rc >= 0:
                     sent = count
@@ -625,11 +671,11 @@ cdef class Engine:
                     self.tx_iov[2 * k] = self.b_iov[k]
                     self.tx_iov[2 * k + 1].iov_base = NULL
                     self.tx_iov[2 * k + 1].iov_len = 0
-                rc = uf_send_many_iov(self.udp_fd, self.tx_iov, count, &self.b_route.addr)
+                rc = uf_send_many_iov(self.b_fd, self.tx_iov, count, &self.b_route.addr)
                 sent = <int>rc if rc > 0 else 0
         for k in range(sent, count):  # exact counters: undo what did not leave
             self.ctr[C_TX_PACKETS] -= 1
-            self.ctr[C_TX_BYTES] -= self.b_iov[k].iov_len - HEADROOM
+            self.ctr[C_TX_BYTES] -= self.b_iov[k].iov_len - self.b_hdr
             self.ctr[D_SEND_ERROR] += 1
 
     cdef void tun_read_vnet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
@@ -666,17 +712,17 @@ cdef class Engine:
     cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
                             uint8_t proto) noexcept nogil:
         """Cut a TCPv4 (proto 6) or UDPv4 (proto 17) super-packet into MSS-sized
-        segments, each its own VXLAN frame with fresh IPv4 id/length/checksum and TCP
-        seq/flags/checksum or UDP length/checksum, and send them a window at a time
-        (one UDP_SEGMENT call, or sendmmsg). Only the headers are written (into obuf);
-        each frame's payload is an iovec into the read buffer."""
-        cdef Py_ssize_t ihl, thl, hlen, payload, stride, off, chunk, window_bytes
+        segments, each its own frame (VXLAN, or bare for udp framing) with fresh IPv4
+        id/length/checksum and TCP seq/flags/checksum or UDP length/checksum, and send
+        them a window at a time (one UDP_SEGMENT call, or sendmmsg). Only the headers
+        are written (into obuf); each frame's payload is an iovec into the read buffer."""
+        cdef Py_ssize_t ihl, thl, hlen, payload, stride, off, chunk, window_bytes, fb
         cdef uint16_t csum
         cdef uint32_t seq
         cdef uint16_t ident
         cdef uint8_t flags
         cdef route_t *r
-        cdef int i, k, count, window, sent, built
+        cdef int i, k, count, window, sent, built, fd
         cdef uint8_t *f
         cdef uint8_t *ip
         cdef uint8_t *tcp
@@ -698,10 +744,14 @@ cdef class Engine:
             if self.unroutable(pkt, n, _be32(pkt + 16)) == ACT_ICMP:
                 self.emit_plain(self.icmp, self.icmp_len, 0)
             return
+        fb = _framing_bytes(r)
+        if r.framing == FRAME_UDP and self.ttl_expired(pkt):
+            return  # every segment carries the super-packet's (decremented) TTL
+        fd = self.tx_fd(r, pkt, n)
         self.ctr[C_TX_SUPER] += 1
         payload = n - hlen
         count = <int>((payload + mss - 1) // mss) if payload > 0 else 1
-        stride = HEADROOM + hlen + mss
+        stride = fb + hlen + mss
         window = MAX_WINDOW
         if self.gso and window > UDP_GSO_MAX // stride:
             window = <int>(UDP_GSO_MAX // stride)
@@ -717,19 +767,19 @@ cdef class Engine:
                 chunk = payload - off if payload - off < mss else mss
                 if chunk < 0:
                     chunk = 0
-                f = self.obuf + k * (HEADROOM + hlen)
-                memcpy(f, self.vxlan_hdr, 8)
-                memcpy(f + 8, r.mac, 6)
-                memcpy(f + 14, self.own_mac, 6)
-                f[20] = 0x08
-                f[21] = 0x00
-                ip = f + HEADROOM
+                f = self.obuf + k * (fb + hlen)
+                if fb:
+                    memcpy(f, self.vxlan_hdr, 8)
+                    memcpy(f + 8, r.mac, 6)
+                    memcpy(f + 14, self.own_mac, 6)
+                    f[20] = 0x08
+                    f[21] = 0x00
+                ip = f + fb
                 tcp = ip + ihl
                 memcpy(ip, pkt, hlen)
                 _put16(ip + 2, <uint16_t>(hlen + chunk))
                 _put16(ip + 4, <uint16_t>(ident + i + k))
-                _store_native16(ip + 10, 0)
-                _store_native16(ip + 10, ~uf_csum_fold(uf_csum_partial(ip, ihl, 0)))
+                _ip_checksum(ip, ihl)
                 if proto == 6:
                     _put32(tcp + 4, seq + <uint32_t>off)
                     if i + k != count - 1:
@@ -746,24 +796,24 @@ cdef class Engine:
                         uf_csum_partial(tcp, 8, uf_pseudo4(ip, 17, <uint16_t>(8 + chunk)))))
                     _store_native16(tcp + 6, csum if csum != 0 else 0xFFFF)
                 self.tx_iov[2 * k].iov_base = f
-                self.tx_iov[2 * k].iov_len = HEADROOM + hlen
+                self.tx_iov[2 * k].iov_len = fb + hlen
                 self.tx_iov[2 * k + 1].iov_base = pkt + hlen + off
                 self.tx_iov[2 * k + 1].iov_len = chunk
                 window_bytes += hlen + chunk
                 k += 1
             built = k
-            sent = self.send_window(r, built, stride)
+            sent = self.send_window(r, fd, built, stride)
             self.ctr[C_TX_PACKETS] += sent
             if sent == built:
                 self.ctr[C_TX_BYTES] += window_bytes
             else:  # count exactly what left: the first `sent` frames of the window
                 for k in range(sent):
-                    self.ctr[C_TX_BYTES] += (self.tx_iov[2 * k].iov_len - HEADROOM
+                    self.ctr[C_TX_BYTES] += (self.tx_iov[2 * k].iov_len - fb
                                              + self.tx_iov[2 * k + 1].iov_len)
                 self.ctr[D_SEND_ERROR] += built - sent
             i += built
 
-    cdef int send_window(self, route_t *r, int count, Py_ssize_t stride) noexcept nogil:
+    cdef int send_window(self, route_t *r, int fd, int count, Py_ssize_t stride) noexcept nogil:
         """Send the `count` frames described by tx_iov; returns how many left."""
         cdef long rc
         cdef int k
@@ -775,11 +825,11 @@ cdef class Engine:
                         + (<uint8_t *>self.tx_iov[2 * k + 1].iov_base)[:self.tx_iov[2 * k + 1].iov_len])
             return count
         if self.gso and count > 1:
-            rc = uf_send_gso_iov(self.udp_fd, self.tx_iov, 2 * count, <uint16_t>stride, &r.addr)
+            rc = uf_send_gso_iov(fd, self.tx_iov, 2 * count, <uint16_t>stride, &r.addr)
             if rc >= 0:
                 return count
             self.gso_failed(rc)
-        rc = uf_send_many_iov(self.udp_fd, self.tx_iov, count, &r.addr)
+        rc = uf_send_many_iov(fd, self.tx_iov, count, &r.addr)
         return <int>rc if rc > 0 else 0
 
     cdef void gso_failed(self, long rc) noexcept nogil:
@@ -791,14 +841,17 @@ cdef class Engine:
         if rc == -EIO:
             self.gso = False
 
-    cdef int udp_drain_c(self, int budget) noexcept nogil:
+    cdef int udp_drain_c(self, int budget, int fd, bint bare) noexcept nogil:
+        """Receive on `fd` (VXLAN, or flanneld udp framing when `bare`): each read may
+        hold several same-size datagrams (UDP_GRO), split by the reported size."""
         cdef int done = 0, segsize = 0
         cdef long n
         cdef Py_ssize_t plen = 0, off, dl
         cdef sockaddr_in src
         cdef uint32_t source
+        cdef int act
         while done < budget:
-            n = uf_recvmsg(self.udp_fd, self.buf, BUFSIZE, &src, &segsize, &self.rx_ovfl)
+            n = uf_recvmsg(fd, self.buf, BUFSIZE, &src, &segsize, &self.rx_ovfl)
             if n < 0:
                 if n == -EINTR:
                     continue
@@ -818,20 +871,23 @@ cdef class Engine:
             off = 0
             while off < n:
                 dl = n - off if n - off < segsize else segsize
-                if self.decap_c(self.buf + off, dl, source, &plen) == ACT_DELIVER:
+                if bare:
+                    if self.decap_bare_c(self.buf + off, dl, source, &plen) == ACT_DELIVER:
+                        self.deliver(self.buf + off, plen)
+                elif self.decap_c(self.buf + off, dl, source, &plen) == ACT_DELIVER:
                     self.deliver(self.buf + off + HEADROOM, plen)
                 off += segsize
             self.co_flush()
         return done
 
     cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil:
-        """A validated inner packet with writable bytes before it (its Ethernet header)."""
+        """A validated inner packet, still in the receive buffer."""
         if self.vnet:
             self.co_add(p, n)
         else:
             self.emit(p, n, 1, n)
 
-    # ---- receive coalescing (rules: udpflannel/offload.py) --------------------------
+    # ---- receive coalescing (rules: udpflannel/core/offload.py) ---------------------
 
     cdef void co_add(self, uint8_t *p, Py_ssize_t n) noexcept nogil:
         """Merge p into the current run if it extends it, else flush and start anew.
@@ -886,7 +942,6 @@ cdef class Engine:
         cdef uint8_t *v = self.cbuf
         cdef uint8_t *g = self.cbuf + VNET
         cdef uint16_t hlen, x
-        cdef int k
         if self.co_count == 0:
             return
         if self.co_count == 1:
@@ -896,8 +951,7 @@ cdef class Engine:
         hlen = <uint16_t>(20 + (self.co_first[32] >> 4) * 4)
         memcpy(g, self.co_first, hlen)
         _put16(g + 2, <uint16_t>self.co_len)
-        _store_native16(g + 10, 0)
-        _store_native16(g + 10, ~uf_csum_fold(uf_csum_partial(g, 20, 0)))
+        _ip_checksum(g, 20)
         if self.co_psh:
             g[33] |= TCP_PSH
         # NEEDS_CSUM: the TCP field holds the folded pseudo-header sum
@@ -918,14 +972,9 @@ cdef class Engine:
         self.co_count = 0
 
     cdef int emitv(self, iovec *iov, int iovcnt, int packets, Py_ssize_t nbytes) noexcept nogil:
-        """writev to the TUN (or join into `captured` in tests)."""
-        cdef int k
-        if self.captured is not None:
-            with gil:
-                self.captured.append(b"".join(
-                    [(<uint8_t *>iov[k].iov_base)[:iov[k].iov_len] for k in range(iovcnt)]))
-            return 0
-        if writev(self.tun_fd, iov, iovcnt) < 0:
+        """writev to the TUN (or join into `captured` in tests); it carries `packets`
+        delivered packets of `nbytes` bytes in all (undone from rx_* if it fails)."""
+        if self.write_tun(iov, iovcnt) < 0:
             self.ctr[C_RX_PACKETS] -= packets
             self.ctr[C_RX_BYTES] -= nbytes
             self.ctr[D_TUN_WRITE_ERROR] += packets
@@ -933,33 +982,37 @@ cdef class Engine:
         return 0
 
     cdef void emit_plain(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil:
-        # packets is 1 for a delivered packet (n bytes), 0 for our own ICMP replies
-        """Write one packet as is; with vnet_hdr it needs a zero header in front
-        (p must have VNET writable bytes before it)."""
+        """Write one packet as is (packets: 1 for a delivered packet of n bytes, 0 for
+        our own ICMP replies); with vnet_hdr behind an all-zero virtio header, gathered
+        from its own buffer, so nothing in front of p is touched."""
         if self.vnet:
-            memset(p - VNET, 0, VNET)
-            self.emit(p - VNET, n + VNET, packets, n * packets)
+            self.plain_iov[0].iov_base = self.zero_vnet
+            self.plain_iov[0].iov_len = VNET
+            self.plain_iov[1].iov_base = p
+            self.plain_iov[1].iov_len = n
+            self.emitv(self.plain_iov, 2, packets, n * packets)
         else:
             self.emit(p, n, packets, n * packets)
 
     cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets, Py_ssize_t nbytes) noexcept nogil:
-        """Write to the TUN (or to `captured` in tests); it carries `packets` delivered
-        packets of `nbytes` bytes in all (undone from rx_* if the write fails)."""
+        self.plain_iov[0].iov_base = p
+        self.plain_iov[0].iov_len = n
+        return self.emitv(self.plain_iov, 1, packets, nbytes)
+
+    cdef int write_tun(self, iovec *iov, int iovcnt) noexcept nogil:
+        """The one place that writes to the TUN (tests: `captured` instead)."""
+        cdef int k
         if self.captured is not None:
             with gil:
-                self.captured.append(p[:n])
+                self.captured.append(b"".join(
+                    [(<uint8_t *>iov[k].iov_base)[:iov[k].iov_len] for k in range(iovcnt)]))
             return 0
-        if write(self.tun_fd, p, n) < 0:
-            self.ctr[C_RX_PACKETS] -= packets
-            self.ctr[C_RX_BYTES] -= nbytes
-            self.ctr[D_TUN_WRITE_ERROR] += packets
-            return -1
-        return 0
+        return <int>writev(self.tun_fd, iov, iovcnt)
 
     # ---- the offload rules one call at a time, for tests ----------------------------
 
     def segment(self, bytes data):
-        """virtio header + packet (one TUN read) -> the VXLAN datagrams it becomes."""
+        """virtio header + packet (one TUN read) -> the datagrams it becomes."""
         cdef Py_ssize_t n = len(data)
         if n > BUFSIZE - HEADROOM + VNET:
             raise ValueError("read too long")

@@ -41,15 +41,23 @@ HEADROOM = VXLAN_HLEN + ETH_HLEN  # bytes added in front of each IP packet
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 
-# Drop reasons, in counter order. Outbound first, then inbound.
-TX_DROPS = ("bad_packet", "no_route", "send_error", "bad_offload")
+# Route framings: "vxlan" (RFC 7348, flanneld's vxlan backend) and "udp" (flanneld's
+# udp backend: the bare IPv4 packet is the datagram; its TTL goes down by one on each
+# side, as flannel's proxy does).
+FRAMINGS = ("vxlan", "udp")
+
+# Drop reasons, in counter order. Outbound first, then inbound. ttl_expired counts
+# udp-framed packets whose TTL ran out, in either direction.
+TX_DROPS = ("bad_packet", "no_route", "send_error", "bad_offload", "ttl_expired")
 RX_DROPS = ("short", "bad_flags", "bad_vni", "bad_mac", "bad_ethertype", "bad_ip", "ipv6",
             "unknown_sender", "spoofed", "truncated", "tun_write_error")
 # tx_super_packets: TSO super-packets read from the TUN (each sent as many datagrams);
 # rx_merged_writes: TUN writes that carried several coalesced TCP segments;
-# gso_fallbacks: UDP_SEGMENT sends that failed and were sent again datagram by datagram.
+# gso_fallbacks: UDP_SEGMENT sends that failed and were sent again datagram by datagram;
+# rx_csum_completed: received TCP/UDP checksums a same-host kernel sender left unfinished
+# (CHECKSUM_PARTIAL), completed before the TUN.
 COUNTERS = (("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "icmp_unreachable",
-             "tx_super_packets", "rx_merged_writes", "gso_fallbacks")
+             "tx_super_packets", "rx_merged_writes", "gso_fallbacks", "rx_csum_completed")
             + tuple("drop_" + r for r in TX_DROPS + RX_DROPS))
 
 SEND, ICMP, DELIVER, DROP = "send", "icmp", "deliver", "drop"
@@ -84,6 +92,74 @@ def icmp_net_unreachable(packet: bytes) -> bytes:
     return bytes(ip + icmp)
 
 
+def _fmix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def flow_hash(packet: bytes) -> int:
+    """The inner flow's hash that picks a VXLAN frame's outer source port: addresses,
+    protocol and, for TCP/UDP that is not a fragment, the ports (RFC 7348 section 5)."""
+    ihl = (packet[0] & 0x0F) * 4
+    proto = packet[9]
+    ports = 0
+    if (proto in (6, 17) and not int.from_bytes(packet[6:8], "big") & 0x3FFF and ihl >= 20
+            and len(packet) >= ihl + 4):
+        ports = int.from_bytes(packet[ihl:ihl + 4], "big")
+    src, dst = int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
+    return _fmix32(_fmix32(_fmix32(src ^ 0x9747B28C) ^ dst) ^ ports ^ (proto << 24))
+
+
+def flow_index(packet: bytes, ways: int) -> int:
+    """Which of ``ways`` source-port sockets a packet's flow leaves by."""
+    return (flow_hash(packet) * ways) >> 32
+
+
+def decrement_ttl(packet: bytes) -> bytes | None:
+    """flanneld udp framing: TTL - 1 with a fresh header checksum; None once it would
+    reach 0 (flannel's proxy drops such packets)."""
+    if packet[8] <= 1:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    h = bytearray(packet[:ihl])
+    h[8] -= 1
+    struct.pack_into("!H", h, 10, 0)
+    struct.pack_into("!H", h, 10, inet_checksum(bytes(h)))
+    return bytes(h) + packet[ihl:]
+
+
+def complete_partial_checksum(packet: bytes) -> bytes | None:
+    """A TCP/UDP packet whose checksum field holds only the pseudo-header sum (a kernel
+    sender's unfinished CHECKSUM_PARTIAL) and does not verify, completed; None for
+    anything else (fragments, other protocols, fine or really corrupt checksums)."""
+    ihl = (packet[0] & 0x0F) * 4
+    proto = packet[9]
+    l4 = len(packet) - ihl
+    if int.from_bytes(packet[6:8], "big") & 0x3FFF:
+        return None
+    if proto == 6 and l4 >= 20:
+        off = 16
+    elif proto == 17 and l4 >= 8:
+        off = 6
+    else:
+        return None
+    field = int.from_bytes(packet[ihl + off:ihl + off + 2], "big")
+    pseudo_words = packet[12:20] + struct.pack("!BBH", 0, proto, l4)
+    pseudo = ~inet_checksum(pseudo_words) & 0xFFFF  # folded, not inverted
+    if not (field == pseudo or {field, pseudo} == {0, 0xFFFF}):
+        return None
+    if inet_checksum(pseudo_words + packet[ihl:]) == 0:
+        return None  # it verifies as it is
+    value = inet_checksum(packet[ihl:])  # the field's pseudo sum completes the sum
+    if value == 0 and proto == 17:
+        value = 0xFFFF
+    at = ihl + off
+    return packet[:at] + struct.pack("!H", value) + packet[at + 2:]
+
+
 class PyEngine:
     """Route table + framing + counters. Same API as ``udpflannel._engine.Engine``."""
 
@@ -104,7 +180,8 @@ class PyEngine:
         self._subnet_len = subnet_len
         self._strict_source = strict_source
         self._vxlan = vxlan_header(vni)
-        self._routes: dict[int, tuple[int, int, bytes]] = {}  # subnet base -> peer
+        # subnet base -> (public IP, port, VtepMAC or None, framing)
+        self._routes: dict[int, tuple[int, int, bytes | None, str]] = {}
         self._senders: dict[int, int] = {}  # public IP -> number of subnets it owns
         self._c = dict.fromkeys(COUNTERS, 0)
         self._kernel_drops = 0
@@ -117,15 +194,21 @@ class PyEngine:
             raise ValueError(f"{subnet} is not a /{self._subnet_len} inside the overlay network")
         return base
 
-    def set_route(self, subnet: str, public_ip: str, port: int, vtep_mac: bytes) -> None:
+    def set_route(self, subnet: str, public_ip: str, port: int, vtep_mac: bytes | None = None,
+                  framing: str = "vxlan") -> None:
         base = self._subnet_base(subnet)
         ip = int(ipaddress.IPv4Address(public_ip))
-        if len(vtep_mac) != 6 or not 0 < port < 65536:
-            raise ValueError("bad port or MAC")
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing {framing!r} is not one of {FRAMINGS}")
+        if framing == "vxlan" and (vtep_mac is None or len(vtep_mac) != 6):
+            raise ValueError("VXLAN framing needs a 6-byte VtepMAC")
+        if not 0 < port < 65536:
+            raise ValueError("bad port")
         if ip in (0, 0xFFFFFFFF):
             raise ValueError(f"{public_ip} cannot be a peer's address")
         self.del_route(subnet)
-        self._routes[base] = (ip, port, bytes(vtep_mac))
+        mac = bytes(vtep_mac) if framing == "vxlan" else None
+        self._routes[base] = (ip, port, mac, framing)
         self._senders[ip] = self._senders.get(ip, 0) + 1
 
     def del_route(self, subnet: str) -> bool:
@@ -139,7 +222,7 @@ class PyEngine:
             del self._senders[peer[0]]
         return True
 
-    def lookup(self, address: str) -> tuple[str, int, bytes] | None:
+    def lookup(self, address: str) -> tuple[str, int, bytes | None] | None:
         peer = self._find(int(ipaddress.IPv4Address(address)))
         return None if peer is None else (str(ipaddress.IPv4Address(peer[0])), peer[1], peer[2])
 
@@ -149,7 +232,7 @@ class PyEngine:
     def counters(self) -> dict[str, int]:
         return dict(self._c)
 
-    def _find(self, addr: int) -> tuple[int, int, bytes] | None:
+    def _find(self, addr: int) -> tuple[int, int, bytes | None, str] | None:
         if addr & self._netmask != self._net:
             return None
         return self._routes.get(addr >> self._shift << self._shift)
@@ -163,8 +246,7 @@ class PyEngine:
         """TUN -> UDP. (SEND, datagram, (ip, port)) | (ICMP, packet, None) | (DROP, reason, None)."""
         n = len(packet)
         version = packet[0] >> 4 if n else 0
-        if version == 4 and n >= 20:
-            ethertype = ETH_P_IP
+        if version == 4 and n >= 20 and packet[0] & 0x0F >= 5:
             dst = int.from_bytes(packet[16:20], "big")
             peer = self._find(dst)
             if peer is None:
@@ -173,8 +255,13 @@ class PyEngine:
             return self._drop("no_route")  # the overlay carries IPv4 subnets only
         else:
             return self._drop("bad_packet")
-        ip, port, mac = peer
-        frame = self._vxlan + mac + self._mac + ethertype.to_bytes(2, "big") + packet
+        ip, port, mac, framing = peer
+        if framing == "udp":
+            frame = decrement_ttl(packet)
+            if frame is None:
+                return self._drop("ttl_expired")
+        else:
+            frame = self._vxlan + mac + self._mac + ETH_P_IP.to_bytes(2, "big") + packet
         self._c["tx_packets"] += 1
         self._c["tx_bytes"] += n
         return SEND, frame, (str(ipaddress.IPv4Address(ip)), port)
@@ -190,10 +277,9 @@ class PyEngine:
         return ICMP, icmp_net_unreachable(packet), None
 
     def decap(self, datagram: bytes, source: str) -> tuple[str, object, None]:
-        """UDP -> TUN. (DELIVER, packet, None) | (DROP, reason, None)."""
+        """A VXLAN datagram -> (DELIVER, packet, None) | (DROP, reason, None)."""
         d = datagram
-        n = len(d)
-        if n < HEADROOM + 20:
+        if len(d) < HEADROOM + 20:
             return self._drop("short")
         if d[0:4] != b"\x08\0\0\0" or d[7] != 0:
             return self._drop("bad_flags")
@@ -201,40 +287,55 @@ class PyEngine:
             return self._drop("bad_vni")
         if d[8:14] != self._mac:
             return self._drop("bad_mac")
-        ethertype = int.from_bytes(d[20:22], "big")
-        p = HEADROOM
-        if ethertype == ETH_P_IP:
-            ihl = (d[p] & 0x0F) * 4
-            total = int.from_bytes(d[p + 2:p + 4], "big")
-            if d[p] >> 4 != 4 or ihl < 20 or total < ihl or p + total > n:
-                return self._drop("bad_ip")
-            inner_src = int.from_bytes(d[p + 12:p + 16], "big")
-        elif ethertype == ETH_P_IPV6:
-            if n < p + 40 or d[p] >> 4 != 6:
-                return self._drop("bad_ip")
-            total = 40 + int.from_bytes(d[p + 4:p + 6], "big")
-            if p + total > n:
-                return self._drop("bad_ip")
-            inner_src = None
-        else:
+        family = {ETH_P_IP: 4, ETH_P_IPV6: 6}.get(int.from_bytes(d[20:22], "big"))
+        if family is None:
             return self._drop("bad_ethertype")
+        return self._accept_inner(bytes(d[HEADROOM:]), family, source, bare=False)
+
+    def decap_bare(self, datagram: bytes, source: str) -> tuple[str, object, None]:
+        """A flanneld-udp datagram (the bare IP packet) -> as decap."""
+        if len(datagram) < 20:
+            return self._drop("short")
+        return self._accept_inner(bytes(datagram), datagram[0] >> 4, source, bare=True)
+
+    def _accept_inner(self, p: bytes, family: int, source: str, bare: bool):
+        if family == 4:
+            ihl = (p[0] & 0x0F) * 4
+            total = int.from_bytes(p[2:4], "big")
+            if p[0] >> 4 != 4 or ihl < 20 or total < ihl or total > len(p):
+                return self._drop("bad_ip")
+        elif family == 6:
+            if len(p) < 40 or p[0] >> 4 != 6 or 40 + int.from_bytes(p[4:6], "big") > len(p):
+                return self._drop("bad_ip")
+        else:
+            return self._drop("bad_ip")
         sender = int(ipaddress.IPv4Address(source))
         if sender not in self._senders:
             return self._drop("unknown_sender")
-        if inner_src is None:
+        if family != 4:
             return self._drop("ipv6")  # the overlay carries IPv4 only
+        inner_src = int.from_bytes(p[12:16], "big")
         if self._strict_source or inner_src & self._netmask == self._net:
             owner = self._find(inner_src)
             if owner is None or owner[0] != sender:
                 return self._drop("spoofed")
+        packet = p[:total]
+        if bare:
+            packet = decrement_ttl(packet)
+            if packet is None:
+                return self._drop("ttl_expired")
+        completed = complete_partial_checksum(packet)
+        if completed is not None:
+            packet = completed
+            self._c["rx_csum_completed"] += 1
         self._c["rx_packets"] += 1
         self._c["rx_bytes"] += total
-        return DELIVER, bytes(d[p:p + total]), None
+        return DELIVER, packet, None
 
-    # --- offloads (rules in udpflannel.core.offload) ------------------------------------
+    # --- offloads (rules in udpflannel.core.offload) -------------------------------
     def segment(self, data: bytes) -> list[bytes]:
-        """virtio header + packet (one TUN read) -> the VXLAN datagrams it becomes
-        (an ICMP reply for the TUN comes back with its zero virtio header)."""
+        """virtio header + packet (one TUN read) -> the datagrams it becomes (an ICMP
+        reply for the TUN comes back with its zero virtio header)."""
         try:
             _flags, gso_type, *_ = offload.parse_vnet(data)
             packets = offload.segment(data)
@@ -243,9 +344,13 @@ class PyEngine:
             return []
         if gso_type != offload.GSO_NONE:
             dst = int.from_bytes(packets[0][16:20], "big")  # all segments share it
-            if self._find(dst) is None:
+            peer = self._find(dst)
+            if peer is None:
                 kind, reply, _ = self._unroutable(data[offload.VNET_HLEN:], dst)
                 return [offload.ZERO_VNET + reply] if kind == ICMP else []
+            if peer[3] == "udp" and packets[0][8] <= 1:
+                self._drop("ttl_expired")  # one super-packet, one drop
+                return []
             self._c["tx_super_packets"] += 1
         out = []
         for packet in packets:
@@ -262,21 +367,31 @@ class PyEngine:
         self._c["rx_merged_writes"] += sum(1 for w in writes if w[1] != offload.GSO_NONE)
         return writes
 
+    def flow_index(self, packet: bytes, ways: int) -> int:
+        return flow_index(packet, ways)
+
     # --- I/O drains (the compiled engine does these without Python objects) --------
-    def attach(self, tun_fd: int, udp_fd: int, *, vnet_hdr: bool = False, gso: bool = False,
-               gro: bool = False) -> None:
-        """Give the engine the non-blocking TUN fd and UDP socket fd it drains. The
-        twin's drains run without offloads (its segment/coalesce model them)."""
+    def attach(self, tun_fd: int, udp_fd: int, *, bare_fd: int = -1, tx_fds=(),
+               vnet_hdr: bool = False, gso: bool = False, gro: bool = False) -> None:
+        """Give the engine its fds, as the compiled engine's attach. The twin's drains
+        run without offloads (its segment/coalesce model them)."""
         if vnet_hdr or gso or gro:
             raise ValueError("the Python engine runs without offloads (use --offload off)")
         self._tun_fd = tun_fd
         self._sock = socket.socket(fileno=os.dup(udp_fd))
+        self._bare = socket.socket(fileno=os.dup(bare_fd)) if bare_fd >= 0 else None
+        self._tx = [socket.socket(fileno=os.dup(fd)) for fd in tx_fds]
 
     def offloads(self) -> dict[str, bool]:
         return {"vnet_hdr": False, "gso": False, "gro": False}
 
     def kernel_drops(self) -> int:
         return self._kernel_drops
+
+    def _sender(self, packet: bytes, peer) -> socket.socket:
+        if peer[3] == "udp":
+            return self._bare
+        return self._tx[flow_index(packet, len(self._tx))] if self._tx else self._sock
 
     def drain_tun(self, budget: int) -> int:
         """Like the compiled drain: reads done, or -errno if the TUN itself failed."""
@@ -292,7 +407,8 @@ class PyEngine:
             kind, data, addr = self.encap(packet)
             if kind == SEND:
                 try:
-                    self._sock.sendto(data, addr)
+                    self._sender(packet, self._find(int.from_bytes(packet[16:20], "big"))
+                                 ).sendto(data, addr)
                 except OSError:
                     self._c["tx_packets"] -= 1
                     self._c["tx_bytes"] -= len(packet)
@@ -303,10 +419,18 @@ class PyEngine:
 
     def drain_udp(self, budget: int) -> int:
         """Like the compiled drain: reads done, or -errno if the socket itself failed."""
+        return self._drain(self._sock, self.decap, budget)
+
+    def drain_bare(self, budget: int) -> int:
+        if self._bare is None:
+            raise RuntimeError("attach() with a bare_fd first")
+        return self._drain(self._bare, self.decap_bare, budget)
+
+    def _drain(self, sock: socket.socket, decap, budget: int) -> int:
         done = 0
         while done < budget:
             try:
-                datagram, ancillary, flags, (source, _port) = self._sock.recvmsg(
+                datagram, ancillary, flags, (source, _port) = sock.recvmsg(
                     65535, socket.CMSG_SPACE(4) * 2)
             except (BlockingIOError, InterruptedError):
                 break
@@ -319,7 +443,7 @@ class PyEngine:
             if flags & socket.MSG_CTRUNC:
                 self._drop("truncated")
                 continue
-            kind, data, _ = self.decap(datagram, source)
+            kind, data, _ = decap(datagram, source)
             if kind == DELIVER and not _write_quietly(self._tun_fd, data):
                 self._c["rx_packets"] -= 1
                 self._c["rx_bytes"] -= len(data)
