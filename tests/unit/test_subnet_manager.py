@@ -58,20 +58,31 @@ def test_reuses_own_lease_then_previous_subnet(db):
         reg = EmbeddedRegistry(db)
         first = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
         again = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
-        # a new MAC (state lost) keeps the subnet but updates the lease
-        newmac = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:02"))
         prev = ipaddress.IPv4Network("10.244.77.0/24")
         other = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2"), previous=prev)
         third = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3"), previous=prev)
         leases, _ = await reg.list_leases()
         await reg.close()
-        return first, again, newmac, other, third, leases
-    first, again, newmac, other, third, leases = run(go())
-    assert again.subnet == first.subnet == newmac.subnet
-    assert {x.subnet: x.vtep_mac for x in leases}[first.subnet] == "02:00:00:00:00:02"
+        return first, again, other, third, leases
+    first, again, other, third, leases = run(go())
+    assert again.subnet == first.subnet
     assert other.subnet == ipaddress.IPv4Network("10.244.77.0/24")
     assert third.subnet not in (other.subnet, first.subnet)  # previous was taken: another one
     assert len(leases) == 3
+
+
+def test_own_lease_with_new_backend_data_is_updated_in_place(db):
+    async def go():
+        reg = EmbeddedRegistry(db)
+        first = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
+        changed = Lease(CFG.network, ipaddress.IPv4Address("192.0.2.1"), "vxlan", 7, "02:00:00:00:00:01")
+        again = await SubnetManager(reg, CFG).acquire(changed)
+        leases, _ = await reg.list_leases()
+        await reg.close()
+        return first, again, leases
+    first, again, leases = run(go())
+    assert again.subnet == first.subnet
+    assert [(x.subnet, x.vni) for x in leases] == [(first.subnet, 7)]
 
 
 def test_no_free_subnet_is_an_error(db):
