@@ -593,3 +593,44 @@ def test_junk_key_churn_logs_a_burst_and_a_summary_in_bounded_memory(etcd_server
     assert len(lines) == BURST + 1, lines[:3]
     assert lines[-1].startswith("etcd: skipping ") and "more entries" in lines[-1], lines[-1]
     assert remembered <= REMEMBER
+
+
+def test_listing_pages_form_one_snapshot_at_the_first_pages_revision(etcd_server: EtcdServer) -> None:
+    """A change between two pages must not show in the listing (it arrives through the
+    watch that follows, from the listing's revision)."""
+    prefix = unique_prefix()
+    subnets = f"{prefix}/subnets"
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            for i in range(1, 6):
+                etcd_server.etcdctl("put", f"{subnets}/10.244.{i}.0-24", FLANNEL_VALUE)
+            reg._page_size = 1  # as after a page was too large: several pages
+            asked: list[int] = []
+            page = reg._page
+
+            async def page_then_change(start, revision, deadline):
+                got = await page(start, revision, deadline)
+                if not asked:  # between the first and the second page
+                    etcd_server.etcdctl("put", f"{subnets}/10.244.9.0-24", FLANNEL_VALUE)
+                    etcd_server.etcdctl("del", f"{subnets}/10.244.5.0-24")
+                asked.append(revision)
+                return got
+
+            reg._page = page_then_change
+            leases, rev = await reg.list_leases()
+            watch = reg.watch_leases(rev)
+            try:
+                events = await collect(watch, lambda ev: len(ev) >= 2)
+            finally:
+                await watch.aclose()
+            return leases, rev, asked, events
+        finally:
+            await reg.close()
+
+    leases, rev, asked, events = run(body())
+    assert sorted(str(x.subnet) for x in leases) == [f"10.244.{i}.0/24" for i in range(1, 6)]
+    assert len(asked) >= 3 and asked[0] == 0 and set(asked[1:]) == {rev}
+    assert [(e.type, str(e.lease.subnet)) for e in events] == [
+        (EventType.ADDED, "10.244.9.0/24"), (EventType.REMOVED, "10.244.5.0/24")]

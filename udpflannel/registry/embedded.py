@@ -8,7 +8,11 @@ looks first, and the sweep records REMOVED events like etcd's lease expiry does.
 
 Every statement runs on one worker thread so the event loop never blocks on a file
 lock; writes use BEGIN IMMEDIATE so two processes racing for a subnet are serialised
-by SQLite and the PRIMARY KEY makes exactly one of them win.
+by SQLite and the PRIMARY KEY makes exactly one of them win. Rows are decoded on the
+loop thread: only canonical subnet keys holding a lease count (as in etcd; anyone who
+can write the file can write any row), the rest is skipped with bounded warnings
+(badkeys), and a change that leaves a canonical key without a lease is a REMOVED
+event. renew_lease and replace_lease are one compare-and-swap on the stored bytes.
 """
 
 from __future__ import annotations
