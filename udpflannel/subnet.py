@@ -1,19 +1,30 @@
 """Subnet leases over any registry: acquire, keep renewed, watch the others.
 
-Theory of operation. ``acquire`` follows flanneld's order (our own lease by PublicIP,
-then the subnet remembered in subnet.env, then a random free one) but treats a lost
-creation race as "try another subnet", not as a fatal error. ``keep_renewed`` renews
-ahead of expiry and retries with backoff while the registry is away; if our key has
-vanished it re-creates the same subnet (a new subnet would strand the node's pods),
-and only if another node took it does it give up with SubnetLost. ``watch`` turns a
-snapshot plus the registry's change stream into route events; after a reconnect or a
-compaction it re-lists and diffs, so nothing missed during an outage is lost. The
-listing ``acquire`` made is handed to the first ``watch`` as its snapshot (watching from
-that revision on also covers whatever changed since), so a start lists the registry
-once, not twice: with 5,000 leases in etcd a listing is the bulk of start-up time.
-Renewal and re-creation are serialized: the watch (our key deleted) and the renewal
-timer may both find the key gone at once, and the loser of that re-create must not
-mistake the winner's lease for another node's.
+Theory of operation. Anyone who can write the registry may write anything, so a lease
+is trusted only as far as it can be proven. ``acquire`` reuses a lease only if it is
+provably ours: our PublicIP *and* our VTEP MAC (kept in the state dir), the one in the
+subnet file (``previous``) first; a lease with our PublicIP and another MAC is another
+node's (flanneld matches on PublicIP alone and would take it over) and is left alone.
+Then it takes ``previous`` unless a valid lease of another node holds it: a key holding
+garbage or a lease no node can have (core.peers.implausible) is reclaimed with a
+compare-and-swap on the bytes seen, because a new subnet would strand the node's pods.
+Last, a random free subnet; a lost creation race means "try another subnet", not a
+fatal error.
+
+``keep_renewed`` renews ahead of expiry and retries with backoff while the registry is
+away; if our key has vanished it re-creates the same subnet, if it holds garbage it
+reclaims it, and only if another node validly holds it does it give up with
+SubnetLost. ``watch`` turns a snapshot plus the registry's change stream into route
+events for the leases of this network (a /SubnetLen inside it; registries already
+drop non-canonical keys); after a reconnect or a compaction it re-lists and diffs, so
+nothing missed during an outage is lost, and after every listing and on every change
+to our key it checks that the key still holds our lease. The listing ``acquire`` made
+is handed to the first ``watch`` as its snapshot (watching from that revision on also
+covers whatever changed since), so a start lists the registry once, not twice: with
+5,000 leases in etcd a listing is the bulk of start-up time. Renewal and re-creation
+are serialized: the watch (our key deleted) and the renewal timer may both find the key
+gone at once, and the loser of that re-create must not mistake the winner's lease for
+another node's.
 
 The clock and the random source are injected so tests can drive time.
 """
@@ -28,8 +39,10 @@ import time
 from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable
 
+from udpflannel.core import peers
 from udpflannel.core.config import NetworkConfig
 from udpflannel.core.lease import EventType, Lease, LeaseEvent, diff, snapshot
+from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -99,51 +112,112 @@ class SubnetManager:
         self.health = RegistryHealth()
         self.lease: Lease | None = None
         self._listing: tuple[list[Lease], int] | None = None  # acquire's, for the first watch
+        self._identity: Lease | None = None  # acquire's ``wanted``: our PublicIP and VTEP MAC
+        self.bad_leases = BadKeyLog(log, "ignoring lease")
         self._renewing = asyncio.Lock()
 
     # --- acquire ------------------------------------------------------------------
     async def acquire(self, wanted: Lease, previous: ipaddress.IPv4Network | None = None,
                       attempts: int = 20) -> Lease:
-        """Lease a subnet for ``wanted`` (whose subnet field is ignored)."""
+        """Lease a subnet for ``wanted`` (whose subnet field is ignored); ``previous`` is
+        the subnet in subnet.env, which this node's pods may still be using."""
+        self._identity = wanted
+        refused: set[ipaddress.IPv4Network] = set()  # found taken by a key the listing skipped
         for _ in range(attempts):
             current, rev = await self.registry.list_leases()
             self._listing = (current, rev)
-            taken = {x.subnet for x in current}
-            mine = [x for x in current if x.public_ip == wanted.public_ip
-                    and self.config.contains_subnet(x.subnet)]
-            for old in mine:
-                got = await self._reuse(old, replace(wanted, subnet=old.subnet))
+            held = {x.subnet: x for x in current}
+            for old in self._ours_first(current, wanted, previous):
+                got = await self._claim(replace(wanted, subnet=old.subnet), reclaim=True, listed=old)
                 if got:
                     return got
-            choices = []
-            if previous is not None and previous not in taken and self._in_range(previous):
-                choices.append(previous)
-            else:
-                choices.append(self._pick_free(taken))
-            try:
-                self.lease = await self.registry.create_lease(replace(wanted, subnet=choices[0]), self.ttl)
-                return self.lease
-            except LeaseTaken:
-                log.info("subnet %s was taken by a racing node; choosing again", choices[0])
+            if previous is not None and self._in_range(previous):
+                holder = held.get(previous)
+                if holder is None or self._reclaimable(holder) is not None:
+                    got = await self._claim(replace(wanted, subnet=previous), reclaim=True, listed=holder)
+                    if got:
+                        return got
+                log.info("subnet %s from the subnet file is leased by %s; choosing another",
+                         previous, holder.public_ip if holder else "another node")
                 previous = None
+            choice = self._pick_free(set(held) | refused)
+            got = await self._claim(replace(wanted, subnet=choice), reclaim=False, listed=None)
+            if got:
+                return got
+            refused.add(choice)
+            log.info("subnet %s was taken by a racing node; choosing again", choice)
         raise NoFreeSubnet(f"could not lease a subnet after {attempts} attempts")
 
-    async def _reuse(self, old: Lease, new: Lease) -> Lease | None:
-        if old.same_route(new):
+    def _ours_first(self, current: list[Lease], wanted: Lease,
+                    previous: ipaddress.IPv4Network | None) -> list[Lease]:
+        """Leases that are provably ours (our PublicIP and our VTEP MAC), the one in the
+        subnet file first. A lease with our PublicIP but another MAC is another node
+        (or our state dir was lost): never taken over, never deleted."""
+        mine = []
+        for lease in current:
+            if lease.public_ip != wanted.public_ip or not self._in_range(lease.subnet):
+                continue
+            if self._provably_ours(lease):
+                mine.append(lease)
+            else:
+                log.warning("lease %s has our PublicIP %s but VTEP MAC %s (ours is %s): another "
+                            "node's, left alone", lease.subnet, lease.public_ip, lease.vtep_mac,
+                            wanted.vtep_mac)
+        mine.sort(key=lambda x: (x.subnet != previous, x.subnet))
+        if len(mine) > 1:
+            log.warning("%d leases carry our PublicIP and VTEP MAC (%s); using %s, leaving the others",
+                        len(mine), ", ".join(str(x.subnet) for x in mine), mine[0].subnet)
+        return mine
+
+    def _provably_ours(self, lease: Lease) -> bool:
+        me = self._identity or self.lease
+        return (me is not None and me.vtep_mac is not None
+                and lease.public_ip == me.public_ip and lease.vtep_mac == me.vtep_mac)
+
+    def _reclaimable(self, holder: Lease | None) -> str | None:
+        """Why a key holding ``holder`` (None: a value that is no lease) may be written
+        over with our lease, or None if it is another node's. Used only for keys that
+        are ours to defend: our current subnet, or the one in the subnet file."""
+        if holder is None:
+            return "it held a value that is not a lease"
+        if self._provably_ours(holder):
+            return "it held our lease"
+        reason = peers.implausible(holder)
+        if reason is not None:
+            return f"it held a lease no node can have ({reason})"
+        return None
+
+    async def _claim(self, new: Lease, *, reclaim: bool, listed: Lease | None) -> Lease | None:
+        """Write ``new`` at its key: create it if free, renew it if it holds our exact
+        value, and, if ``reclaim``, write over a value that _reclaimable allows (compare-
+        and-swap on the bytes seen, so a racing writer wins or loses cleanly). None if
+        the key is another node's."""
+        found: tuple[Lease | None, bytes] | None = None  # (holder, raw) seen at the key
+        for _ in range(4):
             try:
-                self.lease = await self.registry.renew_lease(new, self.ttl)
-                log.info("reusing our lease %s", new.subnet)
+                if found is not None:
+                    holder, raw = found
+                    why = self._reclaimable(holder) if reclaim else None
+                    if why is None:
+                        return None
+                    self.lease = await self.registry.replace_lease(new, self.ttl, raw)
+                    if holder is not None and self._provably_ours(holder):
+                        log.info("reusing our lease %s%s", new.subnet,
+                                 "" if holder.same_route(new) else " with updated backend data")
+                    else:
+                        log.warning("subnet %s: reclaimed our key (%s)", new.subnet, why)
+                elif listed is not None:
+                    self.lease = await self.registry.renew_lease(new, self.ttl)
+                    log.info("reusing our lease %s", new.subnet)
+                else:
+                    self.lease = await self.registry.create_lease(new, self.ttl)
                 return self.lease
-            except LeaseLost:
-                return None
-        # Our PublicIP but other backend data (e.g. a new VTEP MAC): replace it.
-        await self.registry.delete_lease(old.subnet)
-        try:
-            self.lease = await self.registry.create_lease(new, self.ttl)
-            log.info("reusing our subnet %s with updated backend data", new.subnet)
-            return self.lease
-        except LeaseTaken:
-            return None
+            except (LeaseTaken, LeaseLost) as e:
+                if e.raw is None:  # the key is absent (now): create it
+                    found, listed = None, None
+                else:
+                    found = (e.holder, e.raw)
+        return None
 
     def _in_range(self, subnet: ipaddress.IPv4Network) -> bool:
         return (self.config.contains_subnet(subnet)
@@ -217,22 +291,36 @@ class SubnetManager:
                 log.debug("renewed %s until %s", self.lease.subnet, time.ctime(self.lease.expiration))
                 return
             except LeaseLost as lost:
-                if lost.holder is not None:
-                    raise SubnetLost(f"our subnet {lost.subnet} is now leased by {lost.holder.public_ip}; "
-                                     "refusing to take another subnet (it would strand this node's pods)") from None
+                holder, raw = lost.holder, lost.raw
+            if raw is None:
+                try:
+                    self.lease = await self.registry.create_lease(self.lease, self.ttl)
+                    log.warning("our lease %s had vanished from the registry; re-created it", self.lease.subnet)
+                    return
+                except LeaseTaken as taken:  # written between our renew and create
+                    holder, raw = taken.holder, taken.raw
+                    if raw is None:
+                        continue
+            why = self._reclaimable(holder)
+            if why is None:
+                assert holder is not None
+                raise SubnetLost(f"our subnet {self.lease.subnet} is now leased by {holder.public_ip}; "
+                                 "refusing to take another subnet (it would strand this node's pods)")
             try:
-                self.lease = await self.registry.create_lease(self.lease, self.ttl)
-                log.warning("our lease %s had vanished from the registry; re-created it", self.lease.subnet)
+                self.lease = await self.registry.replace_lease(self.lease, self.ttl, raw)
+                log.warning("our lease %s: reclaimed our key (%s)", self.lease.subnet, why)
                 return
             except LeaseTaken:
-                pass  # someone wrote the key between our renew and create: renew says who
+                continue  # changed again under us: look again
         raise SubnetLost(f"our subnet {self.lease.subnet} keeps changing hands in the registry; "
                          "refusing to take another subnet (it would strand this node's pods)")
 
     # --- watch --------------------------------------------------------------------
     async def watch(self) -> AsyncIterator[list[LeaseEvent]]:
         """Route events for the other nodes, forever. The first batch is the snapshot.
-        Our own lease vanishing triggers an immediate re-create (SubnetLost if taken)."""
+        Our own key is defended after every listing and on every change to it: gone,
+        or holding anything but our lease, it is renewed, re-created or reclaimed
+        (SubnetLost if another node validly holds it)."""
         known: dict[ipaddress.IPv4Network, Lease] = {}
         backoff = Backoff()
         while True:
@@ -244,21 +332,22 @@ class SubnetManager:
                     (current, rev), self._listing = self._listing, None
                 else:
                     current, rev = await self.registry.list_leases()
-                fresh = snapshot(x for x in current if not self._is_ours(x))
+                fresh = snapshot(x for x in current if not self._is_ours(x) and self._in_network(x))
                 changes = diff(known, fresh)
                 known = fresh
                 self.health.succeeded()
                 if changes:
                     yield changes
-                if (not from_acquire and self.lease is not None
-                        and self.lease.subnet not in {x.subnet for x in current}):
-                    await self.renew_or_recreate()
+                if not from_acquire and self.lease is not None:
+                    now = next((x for x in current if x.subnet == self.lease.subnet), None)
+                    if now is None or not now.same_route(self.lease):
+                        await self.renew_or_recreate()
                 backoff.reset()
                 async for events, _rev in self.registry.watch_leases(rev):
                     out = []
                     for ev in events:
                         if self.lease is not None and ev.lease.subnet == self.lease.subnet:
-                            if ev.type is EventType.REMOVED or ev.lease.public_ip != self.lease.public_ip:
+                            if ev.type is EventType.REMOVED or not ev.lease.same_route(self.lease):
                                 await self.renew_or_recreate()
                             continue
                         prev = known.get(ev.lease.subnet)
@@ -266,6 +355,8 @@ class SubnetManager:
                             if prev is not None:
                                 del known[ev.lease.subnet]
                                 out.append(LeaseEvent(EventType.REMOVED, prev))
+                        elif not self._in_network(ev.lease):
+                            continue
                         elif prev is None or not prev.same_route(ev.lease):
                             known[ev.lease.subnet] = ev.lease
                             out.append(ev)
@@ -279,3 +370,13 @@ class SubnetManager:
 
     def _is_ours(self, lease: Lease) -> bool:
         return self.lease is not None and lease.subnet == self.lease.subnet
+
+    def _in_network(self, lease: Lease) -> bool:
+        """Only a /SubnetLen inside our network is a subnet of this network: another
+        length would be a second name for part of a node's subnet."""
+        if self.config.contains_subnet(lease.subnet):
+            self.bad_leases.good(str(lease.subnet))
+            return True
+        self.bad_leases.skipped(str(lease.subnet), f"{lease.subnet} from {lease.public_ip}: not a "
+                                f"/{self.config.subnet_len} inside {self.config.network}")
+        return False

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 
+import aetcd
 import pytest
 
 from udpflannel.core.lease import EventType, Lease
@@ -439,3 +440,197 @@ def test_tls_client_certs_and_password_auth(tmp_path) -> None:
         run(body())
         value = server.etcdctl("get", "/coreos.com/network/subnets/10.244.7.0-24", user="root:rootpw")
         assert value == ""
+
+
+# -- registry poisoning (issue 7): whoever can write the prefix ---------------------
+
+def _client_for(server: EtcdServer) -> aetcd.Client:
+    """A plain client, to write what no flanneld would (huge values, thousands of keys)."""
+    host, port = server.endpoint.split("//", 1)[1].rsplit(":", 1)
+    return aetcd.Client(host=host, port=int(port), options={"grpc.max_receive_message_length": 8 << 20})
+
+
+def test_only_canonical_keys_are_leases_and_aliases_are_never_events(etcd_server: EtcdServer) -> None:
+    """Aliases of 10.244.7.0-24 used to be listed as its lease (the last listed won) and
+    their changes were watched as its events (a garbage alias removed its route)."""
+    prefix = unique_prefix()
+    subnets = f"{prefix}/subnets"
+    attacker = FLANNEL_VALUE.replace("192.168.64.3", "192.168.64.66")
+    aliases = [f"{subnets}/10.244.07.0-24", f"{subnets}/10.244.7.0-024", f"{subnets}/10.244.7.0-24&fc00::-64",
+               f"{subnets}/x/10.244.7.0-24", f"{subnets}/10.244.7.0-24 "]
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            etcd_server.etcdctl("put", f"{subnets}/10.244.7.0-24", FLANNEL_VALUE)
+            for key in aliases:
+                etcd_server.etcdctl("put", key, attacker)
+            leases, rev = await reg.list_leases()
+            watch = reg.watch_leases(rev)
+            try:
+                for key in aliases:
+                    etcd_server.etcdctl("put", key, "garbage")
+                    etcd_server.etcdctl("del", key)
+                etcd_server.etcdctl("put", f"{subnets}/10.244.9.0-24", FLANNEL_VALUE)  # sentinel
+                events = await collect(watch, lambda ev: len(ev) >= 1)
+            finally:
+                await watch.aclose()
+            return leases, events
+        finally:
+            await reg.close()
+
+    leases, events = run(body())
+    assert [(str(x.subnet), str(x.public_ip)) for x in leases] == [("10.244.7.0/24", "192.168.64.3")]
+    assert [(e.type, str(e.lease.subnet)) for e in events] == [(EventType.ADDED, "10.244.9.0/24")]
+
+
+def test_create_and_replace_report_what_holds_the_key(etcd_server: EtcdServer) -> None:
+    """What the subnet manager needs to reclaim garbage in its own key: the bytes found,
+    and a write that happens only if they are still there."""
+    prefix = unique_prefix()
+    key = f"{prefix}/subnets/10.244.7.0-24"
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            etcd_server.etcdctl("put", key, "garbage")
+            with pytest.raises(LeaseTaken) as taken:
+                await reg.create_lease(lease(), 60)
+            assert taken.value.raw == b"garbage" and taken.value.holder is None
+            with pytest.raises(LeaseLost) as lost:
+                await reg.renew_lease(lease(), 60)
+            assert lost.value.raw == b"garbage" and lost.value.holder is None
+            with pytest.raises(LeaseTaken) as stale:  # the compare is on the exact bytes
+                await reg.replace_lease(lease(), 60, b"other garbage")
+            assert stale.value.raw == b"garbage"
+            got = await reg.replace_lease(lease(), 60, b"garbage")
+            assert got.expiration > time.time() + 50
+        finally:
+            await reg.close()
+
+    run(body())
+    assert etcd_server.etcdctl("get", key, "--print-value-only") == FLANNEL_VALUE + "\n"
+    assert ttl_of(etcd_server, lease_id_of(etcd_server, key))[0] == 60  # attached to an etcd lease
+
+
+def test_a_71_mb_listing_is_paged_and_a_71_mb_backlog_is_watched(fresh_etcd: EtcdServer, caplog) -> None:
+    """50 values of 1.4 MB: one listing response (71 MB) is more than gRPC accepts, and
+    nodes starting used to loop forever on "Received message larger than max"."""
+    from udpflannel.core import config as netconfig
+    from udpflannel.subnet import SubnetManager
+    prefix = unique_prefix()
+    subnets = f"{prefix}/subnets"
+    big = b"x" * 1_400_000
+
+    async def body():
+        reg = EtcdRegistry([fresh_etcd.endpoint], prefix=prefix)
+        client = _client_for(fresh_etcd)
+        try:
+            first = await reg.create_lease(lease("10.244.7.0/24"), 60)
+            _, before = await reg.list_leases()
+            await asyncio.gather(*(client.put(f"{subnets}/10.244.{100 + i}.0-24".encode(), big) for i in range(25)),
+                                 *(client.put(f"{subnets}/junk-{i}".encode(), big) for i in range(25)))
+            started = time.monotonic()
+            listed, _ = await reg.list_leases()
+            listing = time.monotonic() - started
+            mgr = SubnetManager(reg, netconfig.default_config())
+            mine = await mgr.acquire(lease(ip="192.168.64.9", mac="02:00:00:00:00:09"))
+            watch = reg.watch_leases(before)  # the whole backlog: 50 x 1.4 MB and our lease
+            try:
+                events = await collect(watch, lambda ev: any(e.lease.subnet == mine.subnet for e in ev), 10)
+            finally:
+                await watch.aclose()
+            return first, listed, listing, mine, events
+        finally:
+            await client.close()
+            await reg.close()
+
+    first, listed, listing, mine, events = run(body())
+    assert [x.subnet for x in listed] == [first.subnet]
+    assert listing < 5.0, f"listing took {listing:.1f} s"
+    assert mine.subnet not in {first.subnet} | {NET(f"10.244.{100 + i}.0/24") for i in range(25)}
+    # garbage at 25 canonical keys reads as "gone"; the 25 junk keys are no events at all
+    assert sorted((e.type.value, str(e.lease.subnet)) for e in events) == sorted(
+        [("removed", f"10.244.{100 + i}.0/24") for i in range(25)] + [("added", str(mine.subnet))])
+    print(f"71 MB listing: {listing:.2f} s")
+
+
+def test_junk_key_churn_logs_a_burst_and_a_summary_in_bounded_memory(etcd_server: EtcdServer, caplog) -> None:
+    """3,000 junk keys written and deleted: one warning per key and a set of every key
+    ever warned about (never forgotten) used to follow."""
+    from udpflannel.registry.badkeys import BURST, REMEMBER
+    prefix = unique_prefix()
+    subnets = f"{prefix}/subnets"
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        client = _client_for(etcd_server)
+        try:
+            _, rev = await reg.list_leases()
+            watch = reg.watch_leases(rev)
+            try:
+                with caplog.at_level(logging.WARNING, logger="udpflannel.registry.etcd"):
+                    for start in range(0, 3000, 100):
+                        await client.transaction(compare=[], failure=[], success=[
+                            client.transactions.put(f"{subnets}/junk/{i}".encode(), b"junk")
+                            for i in range(start, start + 100)])
+                    await reg.list_leases()
+                    await client.delete_prefix(f"{subnets}/junk/".encode())
+                    await reg.create_lease(lease(), 60)  # a sentinel after all the junk
+                    await collect(watch, lambda ev: any(e.type is EventType.ADDED for e in ev), 15)
+                    remembered = len(reg.bad_keys)
+                    await reg.close()  # writes the summary of what was not logged
+            finally:
+                await watch.aclose()
+            return remembered
+        finally:
+            await client.close()
+            await reg.close()
+
+    remembered = run(body())
+    lines = [r.getMessage() for r in caplog.records if r.name == "udpflannel.registry.etcd"
+             and r.levelno == logging.WARNING]
+    assert len(lines) == BURST + 1, lines[:3]
+    assert lines[-1].startswith("etcd: skipping ") and "more entries" in lines[-1], lines[-1]
+    assert remembered <= REMEMBER
+
+
+def test_listing_pages_form_one_snapshot_at_the_first_pages_revision(etcd_server: EtcdServer) -> None:
+    """A change between two pages must not show in the listing (it arrives through the
+    watch that follows, from the listing's revision)."""
+    prefix = unique_prefix()
+    subnets = f"{prefix}/subnets"
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            for i in range(1, 6):
+                etcd_server.etcdctl("put", f"{subnets}/10.244.{i}.0-24", FLANNEL_VALUE)
+            reg._page_size = 1  # as after a page was too large: several pages
+            asked: list[int] = []
+            page = reg._page
+
+            async def page_then_change(start, revision, deadline):
+                got = await page(start, revision, deadline)
+                if not asked:  # between the first and the second page
+                    etcd_server.etcdctl("put", f"{subnets}/10.244.9.0-24", FLANNEL_VALUE)
+                    etcd_server.etcdctl("del", f"{subnets}/10.244.5.0-24")
+                asked.append(revision)
+                return got
+
+            reg._page = page_then_change
+            leases, rev = await reg.list_leases()
+            watch = reg.watch_leases(rev)
+            try:
+                events = await collect(watch, lambda ev: len(ev) >= 2)
+            finally:
+                await watch.aclose()
+            return leases, rev, asked, events
+        finally:
+            await reg.close()
+
+    leases, rev, asked, events = run(body())
+    assert sorted(str(x.subnet) for x in leases) == [f"10.244.{i}.0/24" for i in range(1, 6)]
+    assert len(asked) >= 3 and asked[0] == 0 and set(asked[1:]) == {rev}
+    assert [(e.type, str(e.lease.subnet)) for e in events] == [
+        (EventType.ADDED, "10.244.9.0/24"), (EventType.REMOVED, "10.244.5.0/24")]

@@ -7,6 +7,7 @@ in /work/shared/reference/flannel-compat.md), not produced by udpflannel.
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_encode_value_is_independent_of_expiration():
 # --- value decoding -----------------------------------------------------------------
 
 def test_decode_flannel_vxlan_value():
-    lease = decode("/coreos.com/network/subnets/10.244.1.0-24", FLANNEL_VXLAN_VALUE, 99.0)
+    lease = decode("10.244.1.0-24", FLANNEL_VXLAN_VALUE, 99.0)
     assert lease.subnet == N("10.244.1.0/24")
     assert lease.public_ip == A("192.168.64.3")
     assert lease.backend_type == "vxlan"
@@ -146,15 +147,49 @@ def test_lease_error_is_a_value_error():
 def test_subnet_key_round_trip(subnet, key):
     assert subnet_key(N(subnet)) == key
     assert parse_subnet_key(key) == N(subnet)
-    assert parse_subnet_key("/coreos.com/network/subnets/" + key) == N(subnet)
 
 
-def test_dual_stack_key():
-    assert parse_subnet_key("10.244.1.0-24&fc00::-64") == N("10.244.1.0/24")
-    assert parse_subnet_key("/coreos.com/network/subnets/10.244.1.0-24&fc00::-64") == \
-        N("10.244.1.0/24")
-    lease = decode("10.244.1.0-24&fc00::-64", FLANNEL_VXLAN_VALUE)
-    assert lease.subnet == N("10.244.1.0/24")
+def test_dual_stack_key_is_refused_in_an_ipv4_only_network():
+    """flanneld writes "v4&v6" keys only when the network config enables IPv6, which
+    udpflannel refuses; accepted, "<subnet>&..." would be a second key for any subnet."""
+    with pytest.raises(LeaseError, match="dual-stack"):
+        parse_subnet_key("10.244.1.0-24&fc00::-64")
+    with pytest.raises(LeaseError, match="dual-stack"):
+        decode("10.244.1.0-24&fc00::-64", FLANNEL_VXLAN_VALUE)
+
+
+@pytest.mark.parametrize("alias", [
+    "010.244.1.0-24",
+    "10.244.01.0-24",
+    "10.244.1.00-24",
+    "10.244.1.0-024",
+    "10.244.1.0-+24",
+    "10.244.1.0-24&garbage",
+    "x/10.244.1.0-24",  # nested: registries pass the name after <prefix>/subnets/
+    "/coreos.com/network/subnets/10.244.1.0-24",
+    " 10.244.1.0-24",
+    "10.244.1.0-24 ",
+    "10.244.1.0-24\n",
+    "10.244.1.0 -24",
+    "1\u0660.244.1.0-24",  # an Arabic-Indic zero: int() would take it
+    "10.244.1.0-2\u0664",
+])
+def test_aliases_of_a_subnet_key_are_refused(alias):
+    """Only one spelling names a subnet: an alias would let whoever writes it decide
+    where that subnet is routed (the last listed key used to win)."""
+    with pytest.raises(LeaseError):
+        parse_subnet_key(alias)
+    with pytest.raises(LeaseError):
+        decode(alias, FLANNEL_VXLAN_VALUE)
+
+
+def test_error_messages_quote_only_a_prefix_of_huge_keys_and_values():
+    with pytest.raises(LeaseError) as key_err:
+        parse_subnet_key("k" * 1_400_000)
+    with pytest.raises(LeaseError) as value_err:
+        decode("10.244.1.0-24", b"x" * 1_400_000)
+    assert len(str(key_err.value)) < 200 and "1400000 bytes" in str(key_err.value)
+    assert len(str(value_err.value)) < 300 and "1400000 bytes" in str(value_err.value)
 
 
 @pytest.mark.parametrize("key", [
@@ -184,12 +219,31 @@ def test_bad_keys_raise_lease_error(key):
 
 def test_mac_helpers():
     assert normalize_mac("C6:D2:32:6F:8F:44") == "c6:d2:32:6f:8f:44"
-    assert normalize_mac("2:0:a:b:c:d") == "02:00:0a:0b:0c:0d"
+    assert normalize_mac("c6-d2-32-6f-8f-44") == "c6:d2:32:6f:8f:44"
     assert mac_bytes("c6:d2:32:6f:8f:44") == b"\xc6\xd2\x32\x6f\x8f\x44"
     with pytest.raises(ValueError):
         normalize_mac("c6:d2:32:6f:8f")
     with pytest.raises(ValueError):
         mac_bytes("c6:d2:32:6f:8f:4g")
+
+
+@pytest.mark.parametrize("text", [
+    "2:0:a:b:c:d",  # Go's net.ParseMAC wants two digits per byte
+    " 6:d2:32:6f:8f:44",
+    "c6:d2:32:6f:8f: 4",
+    "c6:d2:32:6f:8f:44 ",
+    "+6:d2:32:6f:8f:44",
+    "c6:d2-32:6f:8f:44",
+    "c6d2.326f.8f44",
+    "c6:d2:32:6f:8f:\u0664\u0664",
+])
+def test_mac_must_be_written_as_go_parses_it(text):
+    with pytest.raises(ValueError):
+        normalize_mac(text)
+    value = ('{"PublicIP":"10.0.0.5","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":%s}}'
+             % json.dumps(text))
+    with pytest.raises(LeaseError):
+        decode("10.244.1.0-24", value)
 
 
 # --- diff -------------------------------------------------------------------------------

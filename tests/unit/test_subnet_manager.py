@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import multiprocessing
 import random
 
@@ -58,20 +59,31 @@ def test_reuses_own_lease_then_previous_subnet(db):
         reg = EmbeddedRegistry(db)
         first = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
         again = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
-        # a new MAC (state lost) keeps the subnet but updates the lease
-        newmac = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:02"))
         prev = ipaddress.IPv4Network("10.244.77.0/24")
         other = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2"), previous=prev)
         third = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3"), previous=prev)
         leases, _ = await reg.list_leases()
         await reg.close()
-        return first, again, newmac, other, third, leases
-    first, again, newmac, other, third, leases = run(go())
-    assert again.subnet == first.subnet == newmac.subnet
-    assert {x.subnet: x.vtep_mac for x in leases}[first.subnet] == "02:00:00:00:00:02"
+        return first, again, other, third, leases
+    first, again, other, third, leases = run(go())
+    assert again.subnet == first.subnet
     assert other.subnet == ipaddress.IPv4Network("10.244.77.0/24")
     assert third.subnet not in (other.subnet, first.subnet)  # previous was taken: another one
     assert len(leases) == 3
+
+
+def test_own_lease_with_new_backend_data_is_updated_in_place(db):
+    async def go():
+        reg = EmbeddedRegistry(db)
+        first = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
+        changed = Lease(CFG.network, ipaddress.IPv4Address("192.0.2.1"), "vxlan", 7, "02:00:00:00:00:01")
+        again = await SubnetManager(reg, CFG).acquire(changed)
+        leases, _ = await reg.list_leases()
+        await reg.close()
+        return first, again, leases
+    first, again, leases = run(go())
+    assert again.subnet == first.subnet
+    assert [(x.subnet, x.vni) for x in leases] == [(first.subnet, 7)]
 
 
 def test_no_free_subnet_is_an_error(db):
@@ -248,3 +260,320 @@ def test_watch_follows_joins_changes_and_leaves(db):
     assert flat == [(EventType.ADDED, lease.subnet, "02:00:00:00:00:01"),
                     (EventType.REMOVED, lease.subnet, "02:00:00:00:00:01"),
                     (EventType.ADDED, lease.subnet, "02:00:00:00:00:09")]
+
+
+# --- registry poisoning (issue 7): whoever writes the registry file ---------------------
+
+GARBAGE = b"\x00garbage, not JSON"
+
+
+def poke(path: str, key: str, value: bytes | None, *, expires: float = 4e9, event: bool = True) -> None:
+    """Write the registry file as an attacker (or a broken tool) would: a row under any
+    key name, with or without the event that tells watchers."""
+    import sqlite3
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        if value is None:
+            db.execute("DELETE FROM leases WHERE subnet = ?", (key,))
+        else:
+            db.execute("INSERT OR REPLACE INTO leases (subnet, value, expires) VALUES (?, ?, ?)",
+                       (key, value, expires))
+        if event:
+            db.execute("INSERT INTO events (subnet, value, expires) VALUES (?, ?, ?)",
+                       (key, value, None if value is None else expires))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def row(path: str, key: str) -> bytes | None:
+    import sqlite3
+    db = sqlite3.connect(path)
+    try:
+        got = db.execute("SELECT value FROM leases WHERE subnet = ?", (key,)).fetchone()
+    finally:
+        db.close()
+    return None if got is None else bytes(got[0])
+
+
+def flannel_value(ip: str, mac: str, vni: int = 1) -> bytes:
+    return json.dumps({"PublicIP": ip, "PublicIPv6": None, "BackendType": "vxlan",
+                       "BackendData": {"VNI": vni, "VtepMAC": mac}}, separators=(",", ":")).encode()
+
+
+def test_garbage_in_our_key_is_reclaimed_at_renewal_not_fatal(db):
+    """It used to end in SubnetLost ("keeps changing hands"): the node exited and came
+    back on a new random subnet, stranding its pods."""
+    from udpflannel.core.lease import encode_value
+
+    async def go():
+        reg = EmbeddedRegistry(db)
+        mgr = SubnetManager(reg, CFG)
+        lease = await mgr.acquire(wanted("192.0.2.1"))
+        poke(db, lease.key, GARBAGE)
+        await mgr.renew_or_recreate()
+        await reg.close()
+        return lease, mgr.lease
+    lease, after = run(go())
+    assert after.subnet == lease.subnet
+    assert row(db, lease.key) == encode_value(lease)
+
+
+@pytest.mark.parametrize("value", [
+    flannel_value("127.0.0.1", "02:00:00:00:00:66"),
+    flannel_value("224.0.0.5", "02:00:00:00:00:66"),
+    flannel_value("192.0.2.66", "ff:ff:ff:ff:ff:ff"),
+    flannel_value("192.0.2.1", "02:00:00:00:00:01", vni=99),  # ours (PublicIP and MAC), other data
+])
+def test_a_lease_no_node_can_have_in_our_key_is_reclaimed(db, value):
+    from udpflannel.core.lease import encode_value
+
+    async def go():
+        reg = EmbeddedRegistry(db)
+        mgr = SubnetManager(reg, CFG)
+        lease = await mgr.acquire(wanted("192.0.2.1"))
+        poke(db, lease.key, value)
+        await mgr.renew_or_recreate()
+        await reg.close()
+        return lease
+    lease = run(go())
+    assert row(db, lease.key) == encode_value(lease)
+
+
+def test_a_node_sharing_our_public_ip_in_our_key_is_still_fatal(db):
+    async def go():
+        reg = EmbeddedRegistry(db)
+        mgr = SubnetManager(reg, CFG)
+        lease = await mgr.acquire(wanted("192.0.2.1"))
+        poke(db, lease.key, flannel_value("192.0.2.1", "02:00:00:00:00:77"))  # another MAC
+        with pytest.raises(SubnetLost, match="192.0.2.1"):
+            await mgr.renew_or_recreate()
+        await reg.close()
+    run(go())
+
+
+class FailFirstWatch(EmbeddedRegistry):
+    """A registry whose first watch fails, so the manager re-lists (as after an etcd
+    outage): the listing is then all the manager learns from."""
+    watches = 0
+
+    def watch_leases(self, revision):
+        self.watches += 1
+        if self.watches == 1:
+            from udpflannel.registry.base import RegistryError
+
+            async def fail():
+                raise RegistryError("etcd watch failed: connection refused")
+                yield
+            return fail()
+        return super().watch_leases(revision)
+
+
+def test_our_key_is_defended_after_a_listing_not_only_on_watch_events(db):
+    """Garbage written with no event (or missed during an outage) is seen by the next
+    listing; the owner must check its key there too."""
+    from udpflannel.core.lease import encode_value
+
+    async def no_sleep(_):
+        return None
+
+    async def go():
+        reg = FailFirstWatch(db, poll_interval=0.01)
+        mgr = SubnetManager(reg, CFG, sleep=no_sleep)
+        lease = await mgr.acquire(wanted("192.0.2.1"))
+        poke(db, lease.key, GARBAGE, event=False)
+        watch = mgr.watch()
+        task = asyncio.ensure_future(watch.__anext__())  # snapshot is empty: no batch comes
+        for _ in range(200):
+            if row(db, lease.key) != GARBAGE:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await watch.aclose()
+        await reg.close()
+        return lease, reg.watches
+    lease, watches = run(go())
+    assert watches >= 2  # it did re-list
+    assert row(db, lease.key) == encode_value(lease)
+
+
+def test_garbage_event_for_our_key_is_noticed_by_the_watch_and_reclaimed(db):
+    from udpflannel.core.lease import encode_value
+
+    async def go():
+        reg = EmbeddedRegistry(db, poll_interval=0.01)
+        mgr = SubnetManager(reg, CFG)
+        lease = await mgr.acquire(wanted("192.0.2.1"))
+        watch = mgr.watch()
+        task = asyncio.ensure_future(watch.__anext__())
+        await asyncio.sleep(0.05)
+        poke(db, lease.key, GARBAGE)
+        for _ in range(200):
+            if row(db, lease.key) != GARBAGE:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await watch.aclose()
+        await reg.close()
+        return lease
+    lease = run(go())
+    assert row(db, lease.key) == encode_value(lease)
+
+
+@pytest.mark.parametrize("holder, reclaimed", [
+    (GARBAGE, True),
+    (flannel_value("0.0.0.0", "02:00:00:00:00:66"), True),
+    (flannel_value("192.0.2.66", "00:00:00:00:00:00"), True),
+    (flannel_value("192.0.2.66", "02:00:00:00:00:66"), False),  # a real node: leave it
+    (flannel_value("192.0.2.1", "02:00:00:00:00:66"), False),  # our PublicIP, another MAC
+])
+def test_restart_reclaims_the_subnet_file_subnet_unless_a_valid_lease_holds_it(db, holder, reclaimed):
+    prev = ipaddress.IPv4Network("10.244.77.0/24")
+
+    async def go():
+        reg = EmbeddedRegistry(db)
+        await reg.list_leases()  # creates the file
+        poke(db, "10.244.77.0-24", holder)
+        lease = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"), previous=prev)
+        await reg.close()
+        return lease
+    lease = run(go())
+    assert (lease.subnet == prev) is reclaimed
+    if not reclaimed:
+        assert row(db, "10.244.77.0-24") == holder  # untouched
+
+
+def test_a_node_started_with_our_public_ip_does_not_take_our_subnet(db):
+    """flanneld's rule (reuse any lease with our PublicIP) let a second node started
+    with our --public-ip delete our lease and take our subnet."""
+    from udpflannel.core.lease import encode_value
+
+    async def go():
+        reg = EmbeddedRegistry(db)
+        ours = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:01"))
+        other = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:02"),
+                                                      previous=ours.subnet)
+        await reg.close()
+        return ours, other
+    ours, other = run(go())
+    assert other.subnet != ours.subnet
+    assert row(db, ours.key) == encode_value(ours)
+
+
+def test_a_copy_of_our_lease_elsewhere_does_not_move_us(db):
+    """A copy of our exact lease at another subnet (sorted first) used to be reused."""
+    async def go():
+        reg = EmbeddedRegistry(db)
+        me = wanted("192.0.2.1")
+        first = await SubnetManager(reg, CFG).acquire(me, previous=ipaddress.IPv4Network("10.244.200.0/24"))
+        value = row(db, first.key)
+        poke(db, "10.244.1.0-24", value)
+        poke(db, first.key, None)  # re-written: now listed after the copy
+        poke(db, first.key, value)
+        again = await SubnetManager(reg, CFG).acquire(me, previous=first.subnet)
+        leases, _ = await reg.list_leases()
+        await reg.close()
+        return first, again, leases
+    first, again, leases = run(go())
+    assert first.subnet == ipaddress.IPv4Network("10.244.200.0/24")
+    assert again.subnet == first.subnet
+    assert sorted(str(x.subnet) for x in leases) == ["10.244.1.0/24", "10.244.200.0/24"]  # copy left
+
+
+ALIASES = ["10.244.077.0-24", "10.244.77.0-024", "10.244.77.0-24&fc00::-64", "x/10.244.77.0-24",
+           "10.244.77.0-24 "]
+
+
+def test_alias_keys_neither_win_at_start_nor_change_routes(db):
+    """Keys that parsed as another node's subnet: the last listed used to win at start,
+    and a garbage alias removed the real node's route for good."""
+    b = ipaddress.IPv4Network("10.244.77.0/24")
+    attacker = flannel_value("192.0.2.66", "02:00:00:00:00:66")
+
+    async def go():
+        reg = EmbeddedRegistry(db, poll_interval=0.01)
+        await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"), previous=b)
+        for alias in ALIASES:
+            poke(db, alias, attacker)
+        me = SubnetManager(reg, CFG)
+        await me.acquire(wanted("192.0.2.1"))
+        watch = me.watch()
+        snap = await asyncio.wait_for(watch.__anext__(), 5)
+        for alias in ALIASES:  # garbage in every alias, then every alias deleted
+            poke(db, alias, GARBAGE)
+        for alias in ALIASES:
+            poke(db, alias, None)
+        sentinel = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
+        later = await asyncio.wait_for(watch.__anext__(), 5)
+        await watch.aclose()
+        await reg.close()
+        return snap, later, sentinel
+    snap, later, sentinel = run(go())
+    assert [(e.type, e.lease.subnet, str(e.lease.public_ip)) for e in snap] == \
+        [(EventType.ADDED, b, "192.0.2.2")]
+    # the aliases' changes produced nothing; the next batch is the sentinel node joining
+    assert [(e.type, e.lease.subnet) for e in later] == [(EventType.ADDED, sentinel.subnet)]
+
+
+def test_leases_of_another_length_or_outside_the_network_are_ignored(db, caplog):
+    async def go():
+        reg = EmbeddedRegistry(db, poll_interval=0.01)
+        await reg.list_leases()  # creates the file
+        poke(db, "10.244.76.0-23", flannel_value("192.0.2.66", "02:00:00:00:00:66"))  # covers .77
+        poke(db, "10.99.1.0-24", flannel_value("192.0.2.67", "02:00:00:00:00:67"))
+        other = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"))
+        me = SubnetManager(reg, CFG)
+        await me.acquire(wanted("192.0.2.1"))
+        watch = me.watch()
+        snap = await asyncio.wait_for(watch.__anext__(), 5)
+        poke(db, "10.244.76.0-23", None)
+        poke(db, "10.244.78.0-25", flannel_value("192.0.2.68", "02:00:00:00:00:68"))
+        sentinel = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
+        later = await asyncio.wait_for(watch.__anext__(), 5)
+        await watch.aclose()
+        await reg.close()
+        return other, snap, sentinel, later
+    with caplog.at_level(logging.WARNING, "udpflannel.subnet"):
+        other, snap, sentinel, later = run(go())
+    assert [e.lease.subnet for e in snap] == [other.subnet]
+    assert [e.lease.subnet for e in later] == [sentinel.subnet]
+    text = caplog.text
+    assert "10.244.76.0/23 from 192.0.2.66: not a /24 inside 10.244.0.0/16" in text
+    assert "10.99.1.0/24 from 192.0.2.67: not a /24 inside 10.244.0.0/16" in text
+
+
+def test_junk_rows_write_a_bounded_number_of_warnings(db, caplog):
+    async def go():
+        reg = EmbeddedRegistry(db, poll_interval=0.01)
+        me = SubnetManager(reg, CFG)
+        await me.acquire(wanted("192.0.2.1"))
+        watch = me.watch()
+        await asyncio.sleep(0)
+        import sqlite3
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        for i in range(3000):
+            conn.execute("INSERT INTO leases VALUES (?, ?, 4e9)", (f"junk-{i}", GARBAGE))
+            conn.execute("INSERT INTO events (subnet, value, expires) VALUES (?, ?, 4e9)",
+                         (f"junk-{i}", GARBAGE))
+        conn.execute("COMMIT")
+        conn.close()
+        for _ in range(3):
+            await reg.list_leases()
+        sentinel = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
+        while True:  # the watch has read past all 3,000 junk events once the sentinel shows
+            batch = await asyncio.wait_for(watch.__anext__(), 5)
+            if any(e.lease.subnet == sentinel.subnet for e in batch):
+                break
+        await watch.aclose()
+        remembered = len(reg.bad_keys)
+        await reg.close()
+        return remembered
+    with caplog.at_level(logging.WARNING, "udpflannel.registry.embedded"):
+        remembered = run(go())
+    lines = [r for r in caplog.records if r.name == "udpflannel.registry.embedded"]
+    assert 10 <= len(lines) <= 11  # the burst, and the summary written at close
+    assert remembered <= 1024

@@ -3,6 +3,10 @@
 Pure: no I/O. The value encoding is byte-for-byte what flanneld writes
 (pkg/lease/lease.go), so a udpflannel lease is indistinguishable from a flanneld
 vxlan lease in etcd, and flanneld's leases are understood here.
+
+Keys and values come from whoever can write the registry, so parsing is strict: one
+canonical key per subnet (parse_subnet_key says why), MAC addresses as Go parses
+them, and error messages that quote at most a short prefix of what they refuse.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -45,17 +50,38 @@ def subnet_key(subnet: ipaddress.IPv4Network) -> str:
     return f"{subnet.network_address}-{subnet.prefixlen}"
 
 
-def parse_subnet_key(key: str) -> ipaddress.IPv4Network:
-    name = key.rsplit("/", 1)[-1]
-    if "&" in name:  # dual-stack key "v4&v6": the IPv4 half is what we route
-        name = name.split("&", 1)[0]
-    addr, sep, plen = name.partition("-")
+# The one spelling of a subnet key: dotted quad without leading zeros, a prefix length
+# without padding. ASCII only: Python's int() and \d accept other scripts' digits.
+_OCTET = r"(?:0|[1-9][0-9]{0,2})"
+_CANONICAL_KEY = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}-(?:0|[1-9][0-9]?)", re.ASCII)
+
+
+def parse_subnet_key(name: str) -> ipaddress.IPv4Network:
+    """The subnet of a key name (what follows ``<prefix>/subnets/``), canonical only.
+
+    Any other spelling of a subnet (``10.244.07.0-24``, ``10.244.7.0-024``, a nested
+    ``x/10.244.7.0-24``) is refused: if several keys could name one subnet, whoever
+    writes the last-listed alias would decide where that subnet is routed. Dual-stack
+    keys (``10.244.7.0-24&fc00::-64``) are refused too: flanneld writes them only when
+    the shared network config has EnableIPv6, which udpflannel refuses, so in a network
+    udpflannel runs in no node writes one (and flanneld itself deletes its own dual-stack
+    lease as incompatible with an IPv4-only config). Accepting them would make
+    ``<subnet>&<anything>`` a second key for every subnet."""
+    if "&" in name:
+        raise LeaseError(f"dual-stack key {_short(name)}: this network is IPv4-only")
+    if not _CANONICAL_KEY.fullmatch(name):
+        raise LeaseError(f"not a canonical subnet key: {_short(name)}")
+    addr, plen = name.split("-")
     try:
-        if not sep:
-            raise ValueError
-        return ipaddress.IPv4Network(f"{addr}/{int(plen)}")
-    except ValueError:
-        raise LeaseError(f"not a subnet key: {key!r}") from None
+        return ipaddress.IPv4Network(f"{addr}/{plen}")
+    except ValueError:  # an octet above 255, a length above 32, host bits set
+        raise LeaseError(f"not a canonical subnet key: {_short(name)}") from None
+
+
+def _short(text: str | bytes, limit: int = 80) -> str:
+    """repr() of a key or value for a log line; hostile ones can be megabytes long."""
+    shown = repr(text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} bytes)"
 
 
 def encode_value(lease: Lease) -> bytes:
@@ -69,6 +95,8 @@ def encode_value(lease: Lease) -> bytes:
 
 
 def decode(key: str, value: bytes | str, expiration: float = 0.0) -> Lease:
+    """The lease at key name ``key`` (see parse_subnet_key). LeaseError if the key is not
+    canonical or the value is not flannel's lease JSON."""
     subnet = parse_subnet_key(key)
     try:
         doc = json.loads(value)
@@ -91,14 +119,18 @@ def decode(key: str, value: bytes | str, expiration: float = 0.0) -> Lease:
         return Lease(subnet, public_ip, btype, vni, mac, expiration)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         # anything a hostile or broken value can raise: one bad key must never stop a node
-        raise LeaseError(f"lease {key}: bad value {value!r}: {e}") from None
+        raise LeaseError(f"lease {key}: bad value {_short(value)}: {e}") from None
+
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}|[0-9a-fA-F]{2}(?:-[0-9a-fA-F]{2}){5}", re.ASCII)
 
 
 def normalize_mac(text: str) -> str:
-    parts = text.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) in (1, 2) for p in parts):
-        raise ValueError(f"not a MAC address: {text!r}")
-    return ":".join(f"{int(p, 16):02x}" for p in parts)
+    """``c6:d2:32:6f:8f:44`` (or with dashes, any case) as Go's net.ParseMAC reads a
+    6-byte address: two hex digits per byte, nothing else (no spaces, no signs)."""
+    if not _MAC.fullmatch(text):
+        raise ValueError(f"not a MAC address: {_short(text)}")
+    return text.replace("-", ":").lower()
 
 
 def mac_bytes(text: str) -> bytes:

@@ -19,16 +19,32 @@ class RegistryError(Exception):
 
 
 class LeaseTaken(Exception):
-    """create_lease lost: the subnet is already leased (maybe by a racing node)."""
+    """create_lease or replace_lease lost: the key holds something else.
+
+    ``raw`` is the value found (None: the key was gone by the time it was read) and
+    ``holder`` its lease, None when the value is not a lease. The subnet manager decides
+    from them whether the key is another node's (leave it) or garbage (reclaim it)."""
+
+    def __init__(self, message: str, holder: Lease | None = None, raw: bytes | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.raw = raw
 
 
 class LeaseLost(Exception):
-    """renew_lease found the key gone or holding another node's lease."""
+    """renew_lease found the key gone (``raw`` None) or holding another value: ``raw``,
+    whose lease is ``holder`` (None when the value is not a lease)."""
 
-    def __init__(self, subnet: ipaddress.IPv4Network, holder: Lease | None) -> None:
-        super().__init__(f"lease for {subnet} is {'held by ' + str(holder.public_ip) if holder else 'gone'}")
+    def __init__(self, subnet: ipaddress.IPv4Network, holder: Lease | None,
+                 raw: bytes | None = None) -> None:
+        if holder is not None:
+            state = f"held by {holder.public_ip}"
+        else:
+            state = "gone" if raw is None else "holding a value that is not a lease"
+        super().__init__(f"lease for {subnet} is {state}")
         self.subnet = subnet
         self.holder = holder
+        self.raw = raw
 
 
 class Compacted(Exception):
@@ -43,14 +59,21 @@ class Registry(Protocol):
         """Store ``text`` unless a config exists; return the config now stored."""
 
     async def list_leases(self) -> tuple[list[Lease], int]:
-        """Every live lease (undecodable ones skipped) and the store's revision."""
+        """Every live lease and the store's revision. Only canonical keys count
+        (core.lease.parse_subnet_key); they and undecodable values are skipped with a
+        bounded warning (registry.badkeys)."""
 
     async def create_lease(self, lease: Lease, ttl: float) -> Lease:
-        """Atomically create the lease iff its subnet is free (else LeaseTaken).
-        Returns the lease with its expiration set."""
+        """Atomically create the lease iff its key is absent (else LeaseTaken, with what
+        the key holds). Returns the lease with its expiration set."""
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         """Extend our lease iff the key still holds our value (else LeaseLost)."""
+
+    async def replace_lease(self, lease: Lease, ttl: float, expected: bytes) -> Lease:
+        """Atomically write our lease iff the key still holds exactly ``expected`` (the
+        raw value a LeaseTaken or LeaseLost reported); else LeaseTaken with what it holds
+        now. How the subnet manager reclaims garbage in its own key."""
 
     async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
         """Remove a lease (tests and tools; a stopping daemon keeps its lease)."""
@@ -58,6 +81,7 @@ class Registry(Protocol):
     def watch_leases(self, revision: int) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
         """Changes after ``revision``, as (events, new revision) batches, forever.
         Raises Compacted if that history is gone, RegistryError if the store fails.
-        Expired leases arrive as REMOVED events."""
+        Expired leases arrive as REMOVED events, and so does a canonical key whose new
+        value is not a lease; changes to non-canonical keys are skipped."""
 
     async def close(self) -> None: ...

@@ -8,7 +8,11 @@ looks first, and the sweep records REMOVED events like etcd's lease expiry does.
 
 Every statement runs on one worker thread so the event loop never blocks on a file
 lock; writes use BEGIN IMMEDIATE so two processes racing for a subnet are serialised
-by SQLite and the PRIMARY KEY makes exactly one of them win.
+by SQLite and the PRIMARY KEY makes exactly one of them win. Rows are decoded on the
+loop thread: only canonical subnet keys holding a lease count (as in etcd; anyone who
+can write the file can write any row), the rest is skipped with bounded warnings
+(badkeys), and a change that leaves a canonical key without a lease is a REMOVED
+event. renew_lease and replace_lease are one compare-and-swap on the stored bytes.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from udpflannel.core import lease as leases
 from udpflannel.core.lease import EventType, Lease, LeaseEvent
+from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_UNKNOWN_IP = ipaddress.IPv4Address(0)  # a REMOVED event's lease carries only its subnet
 KEEP_EVENTS = 10_000  # history kept for watchers; older revisions are "compacted"
 LOCK_PATIENCE = 30.0  # seconds a call keeps retrying a locked database
 
@@ -50,6 +56,7 @@ class EmbeddedRegistry:
         self._clock = clock
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
+        self.bad_keys = BadKeyLog(log, f"registry file {path}: ignoring")
 
     # --- plumbing -----------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -137,7 +144,7 @@ class EmbeddedRegistry:
         return await self._run(lambda db: self._write(db, put))
 
     async def list_leases(self) -> tuple[list[Lease], int]:
-        def list_(db: sqlite3.Connection) -> tuple[list[Lease], int]:
+        def list_(db: sqlite3.Connection) -> tuple[list[tuple], int]:
             self._sweep(db)
             db.execute("BEGIN")
             try:
@@ -145,44 +152,68 @@ class EmbeddedRegistry:
                 rev = self._revision(db)
             finally:
                 db.execute("COMMIT")
-            return [x for x in (_decode(*row) for row in rows) if x is not None], rev
-        return await self._run(list_)
+            return rows, rev
+        rows, rev = await self._run(list_)
+        return [x for x in (self._decode(*row) for row in rows) if x is not None], rev
 
     async def create_lease(self, lease: Lease, ttl: float) -> Lease:
         expires = self._clock() + ttl
         value = leases.encode_value(lease)
 
-        def create(db: sqlite3.Connection) -> None:
+        def create(db: sqlite3.Connection) -> bytes | None:
             self._sweep(db)
 
-            def insert(db: sqlite3.Connection) -> None:
+            def insert(db: sqlite3.Connection) -> bytes | None:
                 try:
                     db.execute("INSERT INTO leases (subnet, value, expires) VALUES (?, ?, ?)",
                                (lease.key, value, expires))
                 except sqlite3.IntegrityError:
-                    raise LeaseTaken(str(lease.subnet)) from None
+                    return self._value_of(db, lease.key) or b""
                 self._record(db, lease.key, value, expires)
-            self._write(db, insert)
-        await self._run(create)
+                return None
+            return self._write(db, insert)
+        found = await self._run(create)
+        if found is not None:
+            raise LeaseTaken(f"subnet {lease.subnet} is already leased", self._decode(lease.key, found), found)
         return replace(lease, expiration=expires)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        swapped, found, expires = await self._swap(lease, ttl, leases.encode_value(lease))
+        if not swapped:
+            raise LeaseLost(lease.subnet, None if found is None else self._decode(lease.key, found), found)
+        return replace(lease, expiration=expires)
+
+    async def replace_lease(self, lease: Lease, ttl: float, expected: bytes) -> Lease:
+        swapped, found, expires = await self._swap(lease, ttl, bytes(expected))
+        if not swapped:
+            holder = None if found is None else self._decode(lease.key, found)
+            raise LeaseTaken(f"subnet {lease.subnet} no longer holds the expected value", holder, found)
+        return replace(lease, expiration=expires)
+
+    async def _swap(self, lease: Lease, ttl: float, expected: bytes) -> tuple[bool, bytes | None, float]:
+        """Write our lease iff the key holds ``expected``: (written, what the key held
+        (None: absent), expiry). Renewal is the case where ``expected`` is our value."""
         expires = self._clock() + ttl
         value = leases.encode_value(lease)
 
-        def renew(db: sqlite3.Connection) -> None:
+        def swap(db: sqlite3.Connection) -> tuple[bool, bytes | None, float]:
             self._sweep(db)
 
-            def update(db: sqlite3.Connection) -> None:
-                row = db.execute("SELECT value, expires FROM leases WHERE subnet = ?",
-                                 (lease.key,)).fetchone()
-                if row is None or bytes(row[0]) != value:
-                    raise LeaseLost(lease.subnet, _decode(lease.key, *row) if row else None)
-                db.execute("UPDATE leases SET expires = ? WHERE subnet = ?", (expires, lease.key))
+            def update(db: sqlite3.Connection) -> tuple[bool, bytes | None, float]:
+                found = self._value_of(db, lease.key)
+                if found != expected:
+                    return False, found, expires
+                db.execute("UPDATE leases SET value = ?, expires = ? WHERE subnet = ?",
+                           (value, expires, lease.key))
                 self._record(db, lease.key, value, expires)
-            self._write(db, update)
-        await self._run(renew)
-        return replace(lease, expiration=expires)
+                return True, found, expires
+            return self._write(db, update)
+        return await self._run(swap)
+
+    @staticmethod
+    def _value_of(db: sqlite3.Connection, key: str) -> bytes | None:
+        row = db.execute("SELECT value FROM leases WHERE subnet = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
         key = leases.subnet_key(subnet)
@@ -208,22 +239,34 @@ class EmbeddedRegistry:
             rows = await self._run(poll)
             if rows:
                 events = []
-                for _rev, subnet, value, expires in rows:
-                    if value is None:
-                        try:
-                            gone = Lease(leases.parse_subnet_key(subnet), ipaddress.IPv4Address(0), "")
-                        except leases.LeaseError:
-                            continue
-                        events.append(LeaseEvent(EventType.REMOVED, gone))
-                    else:
-                        decoded = _decode(subnet, value, expires)
-                        if decoded is not None:
-                            events.append(LeaseEvent(EventType.ADDED, decoded))
+                for _rev, key, value, expires in rows:
+                    try:
+                        subnet = leases.parse_subnet_key(key)
+                    except leases.LeaseError as e:
+                        self.bad_keys.skipped(key, str(e))
+                        continue
+                    decoded = None if value is None else self._decode(key, value, expires)
+                    if decoded is not None:
+                        events.append(LeaseEvent(EventType.ADDED, decoded))
+                    else:  # deleted, or no longer a lease: to a watcher it is gone
+                        events.append(LeaseEvent(EventType.REMOVED, Lease(subnet, _UNKNOWN_IP, "")))
                 since = rows[-1][0] + 1
                 yield events, rows[-1][0]
             await asyncio.sleep(self.poll_interval)
 
+    def _decode(self, key: str, value: bytes, expires: float = 0.0) -> Lease | None:
+        """The lease in a row, or None (with a bounded warning). Runs on the loop thread."""
+        try:
+            lease = leases.decode(key, bytes(value), expires)
+        except leases.LeaseError as e:
+            self.bad_keys.skipped(key, str(e))
+            return None
+        self.bad_keys.good(key)
+        return lease
+
     async def close(self) -> None:
+        self.bad_keys.close()
+
         def close(db: sqlite3.Connection) -> None:
             db.close()
         if self._db is not None:
@@ -232,9 +275,3 @@ class EmbeddedRegistry:
         self._pool.shutdown(wait=False)
 
 
-def _decode(key: str, value: bytes, expires: float) -> Lease | None:
-    try:
-        return leases.decode(key, bytes(value), expires)
-    except leases.LeaseError as e:
-        log.warning("ignoring %s", e)
-        return None

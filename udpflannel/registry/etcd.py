@@ -17,15 +17,25 @@ Theory of operation
   the store surfaces as RegistryError with a one-line message (no gRPC traceback).
   Callers retry with backoff; gRPC's own reconnect backoff is capped at 1 s so a
   channel recovers soon after etcd comes back.
-* create_lease: grant, then ``If(Version(key) == 0) Then(Put(key, value, lease))``,
-  flannel's transaction. renew_lease: grant, then ``If(Value(key) == our value)
-  Then(Put(key, value, new lease)) Else(Get(key))``; unlike flannel's blind put it
-  cannot steal a subnet someone else took after our key expired. Grants left unused
-  (lost race, failed compare, unknown outcome) and the superseded lease after a
+* create_lease: grant, then ``If(Version(key) == 0) Then(Put(key, value, lease))
+  Else(Get(key))``, flannel's transaction plus a read of what holds the key.
+  renew_lease: grant, then ``If(Value(key) == our value) Then(Put(key, value, new
+  lease)) Else(Get(key))``; unlike flannel's blind put it cannot steal a subnet someone
+  else took after our key expired. replace_lease is the same with the value a failed
+  call reported instead of ours (how garbage in our own key is reclaimed). Grants left
+  unused (lost race, failed compare, unknown outcome) and the superseded lease after a
   renewal are revoked in the background, so callers are not held up by cleanup.
+* Keys: only ``<prefix>/subnets/<canonical name>`` is a lease (core.lease explains
+  why); other keys under the prefix are skipped, and never become events. Warnings
+  about skipped keys are rate-limited and remembered in bounded memory (badkeys).
+* list_leases is paged (RangeRequest with a limit, continuing after the last key, all
+  pages at the first page's revision): etcd values can be 1.5 MB each, and one response
+  for 50 of them is more than gRPC accepts. A page too large is asked for again with
+  fewer keys.
 * watch_leases drives the Watch RPC itself, using aetcd's generated stubs on the
   client's channel (see the quirks below), with ``prev_kv`` so that a REMOVED event
-  carries the lease that went away (its VtepMAC is needed to undo fdb entries).
+  carries the lease that went away (its VtepMAC is needed to undo fdb entries), and
+  ``fragment`` so that a backlog of large values arrives in pieces we reassemble.
 
 aetcd quirks worked around here
 -------------------------------
@@ -76,6 +86,7 @@ from udpflannel.core.lease import (
     parse_subnet_key,
     subnet_key,
 )
+from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
 
 log = logging.getLogger(__name__)
@@ -85,6 +96,8 @@ T = TypeVar("T")
 DEFAULT_PREFIX = "/coreos.com/network"
 UNKNOWN_IP = ipaddress.IPv4Address("0.0.0.0")
 _TTL_LOOKUPS = 16  # concurrent LeaseTimeToLive calls while listing
+PAGE_MAX = 1000  # keys per listing page; fewer after a page was too large to receive
+MAX_RECEIVE = 64 << 20  # bytes one gRPC response may carry
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,10 @@ _GRPC_BOILERPLATE = re.compile(r"^failed to connect to all addresses; last error
 
 class _WatchRefused(Exception):
     """etcd canceled a watch as it was created (the reason is the message)."""
+
+
+class _RevisionCompacted(Exception):
+    """A listing page asked for a revision compacted since the first page."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -237,12 +254,13 @@ class EtcdRegistry:
             "grpc.keepalive_time_ms": 10_000,
             "grpc.keepalive_timeout_ms": int(self.timeout * 1000),
             "grpc.http2.max_pings_without_data": 0,
-            "grpc.max_receive_message_length": 64 << 20,
+            "grpc.max_receive_message_length": MAX_RECEIVE,
         }
         self._clients: dict[int, _Client] = {}
         self._client_lock = asyncio.Lock()
         self._current = 0
-        self._warned: set[str] = set()
+        self.bad_keys = BadKeyLog(log, "etcd: skipping")
+        self._page_size = PAGE_MAX
         self._background: set[asyncio.Task[None]] = set()
         self._watches: set[grpc.aio.StreamStreamCall] = set()
         self._closing = False  # close() has begun: watches end, revocations finish
@@ -325,18 +343,28 @@ class EtcdRegistry:
                 log.debug("etcd: could not revoke lease %x (it will expire): %s", lease_id, e)
         self._spawn(revoke())
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning("etcd: skipping %s: %s", key, message)
-
-    def _decode(self, key: str, value: bytes, expiration: float = 0.0) -> Lease | None:
+    def _name(self, key: bytes) -> str:
+        """The subnet key name of a key under ``<prefix>/subnets/``: LeaseError unless
+        the key is exactly ``<prefix>/subnets/<canonical name>`` (nothing nested)."""
+        if not key.startswith(self._subnets):
+            raise LeaseError(f"not under {self._subnets.decode()}: {key[:80]!r}")
         try:
-            lease = decode(key, value, expiration)
+            name = key[len(self._subnets):].decode("ascii")
+        except UnicodeDecodeError:
+            raise LeaseError(f"not a canonical subnet key: {key[:80]!r}") from None
+        parse_subnet_key(name)
+        return name
+
+    def _decode(self, key: bytes, value: bytes, expiration: float = 0.0) -> Lease | None:
+        """The lease at ``key``, or None (with a bounded warning) if the key is not a
+        canonical subnet key or the value is not a lease."""
+        text = key.decode("utf-8", "replace")
+        try:
+            lease = decode(self._name(key), value, expiration)
         except LeaseError as e:
-            self._warn_once(key, str(e))
+            self.bad_keys.skipped(text, str(e))
             return None
-        self._warned.discard(key)
+        self.bad_keys.good(text)
         return lease
 
     async def _grant(self, ttl: float, deadline: float) -> tuple[int, int]:
@@ -372,7 +400,12 @@ class EtcdRegistry:
         return got[0][0].decode("utf-8", "replace")
 
     async def list_leases(self, *, with_expiration: bool = False) -> tuple[list[Lease], int]:
-        """Every decodable lease and the revision of the listing.
+        """Every lease at a canonical key and the revision of the listing.
+
+        Paged: a listing is one response per page of keys, each at the revision of the
+        first page, so the pages form one consistent snapshot. A page too large for
+        one gRPC response (values can be 1.5 MB each) is fetched again with a quarter
+        of the keys. Values are decoded page by page and not kept.
 
         Expirations cost one LeaseTimeToLive call per etcd lease (flannel makes them
         too): ~1 s for 5,000 leases, and the subnet manager never needs the other nodes'
@@ -380,19 +413,66 @@ class EtcdRegistry:
         asked for; otherwise ``expiration`` is 0, "unknown", as the contract allows."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        got = await self._run("list leases", lambda c: c.get_prefix(self._subnets), deadline=deadline)
+        for _ in range(3):
+            try:
+                found, revision = await self._list_pages(deadline)
+                break
+            except _RevisionCompacted:  # compacted between two pages: start again
+                continue
+        else:
+            raise RegistryError("etcd list leases: history compacted during every attempt")
         ttls: dict[int, int] = {}
         now = time.time()
         if with_expiration:
-            ttls = await self._remaining_ttls({kv.lease for kv in got.kvs if kv.lease}, deadline)
-        leases = []
-        for kv in got.kvs:
-            ttl = ttls.get(kv.lease)
-            expiration = now + ttl if ttl is not None and ttl >= 0 else 0.0
-            lease = self._decode(kv.key.decode("utf-8", "replace"), kv.value, expiration)
-            if lease is not None:
-                leases.append(lease)
-        return leases, got.header.revision
+            ttls = await self._remaining_ttls({lease_id for _, lease_id in found if lease_id}, deadline)
+        out = []
+        for lease, lease_id in found:
+            ttl = ttls.get(lease_id)
+            out.append(_with_expiration(lease, now + ttl) if ttl is not None and ttl >= 0 else lease)
+        return out, revision
+
+    async def _list_pages(self, deadline: float) -> tuple[list[tuple[Lease, int]], int]:
+        start, revision = self._subnets, 0
+        found: list[tuple[Lease, int]] = []
+        while True:
+            page = await self._page(start, revision, deadline)
+            revision = revision or page.header.revision
+            for kv in page.kvs:
+                lease = self._decode(kv.key, kv.value)
+                if lease is not None:
+                    found.append((lease, kv.lease))
+            if not page.more or not page.kvs:
+                return found, revision
+            start = page.kvs[-1].key + b"\0"
+            if self._page_size < PAGE_MAX:  # the large values may be behind us
+                self._page_size = min(PAGE_MAX, self._page_size * 2)
+
+    async def _page(self, start: bytes, revision: int, deadline: float) -> rpc.RangeResponse:
+        """One page of keys from ``start`` (at ``revision``, 0 = now)."""
+        end = aetcd.utils.prefix_range_end(self._subnets)
+        while True:
+            limit = self._page_size
+            request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+
+            async def op(c: _Client, request: rpc.RangeRequest = request) -> rpc.RangeResponse | None:
+                try:
+                    return await c.kvstub.Range(request, metadata=c.metadata)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (e.details() or ""):
+                        return None
+                    if revision and "compacted" in (e.details() or ""):
+                        raise _RevisionCompacted() from None
+                    raise
+
+            page = await self._run("list leases", op, deadline=deadline)
+            if page is not None:
+                return page
+            if limit == 1:
+                raise RegistryError(f"etcd list leases: the value after {start[:80]!r} is larger than "
+                                    f"{MAX_RECEIVE >> 20} MiB")
+            self._page_size = max(1, limit // 4)
+            log.info("etcd: %d keys were too large for one response; listing %d keys per page",
+                     limit, self._page_size)
 
     async def _remaining_ttls(self, ids: set[int], deadline: float) -> dict[int, int]:
         """Remaining TTL per etcd lease id (flannel shows expirations too); missing ones
@@ -423,19 +503,32 @@ class EtcdRegistry:
             return await c.transaction(
                 compare=[c.transactions.version(key) == 0],
                 success=[c.transactions.put(key, value, lease=lease_id)],
-                failure=[])
+                failure=[c.transactions.get(key)])
 
-        try:
-            ok, _ = await self._run("create lease", txn, retry=False, deadline=deadline)
-        except RegistryError:
-            self._revoke_later(lease_id)  # outcome unknown: make sure we hold nothing
-            raise
+        ok, responses = await self._txn("create lease", txn, lease_id, deadline)
         if not ok:
             self._revoke_later(lease_id)
-            raise LeaseTaken(f"subnet {lease.subnet} is already leased")
+            raw = _got_value(responses)
+            raise LeaseTaken(f"subnet {lease.subnet} is already leased",
+                             None if raw is None else self._decode(key, raw), raw)
         return _with_expiration(lease, started + granted)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
+        try:
+            return await self._swap("renew lease", lease, ttl, encode_value(lease))
+        except _Found as found:
+            raise LeaseLost(lease.subnet, found.holder, found.raw) from None
+
+    async def replace_lease(self, lease: Lease, ttl: float, expected: bytes) -> Lease:
+        try:
+            return await self._swap("replace lease", lease, ttl, bytes(expected))
+        except _Found as found:
+            raise LeaseTaken(f"subnet {lease.subnet} no longer holds the expected value",
+                             found.holder, found.raw) from None
+
+    async def _swap(self, what: str, lease: Lease, ttl: float, expected: bytes) -> Lease:
+        """Grant, then ``If(Value(key) == expected) Then(Put(key, our value, new lease))
+        Else(Get(key))``; _Found with what the key holds if the compare failed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         started = time.time()
@@ -444,24 +537,27 @@ class EtcdRegistry:
 
         async def txn(c: _Client):
             return await c.transaction(
-                compare=[c.transactions.value(key) == value],
+                compare=[c.transactions.value(key) == expected],
                 success=[c.transactions.put(key, value, lease=lease_id, prev_kv=True)],
                 failure=[c.transactions.get(key)])
 
-        try:
-            ok, responses = await self._run("renew lease", txn, retry=False, deadline=deadline)
-        except RegistryError:
-            self._revoke_later(lease_id)
-            raise
+        ok, responses = await self._txn(what, txn, lease_id, deadline)
         if not ok:
             self._revoke_later(lease_id)
-            got = responses[0] if responses else []
-            holder = self._decode(key.decode(), got[0][0]) if got else None
-            raise LeaseLost(lease.subnet, holder)
+            raw = _got_value(responses)
+            raise _Found(None if raw is None else self._decode(key, raw), raw)
         old = responses[0].response_put.prev_kv.lease if responses else 0
         if old and old != lease_id:
             self._revoke_later(old)  # the key has left it; nothing else should be on it
         return _with_expiration(lease, started + granted)
+
+    async def _txn(self, what: str, txn: Callable[[_Client], Awaitable[T]], lease_id: int,
+                   deadline: float) -> T:
+        try:
+            return await self._run(what, txn, retry=False, deadline=deadline)
+        except RegistryError:
+            self._revoke_later(lease_id)  # outcome unknown: make sure we hold nothing
+            raise
 
     async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
         key = self._key(subnet)
@@ -470,7 +566,7 @@ class EtcdRegistry:
     async def watch_leases(self, revision: int) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=self._subnets, range_end=aetcd.utils.prefix_range_end(self._subnets),
-            start_revision=revision + 1, progress_notify=True, prev_kv=True))
+            start_revision=revision + 1, progress_notify=True, prev_kv=True, fragment=True))
 
         async def open_stream(c: _Client) -> tuple[_Client, grpc.aio.StreamStreamCall, rpc.WatchResponse]:
             call = c.watchstub.Watch(metadata=c.metadata)
@@ -491,6 +587,8 @@ class EtcdRegistry:
         client, call, resp = await self._run("watch", open_stream, retry=True)
         endpoint = client.endpoint
         try:
+            batch: list[LeaseEvent] = []
+            batch_rev = 0  # highest mod_revision in ``batch``; 0 while it has no events
             while True:
                 if resp is grpc.aio.EOF:
                     raise RegistryError(f"etcd watch at {endpoint.url}: stream closed by server")
@@ -500,11 +598,19 @@ class EtcdRegistry:
                 if resp.canceled:
                     raise RegistryError(f"etcd watch at {endpoint.url} canceled: {resp.cancel_reason or 'no reason'}")
                 if not resp.created:
-                    events = self._events(resp.events)
+                    # A response larger than etcd's request limit comes in fragments (we
+                    # asked for that: one unfragmented response could exceed what gRPC
+                    # accepts). Decoded events are gathered and handed on once the last
+                    # fragment is in: one revision's events may straddle fragments.
+                    batch += self._events(resp.events)
                     if resp.events:
-                        yield events, max(ev.kv.mod_revision for ev in resp.events)
-                    else:
-                        yield [], resp.header.revision  # progress notification
+                        batch_rev = max(batch_rev, max(ev.kv.mod_revision for ev in resp.events))
+                    if not resp.fragment:
+                        if batch_rev:
+                            yield batch, batch_rev
+                        else:
+                            yield [], resp.header.revision  # progress notification
+                        batch, batch_rev = [], 0
                 try:
                     resp = await call.read()
                 except asyncio.CancelledError:
@@ -523,14 +629,14 @@ class EtcdRegistry:
     def _events(self, raw) -> list[LeaseEvent]:
         events = []
         for ev in raw:
-            key = ev.kv.key.decode("utf-8", "replace")
             try:
-                subnet = parse_subnet_key(key)
-            except LeaseError as e:
-                self._warn_once(key, str(e))
+                name = self._name(ev.kv.key)
+            except LeaseError as e:  # never a route change: see core.lease.parse_subnet_key
+                self.bad_keys.skipped(ev.kv.key.decode("utf-8", "replace"), str(e))
                 continue
+            subnet = parse_subnet_key(name)
             if ev.type == rpc.Event.PUT:
-                lease = self._decode(key, ev.kv.value)
+                lease = self._decode(ev.kv.key, ev.kv.value)
                 if lease is not None:
                     events.append(LeaseEvent(EventType.ADDED, lease))
                     continue
@@ -538,7 +644,7 @@ class EtcdRegistry:
             lease = None
             if ev.HasField("prev_kv"):
                 try:
-                    lease = decode(key, ev.prev_kv.value)
+                    lease = decode(name, ev.prev_kv.value)
                 except LeaseError:
                     pass
             events.append(LeaseEvent(EventType.REMOVED, lease or Lease(subnet, UNKNOWN_IP, "")))
@@ -548,6 +654,7 @@ class EtcdRegistry:
         if self._closing:
             return
         self._closing = True
+        self.bad_keys.close()
         for call in list(self._watches):
             call.cancel()
         if self._background:  # pending revocations: give them a moment, then drop them
@@ -561,6 +668,21 @@ class EtcdRegistry:
             except Exception as e:  # noqa: BLE001 - closing is best effort
                 log.debug("etcd: closing %s: %s", client.endpoint.url, _one_line(e))
         self._clients.clear()
+
+
+class _Found(Exception):
+    """A compare-and-swap found another value: ``raw`` (None: key absent), ``holder``."""
+
+    def __init__(self, holder: Lease | None, raw: bytes | None) -> None:
+        super().__init__("compare failed")
+        self.holder = holder
+        self.raw = raw
+
+
+def _got_value(responses) -> bytes | None:
+    """The value a transaction's failure branch Get(key) read; None if the key is absent."""
+    got = responses[0] if responses else []
+    return bytes(got[0][0]) if got else None
 
 
 def _with_expiration(lease: Lease, expiration: float) -> Lease:
