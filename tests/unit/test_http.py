@@ -200,3 +200,27 @@ def test_runs_on_uvloop():
             await endpoints.close()
             await endpoints.close()  # idempotent
     uvloop.run(body())
+
+
+def test_close_is_quick_with_clients_attached_and_a_restart_rebinds_the_port():
+    """Prometheus keeps connections open and a probe may hang mid-request; neither may
+    hold up the daemon's stop or keep the next daemon from binding the same port."""
+    async def body():
+        endpoints = await start_on_free_ports(Holder(busy()), shared=True)
+        (ip, port), = endpoints.served
+        async with aiohttp.ClientSession() as keep_alive:
+            async with keep_alive.get(f"http://{ip}:{port}/metrics") as r:
+                assert r.status == 200 and await r.read()
+            _, half = await asyncio.open_connection(ip, port)
+            half.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+            await half.drain()
+            started = asyncio.get_running_loop().time()
+            await endpoints.close()
+            assert asyncio.get_running_loop().time() - started < 1.5
+            half.close()
+        again = await start_http(Holder(busy()), healthz=(ip, port), metrics=(ip, port))
+        try:
+            assert (await get(ip, port, "/healthz"))[0] == 200
+        finally:
+            await again.close()
+    asyncio.run(body())
