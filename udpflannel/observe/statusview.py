@@ -1,0 +1,150 @@
+"""`udpflannel status` output: a table for people, JSON for machines (pure).
+
+Both read one NodeStatus (core/status.py). The table shows what an operator asks
+first: is the node ready and if not why, which lease, which data plane and why, is the
+registry reachable, how much traffic, and which drops (only the non-zero ones).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+
+from udpflannel.core.frame import TX_DROPS
+from udpflannel.core.status import NodeStatus
+
+
+def not_ready_reason(st: NodeStatus) -> str | None:
+    """None when ready; otherwise one line saying what the node still waits for."""
+    if st.ready:
+        return None
+    if st.lease is None:
+        return "no subnet lease yet (waiting for the registry and its network config)"
+    if st.dataplane is None:
+        return f"leased {st.lease.subnet} but the data plane is not set up yet"
+    if not st.dataplane.forwarding:
+        return f"the {st.dataplane.kind} data plane on {st.dataplane.device} is not forwarding"
+    return "subnet.env is not written yet"
+
+
+def to_json(st: NodeStatus) -> str:
+    """Sorted keys: the same status always prints the same text (diffable, greppable)."""
+    return json.dumps(st.to_dict(), indent=2, sort_keys=True)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    if n < 10_000:
+        return str(n)
+    value = float(n)
+    for unit in ("k", "M", "G", "T"):
+        value /= 1000
+        if value < 1000 or unit == "T":
+            return f"{value:.1f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    s = int(abs(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {s}s"
+    return f"{s}s"
+
+
+def _expiry(expiration: float, now: float) -> str:
+    if expiration <= 0:
+        return "expiry unknown"
+    left = expiration - now
+    return f"expires in {human_duration(left)}" if left >= 0 else f"EXPIRED {human_duration(left)} ago"
+
+
+def render(st: NodeStatus, now: float | None = None) -> str:
+    """The human table. ``now`` (unix time) is injectable so tests are exact."""
+    now = time.time() if now is None else now
+    rows: list[tuple[str, str]] = []
+    reason = not_ready_reason(st)
+    rows.append(("ready", "yes" if reason is None else f"no: {reason}"))
+    rows.append(("version", f"{st.version}, up {human_duration(now - st.started)}"))
+
+    lease = st.lease
+    if lease is None:
+        rows.append(("lease", "none yet"))
+    else:
+        mac = f", VTEP MAC {lease.vtep_mac}" if lease.vtep_mac else ""
+        rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), "
+                              f"{_expiry(lease.expiration, now)}"))
+
+    reg = st.registry
+    if reg is None:
+        rows.append(("registry", "not opened yet"))
+    else:
+        rows.append(("registry", f"{reg.kind} {reg.where}, "
+                                 f"{'reachable' if reg.reachable else 'UNREACHABLE (still forwarding)'}"))
+
+    plane = st.dataplane
+    if plane is None:
+        rows.append(("data plane", "not started"))
+    else:
+        rows.append(("data plane", f"{plane.kind} ({plane.reason})"))
+        rows.append(("device", f"{plane.device}, MTU {plane.mtu}"))
+        rows.append(("offloads", ", ".join(plane.offloads) or "none"))
+        rows.append(("peers", str(plane.peers)))
+        c = plane.counters
+        for d in ("tx", "rx"):
+            rows.append((d, f"{human_count(int(c.get(d + '_packets', 0)))} packets, "
+                            f"{human_bytes(int(c.get(d + '_bytes', 0)))}"))
+        rows.append(("icmp unreach", f"{human_count(int(c.get('icmp_unreachable', 0)))} sent"))
+        if plane.offloads or any(c.get(k) for k in ("tx_super_packets", "rx_merged_writes", "gso_fallbacks")):
+            rows.append(("offload work", f"{human_count(int(c.get('tx_super_packets', 0)))} TSO super-packets, "
+                                         f"{human_count(int(c.get('rx_merged_writes', 0)))} merged writes, "
+                                         f"{human_count(int(c.get('gso_fallbacks', 0)))} GSO fallbacks"))
+        rows.append(("socket drops", f"{human_count(plane.kernel_drops)} by the kernel (receive queue full)"))
+    # exact counts: a handful of drops is worth seeing precisely
+    dropped = {r: n for r, n in st.drops().items() if n}
+    if not dropped:
+        rows.append(("drops", "no drops"))
+    else:
+        w = max(len(f"{n:,}") for n in dropped.values())
+        for i, (r, n) in enumerate(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0]))):
+            rows.append(("drops" if i == 0 else "", f"{n:>{w},}  {r} ({'tx' if r in TX_DROPS else 'rx'})"))
+
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if st.peer_list is not None:
+        lines.append("")
+        lines.extend(_peer_table(st))
+    return "\n".join(lines) + "\n"
+
+
+def _subnet_key(subnet: str) -> tuple[int, str]:
+    """Numeric order (10.244.2.0 before 10.244.10.0); anything unparsable last."""
+    try:
+        return int(ipaddress.ip_network(subnet, strict=False).network_address), ""
+    except ValueError:
+        return 1 << 128, subnet
+
+
+def _peer_table(st: NodeStatus) -> list[str]:
+    peers = sorted(st.peer_list or (), key=lambda p: _subnet_key(p.subnet))
+    if not peers:
+        return ["no peers"]
+    head = ("SUBNET", "PUBLIC IP", "FRAMING")
+    body = [(p.subnet, p.public_ip, p.framing) for p in peers]
+    widths = [max(len(r[i]) for r in (head, *body)) for i in range(3)]
+    return ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in (head, *body)]
