@@ -40,6 +40,7 @@ import msgpack  # noqa: E402
 from etcd_server import EtcdServer  # noqa: E402
 from pyroute2 import netns  # noqa: E402
 
+from udpflannel.core.status import NodeStatus  # noqa: E402
 from udpflannel.lab.netns import Lab  # noqa: E402
 
 HUB_ADDR = "192.168.250.2"
@@ -72,11 +73,11 @@ class Admin:
         self.unpacker = msgpack.Unpacker()
         self.request = msgpack.packb({"cmd": "status"})
 
-    def status(self) -> dict:
+    def status(self) -> NodeStatus:
         self.sock.sendall(self.request)
         while True:
             for reply in self.unpacker:
-                return reply
+                return NodeStatus.from_dict(reply)
             data = self.sock.recv(65536)
             if not data:
                 raise ConnectionError("admin socket closed")
@@ -128,7 +129,7 @@ def wait_routes(admin: Admin, want: int, timeout: float, proc: subprocess.Popen)
     deadline = time.monotonic() + timeout
     while True:
         now = time.monotonic()
-        if admin.status()["routes"] >= want:
+        if admin.status().dataplane.peers >= want:
             return now
         if now > deadline or proc.poll() is not None:
             raise TimeoutError(f"route count never reached {want} (daemon rc {proc.poll()})")
@@ -197,7 +198,7 @@ async def bench(lab: Lab, etcd: EtcdServer, work: str, args) -> dict:
                 starts.append(start)
                 log.info("start %d: %s", rep + 1, start)
                 if rep < args.repeat - 1:  # next start is a fresh node again: free this subnet
-                    subnet = admin.status()["subnet"]
+                    subnet = admin.status().lease.subnet
                     admin.close()
                     daemon.stop()
                     net, plen = subnet.split("/")

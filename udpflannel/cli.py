@@ -1,7 +1,9 @@
 """Command line: parse flags into options, run, map failures to one line + exit code.
 
-Every flag of `run` can also come from the environment as FLANNELD_<FLAG> (dashes as
-underscores, upper case), as with flanneld; a flag on the command line wins.
+Every flag of `run` (and `cleanup`) can also come from the environment as
+FLANNELD_<FLAG> (dashes as underscores, upper case), as with flanneld; a flag on the
+command line wins. Flags flanneld has and udpflannel does not are refused by name
+with what to use instead, never with argparse's "unrecognized arguments".
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"udpflannel: error: {message} (see --help)\n")
 
 
-def _port(text: str) -> int:
+def _port(text: str, allow_zero: bool = False) -> int:
     value = int(text)
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"{text} is not a UDP port (1-65535)")
+    if not (0 if allow_zero else 1) <= value < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a port ({'0' if allow_zero else '1'}-65535)")
     return value
+
+
+def _port_or_off(text: str) -> int:
+    return _port(text, allow_zero=True)
 
 
 def _vni(text: str) -> int:
@@ -43,7 +50,7 @@ def _ipv4(text: str) -> str:
 
 
 def _offloads(text: str) -> str:
-    from udpflannel.dataplane.userspace import parse_offloads
+    from udpflannel.dataplane.sockets import parse_offloads
     try:
         parse_offloads(text)
     except ValueError as e:
@@ -58,6 +65,20 @@ def _positive(text: str) -> float:
     return value
 
 
+def _renew_margin(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= 1439:  # flanneld's range: within the 24 h lease
+        raise argparse.ArgumentTypeError(f"{text} minutes is outside 1-1439")
+    return value
+
+
+def _source_ports(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{text} is not 0-64")
+    return value
+
+
 def _bool(text: str) -> bool:
     """Go's flag package spelling of booleans, as flanneld accepts them."""
     value = text.strip().lower()
@@ -68,44 +89,97 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    def flag(name: str, **kw) -> None:
-        p.add_argument(name, **kw)
+# flanneld flags udpflannel does not implement, and what to use instead.
+REFUSED = {
+    "--kube-subnet-mgr": "udpflannel leases subnets from etcd (--etcd-endpoints) or its embedded "
+                         "registry; the Kubernetes subnet manager is not implemented",
+    "--kube-api-url": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
+    "--kubeconfig-file": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
+    "--kube-annotation-prefix": "the Kubernetes subnet manager is not implemented",
+    "--public-ipv6": "udpflannel carries an IPv4 overlay only",
+    "--auto-detect-ipv6": "udpflannel carries an IPv4 overlay only",
+    "--iface-ipv6": "udpflannel carries an IPv4 overlay only",
+    "--charon-executable-path": "the ipsec backend is not implemented (use vxlan)",
+    "--charon-viciurl": "the ipsec backend is not implemented (use vxlan)",
+    "--set-node-network-unavailable": "the Kubernetes subnet manager is not implemented",
+    "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented",
+}
 
+
+class _Refuse(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not supported: {REFUSED[option_string]}")
+
+
+def _add_node_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that say what a node is: shared by `run` and `cleanup`."""
     def switch(name: str, default: bool, help: str) -> None:  # --x, --x=true, --x=false
         p.add_argument(name, type=_bool, nargs="?", const=True, default=default, metavar="BOOL",
                        help=help)
 
-    flag("--tun", default="flannel0", help="TUN device name (default flannel0)")
-    flag("--iface", help="underlay interface (default: the default route's)")
-    flag("--public-ip", type=_ipv4, help="IP advertised to other nodes (default: --iface's)")
-    flag("--registry-file", default="/var/lib/udpflannel/registry.db",
-         help="embedded registry (SQLite) shared by daemons on this host")
-    flag("--net-config", help="network config JSON used when the registry has none")
-    flag("--subnet-file", default="/run/flannel/subnet.env", help="where to write subnet.env")
-    flag("--state-dir", default="/var/lib/udpflannel", help="keeps the VTEP MAC across restarts")
-    flag("--admin-socket", help="msgpack admin socket (default /run/udpflannel/<tun>.sock)")
-    flag("--port", type=_port, help="VXLAN UDP port (default: the config's Backend.Port, 8472)")
-    flag("--vni", type=_vni, help="VXLAN network identifier (default: the config's Backend.VNI, 1)")
-    flag("--engine", choices=("compiled", "python"), default="compiled",
-         help="data path: the compiled engine or its pure-Python reference twin")
+    p.add_argument("--tun", default="flannel0", help="TUN device name (default flannel0)")
+    p.add_argument("--iface", action="append", default=[],
+                   help="underlay interface name or address; repeat: the first usable wins "
+                        "(default: the default route's)")
+    p.add_argument("--iface-regex", action="append", default=[],
+                   help="pick the underlay by a regex on interface names or addresses")
+    p.add_argument("--iface-can-reach", type=_ipv4,
+                   help="pick the underlay the kernel would use to reach this address")
+    p.add_argument("--public-ip", type=_ipv4, help="IP advertised to other nodes (default: --iface's)")
+    p.add_argument("--registry-file", default="/var/lib/udpflannel/registry.db",
+                   help="embedded registry (SQLite) shared by daemons on this host")
+    p.add_argument("--net-config", "--net-config-path", dest="net_config",
+                   help="network config JSON used when the registry has none")
+    p.add_argument("--subnet-file", default="/run/flannel/subnet.env", help="where to write subnet.env")
+    p.add_argument("--state-dir", default="/var/lib/udpflannel", help="keeps the VTEP MAC across restarts")
+    p.add_argument("--admin-socket", help="msgpack admin socket (default /run/udpflannel/<tun>.sock)")
+    p.add_argument("--port", type=_port, help="the backend's UDP port (default: the config's "
+                   "Backend.Port: 8472 for vxlan, 8285 for udp)")
+    p.add_argument("--vni", type=_vni, help="VXLAN network identifier (default: the config's, 1)")
+    p.add_argument("--dataplane", choices=("engine", "kernel", "auto"), default="engine",
+                   help="engine (default: TUN + the compiled engine), kernel (flanneld's vxlan "
+                        "backend: flannel.<VNI>), or auto (kernel where VXLAN works, else engine)")
+    p.add_argument("--engine", choices=("compiled", "python"), default="compiled",
+                   help="the engine: compiled, or its pure-Python reference twin")
+    p.add_argument("--udp-port", type=_port_or_off, default=8285,
+                   help="flanneld udp framing towards udp peers (a cluster migrating from the "
+                        "udp backend), on this port (default 8285; 0: off)")
+    p.add_argument("--source-ports", type=_source_ports, default=16,
+                   help="VXLAN outer source ports the engine spreads flows over (default 16; "
+                        "0: send from the VXLAN port)")
     switch("--strict-source", False,
            "drop every received packet whose inner source is outside its sender's subnet "
            "(default: only sources inside the overlay network must match; routed sources "
            "such as host addresses are delivered)")
-    flag("--offload", type=_offloads, default="auto",
-         help="auto (default: all the kernel allows), off, or a comma list of tso,gso,gro")
-    flag("--subnet-lease-ttl", type=_positive, default=24 * 60.0,
-         help="lease lifetime in minutes (default 1440)")
-    flag("--subnet-lease-renew-margin", type=_positive, default=60.0,
-         help="renew this many minutes before expiry (default 60)")
-    flag("--etcd-endpoints", help="comma-separated etcd v3 URLs; selects the etcd registry")
-    flag("--etcd-prefix", default="/coreos.com/network")
-    flag("--etcd-cafile")
-    flag("--etcd-certfile")
-    flag("--etcd-keyfile")
-    flag("--etcd-username")
-    flag("--etcd-password")
+    p.add_argument("--offload", type=_offloads, default="auto",
+                   help="auto (default: all the kernel allows), off, or a comma list of tso,gso,gro")
+    p.add_argument("--subnet-lease-ttl", type=_positive, default=24 * 60.0,
+                   help="lease lifetime in minutes (default 1440)")
+    p.add_argument("--subnet-lease-renew-margin", type=_renew_margin, default=60.0,
+                   help="renew this many minutes before expiry (1-1439, default 60)")
+    p.add_argument("--etcd-endpoints", help="comma-separated etcd v3 URLs; selects the etcd registry")
+    p.add_argument("--etcd-prefix", default="/coreos.com/network")
+    p.add_argument("--etcd-cafile")
+    p.add_argument("--etcd-certfile")
+    p.add_argument("--etcd-keyfile")
+    p.add_argument("--etcd-username")
+    p.add_argument("--etcd-password")
+    switch("--ip-masq", False, "masquerade traffic leaving the cluster network, as flanneld")
+    switch("--ip-masq-fully-random-disable", False, "masquerade without --random-fully")
+    switch("--iptables-forward-rules", True, "accept the cluster network in FORWARD (default true)")
+    p.add_argument("--iptables-resync", type=_positive, default=5.0,
+                   help="seconds between checks that the rules are still in place (default 5)")
+    p.add_argument("--healthz-ip", type=_ipv4, default="0.0.0.0",
+                   help="address of /healthz, /readyz (and /metrics) (default 0.0.0.0)")
+    p.add_argument("--healthz-port", type=_port_or_off, default=0,
+                   help="port of /healthz and /readyz (default 0: off)")
+    p.add_argument("--metrics-port", type=_port_or_off, default=0,
+                   help="port of /metrics, Prometheus text format (default 0: off; may equal "
+                        "--healthz-port)")
+    switch("--metrics-peers", False, "per-peer series in /metrics and the status (big clusters: "
+                                     "many series)")
+    for name in REFUSED:
+        p.add_argument(name, nargs="?", action=_Refuse, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -119,33 +193,42 @@ class _EnvParser(Parser):
 
 
 def env_flags(environ: dict[str, str] | None = None) -> list[str]:
-    """FLANNELD_<FLAG> environment values as `--flag=value` arguments for `run`, each
-    checked by the same parser as the flag itself (one clear line naming the variable
-    when it is bad). They go before the command line's flags, which therefore win."""
+    """FLANNELD_<FLAG> environment values as `--flag=value` arguments, each checked by
+    the same parser as the flag itself (one clear line naming the variable when it is
+    bad). They go before the command line's flags, which therefore win. A repeatable
+    flag (--iface) takes a comma list."""
     environ = os.environ if environ is None else environ
     checker = _EnvParser(prog="udpflannel run", add_help=False)
-    _add_run_flags(checker)
+    _add_node_flags(checker)
     out = []
     for action in checker._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or longs[0] == "--verbose":
+        if not longs or longs[0] == "--verbose" or isinstance(action, _Refuse):
             continue
         name = "FLANNELD_" + longs[0][2:].upper().replace("-", "_")
         if name not in environ:
             continue
-        arg = f"{longs[0]}={environ[name]}"
+        values = environ[name].split(",") if isinstance(action, argparse._AppendAction) else [environ[name]]
+        args = [f"{longs[0]}={v.strip()}" for v in values if v.strip() or len(values) == 1]
         try:
-            checker.parse_args([arg])
+            checker.parse_args(args)
         except _EnvError as e:
             raise _EnvError(f"environment {name}: {e}") from None
-        out.append(arg)
+        out += args
     return out
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="udpflannel", description="flannel's userspace overlay, speaking VXLAN")
+    from udpflannel.version import __version__
+    parser = Parser(prog="udpflannel", description="flannel's node agent with a userspace data plane")
+    parser.add_argument("--version", action="version", version=f"udpflannel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    _add_run_flags(sub.add_parser("run", help="run the node daemon"))
+    _add_node_flags(sub.add_parser("run", help="run the node daemon"))
+    cleanup = sub.add_parser("cleanup", help="remove what `run` leaves in place on purpose: "
+                             "devices, routes, rules, subnet.env (and the lease, if asked)")
+    _add_node_flags(cleanup)
+    cleanup.add_argument("--release-lease", action="store_true",
+                         help="also delete this node's lease from the registry")
 
     demo = sub.add_parser("demo", help="a whole overlay in network namespaces on this machine")
     demo.add_argument("--nodes", type=int, default=2, help="number of nodes (2-16, default 2)")
@@ -160,23 +243,32 @@ def build_parser() -> Parser:
     bench.add_argument("--only", help="comma-separated subset of cases to run")
     bench.add_argument("-v", "--verbose", action="store_true")
 
-    status = sub.add_parser("status", help="ask a running daemon for its lease and counters")
-    status.add_argument("--admin-socket", default="/run/udpflannel/flannel0.sock")
+    status = sub.add_parser("status", help="ask a running daemon for its lease, data plane and counters")
+    status.add_argument("--admin-socket", help="default: FLANNELD_ADMIN_SOCKET, else "
+                        "/run/udpflannel/<tun>.sock with --tun or FLANNELD_TUN (flannel0)")
+    status.add_argument("--tun", help="the daemon's --tun, to find its socket")
+    status.add_argument("--json", action="store_true", help="the status as JSON, for machines")
     return parser
 
 
 def _run_options(a: argparse.Namespace):
-    from udpflannel.daemon import RunOptions
+    from udpflannel.options import RunOptions
     endpoints = tuple(e.strip() for e in (a.etcd_endpoints or "").split(",") if e.strip())
     return RunOptions(
-        tun=a.tun, iface=a.iface, public_ip=a.public_ip, registry_file=a.registry_file,
+        tun=a.tun, ifaces=tuple(a.iface), iface_regex=tuple(a.iface_regex),
+        iface_can_reach=a.iface_can_reach, public_ip=a.public_ip, registry_file=a.registry_file,
         net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
-        admin_socket=a.admin_socket, port=a.port, vni=a.vni, engine=a.engine, offload=a.offload,
+        admin_socket=a.admin_socket, port=a.port, vni=a.vni, dataplane=a.dataplane,
+        engine=a.engine, offload=a.offload, udp_port=a.udp_port, source_ports=a.source_ports,
         strict_source=a.strict_source,
         lease_ttl=a.subnet_lease_ttl * 60, renew_margin=a.subnet_lease_renew_margin * 60,
         etcd_endpoints=endpoints, etcd_prefix=a.etcd_prefix.rstrip("/"),
         etcd_cafile=a.etcd_cafile, etcd_certfile=a.etcd_certfile, etcd_keyfile=a.etcd_keyfile,
-        etcd_username=a.etcd_username, etcd_password=a.etcd_password)
+        etcd_username=a.etcd_username, etcd_password=a.etcd_password,
+        ip_masq=a.ip_masq, ip_masq_fully_random=not a.ip_masq_fully_random_disable,
+        forward_rules=a.iptables_forward_rules, rules_resync=a.iptables_resync,
+        healthz_ip=a.healthz_ip, healthz_port=a.healthz_port, metrics_port=a.metrics_port,
+        metrics_peers=a.metrics_peers)
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -184,6 +276,14 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
     from udpflannel import daemon
     uvloop.run(daemon.run(_run_options(a)))
+    return EXIT_OK
+
+
+def _cmd_cleanup(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from udpflannel import cleanup
+    asyncio.run(cleanup.run(_run_options(a), release_lease=a.release_lease))
     return EXIT_OK
 
 
@@ -206,42 +306,53 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
-    import json
-
-    from udpflannel.observe import admin
+    from udpflannel.core.status import NodeStatus
+    from udpflannel.observe import admin, statusview
+    from udpflannel.options import default_admin_socket
+    path = (a.admin_socket or os.environ.get("FLANNELD_ADMIN_SOCKET")
+            or default_admin_socket(a.tun or os.environ.get("FLANNELD_TUN") or "flannel0"))
     try:
-        reply = admin.query(a.admin_socket)
+        reply = admin.query(path)
     except OSError as e:
-        raise ConnectionError(f"no daemon answers at {a.admin_socket}: "
-                              f"{e.strerror or e} (is `udpflannel run` running? see --admin-socket)") from None
-    print(json.dumps(reply, indent=2, sort_keys=True))
+        raise ConnectionError(f"no daemon answers at {path}: {e.strerror or e} "
+                              "(is `udpflannel run` running? see --admin-socket, --tun)") from None
+    try:
+        st = NodeStatus.from_dict(reply)
+    except (KeyError, TypeError) as e:
+        raise ConnectionError(f"the daemon at {path} answered in a format this version does not "
+                              f"read ({e}); is it an older udpflannel?") from None
+    print(statusview.to_json(st) if a.json else statusview.render(st))
     return EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _cmd_run, "demo": _cmd_demo, "bench": _cmd_bench, "status": _cmd_status}
+    "run": _cmd_run, "cleanup": _cmd_cleanup, "demo": _cmd_demo, "bench": _cmd_bench,
+    "status": _cmd_status}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from udpflannel.cleanup import CleanupError
     from udpflannel.core.config import ConfigError
     from udpflannel.daemon import FatalError
-    from udpflannel.dataplane.userspace import DataplaneError
+    from udpflannel.dataplane.base import DataplaneError
     from udpflannel.host.netconf import NetconfError
+    from udpflannel.host.rules import RulesError
     from udpflannel.host.tun import TunError
     from udpflannel.lab.demo import DemoFailed
     from udpflannel.observe.admin import AdminSocketBusy
+    from udpflannel.observe.http import HttpError
     from udpflannel.registry.base import RegistryError
     from udpflannel.subnet import NoFreeSubnet, SubnetLost
-    return (FatalError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError, NetconfError,
-            RegistryError, NoFreeSubnet, SubnetLost, TunError, PermissionError, FileNotFoundError,
-            ConnectionError, ValueError)
+    return (FatalError, CleanupError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError, NetconfError,
+            RegistryError, NoFreeSubnet, SubnetLost, TunError, RulesError, HttpError,
+            PermissionError, FileNotFoundError, ConnectionError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["run"] and not ({"-h", "--help"} & set(argv)):
+    if argv[:1] in (["run"], ["cleanup"]) and not ({"-h", "--help"} & set(argv)):
         try:
-            argv = ["run", *env_flags(), *argv[1:]]
+            argv = [argv[0], *env_flags(), *argv[1:]]
         except _EnvError as e:
             print(f"udpflannel: error: {e}", file=sys.stderr)
             return EXIT_USAGE

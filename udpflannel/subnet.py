@@ -101,7 +101,7 @@ class SubnetManager:
                  ttl: float = DEFAULT_TTL, renew_margin: float = DEFAULT_RENEW_MARGIN,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, health: RegistryHealth | None = None) -> None:
         self.registry = registry
         self.config = config
         self.ttl = ttl
@@ -109,7 +109,7 @@ class SubnetManager:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self.health = RegistryHealth()
+        self.health = health or RegistryHealth()
         self.lease: Lease | None = None
         self._listing: tuple[list[Lease], int] | None = None  # acquire's, for the first watch
         self._identity: Lease | None = None  # acquire's ``wanted``: our PublicIP and VTEP MAC
@@ -317,12 +317,14 @@ class SubnetManager:
 
     # --- watch --------------------------------------------------------------------
     async def watch(self) -> AsyncIterator[list[LeaseEvent]]:
-        """Route events for the other nodes, forever. The first batch is the snapshot.
+        """Route events for the other nodes, forever. The first batch is the snapshot
+        (yielded even when empty, so a caller knows it has every peer there is).
         Our own key is defended after every listing and on every change to it: gone,
         or holding anything but our lease, it is renewed, re-created or reclaimed
         (SubnetLost if another node validly holds it)."""
         known: dict[ipaddress.IPv4Network, Lease] = {}
         backoff = Backoff()
+        first = True
         while True:
             try:
                 # acquire's listing, made just before our lease was written: no need to
@@ -336,8 +338,9 @@ class SubnetManager:
                 changes = diff(known, fresh)
                 known = fresh
                 self.health.succeeded()
-                if changes:
-                    yield changes
+                if changes or first:
+                    yield changes  # the first batch always: "the snapshot is applied"
+                first = False
                 if not from_acquire and self.lease is not None:
                     now = next((x for x in current if x.subnet == self.lease.subnet), None)
                     if now is None or not now.same_route(self.lease):

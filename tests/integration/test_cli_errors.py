@@ -36,7 +36,7 @@ def _registry_rows(path: str, table: str) -> int:
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--port", "0"], ["--port", "not a UDP port"]),
+    (["--port", "0"], ["--port", "not a port"]),
     (["--vni", "16777216"], ["VNI"]),
     (["--public-ip", "10.1.2"], ["not an IPv4 address"]),
     (["--no-such-flag"], ["unrecognized"]),

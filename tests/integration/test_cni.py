@@ -296,7 +296,7 @@ def test_pods_on_two_nodes_talk_over_the_overlay(make_lab, make_cluster, workdir
         add = cni_call(node, "ADD", conf, f"pod-{i + 1}", pod.path)
         assert add.rc == 0, add
         ip = pod_address(add.out)
-        assert ip.network == ipaddress.IPv4Network(cluster.status(i)["subnet"])  # from its node's lease
+        assert ip.network == ipaddress.IPv4Network(cluster.status(i).lease.subnet)  # from its node's lease
         assert link(pod, "eth0").get_attr("IFLA_MTU") == 1450  # the daemon's MTU, via subnet.env
         pods.append(pod)
         ips.append(str(ip.ip))

@@ -41,8 +41,8 @@ CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
 # flannel's lease value (pkg/lease/lease.go, as in flannel's docs), to fill in per node.
 FLANNEL_VXLAN_LEASE = ('{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan",'
                        '"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
-FLANNEL_UDP_LEASE = '{{"PublicIP":"{ip}"}}'  # flanneld --backend udp: no BackendType
-SHORT_TTL = ["--subnet-lease-ttl", "0.05", "--subnet-lease-renew-margin", "0.02"]  # 3 s, renew at 1.8 s
+FLANNEL_UDP_LEASE = '{{"PublicIP":"{ip}","PublicIPv6":null}}'  # flanneld udp: no BackendType
+SHORT_TTL = ["--subnet-lease-ttl", "0.05", "--subnet-lease-renew-margin", "1"]  # 3 s, renewed at 1.5 s
 NET = ipaddress.IPv4Network
 
 
@@ -139,7 +139,7 @@ def test_hand_written_config_is_used_and_lease_has_flannels_bytes(etcd, make):
                    '"SubnetMax": "10.50.9.128", "backend": {"type": "vxlan", "vni": 1}}')
     cluster.start(0)
     st = cluster.wait_status(0, lambda s: True)
-    subnet = NET(st["subnet"])
+    subnet = NET(st.lease.subnet)
     assert subnet.prefixlen == 25 and NET("10.50.8.0/23").supernet_of(subnet)
     with open(os.path.join(cluster.node_dir(0), "subnet.env")) as f:
         env = dict(line.strip().split("=", 1) for line in f if line.strip())
@@ -147,41 +147,53 @@ def test_hand_written_config_is_used_and_lease_has_flannels_bytes(etcd, make):
     assert env["FLANNEL_SUBNET"] == f"{subnet.network_address + 1}/25"
 
     stored = leases(etcd, cluster.prefix)
-    assert list(stored) == [key_of(st["subnet"])]
-    assert stored[key_of(st["subnet"])]["value"] == FLANNEL_VXLAN_LEASE.format(
-        ip=cluster.lab.addresses[0], mac=st["vtep_mac"])
-    ttl = etcd.etcdctl("lease", "timetolive", f"{stored[key_of(st['subnet'])]['lease']:x}")
+    assert list(stored) == [key_of(st.lease.subnet)]
+    assert stored[key_of(st.lease.subnet)]["value"] == FLANNEL_VXLAN_LEASE.format(
+        ip=cluster.lab.addresses[0], mac=st.lease.vtep_mac)
+    ttl = etcd.etcdctl("lease", "timetolive", f"{stored[key_of(st.lease.subnet)]['lease']:x}")
     assert "granted with TTL(86400s)" in ttl, ttl  # flannel's 24 h
 
     # a restart finds its own lease by PublicIP and renews it: same subnet, same bytes
     assert cluster.stop(0) == 0
     os.unlink(os.path.join(cluster.node_dir(0), "subnet.env"))  # not from subnet.env, from etcd
     cluster.start(0)
-    assert cluster.wait_status(0, lambda s: True)["subnet"] == st["subnet"]
+    assert cluster.wait_status(0, lambda s: True).lease.subnet == st.lease.subnet
     again = leases(etcd, cluster.prefix)
-    assert list(again) == list(stored) and again[key_of(st["subnet"])]["value"] == \
-        stored[key_of(st["subnet"])]["value"]
+    assert list(again) == list(stored) and again[key_of(st.lease.subnet)]["value"] == \
+        stored[key_of(st.lease.subnet)]["value"]
     assert "reusing our lease" in log_of(cluster, 0)
 
 
 @pytest.mark.parametrize("config, words", [
-    (None, ["no network config at {prefix}/config", "etcdctl put {prefix}/config"]),
     ('{"Network": "10.50.0.0/29"}', ["{prefix}/config", "/29"]),
     ("not json", ["{prefix}/config", "JSON"]),
 ])
-def test_missing_or_bad_config_is_one_clear_line(lab, etcd, workdir, config, words):
+def test_bad_config_is_one_clear_line(lab, etcd, workdir, config, words):
     prefix = f"/t-{uuid.uuid4().hex[:8]}/network"
-    if config is not None:
-        etcd.etcdctl("put", f"{prefix}/config", config)
+    etcd.etcdctl("put", f"{prefix}/config", config)
     res = run_to_exit(lab, workdir, ["--etcd-endpoints", etcd.endpoint, "--etcd-prefix", prefix])
     assert res.returncode == 1, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("udpflannel: error: "), res.stderr
+    errors = [line for line in res.stderr.strip().splitlines() if " INFO " not in line]
+    assert len(errors) == 1 and errors[0].startswith("udpflannel: error: "), res.stderr
+    assert "Traceback" not in res.stderr
     for word in words:
-        assert word.format(prefix=prefix) in lines[0], lines[0]
+        assert word.format(prefix=prefix) in errors[0], errors[0]
     assert leases(etcd, prefix) == {}  # nothing was leased
-    if config is None:  # and nothing invented: the operator writes the config
-        assert etcd.etcdctl("get", f"{prefix}/config") == ""
+
+
+def test_missing_config_is_waited_for_like_flanneld(etcd, make):
+    """etcd up but no config yet: the node waits, saying so (under a DaemonSet an exit
+    would be a crash loop), invents nothing, and starts once the operator writes one."""
+    cluster = make(None)
+    prefix = cluster.prefix
+    cluster.start(0)
+    wait_for(lambda: f"no network config at {prefix}/config yet; waiting" in log_of(cluster, 0), 10,
+             "the waiting line")
+    assert cluster.procs[0].poll() is None and leases(etcd, prefix) == {}
+    assert etcd.etcdctl("get", f"{prefix}/config") == ""  # nothing invented
+    etcd.etcdctl("put", f"{prefix}/config", CONFIG)
+    st = cluster.wait_status(0, lambda s: s.ready, 15, "ready once the config is there")
+    assert list(leases(etcd, prefix)) == [key_of(st.lease.subnet)]
 
 
 def test_endpoints_from_environment_and_default_prefix(etcd, lab, make_cluster, workdir, monkeypatch):
@@ -193,7 +205,7 @@ def test_endpoints_from_environment_and_default_prefix(etcd, lab, make_cluster, 
         cluster.start(0)
         st = cluster.wait_status(0, lambda s: True)
         stored = leases(etcd, DEFAULT_PREFIX)
-        assert json.loads(stored[key_of(st["subnet"])]["value"])["PublicIP"] == lab.addresses[0]
+        assert json.loads(stored[key_of(st.lease.subnet)]["value"])["PublicIP"] == lab.addresses[0]
         assert not os.path.exists(cluster.registry_file)  # the embedded registry was not used
     finally:
         etcd.etcdctl("del", f"{DEFAULT_PREFIX}/", "--prefix")
@@ -208,7 +220,7 @@ def test_nodes_reach_each_other_leave_by_delete_or_expiry_and_join(etcd, make):
     cluster.start(3, SHORT_TTL)  # node 4 renews every 1.8 s: its lease dies soon after it does
     cluster.wait_converged()
     assert unreachable_pairs(cluster) == []
-    subnets = {i: cluster.status(i)["subnet"] for i in range(4)}
+    subnets = {i: cluster.status(i).lease.subnet for i in range(4)}
     assert len(set(subnets.values())) == 4
     assert len(leases(etcd, cluster.prefix)) == 4
 
@@ -217,24 +229,24 @@ def test_nodes_reach_each_other_leave_by_delete_or_expiry_and_join(etcd, make):
     assert key_of(subnets[2]) in leases(etcd, cluster.prefix)
     etcd.etcdctl("del", f"{cluster.prefix}/subnets/{key_of(subnets[2])}")
     for i in (0, 1, 3):
-        cluster.wait_status(i, lambda s: s["routes"] == 2, 10, "dropping node 3 (deleted)")
+        cluster.wait_status(i, lambda s: s.dataplane.peers == 2, 10, "dropping node 3 (deleted)")
 
     # node 4 dies without a word: its 3 s lease expires and the others drop it
     cluster.procs[3].kill()
     cluster.procs.pop(3).wait(5)
     for i in (0, 1):
-        cluster.wait_status(i, lambda s: s["routes"] == 1, 10, "dropping node 4 (expired)")
+        cluster.wait_status(i, lambda s: s.dataplane.peers == 1, 10, "dropping node 4 (expired)")
     assert set(leases(etcd, cluster.prefix)) == {key_of(subnets[0]), key_of(subnets[1])}
 
     # node 3 comes back first: its lease is gone, the subnet in its subnet.env is still
     # free (a new node starting before it may pick that subnet at random: ~1 % flake)
     cluster.start(2)
-    assert cluster.wait_status(2, lambda s: True)["subnet"] == subnets[2]
+    assert cluster.wait_status(2, lambda s: True).lease.subnet == subnets[2]
     # node 5 joins; everyone reaches everyone
     cluster.start(4)
     cluster.wait_converged()
     assert unreachable_pairs(cluster) == []
-    assert cluster.status(4)["subnet"] not in (subnets[0], subnets[1], subnets[2])
+    assert cluster.status(4).lease.subnet not in (subnets[0], subnets[1], subnets[2])
 
 
 def test_simultaneous_starts_never_share_a_subnet(etcd, make):
@@ -255,7 +267,7 @@ def test_simultaneous_starts_never_share_a_subnet(etcd, make):
             etcd.resume()
         try:
             cluster.wait_converged()
-            got = [cluster.status(i)["subnet"] for i in range(3)]
+            got = [cluster.status(i).lease.subnet for i in range(3)]
             assert sorted(got) == ["10.60.1.0/24", "10.60.2.0/24", "10.60.3.0/24"]
             stored = leases(etcd, cluster.prefix)
             assert sorted(json.loads(v["value"])["PublicIP"] for v in stored.values()) == \
@@ -281,9 +293,9 @@ def test_etcd_outage_keeps_traffic_flowing_and_a_node_joins_after(etcd, make):
                  FLANNEL_VXLAN_LEASE.format(ip="192.168.250.210", mac="c6:d2:32:6f:8f:10"))
     cluster.wait_converged()
     for i in (0, 1):
-        cluster.wait_status(i, lambda s: s["routes"] == 2, 10, "routing to the flanneld node")
+        cluster.wait_status(i, lambda s: s.dataplane.peers == 2, 10, "routing to the flanneld node")
     addr1 = cluster.overlay_addr(1)
-    subnet1 = cluster.status(1)["subnet"]
+    subnet1 = cluster.status(1).lease.subnet
     box: dict = {}
 
     def stream() -> None:
@@ -299,12 +311,12 @@ def test_etcd_outage_keeps_traffic_flowing_and_a_node_joins_after(etcd, make):
         time.sleep(0.5)
         etcd.stop()
         try:
-            before = cluster.status(1)["counters"]["rx_packets"]
+            before = cluster.status(1).dataplane.counters["rx_packets"]
             for i in (0, 1):
-                cluster.wait_status(i, lambda s: not s["registry_ok"], 5, "noticing the outage")
+                cluster.wait_status(i, lambda s: not s.registry.reachable, 5, "noticing the outage")
             cluster.start(2)  # cannot read its config yet: waits for etcd
             time.sleep(3.5)  # node 2's 3 s lease is due for renewal meanwhile
-            during = cluster.status(1)["counters"]["rx_packets"] - before
+            during = cluster.status(1).dataplane.counters["rx_packets"] - before
         finally:
             etcd.start()
         # changed while the daemons are still backing off, and the history compacted:
@@ -323,10 +335,10 @@ def test_etcd_outage_keeps_traffic_flowing_and_a_node_joins_after(etcd, make):
     cluster.start(3)  # joins after etcd is back; the others' watches have resumed
     cluster.wait_converged(timeout=20)
     for i in range(4):  # 3 udpflannel peers + the flanneld node 10.244.211.0
-        cluster.wait_status(i, lambda s: s["routes"] == 4, 10, "catching up with missed changes")
+        cluster.wait_status(i, lambda s: s.dataplane.peers == 4, 10, "catching up with missed changes")
     assert unreachable_pairs(cluster) == []
     for i in (0, 1):
-        cluster.wait_status(i, lambda s: s["registry_ok"], 10, "registry_ok again")
+        cluster.wait_status(i, lambda s: s.registry.reachable, 10, "registry_ok again")
         text = log_of(cluster, i)
         assert text.count("registry unreachable") == 1, text  # once per change of state
         assert "registry reachable again" in text, text
@@ -335,7 +347,7 @@ def test_etcd_outage_keeps_traffic_flowing_and_a_node_joins_after(etcd, make):
     time.sleep(3.5)  # longer than node 2's TTL: renewals have resumed
     assert json.loads(leases(etcd, cluster.prefix)[key_of(subnet1)]["value"])["PublicIP"] == \
         cluster.lab.addresses[1]
-    assert cluster.status(1)["subnet"] == subnet1
+    assert cluster.status(1).lease.subnet == subnet1
 
 
 def test_own_lease_deleted_from_outside_is_recreated(etcd, make):
@@ -344,15 +356,15 @@ def test_own_lease_deleted_from_outside_is_recreated(etcd, make):
     cluster.start(1)
     cluster.wait_converged()
     st = cluster.status(0)
-    key = f"{cluster.prefix}/subnets/{key_of(st['subnet'])}"
-    before = leases(etcd, cluster.prefix)[key_of(st["subnet"])]
+    key = f"{cluster.prefix}/subnets/{key_of(st.lease.subnet)}"
+    before = leases(etcd, cluster.prefix)[key_of(st.lease.subnet)]
 
     etcd.etcdctl("del", key)
-    after = wait_for(lambda: leases(etcd, cluster.prefix).get(key_of(st["subnet"])), 10, "the lease back")
+    after = wait_for(lambda: leases(etcd, cluster.prefix).get(key_of(st.lease.subnet)), 10, "the lease back")
     assert json.loads(after["value"])["PublicIP"] == cluster.lab.addresses[0]
     assert after["value"] == before["value"]
     assert after["lease"] != 0  # attached to an etcd lease again: it can still expire
-    assert cluster.procs[0].poll() is None and cluster.status(0)["subnet"] == st["subnet"]
+    assert cluster.procs[0].poll() is None and cluster.status(0).lease.subnet == st.lease.subnet
     assert re.search(r"lease .* re-created", log_of(cluster, 0))
     # the other node may have dropped the route for a moment; it is back
     cluster.wait_converged(timeout=10)
@@ -363,34 +375,39 @@ def test_own_subnet_taken_by_another_node_is_a_clear_exit(etcd, make):
     cluster = make()
     cluster.start(0)
     st = cluster.wait_status(0, lambda s: True)
-    etcd.etcdctl("put", f"{cluster.prefix}/subnets/{key_of(st['subnet'])}",
+    etcd.etcdctl("put", f"{cluster.prefix}/subnets/{key_of(st.lease.subnet)}",
                  FLANNEL_VXLAN_LEASE.format(ip="192.168.250.99", mac="c6:d2:32:6f:8f:99"))
     assert cluster.procs[0].wait(10) == 1
     last = log_of(cluster, 0).strip().splitlines()[-1]
-    assert last.startswith("udpflannel: error: ") and st["subnet"] in last and "192.168.250.99" in last, last
+    assert last.startswith("udpflannel: error: ") and st.lease.subnet in last and "192.168.250.99" in last, last
     cluster.procs.pop(0)
 
 
 # -- other writers ------------------------------------------------------------------
 
 def test_leases_written_by_flanneld_by_hand(etcd, make):
-    """A flanneld vxlan lease is routed; a flanneld udp-backend lease (no BackendType,
-    other wire format) is ignored with a log line, in the snapshot and when watched."""
+    """A flanneld vxlan lease is routed by VXLAN, a flanneld udp-backend lease (no
+    BackendType) by flanneld's udp framing, in the snapshot and when watched; with
+    --udp-port 0 the udp lease is ignored with a log line."""
     cluster = make()
     subnets = f"{cluster.prefix}/subnets"
     etcd.etcdctl("put", f"{subnets}/10.244.201.0-24",
                  FLANNEL_VXLAN_LEASE.format(ip="192.168.250.201", mac="c6:d2:32:6f:8f:44"))
     etcd.etcdctl("put", f"{subnets}/10.244.202.0-24", FLANNEL_UDP_LEASE.format(ip="192.168.250.202"))
     cluster.start(0)
-    cluster.wait_status(0, lambda s: s["routes"] == 1, 10, "routing to the flanneld vxlan node")
-    wait_for(lambda: re.search(r"ignoring lease 10\.244\.202\.0/24 .*udp", log_of(cluster, 0)), 5,
-             "the udp lease to be ignored with a log line")
+    cluster.wait_status(0, lambda s: s.dataplane.peers == 2, 10, "routing to both flanneld nodes")
+    assert re.search(r"peer added: 10\.244\.202\.0/24 via 192\.168\.250\.202 \(flanneld udp framing",
+                     log_of(cluster, 0))
 
     etcd.etcdctl("put", f"{subnets}/10.244.203.0-24", FLANNEL_UDP_LEASE.format(ip="192.168.250.203"))
     etcd.etcdctl("put", f"{subnets}/10.244.204.0-24",
                  FLANNEL_VXLAN_LEASE.format(ip="192.168.250.204", mac="c6:d2:32:6f:8f:45"))
-    cluster.wait_status(0, lambda s: s["routes"] == 2, 10, "routing to the second vxlan node")
-    wait_for(lambda: re.search(r"ignoring lease 10\.244\.203\.0/24 .*udp", log_of(cluster, 0)), 5,
-             "the watched udp lease to be ignored with a log line")
+    cluster.wait_status(0, lambda s: s.dataplane.peers == 4, 10, "routing to the watched nodes")
     etcd.etcdctl("del", f"{subnets}/10.244.201.0-24")
-    cluster.wait_status(0, lambda s: s["routes"] == 1, 10, "dropping the deleted vxlan node")
+    cluster.wait_status(0, lambda s: s.dataplane.peers == 3, 10, "dropping the deleted vxlan node")
+
+    cluster.stop(0)
+    cluster.start(0, ["--udp-port", "0"])
+    cluster.wait_status(0, lambda s: s.dataplane.peers == 1, 10, "routing to the vxlan node only")
+    wait_for(lambda: re.search(r"ignoring lease 10\.244\.203\.0/24 .*udp", log_of(cluster, 0)), 5,
+             "the udp lease to be ignored with a log line")

@@ -67,8 +67,8 @@ def test_alias_keys_change_no_routes_and_do_not_win_at_start(etcd, make):
     cluster.start(1)
     cluster.wait_converged()
     for i in (0, 1):
-        cluster.wait_status(i, lambda s: s["routes"] == 2, 10, "routing to b and the flanneld node")
-    b = cluster.status(1)["subnet"]
+        cluster.wait_status(i, lambda s: s.dataplane.peers == 2, 10, "routing to b and the flanneld node")
+    b = cluster.status(1).lease.subnet
 
     for key in aliases(subnets, b):  # b's aliases point at the attacker, and stay
         etcd.etcdctl("put", key, ATTACKER)
@@ -79,11 +79,11 @@ def test_alias_keys_change_no_routes_and_do_not_win_at_start(etcd, make):
     etcd.etcdctl("put", f"{subnets}/10.244.211.0-24",  # sentinel: a second flanneld node
                  FLANNEL_VXLAN_LEASE.format(ip="192.168.250.211", mac="c6:d2:32:6f:8f:11"))
     for i in (0, 1):  # b, 210 (never dropped) and 211
-        cluster.wait_status(i, lambda s: s["routes"] == 3, 10, "seeing the sentinel, keeping 210")
+        cluster.wait_status(i, lambda s: s.dataplane.peers == 3, 10, "seeing the sentinel, keeping 210")
     assert unreachable_pairs(cluster) == []  # a still reaches b at b's address
 
     cluster.start(2)  # starts with b's aliases in the listing
-    cluster.wait_status(2, lambda s: s["routes"] == 4, 10, "routing to a, b, 210 and 211")
+    cluster.wait_status(2, lambda s: s.dataplane.peers == 4, 10, "routing to a, b, 210 and 211")
     assert unreachable_pairs(cluster) == []
     assert all(p.poll() is None for p in cluster.procs.values())
     text = log_of(cluster, 2)
@@ -97,15 +97,15 @@ def test_garbage_in_our_key_is_reclaimed_without_exit_and_across_a_restart(etcd,
     cluster = make()
     cluster.start(0)
     st = cluster.wait_status(0, lambda s: True)
-    name = key_of(st["subnet"])
+    name = key_of(st.lease.subnet)
     key = f"{cluster.prefix}/subnets/{name}"
     original = leases(etcd, cluster.prefix)[name]["value"]
 
     etcd.etcdctl("put", key, "garbage")
     wait_for(lambda: leases(etcd, cluster.prefix)[name]["value"] == original, 10, "our lease back")
     assert leases(etcd, cluster.prefix)[name]["lease"] != 0  # attached to an etcd lease again
-    assert cluster.procs[0].poll() is None and cluster.status(0)["subnet"] == st["subnet"]
-    assert re.search(rf"{re.escape(st['subnet'])}: reclaimed our key \(it held a value that is not a lease\)",
+    assert cluster.procs[0].poll() is None and cluster.status(0).lease.subnet == st.lease.subnet
+    assert re.search(rf"{re.escape(st.lease.subnet)}: reclaimed our key \(it held a value that is not a lease\)",
                      log_of(cluster, 0))
 
     # while it is down, its key gets a value that is not a lease (and no etcd lease:
@@ -113,7 +113,7 @@ def test_garbage_in_our_key_is_reclaimed_without_exit_and_across_a_restart(etcd,
     assert cluster.stop(0) == 0
     etcd.etcdctl("put", key, '{"PublicIP": 42}')
     cluster.start(0)
-    assert cluster.wait_status(0, lambda s: True)["subnet"] == st["subnet"]
+    assert cluster.wait_status(0, lambda s: True).lease.subnet == st.lease.subnet
     assert leases(etcd, cluster.prefix)[name]["value"] == original
 
 
@@ -123,23 +123,23 @@ def test_a_node_with_our_public_ip_takes_nothing_and_a_copy_of_our_lease_does_no
     cluster = make()
     cluster.start(0)
     st0 = cluster.wait_status(0, lambda s: True)
-    ours = FLANNEL_VXLAN_LEASE.format(ip=cluster.lab.addresses[0], mac=st0["vtep_mac"])
+    ours = FLANNEL_VXLAN_LEASE.format(ip=cluster.lab.addresses[0], mac=st0.lease.vtep_mac)
 
     cluster.start(1, ["--public-ip", cluster.lab.addresses[0]])
     st1 = cluster.wait_status(1, lambda s: True)
-    assert st1["subnet"] != st0["subnet"]
-    assert leases(etcd, cluster.prefix)[key_of(st0["subnet"])]["value"] == ours
-    assert cluster.procs[0].poll() is None and cluster.status(0)["subnet"] == st0["subnet"]
-    assert f"lease {st0['subnet']} has our PublicIP" in log_of(cluster, 1)
+    assert st1.lease.subnet != st0.lease.subnet
+    assert leases(etcd, cluster.prefix)[key_of(st0.lease.subnet)]["value"] == ours
+    assert cluster.procs[0].poll() is None and cluster.status(0).lease.subnet == st0.lease.subnet
+    assert f"lease {st0.lease.subnet} has our PublicIP" in log_of(cluster, 1)
     assert cluster.stop(1) == 0  # its lease (our PublicIP, its MAC) stays in etcd
 
     # a copy of our exact lease at the first subnet in etcd's key order
     names = sorted(key_of(f"10.244.{i}.0/24") for i in range(1, 255))
-    copy = next(n for n in names if n not in (key_of(st0["subnet"]), key_of(st1["subnet"])))
+    copy = next(n for n in names if n not in (key_of(st0.lease.subnet), key_of(st1.lease.subnet)))
     etcd.etcdctl("put", f"{cluster.prefix}/subnets/{copy}", ours)
     assert cluster.stop(0) == 0
     cluster.start(0)
-    assert cluster.wait_status(0, lambda s: True)["subnet"] == st0["subnet"]
+    assert cluster.wait_status(0, lambda s: True).lease.subnet == st0.lease.subnet
     stored = leases(etcd, cluster.prefix)
     assert stored[copy]["value"] == ours  # left alone, not deleted
-    assert stored[key_of(st1["subnet"])]["value"] != ours  # node 1's lease left alone too
+    assert stored[key_of(st1.lease.subnet)]["value"] != ours  # node 1's lease left alone too

@@ -24,11 +24,11 @@ def test_hostile_datagrams_are_counted_and_traffic_survives(make_lab, make_clust
     cluster.start(1)
     cluster.wait_converged()
     a, b = cluster.status(0), cluster.status(1)
-    a_net, b_net = ipaddress.IPv4Network(a["subnet"]), ipaddress.IPv4Network(b["subnet"])
+    a_net, b_net = ipaddress.IPv4Network(a.lease.subnet), ipaddress.IPv4Network(b.lease.subnet)
     target = (lab.addresses[1], 8472)
 
-    def frame(src: str, *, vni=1, flags=0x08, dst_mac=b["vtep_mac"], ethertype=None) -> bytes:
-        eth = Ether(dst=dst_mac, src=a["vtep_mac"])
+    def frame(src: str, *, vni=1, flags=0x08, dst_mac=b.lease.vtep_mac, ethertype=None) -> bytes:
+        eth = Ether(dst=dst_mac, src=a.lease.vtep_mac)
         if ethertype is not None:
             eth.type = ethertype
         return bytes(VXLAN(flags=flags, vni=vni) / eth / IP(src=src, dst=str(b_net[1])) / ICMP())
@@ -46,7 +46,7 @@ def test_hostile_datagrams_are_counted_and_traffic_survives(make_lab, make_clust
     }
     from_stranger = {"drop_unknown_sender": frame(good_src)}
 
-    before = cluster.status(1)["counters"]
+    before = cluster.status(1).dataplane.counters
     result: dict = {}
     stream = threading.Thread(target=lambda: result.setdefault(
         "tcp", probe.tcp_stream(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), 2.0)))
@@ -64,7 +64,7 @@ def test_hostile_datagrams_are_counted_and_traffic_survives(make_lab, make_clust
     finally:
         stream.join(15)
     assert result["tcp"].bytes > 1_000_000  # content-checked by the receiver
-    after = cluster.status(1)["counters"]
+    after = cluster.status(1).dataplane.counters
     for reason in list(from_peer) + list(from_stranger):
         assert after[reason] - before[reason] == COUNT, reason
     # and the daemon is still healthy: both directions still work

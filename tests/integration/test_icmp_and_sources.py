@@ -33,7 +33,7 @@ def test_ping_to_an_unleased_address_reports_unreachable(make_lab, make_cluster)
             proc.kill()
             proc.wait()
     assert "Destination Net Unreachable" in out, out
-    assert cluster.status(0)["counters"]["icmp_unreachable"] >= 1
+    assert cluster.status(0).dataplane.counters["icmp_unreachable"] >= 1
 
 
 def test_tcp_connect_to_an_unleased_address_fails_fast(make_lab, make_cluster):
@@ -78,9 +78,9 @@ def _connect_from_overlay_to_host(lab, cluster, timeout: float) -> bytes:
 
 def test_routed_source_outside_the_overlay_reaches_the_pod(make_lab, make_cluster):
     lab, cluster = _cluster(make_lab, make_cluster)
-    before = cluster.status(0)["counters"]
+    before = cluster.status(0).dataplane.counters
     assert _connect_from_overlay_to_host(lab, cluster, 5.0) == f"hello from {lab.addresses[1]}".encode()
-    after = cluster.status(0)["counters"]
+    after = cluster.status(0).dataplane.counters
     assert after["drop_spoofed"] == before["drop_spoofed"]
     assert after["rx_packets"] > before["rx_packets"]  # the answers came through the overlay
 
@@ -89,4 +89,4 @@ def test_strict_source_refuses_routed_sources(make_lab, make_cluster):
     lab, cluster = _cluster(make_lab, make_cluster, ["--strict-source"])
     with pytest.raises(OSError):
         _connect_from_overlay_to_host(lab, cluster, 1.5)
-    assert cluster.status(0)["counters"]["drop_spoofed"] >= 1
+    assert cluster.status(0).dataplane.counters["drop_spoofed"] >= 1

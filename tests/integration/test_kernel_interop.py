@@ -27,9 +27,8 @@ def mixed(make_lab, make_cluster):
     with lab.nodes[1].ipr() as ipr:
         index = kernelvxlan.create(ipr, local_ip=lab.addresses[1], underlay="eth0",
                                    subnet=KERNEL_SUBNET, vtep_mac=KERNEL_MAC)
-        kernelvxlan.add_peer(ipr, index, subnet=st["subnet"], vtep_mac=st["vtep_mac"],
+        kernelvxlan.add_peer(ipr, index, subnet=st.lease.subnet, vtep_mac=st.lease.vtep_mac,
                              public_ip=lab.addresses[0])
-    lab.nodes[1].call(kernelvxlan.complete_checksums)
 
     async def register() -> None:
         reg = EmbeddedRegistry(cluster.registry_file)
@@ -40,8 +39,8 @@ def mixed(make_lab, make_cluster):
         finally:
             await reg.close()
     asyncio.run(register())
-    cluster.wait_status(0, lambda s: s["routes"] == 1)
-    return lab, cluster, str(ipaddress.IPv4Network(st["subnet"]).network_address)
+    cluster.wait_status(0, lambda s: s.dataplane.peers == 1)
+    return lab, cluster, str(ipaddress.IPv4Network(st.lease.subnet).network_address)
 
 
 def test_ping_both_ways_with_kernel_vxlan(mixed):
@@ -57,7 +56,10 @@ def test_tcp_both_ways_with_kernel_vxlan(mixed):
     there = probe.tcp_stream(lab.nodes[0], lab.nodes[1], theirs, 1.0)
     back = probe.tcp_stream(lab.nodes[1], lab.nodes[0], ours, 1.0)
     assert there.bytes > 1_000_000 and back.bytes > 1_000_000
-    c = cluster.status(0)["counters"]
+    c = cluster.status(0).dataplane.counters
     assert c["rx_packets"] > 1000 and c["tx_packets"] > 1000
     # the kernel's frames passed every check of ours: nothing was dropped as malformed
+    # the kernel peer on its default offloads hands over unfinished checksums
+    # (CHECKSUM_PARTIAL over veth): TCP works only because the engine completes them
+    assert c["rx_csum_completed"] > 1000
     assert {k: v for k, v in c.items() if k.startswith("drop_") and k != "drop_no_route" and v} == {}

@@ -38,7 +38,7 @@ def _transfer(lab, cluster) -> None:
 
 
 def _counters(cluster, i: int = 0) -> dict:
-    return cluster.status(i)["counters"]
+    return cluster.status(i).dataplane.counters
 
 
 def _forge_frag_needed(lab, mtu: int) -> None:
@@ -62,7 +62,7 @@ def test_forged_frag_needed_changes_nothing(make_lab, make_cluster):
     after = _counters(cluster)
     assert after["drop_send_error"] == before["drop_send_error"]
     assert after["gso_fallbacks"] == before["gso_fallbacks"]  # not even one send retried
-    assert cluster.status(0)["offloads"]["gso"] is True
+    assert "gso" in cluster.status(0).dataplane.offloads
 
 
 def test_route_with_a_smaller_mtu_still_carries_tcp(make_lab, make_cluster):
@@ -92,5 +92,5 @@ def test_narrower_underlay_device_fragments_instead_of_dropping(make_lab, make_c
     _transfer(lab, cluster)
     c = _counters(cluster)
     assert c["drop_send_error"] == 0 and c["gso_fallbacks"] > 0
-    assert cluster.status(0)["offloads"]["gso"] is True  # EMSGSIZE/EINVAL: per send only
+    assert "gso" in cluster.status(0).dataplane.offloads  # EMSGSIZE/EINVAL: per send only
     assert _reassembled(lab.nodes[1]) > reassembled  # the peer saw real fragments

@@ -16,7 +16,7 @@ from udpflannel._engine import Engine
 
 from udpflannel.core import offload
 from udpflannel.core.frame import PyEngine
-from udpflannel.dataplane.userspace import Dataplane
+from udpflannel.dataplane.userspace import EnginePlane
 
 SOL_UDP, UDP_SEGMENT, UDP_GRO, SO_NO_CHECK, IPPROTO_UDPLITE = 17, 103, 104, 11, 136
 A_MAC, B_MAC = b"\x02\0\0\0\0\x0a", b"\x02\0\0\0\0\x0b"
@@ -116,18 +116,20 @@ def test_eio_turns_gso_off_for_good(wires):
         assert c["gso_fallbacks"] == 1 and c["drop_send_error"] == 0  # the second went plain
 
 
-def test_dataplane_logs_gso_off_once(caplog):
+def test_engine_plane_logs_gso_off_once(caplog):
+    import asyncio
+
     class Engine:
         gso = True
 
         def offloads(self):
             return {"gso": self.gso}
-    plane = Dataplane.__new__(Dataplane)
+    plane = EnginePlane.__new__(EnginePlane)
     plane.engine, plane._gso = Engine(), True
-    plane.check_offloads()
+    asyncio.run(plane.check())
     plane.engine.gso = False
     for _ in range(3):
-        plane.check_offloads()
+        asyncio.run(plane.check())
     assert [r.message for r in caplog.records].count(
         "UDP GSO turned off: the kernel cannot segment on this path (EIO); "
         "sending datagrams one by one") == 1

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from udpflannel.dataplane.userspace import UDP_GRO, UDP_SEGMENT, enable_udp_offloads, parse_offloads
+from udpflannel.dataplane.sockets import UDP_GRO, UDP_SEGMENT, enable_udp_offloads, parse_offloads
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -9,7 +9,7 @@ import pytest
 
 from udpflannel.core import config as netconfig
 from udpflannel.core.lease import Lease, decode
-from udpflannel.core.peers import implausible, unusable
+from udpflannel.core.peers import Framings, PeerRoute, implausible, route_for, unusable
 
 CFG = netconfig.default_config()  # 10.244.0.0/16, /24, VNI 1
 OWN = ipaddress.IPv4Address("192.168.64.1")
@@ -82,8 +82,9 @@ def test_a_public_ip_inside_the_overlay_is_refused():
 
 def test_today_rules_from_the_dataplane():
     udp = peer(backend="", vni=None, mac=None)  # flanneld's udp backend: no BackendType
-    assert "'udp' does not speak VXLAN" in unusable(udp, CFG, OWN)
-    assert "'host-gw' does not speak VXLAN" in unusable(peer(backend="host-gw", mac=None), CFG, OWN)
+    assert "'udp' (flanneld's udp framing) is not spoken" in unusable(udp, CFG, OWN)
+    assert "'host-gw' is not one udpflannel speaks" in unusable(peer(backend="host-gw", mac=None),
+                                                                CFG, OWN)
     assert "without a VtepMAC" in unusable(peer(mac=None), CFG, OWN)
     assert "VNI 2 differs from ours (1)" in unusable(peer(vni=2), CFG, OWN)
     assert unusable(peer(vni=None), CFG, OWN) is None  # no VNI given: flannel's default
@@ -91,13 +92,17 @@ def test_today_rules_from_the_dataplane():
     assert "not a /24 inside 10.244.0.0/16" in unusable(peer(subnet="10.99.1.0/24"), CFG, OWN)
 
 
-def test_udp_leases_stay_unroutable_under_a_udp_config_for_now():
-    """The udp backend's framing per peer is still to come: until then a udp lease is
-    refused with the same reason whatever our own backend is."""
-    udp_cfg = netconfig.parse('{"Network": "10.244.0.0/16"}')  # no Backend: flanneld's udp
-    assert udp_cfg.backend_type == "udp"
-    udp = peer(backend="", vni=None, mac=None)
-    assert "does not speak VXLAN" in unusable(udp, udp_cfg, OWN)
+def test_framing_per_peer():
+    both = Framings(vxlan_port=8472, udp_port=8285)
+    vx = route_for(peer(), CFG, OWN, both)
+    assert vx == PeerRoute(N("10.244.7.0/24"), A("192.168.64.3"), "vxlan", 8472, "c6:d2:32:6f:8f:44")
+    for backend in ("", "udp"):
+        got = route_for(peer(backend=backend, vni=None, mac=None), CFG, OWN, both)
+        assert got == PeerRoute(N("10.244.7.0/24"), A("192.168.64.3"), "udp", 8285)
+    # a udp node's checks are the same as a vxlan node's
+    assert "loopback" in route_for(peer("127.0.0.1", backend="", mac=None), CFG, OWN, both)
+    assert "our own address" in route_for(peer(str(OWN), backend="", mac=None), CFG, OWN, both)
+    assert "not a /24" in route_for(peer(subnet="10.99.1.0/24", backend=""), CFG, OWN, both)
 
 
 def test_every_reason_is_one_line():

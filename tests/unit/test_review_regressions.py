@@ -13,7 +13,7 @@ from scapy.packet import Raw
 
 from udpflannel.core import config, lease
 from udpflannel.core.offload import GSO_TCPV4, NEEDS_CSUM, vnet_header
-from udpflannel.dataplane.userspace import DataplaneError, open_udp_socket
+from udpflannel.dataplane.sockets import SocketError, open_udp_socket
 from udpflannel.observe import admin
 
 
@@ -54,7 +54,7 @@ def test_a_second_socket_cannot_share_the_vxlan_port():
     first = open_udp_socket(ipaddress.IPv4Address("127.0.0.1"), 0)
     try:
         port = first.getsockname()[1]
-        with pytest.raises(DataplaneError, match="in use"):
+        with pytest.raises(SocketError, match="in use"):
             open_udp_socket(ipaddress.IPv4Address("127.0.0.1"), port)
     finally:
         first.close()

@@ -370,6 +370,26 @@ class FailFirstWatch(EmbeddedRegistry):
         return super().watch_leases(revision)
 
 
+async def _follow(watch) -> None:
+    async for _batch in watch:
+        pass
+
+
+def test_first_watch_batch_is_the_snapshot_even_when_empty(db):
+    async def go():
+        reg = EmbeddedRegistry(db, poll_interval=0.01)
+        try:
+            mgr = SubnetManager(reg, CFG)
+            await mgr.acquire(wanted("192.0.2.1"))
+            watch = mgr.watch()
+            first = await asyncio.wait_for(watch.__anext__(), 5)
+            await watch.aclose()
+            return first
+        finally:
+            await reg.close()
+    assert run(go()) == []
+
+
 def test_our_key_is_defended_after_a_listing_not_only_on_watch_events(db):
     """Garbage written with no event (or missed during an outage) is seen by the next
     listing; the owner must check its key there too."""
@@ -384,7 +404,7 @@ def test_our_key_is_defended_after_a_listing_not_only_on_watch_events(db):
         lease = await mgr.acquire(wanted("192.0.2.1"))
         poke(db, lease.key, GARBAGE, event=False)
         watch = mgr.watch()
-        task = asyncio.ensure_future(watch.__anext__())  # snapshot is empty: no batch comes
+        task = asyncio.ensure_future(_follow(watch))  # the (empty) snapshot, then changes
         for _ in range(200):
             if row(db, lease.key) != GARBAGE:
                 break
@@ -407,7 +427,7 @@ def test_garbage_event_for_our_key_is_noticed_by_the_watch_and_reclaimed(db):
         mgr = SubnetManager(reg, CFG)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         watch = mgr.watch()
-        task = asyncio.ensure_future(watch.__anext__())
+        task = asyncio.ensure_future(_follow(watch))
         await asyncio.sleep(0.05)
         poke(db, lease.key, GARBAGE)
         for _ in range(200):

@@ -1,203 +1,259 @@
-"""Event-loop adapter: TUN fd and UDP socket fd -> the engine's drain loops.
+"""The userspace data plane: a TUN device, UDP sockets, and the engine between them.
 
-Both fds are level-triggered readers on the (uv)loop. A callback enters compiled code
-once and drains up to BUDGET packets with the GIL released, so the loop stays
-responsive to control work (route changes, renewals, the admin socket) between
-bursts. Route changes are applied on the loop thread, between drains: no locks.
+Event-loop adapter. The fds are level-triggered readers on the (uv)loop: the TUN, the
+VXLAN socket and the flanneld-udp socket. A callback enters compiled code once and
+drains up to BUDGET packets with the GIL released, so the loop stays responsive to
+control work (route changes, renewals, the admin socket) between bursts. Route
+changes are applied on the loop thread, between drains: no locks.
+
+The TUN is persistent (host.tun): stop() closes our fds and leaves the device, its
+address and its routes, so the next daemon re-attaches without an outage. If the
+device is deleted under a running daemon, the TUN read fails (EBADFD) and the plane
+builds it again and carries on, as flanneld re-creates its device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import socket
 
-from udpflannel.core.config import NetworkConfig
 from udpflannel.core.frame import PyEngine
-from udpflannel.core.lease import EventType, Lease, LeaseEvent, mac_bytes
+from udpflannel.core.lease import Lease, LeaseEvent, mac_bytes
+from udpflannel.core.peers import Framings, PeerRoute, RouteBook
+from udpflannel.core.status import DataplaneStatus, PeerStatus
+from udpflannel.dataplane import sockets
+from udpflannel.dataplane.base import ENGINE, DataplaneError, PlaneOptions, on_link
+from udpflannel.dataplane.changes import log_changes
+from udpflannel.host import netconf, vxlandev
+from udpflannel.host.tun import Tun
+from udpflannel.host.tun import preflight as tun_preflight
 
 log = logging.getLogger(__name__)
 
 BUDGET = 256
-LOG_EACH = 20  # lease events logged one by one up to this batch size
-SOCKET_BUFFER = 32 << 20  # room for ~250 GRO batches of 64 KB while the daemon is busy
-SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_RXQ_OVFL = 32, 33, 40
-SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
-IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_OMIT = 10, 0, 5
-OFFLOADS = ("tso", "gso", "gro")  # TUN super-packets, UDP_SEGMENT sends, UDP_GRO receives
+GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO)  # the TUN device was deleted under us
 
 
-def parse_offloads(text: str) -> frozenset[str]:
-    """'auto' (all the kernel allows), 'off', or a comma list of OFFLOADS."""
-    if text in ("auto", "all"):
-        return frozenset(OFFLOADS)
-    if text in ("off", "none", ""):
-        return frozenset()
-    wanted = frozenset(w.strip() for w in text.split(","))
-    unknown = wanted - set(OFFLOADS)
-    if unknown:
-        raise ValueError(f"unknown offload {', '.join(sorted(unknown))} (choose from {', '.join(OFFLOADS)}, auto, off)")
-    return wanted
-
-
-def enable_udp_offloads(sock: socket.socket, wanted: frozenset[str]) -> frozenset[str]:
-    """Turn on what the kernel accepts; what it refuses is simply not used."""
-    got = set()
-    for name, opt, value in (("gso", UDP_SEGMENT, 0), ("gro", UDP_GRO, 1)):
-        if name in wanted:
-            try:
-                sock.setsockopt(SOL_UDP, opt, value)  # GSO: per-send size, 0 = off by default
-                got.add(name)
-            except OSError as e:
-                log.warning("UDP %s refused by the kernel (%s); continuing without it",
-                            name.upper(), e.strerror)
-    return frozenset(got)
-
-
-class DataplaneError(Exception):
-    pass
-
-
-def make_engine(kind: str, config: NetworkConfig, lease: Lease, strict_source: bool = False):
+def make_engine(kind: str, opts: PlaneOptions):
     """'compiled' (the default) or 'python' (the reference twin, slow)."""
-    args = dict(vni=config.vni, vtep_mac=mac_bytes(lease.vtep_mac), network=str(config.network),
-                subnet_len=config.subnet_len, strict_source=strict_source)
+    cfg = opts.config
+    args = dict(vni=cfg.vni, vtep_mac=mac_bytes(opts.vtep_mac), network=str(cfg.network),
+                subnet_len=cfg.subnet_len, strict_source=opts.strict_source)
     if kind == "python":
         return PyEngine(**args)
     from udpflannel._engine import Engine
     return Engine(**args)
 
 
-def open_udp_socket(address: ipaddress.IPv4Address, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:  # no SO_REUSEADDR: a second daemon on this port must fail, not share it
-        sock.bind((str(address), port))
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise DataplaneError(f"UDP port {port} on {address} is already in use "
-                                 "(another flanneld/udpflannel or a kernel VXLAN device?)") from None
-        raise DataplaneError(f"cannot bind UDP {address}:{port}: {e.strerror}") from None
-    for opt, fallback in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:  # not root: the capped, unforced size
-            sock.setsockopt(socket.SOL_SOCKET, fallback, SOCKET_BUFFER)
-    set_no_path_mtu(sock)
-    sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)  # every read reports kernel drops
-    sock.setblocking(False)
-    return sock
+class EnginePlane:
+    kind = ENGINE
 
-
-def set_no_path_mtu(sock: socket.socket) -> None:
-    """Outer packets leave with DF clear and are fragmented if they exceed the
-    interface MTU, as kernel VXLAN's are by default; ICMP "fragmentation needed"
-    is ignored for this socket (IP_PMTUDISC_OMIT, Linux >= 3.16), so a forged one
-    from any host cannot shrink what the node sends (issue 7 part 1). Older kernels
-    get DF clear alone (IP_PMTUDISC_DONT)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_OMIT)
-    except OSError:
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
-
-
-class Dataplane:
-    def __init__(self, engine, tun, sock: socket.socket, config: NetworkConfig,
-                 port: int, offloads: frozenset[str] = frozenset()) -> None:
-        self.engine = engine
-        self.tun_fd = tun.fd
-        self.sock = sock
-        self.config = config
-        self.port = port
+    def __init__(self, opts: PlaneOptions, reason: str) -> None:
+        self.opts = opts
+        self.reason = reason
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        udp = enable_udp_offloads(sock, offloads)
-        engine.attach(tun.fd, sock.fileno(), vnet_hdr=tun.vnet_hdr, gso="gso" in udp,
-                      gro="gro" in udp)
-        self._gso = "gso" in udp
-        log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s", getattr(tun, "offloads", "none"),
-                 *("on" if x else "off" for x in ("gso" in udp, "gro" in udp)))
+        self.offloads = opts.offloads if opts.engine == "compiled" else frozenset()
+        cfg = opts.config
+        # Ours is the config's port; the other framing's port is where we meet peers
+        # of the other backend (a cluster migrating from udp to vxlan).
+        self.vxlan_port = cfg.port if cfg.backend_type == "vxlan" else 8472
+        self.udp_port = cfg.port if cfg.backend_type == "udp" else opts.udp_port
+        self.book: RouteBook | None = None
+        self.engine = None
+        self.tun: Tun | None = None
+        self.vxlan_sock: socket.socket | None = None
+        self.udp_sock: socket.socket | None = None
+        self.pool: list[socket.socket] = []
+        self._udp_offloads: frozenset[str] = frozenset()
+        self._gso = False
+        self._subnet = None
+        self._readers: list[int] = []
+        self._direct: dict = {}  # subnet -> PublicIP of peers routed directly
 
-    def start(self) -> None:
+    # --- life cycle -----------------------------------------------------------------
+    async def prepare(self) -> None:
+        """Bind every port before a lease is taken (a clash must not cost a lease)."""
+        tun_preflight()
+        address = self.opts.underlay.address
+        own = self.opts.config.backend_type
+        self.vxlan_sock = self._bind(address, self.vxlan_port, "VXLAN", required=own == "vxlan")
+        if self.udp_port:
+            self.udp_sock = self._bind(address, self.udp_port, "flanneld udp",
+                                       required=own == "udp")
+        if self.vxlan_sock is None and self.udp_sock is None:
+            raise DataplaneError("no UDP port could be bound")
+        if self.vxlan_sock is not None and self.opts.source_ports:
+            self.pool = sockets.open_source_port_pool(address, self.opts.source_ports)
+        for sock in [s for s in (self.vxlan_sock, self.udp_sock) if s] + self.pool:
+            got = sockets.enable_udp_offloads(sock, self.offloads & {"gso", "gro"},
+                                              quiet=sock is not self.vxlan_sock)
+            self._udp_offloads = got if sock is (self.vxlan_sock or self.udp_sock) else self._udp_offloads
+        udp_port = self.udp_port if self.udp_sock is not None else None
+        self.book = RouteBook(self.opts.config, self.opts.underlay.public_ip,
+                              Framings(self.vxlan_port, udp_port))
+
+    def _bind(self, address, port: int, what: str, required: bool) -> socket.socket | None:
+        try:
+            return sockets.open_udp_socket(address, port, what)
+        except sockets.SocketError as e:
+            if required:
+                raise DataplaneError(str(e)) from None
+            log.warning("%s; peers that need it are left out", e)
+            return None
+
+    async def start(self, lease: Lease) -> None:
+        self._subnet = lease.subnet
+        name = vxlandev.device_name(self.opts.config.vni)
+        if await asyncio.to_thread(_delete_link, name):
+            log.info("removed %s, left by the kernel data plane (it holds the VXLAN port)", name)
+        self.engine = make_engine(self.opts.engine, self.opts)
+        await self._attach_tun()
+
+    async def _attach_tun(self) -> None:
+        """Create or re-attach the TUN, configure it, and start reading everything."""
+        tun = Tun(self.opts.tun, vnet_hdr="tso" in self.offloads)
+        try:
+            await asyncio.to_thread(netconf.configure_tun, tun.name, self._subnet,
+                                    self.opts.config.network, self.opts.mtu, tun.tso)
+        except BaseException:
+            tun.close()
+            raise
+        if tun.existed:
+            log.info("re-attached to %s", tun.name)
+        self.tun = tun
+        gso = "gso" in self._udp_offloads and bool(self.pool or self.vxlan_sock or self.udp_sock)
+        self.engine.attach(
+            tun.fd, (self.vxlan_sock or self.udp_sock).fileno(),
+            bare_fd=self.udp_sock.fileno() if self.udp_sock else -1,
+            tx_fds=[s.fileno() for s in self.pool] or [self.vxlan_sock.fileno()] if self.vxlan_sock else (),
+            vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads)
+        self._gso = gso
+        log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; VXLAN source ports: %d",
+                 tun.offloads, "on" if gso else "off",
+                 "on" if "gro" in self._udp_offloads else "off", len(self.pool) or 1)
         loop = asyncio.get_running_loop()
-        loop.add_reader(self.tun_fd, self._on_tun)
-        loop.add_reader(self.sock.fileno(), self._on_udp)
+        loop.add_reader(tun.fd, self._on_tun)
+        self._readers = [tun.fd]
+        if self.vxlan_sock is not None:
+            loop.add_reader(self.vxlan_sock.fileno(), self._on_vxlan)
+            self._readers.append(self.vxlan_sock.fileno())
+        if self.udp_sock is not None:
+            loop.add_reader(self.udp_sock.fileno(), self._on_bare)
+            self._readers.append(self.udp_sock.fileno())
 
-    def stop(self) -> None:
+    def _stop_reading(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.remove_reader(self.tun_fd)
-        loop.remove_reader(self.sock.fileno())
+        for fd in self._readers:
+            loop.remove_reader(fd)
+        self._readers = []
 
+    async def stop(self) -> None:
+        """Close our fds; the TUN, its address and routes stay for the next daemon."""
+        self._stop_reading()
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        for sock in [s for s in (self.vxlan_sock, self.udp_sock) if s] + self.pool:
+            sock.close()
+
+    # --- data path callbacks ----------------------------------------------------------
     def _on_tun(self) -> None:
         n = self.engine.drain_tun(BUDGET)
         if n < 0:
-            self._fail(f"reading the TUN device failed: {os.strerror(-n)}")
+            if -n in GONE:
+                self._stop_reading()
+                asyncio.ensure_future(self._recreate_tun())
+            else:
+                self._fail(f"reading the TUN device failed: {os.strerror(-n)}")
 
-    def _on_udp(self) -> None:
+    def _on_vxlan(self) -> None:
         n = self.engine.drain_udp(BUDGET)
         if n < 0:
-            self._fail(f"receiving on the UDP socket failed: {os.strerror(-n)}")
+            self._fail(f"receiving on the VXLAN socket failed: {os.strerror(-n)}")
 
-    def check_offloads(self) -> None:
+    def _on_bare(self) -> None:
+        n = self.engine.drain_bare(BUDGET)
+        if n < 0:
+            self._fail(f"receiving on the flanneld udp socket failed: {os.strerror(-n)}")
+
+    async def _recreate_tun(self) -> None:
+        log.warning("%s was deleted under us; creating it again", self.opts.tun)
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        try:
+            await self._attach_tun()
+            for subnet, via in self._direct.items():
+                await asyncio.to_thread(netconf.set_direct_route, subnet, via, self.opts.underlay, True)
+        except Exception as e:  # noqa: BLE001 - reported as the plane's failure
+            self._fail(f"re-creating {self.opts.tun} failed: {e}")
+            return
+        log.info("%s is back", self.opts.tun)
+
+    def _fail(self, message: str) -> None:
+        self._stop_reading()
+        if not self.failed.done():
+            self.failed.set_exception(DataplaneError(message))
+
+    # --- control: lease events -> routes ----------------------------------------------
+    async def apply(self, events: list[LeaseEvent]) -> None:
+        changes = self.book.plan(events)
+        for route in changes.remove:
+            self.engine.del_route(str(route.subnet))
+            if route.subnet in self._direct:
+                await asyncio.to_thread(netconf.set_direct_route, route.subnet,
+                                        self._direct.pop(route.subnet), self.opts.underlay, False)
+        for route in changes.add:
+            self.engine.set_route(str(route.subnet), str(route.public_ip), route.port,
+                                  mac_bytes(route.vtep_mac) if route.vtep_mac else None,
+                                  route.framing)
+            await self._direct_routing(route)
+        log_changes(events, changes, self.engine.route_count())
+
+    async def _direct_routing(self, route: PeerRoute) -> None:
+        """DirectRouting: a vxlan peer on our own link gets a kernel route via its
+        PublicIP, more specific than the overlay's route into the TUN, so its traffic
+        never enters the engine (the engine keeps its route, to accept what it sends)."""
+        if not self.opts.config.direct_routing or route.framing != "vxlan":
+            return
+        gateway, oif = await asyncio.to_thread(netconf.route_get, route.public_ip)
+        if on_link(self.opts.underlay, route.public_ip, gateway, oif):
+            await asyncio.to_thread(netconf.set_direct_route, route.subnet, route.public_ip,
+                                    self.opts.underlay, True)
+            self._direct[route.subnet] = route.public_ip
+
+    async def check(self) -> None:
         """Say once in the log when the engine turned UDP GSO off for good (the kernel
         answered EIO: the egress device cannot checksum-offload)."""
-        if self._gso and not self.engine.offloads()["gso"]:
+        if self._gso and self.engine is not None and not self.engine.offloads()["gso"]:
             self._gso = False
             log.warning("UDP GSO turned off: the kernel cannot segment on this path (EIO); "
                         "sending datagrams one by one")
 
-    def _fail(self, message: str) -> None:
-        self.stop()
-        if not self.failed.done():
-            self.failed.set_exception(DataplaneError(message))
+    # --- status -----------------------------------------------------------------------
+    def status(self) -> DataplaneStatus:
+        e = self.engine
+        offloads: tuple[str, ...] = ()
+        if e is not None:
+            got = e.offloads()
+            offloads = tuple(name for name, key in (("tso", "vnet_hdr"), ("gso", "gso"), ("gro", "gro"))
+                             if got[key] and (name != "tso" or (self.tun and self.tun.tso)))
+        return DataplaneStatus(
+            kind=self.kind, reason=self.reason, device=self.opts.tun, mtu=self.opts.mtu,
+            offloads=offloads, peers=e.route_count() if e else 0,
+            forwarding=bool(self._readers),
+            counters=e.counters() if e else DataplaneStatus().counters,
+            kernel_drops=e.kernel_drops() if e else 0)
 
-    # --- control: lease events -> routes ------------------------------------------
-    def apply(self, events: list[LeaseEvent]) -> None:
-        """Lease events -> route changes. One log line per peer, except for big batches
-        (a snapshot of thousands of leases) which get a summary line."""
-        detail = log.info if len(events) <= LOG_EACH else log.debug
-        added = removed = ignored = 0
-        for ev in events:
-            lease = ev.lease
-            if ev.type is EventType.REMOVED:
-                if self._remove(lease):
-                    removed += 1
-                    detail("peer removed: %s", lease.subnet)
-                continue
-            reason = self._unusable(lease)
-            if reason is None:
-                try:
-                    self.engine.set_route(str(lease.subnet), str(lease.public_ip), self.port,
-                                          mac_bytes(lease.vtep_mac))
-                    added += 1
-                    detail("peer added: %s via %s (VTEP %s)", lease.subnet, lease.public_ip,
-                           lease.vtep_mac)
-                    continue
-                except ValueError as e:
-                    reason = str(e)
-            self._remove(lease)
-            ignored += 1
-            detail("ignoring lease %s from %s: %s", lease.subnet, lease.public_ip, reason)
-        if len(events) > LOG_EACH:
-            log.info("applied %d lease changes: %d peers added, %d removed, %d ignored; %d peers",
-                     len(events), added, removed, ignored, self.routes())
+    def peers(self) -> tuple[PeerStatus, ...]:
+        routes = self.book.routes.values() if self.book else ()
+        return tuple(PeerStatus(str(r.subnet), str(r.public_ip), r.framing) for r in routes)
 
-    def _remove(self, lease: Lease) -> bool:
-        try:
-            return self.engine.del_route(str(lease.subnet))
-        except ValueError:  # not a subnet of ours: it never had a route
-            return False
 
-    def _unusable(self, lease: Lease) -> str | None:
-        if not lease.routable_by_vxlan():
-            return f"backend type {lease.backend_type or 'udp'!r} does not speak VXLAN framing"
-        if lease.vni is not None and lease.vni != self.config.vni:
-            return f"VNI {lease.vni} differs from ours ({self.config.vni})"
-        if not self.config.contains_subnet(lease.subnet):
-            return f"not a /{self.config.subnet_len} inside {self.config.network}"
-        return None
-
-    def routes(self) -> int:
-        return self.engine.route_count()
+def _delete_link(name: str) -> bool:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return vxlandev.delete(ipr, name)

@@ -33,39 +33,88 @@ def _ipv4_addresses(ipr: IPRoute, index: int) -> list[ipaddress.IPv4Address]:
             for a in ipr.addr("dump", family=socket.AF_INET, index=index)]
 
 
-def find_underlay(iface: str | None, public_ip: str | None) -> Underlay:
-    """The interface the overlay runs over: --iface, else the one holding --public-ip,
-    else the default route's interface (flannel's order)."""
+def find_underlay(ifaces: tuple[str, ...] = (), public_ip: str | None = None, *,
+                  regexes: tuple[str, ...] = (), can_reach: str | None = None) -> Underlay:
+    """The interface the overlay runs over, in flanneld's order: the first usable of
+    --iface (names or addresses), else the first interface whose name or address
+    matches an --iface-regex, else the one the kernel would use to reach
+    --iface-can-reach, else the one holding --public-ip, else the default route's."""
+    import re
     with IPRoute() as ipr:
-        index = None
-        if iface:
-            found = ipr.link_lookup(ifname=iface)
-            if not found:
-                raise NetconfError(f"interface {iface} does not exist")
-            index = found[0]
+        links = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+        addrs = {i: _ipv4_addresses(ipr, i) for i in links}
+        chosen: tuple[int, ipaddress.IPv4Address | None] | None = None
+        if ifaces:
+            for item in ifaces:
+                chosen = _by_name_or_address(item, links, addrs)
+                if chosen is not None:
+                    break
+            if chosen is None:
+                raise NetconfError(f"no usable interface among --iface {', '.join(ifaces)} "
+                                   "(each must exist and hold an IPv4 address)")
+        elif regexes:
+            try:
+                patterns = [re.compile(r) for r in regexes]
+            except re.error as e:
+                raise NetconfError(f"--iface-regex: {e}") from None
+            for pattern in patterns:
+                for index, name in sorted(links.items()):
+                    for addr in addrs[index]:
+                        if pattern.fullmatch(name) or pattern.fullmatch(str(addr)):
+                            chosen = (index, addr)
+                            break
+                    if chosen:
+                        break
+                if chosen:
+                    break
+            if chosen is None:
+                raise NetconfError(f"no interface name or address matches --iface-regex "
+                                   f"{', '.join(regexes)}")
+        elif can_reach:
+            try:
+                route = ipr.route("get", dst=str(ipaddress.IPv4Address(can_reach)))[0]
+            except (ValueError, NetlinkError) as e:
+                raise NetconfError(f"--iface-can-reach {can_reach}: {e}") from None
+            src = route.get_attr("RTA_PREFSRC")
+            chosen = (route.get_attr("RTA_OIF"), ipaddress.IPv4Address(src) if src else None)
         elif public_ip:
             want = ipaddress.IPv4Address(public_ip)
-            for link in ipr.get_links():
-                if want in _ipv4_addresses(ipr, link["index"]):
-                    index = link["index"]
-                    break
-        if index is None:
+            for index, held in addrs.items():
+                if want in held:
+                    chosen = (index, want)
+        if chosen is None:
             for route in ipr.route("dump", family=socket.AF_INET, table=254):
                 if route["dst_len"] == 0 and route.get("RTA_OIF"):
-                    index = route.get("RTA_OIF")
+                    chosen = (route.get("RTA_OIF"), None)
                     break
-        if index is None:
+        if chosen is None:
             if public_ip:  # e.g. a NATed public address on no local interface
                 raise NetconfError(f"no interface holds {public_ip} and there is no default "
                                    "route; pass --iface")
             raise NetconfError("no default route to pick the underlay interface; pass --iface")
+        index, addr = chosen
         link = ipr.link("get", index=index)[0]
-        addrs = _ipv4_addresses(ipr, index)
-    if not addrs:
+    held = addrs.get(index, [])
+    if not held:
         raise NetconfError(f"interface {link.get('ifname')} has no IPv4 address")
-    local = ipaddress.IPv4Address(public_ip) if public_ip and ipaddress.IPv4Address(public_ip) in addrs else addrs[0]
+    local = addr if addr in held else held[0]
+    if public_ip and ipaddress.IPv4Address(public_ip) in held:
+        local = ipaddress.IPv4Address(public_ip)
     return Underlay(link.get("ifname"), index, local,
                     ipaddress.IPv4Address(public_ip) if public_ip else local, link.get("mtu"))
+
+
+def _by_name_or_address(item: str, links: dict, addrs: dict):
+    try:
+        want = ipaddress.IPv4Address(item)
+    except ValueError:
+        want = None
+    for index, name in links.items():
+        if want is not None and want in addrs[index]:
+            return index, want
+        if want is None and name == item and addrs[index]:
+            return index, None
+    return None
 
 
 def underlay_address_present(underlay: Underlay) -> bool:
@@ -89,15 +138,22 @@ def tso_size_for_one_send(mtu: int) -> int:
     return segments * (mtu - 52) + 40
 
 
+FALLBACK_METRIC = 4096  # below the TUN's own route; only ever used without it
+
+
 def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network,
                   mtu: int, tso: bool = False) -> None:
-    """<subnet .0>/32 on the TUN, MTU, link up, and the whole overlay routed into it.
-    With TSO, cap the super-packet size so each leaves in one UDP_SEGMENT send."""
+    """<subnet .0>/32 on the TUN, MTU, no IPv6, link up, and the whole overlay routed
+    into it, with an unreachable route for the overlay behind it: should the TUN ever
+    go (deleted while no daemon runs), traffic for remote pods is refused here rather
+    than sent unencapsulated out of the default route. With TSO, cap the super-packet
+    size so each leaves in one UDP_SEGMENT send. Idempotent (a restart re-runs it)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
             raise NetconfError(f"TUN device {name} vanished")
         index = found[0]
+        disable_ipv6(name)
         if tso:
             try:
                 ipr.link("set", index=index, gso_max_size=tso_size_for_one_send(mtu))
@@ -105,9 +161,60 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.I
                 log.info("cannot cap the TUN's TSO size (%s); continuing", e)
         try:
             ipr.link("set", index=index, mtu=mtu)
-            ipr.addr("replace", index=index, address=str(subnet.network_address), prefixlen=32)
+            own = str(subnet.network_address)
+            for addr in ipr.addr("dump", family=socket.AF_INET, index=index):
+                if addr.get_attr("IFA_ADDRESS") != own:  # an earlier lease's address
+                    ipr.addr("del", index=index, address=addr.get_attr("IFA_ADDRESS"),
+                             prefixlen=addr["prefixlen"])
+            ipr.addr("replace", index=index, address=own, prefixlen=32)
             ipr.link("set", index=index, state="up")
             ipr.route("replace", dst=str(network), oif=index, scope=253)  # link scope
+            ipr.route("replace", dst=str(network), type="unreachable", priority=FALLBACK_METRIC)
         except NetlinkError as e:
             raise NetconfError(f"configuring {name}: {e.args[1] if len(e.args) > 1 else e}") from None
 
+
+def remove_overlay_routes(network: ipaddress.IPv4Network) -> None:
+    """Cleanup: the unreachable fallback route for the overlay (the TUN's own route
+    goes with the TUN)."""
+    with IPRoute() as ipr:
+        try:
+            ipr.route("del", dst=str(network), type="unreachable", priority=FALLBACK_METRIC)
+        except NetlinkError:
+            pass
+
+
+def disable_ipv6(name: str) -> None:
+    """No IPv6 on an overlay device: it carries IPv4, and a link-local address would
+    make the kernel send MLD reports into it (counted as drops on a fresh node)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1\n")
+    except FileNotFoundError:  # IPv6 is off in this kernel or namespace
+        pass
+
+
+def route_get(address: ipaddress.IPv4Address) -> tuple[str | None, int | None]:
+    """(gateway, output interface) of the route the kernel would use to reach address."""
+    with IPRoute() as ipr:
+        try:
+            route = ipr.route("get", dst=str(address))[0]
+        except NetlinkError:
+            return None, None
+        return route.get_attr("RTA_GATEWAY"), route.get_attr("RTA_OIF")
+
+
+def set_direct_route(subnet: ipaddress.IPv4Network, via: ipaddress.IPv4Address,
+                     underlay: Underlay, present: bool) -> None:
+    """DirectRouting: ``subnet`` via the peer's PublicIP on the underlay (or removed)."""
+    from udpflannel.host.vxlandev import RTPROT_UDPFLANNEL
+    with IPRoute() as ipr:
+        try:
+            if present:
+                ipr.route("replace", dst=str(subnet), gateway=str(via), oif=underlay.ifindex,
+                          proto=RTPROT_UDPFLANNEL)
+            else:
+                ipr.route("del", dst=str(subnet), gateway=str(via), oif=underlay.ifindex)
+        except NetlinkError as e:
+            if present:
+                raise NetconfError(f"direct route {subnet} via {via}: {e}") from None

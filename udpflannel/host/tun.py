@@ -1,8 +1,13 @@
 """The TUN device: created through python-pytun, then used only as a raw fd.
 
 pytun's read()/write() allocate per packet, so the compiled engine does all I/O on
-``fileno()``; this module keeps the pytun object alive (its destructor closes the fd,
-and closing the last fd of a non-persistent TUN removes the device).
+``fileno()``; this module keeps the pytun object alive (its destructor closes the fd).
+
+The device is persistent (TUNSETPERSIST): it outlives the daemon with its address and
+routes, so a restart or an upgrade re-attaches to it instead of tearing down every
+connection through the node, and while no daemon runs, overlay traffic is dropped by
+the TUN rather than leaking out of another interface by the default route. Only
+``delete`` (`udpflannel cleanup`) removes it.
 """
 
 from __future__ import annotations
@@ -48,13 +53,15 @@ def preflight() -> None:
 
 
 class Tun:
-    """``vnet_hdr=True`` asks for IFF_VNET_HDR and TSO: reads may then be 64 KB TCP
-    super-packets with a virtio header (``self.tso`` says whether the kernel agreed to
-    hand them out; the header is there either way)."""
+    """Create the TUN ``name``, or attach to it when it exists (a previous run's
+    persistent device: ``existed``). ``vnet_hdr=True`` asks for IFF_VNET_HDR and TSO:
+    reads may then be 64 KB TCP super-packets with a virtio header (``self.tso`` says
+    whether the kernel agreed to hand them out; the header is there either way)."""
 
-    def __init__(self, name: str, vnet_hdr: bool = False) -> None:
+    def __init__(self, name: str, vnet_hdr: bool = False, persist: bool = True) -> None:
         preflight()
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        self.existed = os.path.exists(f"/sys/class/net/{name}")
         try:
             self._dev = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
@@ -66,6 +73,7 @@ class Tun:
             raise TunError(f"cannot create TUN {name}: {text}") from None
         self.name = self._dev.name
         self.fd = self._dev.fileno()
+        self._dev.persist(persist)
         self.vnet_hdr = vnet_hdr
         self.tso = False
         self.offloads = "none"
@@ -91,7 +99,21 @@ class Tun:
         return False
 
     def close(self) -> None:
-        """Close the fd; the (non-persistent) device disappears with it."""
+        """Close the fd; the persistent device stays, with its address and routes."""
         if self._dev is not None:
             self._dev.close()
             self._dev = None
+
+    def delete(self) -> None:
+        """Make the device non-persistent and close it: it disappears."""
+        if self._dev is not None:
+            self._dev.persist(False)
+            self.close()
+
+
+def delete(name: str) -> bool:
+    """Remove a persistent TUN of ours by name (cleanup); False if there is none."""
+    if not os.path.exists(f"/sys/class/net/{name}/tun_flags"):
+        return False
+    Tun(name, persist=False).close()
+    return True

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from udpflannel.core.status import NodeStatus
 from udpflannel.lab.netns import Lab
 from udpflannel.observe import admin
 
@@ -99,17 +100,17 @@ class Cluster:
         except OSError:
             return ""
 
-    def status(self, i: int) -> dict[str, Any]:
-        return admin.query(self.admin_path(i), timeout=2.0)
+    def status(self, i: int) -> NodeStatus:
+        return NodeStatus.from_dict(admin.query(self.admin_path(i), timeout=2.0))
 
-    def statuses(self) -> list[dict[str, Any]]:
+    def statuses(self) -> list[NodeStatus]:
         return [self.status(i) for i in sorted(self.procs)]
 
     def overlay_addr(self, i: int) -> str:
         """The node's TUN address (<subnet .0>), which answers pings over the overlay."""
-        return str(ipaddress.IPv4Network(self.status(i)["subnet"]).network_address)
+        return str(ipaddress.IPv4Network(self.status(i).lease.subnet).network_address)
 
-    def wait_status(self, i: int, predicate, timeout: float = 20.0, what: str = "ready") -> dict[str, Any]:
+    def wait_status(self, i: int, predicate, timeout: float = 20.0, what: str = "ready") -> NodeStatus:
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
@@ -131,4 +132,4 @@ class Cluster:
         """Every running node knows a route to every other running node."""
         peers = len(self.procs) - 1
         for i in sorted(self.procs):
-            self.wait_status(i, lambda st: st["routes"] >= peers, timeout, f"routing to {peers} peers")
+            self.wait_status(i, lambda st: st.dataplane.peers >= peers, timeout, f"routing to {peers} peers")

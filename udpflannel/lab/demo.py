@@ -48,7 +48,7 @@ def main(nodes: int, seconds: float, engine: str) -> int:
                  f"{result.seconds:.1f} s = {result.gbps:.2f} Gbit/s")
             _say()
             for i, st in enumerate(cluster.statuses()):
-                c = st["counters"]
+                c = st.dataplane.counters
                 drops = {k[5:]: v for k, v in c.items() if k.startswith("drop_") and v}
                 _say(f"  node {i + 1} counters: tx {c['tx_packets']} pkts, rx {c['rx_packets']} pkts, "
                      f"drops {drops or 'none'}")

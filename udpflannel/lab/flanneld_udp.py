@@ -170,7 +170,8 @@ async def load_config(registry, opts: AgentOptions, stop: asyncio.Event) -> netc
 
 
 def _open_registry(opts: AgentOptions):
-    from udpflannel.daemon import RunOptions, open_registry
+    from udpflannel.daemon import open_registry
+    from udpflannel.options import RunOptions
     return open_registry(RunOptions(registry_file=opts.registry_file or "",
                                     etcd_endpoints=opts.etcd_endpoints,
                                     etcd_prefix=opts.etcd_prefix))
@@ -222,7 +223,8 @@ async def run(opts: AgentOptions) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        underlay = await asyncio.to_thread(netconf.find_underlay, opts.iface, opts.public_ip)
+        underlay = await asyncio.to_thread(netconf.find_underlay, (opts.iface,) if opts.iface else (),
+                                           opts.public_ip)
     except netconf.NetconfError as e:
         raise AgentError(str(e)) from None
     await asyncio.to_thread(udpproxy.build)  # a compile error should cost nothing yet
@@ -242,7 +244,7 @@ async def run(opts: AgentOptions) -> None:
         log.info("leased %s for %s; network %s, port %d, MTU %d", lease.subnet, underlay.public_ip,
                  cfg.network, cfg.port, mtu)
         try:
-            tun = Tun(opts.tun)
+            tun = Tun(opts.tun, persist=False)  # flanneld tears its TUN down on exit
         except TunError as e:
             raise AgentError(str(e)) from None
         undo.append(tun.close)

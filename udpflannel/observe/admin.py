@@ -68,6 +68,14 @@ async def serve(path: str, status: Callable[[], dict[str, Any]]) -> asyncio.Abst
     return server
 
 
+def remove_socket(path: str) -> None:
+    """On stop: our socket file goes (a stale one would only confuse `status`)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _listening(path: str) -> bool:
     """Whether a process listens on the socket (the kernel accepts for it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -127,7 +127,7 @@ def udpflannel(extra_args: tuple[str, ...], peers: int = 0) -> Callable[[], Cont
                 cluster.wait_converged(timeout=30)
                 if peers:
                     for i in (0, 1):
-                        cluster.wait_status(i, lambda st: st["routes"] >= peers + 1, 30,
+                        cluster.wait_status(i, lambda st: st.dataplane.peers >= peers + 1, 30,
                                             f"routing to {peers + 1} peers")
                 pids = tuple(cluster.procs[i].pid for i in sorted(cluster.procs))
                 st = cluster.status(1)

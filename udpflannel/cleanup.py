@@ -1,0 +1,131 @@
+"""`udpflannel cleanup`: remove on purpose what `run` leaves in place on stop.
+
+A stopped daemon leaves the data plane (the persistent TUN or flannel.<VNI>, their
+addresses and routes), the rules and subnet.env, so that a restart is no outage.
+This removes them: the TUN, the VXLAN device carrying our VTEP MAC, the overlay's
+fallback and direct routes, the masquerade and forward rules of both backends,
+subnet.env and the admin socket; with --release-lease also our lease, if the key
+still holds it. It refuses while a daemon runs (its admin socket answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+
+from udpflannel.core import subnetenv
+from udpflannel.core.lease import Lease
+from udpflannel.host import localstate, netconf, tun, vxlandev
+from udpflannel.host.rules import BACKENDS, RulesError, RuleSpec, make_rules
+from udpflannel.observe import admin
+from udpflannel.options import RunOptions
+
+log = logging.getLogger("udpflannel")
+
+
+class CleanupError(Exception):
+    pass
+
+
+def _read_env(path: str) -> subnetenv.SubnetEnv | None:
+    try:
+        with open(path) as f:
+            return subnetenv.parse(f.read())
+    except (OSError, subnetenv.SubnetEnvError):
+        return None
+
+
+def _remove_devices(opts: RunOptions, mac: str | None) -> list[str]:
+    from pyroute2 import IPRoute
+    gone = []
+    if tun.delete(opts.tun):
+        gone.append(opts.tun)
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get("ifname")
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind == "vxlan" and name.startswith("flannel.") and mac and link.get("address") == mac:
+                ipr.link("del", index=link["index"])
+                gone.append(name)
+    return gone
+
+
+def _remove_direct_routes(network: ipaddress.IPv4Network) -> int:
+    import socket
+
+    from pyroute2 import IPRoute
+    removed = 0
+    with IPRoute() as ipr:
+        for route in ipr.route("dump", family=socket.AF_INET, table=254):
+            dst = route.get_attr("RTA_DST")
+            if route["proto"] == vxlandev.RTPROT_UDPFLANNEL and dst is not None:
+                subnet = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}")
+                if subnet.subnet_of(network):
+                    ipr.route("del", dst=str(subnet), oif=route.get_attr("RTA_OIF"))
+                    removed += 1
+    return removed
+
+
+def _remove_rules(env: subnetenv.SubnetEnv) -> list[str]:
+    gone = []
+    spec = RuleSpec(env.network, env.subnet_network, masquerade=True, forward=True)
+    for backend in BACKENDS:
+        try:
+            rules = make_rules(spec, backend)
+            if rules.present() or backend == "iptables":
+                rules.remove()
+                gone.append(f"{backend} rules")
+        except RulesError as e:  # e.g. nft not installed: nothing of ours can be there
+            log.debug("rules (%s): %s", backend, e)
+    return gone
+
+
+async def _release(opts: RunOptions, env: subnetenv.SubnetEnv, mac: str | None) -> str:
+    from udpflannel.daemon import open_registry
+    registry = open_registry(opts)
+    try:
+        leases, _ = await registry.list_leases()
+        mine: Lease | None = next((x for x in leases if x.subnet == env.subnet_network), None)
+        if mine is None:
+            return f"no lease for {env.subnet_network}"
+        if mac is not None and mine.vtep_mac not in (None, mac):
+            raise CleanupError(f"the lease for {env.subnet_network} carries VTEP MAC "
+                               f"{mine.vtep_mac}, not ours ({mac}): left alone")
+        await registry.delete_lease(env.subnet_network)
+        return f"lease {env.subnet_network}"
+    finally:
+        await registry.close()
+
+
+async def run(opts: RunOptions, release_lease: bool = False) -> None:
+    if not tun.has_net_admin():
+        raise CleanupError("need root or CAP_NET_ADMIN to remove devices, routes and rules")
+    if os.path.exists(opts.admin_path) and admin._listening(opts.admin_path):
+        raise CleanupError(f"a daemon is running (its admin socket {opts.admin_path} answers); "
+                           "stop it first")
+    env = _read_env(opts.subnet_file)
+    mac = _read_mac(opts)
+    gone = await asyncio.to_thread(_remove_devices, opts, mac)
+    if env is not None:
+        await asyncio.to_thread(netconf.remove_overlay_routes, env.network)
+        if await asyncio.to_thread(_remove_direct_routes, env.network):
+            gone.append("direct routes")
+        gone += await asyncio.to_thread(_remove_rules, env)
+        if release_lease:
+            gone.append(await _release(opts, env, mac))
+        os.unlink(opts.subnet_file)
+        gone.append(opts.subnet_file)
+    elif release_lease:
+        raise CleanupError(f"no {opts.subnet_file}: cannot tell which lease is ours")
+    admin.remove_socket(opts.admin_path)
+    log.info("removed: %s", ", ".join(gone) if gone else "nothing (nothing of ours was left)")
+
+
+def _read_mac(opts: RunOptions) -> str | None:
+    path = os.path.join(opts.state_dir, f"{opts.tun}.vtep-mac")
+    if not os.path.exists(path):
+        return None
+    return localstate.load_or_create_mac(opts.state_dir, opts.tun)

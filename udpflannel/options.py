@@ -1,0 +1,66 @@
+"""What `udpflannel run` (and `cleanup`) is asked to do: the flags, resolved.
+
+cli.py turns flags and FLANNELD_* variables into a RunOptions; the daemon reads
+nothing else. Defaults are flanneld's where flanneld has the flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    tun: str = "flannel0"
+    ifaces: tuple[str, ...] = ()  # --iface, repeatable: names or addresses, first usable wins
+    iface_regex: tuple[str, ...] = ()
+    iface_can_reach: str | None = None
+    public_ip: str | None = None
+    registry_file: str = "/var/lib/udpflannel/registry.db"
+    net_config: str | None = None
+    subnet_file: str = "/run/flannel/subnet.env"
+    state_dir: str = "/var/lib/udpflannel"
+    admin_socket: str | None = None  # default: /run/udpflannel/<tun>.sock
+    port: int | None = None
+    vni: int | None = None
+    dataplane: str = "engine"  # engine | kernel | auto
+    engine: str = "compiled"
+    offload: str = "auto"  # see dataplane.sockets.parse_offloads
+    udp_port: int = 8285  # flanneld udp framing towards udp peers (0: off)
+    source_ports: int = 16  # VXLAN outer source ports (sockets) of the engine
+    strict_source: bool = False  # every inner source must lie in its sender's subnet
+    lease_ttl: float = 24 * 3600.0
+    renew_margin: float = 3600.0
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/coreos.com/network"
+    etcd_cafile: str | None = None
+    etcd_certfile: str | None = None
+    etcd_keyfile: str | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    ip_masq: bool = False
+    ip_masq_fully_random: bool = True  # off with --ip-masq-fully-random-disable
+    forward_rules: bool = True  # --iptables-forward-rules
+    rules_resync: float = 5.0  # --iptables-resync, seconds
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0  # 0: off
+    metrics_port: int = 0  # 0: off; may equal healthz_port
+    metrics_peers: bool = False  # per-peer series (cardinality!)
+
+    @property
+    def admin_path(self) -> str:
+        return self.admin_socket or default_admin_socket(self.tun)
+
+    @property
+    def registry_kind(self) -> str:
+        return "etcd" if self.etcd_endpoints else "embedded"
+
+    @property
+    def registry_where(self) -> str:
+        if self.etcd_endpoints:
+            return f"{','.join(self.etcd_endpoints)} prefix {self.etcd_prefix}"
+        return self.registry_file
+
+
+def default_admin_socket(tun: str) -> str:
+    return f"/run/udpflannel/{tun}.sock"
