@@ -241,10 +241,12 @@ async def run(opts: RunOptions) -> None:
             wanted = Lease(cfg.network, underlay.public_ip, "vxlan", cfg.vni, mac)
         else:  # flanneld udp's lease: PublicIP only
             wanted = Lease(cfg.network, underlay.public_ip, "", None, None)
-        previous = localstate.previous_subnet(opts.subnet_file)
+        previous = (localstate.previous_subnet(opts.subnet_file)
+                    or localstate.recorded_subnet(opts.state_dir, opts.tun))
         lease = await _until_reachable("acquiring a lease", lambda: manager.acquire(wanted, previous),
                                        retry, stop, node.health)
         node.health.consequence = "data plane keeps its routes, retrying"
+        localstate.record_subnet(opts.state_dir, opts.tun, lease.subnet)
         log.info("leased %s (%s)", lease.subnet,
                  f"VTEP MAC {mac}" if lease.vtep_mac else "flanneld udp lease")
 

@@ -113,6 +113,7 @@ class SubnetManager:
         self.lease: Lease | None = None
         self._listing: tuple[list[Lease], int] | None = None  # acquire's, for the first watch
         self._identity: Lease | None = None  # acquire's ``wanted``: our PublicIP and VTEP MAC
+        self._previous: ipaddress.IPv4Network | None = None  # the subnet file's subnet
         self.bad_leases = BadKeyLog(log, "ignoring lease")
         self._renewing = asyncio.Lock()
 
@@ -122,6 +123,7 @@ class SubnetManager:
         """Lease a subnet for ``wanted`` (whose subnet field is ignored); ``previous`` is
         the subnet in subnet.env, which this node's pods may still be using."""
         self._identity = wanted
+        self._previous = previous
         refused: set[ipaddress.IPv4Network] = set()  # found taken by a key the listing skipped
         for _ in range(attempts):
             current, rev = await self.registry.list_leases()
@@ -170,9 +172,18 @@ class SubnetManager:
         return mine
 
     def _provably_ours(self, lease: Lease) -> bool:
+        """Our PublicIP and our VTEP MAC. A udp lease (flanneld's udp backend writes
+        PublicIP only) carries no MAC: then our PublicIP at a subnet this node
+        demonstrably had (the subnet file's, or the one we hold) is the proof."""
         me = self._identity or self.lease
-        return (me is not None and me.vtep_mac is not None
-                and lease.public_ip == me.public_ip and lease.vtep_mac == me.vtep_mac)
+        if me is None or lease.public_ip != me.public_ip:
+            return False
+        if me.vtep_mac is not None:
+            return lease.vtep_mac == me.vtep_mac
+        return lease.vtep_mac is None and lease.subnet in self._our_subnets()
+
+    def _our_subnets(self) -> set[ipaddress.IPv4Network]:
+        return {s for s in (self._previous, self.lease.subnet if self.lease else None) if s}
 
     def _reclaimable(self, holder: Lease | None) -> str | None:
         """Why a key holding ``holder`` (None: a value that is no lease) may be written

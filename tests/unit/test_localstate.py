@@ -40,3 +40,12 @@ def test_existing_directory_is_left_alone(tmp_path, open_umask):
     os.chmod(d, 0o750)
     localstate.ensure_dir(str(d), 0o700)
     assert mode(d) == 0o750
+
+
+def test_recorded_subnet_survives_without_subnet_env(tmp_path):
+    import ipaddress
+    state = str(tmp_path / "state")
+    assert localstate.recorded_subnet(state, "flannel0") is None
+    localstate.record_subnet(state, "flannel0", ipaddress.IPv4Network("10.244.7.0/24"))
+    assert localstate.recorded_subnet(state, "flannel0") == ipaddress.IPv4Network("10.244.7.0/24")
+    assert localstate.previous_subnet(str(tmp_path / "run" / "subnet.env")) is None

@@ -597,3 +597,40 @@ def test_junk_rows_write_a_bounded_number_of_warnings(db, caplog):
     lines = [r for r in caplog.records if r.name == "udpflannel.registry.embedded"]
     assert 10 <= len(lines) <= 11  # the burst, and the summary written at close
     assert remembered <= 1024
+
+
+def udp_wanted(ip: str) -> Lease:
+    """A flanneld-udp style lease: PublicIP only, no backend type, no MAC."""
+    return Lease(CFG.network, ipaddress.IPv4Address(ip), "", None, None)
+
+
+def test_udp_lease_is_ours_by_public_ip_at_the_subnet_we_had(db):
+    """flanneld udp leases carry no MAC: our PublicIP at the subnet this node had (the
+    subnet file's, or the state dir's record) is the proof, and the lease is renewed."""
+    async def go():
+        reg = EmbeddedRegistry(db)
+        try:
+            first = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            again = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"), first.subnet)
+            return first, again
+        finally:
+            await reg.close()
+    first, again = run(go())
+    assert again.subnet == first.subnet and again.backend_type == ""
+
+
+def test_udp_lease_with_our_ip_elsewhere_is_left_alone(db):
+    """Without proof (no subnet recorded), a udp lease that merely shares our PublicIP
+    may be another node's (NAT): neither taken over nor deleted."""
+    async def go():
+        reg = EmbeddedRegistry(db)
+        try:
+            other = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            mine = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            listed, _ = await reg.list_leases()
+            return other, mine, listed
+        finally:
+            await reg.close()
+    other, mine, listed = run(go())
+    assert mine.subnet != other.subnet
+    assert {x.subnet for x in listed} == {other.subnet, mine.subnet}

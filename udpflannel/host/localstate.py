@@ -52,6 +52,22 @@ def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
         return None
 
 
+def recorded_subnet(state_dir: str, name: str) -> ipaddress.IPv4Network | None:
+    """The subnet this node last leased, kept in the state dir: it survives a reboot
+    that empties /run (and subnet.env with it)."""
+    try:
+        with open(os.path.join(state_dir, f"{name}.subnet")) as f:
+            return ipaddress.IPv4Network(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def record_subnet(state_dir: str, name: str, subnet: ipaddress.IPv4Network) -> None:
+    path = os.path.join(state_dir, f"{name}.subnet")
+    if recorded_subnet(state_dir, name) != subnet:
+        write_atomically(path, f"{subnet}\n", dir_mode=0o700)
+
+
 def load_or_create_mac(state_dir: str, name: str) -> str:
     """A random, locally administered unicast MAC, generated once and kept."""
     path = os.path.join(state_dir, f"{name}.vtep-mac")
