@@ -30,7 +30,7 @@ system-packages:
 	@# Debian's etcd-server package may start a system etcd; the tests start their own.
 	@(command -v systemctl >/dev/null && systemctl disable --now etcd >/dev/null 2>&1) || true
 
-$(STAMP): pyproject.toml setup.py csrc/udpflannel/_engine.pyx csrc/udpflannel/_engine.pxd csrc/udpflannel/netio.h
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/udpflannel/*.pyx csrc/udpflannel/*.pxd csrc/udpflannel/*.pxi csrc/udpflannel/*.h)
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test,bench]'

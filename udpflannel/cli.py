@@ -79,6 +79,13 @@ def _source_ports(text: str) -> int:
     return value
 
 
+def _queues(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{text} is not 1-16")
+    return value
+
+
 def _bool(text: str) -> bool:
     """Go's flag package spelling of booleans, as flanneld accepts them."""
     value = text.strip().lower()
@@ -141,6 +148,12 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                         "backend: flannel.<VNI>), or auto (kernel where VXLAN works, else engine)")
     p.add_argument("--engine", choices=("compiled", "python"), default="compiled",
                    help="the engine: compiled, or its pure-Python reference twin")
+    p.add_argument("--io", choices=("loop", "threads"), default="loop",
+                   help="how the engine is driven: loop (default: the event loop drains its fds) "
+                        "or threads (its own threads, blocking in the kernel; lower latency)")
+    p.add_argument("--queues", type=_queues, default=1,
+                   help="with --io threads: TUN queues and VXLAN sockets, a thread pair each "
+                        "(default 1; more spreads flows over cores)")
     p.add_argument("--udp-port", type=_port_or_off, default=8285,
                    help="flanneld udp framing towards udp peers (a cluster migrating from the "
                         "udp backend), on this port (default 8285; 0: off)")
@@ -259,7 +272,8 @@ def _run_options(a: argparse.Namespace):
         iface_can_reach=a.iface_can_reach, public_ip=a.public_ip, registry_file=a.registry_file,
         net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
         admin_socket=a.admin_socket, port=a.port, vni=a.vni, dataplane=a.dataplane,
-        engine=a.engine, offload=a.offload, udp_port=a.udp_port, source_ports=a.source_ports,
+        engine=a.engine, io=a.io, queues=a.queues, offload=a.offload, udp_port=a.udp_port,
+        source_ports=a.source_ports,
         strict_source=a.strict_source,
         lease_ttl=a.subnet_lease_ttl * 60, renew_margin=a.subnet_lease_renew_margin * 60,
         etcd_endpoints=endpoints, etcd_prefix=a.etcd_prefix.rstrip("/"),
@@ -273,6 +287,10 @@ def _run_options(a: argparse.Namespace):
 
 def _cmd_run(a: argparse.Namespace) -> int:
     import uvloop
+    if a.queues > 1 and a.io != "threads":
+        raise ValueError(f"--queues {a.queues} needs --io threads")
+    if a.io == "threads" and a.engine != "compiled":
+        raise ValueError("--io threads runs the compiled engine (the Python twin runs in the loop)")
 
     from udpflannel import daemon
     uvloop.run(daemon.run(_run_options(a)))

@@ -1,12 +1,21 @@
 # The compiled data path: its C-level layout at a glance.
-# Python API (same as udpflannel.core.frame.PyEngine):
+#
+# Python API (same as udpflannel.core.frame.PyEngine where the twin has it):
 #   Engine(vni=, vtep_mac=, network=, subnet_len=, strict_source=False)
-#   set_route(subnet, public_ip, port, vtep_mac, framing="vxlan"|"udp")
-#   del_route(subnet) / lookup(addr) / route_count() / counters() / kernel_drops()
+#   set_route(subnet, public_ip, port, vtep_mac, framing="vxlan"|"udp") / del_route(subnet)
+#   publish() / reclaim()         make route changes visible to running threads
+#   lookup(addr) / route_count() / counters() / kernel_drops() / offloads()
 #   encap(packet) / decap(datagram, source) / decap_bare(datagram, source)
-#       one packet at a time, for tests and tools
-#   attach(tun_fd, udp_fd, bare_fd=-1, tx_fds=(), vnet_hdr=, gso=, gro=)
-#   drain_tun(budget) / drain_udp(budget) / drain_bare(budget)      the hot path
+#   segment(read) / coalesce(packets) / flow_index(packet, ways)     one at a time
+#   attach(tun_fd, udp_fd, bare_fd=-1, tx_fds=(), vnet_hdr=, gso=, gro=) / add_queue(tun_fd, udp_fd)
+#   drain_tun(budget) / drain_udp(budget) / drain_bare(budget)      --io loop
+#   start_threads(notify_fd) / stop_threads() / thread_errors() / restart_tx(q, tun_fd)
+#   set_tun_fd(q, tun_fd)                                           --io threads
+#
+# C layout: eng_t holds what every data path reads (config, fds, offload flags, the
+# published route table); txctx_t / rxctx_t hold one direction's buffers, batch and
+# coalescing state, counters and thread state. The loop mode uses queue 0's contexts;
+# the threaded mode runs one thread per context.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
 
@@ -29,8 +38,13 @@ cdef extern from "<netinet/in.h>" nogil:
     uint32_t ntohl(uint32_t)
 
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+
+ctypedef void *(*uf_thread_fn)(void *) noexcept nogil
+
+
 # Open-addressing hash map uint32 -> int32 (linear probing, backward-shift delete).
-# Lookups cost the same with 1 or 100,000 peers.
 cdef struct htab:
     uint32_t *keys
     int32_t *vals
@@ -47,86 +61,112 @@ cdef struct route_t:
     sockaddr_in addr         # prebuilt destination for sendto
 
 
-cdef class Engine:
-    cdef uint32_t vni
-    cdef uint8_t own_mac[6]
-    cdef uint8_t vxlan_hdr[8]
-    cdef uint32_t net, netmask, shift, subnet_len
-    cdef bint strict_source  # every inner source must lie in its sender's subnet
-    cdef htab by_subnet      # subnet -> index into routes
-    cdef htab by_sender      # public IP -> number of subnets it owns
-    cdef route_t *routes
-    cdef int32_t nroutes, route_cap
-    cdef uint64_t ctr[32]
-    cdef int tun_fd, udp_fd  # udp_fd: the VXLAN port (receives; sends if no tx_fds)
-    cdef int bare_fd         # flanneld udp framing: its port (receives and sends), or -1
-    cdef int tx_fds[64]      # VXLAN sends: one socket per outer source port
-    cdef int ntx             # (a flow's hash picks one; 0: send from udp_fd)
-    cdef uint8_t *buf        # HEADROOM + 65536: one packet with room for headers
-    cdef uint8_t *icmp       # scratch for ICMP errors (VNET bytes into icmp_mem)
-    cdef uint8_t *icmp_mem
-    cdef int icmp_len
-    cdef int last_drop       # counter slot of the latest drop (single-packet API)
+# A route table. Published tables are never changed: the control thread edits a
+# copy and swaps it in (publish), so running threads read without a lock.
+cdef struct rtab_t:
+    htab by_subnet           # subnet -> index into routes
+    htab by_sender           # public IP -> number of subnets it owns
+    route_t *routes
+    int32_t n, cap
 
-    # Offloads (see offload.py for the rules): which ones attach() turned on.
-    cdef bint vnet           # TUN speaks virtio_net_hdr: TSO reads, GSO writes
-    cdef bint gso            # UDP_SEGMENT sends (turned off for good on EIO)
-    cdef bint gro            # UDP_GRO receives
-    cdef uint32_t rx_ovfl    # the socket's kernel drop count (SO_RXQ_OVFL), latest seen
-    cdef uint8_t *obuf       # segmentation: a window of frame headers
-    cdef iovec tx_iov[128]   # frame k = tx_iov[2k] (headers) + tx_iov[2k+1] (payload)
-    cdef uint8_t *cbuf       # coalescing: virtio + IP + TCP headers of the super-packet
-    cdef uint8_t *co_first   # the run's first packet (in the receive buffer)
-    cdef iovec rx_iov[66]    # [headers in cbuf] + one payload per merged segment
-    cdef Py_ssize_t co_len   # IP length of the run so far
-    cdef int co_count        # segments in the run (0: none)
-    cdef uint16_t co_mss
-    cdef uint32_t co_next_seq
-    cdef bint co_psh         # the last segment carried PSH
-    cdef bint co_closed      # PSH or a short segment ended the run
-    cdef list captured       # tests: TUN writes land here instead of the fd
-    # The send batch: frames to one peer, read and framed in place in bbuf.
-    cdef uint8_t *bbuf
-    cdef Py_ssize_t b_off    # bytes queued
-    cdef int b_count
-    cdef iovec b_iov[64]     # one per queued frame
-    cdef int b_fd            # the socket the queued frames leave by
-    cdef Py_ssize_t b_hdr    # framing bytes in front of each queued packet
-    cdef uint8_t zero_vnet[10]  # the virtio header of a packet written as it came
-    cdef iovec plain_iov[2]  # [virtio header] + one packet, for single TUN writes
-    cdef Py_ssize_t b_seg    # the first frame's size (UDP_SEGMENT's segment size)
-    cdef bint b_closed       # a shorter frame was queued: it must be the last
-    cdef route_t *b_route
+
+cdef struct eng_t:
+    uint32_t vni
+    uint8_t own_mac[6]
+    uint8_t vxlan_hdr[8]
+    uint32_t net, netmask, shift, subnet_len
+    bint strict_source       # every inner source must lie in its sender's subnet
+    int udp_fd               # the VXLAN port of queue 0 (single-packet sends, no tx_fds)
+    int bare_fd              # flanneld udp framing: its port (receives and sends), or -1
+    int tx_fds[64]           # VXLAN sends: one socket per outer source port
+    int ntx                  # (a flow's hash picks one; 0: send from udp_fd)
+    int vnet                 # TUN speaks virtio_net_hdr: TSO reads, GSO writes
+    int gso                  # UDP_SEGMENT sends (off for good on EIO; read atomically)
+    int gro                  # UDP_GRO receives
+    rtab_t *rt               # the published table (atomic pointer)
+    uint64_t gen             # bumped at each publish (atomic)
+    int notify_fd            # eventfd: a thread ended (threads mode)
+
+
+# Thread state, shared by both kinds of context.
+cdef struct thr_t:
+    pthread_t tid
+    int running              # set while the thread runs (atomic)
+    int stop                 # asks it to return (atomic)
+    int error                # errno it ended with, 0 when stopped on request
+    int active               # inside a burst, holding a route table (atomic)
+    uint64_t seen            # generation it saw when it last went idle (atomic)
+
+
+cdef struct txctx_t:         # TUN -> UDP, one queue
+    eng_t *e
+    int queue
+    int tun_fd
+    rtab_t *rt               # the table this burst uses
+    uint64_t ctr[32]
+    int last_drop
+    bint capture             # tests: frames go to Engine.captured
+    void *owner              # the Engine (for `capture`; only touched with the GIL)
+    uint8_t *bbuf            # the send batch: frames read and framed in place
+    Py_ssize_t b_off
+    int b_count
+    iovec b_iov[64]
+    Py_ssize_t b_seg         # the first frame's size (UDP_SEGMENT's segment size)
+    Py_ssize_t b_hdr         # framing bytes in front of each queued packet
+    bint b_closed
+    route_t *b_route
+    int b_fd
+    uint8_t *obuf            # segmentation: a window of frame headers
+    iovec tx_iov[128]        # frame k = tx_iov[2k] (headers) + tx_iov[2k+1] (payload)
+    uint8_t *icmp_mem        # ICMP replies, VNET bytes in
+    uint8_t *icmp
+    int icmp_len
+    iovec plain_iov[2]
+    thr_t t
+
+
+cdef struct rxctx_t:         # UDP -> TUN, one socket
+    eng_t *e
+    int queue
+    int fd
+    bint bare
+    int tun_fd               # where packets go (atomic: a re-created TUN swaps it)
+    rtab_t *rt
+    uint64_t ctr[32]
+    int last_drop
+    bint capture
+    void *owner
+    uint8_t *buf             # HEADROOM + 65536: one read, several GRO datagrams
+    uint8_t *cbuf            # coalescing: virtio + IP + TCP headers of the super-packet
+    uint8_t *co_first
+    iovec rx_iov[66]         # [headers in cbuf] + one payload per merged segment
+    Py_ssize_t co_len
+    int co_count
+    uint16_t co_mss
+    uint32_t co_next_seq
+    bint co_psh
+    bint co_closed
+    iovec plain_iov[2]       # [virtio header] + one packet, for single TUN writes
+    uint32_t rx_ovfl         # the socket's kernel drop count (SO_RXQ_OVFL)
+    thr_t t
+
+
+cdef class Engine:
+    cdef eng_t e
+    cdef rtab_t *w           # the table the control thread edits (== e.rt unless threads run)
+    cdef list retired        # [(generation, table address)] waiting for readers to move on
+    cdef txctx_t *tx[16]
+    cdef rxctx_t *rx[17]     # one per VXLAN queue, then the flanneld-udp socket's
+    cdef int nq, nrx
+    cdef bint threads
+    cdef rxctx_t *probe_rx   # single-packet decap
+    cdef txctx_t *probe_tx   # single-packet encap / segment
+    cdef list captured       # tests: TUN writes / datagrams land here instead of the fds
 
     cdef uint32_t _subnet_base(self, str subnet) except? 0
-    cdef int drop(self, int reason) noexcept nogil
-    cdef int unroutable(self, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) noexcept nogil
-
-    cdef route_t *find(self, uint32_t addr) noexcept nogil
-    cdef int tx_fd(self, route_t *r, const uint8_t *pkt, Py_ssize_t n) noexcept nogil
-    cdef int encap_c(self, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil
-    cdef int ttl_expired(self, uint8_t *ip) noexcept nogil
-    cdef int decap_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
-                     Py_ssize_t *plen) noexcept nogil
-    cdef int decap_bare_c(self, uint8_t *d, Py_ssize_t n, uint32_t source,
-                          Py_ssize_t *plen) noexcept nogil
-    cdef int accept_inner(self, uint8_t *p, Py_ssize_t avail, int family, uint32_t source,
-                          bint bare, Py_ssize_t *plen) noexcept nogil
-    cdef void complete_partial_csum(self, uint8_t *p, Py_ssize_t total) noexcept nogil
-    cdef int tun_drain_c(self, int budget) noexcept nogil
-    cdef int udp_drain_c(self, int budget, int fd, bint bare) noexcept nogil
-    cdef void tun_read_vnet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil
-    cdef uint8_t *batch_slot(self) noexcept nogil
-    cdef void queue_packet(self, uint8_t *pkt, Py_ssize_t n) noexcept nogil
-    cdef void flush_batch(self) noexcept nogil
-    cdef void send_segments(self, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
-                            uint8_t proto) noexcept nogil
-    cdef int send_window(self, route_t *r, int fd, int count, Py_ssize_t stride) noexcept nogil
-    cdef void gso_failed(self, long rc) noexcept nogil
-    cdef void deliver(self, uint8_t *p, Py_ssize_t n) noexcept nogil
-    cdef void co_add(self, uint8_t *p, Py_ssize_t n) noexcept nogil
-    cdef void co_flush(self) noexcept nogil
-    cdef int emit(self, uint8_t *p, Py_ssize_t n, int packets, Py_ssize_t nbytes) noexcept nogil
-    cdef int emitv(self, iovec *iov, int iovcnt, int packets, Py_ssize_t nbytes) noexcept nogil
-    cdef void emit_plain(self, uint8_t *p, Py_ssize_t n, int packets) noexcept nogil
-    cdef int write_tun(self, iovec *iov, int iovcnt) noexcept nogil
+    cdef rtab_t *_writable(self) except NULL
+    cdef _decap(self, bytes datagram, str source, bint bare)
+    cdef _bare_context(self, int tun_fd)
+    cdef int _drain_rx(self, rxctx_t *c, int budget)
+    cdef _start(self, thr_t *t, uf_thread_fn fn, void *arg)
+    cdef void _join_all(self)

@@ -85,6 +85,98 @@ cdef bint htab_del(htab *h, uint32_t key) noexcept:
     return True
 
 
+cdef int htab_copy(htab *dst, const htab *src) except -1:
+    cdef size_t slots = <size_t>1 << src.bits
+    dst.bits = src.bits
+    dst.count = src.count
+    dst.keys = <uint32_t *>malloc(slots * sizeof(uint32_t))
+    dst.vals = <int32_t *>malloc(slots * sizeof(int32_t))
+    if dst.keys == NULL or dst.vals == NULL:
+        free(dst.keys)
+        free(dst.vals)
+        raise MemoryError()
+    memcpy(dst.keys, src.keys, slots * sizeof(uint32_t))
+    memcpy(dst.vals, src.vals, slots * sizeof(int32_t))
+    return 0
+
+
+# ---- route tables -------------------------------------------------------------------
+
+cdef rtab_t *rtab_new() except NULL:
+    cdef rtab_t *t = <rtab_t *>calloc(1, sizeof(rtab_t))
+    if t == NULL:
+        raise MemoryError()
+    t.cap = 16
+    t.routes = <route_t *>calloc(t.cap, sizeof(route_t))
+    if t.routes == NULL:
+        free(t)
+        raise MemoryError()
+    htab_init(&t.by_subnet, 4)
+    htab_init(&t.by_sender, 4)
+    return t
+
+
+cdef rtab_t *rtab_clone(const rtab_t *src) except NULL:
+    cdef rtab_t *t = <rtab_t *>calloc(1, sizeof(rtab_t))
+    if t == NULL:
+        raise MemoryError()
+    t.cap = src.cap
+    t.n = src.n
+    t.routes = <route_t *>malloc(t.cap * sizeof(route_t))
+    if t.routes == NULL:
+        free(t)
+        raise MemoryError()
+    memcpy(t.routes, src.routes, t.n * sizeof(route_t))
+    htab_copy(&t.by_subnet, &src.by_subnet)
+    htab_copy(&t.by_sender, &src.by_sender)
+    return t
+
+
+cdef void rtab_free(rtab_t *t) noexcept:
+    if t != NULL:
+        htab_free(&t.by_subnet)
+        htab_free(&t.by_sender)
+        free(t.routes)
+        free(t)
+
+
+cdef bint rtab_del(rtab_t *t, uint32_t base) except -1:
+    cdef int32_t i = htab_get(&t.by_subnet, base), n
+    cdef uint32_t ip
+    if i < 0:
+        return False
+    ip = t.routes[i].public_ip
+    htab_del(&t.by_subnet, base)
+    t.n -= 1
+    if i != t.n:  # keep the array dense: move the last route into the hole
+        t.routes[i] = t.routes[t.n]
+        htab_put(&t.by_subnet, t.routes[i].subnet, i)
+    n = htab_get(&t.by_sender, ip)
+    if n > 1:
+        htab_put(&t.by_sender, ip, n - 1)
+    else:
+        htab_del(&t.by_sender, ip)
+    return True
+
+
+cdef int rtab_put(rtab_t *t, const route_t *r) except -1:
+    cdef route_t *grown
+    cdef int32_t n
+    rtab_del(t, r.subnet)
+    if t.n == t.cap:
+        grown = <route_t *>realloc(t.routes, 2 * t.cap * sizeof(route_t))
+        if grown == NULL:
+            raise MemoryError()
+        t.routes = grown
+        t.cap *= 2
+    t.routes[t.n] = r[0]
+    htab_put(&t.by_subnet, r.subnet, t.n)
+    n = htab_get(&t.by_sender, r.public_ip)
+    htab_put(&t.by_sender, r.public_ip, (n if n > 0 else 0) + 1)
+    t.n += 1
+    return 0
+
+
 # ---- byte helpers ------------------------------------------------------------------
 
 cdef inline uint32_t _be32(const uint8_t *p) noexcept nogil:

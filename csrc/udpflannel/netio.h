@@ -161,9 +161,10 @@ union uf_cmsg_space {
 /* One recvmsg. *segsize: the GRO segment size (0 when the read is one datagram),
  * or -1 when the kernel had to cut the control data (MSG_CTRUNC): then the segment
  * size is unknown and the caller must not split the read. *ovfl: the socket's
- * kernel drop count when SO_RXQ_OVFL is on (left alone otherwise). */
+ * kernel drop count when SO_RXQ_OVFL is on (left alone otherwise). flags: 0 (blocks
+ * on a blocking socket) or MSG_DONTWAIT. */
 static inline long uf_recvmsg(int fd, uint8_t *buf, size_t cap, struct sockaddr_in *src,
-                              int *segsize, uint32_t *ovfl)
+                              int *segsize, uint32_t *ovfl, int flags)
 {
     struct iovec iov = {buf, cap};
     union uf_cmsg_space control;
@@ -176,7 +177,7 @@ static inline long uf_recvmsg(int fd, uint8_t *buf, size_t cap, struct sockaddr_
     msg.msg_iovlen = 1;
     msg.msg_control = control.buf;
     msg.msg_controllen = sizeof control.buf;
-    long n = recvmsg(fd, &msg, 0);
+    long n = recvmsg(fd, &msg, flags);
     if (n < 0)
         return -errno;
     *segsize = 0;

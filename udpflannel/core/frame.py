@@ -385,6 +385,17 @@ class PyEngine:
     def offloads(self) -> dict[str, bool]:
         return {"vnet_hdr": False, "gso": False, "gro": False}
 
+    # The twin runs in the event loop only (--io loop): routes change in place, there
+    # is one queue, and nothing is ever waiting to be published or reclaimed.
+    def queues(self) -> int:
+        return 1
+
+    def publish(self) -> bool:
+        return False
+
+    def reclaim(self) -> int:
+        return 0
+
     def kernel_drops(self) -> int:
         return self._kernel_drops
 

@@ -102,6 +102,32 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int, what: str = "UDP"
     return sock
 
 
+def open_udp_group(address: ipaddress.IPv4Address, port: int, count: int,
+                   what: str = "UDP") -> list[socket.socket]:
+    """``count`` sockets sharing one port with SO_REUSEPORT (one per queue; the kernel
+    spreads datagrams over them by their addresses and ports). SO_REUSEPORT would also
+    let a second daemon join the group silently, so the port is first bound alone:
+    held by anyone, that fails as a plain bind does. (Our group, once made, makes a
+    later daemon's plain probe fail the same way.)"""
+    if count <= 1:
+        return [open_udp_socket(address, port, what)]
+    open_udp_socket(address, port, what).close()  # the probe: is anyone there?
+    group = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((str(address), port))
+            _tune(sock)
+    except OSError as e:
+        for sock in group:
+            sock.close()
+        raise SocketError(f"cannot bind {what} {address}:{port} for {count} queues: "
+                          f"{e.strerror}") from None
+    return group
+
+
 _DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, 0: accept nothing
 
 

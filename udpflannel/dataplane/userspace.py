@@ -1,10 +1,16 @@
 """The userspace data plane: a TUN device, UDP sockets, and the engine between them.
 
-Event-loop adapter. The fds are level-triggered readers on the (uv)loop: the TUN, the
-VXLAN socket and the flanneld-udp socket. A callback enters compiled code once and
-drains up to BUDGET packets with the GIL released, so the loop stays responsive to
-control work (route changes, renewals, the admin socket) between bursts. Route
-changes are applied on the loop thread, between drains: no locks.
+Two ways to drive the engine (--io):
+* loop: the fds are level-triggered readers on the (uv)loop: the TUN, the VXLAN
+  socket and the flanneld-udp socket. A callback enters compiled code once and drains
+  up to BUDGET packets with the GIL released, so the loop stays responsive to control
+  work (route changes, renewals, the admin socket) between bursts. Route changes are
+  applied on the loop thread, between drains: no locks.
+* threads: the engine runs a thread per direction and queue, blocking in the kernel
+  with no GIL; the loop keeps the control work. Route changes are published to the
+  threads as a new table (engine.publish) and old tables reclaimed once unused. A
+  thread that ends (the TUN deleted, a socket failed) writes to an eventfd the loop
+  watches.
 
 The TUN is persistent (host.tun): stop() closes our fds and leaves the device, its
 address and its routes, so the next daemon re-attaches without an outage. If the
@@ -72,6 +78,9 @@ class EnginePlane:
         self._subnet = None
         self._readers: list[int] = []
         self._direct: dict = {}  # subnet -> PublicIP of peers routed directly
+        self.vxlan_group: list[socket.socket] = []  # one per queue (threads, --queues)
+        self._events: int | None = None  # eventfd: a data thread ended
+        self._recreating = False
 
     # --- life cycle -----------------------------------------------------------------
     async def prepare(self) -> None:
@@ -79,7 +88,8 @@ class EnginePlane:
         tun_preflight()
         address = self.opts.underlay.address
         own = self.opts.config.backend_type
-        self.vxlan_sock = self._bind(address, self.vxlan_port, "VXLAN", required=own == "vxlan")
+        self.vxlan_group = self._bind_group(address, self.vxlan_port, required=own == "vxlan")
+        self.vxlan_sock = self.vxlan_group[0] if self.vxlan_group else None
         if self.udp_port:
             self.udp_sock = self._bind(address, self.udp_port, "flanneld udp",
                                        required=own == "udp")
@@ -87,13 +97,22 @@ class EnginePlane:
             raise DataplaneError("no UDP port could be bound")
         if self.vxlan_sock is not None and self.opts.source_ports:
             self.pool = sockets.open_source_port_pool(address, self.opts.source_ports)
-        for sock in [s for s in (self.vxlan_sock, self.udp_sock) if s] + self.pool:
+        for sock in self._sockets():
             got = sockets.enable_udp_offloads(sock, self.offloads & {"gso", "gro"},
                                               quiet=sock is not self.vxlan_sock)
             self._udp_offloads = got if sock is (self.vxlan_sock or self.udp_sock) else self._udp_offloads
         udp_port = self.udp_port if self.udp_sock is not None else None
         self.book = RouteBook(self.opts.config, self.opts.underlay.public_ip,
                               Framings(self.vxlan_port, udp_port))
+
+    def _bind_group(self, address, port: int, required: bool) -> list[socket.socket]:
+        try:
+            return sockets.open_udp_group(address, port, self.opts.queues, "VXLAN")
+        except sockets.SocketError as e:
+            if required:
+                raise DataplaneError(str(e)) from None
+            log.warning("%s; peers that need it are left out", e)
+            return []
 
     def _bind(self, address, port: int, what: str, required: bool) -> socket.socket | None:
         try:
@@ -112,9 +131,17 @@ class EnginePlane:
         self.engine = make_engine(self.opts.engine, self.opts)
         await self._attach_tun()
 
+    def _sockets(self) -> list[socket.socket]:
+        return self.vxlan_group + [s for s in (self.udp_sock,) if s] + self.pool
+
+    @property
+    def threaded(self) -> bool:
+        return self.opts.io == "threads"
+
     async def _attach_tun(self) -> None:
         """Create or re-attach the TUN, configure it, and start reading everything."""
-        tun = Tun(self.opts.tun, vnet_hdr="tso" in self.offloads)
+        tun = Tun(self.opts.tun, vnet_hdr="tso" in self.offloads, queues=self.opts.queues,
+                  blocking=self.threaded)
         try:
             await asyncio.to_thread(netconf.configure_tun, tun.name, self._subnet,
                                     self.opts.config.network, self.opts.mtu, tun.tso)
@@ -125,16 +152,23 @@ class EnginePlane:
             log.info("re-attached to %s", tun.name)
         self.tun = tun
         gso = "gso" in self._udp_offloads and bool(self.pool or self.vxlan_sock or self.udp_sock)
+        tx_fds = [s.fileno() for s in self.pool] or ([self.vxlan_sock.fileno()] if self.vxlan_sock else [])
         self.engine.attach(
-            tun.fd, (self.vxlan_sock or self.udp_sock).fileno(),
+            tun.fd, self.vxlan_sock.fileno() if self.vxlan_sock else -1,
             bare_fd=self.udp_sock.fileno() if self.udp_sock else -1,
-            tx_fds=[s.fileno() for s in self.pool] or [self.vxlan_sock.fileno()] if self.vxlan_sock else (),
-            vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads)
+            tx_fds=tx_fds, vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads)
+        for q in range(self.engine.queues(), self.opts.queues):  # first attach only
+            self.engine.add_queue(tun.fds[q], self.vxlan_group[q].fileno() if self.vxlan_group else -1)
+        for q in range(1, self.opts.queues):  # a re-created TUN: its new queue fds
+            self.engine.set_tun_fd(q, tun.fds[q])
         self._gso = gso
         log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; VXLAN source ports: %d",
                  tun.offloads, "on" if gso else "off",
                  "on" if "gro" in self._udp_offloads else "off", len(self.pool) or 1)
         loop = asyncio.get_running_loop()
+        if self.threaded:
+            self._start_threads(loop)
+            return
         loop.add_reader(tun.fd, self._on_tun)
         self._readers = [tun.fd]
         if self.vxlan_sock is not None:
@@ -144,19 +178,49 @@ class EnginePlane:
             loop.add_reader(self.udp_sock.fileno(), self._on_bare)
             self._readers.append(self.udp_sock.fileno())
 
+    def _start_threads(self, loop) -> None:
+        for sock in self._sockets():
+            sock.setblocking(True)  # threads block in recvmsg; sends wait instead of drop
+        if self._events is None:
+            self._events = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        loop.add_reader(self._events, self._on_thread_event)
+        self.engine.start_threads(self._events)
+        self._readers = [self._events]
+        log.info("data path on %d threads (%d queue%s)", self.engine.running_threads(),
+                 self.opts.queues, "" if self.opts.queues == 1 else "s")
+
+    def _on_thread_event(self) -> None:
+        try:
+            os.eventfd_read(self._events)
+        except BlockingIOError:
+            return
+        for role, queue, err in self.engine.thread_errors():
+            if role == "tun" and err in GONE:
+                if not self._recreating:
+                    self._recreating = True
+                    asyncio.ensure_future(self._recreate_tun())
+            else:
+                what = "the TUN device" if role == "tun" else f"the UDP socket of queue {queue}"
+                self._fail(f"reading {what} failed: {os.strerror(err)}")
+
     def _stop_reading(self) -> None:
         loop = asyncio.get_running_loop()
         for fd in self._readers:
             loop.remove_reader(fd)
         self._readers = []
+        if self.threaded and self.engine is not None:
+            self.engine.stop_threads()
 
     async def stop(self) -> None:
         """Close our fds; the TUN, its address and routes stay for the next daemon."""
         self._stop_reading()
+        if self._events is not None:
+            os.close(self._events)
+            self._events = None
         if self.tun is not None:
             self.tun.close()
             self.tun = None
-        for sock in [s for s in (self.vxlan_sock, self.udp_sock) if s] + self.pool:
+        for sock in self._sockets():
             sock.close()
 
     # --- data path callbacks ----------------------------------------------------------
@@ -181,11 +245,13 @@ class EnginePlane:
 
     async def _recreate_tun(self) -> None:
         log.warning("%s was deleted under us; creating it again", self.opts.tun)
+        self._stop_reading()
         if self.tun is not None:
             self.tun.close()
             self.tun = None
         try:
             await self._attach_tun()
+            self._recreating = False
             for subnet, via in self._direct.items():
                 await asyncio.to_thread(netconf.set_direct_route, subnet, via, self.opts.underlay, True)
         except Exception as e:  # noqa: BLE001 - reported as the plane's failure
@@ -210,6 +276,8 @@ class EnginePlane:
             self.engine.set_route(str(route.subnet), str(route.public_ip), route.port,
                                   mac_bytes(route.vtep_mac) if route.vtep_mac else None,
                                   route.framing)
+        self.engine.publish()  # threads: the new table in one atomic store
+        for route in changes.add:
             await self._direct_routing(route)
         log_changes(events, changes, self.engine.route_count())
 
@@ -228,6 +296,8 @@ class EnginePlane:
     async def check(self) -> None:
         """Say once in the log when the engine turned UDP GSO off for good (the kernel
         answered EIO: the egress device cannot checksum-offload)."""
+        if self.engine is not None:
+            self.engine.reclaim()  # tables replaced while threads read them
         if self._gso and self.engine is not None and not self.engine.offloads()["gso"]:
             self._gso = False
             log.warning("UDP GSO turned off: the kernel cannot segment on this path (EIO); "

@@ -21,6 +21,7 @@ import pytun
 log = logging.getLogger(__name__)
 
 IFF_TUN = 0x0001
+IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
@@ -56,14 +57,40 @@ class Tun:
     """Create the TUN ``name``, or attach to it when it exists (a previous run's
     persistent device: ``existed``). ``vnet_hdr=True`` asks for IFF_VNET_HDR and TSO:
     reads may then be 64 KB TCP super-packets with a virtio header (``self.tso`` says
-    whether the kernel agreed to hand them out; the header is there either way)."""
+    whether the kernel agreed to hand them out; the header is there either way).
+    ``queues > 1`` makes it IFF_MULTI_QUEUE with one fd per queue (``fds``); a
+    persistent device left with the other queue setting is replaced (the kernel
+    refuses to attach across it). Fds are non-blocking unless ``blocking``."""
 
-    def __init__(self, name: str, vnet_hdr: bool = False, persist: bool = True) -> None:
+    def __init__(self, name: str, vnet_hdr: bool = False, persist: bool = True,
+                 queues: int = 1, blocking: bool = False) -> None:
         preflight()
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        if queues > 1:
+            flags |= IFF_MULTI_QUEUE
         self.existed = os.path.exists(f"/sys/class/net/{name}")
+        if self.existed and _is_multi_queue(name) != (queues > 1):
+            log.info("replacing %s: it was made with %s queue", name,
+                     "a multi" if queues == 1 else "a single")
+            _remove_device(name)
+            self.existed = False
+        self._devs = [self._open(name, flags) for _ in range(queues)]
+        self.name = self._devs[0].name
+        self.fds = [d.fileno() for d in self._devs]
+        self.fd = self.fds[0]
+        self._devs[0].persist(persist)
+        self.vnet_hdr = vnet_hdr
+        self.tso = False
+        self.offloads = "none"
+        if vnet_hdr:
+            self.tso = self._ask_offloads()
+        for fd in self.fds:
+            os.set_blocking(fd, blocking)
+
+    @staticmethod
+    def _open(name: str, flags: int):
         try:
-            self._dev = pytun.TunTapDevice(name=name, flags=flags)
+            return pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
             text = str(e)
             if "Operation not permitted" in text or "Permission denied" in text:
@@ -71,15 +98,6 @@ class Tun:
             if "busy" in text.lower():
                 raise TunError(f"cannot create TUN {name}: a device of that name is in use") from None
             raise TunError(f"cannot create TUN {name}: {text}") from None
-        self.name = self._dev.name
-        self.fd = self._dev.fileno()
-        self._dev.persist(persist)
-        self.vnet_hdr = vnet_hdr
-        self.tso = False
-        self.offloads = "none"
-        if vnet_hdr:
-            self.tso = self._ask_offloads()
-        os.set_blocking(self.fd, False)
 
     def _ask_offloads(self) -> bool:
         """TCP super-packets (TSO4), and UDP ones too (USO, Linux >= 6.2) where the
@@ -90,7 +108,8 @@ class Tun:
         for flags, what in ((TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4 | TUN_F_USO6, "TSO + USO"),
                             (TUN_F_CSUM | TUN_F_TSO4, "TSO")):
             try:
-                fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+                for fd in self.fds:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
                 self.offloads = what
                 return True
             except OSError as e:
@@ -99,21 +118,37 @@ class Tun:
         return False
 
     def close(self) -> None:
-        """Close the fd; the persistent device stays, with its address and routes."""
-        if self._dev is not None:
-            self._dev.close()
-            self._dev = None
+        """Close the fds; the persistent device stays, with its address and routes."""
+        for dev in self._devs:
+            dev.close()
+        self._devs = []
 
     def delete(self) -> None:
         """Make the device non-persistent and close it: it disappears."""
-        if self._dev is not None:
-            self._dev.persist(False)
+        if self._devs:
+            self._devs[0].persist(False)
             self.close()
+
+
+def _is_multi_queue(name: str) -> bool:
+    try:
+        with open(f"/sys/class/net/{name}/tun_flags") as f:
+            return bool(int(f.read(), 16) & IFF_MULTI_QUEUE)
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_device(name: str) -> None:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("del", index=found[0])
 
 
 def delete(name: str) -> bool:
     """Remove a persistent TUN of ours by name (cleanup); False if there is none."""
     if not os.path.exists(f"/sys/class/net/{name}/tun_flags"):
         return False
-    Tun(name, persist=False).close()
+    _remove_device(name)
     return True

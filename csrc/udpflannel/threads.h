@@ -1,0 +1,98 @@
+/* Threads for the engine's data path: start, wake, join, and the atomics that let
+ * the control thread publish route tables to them.
+ *
+ * A data thread blocks in the kernel (read on the TUN, recvmsg on a socket). To stop
+ * it, the control side sets its stop flag and sends it UF_WAKE_SIGNAL with
+ * pthread_kill: the handler does nothing, and because it is installed without
+ * SA_RESTART the blocking call returns EINTR, the thread sees the flag and returns.
+ * The signal is re-sent until the thread is gone (it may arrive just before the
+ * thread blocks). Python never sees this signal: it is a real-time signal Python does
+ * not handle, sent only to threads created here.
+ */
+#ifndef UDPFLANNEL_THREADS_H
+#define UDPFLANNEL_THREADS_H
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
+
+#define UF_WAKE_SIGNAL (SIGRTMIN + 7)
+
+static void uf_wake_handler(int sig) { (void)sig; }
+
+/* Install the wake handler once per process (idempotent). 0 or -errno. */
+static inline int uf_wake_install(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = uf_wake_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  /* no SA_RESTART: blocking calls return EINTR */
+    return sigaction(UF_WAKE_SIGNAL, &sa, NULL) < 0 ? -errno : 0;
+}
+
+typedef void *(*uf_thread_fn)(void *);
+
+/* Start a thread with UF_WAKE_SIGNAL unblocked; 0 or -errno. */
+static inline int uf_thread_start(pthread_t *tid, uf_thread_fn fn, void *arg)
+{
+    sigset_t wake, old;
+    int rc;
+    sigemptyset(&wake);
+    sigaddset(&wake, UF_WAKE_SIGNAL);
+    pthread_sigmask(SIG_UNBLOCK, &wake, &old);  /* inherited by the new thread */
+    rc = pthread_create(tid, NULL, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return -rc;
+}
+
+/* Wake a thread until it has returned (its `running` flag drops), then join it. */
+static inline void uf_thread_stop(pthread_t tid, volatile int *running)
+{
+    struct timespec pause = {0, 2 * 1000 * 1000};  /* 2 ms */
+    while (__atomic_load_n(running, __ATOMIC_ACQUIRE)) {
+        pthread_kill(tid, UF_WAKE_SIGNAL);
+        nanosleep(&pause, NULL);
+    }
+    pthread_join(tid, NULL);
+}
+
+/* The first read blocks; the ones that follow within a burst must not: preadv2 with
+ * RWF_NOWAIT on the same (blocking) TUN fd returns EAGAIN when it is empty. */
+static inline long uf_read_nowait(int fd, void *buf, size_t len)
+{
+    struct iovec iov = {buf, len};
+    long n = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+    return n < 0 ? -errno : n;
+}
+
+/* Sequentially consistent on purpose: publishing a table and checking whether a
+ * thread is active, against a thread marking itself active and loading the table,
+ * is a store-then-load pattern on both sides (see _datapath.pxi, "threads"). */
+static inline void *uf_load_ptr(void **p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline void uf_store_ptr(void **p, void *v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t uf_load_u64(volatile uint64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline void uf_store_u64(volatile uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline int uf_load_int(volatile int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+static inline void uf_store_int(volatile int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+
+/* Tell the event loop a thread ended (its eventfd becomes readable). */
+static inline void uf_notify(int efd)
+{
+    uint64_t one = 1;
+    if (efd >= 0)
+        (void)!write(efd, &one, sizeof one);
+}
+
+#endif
