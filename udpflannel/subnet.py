@@ -5,6 +5,8 @@ is trusted only as far as it can be proven. ``acquire`` reuses a lease only if i
 provably ours: our PublicIP *and* our VTEP MAC (kept in the state dir), the one in the
 subnet file (``previous``) first; a lease with our PublicIP and another MAC is another
 node's (flanneld matches on PublicIP alone and would take it over) and is left alone.
+A flanneld-udp style lease carries no MAC: our PublicIP at a subnet this node recorded
+(subnet file or state dir) is the proof, whatever our backend is now.
 Then it takes ``previous`` unless a valid lease of another node holds it: a key holding
 garbage or a lease no node can have (core.peers.implausible) is reclaimed with a
 compare-and-swap on the bytes seen, because a new subnet would strand the node's pods.
@@ -174,13 +176,15 @@ class SubnetManager:
     def _provably_ours(self, lease: Lease) -> bool:
         """Our PublicIP and our VTEP MAC. A udp lease (flanneld's udp backend writes
         PublicIP only) carries no MAC: then our PublicIP at a subnet this node
-        demonstrably had (the subnet file's, or the one we hold) is the proof."""
+        demonstrably had (the subnet file's, or the one we hold) is the proof, whatever
+        our own backend is now: a node restarted under a vxlan config after running udp
+        (the migration runbook) keeps its subnet, as flanneld does."""
         me = self._identity or self.lease
         if me is None or lease.public_ip != me.public_ip:
             return False
-        if me.vtep_mac is not None:
-            return lease.vtep_mac == me.vtep_mac
-        return lease.vtep_mac is None and lease.subnet in self._our_subnets()
+        if lease.vtep_mac is None:
+            return lease.subnet in self._our_subnets()
+        return lease.vtep_mac == me.vtep_mac
 
     def _our_subnets(self) -> set[ipaddress.IPv4Network]:
         return {s for s in (self._previous, self.lease.subnet if self.lease else None) if s}

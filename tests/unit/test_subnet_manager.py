@@ -634,3 +634,26 @@ def test_udp_lease_with_our_ip_elsewhere_is_left_alone(db):
     other, mine, listed = run(go())
     assert mine.subnet != other.subnet
     assert {x.subnet for x in listed} == {other.subnet, mine.subnet}
+
+
+def test_udp_lease_at_our_recorded_subnet_is_reused_under_vxlan(db):
+    """The migration runbook: a node that ran udp (its lease has no MAC) restarts under
+    a vxlan config. Its PublicIP at the subnet it recorded proves the lease is its own:
+    it keeps the subnet (as flanneld does) and the lease becomes a vxlan lease; without
+    the record the udp lease is left alone."""
+    async def go():
+        reg = EmbeddedRegistry(db)
+        try:
+            old = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            now = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"), old.subnet)
+            listed, _ = await reg.list_leases()
+            stranger = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.2"))
+            unproven = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"))
+            return old, now, listed, stranger, unproven
+        finally:
+            await reg.close()
+    old, now, listed, stranger, unproven = run(go())
+    assert now.subnet == old.subnet and now.backend_type == "vxlan"
+    assert [(x.subnet, x.backend_type, x.vtep_mac) for x in listed] == \
+        [(old.subnet, "vxlan", "02:00:00:00:00:01")]
+    assert unproven.subnet != stranger.subnet
