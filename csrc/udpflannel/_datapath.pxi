@@ -461,7 +461,7 @@ cdef int accept_inner(rxctx_t *c, uint8_t *p, Py_ssize_t avail, int family, uint
     """The inner packet's rules, whatever the framing: a well-formed IP header that
     fits, a known sender, IPv4, and an inner source that the sender may use."""
     cdef eng_t *e = c.e
-    cdef Py_ssize_t ihl, total
+    cdef Py_ssize_t ihl, total = 0
     cdef uint32_t inner_src
     cdef route_t *owner
     if family == 4:

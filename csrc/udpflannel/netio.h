@@ -10,7 +10,9 @@
 #ifndef UDPFLANNEL_NETIO_H
 #define UDPFLANNEL_NETIO_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>

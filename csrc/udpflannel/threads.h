@@ -12,7 +12,9 @@
 #ifndef UDPFLANNEL_THREADS_H
 #define UDPFLANNEL_THREADS_H
 
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>

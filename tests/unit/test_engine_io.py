@@ -124,6 +124,9 @@ def test_engine_plane_logs_gso_off_once(caplog):
 
         def offloads(self):
             return {"gso": self.gso}
+
+        def reclaim(self):
+            return 0
     plane = EnginePlane.__new__(EnginePlane)
     plane.engine, plane._gso = Engine(), True
     asyncio.run(plane.check())

@@ -139,6 +139,7 @@ def tso_size_for_one_send(mtu: int) -> int:
 
 
 FALLBACK_METRIC = 4096  # below the TUN's own route; only ever used without it
+TUN_QUEUE = 2000  # packets the TUN holds for the engine (the kernel's default 500 overflows on bursts)
 
 
 def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network,
@@ -160,7 +161,7 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.I
             except NetlinkError as e:  # older kernels: bigger super-packets, two sends each
                 log.info("cannot cap the TUN's TSO size (%s); continuing", e)
         try:
-            ipr.link("set", index=index, mtu=mtu)
+            ipr.link("set", index=index, mtu=mtu, txqlen=TUN_QUEUE)
             own = str(subnet.network_address)
             for addr in ipr.addr("dump", family=socket.AF_INET, index=index):
                 if addr.get_attr("IFA_ADDRESS") != own:  # an earlier lease's address
