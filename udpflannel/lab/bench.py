@@ -7,6 +7,9 @@ drift of a shared machine spreads over every case instead of favouring one. Each
 an echo from node 1, then runs four steps from node 1 to node 2:
 
     ping   iputils ping, 200 echoes 10 ms apart           -> RTT p50 / p99
+    echo   (veth only) a compiled UDP echo, 200 x 10 ms    -> the latency floor: one
+           process wakeup w = echo p50 - ping p50; each udpflannel case's ping
+           overhead over kernel VXLAN is reported as a multiple of 4w
     tcp1   iperf3 TCP, 1 stream                           -> Gbit/s, retransmits
     tcp4   iperf3 TCP, 4 streams                          -> Gbit/s, retransmits
     udp    iperf3 UDP, 64 B datagrams, unlimited rate     -> received kpkt/s, loss %
@@ -126,8 +129,17 @@ def _udp(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
             f"loss {r.loss_pct:.1f} %")
 
 
+def _echo(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
+    rtts = tools.udp_echo(t.src, t.dst, t.addr, PING_COUNT, PING_INTERVAL)
+    if not rtts:
+        raise tools.ToolError("no UDP echo came back")
+    metrics["echo_p50_us"] = report.percentile(rtts, 50)
+    detail.update(sent=PING_COUNT, received=len(rtts), rtts_us=rtts)
+    return f"UDP echo RTT p50 {report.format_value(metrics['echo_p50_us'])} us"
+
+
 STEPS: dict[str, Callable[[Target, float, dict, dict], str]] = {
-    "ping": _ping, "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp}
+    "ping": _ping, "echo": _echo, "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp}
 
 
 def _daemon_cpu(pids: tuple[int, ...]) -> list[float | None]:
@@ -158,12 +170,14 @@ def run_case(case: Case, rep: int, repeat: int, seconds: float, progress: Progre
         except Exception as e:
             run["errors"]["setup"] = _error_text(e)
             progress.end("FAILED: " + report.one_line(_error_text(e)))
-            progress.skip(len(STEPS))
+            progress.skip(len(case.steps))
             return run
         run["target"] = {"addr": target.addr, "note": target.note}
         progress.end(f"{target.note}; {target.addr} reachable after {took:.1f} s")
         daemon_total = 0.0
         for name, step in STEPS.items():
+            if name not in case.steps:
+                continue
             time.sleep(SETTLE)
             progress.begin(tag, case.name, name)
             detail: dict[str, Any] = {}
@@ -225,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
     meta = _meta(args, order, started)
 
     previous = signal.signal(signal.SIGTERM, owned_handler(_interrupt))
-    progress = Progress(len(order) * args.repeat * (1 + len(STEPS)),
+    progress = Progress(args.repeat * sum(1 + len(cases[n].steps) for n in order),
                         partial_lines=not args.verbose)
     progress.say(f"udpflannel bench: {', '.join(order)}; {meta['iperf_seconds']} s per iperf3 run, "
                  f"{args.repeat} repetition(s); {meta['kernel']}, {meta['cpus']} CPUs, {meta['iperf3']}")
@@ -262,6 +276,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"median of {args.repeat} run(s); xN = ratio to the {report.BASELINE} median"
           if report.BASELINE in order else f"median of {args.repeat} run(s)")
     print(report.render_table(order, medians))
+    for line in doc["floor"]:
+        print(line)
     for e in doc["errors"]:
         print(f"FAILED {e['case']} rep {e['rep']} {e['step']}: {report.one_line(e['error'])}")
     print("wrote " + ", ".join(written))

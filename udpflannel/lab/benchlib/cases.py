@@ -7,11 +7,14 @@ on exit.
 - ``kernel-vxlan``: ``flannel.1`` configured by netlink exactly as flannel's vxlan
   backend does (see flannel-compat.md); target node 2's ``<subnet>.0``.
 - ``udpflannel-<mode>``: two ``udpflannel run`` daemons sharing an embedded registry,
-  with the mode's extra daemon arguments; target node 2's TUN address.
+  with the mode's extra daemon arguments and network config; target node 2's overlay
+  address (the TUN's, or flannel.1's with the kernel plane).
+- ``flanneld-udp``: two of the lab's flanneld udp-backend stand-ins (flannel's C proxy
+  design: one packet per syscall), the reference for the udp-mode case.
 
-To add a udpflannel mode, add one line to ``UDPFLANNEL_MODES``: its daemon arguments
-and how many other (absent) peers to preload into the registry, so the route table
-holds that many entries while node 1 talks to node 2.
+To add a udpflannel mode, add one line to ``UDPFLANNEL_MODES``: its daemon arguments,
+how many other (absent) peers to preload into the registry (so the route table holds
+that many entries while node 1 talks to node 2), and the network config.
 """
 
 from __future__ import annotations
@@ -33,15 +36,20 @@ from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab, Namespace
 from udpflannel.registry.embedded import EmbeddedRegistry
 
-# name -> (extra `udpflannel run` arguments, extra peers preloaded into the registry)
-UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int]] = {
-    "offload": (("--offload", "auto"), 0),
-    "offload-4096-peers": (("--offload", "auto"), 4094),
-    "no-offload": (("--offload", "off"), 0),
-    "python": (("--engine", "python"), 0),
-}
 # A network with room for 4,096 peers and more (16,384 /24s; the default /16 holds 255).
 BIG_NETWORK = '{"Network": "10.64.0.0/10", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}'
+UDP_NETWORK = '{"Network": "10.64.0.0/10", "SubnetLen": 24, "Backend": {"Type": "udp"}}'
+# name -> (extra `udpflannel run` arguments, extra peers preloaded, network config)
+UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int, str]] = {
+    "offload": (("--offload", "auto"), 0, BIG_NETWORK),
+    "threads": (("--io", "threads"), 0, BIG_NETWORK),
+    "threads-2q": (("--io", "threads", "--queues", "2"), 0, BIG_NETWORK),
+    "kernel": (("--dataplane", "kernel"), 0, BIG_NETWORK),
+    "udp-backend": (("--offload", "auto"), 0, UDP_NETWORK),
+    "offload-4096-peers": (("--offload", "auto"), 4094, BIG_NETWORK),
+    "no-offload": (("--offload", "off"), 0, BIG_NETWORK),
+    "python": (("--engine", "python"), 0, BIG_NETWORK),
+}
 
 LAB_TAG = "ufb"
 VXLAN_DEV, VXLAN_VNI, VXLAN_PORT, VXLAN_OVERHEAD = "flannel.1", 1, 8472, 50
@@ -63,6 +71,7 @@ class Case:
     description: str
     setup: Callable[[], ContextManager[Target]]
     daemon_args: tuple[str, ...] | None = None
+    steps: tuple[str, ...] = ("ping", "tcp1", "tcp4", "udp")
 
 
 @contextmanager
@@ -99,12 +108,13 @@ def kernel_vxlan() -> Iterator[Target]:
                      note=f"lab {lab.id}, {VXLAN_DEV} MTU {lab.mtu - VXLAN_OVERHEAD}")
 
 
-def _preload_peers(registry_file: str, count: int) -> None:
-    """Leases of ``count`` absent nodes, so every daemon's route table holds them."""
+def _preload_peers(registry_file: str, count: int, config: str = BIG_NETWORK) -> None:
+    """The network config, and leases of ``count`` absent nodes so every daemon's
+    route table holds them."""
     async def write() -> None:
         reg = EmbeddedRegistry(registry_file)
         try:
-            cfg = netconfig.parse(await reg.put_config_if_absent(BIG_NETWORK))
+            cfg = netconfig.parse(await reg.put_config_if_absent(config))
             for k in range(count):
                 subnet = cfg.subnet_at(cfg.subnet_count - 1 - k)  # far from what nodes pick
                 await reg.create_lease(Lease(subnet, ipaddress.IPv4Address(0x0A000000 + 0x10000 + k),
@@ -114,15 +124,15 @@ def _preload_peers(registry_file: str, count: int) -> None:
     asyncio.run(write())
 
 
-def udpflannel(extra_args: tuple[str, ...], peers: int = 0) -> Callable[[], ContextManager[Target]]:
+def udpflannel(extra_args: tuple[str, ...], peers: int = 0,
+               config: str = BIG_NETWORK) -> Callable[[], ContextManager[Target]]:
     @contextmanager
     def setup() -> Iterator[Target]:
         workdir = tempfile.mkdtemp(prefix="udpflannel-bench-")
         try:
             with Lab(2, tag=LAB_TAG) as lab, \
                     Cluster(lab, workdir, extra_args=extra_args) as cluster:
-                if peers:
-                    _preload_peers(cluster.registry_file, peers)
+                _preload_peers(cluster.registry_file, peers, config)
                 cluster.start_all()
                 cluster.wait_converged(timeout=30)
                 if peers:
@@ -133,22 +143,50 @@ def udpflannel(extra_args: tuple[str, ...], peers: int = 0) -> Callable[[], Cont
                 st = cluster.status(1)
                 yield Target(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), daemons=pids,
                              note=f"lab {lab.id}, daemons {', '.join(map(str, pids))}, "
-                                  f"TUN MTU {st.get('mtu')}")
+                                  f"{st.dataplane.kind} plane, {st.dataplane.device} MTU "
+                                  f"{st.dataplane.mtu}")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return setup
 
 
+@contextmanager
+def flanneld_udp() -> Iterator[Target]:
+    from udpflannel.lab.flanneld_udp import FlanneldUdpPeer
+    workdir = tempfile.mkdtemp(prefix="udpflannel-bench-")
+    peers: list = []
+    try:
+        with Lab(2, tag=LAB_TAG) as lab:
+            registry = f"{workdir}/registry.db"
+            _preload_peers(registry, 0, UDP_NETWORK)
+            for i in (0, 1):
+                peer = FlanneldUdpPeer(lab.nodes[i], f"{workdir}/n{i + 1}", registry_file=registry)
+                peers.append(peer)
+                peer.start().wait_ready()
+            # the C proxies do the forwarding: theirs is the CPU and memory to count
+            pids = tuple(int(p.log_tail(50).split("proxy pid ")[1].split()[0]) for p in peers)
+            yield Target(lab.nodes[0], lab.nodes[1], peers[1].overlay_addr, daemons=pids,
+                         note=f"lab {lab.id}, flanneld-udp proxies {', '.join(map(str, pids))}")
+    finally:
+        for peer in peers:
+            peer.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def all_cases() -> list[Case]:
     cases = [
-        Case("veth", "bare underlay: veth pairs through a bridge, no overlay", veth),
+        Case("veth", "bare underlay: veth pairs through a bridge, no overlay", veth,
+             steps=("ping", "echo", "tcp1", "tcp4", "udp")),
         Case(BASE_CASE, "kernel VXLAN set up as flannel's vxlan backend (flannel.1, "
                         f"VNI {VXLAN_VNI}, port {VXLAN_PORT}, nolearning, static neigh/fdb/route)",
              kernel_vxlan),
     ]
-    for mode, (extra, peers) in UDPFLANNEL_MODES.items():
+    for mode, (extra, peers, config) in UDPFLANNEL_MODES.items():
         more = f", {peers + 1} peers in the route table" if peers else ""
-        cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}{more}",
-                          udpflannel(extra, peers), daemon_args=extra))
+        backend = ", flanneld's udp backend" if config == UDP_NETWORK else ""
+        cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}{more}{backend}",
+                          udpflannel(extra, peers, config), daemon_args=extra))
+    cases.append(Case("flanneld-udp", "flanneld's udp backend: the lab's stand-in with flannel's "
+                      "C proxy design (one packet per syscall)", flanneld_udp))
     return cases
 

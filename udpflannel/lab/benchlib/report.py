@@ -38,6 +38,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("udp_loss_pct", "  loss", "%", "lower", "udp"),
     Metric("rtt_p50_us", "ping RTT p50", "us", "lower", "ping"),
     Metric("rtt_p99_us", "ping RTT p99", "us", "lower", "ping"),
+    Metric("echo_p50_us", "UDP echo RTT p50", "us", "lower", "echo"),
     Metric("daemon_cpu_s", "daemon CPU, both nodes", "s", "lower", "daemon", daemon_only=True),
     Metric("daemon_rss_mib", "daemon peak RSS, max node", "MiB", "lower", "daemon", daemon_only=True),
 )
@@ -165,6 +166,34 @@ def render_table(order: Sequence[str], medians: Mapping[str, Mapping[str, float 
     return "\n".join(lines)
 
 
+FLOOR_CASE = "veth"
+
+
+def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BASELINE) -> list[str]:
+    """The latency floor, in words: w, one process wakeup (a compiled UDP echo minus a
+    kernel ping between the same namespaces), and for each udpflannel case its ping
+    overhead over kernel VXLAN as a multiple of 4w (a round trip passes the daemons
+    four times; 4w is what no userspace data plane can avoid)."""
+    veth = medians.get(FLOOR_CASE, {})
+    echo, ping = veth.get("echo_p50_us"), veth.get("rtt_p50_us")
+    base = (medians.get(baseline) or {}).get("rtt_p50_us")
+    if echo is None or ping is None:
+        return []
+    w = echo - ping
+    lines = [f"floor: one wakeup w = UDP echo {format_value(echo)} us - kernel ping "
+             f"{format_value(ping)} us = {format_value(w)} us; a round trip through two "
+             f"userspace nodes costs at least 4w = {format_value(4 * w)} us over kernel VXLAN"]
+    if base is None or w <= 0:
+        return lines
+    for case, m in medians.items():
+        rtt = m.get("rtt_p50_us")
+        if case.startswith("udpflannel-") and rtt is not None:
+            over = rtt - base
+            lines.append(f"  {case}: ping p50 {format_value(rtt)} us = kernel VXLAN + "
+                         f"{format_value(over)} us = {over / w:.1f} w ({over / (4 * w):.2f} x 4w)")
+    return lines
+
+
 def build_document(meta: Mapping[str, Any], cases: Mapping[str, Mapping[str, Any]],
                    baseline: str = BASELINE) -> dict[str, Any]:
     """The JSON written next to the chart: every run, plus medians and ratios.
@@ -184,4 +213,4 @@ def build_document(meta: Mapping[str, Any], cases: Mapping[str, Mapping[str, Any
               for step, text in (r.get("errors") or {}).items()]
     return {"schema": SCHEMA, "meta": dict(meta), "baseline": baseline,
             "metrics": [asdict(m) for m in METRICS], "cases": out_cases,
-            "errors": errors, "ok": not errors}
+            "floor": floor(meds, baseline), "errors": errors, "ok": not errors}

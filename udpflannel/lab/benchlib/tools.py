@@ -158,3 +158,27 @@ def iperf3_version() -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ToolError(f"iperf3 not usable: {e}") from None
     return out.splitlines()[0].strip() if out else "unknown"
+
+
+def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
+             port: int = 7007) -> list[float]:
+    """RTTs in microseconds of ``count`` UDP echoes ``gap`` seconds apart between two
+    compiled programs (lab csrc/lab/udpecho.c), server in ``dst`` on ``addr``."""
+    from udpflannel.lab import cbuild
+    binary = cbuild.build(cbuild.LAB_SOURCES / "udpecho.c")
+    server = _start(dst, [binary, "server", addr, str(port)], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise ToolError(f"udpecho server did not start: {server.stderr.read().strip()}")
+        client = _start(src, [binary, "client", addr, str(port), str(count),
+                              str(int(gap * 1e6))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = client.communicate(timeout=count * (gap + 1.0) + 10)
+        finally:
+            stop(client)
+        if client.returncode != 0:
+            raise ToolError(f"udpecho client failed: {err.strip()}")
+        return [float(x) for x in out.split() if x != "lost"]
+    finally:
+        stop(server, grace=0)
