@@ -185,8 +185,8 @@ def test_render_table_without_baseline_has_no_ratios():
 
 
 def test_every_metric_is_reported_by_a_step():
-    steps = {"ping", "tcp1", "tcp4", "udp", "daemon"}
-    assert {m.step for m in METRICS} <= steps
+    from udpflannel.lab.bench import STEPS
+    assert {m.step for m in METRICS} <= set(STEPS) | {"daemon"}
     assert all(m.better in ("higher", "lower") for m in METRICS)
     assert len(set(METRIC_KEYS)) == len(METRIC_KEYS)
 
@@ -392,3 +392,17 @@ def test_listening_tcp_ports():
 
 def test_nan_is_not_a_median():
     assert report.median([math.nan]) is None
+
+
+def test_floor_names_w_and_each_engine_case_as_a_multiple_of_4w():
+    from udpflannel.lab.benchlib.report import floor
+    med = {"veth": {"rtt_p50_us": 30.0, "echo_p50_us": 50.0},
+           "kernel-vxlan": {"rtt_p50_us": 60.0},
+           "udpflannel-threads": {"rtt_p50_us": 140.0}, "flanneld-udp": {"rtt_p50_us": 200.0}}
+    lines = floor(med)
+    assert "w = UDP echo 50.0 us - kernel ping 30.0 us = 20.0 us" in lines[0]
+    assert "4w = 80.0 us" in lines[0]
+    assert lines[1] == ("  udpflannel-threads: ping p50 140 us = kernel VXLAN + 80.0 us = 4.0 w "
+                        "(1.00 x 4w)")
+    assert len(lines) == 2  # only udpflannel cases get a multiple
+    assert floor({"kernel-vxlan": {"rtt_p50_us": 60.0}}) == []  # no veth echo: no floor
