@@ -39,7 +39,8 @@ def main(nodes: int, seconds: float, engine: str) -> int:
             cluster.wait_converged(timeout=30)
             for i, st in enumerate(cluster.statuses()):
                 _say(f"  node {i + 1}  ns {lab.nodes[i].name:<16} underlay {lab.addresses[i]:<15} "
-                     f"leased {st['subnet']:<16} VTEP {st['vtep_mac']}  peers {st['routes']}")
+                     f"leased {st.lease.subnet:<16} VTEP {st.lease.vtep_mac}  "
+                     f"{st.dataplane.kind} plane, peers {st.dataplane.peers}")
             _say()
             failures = _ping_all(cluster)
             _say()
