@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 
 import pytun
 
@@ -61,7 +62,7 @@ class Tun:
     def __init__(self, name: str, vnet_hdr: bool = False, persist: bool = True) -> None:
         preflight()
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
-        self.existed = os.path.exists(f"/sys/class/net/{name}")
+        self.existed = exists(name)
         try:
             self._dev = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
@@ -111,9 +112,31 @@ class Tun:
             self.close()
 
 
+def exists(name: str) -> bool:
+    """Whether a device ``name`` exists in our network namespace. Not by /sys/class/net:
+    sysfs shows the namespace it was mounted in, another one when only the network
+    namespace was entered (`nsenter --net`, a container sharing the host's /sys)."""
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
+
+
+def _is_tun(name: str) -> bool:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        info = ipr.link("get", index=found[0])[0].get_attr("IFLA_LINKINFO")
+        return info is not None and info.get_attr("IFLA_INFO_KIND") == "tun"
+
+
 def delete(name: str) -> bool:
-    """Remove a persistent TUN of ours by name (cleanup); False if there is none."""
-    if not os.path.exists(f"/sys/class/net/{name}/tun_flags"):
+    """Remove a persistent TUN of ours by name (cleanup); False if there is none.
+    Blocking netlink: call it from a worker thread in the daemon."""
+    if not _is_tun(name):
         return False
     Tun(name, persist=False).close()
     return True
