@@ -41,9 +41,9 @@ from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab, Namespace
 
 try:
-    from .etcd_server import EtcdServer, require_etcd
+    from .etcd_server import EtcdServer, require_etcd, wait_for
 except ImportError:
-    from etcd_server import EtcdServer, require_etcd
+    from etcd_server import EtcdServer, require_etcd, wait_for
 
 HUB_ADDR = "192.168.250.2"
 NETWORK = "10.244.0.0/16"
@@ -369,15 +369,16 @@ def test_engine_kernel_auto_and_flanneld_nodes_form_one_cluster(lab, etcd, make)
         assert back.bytes == there.bytes == 4 << 20
     # each kernel sender (kernel plane, auto, flanneld) left its TCP checksums for a NIC
     # to finish; the engine finished them, or no segment would have reached the socket
-    assert all(n >= 16 for n in completed.values()), completed  # 4 MiB: >= 64 super-packets
+    assert all(n >= 16 for n in completed.values()), completed  # ~80 per 4 MiB here
     assert malformed_drops(cluster.status(e).dataplane.counters) == {}
 
     # the kernel plane's status is the device's: name, kind, and its own counters
-    dev = link(lab.nodes[k], "flannel.1")  # no traffic any more: these stay
-    done = cluster.wait_status(k, lambda s: s.dataplane.counters["tx_packets"] == dev["tx_packets"]
-                               and s.dataplane.counters["rx_packets"] == dev["rx_packets"], 10,
-                               "reporting flannel.1's counters")
-    assert done.dataplane.counters["tx_bytes"] == dev["tx_bytes"] > 4 << 20  # its stream to 0
+    def reported() -> tuple[dict, dict] | None:  # refreshed every 2 s from the device
+        counters, dev = cluster.status(k).dataplane.counters, link(lab.nodes[k], "flannel.1")
+        keys = ("tx_packets", "rx_packets", "tx_bytes", "rx_bytes")
+        return (counters, dev) if all(counters[key] == dev[key] for key in keys) else None
+    counters, dev = wait_for(reported, 10, "status to report flannel.1's own counters")
+    assert counters["tx_bytes"] > 4 << 20 and counters["rx_bytes"] > 4 << 20  # its streams
     out = subprocess.run([sys.executable, "-m", "udpflannel", "status", "--json",
                           "--admin-socket", cluster.admin_path(k)],
                          capture_output=True, text=True, timeout=20, check=True).stdout
@@ -393,7 +394,8 @@ def test_engine_kernel_auto_and_flanneld_nodes_form_one_cluster(lab, etcd, make)
         cluster.wait_status(i, lambda s: s.dataplane.peers == 2, 10, "dropping the flanneld node")
     cluster.start(k, KERNEL)
     cluster.wait_status(k, lambda s: s.ready and s.dataplane.peers == 2, 20, "back with 2 peers")
-    assert re.search(r"removed \d+ stale entries of peers that left while we were down", log_of(cluster, k))
+    # its route, neighbour and fdb entry
+    assert "removed 3 stale entries of peers that left while we were down" in log_of(cluster, k)
     for i in (k, a):
         dev = link(lab.nodes[i], "flannel.1")
         assert gateway_of(flanneld_subnet) not in neighbours(lab.nodes[i], dev["index"])
