@@ -86,6 +86,11 @@ class EnginePlane:
     async def prepare(self) -> None:
         """Bind every port before a lease is taken (a clash must not cost a lease)."""
         tun_preflight()
+        # Our own flannel.<VNI>, left up by the kernel plane, holds the VXLAN port: it
+        # goes before we bind (after a lease would be too late: the bind fails).
+        name = vxlandev.device_name(self.opts.config.vni)
+        if await asyncio.to_thread(_delete_link, name, self.opts.vtep_mac):
+            log.info("removed %s, left by the kernel data plane (it holds the VXLAN port)", name)
         address = self.opts.underlay.address
         own = self.opts.config.backend_type
         self.vxlan_group = self._bind_group(address, self.vxlan_port, required=own == "vxlan")
@@ -125,9 +130,6 @@ class EnginePlane:
 
     async def start(self, lease: Lease) -> None:
         self._subnet = lease.subnet
-        name = vxlandev.device_name(self.opts.config.vni)
-        if await asyncio.to_thread(_delete_link, name):
-            log.info("removed %s, left by the kernel data plane (it holds the VXLAN port)", name)
         self.engine = make_engine(self.opts.engine, self.opts)
         await self._attach_tun()
 
@@ -323,7 +325,13 @@ class EnginePlane:
         return tuple(PeerStatus(str(r.subnet), str(r.public_ip), r.framing) for r in routes)
 
 
-def _delete_link(name: str) -> bool:
+def _delete_link(name: str, mac: str) -> bool:
+    """Delete the VXLAN device ``name`` if it is ours (our VTEP MAC); a stranger's
+    (a flanneld's) stays, and the bind then says that the port is taken."""
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
-        return vxlandev.delete(ipr, name)
+        index = vxlandev.find(ipr, name)
+        if index is None or ipr.link("get", index=index)[0].get("address") != mac:
+            return False
+        ipr.link("del", index=index)
+        return True

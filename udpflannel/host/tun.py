@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 
 import pytun
 
@@ -68,8 +69,8 @@ class Tun:
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
         if queues > 1:
             flags |= IFF_MULTI_QUEUE
-        self.existed = os.path.exists(f"/sys/class/net/{name}")
-        if self.existed and _is_multi_queue(name) != (queues > 1):
+        self.existed = exists(name)
+        if self.existed and _tun_info(name).get("IFLA_TUN_MULTI_QUEUE", 0) != (queues > 1):
             log.info("replacing %s: it was made with %s queue", name,
                      "a multi" if queues == 1 else "a single")
             _remove_device(name)
@@ -130,12 +131,33 @@ class Tun:
             self.close()
 
 
-def _is_multi_queue(name: str) -> bool:
+def exists(name: str) -> bool:
+    """Whether a device ``name`` exists in our network namespace. Not by /sys/class/net:
+    sysfs shows the namespace it was mounted in, another one when only the network
+    namespace was entered (`nsenter --net`, a container sharing the host's /sys)."""
     try:
-        with open(f"/sys/class/net/{name}/tun_flags") as f:
-            return bool(int(f.read(), 16) & IFF_MULTI_QUEUE)
-    except (OSError, ValueError):
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
         return False
+
+
+def _tun_info(name: str) -> dict:
+    """The TUN's own attributes (IFLA_TUN_*) over netlink; {} if ``name`` is no TUN."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return {}
+        info = ipr.link("get", index=found[0])[0].get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "tun":
+            return {}
+        data = info.get_attr("IFLA_INFO_DATA")
+        return dict(data["attrs"]) if data else {"IFLA_TUN_TYPE": 1}
+
+
+def _is_tun(name: str) -> bool:
+    return bool(_tun_info(name))
 
 
 def _remove_device(name: str) -> None:
@@ -147,8 +169,9 @@ def _remove_device(name: str) -> None:
 
 
 def delete(name: str) -> bool:
-    """Remove a persistent TUN of ours by name (cleanup); False if there is none."""
-    if not os.path.exists(f"/sys/class/net/{name}/tun_flags"):
+    """Remove a persistent TUN of ours by name (cleanup); False if there is none.
+    Blocking netlink: call it from a worker thread in the daemon."""
+    if not _is_tun(name):
         return False
     _remove_device(name)
     return True

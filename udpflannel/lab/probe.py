@@ -23,9 +23,12 @@ def _echo_request(ident: int, seq: int, payload: bytes) -> bytes:
 
 
 def ping(ns: Namespace, dst: str, count: int = 3, timeout: float = 1.0,
-         interval: float = 0.0) -> list[float | None]:
-    """RTTs in seconds (None for a lost echo), from inside ``ns``."""
+         interval: float = 0.0, src_addr: str | None = None) -> list[float | None]:
+    """RTTs in seconds (None for a lost echo), from inside ``ns`` (from ``src_addr``
+    when given, else from the address the kernel picks for the route)."""
     sock = ns.call(socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    if src_addr is not None:
+        sock.bind((src_addr, 0))
     ident = os.getpid() & 0xFFFF ^ threading.get_ident() & 0xFFFF
     rtts: list[float | None] = []
     try:
@@ -67,10 +70,12 @@ class TcpResult:
 
 
 def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3.0,
-               port: int = 5201, timeout: float = 10.0, nbytes: int | None = None) -> TcpResult:
+               port: int = 5201, timeout: float = 10.0, nbytes: int | None = None,
+               src_addr: str | None = None) -> TcpResult:
     """Send for ``seconds`` (or exactly ``nbytes``, however long it takes within
-    ``timeout`` per socket operation) from ``src`` to ``dst_addr`` (in ``dst``); bytes
-    counted by the receiver, which also checks the stream's content."""
+    ``timeout`` per socket operation) from ``src`` (from ``src_addr`` when given) to
+    ``dst_addr`` (in ``dst``); bytes counted by the receiver, which also checks the
+    stream's content."""
     listener = dst.call(socket.create_server, ("0.0.0.0", port))
     listener.settimeout(timeout)
     got: dict[str, object] = {}
@@ -97,6 +102,8 @@ def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3
     try:
         client = src.call(socket.socket)
         client.settimeout(timeout)
+        if src_addr is not None:
+            client.bind((src_addr, 0))
         client.connect((dst_addr, port))
         block = bytes(range(256)) * 256
         end = time.perf_counter() + seconds
