@@ -142,8 +142,9 @@ class EnginePlane:
 
     async def _attach_tun(self) -> None:
         """Create or re-attach the TUN, configure it, and start reading everything."""
-        tun = Tun(self.opts.tun, vnet_hdr="tso" in self.offloads, queues=self.opts.queues,
-                  blocking=self.threaded)
+        # on a worker thread: it may ask netlink (pyroute2's sync API cannot run on uvloop)
+        tun = await asyncio.to_thread(Tun, self.opts.tun, "tso" in self.offloads, True,
+                                      self.opts.queues, self.threaded)
         try:
             await asyncio.to_thread(netconf.configure_tun, tun.name, self._subnet,
                                     self.opts.config.network, self.opts.mtu, tun.tso)
