@@ -256,6 +256,18 @@ def build_parser() -> Parser:
     bench.add_argument("--only", help="comma-separated subset of cases to run")
     bench.add_argument("-v", "--verbose", action="store_true")
 
+    cni = sub.add_parser("install-cni", help="install udpflannel-cni, the standard CNI plugins and "
+                         "the conflist on this host (idempotent; for an init container)")
+    cni.add_argument("--bin-dir", default="/opt/cni/bin", help="where the runtime finds CNI plugins "
+                     "(default /opt/cni/bin)")
+    cni.add_argument("--conf-dir", default="/etc/cni/net.d", help="where the runtime finds network "
+                     "configs (default /etc/cni/net.d)")
+    cni.add_argument("--plugins-from", default="/usr/lib/cni", help="copy bridge, host-local, portmap "
+                     "and loopback from here when missing in --bin-dir (default /usr/lib/cni; '': none)")
+    cni.add_argument("--replace-plugins", action="store_true",
+                     help="also replace standard plugins in --bin-dir that differ from --plugins-from")
+    cni.add_argument("-v", "--verbose", action="store_true")
+
     status = sub.add_parser("status", help="ask a running daemon for its lease, data plane and counters")
     status.add_argument("--admin-socket", help="default: FLANNELD_ADMIN_SOCKET, else "
                         "/run/udpflannel/<tun>.sock with --tun or FLANNELD_TUN (flannel0)")
@@ -323,6 +335,12 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return bench.main(a)
 
 
+def _cmd_install_cni(a: argparse.Namespace) -> int:
+    from udpflannel.cni import install
+    install.run(a.bin_dir, a.conf_dir, a.plugins_from or None, a.replace_plugins)
+    return EXIT_OK
+
+
 def _cmd_status(a: argparse.Namespace) -> int:
     from udpflannel.core.status import NodeStatus
     from udpflannel.observe import admin, statusview
@@ -345,11 +363,12 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run, "cleanup": _cmd_cleanup, "demo": _cmd_demo, "bench": _cmd_bench,
-    "status": _cmd_status}
+    "status": _cmd_status, "install-cni": _cmd_install_cni}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from udpflannel.cleanup import CleanupError
+    from udpflannel.cni.install import InstallError
     from udpflannel.core.config import ConfigError
     from udpflannel.daemon import FatalError
     from udpflannel.dataplane.base import DataplaneError
@@ -361,8 +380,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from udpflannel.observe.http import HttpError
     from udpflannel.registry.base import RegistryError
     from udpflannel.subnet import NoFreeSubnet, SubnetLost
-    return (FatalError, CleanupError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError, NetconfError,
-            RegistryError, NoFreeSubnet, SubnetLost, TunError, RulesError, HttpError,
+    return (FatalError, CleanupError, InstallError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError,
+            NetconfError, RegistryError, NoFreeSubnet, SubnetLost, TunError, RulesError, HttpError,
             PermissionError, FileNotFoundError, ConnectionError, ValueError)
 
 
