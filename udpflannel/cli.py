@@ -102,19 +102,25 @@ REFUSED = {
                          "registry; the Kubernetes subnet manager is not implemented",
     "--kube-api-url": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
     "--kubeconfig-file": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
-    "--kube-annotation-prefix": "the Kubernetes subnet manager is not implemented",
-    "--public-ipv6": "udpflannel carries an IPv4 overlay only",
-    "--auto-detect-ipv6": "udpflannel carries an IPv4 overlay only",
-    "--iface-ipv6": "udpflannel carries an IPv4 overlay only",
-    "--charon-executable-path": "the ipsec backend is not implemented (use vxlan)",
-    "--charon-viciurl": "the ipsec backend is not implemented (use vxlan)",
-    "--set-node-network-unavailable": "the Kubernetes subnet manager is not implemented",
-    "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented",
+    "--kube-annotation-prefix": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints "
+                                "(and --etcd-prefix)",
+    "--public-ipv6": "udpflannel carries an IPv4 overlay only; use --public-ip",
+    "--auto-detect-ipv6": "udpflannel carries an IPv4 overlay only; use --iface or --public-ip",
+    "--iface-ipv6": "udpflannel carries an IPv4 overlay only; use --iface",
+    "--charon-executable-path": "the ipsec backend is not implemented; use the vxlan backend",
+    "--charon-viciurl": "the ipsec backend is not implemented; use the vxlan backend",
+    "--set-node-network-unavailable": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
+    "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented; use one Network in the config",
 }
+
+
+_OFF = ("", "0", "f", "false", "no", "off")  # a refused flag set to one of these asks for nothing
 
 
 class _Refuse(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
+        if isinstance(values, str) and values.strip().lower() in _OFF:
+            return
         parser.error(f"{option_string} is not supported: {REFUSED[option_string]}")
 
 
@@ -216,10 +222,14 @@ def env_flags(environ: dict[str, str] | None = None) -> list[str]:
     out = []
     for action in checker._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or longs[0] == "--verbose" or isinstance(action, _Refuse):
+        if not longs or longs[0] == "--verbose":
             continue
         name = "FLANNELD_" + longs[0][2:].upper().replace("-", "_")
         if name not in environ:
+            continue
+        if isinstance(action, _Refuse):  # set to anything but empty or false: refused, not ignored
+            if environ[name].strip().lower() not in _OFF:
+                raise _EnvError(f"environment {name}: {longs[0]} is not supported: {REFUSED[longs[0]]}")
             continue
         values = environ[name].split(",") if isinstance(action, argparse._AppendAction) else [environ[name]]
         args = [f"{longs[0]}={v.strip()}" for v in values if v.strip() or len(values) == 1]
