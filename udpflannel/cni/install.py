@@ -103,8 +103,11 @@ def _mode(path: str) -> int:
 
 def write_if_changed(path: str, data: bytes, mode: int) -> Outcome:
     """``data`` at ``path`` with ``mode``, atomically; nothing done if already so."""
-    if _read(path) == data and _mode(path) == mode:
-        return Outcome(path, "unchanged")
+    try:
+        if _read(path) == data and _mode(path) == mode:
+            return Outcome(path, "unchanged")
+    except InstallError:
+        pass  # unreadable: try to replace it; the write says what is wrong if it cannot
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
