@@ -98,8 +98,8 @@ def _bool(text: str) -> bool:
 
 # flanneld flags udpflannel does not implement, and what to use instead.
 REFUSED = {
-    "--kube-subnet-mgr": "udpflannel leases subnets from etcd (--etcd-endpoints) or its embedded "
-                         "registry; the Kubernetes subnet manager is not implemented",
+    "--kube-subnet-mgr": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints "
+                         "(flanneld's etcd mode) or, on one host, the embedded registry",
     "--kube-api-url": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
     "--kubeconfig-file": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
     "--kube-annotation-prefix": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints "
