@@ -211,18 +211,21 @@ class _EnvParser(Parser):
         raise _EnvError(message)
 
 
-def env_flags(environ: dict[str, str] | None = None) -> list[str]:
+def env_flags(environ: dict[str, str] | None = None, command_line: Sequence[str] = ()) -> list[str]:
     """FLANNELD_<FLAG> environment values as `--flag=value` arguments, each checked by
     the same parser as the flag itself (one clear line naming the variable when it is
     bad). They go before the command line's flags, which therefore win. A repeatable
-    flag (--iface) takes a comma list."""
+    flag (--iface) takes a comma list. As in flanneld, a variable whose flag is on
+    ``command_line`` is not used at all: otherwise FLANNELD_IFACE=eth0 with --iface eth1
+    would make eth0 the first choice of two, and the command line would not win."""
     environ = os.environ if environ is None else environ
+    given = {arg.split("=", 1)[0] for arg in command_line if arg.startswith("--")}
     checker = _EnvParser(prog="udpflannel run", add_help=False)
     _add_node_flags(checker)
     out = []
     for action in checker._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or longs[0] == "--verbose":
+        if not longs or longs[0] == "--verbose" or given & set(action.option_strings):
             continue
         name = "FLANNELD_" + longs[0][2:].upper().replace("-", "_")
         if name not in environ:
@@ -399,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["run"], ["cleanup"]) and not ({"-h", "--help"} & set(argv)):
         try:
-            argv = [argv[0], *env_flags(), *argv[1:]]
+            argv = [argv[0], *env_flags(command_line=argv[1:]), *argv[1:]]
         except _EnvError as e:
             print(f"udpflannel: error: {e}", file=sys.stderr)
             return EXIT_USAGE
