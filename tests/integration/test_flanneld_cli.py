@@ -51,8 +51,9 @@ def add_second_interface(lab) -> None:
     (["--iface-can-reach", REACH_VIA_UL2], None, "ul2", UL2),
     ([], "missing0,ul2", "ul2", UL2),                                          # FLANNELD_IFACE, a comma list
     ([], f"{ETH0}", "eth0", ETH0),
+    (["--iface", "ul2"], "eth0", "ul2", UL2),                                  # the command line wins
 ], ids=["name", "address", "missing-first", "order", "skips-unheld-address", "regex-name", "regex-address",
-        "regex-second", "can-reach", "env-list", "env-address"])
+        "regex-second", "can-reach", "env-list", "env-address", "flag-over-env"])
 def test_the_underlay_is_the_one_asked_for(make_lab, workdir, monkeypatch, flags, env, ifname, address):
     lab = make_lab(1)
     add_second_interface(lab)
