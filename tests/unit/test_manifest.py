@@ -68,7 +68,7 @@ def run_args(docs):
     """The main container's `udpflannel run` as it would start: FLANNELD_* first, then args."""
     c = container(docs, "udpflannel")
     assert c["command"] == ["udpflannel"] and c["args"][0] == "run"
-    argv = ["run", *cli.env_flags(container_env(docs, c)), *c["args"][1:]]
+    argv = ["run", *cli.env_flags(container_env(docs, c), c["args"][1:]), *c["args"][1:]]
     return cli.build_parser().parse_args(argv)
 
 
