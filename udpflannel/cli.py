@@ -98,23 +98,29 @@ def _bool(text: str) -> bool:
 
 # flanneld flags udpflannel does not implement, and what to use instead.
 REFUSED = {
-    "--kube-subnet-mgr": "udpflannel leases subnets from etcd (--etcd-endpoints) or its embedded "
-                         "registry; the Kubernetes subnet manager is not implemented",
+    "--kube-subnet-mgr": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints "
+                         "(flanneld's etcd mode) or, on one host, the embedded registry",
     "--kube-api-url": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
     "--kubeconfig-file": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
-    "--kube-annotation-prefix": "the Kubernetes subnet manager is not implemented",
-    "--public-ipv6": "udpflannel carries an IPv4 overlay only",
-    "--auto-detect-ipv6": "udpflannel carries an IPv4 overlay only",
-    "--iface-ipv6": "udpflannel carries an IPv4 overlay only",
-    "--charon-executable-path": "the ipsec backend is not implemented (use vxlan)",
-    "--charon-viciurl": "the ipsec backend is not implemented (use vxlan)",
-    "--set-node-network-unavailable": "the Kubernetes subnet manager is not implemented",
-    "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented",
+    "--kube-annotation-prefix": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints "
+                                "(and --etcd-prefix)",
+    "--public-ipv6": "udpflannel carries an IPv4 overlay only; use --public-ip",
+    "--auto-detect-ipv6": "udpflannel carries an IPv4 overlay only; use --iface or --public-ip",
+    "--iface-ipv6": "udpflannel carries an IPv4 overlay only; use --iface",
+    "--charon-executable-path": "the ipsec backend is not implemented; use the vxlan backend",
+    "--charon-viciurl": "the ipsec backend is not implemented; use the vxlan backend",
+    "--set-node-network-unavailable": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
+    "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented; use one Network in the config",
 }
+
+
+_OFF = ("", "0", "f", "false", "no", "off")  # a refused flag set to one of these asks for nothing
 
 
 class _Refuse(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
+        if isinstance(values, str) and values.strip().lower() in _OFF:
+            return
         parser.error(f"{option_string} is not supported: {REFUSED[option_string]}")
 
 
@@ -205,21 +211,28 @@ class _EnvParser(Parser):
         raise _EnvError(message)
 
 
-def env_flags(environ: dict[str, str] | None = None) -> list[str]:
+def env_flags(environ: dict[str, str] | None = None, command_line: Sequence[str] = ()) -> list[str]:
     """FLANNELD_<FLAG> environment values as `--flag=value` arguments, each checked by
     the same parser as the flag itself (one clear line naming the variable when it is
     bad). They go before the command line's flags, which therefore win. A repeatable
-    flag (--iface) takes a comma list."""
+    flag (--iface) takes a comma list. As in flanneld, a variable whose flag is on
+    ``command_line`` is not used at all: otherwise FLANNELD_IFACE=eth0 with --iface eth1
+    would make eth0 the first choice of two, and the command line would not win."""
     environ = os.environ if environ is None else environ
+    given = {arg.split("=", 1)[0] for arg in command_line if arg.startswith("--")}
     checker = _EnvParser(prog="udpflannel run", add_help=False)
     _add_node_flags(checker)
     out = []
     for action in checker._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or longs[0] == "--verbose" or isinstance(action, _Refuse):
+        if not longs or longs[0] == "--verbose" or given & set(action.option_strings):
             continue
         name = "FLANNELD_" + longs[0][2:].upper().replace("-", "_")
         if name not in environ:
+            continue
+        if isinstance(action, _Refuse):  # set to anything but empty or false: refused, not ignored
+            if environ[name].strip().lower() not in _OFF:
+                raise _EnvError(f"environment {name}: {longs[0]} is not supported: {REFUSED[longs[0]]}")
             continue
         values = environ[name].split(",") if isinstance(action, argparse._AppendAction) else [environ[name]]
         args = [f"{longs[0]}={v.strip()}" for v in values if v.strip() or len(values) == 1]
@@ -255,6 +268,18 @@ def build_parser() -> Parser:
     bench.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
     bench.add_argument("--only", help="comma-separated subset of cases to run")
     bench.add_argument("-v", "--verbose", action="store_true")
+
+    cni = sub.add_parser("install-cni", help="install udpflannel-cni, the standard CNI plugins and "
+                         "the conflist on this host (idempotent; for an init container)")
+    cni.add_argument("--bin-dir", default="/opt/cni/bin", help="where the runtime finds CNI plugins "
+                     "(default /opt/cni/bin)")
+    cni.add_argument("--conf-dir", default="/etc/cni/net.d", help="where the runtime finds network "
+                     "configs (default /etc/cni/net.d)")
+    cni.add_argument("--plugins-from", default="/usr/lib/cni", help="copy bridge, host-local, portmap "
+                     "and loopback from here when missing in --bin-dir (default /usr/lib/cni; '': none)")
+    cni.add_argument("--replace-plugins", action="store_true",
+                     help="also replace standard plugins in --bin-dir that differ from --plugins-from")
+    cni.add_argument("-v", "--verbose", action="store_true")
 
     status = sub.add_parser("status", help="ask a running daemon for its lease, data plane and counters")
     status.add_argument("--admin-socket", help="default: FLANNELD_ADMIN_SOCKET, else "
@@ -323,6 +348,12 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return bench.main(a)
 
 
+def _cmd_install_cni(a: argparse.Namespace) -> int:
+    from udpflannel.cni import install
+    install.run(a.bin_dir, a.conf_dir, a.plugins_from or None, a.replace_plugins)
+    return EXIT_OK
+
+
 def _cmd_status(a: argparse.Namespace) -> int:
     from udpflannel.core.status import NodeStatus
     from udpflannel.observe import admin, statusview
@@ -345,11 +376,12 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _cmd_run, "cleanup": _cmd_cleanup, "demo": _cmd_demo, "bench": _cmd_bench,
-    "status": _cmd_status}
+    "status": _cmd_status, "install-cni": _cmd_install_cni}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from udpflannel.cleanup import CleanupError
+    from udpflannel.cni.install import InstallError
     from udpflannel.core.config import ConfigError
     from udpflannel.daemon import FatalError
     from udpflannel.dataplane.base import DataplaneError
@@ -361,8 +393,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from udpflannel.observe.http import HttpError
     from udpflannel.registry.base import RegistryError
     from udpflannel.subnet import NoFreeSubnet, SubnetLost
-    return (FatalError, CleanupError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError, NetconfError,
-            RegistryError, NoFreeSubnet, SubnetLost, TunError, RulesError, HttpError,
+    return (FatalError, CleanupError, InstallError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError,
+            NetconfError, RegistryError, NoFreeSubnet, SubnetLost, TunError, RulesError, HttpError,
             PermissionError, FileNotFoundError, ConnectionError, ValueError)
 
 
@@ -370,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["run"], ["cleanup"]) and not ({"-h", "--help"} & set(argv)):
         try:
-            argv = [argv[0], *env_flags(), *argv[1:]]
+            argv = [argv[0], *env_flags(command_line=argv[1:]), *argv[1:]]
         except _EnvError as e:
             print(f"udpflannel: error: {e}", file=sys.stderr)
             return EXIT_USAGE

@@ -39,9 +39,10 @@ class CniRun:
 
 
 def cni_call(node: Namespace, command: str, conf: dict, cid: str, netns_path: str = "",
-             plugin: str = PLUGIN, stdin: bytes | None = None, timeout: float = 30.0) -> CniRun:
+             plugin: str = PLUGIN, stdin: bytes | None = None, timeout: float = 30.0,
+             cni_path: str = CNI_BIN) -> CniRun:
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command,
-           "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": CNI_BIN}
+           "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": cni_path}
     proc = node.popen([plugin], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         out, err = proc.communicate(stdin if stdin is not None else json.dumps(conf).encode(), timeout=timeout)
@@ -231,11 +232,12 @@ def test_errors_are_cni_json_and_leave_nothing(make_lab, workdir):
 def expected_source_seen_by_remote_pod(node_subnet_env: str, sender_overlay_addr: str, sender_pod_ip: str) -> str:
     """The source address a pod sees on a connection from a pod on another node.
 
-    The daemon writes FLANNEL_IPMASQ=false today, so the plugin renders ipMasq=true and
-    the bridge plugin masquerades pod traffic leaving the node's subnet: it leaves via
-    the TUN with the sender node's overlay address (<subnet .0>). Once the daemon runs
-    with --ip-masq (FLANNEL_IPMASQ=true) the bridge does not masquerade and the daemon's
-    rules leave pod-to-pod traffic alone: the remote pod sees the sender pod itself.
+    Without --ip-masq the daemon writes FLANNEL_IPMASQ=false, so the plugin renders
+    ipMasq=true and the bridge plugin masquerades pod traffic leaving the node's subnet:
+    it leaves via the TUN with the sender node's overlay address (<subnet .0>). With
+    --ip-masq (FLANNEL_IPMASQ=true) the bridge does not masquerade and the daemon's rules
+    leave pod-to-pod traffic alone: the remote pod sees the sender pod itself
+    (test_pods.py runs that case).
     """
     with open(node_subnet_env) as f:
         masq_by_daemon = "FLANNEL_IPMASQ=true" in f.read().split()

@@ -193,6 +193,8 @@ def disable_ipv6(name: str) -> None:
             f.write("1\n")
     except FileNotFoundError:  # IPv6 is off in this kernel or namespace
         pass
+    except OSError as e:  # an unprivileged container mounts /proc/sys read-only: cosmetic, go on
+        log.warning("cannot turn IPv6 off on %s (%s): it may send a few MLD reports", name, e.strerror)
 
 
 def route_get(address: ipaddress.IPv4Address) -> tuple[str | None, int | None]:
