@@ -20,6 +20,7 @@ import threading
 
 from pyroute2 import IPRoute
 
+from udpflannel.core.frame import COUNTERS
 from udpflannel.core.lease import Lease, LeaseEvent
 from udpflannel.core.peers import Framings, PeerRoute, RouteBook
 from udpflannel.core.status import DataplaneStatus, PeerStatus
@@ -120,7 +121,7 @@ class KernelPlane:
 
     def status(self) -> DataplaneStatus:
         s = self._stats
-        counters = dict(DataplaneStatus().counters)
+        counters = dict.fromkeys(COUNTERS, 0)
         counters.update(tx_packets=s.get("tx_packets", 0), tx_bytes=s.get("tx_bytes", 0),
                         rx_packets=s.get("rx_packets", 0), rx_bytes=s.get("rx_bytes", 0),
                         drop_send_error=s.get("tx_dropped", 0) + s.get("tx_errors", 0))

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 
-from udpflannel.core.frame import PyEngine
+from udpflannel.core.frame import COUNTERS, PyEngine
 from udpflannel.core.lease import Lease, LeaseEvent, mac_bytes
 from udpflannel.core.peers import Framings, PeerRoute, RouteBook
 from udpflannel.core.status import DataplaneStatus, PeerStatus
@@ -245,7 +245,7 @@ class EnginePlane:
             kind=self.kind, reason=self.reason, device=self.opts.tun, mtu=self.opts.mtu,
             offloads=offloads, peers=e.route_count() if e else 0,
             forwarding=bool(self._readers),
-            counters=e.counters() if e else DataplaneStatus().counters,
+            counters=e.counters() if e else dict.fromkeys(COUNTERS, 0),
             kernel_drops=e.kernel_drops() if e else 0)
 
     def peers(self) -> tuple[PeerStatus, ...]:
