@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 
 import pytun
 
@@ -61,7 +62,7 @@ class Tun:
     def __init__(self, name: str, vnet_hdr: bool = False, persist: bool = True) -> None:
         preflight()
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
-        self.existed = os.path.exists(f"/sys/class/net/{name}")
+        self.existed = _exists(name)
         try:
             self._dev = pytun.TunTapDevice(name=name, flags=flags)
         except pytun.Error as e:
@@ -111,9 +112,31 @@ class Tun:
             self.close()
 
 
+def _exists(name: str) -> bool:
+    """Is there a device ``name`` in our network namespace? Asked of the kernel through
+    a socket of ours, not read from /sys/class/net: sysfs shows the namespace it was
+    mounted in, which is not ours under `nsenter --net` (the lab, a debug shell)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
+def _is_tun(name: str) -> bool:
+    """Netlink's word on the device's kind (blocking: callers run it on a thread)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        info = ipr.link("get", index=found[0])[0].get_attr("IFLA_LINKINFO")
+        return info is not None and info.get_attr("IFLA_INFO_KIND") == "tun"
+
+
 def delete(name: str) -> bool:
     """Remove a persistent TUN of ours by name (cleanup); False if there is none."""
-    if not os.path.exists(f"/sys/class/net/{name}/tun_flags"):
+    if not _is_tun(name):
         return False
     Tun(name, persist=False).close()
     return True
