@@ -307,7 +307,7 @@ def test_no_clear_packets_while_daemon_down(make_lab, make_cluster, plane):
     pod = str(ipaddress.IPv4Network(cluster.status(1).lease.subnet).network_address + 7)
     node1 = lab.nodes[0]
     eth0 = link(node1, "eth0")[0]
-    assert cluster.stop(0) == 0
+    assert cluster.stop(0, grace=10) == 0
 
     seen = send_and_watch(node1, [pod, GATEWAY])
     assert (GATEWAY, None) in seen, "the packet socket saw nothing: the check would be blind"
@@ -375,7 +375,7 @@ def test_cleanup_removes_what_stop_leaves(make_lab, make_cluster, plane, release
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert link(node1, device) is not None and os.path.exists(subnet_env)
 
-    assert cluster.stop(0) == 0
+    assert cluster.stop(0, grace=10) == 0
     assert link(node1, device) is not None and os.path.exists(subnet_env)
     assert "FLANNEL-FWD" in iptables_save(node1)
     if plane == "engine":
