@@ -264,9 +264,9 @@ def test_stream_survives_restart(make_lab, make_cluster, plane, how, capsys, rec
         sender.start()
         time.sleep(3.0)
         assert sender.is_alive(), f"the stream ended before the restart: {got}"
-        proc = cluster.procs.pop(0)
+        proc = cluster.procs[0]  # left in procs: the fixture stops it if anything below fails
         proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
-        proc.wait(10)
+        assert proc.wait(10) == (0 if how == "sigterm" else -signal.SIGKILL)
         down = time.monotonic()
         cluster.start(0, PLANES[plane])
         cluster.wait_status(0, lambda s: s.ready, what="ready again")
