@@ -108,6 +108,11 @@ def ensure_device(ipr: IPRoute, spec: DeviceSpec) -> tuple[int, bool]:
         if index is None:
             raise NetlinkError(errno.ENODEV, f"{spec.name} vanished after creation")
     ipr.link("set", index=index, mtu=spec.mtu)
+    # No IPv6 on it: the overlay is IPv4, and a link-local address would make the kernel
+    # send MLD reports and router solicitations that no fdb entry carries, counted as
+    # tx_dropped (send errors in the metrics) on an idle node.
+    from udpflannel.host.netconf import disable_ipv6
+    disable_ipv6(spec.name)
     ipr.link("set", index=index, state="up")  # binds the UDP port: EADDRINUSE if busy
     return index, created
 
