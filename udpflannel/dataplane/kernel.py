@@ -65,6 +65,9 @@ class KernelPlane:
     async def start(self, lease: Lease) -> None:
         self._subnet = lease.subnet
         await self._netlink(vxlandev.set_address, self.index, lease.subnet)
+        # Unlike flanneld, an overlay address no peer route covers is refused here
+        # rather than sent out unencapsulated by the default route.
+        await asyncio.to_thread(netconf.ensure_fallback_route, self.opts.config.network)
         if await asyncio.to_thread(_delete_tun, self.opts.tun):
             log.info("removed %s, left by the engine data plane", self.opts.tun)
 

@@ -170,9 +170,25 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.I
             ipr.addr("replace", index=index, address=own, prefixlen=32)
             ipr.link("set", index=index, state="up")
             ipr.route("replace", dst=str(network), oif=index, scope=253)  # link scope
-            ipr.route("replace", dst=str(network), type="unreachable", priority=FALLBACK_METRIC)
+            _fallback_route(ipr, network)
         except NetlinkError as e:
             raise NetconfError(f"configuring {name}: {e.args[1] if len(e.args) > 1 else e}") from None
+
+
+def _fallback_route(ipr: IPRoute, network: ipaddress.IPv4Network) -> None:
+    ipr.route("replace", dst=str(network), type="unreachable", priority=FALLBACK_METRIC)
+
+
+def ensure_fallback_route(network: ipaddress.IPv4Network) -> None:
+    """The overlay's unreachable route, behind every route of the data plane: an
+    address of the overlay that no route covers (an unleased subnet, or everything
+    once a device is gone while no daemon runs) is refused here instead of leaving
+    unencapsulated by the default route."""
+    with IPRoute() as ipr:
+        try:
+            _fallback_route(ipr, network)
+        except NetlinkError as e:
+            raise NetconfError(f"unreachable route for {network}: {e}") from None
 
 
 def remove_overlay_routes(network: ipaddress.IPv4Network) -> None:
