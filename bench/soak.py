@@ -73,6 +73,7 @@ JUNK_VALUES = ("not json", "", '{"PublicIP":"1.2.3"}', "{" * 64, "x" * 4096)
 IPERF_PORT = 5201
 WARMUP = 3.0                # seconds of traffic before the first sample
 TICK = 1.0                  # death check and node-4 follow-up period
+SETTLE = 0.5                # pause before the end sample
 
 
 # -- the schedule (pure) ------------------------------------------------------------------
@@ -152,6 +153,19 @@ def proc_sample(pid: int) -> dict[str, int]:
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """Open fds of pid by kind ("socket", "anon_inode:[eventfd]", "/dev/net/tun", ...)."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue   # closed meanwhile
+        kind = target.split(":[", 1)[0] if target.startswith(("socket:", "pipe:")) else target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
 def status_fields(st: dict[str, Any]) -> dict[str, Any]:
     """Route count and counters, from either status layout (flat, or NodeStatus)."""
     plane = st.get("dataplane") or {}
@@ -212,8 +226,10 @@ class Traffic(threading.Thread):
 class Pings:
     """One `ping -q` per ordered pair, output to a file; summaries parsed at the end."""
 
-    def __init__(self, lab: Lab, addrs: dict[int, str], workdir: str, duration: float) -> None:
+    def __init__(self) -> None:
         self.procs: dict[tuple[int, int], tuple[subprocess.Popen, str]] = {}
+
+    def start(self, lab: Lab, addrs: dict[int, str], workdir: str, duration: float) -> None:
         for i, j in ((i, j) for i in addrs for j in addrs if i != j):
             path = os.path.join(workdir, f"ping-{i + 1}-{j + 1}.txt")
             with open(path, "w") as out:
@@ -291,9 +307,10 @@ class Soak:
                                self.sched.traffic_chunk, self.now)
         self.traffic.start()
         stack.callback(self.traffic.stop)
-        self.pings = Pings(self.lab, self.addrs, self.workdir, self.sched.duration + WARMUP)
-        stack.callback(self._stop_pings)
+        self.pings = Pings()
         self.ping_results: dict[str, Any] = {}
+        stack.callback(self._stop_pings)   # before any is started: a failure half-way stops those
+        self.pings.start(self.lab, self.addrs, self.workdir, self.sched.duration + WARMUP)
         self.note("started", nodes=len(STEADY), etcd=self.etcd.endpoint,
                   addrs=",".join(self.addrs[i] for i in STEADY))
 
@@ -311,6 +328,9 @@ class Soak:
             self.wait_until(at)
             getattr(self, "do_" + kind)()
         self.wait_until(self.sched.duration)
+        # watch() just queried node 1's admin socket; let the daemon close its end of
+        # that connection, or node 1 shows one socket more than it holds
+        time.sleep(SETTLE)
         self.sample("end")
 
     def wait_until(self, at: float) -> None:
@@ -361,6 +381,8 @@ class Soak:
             except (OSError, parse.ParseError, AttributeError) as e:   # the process is gone
                 row["nodes"][str(i + 1)] = {"pid": proc.pid, "error": f"{type(e).__name__}: {e}"}
                 continue
+            if label:   # start and end: what the fds are, for a leak hunt
+                node["fd_kinds"] = fd_kinds(proc.pid)
             try:
                 node.update(status_fields(self.cluster.status(i)))
             except (OSError, ConnectionError) as e:   # not serving yet (node 4 waiting for etcd)
