@@ -15,8 +15,9 @@ default offloads, flannel's 24 h lease) for the whole soak. Then, on one clock:
                expires in etcd and every other node sees it leave, then come back
     junk       every 10 s, 10 keys under <prefix>/subnets/junk-N (undecodable names and
                values) are written with etcdctl and the previous 10 deleted
-    etcd       stopped for 3 s and started again every 90 s; once, half-way, frozen
-               with SIGSTOP for 5 s and continued
+    etcd       stopped for 3 s and started again about every 90 s (each moved into a
+               node-4 up period: see schedule_for); once, half-way, frozen with
+               SIGSTOP for 5 s and continued
     samples    every 30 s, per daemon: VmRSS, VmHWM, threads (/proc/<pid>/status), open
                fds (/proc/<pid>/fd), log size, route count and engine counters
 
@@ -73,7 +74,7 @@ JUNK_VALUES = ("not json", "", '{"PublicIP":"1.2.3"}', "{" * 64, "x" * 4096)
 IPERF_PORT = 5201
 WARMUP = 3.0                # seconds of traffic before the first sample
 TICK = 1.0                  # death check and node-4 follow-up period
-SETTLE = 0.5                # pause before the end sample
+SETTLE = 0.5                # pause before each sample
 
 
 # -- the schedule (pure) ------------------------------------------------------------------
@@ -328,9 +329,6 @@ class Soak:
             self.wait_until(at)
             getattr(self, "do_" + kind)()
         self.wait_until(self.sched.duration)
-        # watch() just queried node 1's admin socket; let the daemon close its end of
-        # that connection, or node 1 shows one socket more than it holds
-        time.sleep(SETTLE)
         self.sample("end")
 
     def wait_until(self, at: float) -> None:
@@ -373,6 +371,9 @@ class Soak:
     # events ------------------------------------------------------------------------------
 
     def sample(self, label: str = "") -> None:
+        # watch() may just have queried node 1's admin socket; let the daemon close its
+        # end of that connection, or node 1 shows one socket more than it holds
+        time.sleep(SETTLE)
         row: dict[str, Any] = {"t": round(self.now(), 1), "label": label, "nodes": {}}
         for i, proc in sorted(self.cluster.procs.items()):
             try:
