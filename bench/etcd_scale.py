@@ -34,13 +34,12 @@ from pathlib import Path
 
 ROOT = Path(os.path.abspath(__file__)).parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import msgpack  # noqa: E402
-from etcd_server import EtcdServer  # noqa: E402
 from pyroute2 import netns  # noqa: E402
 
 from udpflannel.core.status import NodeStatus  # noqa: E402
+from udpflannel.lab.etcd import EtcdServer  # noqa: E402
 from udpflannel.lab.netns import Lab  # noqa: E402
 
 HUB_ADDR = "192.168.250.2"
