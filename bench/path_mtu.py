@@ -167,15 +167,11 @@ def route_pmtu(ns: Namespace, dst: str) -> int | None:
 
 
 def engine_state(cluster: Cluster | None) -> dict[str, Any] | None:
-    """Node 1's counters and whether GSO is on (either status layout: flat or nested)."""
+    """Node 1's counters and whether GSO is on."""
     if cluster is None:
         return None
-    st = cluster.status(0)
-    plane = st.get("dataplane") or {}
-    counters = st.get("counters", plane.get("counters", {}))
-    offloads = st.get("offloads", plane.get("offloads"))
-    gso = offloads.get("gso") if isinstance(offloads, dict) else ("gso" in (offloads or ()))
-    return {"counters": dict(counters), "gso": bool(gso)}
+    plane = cluster.status(0).dataplane
+    return {"counters": dict(plane.counters), "gso": "gso" in plane.offloads}
 
 
 # -- one measurement ---------------------------------------------------------------------

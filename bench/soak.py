@@ -57,6 +57,7 @@ from typing import Any
 ROOT = Path(os.path.abspath(__file__)).parent.parent
 sys.path.insert(0, str(ROOT))
 
+from udpflannel.core.status import NodeStatus  # noqa: E402
 from udpflannel.lab import probe  # noqa: E402
 from udpflannel.lab.bench import deferred_signals  # noqa: E402
 from udpflannel.lab.benchlib import parse, tools  # noqa: E402
@@ -167,11 +168,9 @@ def fd_kinds(pid: int) -> dict[str, int]:
     return dict(sorted(kinds.items()))
 
 
-def status_fields(st: dict[str, Any]) -> dict[str, Any]:
-    """Route count and counters, from either status layout (flat, or NodeStatus)."""
-    plane = st.get("dataplane") or {}
-    return {"routes": st.get("routes", plane.get("peers")),
-            "counters": dict(st.get("counters", plane.get("counters", {})))}
+def status_fields(st: NodeStatus) -> dict[str, Any]:
+    """Route count and counters from a daemon's status."""
+    return {"routes": st.dataplane.peers, "counters": dict(st.dataplane.counters)}
 
 
 # -- traffic --------------------------------------------------------------------------------
@@ -301,8 +300,8 @@ class Soak:
         for j in (1, 2):
             tools.wait_reachable(self.lab.nodes[0], self.addrs[j], timeout=15)
         ttl_min = self.sched.churn_ttl / 60
-        self.churn_args = ["--subnet-lease-ttl", f"{ttl_min:.4f}",
-                           "--subnet-lease-renew-margin", f"{ttl_min / 2:.4f}"]
+        # a renew margin over the TTL renews at half of it (the margin's range is 1-1439)
+        self.churn_args = ["--subnet-lease-ttl", f"{ttl_min:.4f}", "--subnet-lease-renew-margin", "1"]
         self.t0 = time.monotonic()
         self.traffic = Traffic(self.lab.nodes[0], self.lab.nodes[1], self.addrs[1],
                                self.sched.traffic_chunk, self.now)
@@ -362,7 +361,7 @@ class Soak:
             except (OSError, ConnectionError):
                 return
             period["ready"] = round(self.now() - period["started"], 1)
-            period["subnet"] = st.get("subnet") or (st.get("lease") or {}).get("subnet")
+            period["subnet"] = st.lease.subnet
         elif "reached" not in period and period.get("subnet"):
             addr = period["subnet"].split("/")[0]
             if probe.ping(self.lab.nodes[0], addr, count=1, timeout=0.5)[0] is not None:
