@@ -188,14 +188,18 @@ async def _keep_rules(rules, period: float) -> None:
             log.warning("rules: %s", e)
 
 
-async def _housekeeping(plane, underlay: netconf.Underlay) -> None:
-    """Slow checks while running: the plane's (device still there, offloads), and the
-    underlay address. It vanishing (DHCP renumbering, an operator's change) makes
-    every send fail while the lease advertises the old address: exit with one line
-    so a supervisor restarts us with the new one."""
+async def _housekeeping(plane, underlay: netconf.Underlay, on_mtu) -> None:
+    """Slow checks while running: the plane's (device still there, offloads, MTU),
+    and the underlay address. It vanishing (DHCP renumbering, an operator's change)
+    makes every send fail while the lease advertises the old address: exit with one
+    line so a supervisor restarts us with the new one."""
+    mtu = plane.status().mtu
     while True:
         await asyncio.sleep(HOUSEKEEPING_PERIOD)
         await plane.check()
+        if plane.status().mtu != mtu:
+            mtu = plane.status().mtu
+            on_mtu(mtu)
         if not await asyncio.to_thread(netconf.underlay_address_present, underlay):
             raise FatalError(f"the underlay address {underlay.address} is no longer on "
                              f"{underlay.ifname}; exiting so that a restart advertises the new one")
@@ -261,8 +265,10 @@ async def run(opts: RunOptions) -> None:
             except RulesError as e:
                 raise FatalError(f"installing rules: {e} (or pass --iptables-forward-rules=false)") from None
             tasks_extra.append(asyncio.create_task(_keep_rules(rules, opts.rules_resync), name="rules"))
-        localstate.write_atomically(opts.subnet_file, subnetenv.render(
-            cfg.network, lease.subnet, plane_opts.mtu, opts.ip_masq))
+        def write_subnet_env(mtu: int) -> None:  # CNI gives new pods this MTU
+            localstate.write_atomically(opts.subnet_file, subnetenv.render(
+                cfg.network, lease.subnet, mtu, opts.ip_masq))
+        write_subnet_env(plane.status().mtu)
         server = await admin.serve(opts.admin_path, lambda: node.status().to_dict())
         cleanup.append(server.close)
         cleanup.append(lambda: admin.remove_socket(opts.admin_path))
@@ -279,7 +285,8 @@ async def run(opts: RunOptions) -> None:
 
         tasks = [asyncio.create_task(follow(), name="watch"),
                  asyncio.create_task(manager.keep_renewed(), name="renew"),
-                 asyncio.create_task(_housekeeping(plane, underlay), name="housekeeping"),
+                 asyncio.create_task(_housekeeping(plane, underlay, write_subnet_env),
+                                     name="housekeeping"),
                  asyncio.create_task(stop.wait(), name="stop"),
                  plane.failed, *tasks_extra]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

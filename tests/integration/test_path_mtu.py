@@ -82,15 +82,39 @@ def _reassembled(ns) -> int:
     return ns.call(read)
 
 
-def test_narrower_underlay_device_fragments_instead_of_dropping(make_lab, make_cluster):
-    """The device under the overlay shrinks to 1400 after start (the TUN still says
-    1450): each UDP_SEGMENT send fails and is retried as single datagrams that the
-    kernel fragments, as kernel VXLAN's DF-clear packets are."""
-    lab, cluster = _cluster(make_lab, make_cluster)
+def test_narrower_underlay_device_fragments_instead_of_dropping(make_lab, make_cluster, workdir):
+    """With an explicit Backend.MTU of 1450 the TUN keeps it when the underlay device
+    shrinks to 1400: each UDP_SEGMENT send fails and is retried as single datagrams
+    that the kernel fragments, as kernel VXLAN's DF-clear packets are."""
+    lab = make_lab(2)
+    config = f"{workdir}/net.json"
+    with open(config, "w") as f:
+        f.write('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1450}}')
+    cluster = make_cluster(lab, extra_args=["--net-config", config])
+    cluster.start_all()
+    cluster.wait_converged()
     lab.nodes[0].link_up("eth0", mtu=1400)
     reassembled = _reassembled(lab.nodes[1])
     _transfer(lab, cluster)
-    c = _counters(cluster)
-    assert c["drop_send_error"] == 0 and c["gso_fallbacks"] > 0
-    assert "gso" in cluster.status(0).dataplane.offloads  # EMSGSIZE/EINVAL: per send only
+    st = cluster.status(0)
+    c = st.dataplane.counters
+    assert st.dataplane.mtu == 1450 and c["drop_send_error"] == 0 and c["gso_fallbacks"] > 0
+    assert "gso" in st.dataplane.offloads  # EMSGSIZE/EINVAL: per send only
     assert _reassembled(lab.nodes[1]) > reassembled  # the peer saw real fragments
+
+
+def test_the_tun_follows_a_shrinking_underlay(make_lab, make_cluster):
+    """Without Backend.MTU the TUN (and subnet.env, for new pods) follows the underlay:
+    the local stack then sizes segments for the path, nothing is fragmented."""
+    lab, cluster = _cluster(make_lab, make_cluster)
+    lab.nodes[0].link_up("eth0", mtu=1400)
+    cluster.wait_status(0, lambda s: s.dataplane.mtu == 1350, 10, "following the underlay MTU")
+    with open(f"{cluster.node_dir(0)}/subnet.env") as f:
+        assert "FLANNEL_MTU=1350\n" in f.read()
+    before = _counters(cluster)
+    reassembled = _reassembled(lab.nodes[1])
+    _transfer(lab, cluster)
+    after = _counters(cluster)
+    assert after["drop_send_error"] == 0 and after["gso_fallbacks"] == before["gso_fallbacks"]
+    assert _reassembled(lab.nodes[1]) == reassembled
+    assert "underlay eth0 MTU is now 1400: flannel0 MTU 1450 -> 1350" in cluster.log_tail(0, 50)

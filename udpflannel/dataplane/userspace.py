@@ -78,6 +78,7 @@ class EnginePlane:
         self._subnet = None
         self._readers: list[int] = []
         self._direct: dict = {}  # subnet -> PublicIP of peers routed directly
+        self.mtu = opts.mtu  # follows the underlay's (unless Backend.MTU): see check()
         self.vxlan_group: list[socket.socket] = []  # one per queue (threads, --queues)
         self._events: int | None = None  # eventfd: a data thread ended
         self._recreating = False
@@ -147,7 +148,7 @@ class EnginePlane:
                                       self.opts.queues, self.threaded)
         try:
             await asyncio.to_thread(netconf.configure_tun, tun.name, self._subnet,
-                                    self.opts.config.network, self.opts.mtu, tun.tso)
+                                    self.opts.config.network, self.mtu, tun.tso)
         except BaseException:
             tun.close()
             raise
@@ -297,14 +298,32 @@ class EnginePlane:
             self._direct[route.subnet] = route.public_ip
 
     async def check(self) -> None:
-        """Say once in the log when the engine turned UDP GSO off for good (the kernel
-        answered EIO: the egress device cannot checksum-offload)."""
+        """Follow the underlay's MTU; say once in the log when the engine turned UDP GSO
+        off for good (the kernel answered EIO: the egress device cannot checksum-offload)."""
+        await self._follow_underlay_mtu()
         if self.engine is not None:
             self.engine.reclaim()  # tables replaced while threads read them
         if self._gso and self.engine is not None and not self.engine.offloads()["gso"]:
             self._gso = False
             log.warning("UDP GSO turned off: the kernel cannot segment on this path (EIO); "
                         "sending datagrams one by one")
+
+    async def _follow_underlay_mtu(self) -> None:
+        """The underlay's MTU changed under us (a VPN, a cloud's jumbo frames turned
+        off): the TUN follows, so the local stack sizes segments for the path instead
+        of every frame being fragmented (kernel VXLAN gets there by path-MTU discovery
+        on the inner flows). An explicit Backend.MTU is the operator's and stays."""
+        if self.opts.config.mtu or self.tun is None:
+            return
+        underlay = await asyncio.to_thread(netconf.link_mtu, self.opts.underlay.ifindex)
+        if underlay is None:
+            return
+        wanted = underlay - (self.opts.underlay.mtu - self.opts.mtu)  # the framing's overhead
+        if wanted != self.mtu and wanted >= 576:
+            log.warning("underlay %s MTU is now %d: %s MTU %d -> %d", self.opts.underlay.ifname,
+                        underlay, self.opts.tun, self.mtu, wanted)
+            await asyncio.to_thread(netconf.set_tun_mtu, self.opts.tun, wanted, self.tun.tso)
+            self.mtu = wanted
 
     # --- status -----------------------------------------------------------------------
     def status(self) -> DataplaneStatus:
@@ -315,7 +334,7 @@ class EnginePlane:
             offloads = tuple(name for name, key in (("tso", "vnet_hdr"), ("gso", "gso"), ("gro", "gro"))
                              if got[key] and (name != "tso" or (self.tun and self.tun.tso)))
         return DataplaneStatus(
-            kind=self.kind, reason=self.reason, device=self.opts.tun, mtu=self.opts.mtu,
+            kind=self.kind, reason=self.reason, device=self.opts.tun, mtu=self.mtu,
             offloads=offloads, peers=e.route_count() if e else 0,
             forwarding=bool(self._readers),
             counters=e.counters() if e else dict.fromkeys(COUNTERS, 0),

@@ -117,6 +117,30 @@ def _by_name_or_address(item: str, links: dict, addrs: dict):
     return None
 
 
+def link_mtu(ifindex: int) -> int | None:
+    """A device's MTU now (None if it is gone)."""
+    with IPRoute() as ipr:
+        try:
+            return ipr.link("get", index=ifindex)[0].get("mtu")
+        except NetlinkError:
+            return None
+
+
+def set_tun_mtu(name: str, mtu: int, tso: bool) -> None:
+    """A new MTU for the TUN (and its TSO cap): the local stack sizes TCP segments
+    and answers its senders' path-MTU probes by it."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return
+        ipr.link("set", index=found[0], mtu=mtu)
+        if tso:
+            try:
+                ipr.link("set", index=found[0], gso_max_size=tso_size_for_one_send(mtu))
+            except NetlinkError:
+                pass
+
+
 def underlay_address_present(underlay: Underlay) -> bool:
     """Whether the underlay interface still holds the address our socket is bound to."""
     with IPRoute() as ipr:
