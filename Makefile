@@ -12,9 +12,16 @@ STAMP  := $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/udpflannel demo
 
+# The data-path tests again with the engine on its own threads (--io threads through
+# FLANNELD_IO): both I/O modes must pass them (the Python twin runs in the loop only).
+THREADS_TESTS := $(addprefix tests/integration/,test_overlay.py test_offload_modes.py \
+                 test_kernel_interop.py test_hostile.py test_icmp_and_sources.py test_path_mtu.py \
+                 test_udp_backend.py test_restarts.py test_dataplanes.py)
+
 test: setup
 	$(VENV)/bin/ruff check udpflannel tests bench
 	$(PY) -m pytest -q -p no:cacheprovider
+	FLANNELD_IO=threads $(PY) -m pytest -q -p no:cacheprovider -k "not python" $(THREADS_TESTS)
 
 bench: setup
 	$(VENV)/bin/udpflannel bench

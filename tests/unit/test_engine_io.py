@@ -127,8 +127,10 @@ def test_engine_plane_logs_gso_off_once(caplog):
 
         def reclaim(self):
             return 0
+    from types import SimpleNamespace
     plane = EnginePlane.__new__(EnginePlane)
-    plane.engine, plane._gso = Engine(), True
+    plane.engine, plane._gso, plane.tun = Engine(), True, None
+    plane.opts = SimpleNamespace(config=SimpleNamespace(mtu=None))
     asyncio.run(plane.check())
     plane.engine.gso = False
     for _ in range(3):

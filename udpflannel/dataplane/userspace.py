@@ -40,7 +40,9 @@ from udpflannel.host.tun import preflight as tun_preflight
 log = logging.getLogger(__name__)
 
 BUDGET = 256
-GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO)  # the TUN device was deleted under us
+# The TUN device was deleted under us: EBADFD for a read that starts after, EFAULT
+# for one that was blocked in it (tun_ring_recv sees RCV_SHUTDOWN).
+GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EFAULT)
 
 
 def make_engine(kind: str, opts: PlaneOptions):
