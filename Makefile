@@ -16,7 +16,7 @@ demo: setup
 # FLANNELD_IO): both I/O modes must pass them (the Python twin runs in the loop only).
 THREADS_TESTS := $(addprefix tests/integration/,test_overlay.py test_offload_modes.py \
                  test_kernel_interop.py test_hostile.py test_icmp_and_sources.py test_path_mtu.py \
-                 test_udp_backend.py test_restarts.py test_dataplanes.py)
+                 test_udp_backend.py test_restarts.py)
 
 test: setup
 	$(VENV)/bin/ruff check udpflannel tests bench
