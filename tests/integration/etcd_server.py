@@ -12,15 +12,19 @@ test left behind.
 
 Fixtures: ``etcd_server`` (one server per test module) and ``fresh_etcd`` (one per
 test, for tests that stop, freeze or reconfigure it). Import them into a test module:
-``from etcd_server import etcd_server, fresh_etcd``.
+``from etcd_server import etcd_server, fresh_etcd``. ``etcd_in_hub(lab, dir)`` runs
+one inside a lab's hub namespace, on the underlay the daemons use; ``subnet_leases``
+reads what etcd holds under a prefix; FLANNEL_*_LEASE are flanneld's lease values.
 
 Tests skip only when etcd is missing and we are not root; as root a missing etcd fails.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -47,6 +51,39 @@ def require_etcd() -> None:
         pytest.skip(f"{', '.join(missing)} not installed (and not root to install it)")
     pytest.fail(f"{', '.join(missing)} not installed; as root the etcd tests must run "
                 "(apt-get install etcd-server etcd-client)")
+
+
+HUB_ADDR = "192.168.250.2"  # a lab hub's address on the underlay: where etcd listens
+
+# The values flanneld writes (pkg/lease): a vxlan node's, and a udp node's (no BackendType).
+FLANNEL_VXLAN_LEASE = ('{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan",'
+                       '"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
+FLANNEL_UDP_LEASE = '{{"PublicIP":"{ip}","PublicIPv6":null}}'
+
+
+@contextmanager
+def etcd_in_hub(lab, base_dir) -> Iterator[EtcdServer]:
+    """A real etcd inside ``lab``'s hub namespace, listening on the underlay (HUB_ADDR),
+    so the daemons in node namespaces reach it as they would a real cluster's."""
+    require_etcd()
+    lab.hub.link_up("br0", f"{HUB_ADDR}/24")
+    server = EtcdServer(base_dir, host=HUB_ADDR, popen=lab.hub.popen)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.__exit__()
+
+
+def subnet_leases(etcd: EtcdServer, prefix: str) -> dict[str, dict]:
+    """{key name: {"value": text, "lease": etcd lease id}} under <prefix>/subnets/."""
+    doc = etcd.etcdctl_json("get", f"{prefix}/subnets/", "--prefix")
+    out = {}
+    for kv in doc.get("kvs", []):
+        key = base64.b64decode(kv["key"]).decode()
+        out[key.rsplit("/", 1)[-1]] = {"value": base64.b64decode(kv["value"]).decode(),
+                                       "lease": int(kv.get("lease", 0))}
+    return out
 
 
 def _serve(base_dir: Path, **kwargs) -> Iterator[EtcdServer]:

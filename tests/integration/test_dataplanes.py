@@ -41,16 +41,12 @@ from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab, Namespace
 
 try:
-    from .etcd_server import EtcdServer, require_etcd, wait_for
+    from .etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub, wait_for
 except ImportError:
-    from etcd_server import EtcdServer, require_etcd, wait_for
+    from etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub, wait_for
 
-HUB_ADDR = "192.168.250.2"
 NETWORK = "10.244.0.0/16"
 CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
-FLANNEL_VXLAN_LEASE = ('{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan",'
-                       '"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
-FLANNEL_UDP_LEASE = '{{"PublicIP":"{ip}","PublicIPv6":null}}'  # flanneld udp: no BackendType
 KERNEL = ["--dataplane", "kernel"]
 AUTO = ["--dataplane", "auto"]
 NET = ipaddress.IPv4Network
@@ -61,19 +57,13 @@ NET = ipaddress.IPv4Network
 @pytest.fixture(scope="module")
 def lab():
     with Lab(0, tag="ufd") as lab:
-        lab.hub.link_up("br0", f"{HUB_ADDR}/24")
         yield lab
 
 
 @pytest.fixture(scope="module")
 def etcd(lab, tmp_path_factory):
-    require_etcd()
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"), host=HUB_ADDR, popen=lab.hub.popen)
-    try:
-        server.start()
+    with etcd_in_hub(lab, tmp_path_factory.mktemp("etcd")) as server:
         yield server
-    finally:
-        server.__exit__()
 
 
 @pytest.fixture

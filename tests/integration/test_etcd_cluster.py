@@ -11,7 +11,6 @@ default prefix with the endpoint given as FLANNELD_ETCD_ENDPOINTS.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import json
 import os
@@ -29,19 +28,16 @@ from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab
 
 try:
-    from .etcd_server import EtcdServer, require_etcd, wait_for
+    from .etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, HUB_ADDR, EtcdServer, etcd_in_hub, wait_for
+    from .etcd_server import subnet_leases as leases
 except ImportError:
-    from etcd_server import EtcdServer, require_etcd, wait_for
+    from etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, HUB_ADDR, EtcdServer, etcd_in_hub, wait_for
+    from etcd_server import subnet_leases as leases
 
 ENGINE = os.environ.get("UDPFLANNEL_TEST_ENGINE", "compiled")
-HUB_ADDR = "192.168.250.2"
 NODES = 5
 DEFAULT_PREFIX = "/coreos.com/network"
 CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
-# flannel's lease value (pkg/lease/lease.go, as in flannel's docs), to fill in per node.
-FLANNEL_VXLAN_LEASE = ('{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan",'
-                       '"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
-FLANNEL_UDP_LEASE = '{{"PublicIP":"{ip}","PublicIPv6":null}}'  # flanneld udp: no BackendType
 SHORT_TTL = ["--subnet-lease-ttl", "0.05", "--subnet-lease-renew-margin", "1"]  # 3 s, renewed at 1.5 s
 NET = ipaddress.IPv4Network
 
@@ -51,19 +47,13 @@ NET = ipaddress.IPv4Network
 @pytest.fixture(scope="module")
 def lab():
     with Lab(NODES, tag="ufe") as lab:
-        lab.hub.link_up("br0", f"{HUB_ADDR}/24")
         yield lab
 
 
 @pytest.fixture(scope="module")
 def etcd(lab, tmp_path_factory):
-    require_etcd()
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"), host=HUB_ADDR, popen=lab.hub.popen)
-    try:
-        server.start()
+    with etcd_in_hub(lab, tmp_path_factory.mktemp("etcd")) as server:
         yield server
-    finally:
-        server.__exit__()
 
 
 @pytest.fixture
@@ -84,17 +74,6 @@ def make(lab, etcd, make_cluster, workdir):
 
 
 # -- helpers ------------------------------------------------------------------------
-
-def leases(etcd: EtcdServer, prefix: str) -> dict[str, dict]:
-    """{key name: {"value": text, "lease": etcd lease id}} under <prefix>/subnets/."""
-    doc = etcd.etcdctl_json("get", f"{prefix}/subnets/", "--prefix")
-    out = {}
-    for kv in doc.get("kvs", []):
-        key = base64.b64decode(kv["key"]).decode()
-        out[key.rsplit("/", 1)[-1]] = {"value": base64.b64decode(kv["value"]).decode(),
-                                       "lease": int(kv.get("lease", 0))}
-    return out
-
 
 def key_of(subnet: str) -> str:
     net = NET(subnet)

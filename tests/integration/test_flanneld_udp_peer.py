@@ -10,7 +10,6 @@ sender's kernel (connect() fails with ENETUNREACH).
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import ipaddress
 import json
@@ -34,22 +33,21 @@ from udpflannel.lab.netns import Lab
 from udpflannel.registry.embedded import EmbeddedRegistry
 
 try:
-    from .etcd_server import EtcdServer, require_etcd
+    from .etcd_server import FLANNEL_UDP_LEASE, etcd_in_hub, subnet_leases
 except ImportError:
-    from etcd_server import EtcdServer, require_etcd
+    from etcd_server import FLANNEL_UDP_LEASE, etcd_in_hub, subnet_leases
 
 NETWORK = "10.5.0.0/16"
 CONFIG = json.dumps({"Network": NETWORK, "Backend": {"Type": "udp"}})
 UNOWNED = "10.5.0.1"  # the zeroth subnet is never leased (SubnetMin skips it)
 FAKE_SUBNET = ipaddress.IPv4Network("10.5.250.0/24")  # a lease with no proxy behind it
-HUB_ADDR = "192.168.250.2"
 ETH_P_ALL = 0x0003
 IP_RECVTTL = 12  # Linux; not exported by Python's socket module
 
 
 def flanneld_udp_value(public_ip: str) -> bytes:
     """flannel's LeaseAttrs{PublicIP} as Go's encoder writes it (udp backend)."""
-    return b'{"PublicIP":"' + public_ip.encode() + b'","PublicIPv6":null}'
+    return FLANNEL_UDP_LEASE.format(ip=public_ip).encode()
 
 
 def start_peers(lab: Lab, workdir: str, count: int, **kw) -> list[FlanneldUdpPeer]:
@@ -246,14 +244,10 @@ def test_refuses_other_backends_unless_kept_udp(embedded, tmp_path):
 def test_two_peers_on_etcd(tmp_path):
     """Ping and TCP both ways over etcd; the lease bytes in etcd; SIGTERM stops a peer
     cleanly (exit 0, its proxy gone, flannel0 removed, the lease kept)."""
-    require_etcd()
     prefix = f"/t-{uuid.uuid4().hex[:8]}/network"
-    with Lab(2, tag="ufv") as lab:
-        lab.hub.link_up("br0", f"{HUB_ADDR}/24")
-        etcd = EtcdServer(tmp_path / "etcd", host=HUB_ADDR, popen=lab.hub.popen)
+    with Lab(2, tag="ufv") as lab, etcd_in_hub(lab, tmp_path / "etcd") as etcd:
         peers: list[FlanneldUdpPeer] = []
         try:
-            etcd.start()
             etcd.etcdctl("put", f"{prefix}/config", CONFIG)
             peers = start_peers(lab, str(tmp_path), 2, etcd_endpoints=etcd.endpoint, etcd_prefix=prefix)
             a, b = peers
@@ -262,10 +256,9 @@ def test_two_peers_on_etcd(tmp_path):
             assert probe.tcp_stream(lab.nodes[0], lab.nodes[1], b.overlay_addr, 0.5).bytes > 500_000
             assert probe.tcp_stream(lab.nodes[1], lab.nodes[0], a.overlay_addr, 0.5).bytes > 500_000
 
-            got = etcd.etcdctl_json("get", f"{prefix}/subnets/", "--prefix")
-            stored = {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]) for kv in got["kvs"]}
-            assert stored == {f"{prefix}/subnets/{p.subnet.network_address}-{p.subnet.prefixlen}":
-                              flanneld_udp_value(lab.addresses[i]) for i, p in enumerate(peers)}
+            stored = {name: lease["value"] for name, lease in subnet_leases(etcd, prefix).items()}
+            assert stored == {f"{p.subnet.network_address}-{p.subnet.prefixlen}":
+                              FLANNEL_UDP_LEASE.format(ip=lab.addresses[i]) for i, p in enumerate(peers)}
 
             proxy_pid = int(b.log_tail(50).split("proxy pid ")[1].split()[0])
             assert b.stop() == 0
@@ -277,4 +270,3 @@ def test_two_peers_on_etcd(tmp_path):
         finally:
             for peer in peers:
                 peer.stop()
-            etcd.__exit__()

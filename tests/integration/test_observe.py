@@ -30,12 +30,11 @@ from udpflannel.observe import admin
 from udpflannel.version import __version__
 
 try:
-    from .etcd_server import EtcdServer, require_etcd
+    from .etcd_server import etcd_in_hub
 except ImportError:
-    from etcd_server import EtcdServer, require_etcd
+    from etcd_server import etcd_in_hub
 
 PLANES = {"engine": [], "kernel": ["--dataplane", "kernel"]}
-HUB_ADDR = "192.168.250.2"
 HEALTHZ_PORT = 10256
 METRICS_PORT = 10257
 CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
@@ -163,12 +162,8 @@ def http_flags(metrics_port: int = METRICS_PORT) -> list[str]:
 
 def test_health_readiness_notify_through_config_wait_and_registry_outage(
         make_lab, make_cluster, notify, monkeypatch, workdir):
-    require_etcd()
     lab = make_lab(1)
-    lab.hub.link_up("br0", f"{HUB_ADDR}/24")
-    etcd = EtcdServer(os.path.join(workdir, "etcd"), host=HUB_ADDR, popen=lab.hub.popen)
-    try:
-        etcd.start()
+    with etcd_in_hub(lab, os.path.join(workdir, "etcd")) as etcd:
         prefix = f"/t-{uuid.uuid4().hex[:8]}/network"  # no config there yet
         cluster = make_cluster(lab, etcd_endpoints=etcd.endpoint,
                                extra_args=["--etcd-prefix", prefix, *http_flags(HEALTHZ_PORT)])
@@ -210,8 +205,6 @@ def test_health_readiness_notify_through_config_wait_and_registry_outage(
         proc.send_signal(signal.SIGTERM)
         notify.until("STOPPING", 10)
         assert proc.wait(15) == 0  # one SIGTERM: a second one could land after the loop's handler is gone
-    finally:
-        etcd.__exit__()
 
 
 @pytest.mark.parametrize("plane", ["engine", "kernel"])

@@ -14,7 +14,6 @@ migration scenarios on a real etcd in the lab's hub namespace.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import ipaddress
 import json
@@ -42,9 +41,9 @@ from udpflannel.lab.flanneld_udp import FlanneldUdpPeer
 from udpflannel.lab.netns import Lab, Namespace
 
 try:
-    from .etcd_server import EtcdServer, require_etcd
+    from .etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub, subnet_leases
 except ImportError:
-    from etcd_server import EtcdServer, require_etcd
+    from etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub, subnet_leases
 
 ENGINE = os.environ.get("UDPFLANNEL_TEST_ENGINE", "compiled")
 NETWORK = "10.5.0.0/16"
@@ -55,21 +54,18 @@ VXLAN_PORT = 8472
 ETH_P_ALL = 0x0003
 IP_RECVTTL = 12  # Linux; not exported by Python's socket module
 TCP_BYTES = 3 * 1024 * 1024 + 77  # odd on purpose: no segment boundary lines up with it
-HUB_ADDR = "192.168.250.2"
 MIGRATION_NET = "10.244.0.0/16"
 VXLAN_CONFIG = json.dumps({"Network": MIGRATION_NET, "Backend": {"Type": "vxlan"}})
 OLD_UDP_CONFIG = json.dumps({"Network": MIGRATION_NET, "Backend": {"Type": "udp"}})
 KERNEL_SUBNET = "10.244.200.0/24"
 KERNEL_MAC = "02:aa:bb:cc:dd:09"
-FLANNEL_VXLAN_LEASE = ('{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan",'
-                       '"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}')
 
 
 # -- helpers ------------------------------------------------------------------------
 
 def flanneld_udp_value(public_ip: str) -> bytes:
     """flannel's LeaseAttrs{PublicIP} as Go's encoder writes it (the udp backend)."""
-    return b'{"PublicIP":"' + public_ip.encode() + b'","PublicIPv6":null}'
+    return FLANNEL_UDP_LEASE.format(ip=public_ip).encode()
 
 
 def overlay_addr_of(subnet: str) -> str:
@@ -416,15 +412,8 @@ def test_restart_under_the_udp_config_keeps_the_subnet(udp_mode):
 def etcd_lab(tmp_path_factory):
     """Six nodes and etcd on the hub's bridge address: the underlay the nodes tunnel
     over. Each test works under its own key prefix and on its own nodes."""
-    require_etcd()
-    with Lab(6, tag="uum") as lab:
-        lab.hub.link_up("br0", f"{HUB_ADDR}/24")
-        etcd = EtcdServer(tmp_path_factory.mktemp("etcd"), host=HUB_ADDR, popen=lab.hub.popen)
-        try:
-            etcd.start()
-            yield lab, etcd
-        finally:
-            etcd.__exit__()
+    with Lab(6, tag="uum") as lab, etcd_in_hub(lab, tmp_path_factory.mktemp("etcd")) as etcd:
+        yield lab, etcd
 
 
 def etcd_cluster(lab: Lab, etcd: EtcdServer, workdir: str, config: str) -> Cluster:
@@ -437,9 +426,7 @@ def etcd_cluster(lab: Lab, etcd: EtcdServer, workdir: str, config: str) -> Clust
 
 
 def etcd_leases(etcd: EtcdServer, prefix: str) -> dict[str, str]:
-    doc = etcd.etcdctl_json("get", f"{prefix}/subnets/", "--prefix")
-    return {base64.b64decode(kv["key"]).decode().rsplit("/", 1)[-1]: base64.b64decode(kv["value"]).decode()
-            for kv in doc.get("kvs", [])}
+    return {name: lease["value"] for name, lease in subnet_leases(etcd, prefix).items()}
 
 
 def udp_listeners(ns: Namespace) -> str:
