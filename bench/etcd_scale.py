@@ -39,6 +39,7 @@ import msgpack  # noqa: E402
 from pyroute2 import netns  # noqa: E402
 
 from udpflannel.core.status import NodeStatus  # noqa: E402
+from udpflannel.lab import procs  # noqa: E402
 from udpflannel.lab.etcd import EtcdServer  # noqa: E402
 from udpflannel.lab.netns import Lab  # noqa: E402
 
@@ -166,13 +167,7 @@ class Daemon:
                                            stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        procs.terminate(self.proc, 10)
 
 
 async def bench(lab: Lab, etcd: EtcdServer, work: str, args) -> dict:

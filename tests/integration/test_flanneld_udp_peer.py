@@ -41,7 +41,6 @@ NETWORK = "10.5.0.0/16"
 CONFIG = json.dumps({"Network": NETWORK, "Backend": {"Type": "udp"}})
 UNOWNED = "10.5.0.1"  # the zeroth subnet is never leased (SubnetMin skips it)
 FAKE_SUBNET = ipaddress.IPv4Network("10.5.250.0/24")  # a lease with no proxy behind it
-ETH_P_ALL = 0x0003
 IP_RECVTTL = 12  # Linux; not exported by Python's socket module
 
 
@@ -61,23 +60,6 @@ def start_peers(lab: Lab, workdir: str, count: int, **kw) -> list[FlanneldUdpPee
     return peers
 
 
-def capture_socket(ns, ifname: str) -> socket.socket:
-    """A packet socket on ``ifname`` inside ``ns`` (both directions), non-blocking."""
-    def make() -> socket.socket:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.bind((ifname, 0))
-        s.setblocking(False)
-        return s
-    return ns.call(make)
-
-
-def captured(sock: socket.socket) -> list[bytes]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(65536))
-        except BlockingIOError:
-            return out
 
 
 def set_sysctl(path: str, value: str) -> None:
@@ -137,7 +119,7 @@ def test_wire_format_seen_by_scapy(embedded):
         finally:
             await reg.close()
 
-    wire = capture_socket(node3, "eth0")
+    wire = probe.packet_socket(node3, "eth0")
     listener = node3.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
     listener.bind((lab.addresses[2], 8285))
     listener.settimeout(0.2)
@@ -155,7 +137,7 @@ def test_wire_format_seen_by_scapy(embedded):
             except socket.timeout:
                 assert time.monotonic() < deadline, "peer 1 never routed to the vxlan lease"
         assert origin == (lab.addresses[0], 8285)
-        frames = [Ether(f) for f in captured(wire)]
+        frames = [Ether(f) for f in probe.drain(wire)]
         outer = [f for f in frames if f.haslayer(UDP) and f[UDP].dport == 8285 and f[IP].dst == lab.addresses[2]]
         assert outer and all(f[UDP].sport == 8285 and f[IP].src == lab.addresses[0] for f in outer)
         assert payload in [bytes(f[UDP].payload) for f in outer]
@@ -195,7 +177,7 @@ def test_icmp_net_unreachable_for_an_unowned_address(embedded):
     lab, (a, _b), _ = embedded
     node1 = lab.nodes[0]
     node1.call(set_sysctl, "/proc/sys/net/ipv4/conf/flannel0/accept_local", "1")
-    tun = capture_socket(node1, "flannel0")
+    tun = probe.packet_socket(node1, "flannel0")
     try:
         assert probe.ping(node1, UNOWNED, count=1, timeout=0.3) == [None]
         client = node1.call(socket.socket)
@@ -205,7 +187,7 @@ def test_icmp_net_unreachable_for_an_unowned_address(embedded):
             client.connect((UNOWNED, 80))
         assert failure.value.errno == errno.ENETUNREACH and time.monotonic() - started < 1.0
         # what the proxy wrote into the TUN (a TUN has no link header: bare IP)
-        icmps = [IP(p) for p in captured(tun) if p[0] == 0x45 and IP(p).haslayer(ICMP) and IP(p)[ICMP].type == 3]
+        icmps = [IP(p) for p in probe.drain(tun) if p[0] == 0x45 and IP(p).haslayer(ICMP) and IP(p)[ICMP].type == 3]
         assert len(icmps) == 1, [p.summary() for p in icmps]
         reply = icmps[0]
         assert (reply.src, reply.dst, reply.ttl, reply[ICMP].code) == (a.overlay_addr, a.overlay_addr, 8, 0)

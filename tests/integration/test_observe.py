@@ -142,16 +142,6 @@ def start_notifying(cluster, i: int, notify: NotifySocket, monkeypatch, extra=()
         return cluster.start(i, list(extra))
 
 
-def wait_log(cluster, i: int, text: str, timeout: float = 15.0) -> None:
-    path = os.path.join(cluster.node_dir(i), "daemon.log")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, errors="replace") as f:
-            if text in f.read():
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"no {text!r} in node {i + 1}'s log after {timeout}s:\n{cluster.log_tail(i)}")
-
 
 def http_flags(metrics_port: int = METRICS_PORT) -> list[str]:
     return ["--healthz-ip", "127.0.0.1", "--healthz-port", str(HEALTHZ_PORT),
@@ -172,7 +162,7 @@ def test_health_readiness_notify_through_config_wait_and_registry_outage(
 
         # waiting for a config: alive, not ready, says so (log, STATUS=), nothing written
         assert wait_http(ns, HEALTHZ_PORT, "/healthz", 200).strip() == "ok"
-        wait_log(cluster, 0, f"no network config at {prefix}/config yet; waiting")
+        cluster.wait_log(0, f"no network config at {prefix}/config yet; waiting")
         waiting = notify.until("STATUS", 10)
         assert "waiting for the network config" in waiting[-1]["STATUS"]
         assert not any("READY" in m for m in waiting)

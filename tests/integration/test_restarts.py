@@ -94,16 +94,6 @@ def route_oif(ns, address: str) -> int | None:
             return None
 
 
-def wait_log(cluster, i: int, text: str, timeout: float = 15.0) -> None:
-    path = os.path.join(cluster.node_dir(i), "daemon.log")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, errors="replace") as f:
-            if text in f.read():
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"no {text!r} in node {i + 1}'s log after {timeout}s:\n{cluster.log_tail(i)}")
-
 
 def ping_until(ns, address: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
@@ -281,9 +271,9 @@ def test_stream_survives_restart(make_lab, make_cluster, plane, how, capsys, rec
     assert (after.lease.subnet, after.lease.vtep_mac) == (before.lease.subnet, before.lease.vtep_mac)
     assert link(lab.nodes[0], DEVICE[plane]) == device_before  # the same device, re-attached
     if plane == "engine":
-        wait_log(cluster, 0, "re-attached to flannel0")
+        cluster.wait_log(0, "re-attached to flannel0")
     else:
-        wait_log(cluster, 0, "reusing flannel.1")
+        cluster.wait_log(0, "reusing flannel.1")
     record_property("silent_seconds", round(silence.longest, 3))
     record_property("sampler_largest_gap_seconds", round(silence.resolution, 3))
     with capsys.disabled():
@@ -340,8 +330,8 @@ def test_device_deleted_under_running_daemon_comes_back(make_lab, make_cluster, 
     ping_until(lab.nodes[0], cluster.overlay_addr(1))
     delete_link(lab.nodes[0], device)
 
-    wait_log(cluster, 0, f"{device} was deleted under us")
-    wait_log(cluster, 0, f"{device} is back")
+    cluster.wait_log(0, f"{device} was deleted under us")
+    cluster.wait_log(0, f"{device} is back")
     assert cluster.procs[0].poll() is None
     ping_until(lab.nodes[0], cluster.overlay_addr(1))
     ping_until(lab.nodes[1], cluster.overlay_addr(0))

@@ -51,7 +51,6 @@ UDP_CONFIG = json.dumps({"Network": NETWORK, "Backend": {"Type": "udp"}})
 UDP_OVERHEAD = 28  # outer IPv4 + UDP: flannel's udp encapOverhead
 UDP_PORT = 8285
 VXLAN_PORT = 8472
-ETH_P_ALL = 0x0003
 IP_RECVTTL = 12  # Linux; not exported by Python's socket module
 TCP_BYTES = 3 * 1024 * 1024 + 77  # odd on purpose: no segment boundary lines up with it
 MIGRATION_NET = "10.244.0.0/16"
@@ -72,23 +71,6 @@ def overlay_addr_of(subnet: str) -> str:
     return str(ipaddress.IPv4Network(subnet).network_address)
 
 
-def capture_socket(ns: Namespace, ifname: str) -> socket.socket:
-    """A packet socket on ``ifname`` inside ``ns`` (both directions), non-blocking."""
-    def make() -> socket.socket:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.bind((ifname, 0))
-        s.setblocking(False)
-        return s
-    return ns.call(make)
-
-
-def captured(sock: socket.socket) -> list[Ether]:
-    out = []
-    while True:
-        try:
-            out.append(Ether(sock.recv(65536)))
-        except BlockingIOError:
-            return out
 
 
 def send_once(ns: Namespace, data: bytes, to: tuple[str, int], ttl: int) -> None:
@@ -278,14 +260,14 @@ def test_wire_format_to_and_from_the_flanneld_udp_node(udp_mode):
     lab, cluster, peer = udp_mode
     ours = cluster.overlay_addr(0)
     marker = f"to-flanneld-{uuid.uuid4().hex[:8]}".encode()
-    wire = capture_socket(lab.nodes[1], "eth0")
+    wire = probe.packet_socket(lab.nodes[1], "eth0")
     sender = udp_socket(lab.nodes[0], ttl=17)
     receiver = udp_socket(lab.nodes[1], bind=(peer.overlay_addr, 9999), recv_ttl=True)
     try:
         sender.sendto(marker, (peer.overlay_addr, 9999))
         data, source, ttl = receive_with_ttl(receiver)
         assert (data, source[0], ttl) == (marker, ours, 15)  # 17 - ours - the proxy's
-        outer = [f for f in captured(wire) if f.haslayer(UDP) and f[IP].src == lab.addresses[0]
+        outer = [f for f in map(Ether, probe.drain(wire)) if f.haslayer(UDP) and f[IP].src == lab.addresses[0]
                  and marker in bytes(f[UDP].payload)]
         assert len(outer) == 1, [f.summary() for f in outer]
         f = outer[0]
@@ -309,7 +291,7 @@ def test_wire_format_to_and_from_the_flanneld_udp_node(udp_mode):
             data, source, ttl = receive_with_ttl(home)
         assert (data, source[0], ttl) == (back, peer.overlay_addr, 18)  # 20 - proxy's - ours
         assert cluster.status(0).dataplane.counters["rx_packets"] > rx_before
-        sent = [f for f in captured(wire) if f.haslayer(UDP) and f[IP].src == lab.addresses[1]
+        sent = [f for f in map(Ether, probe.drain(wire)) if f.haslayer(UDP) and f[IP].src == lab.addresses[1]
                 and back in bytes(f[UDP].payload)]
         assert len(sent) == 1 and sent[0][UDP].dport == UDP_PORT and IP(bytes(sent[0][UDP].payload)).ttl == 19
     finally:
@@ -548,11 +530,11 @@ def test_runbook_udp_node_meets_a_node_restarted_under_vxlan(etcd_lab, tmp_path)
         assert peer_framings(cluster.status(new)) == {old_subnet: "udp"}
         assert cluster.status(old).lease.backend_type == "udp"  # still the old config
 
-        wire = capture_socket(lab.nodes[old], "eth0")
+        wire = probe.packet_socket(lab.nodes[old], "eth0")
         try:
             assert all(probe.ping(lab.nodes[old], overlay_addr_of(new_subnet), count=2))
             assert all(probe.ping(lab.nodes[new], overlay_addr_of(old_subnet), count=2))
-            frames = [f for f in captured(wire) if f.haslayer(UDP)]
+            frames = [f for f in map(Ether, probe.drain(wire)) if f.haslayer(UDP)]
         finally:
             wire.close()
         out = [f for f in frames if f[IP].src == lab.addresses[old] and f[IP].dst == lab.addresses[new]]

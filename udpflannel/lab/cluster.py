@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import signal
 import subprocess
 import sys
 import time
 from typing import Any, Sequence
 
 from udpflannel.core.status import NodeStatus
+from udpflannel.lab import procs
 from udpflannel.lab.netns import Lab
 from udpflannel.observe import admin
 
@@ -77,17 +77,7 @@ class Cluster:
             self.start(i)
 
     def stop(self, i: int, grace: float = 5.0) -> int | None:
-        proc = self.procs.pop(i, None)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(grace)
-        return proc.returncode
+        return procs.terminate(self.procs.pop(i, None), grace)
 
     def stop_all(self) -> None:
         for i in list(self.procs):
@@ -99,6 +89,17 @@ class Cluster:
                 return "".join(f.readlines()[-lines:])
         except OSError:
             return ""
+
+    def wait_log(self, i: int, text: str, timeout: float = 15.0) -> None:
+        """Until node ``i``'s log holds ``text``; AssertionError with the log's tail if not."""
+        path = os.path.join(self.node_dir(i), "daemon.log")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(path, errors="replace") as f:
+                if text in f.read():
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"no {text!r} in node {i + 1}'s log after {timeout}s:\n{self.log_tail(i)}")
 
     def status(self, i: int) -> NodeStatus:
         return NodeStatus.from_dict(admin.query(self.admin_path(i), timeout=2.0))

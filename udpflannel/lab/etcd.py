@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from udpflannel.lab import procs
+
 ETCD = os.environ.get("UDPFLANNEL_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL = os.environ.get("UDPFLANNEL_TEST_ETCDCTL", "/usr/bin/etcdctl")
 START_TIMEOUT = 20.0
@@ -128,14 +130,7 @@ class EtcdServer:
         """Terminate by pid, wait 5 s, kill. Safe to call twice."""
         proc, self.proc = self.proc, None
         _running.discard(self)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        procs.terminate(proc, 5)
 
     def pause(self) -> None:
         """Freeze etcd (SIGSTOP): connections stay open and nothing answers. Returns

@@ -45,7 +45,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from udpflannel.core import config as netconfig
 from udpflannel.core import subnetenv
 from udpflannel.core.lease import EventType, Lease, LeaseEvent
-from udpflannel.lab import udpproxy
+from udpflannel.lab import procs, udpproxy
 from udpflannel.lab.netns import Namespace
 
 log = logging.getLogger("flanneld-udp")
@@ -433,16 +433,7 @@ class FlanneldUdpPeer:
     def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL after ``grace`` seconds, by pid; the exit status."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(grace)
-        return proc.returncode
+        return procs.terminate(proc, grace)
 
     def log_tail(self, lines: int = 15) -> str:
         try:

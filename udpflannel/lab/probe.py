@@ -123,3 +123,27 @@ def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3
     if "result" not in got:
         raise TimeoutError("TCP receiver did not finish")
     return got["result"]  # type: ignore[return-value]
+
+
+ETH_P_ALL = 0x0003  # every protocol: what a capture wants
+
+
+def packet_socket(ns: Namespace, ifname: str) -> socket.socket:
+    """A non-blocking packet socket on ``ifname`` inside ``ns`` that sees both
+    directions: a capture without tcpdump."""
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        s.bind((ifname, 0))
+        s.setblocking(False)
+        return s
+    return ns.call(make)
+
+
+def drain(sock: socket.socket) -> list[bytes]:
+    """Every frame a non-blocking packet socket holds right now."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(1 << 16))
+        except BlockingIOError:
+            return out

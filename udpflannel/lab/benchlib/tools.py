@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from udpflannel.lab import probe
+from udpflannel.lab import probe, procs
 from udpflannel.lab.benchlib import parse
 from udpflannel.lab.netns import Namespace
 
@@ -33,15 +33,10 @@ class ToolError(Exception):
 
 def stop(proc: subprocess.Popen, grace: float = 2.0) -> None:
     """Let ``proc`` finish for ``grace`` seconds, then SIGTERM, then SIGKILL (by pid)."""
-    for action in (None, proc.terminate, proc.kill):
-        if proc.poll() is not None:
-            return
-        if action is not None:
-            action()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        procs.terminate(proc, grace)
 
 
 def _start(ns: Namespace, argv: Sequence[str], **kw) -> subprocess.Popen:

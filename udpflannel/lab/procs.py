@@ -1,0 +1,21 @@
+"""Stopping the processes the lab starts: always by the Popen's own pid, never by name,
+so a test can't hit a daemon it did not start."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def terminate(proc: subprocess.Popen | None, grace: float = 5.0) -> int | None:
+    """SIGTERM, then SIGKILL if ``proc`` is still running ``grace`` seconds later; its
+    exit status (None for no process). Safe on a process that has already exited."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+    return proc.returncode
