@@ -177,10 +177,7 @@ cdef void flush_batch(txctx_t *c) noexcept nogil:
     c.b_count = 0
     c.b_off = 0
     if c.capture:
-        with gil:
-            captured = (<Engine>c.owner).captured
-            for k in range(count):
-                captured.append((<uint8_t *>c.b_iov[k].iov_base)[:c.b_iov[k].iov_len])
+        capture(c.owner, c.b_iov, count, 1)
         return
     if count == 1:
         sent = 1 if sendto(c.b_fd, c.b_iov[0].iov_base, c.b_iov[0].iov_len, 0,
@@ -349,12 +346,7 @@ cdef int send_window(txctx_t *c, route_t *r, int fd, int count, Py_ssize_t strid
     cdef long rc
     cdef int k
     if c.capture:
-        with gil:
-            captured = (<Engine>c.owner).captured
-            for k in range(count):
-                captured.append(
-                    (<uint8_t *>c.tx_iov[2 * k].iov_base)[:c.tx_iov[2 * k].iov_len]
-                    + (<uint8_t *>c.tx_iov[2 * k + 1].iov_base)[:c.tx_iov[2 * k + 1].iov_len])
+        capture(c.owner, c.tx_iov, 2 * count, 2)
         return count
     if gso_on(c.e) and count > 1:
         rc = uf_send_gso_iov(fd, c.tx_iov, 2 * count, <uint16_t>stride, &r.addr)
@@ -701,15 +693,26 @@ cdef void emit_plain(rxctx_t *c, uint8_t *p, Py_ssize_t n, int packets) noexcept
         emitv(c, c.plain_iov, 1, packets, n * packets)
 
 
-cdef int write_tun(bint capture, void *owner, int tun_fd, iovec *iov, int iovcnt) noexcept nogil:
+cdef int write_tun(bint captures, void *owner, int tun_fd, iovec *iov, int iovcnt) noexcept nogil:
     """The one place that writes to the TUN (tests: the Engine's `captured` list)."""
-    cdef int k
-    if capture:
-        with gil:
-            (<Engine>owner).captured.append(b"".join(
-                [(<uint8_t *>iov[k].iov_base)[:iov[k].iov_len] for k in range(iovcnt)]))
+    if captures:
+        capture(owner, iov, iovcnt, iovcnt)
         return 0
     return <int>writev(tun_fd, iov, iovcnt)
+
+
+cdef void capture(void *owner, iovec *iov, int iovcnt, int per_frame) noexcept with gil:
+    """Tests only: append the frames in ``iov`` (``per_frame`` iovecs each) to the
+    Engine's ``captured`` list instead of sending or writing them.
+
+    A function of its own on purpose: a nogil function with a Python object local
+    (even one used only under ``with gil``) makes Cython take the GIL at every exit
+    to release it, so each hot-path call paid PyGILState_Ensure/Release (a thread
+    state created and destroyed, and a wait for the GIL) on every packet."""
+    captured = (<Engine>owner).captured
+    for k in range(0, iovcnt, per_frame):
+        captured.append(b"".join([(<uint8_t *>iov[j].iov_base)[:iov[j].iov_len]
+                                  for j in range(k, k + per_frame)]))
 
 
 # ---- threads ------------------------------------------------------------------------

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import subprocess
 
+KILL_WAIT = 5.0  # seconds for a SIGKILLed process to be reaped
+
 
 def terminate(proc: subprocess.Popen | None, grace: float = 5.0) -> int | None:
     """SIGTERM, then SIGKILL if ``proc`` is still running ``grace`` seconds later; its
-    exit status (None for no process). Safe on a process that has already exited."""
+    exit status (None for no process). Safe on a process that has already exited;
+    ``grace`` may be 0 (kill at once if SIGTERM did not end it)."""
     if proc is None:
         return None
     if proc.poll() is None:
@@ -17,5 +20,5 @@ def terminate(proc: subprocess.Popen | None, grace: float = 5.0) -> int | None:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(grace)
+            proc.wait(KILL_WAIT)  # not ``grace``: SIGKILL is asynchronous, even with grace 0
     return proc.returncode
