@@ -710,7 +710,7 @@ cdef void capture(void *owner, iovec *iov, int iovcnt, int per_frame) noexcept w
     to release it, so each hot-path call paid PyGILState_Ensure/Release (a thread
     state created and destroyed, and a wait for the GIL) on every packet."""
     captured = (<Engine>owner).captured
-    for k in range(0, iovcnt, per_frame):
+    for k in range(0, iovcnt, max(per_frame, 1)):
         captured.append(b"".join([(<uint8_t *>iov[j].iov_base)[:iov[j].iov_len]
                                   for j in range(k, k + per_frame)]))
 
