@@ -62,14 +62,7 @@ def _node_run(lab, workdir, extra):
 
 def _finish(ns, argv) -> subprocess.CompletedProcess:
     """Run argv inside namespace ns with a timeout; killed by pid if it overruns."""
-    proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return ns.run(argv, 30)
 
 
 @pytest.mark.parametrize("config, words", [

@@ -727,15 +727,9 @@ def test_kernel_plane_ignores_udp_leases_and_refuses_a_udp_config(lab, etcd, mak
     argv = [sys.executable, "-m", "udpflannel", "run", "--iface", "eth0", "--dataplane", "kernel",
             "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", prefix, "--state-dir", workdir,
             "--subnet-file", f"{workdir}/subnet.env", "--admin-socket", f"{workdir}/admin.sock"]
-    proc = lab.nodes[other].popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 1, err
+    res = lab.nodes[other].run(argv, 30)
+    err = res.stderr
+    assert res.returncode == 1, err
     errors = [line for line in err.strip().splitlines() if " INFO " not in line]
     assert errors == ["udpflannel: error: --dataplane kernel needs a vxlan backend; the config's "
                       "is 'udp' (use engine or auto)"], err

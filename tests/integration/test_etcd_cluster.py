@@ -99,15 +99,7 @@ def run_to_exit(lab: Lab, workdir: str, argv: list[str], env: dict | None = None
     full = [sys.executable, "-m", "udpflannel", "run", "--iface", "eth0", "--engine", ENGINE,
             "--state-dir", workdir, "--subnet-file", f"{workdir}/subnet.env",
             "--admin-socket", f"{workdir}/admin.sock"] + argv
-    proc = lab.nodes[0].popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return subprocess.CompletedProcess(full, proc.returncode, out, err)
+    return lab.nodes[0].run(full, timeout, env=env)
 
 
 # -- config -------------------------------------------------------------------------

@@ -78,14 +78,9 @@ def test_no_usable_underlay_is_one_line(make_lab, workdir, flags, words):
     lab = make_lab(1)
     add_second_interface(lab)
     argv = ChosenUnderlay(lab, workdir, extra_args=flags).argv(0)
-    proc = lab.nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 1 and "Traceback" not in err, err
+    res = lab.nodes[0].run(argv, 30)
+    err = res.stderr
+    assert res.returncode == 1 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("udpflannel: error:") and all(w in last for w in words), last
 

@@ -24,14 +24,8 @@ def _cluster(make_lab, make_cluster, extra=()):
 
 def test_ping_to_an_unleased_address_reports_unreachable(make_lab, make_cluster):
     lab, cluster = _cluster(make_lab, make_cluster)
-    proc = lab.nodes[0].popen(["ping", "-c", "1", "-W", "2", UNLEASED], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out = lab.nodes[0].run(["ping", "-c", "1", "-W", "2", UNLEASED], 10,
+                           stderr=subprocess.STDOUT).stdout
     assert "Destination Net Unreachable" in out, out
     assert cluster.status(0).dataplane.counters["icmp_unreachable"] >= 1
 

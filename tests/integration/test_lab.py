@@ -21,9 +21,9 @@ def test_lab_popen_and_netlink_never_fork_python(make_lab):
     with lab.nodes[0].ipr() as ipr:
         names = {link.get("ifname") for link in ipr.get_links()}
     assert names == {"lo", "eth0"}
-    proc = lab.nodes[1].popen(["cat", "/proc/self/net/dev"], stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0 and "eth0" in out and "br0" not in out  # ran inside node 2
+    res = lab.nodes[1].run(["cat", "/proc/self/net/dev"], 10)
+    out = res.stdout
+    assert res.returncode == 0 and "eth0" in out and "br0" not in out  # ran inside node 2
     assert len(FORKS) == before, "a lab tool forked a Python copy of the test process"
 
 

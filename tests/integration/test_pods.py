@@ -36,15 +36,9 @@ BACKENDS = ["iptables", "nftables"]
 
 
 def sh(ns: Namespace, *argv: str, check: bool = True) -> str:
-    proc = ns.popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    assert not check or proc.returncode == 0, f"{' '.join(argv)}: {err.strip()}"
-    return out
+    res = ns.run(argv, 30)
+    assert not check or res.returncode == 0, f"{' '.join(argv)}: {res.stderr.strip()}"
+    return res.stdout
 
 
 def write_net_config(workdir: str, backend: str) -> str:
@@ -252,15 +246,9 @@ def test_rules_once_across_restart_restored_after_flush_removed_by_cleanup(make_
     # `udpflannel cleanup` (after the stop, which leaves them) removes them
     assert cluster.stop(0) == 0
     assert rules_exactly_once(node, backend, NETWORK, sub)
-    proc = node.popen(cleanup_argv(cluster, 0), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert f"{backend} rules" in err
+    res = node.run(cleanup_argv(cluster, 0), 30)
+    assert res.returncode == 0, res.stderr
+    assert f"{backend} rules" in res.stderr
     assert no_rules_left(node)
     assert not os.path.exists(os.path.join(cluster.node_dir(0), "subnet.env"))
 

@@ -104,15 +104,7 @@ def ping_until(ns, address: str, timeout: float = 10.0) -> None:
 
 
 def run_cli(ns, argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
-    proc = ns.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    return ns.run(argv, timeout)
 
 
 def cleanup_argv(cluster, i: int, *extra: str) -> list[str]:

@@ -45,15 +45,9 @@ def spec(**kw) -> RuleSpec:
 
 
 def sh(ns: Namespace, *argv: str) -> str:
-    proc = ns.popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    assert proc.returncode == 0, f"{' '.join(argv)}: {err.strip()}"
-    return out
+    res = ns.run(argv, 20)
+    assert res.returncode == 0, f"{' '.join(argv)}: {res.stderr.strip()}"
+    return res.stdout
 
 
 def rule_lines(ns: Namespace) -> list[str]:

@@ -235,11 +235,5 @@ def test_a_second_daemon_cannot_join_the_queue_group(make_lab, make_cluster, wor
             "--queues", "2", "--tun", "second0", "--registry-file", f"{workdir}/other.db",
             "--state-dir", f"{workdir}/other", "--subnet-file", f"{workdir}/other.env",
             "--admin-socket", f"{workdir}/other.sock"]
-    proc = lab.nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 1 and "8472" in err and "in use" in err, err
+    res = lab.nodes[0].run(argv, 30)
+    assert res.returncode == 1 and "8472" in res.stderr and "in use" in res.stderr, res.stderr

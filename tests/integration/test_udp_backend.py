@@ -412,20 +412,12 @@ def etcd_leases(etcd: EtcdServer, prefix: str) -> dict[str, str]:
 
 
 def udp_listeners(ns: Namespace) -> str:
-    proc = ns.popen(["ss", "-Hnlu", "sport", f"= :{UDP_PORT}"], stdout=subprocess.PIPE, text=True,
-                    stdin=subprocess.DEVNULL)
-    try:
-        return proc.communicate(timeout=10)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return ns.run(["ss", "-Hnlu", "sport", f"= :{UDP_PORT}"], 10).stdout
 
 
 def udp_no_ports(ns: Namespace) -> int:
     """The namespace's Udp NoPorts counter: datagrams for a port nobody listens on."""
-    proc = ns.popen(["cat", "/proc/net/snmp"], stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    out = proc.communicate(timeout=10)[0]
+    out = ns.run(["cat", "/proc/net/snmp"], 10).stdout
     head, values = [line.split() for line in out.splitlines() if line.startswith("Udp:")][:2]
     return int(values[head.index("NoPorts")])
 

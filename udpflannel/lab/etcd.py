@@ -182,12 +182,7 @@ class EtcdServer:
         """Run etcdctl where etcd is reachable (through ``popen``); killed on timeout."""
         proc = self._popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**os.environ, "ETCDCTL_API": "3"})
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise
+        out, err = procs.communicate(proc, timeout)
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def etcdctl(self, *args: str, user: str | None = None, check: bool = True) -> str:

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 from pyroute2 import IPRoute, netns
 
+from udpflannel.lab import procs
+
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"
 
@@ -84,6 +86,14 @@ class Namespace:
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
         return subprocess.Popen(self.exec_argv(argv), **kw)
+
+    def run(self, argv: Sequence[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess:
+        """Run argv here to its end, stdin closed, stdout and stderr captured as text
+        (``kw`` overrides any of these); killed by its pid if it outlives ``timeout``."""
+        proc = self.popen(argv, **{"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
+                                   "stderr": subprocess.PIPE, "text": True, **kw})
+        out, err = procs.communicate(proc, timeout)
+        return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0) -> Any:
         """Run fn(*args) on a thread inside this namespace; return or raise its result."""

@@ -4,8 +4,21 @@ so a test can't hit a daemon it did not start."""
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 KILL_WAIT = 5.0  # seconds for a SIGKILLed process to be reaped
+
+
+def communicate(proc: subprocess.Popen, timeout: float) -> tuple[Any, Any]:
+    """``proc.communicate()`` with a deadline: its (stdout, stderr). A process still
+    running when the deadline passes (subprocess.TimeoutExpired propagates) or the
+    wait is interrupted is killed by its pid and reaped."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(KILL_WAIT)
 
 
 def terminate(proc: subprocess.Popen | None, grace: float = 5.0) -> int | None:
