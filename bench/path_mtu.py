@@ -59,7 +59,7 @@ from udpflannel.lab.bench import deferred_signals  # noqa: E402
 from udpflannel.lab.benchlib import cases as benchcases  # noqa: E402
 from udpflannel.lab.benchlib import parse, tools  # noqa: E402
 from udpflannel.lab.cluster import Cluster  # noqa: E402
-from udpflannel.lab.netns import Lab, Namespace, owned_handler  # noqa: E402
+from udpflannel.lab.netns import Lab, Namespace, interrupt_on_sigterm  # noqa: E402
 
 ENGINES = ("udpflannel", "kernel-vxlan")
 CASES = ("baseline", "forged-icmp", "route-mtu-1400", "device-mtu-1400")
@@ -283,10 +283,6 @@ def render(summary: dict[str, dict[str, Any]], engines: list[str]) -> str:
 
 # -- main --------------------------------------------------------------------------------
 
-def _interrupt(_signum: int) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 duration per run (default 5)")
@@ -305,7 +301,7 @@ def main() -> int:
         return 2
     engines = [args.only] if args.only else list(ENGINES)
     started = dt.datetime.now(dt.timezone.utc)
-    previous = signal.signal(signal.SIGTERM, owned_handler(_interrupt))
+    previous = interrupt_on_sigterm()
     runs: list[dict[str, Any]] = []
     total, n = args.repeat * len(engines) * len(CASES), 0
     try:

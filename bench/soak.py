@@ -63,7 +63,7 @@ from udpflannel.lab.bench import deferred_signals  # noqa: E402
 from udpflannel.lab.benchlib import parse, tools  # noqa: E402
 from udpflannel.lab.cluster import Cluster  # noqa: E402
 from udpflannel.lab.etcd import ETCD, ETCDCTL, EtcdServer  # noqa: E402
-from udpflannel.lab.netns import Lab, Namespace, owned_handler  # noqa: E402
+from udpflannel.lab.netns import Lab, Namespace, interrupt_on_sigterm  # noqa: E402
 
 HUB_ADDR = "192.168.250.2"
 PREFIX = "/coreos.com/network"
@@ -546,10 +546,6 @@ def render(s: dict[str, Any], sched: Schedule) -> str:
 
 # -- main ---------------------------------------------------------------------------------------
 
-def _interrupt(_signum: int) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
@@ -572,7 +568,7 @@ def main() -> int:
     stem = os.path.join(args.out, "soak-" + started.strftime("%Y%m%d-%H%M%S"))
     print(f"soak: {sched.duration:.0f} s; schedule {asdict(sched)}", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGTERM, owned_handler(_interrupt))
+    previous = interrupt_on_sigterm()
     workdir = tempfile.mkdtemp(prefix="uf-soak-")
     soak = Soak(sched, workdir)
     interrupted, failure = False, None

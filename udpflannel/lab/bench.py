@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 from udpflannel.lab.benchlib import parse, report, tools
 from udpflannel.lab.benchlib.cases import Case, Target, all_cases
-from udpflannel.lab.netns import owned_handler
+from udpflannel.lab.netns import interrupt_on_sigterm, owned_handler
 
 log = logging.getLogger("udpflannel.lab.bench")
 
@@ -72,10 +72,6 @@ class Progress:
     def say(self, text: str) -> None:
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
-
-
-def _interrupt(_signum: int) -> None:
-    raise KeyboardInterrupt
 
 
 @contextmanager
@@ -238,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     meta = _meta(args, order, started)
 
-    previous = signal.signal(signal.SIGTERM, owned_handler(_interrupt))
+    previous = interrupt_on_sigterm()
     progress = Progress(args.repeat * sum(1 + len(cases[n].steps) for n in order),
                         partial_lines=not args.verbose)
     progress.say(f"udpflannel bench: {', '.join(order)}; {meta['iperf_seconds']} s per iperf3 run, "

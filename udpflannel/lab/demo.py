@@ -9,13 +9,12 @@ removes every namespace, process and file it made, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import shutil
-import signal
 import statistics
 import tempfile
 
 from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
-from udpflannel.lab.netns import Lab, owned_handler
+from udpflannel.lab.netns import Lab, interrupt_on_sigterm
 
 
 class DemoFailed(Exception):
@@ -27,9 +26,7 @@ def _say(text: str = "") -> None:
 
 
 def main(nodes: int, seconds: float, engine: str) -> int:
-    def interrupted(_signum: int) -> None:
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, owned_handler(interrupted))
+    interrupt_on_sigterm()
     workdir = tempfile.mkdtemp(prefix="udpflannel-demo-")
     try:
         with Lab(nodes, tag="ufd") as lab, Cluster(lab, workdir, engine=engine) as cluster:

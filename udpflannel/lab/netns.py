@@ -22,6 +22,7 @@ import ctypes
 import ipaddress
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import threading
@@ -47,6 +48,15 @@ def owned_handler(handler: Callable[[int], None]) -> Callable[[int, Any], None]:
             os._exit(128 + signum)
         handler(signum)
     return handle
+
+
+def interrupt_on_sigterm() -> Any:
+    """From now on SIGTERM raises KeyboardInterrupt in this process, as Ctrl-C does, so a
+    lab tool stopped by a supervisor unwinds and removes what it made. Returns the
+    previous handler, for signal.signal to put back."""
+    def interrupt(_signum: int) -> None:
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, owned_handler(interrupt))
 
 
 def on_own_thread(fn: Callable[[], Any], name: str, timeout: float) -> Any:
