@@ -86,6 +86,21 @@ def _queues(text: str) -> int:
     return value
 
 
+def _cpus(text: str) -> tuple[int, ...]:
+    """A CPU list as Linux writes one (taskset -c, cpuset): "0", "2-3,6"; in order, no repeats."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list such as 0 or 2-3,6") from None
+        if not 0 <= first <= last < 1024:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: CPUs are 0-1023, low-high")
+        cpus.extend(c for c in range(first, last + 1) if c not in cpus)
+    return tuple(cpus)
+
+
 def _bool(text: str) -> bool:
     """Go's flag package spelling of booleans, as flanneld accepts them."""
     value = text.strip().lower()
@@ -160,6 +175,11 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", type=_queues, default=1,
                    help="with --io threads: TUN queues and VXLAN sockets, a thread pair each "
                         "(default 1; more spreads flows over cores)")
+    p.add_argument("--cpus", type=_cpus, default=(),
+                   help="pin the engine's data path to these CPUs (e.g. 0 or 2-3): with --io "
+                        "threads queue q's thread pair runs on the list's q-th CPU (wrapping), "
+                        "with --io loop the event loop thread (default: the scheduler decides; "
+                        "pinning trades throughput for latency, see bench/RESULTS.md)")
     p.add_argument("--udp-port", type=_port_or_off, default=8285,
                    help="flanneld udp framing towards udp peers (a cluster migrating from the "
                         "udp backend), on this port (default 8285; 0: off)")
@@ -297,7 +317,7 @@ def _run_options(a: argparse.Namespace):
         iface_can_reach=a.iface_can_reach, public_ip=a.public_ip, registry_file=a.registry_file,
         net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
         admin_socket=a.admin_socket, port=a.port, vni=a.vni, dataplane=a.dataplane,
-        engine=a.engine, io=a.io, queues=a.queues, offload=a.offload, udp_port=a.udp_port,
+        engine=a.engine, io=a.io, queues=a.queues, cpus=a.cpus, offload=a.offload, udp_port=a.udp_port,
         source_ports=a.source_ports,
         strict_source=a.strict_source,
         lease_ttl=a.subnet_lease_ttl * 60, renew_margin=a.subnet_lease_renew_margin * 60,
@@ -316,10 +336,27 @@ def _cmd_run(a: argparse.Namespace) -> int:
         raise ValueError(f"--queues {a.queues} needs --io threads")
     if a.io == "threads" and a.engine != "compiled":
         raise ValueError("--io threads runs the compiled engine (the Python twin runs in the loop)")
+    allowed = os.sched_getaffinity(0)
+    if set(a.cpus) - allowed:
+        raise ValueError(f"--cpus: CPU {min(set(a.cpus) - allowed)} is not one this process may run on "
+                         f"({_cpu_list(allowed)})")
 
     from udpflannel import daemon
     uvloop.run(daemon.run(_run_options(a)))
     return EXIT_OK
+
+
+def _cpu_list(cpus) -> str:
+    """{0, 1, 2, 5} -> "0-2,5"."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(c)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
 
 
 def _cmd_cleanup(a: argparse.Namespace) -> int:

@@ -231,7 +231,7 @@ async def run(opts: RunOptions) -> None:
             config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
             offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
             source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
-            queues=opts.queues)
+            queues=opts.queues, cpus=opts.cpus)
         log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
                  underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
                  cfg.network, cfg.backend_type, cfg.port)

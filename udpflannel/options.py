@@ -27,6 +27,7 @@ class RunOptions:
     engine: str = "compiled"
     io: str = "loop"  # the engine's I/O: "loop" (the event loop) or "threads"
     queues: int = 1  # --io threads: TUN queues / VXLAN sockets, a thread pair each
+    cpus: tuple[int, ...] = ()  # the data path's CPUs (--cpus); () the scheduler decides
     offload: str = "auto"  # see dataplane.sockets.parse_offloads
     udp_port: int = 8285  # flanneld udp framing towards udp peers (0: off)
     source_ports: int = 16  # VXLAN outer source ports (sockets) of the engine

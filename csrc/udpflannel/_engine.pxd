@@ -10,7 +10,7 @@
 #   attach(tun_fd, udp_fd, bare_fd=-1, tx_fds=(), vnet_hdr=, gso=, gro=) / add_queue(tun_fd, udp_fd)
 #   drain_tun(budget) / drain_udp(budget) / drain_bare(budget)      --io loop
 #   start_threads(notify_fd) / stop_threads() / thread_errors() / restart_tx(q, tun_fd)
-#   set_tun_fd(q, tun_fd)                                           --io threads
+#   set_tun_fd(q, tun_fd) / set_cpus(cpus) / get_cpus()              --io threads
 #
 # C layout: eng_t holds what every data path reads (config, fds, offload flags, the
 # published route table); txctx_t / rxctx_t hold one direction's buffers, batch and
@@ -159,6 +159,7 @@ cdef class Engine:
     cdef rxctx_t *rx[17]     # one per VXLAN queue, then the flanneld-udp socket's
     cdef int nq, nrx
     cdef bint threads
+    cdef tuple cpus          # set_cpus(): queue q's threads on cpus[q % len]
     cdef rxctx_t *probe_rx   # single-packet decap
     cdef txctx_t *probe_tx   # single-packet encap / segment
     cdef list captured       # tests: TUN writes / datagrams land here instead of the fds
@@ -168,5 +169,5 @@ cdef class Engine:
     cdef _decap(self, bytes datagram, str source, bint bare)
     cdef _bare_context(self, int tun_fd)
     cdef int _drain_rx(self, rxctx_t *c, int budget)
-    cdef _start(self, thr_t *t, uf_thread_fn fn, void *arg)
+    cdef _start(self, thr_t *t, uf_thread_fn fn, void *arg, int queue, str name)
     cdef void _join_all(self)

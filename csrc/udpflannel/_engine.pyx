@@ -64,7 +64,7 @@ cdef extern from "netio.h" nogil:
 
 cdef extern from "threads.h" nogil:
     int uf_wake_install()
-    int uf_thread_start(pthread_t *tid, uf_thread_fn fn, void *arg)
+    int uf_thread_start(pthread_t *tid, uf_thread_fn fn, void *arg, int cpu, const char *name)
     void uf_thread_stop(pthread_t tid, int *running)
     long uf_read_nowait(int fd, void *buf, size_t len)
     void *uf_load_ptr(void **p)
@@ -203,6 +203,7 @@ cdef class Engine:
         self.probe_rx = NULL
         self.probe_tx = NULL
         self.threads = False
+        self.cpus = ()
 
     def __init__(self, *, int vni, bytes vtep_mac, str network, int subnet_len,
                  bint strict_source=False):
@@ -608,18 +609,37 @@ cdef class Engine:
         self.threads = True
         for i in range(self.nq):
             if self.tx[i].tun_fd >= 0:
-                self._start(&self.tx[i].t, <uf_thread_fn>tx_thread, <void *>self.tx[i])
+                self._start(&self.tx[i].t, <uf_thread_fn>tx_thread, <void *>self.tx[i], i,
+                            f"uf-tun{i}")
         for i in range(self.nrx):
             if self.rx[i].fd >= 0:  # (no VXLAN socket: a udp node whose 8472 was taken)
-                self._start(&self.rx[i].t, <uf_thread_fn>rx_thread, <void *>self.rx[i])
+                self._start(&self.rx[i].t, <uf_thread_fn>rx_thread, <void *>self.rx[i],
+                            self.rx[i].queue,
+                            "uf-bare" if self.rx[i].bare else f"uf-vxlan{self.rx[i].queue}")
 
-    cdef _start(self, thr_t *t, uf_thread_fn fn, void *arg):
+    def set_cpus(self, cpus):
+        """Pin the threads started from now on: queue q's pair (its TUN reader and its
+        socket readers) runs on cpus[q % len(cpus)]; () lets the scheduler place them.
+        Why pin: a wakeup on the CPU that is already running costs a context switch;
+        one that must bring another, idle CPU out of its idle state can cost tens of
+        microseconds on a VM, several times per round trip (bench/RESULTS.md)."""
+        cpus = tuple(int(c) for c in cpus)
+        if any(not 0 <= c < 1024 for c in cpus):  # CPU_SETSIZE
+            raise ValueError(f"CPU numbers must be 0-1023: {cpus}")
+        self.cpus = cpus
+
+    def get_cpus(self):
+        return self.cpus
+
+    cdef _start(self, thr_t *t, uf_thread_fn fn, void *arg, int queue, str name):
         cdef int rc
+        cdef int cpu = self.cpus[queue % len(self.cpus)] if self.cpus else -1
+        cdef bytes label = name.encode()[:15]
         t.error = 0
         uf_store_int(&t.stop, 0)
         uf_store_int(&t.active, 0)
         uf_store_int(&t.running, 1)
-        rc = uf_thread_start(&t.tid, fn, arg)
+        rc = uf_thread_start(&t.tid, fn, arg, cpu, label)
         if rc < 0:
             uf_store_int(&t.running, 0)
             self.stop_threads()
@@ -671,7 +691,7 @@ cdef class Engine:
                 uf_thread_stop(t.tid, &t.running)
             t.tid = 0
         self.set_tun_fd(queue, tun_fd)
-        self._start(t, <uf_thread_fn>tx_thread, <void *>self.tx[queue])
+        self._start(t, <uf_thread_fn>tx_thread, <void *>self.tx[queue], queue, f"uf-tun{queue}")
 
     def running_threads(self):
         cdef int i, n = 0

@@ -17,6 +17,7 @@
 #endif
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -46,16 +47,38 @@ static inline int uf_wake_install(void)
 
 typedef void *(*uf_thread_fn)(void *);
 
-/* Start a thread with UF_WAKE_SIGNAL unblocked; 0 or -errno. */
-static inline int uf_thread_start(pthread_t *tid, uf_thread_fn fn, void *arg)
+/* Start a thread with UF_WAKE_SIGNAL unblocked, named `name` (at most 15 characters,
+ * what top -H and /proc/<pid>/task/<tid>/comm show), on CPU `cpu` only when cpu >= 0
+ * (set before it runs: its first packet is already read there); 0 or -errno. */
+static inline int uf_thread_start(pthread_t *tid, uf_thread_fn fn, void *arg, int cpu,
+                                  const char *name)
 {
     sigset_t wake, old;
+    pthread_attr_t attr;
+    cpu_set_t set;
     int rc;
+    if ((rc = pthread_attr_init(&attr)) != 0)
+        return -rc;
+    if (cpu >= 0) {
+        if (cpu >= CPU_SETSIZE) {
+            pthread_attr_destroy(&attr);
+            return -EINVAL;
+        }
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        if ((rc = pthread_attr_setaffinity_np(&attr, sizeof set, &set)) != 0) {
+            pthread_attr_destroy(&attr);
+            return -rc;
+        }
+    }
     sigemptyset(&wake);
     sigaddset(&wake, UF_WAKE_SIGNAL);
     pthread_sigmask(SIG_UNBLOCK, &wake, &old);  /* inherited by the new thread */
-    rc = pthread_create(tid, NULL, fn, arg);
+    rc = pthread_create(tid, &attr, fn, arg);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc == 0)
+        (void)pthread_setname_np(*tid, name);  /* a label only: its failure changes nothing */
     return -rc;
 }
 

@@ -41,10 +41,19 @@ def _registry_rows(path: str, table: str) -> int:
     (["--public-ip", "10.1.2"], ["not an IPv4 address"]),
     (["--no-such-flag"], ["unrecognized"]),
     (["--engine", "turbo"], ["invalid choice"]),
+    (["--cpus", "0-x"], ["--cpus", "not a CPU list"]),
+    (["--cpus", "3-1"], ["--cpus", "0-1023, low-high"]),
 ])
 def test_bad_flags(argv, words):
     proc = subprocess.run(RUN + argv, capture_output=True, text=True, timeout=30)
     _check_one_line_error(proc, 2, *words)
+
+
+def test_a_cpu_this_process_may_not_use_is_refused_before_anything_starts(tmp_path):
+    proc = subprocess.run(RUN + ["--cpus", "1023", "--registry-file", f"{tmp_path}/reg.db"],
+                          capture_output=True, text=True, timeout=30)
+    _check_one_line_error(proc, 1, "--cpus: CPU 1023 is not one this process may run on")
+    assert not os.path.exists(f"{tmp_path}/reg.db")
 
 
 def test_bad_environment_flag():

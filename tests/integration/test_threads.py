@@ -20,6 +20,7 @@ import time
 import pytest
 from udpflannel._engine import Engine
 
+from udpflannel.cli import _cpu_list as cpu_list
 from udpflannel.dataplane import sockets
 from udpflannel.host import netconf
 from udpflannel.host.tun import Tun
@@ -237,3 +238,47 @@ def test_a_second_daemon_cannot_join_the_queue_group(make_lab, make_cluster, wor
             "--admin-socket", f"{workdir}/other.sock"]
     res = lab.nodes[0].run(argv, 30)
     assert res.returncode == 1 and "8472" in res.stderr and "in use" in res.stderr, res.stderr
+
+
+def _threads_of(pid: int) -> dict[str, str]:
+    """{thread name: the CPUs it may run on} for a process's threads."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            name = f.read().strip()
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            allowed = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list:"))
+        out[name] = allowed
+    return out
+
+
+def test_cpus_pins_each_queue_pair_and_only_the_data_path(make_lab, make_cluster):
+    """--cpus A,B --queues 2: queue 0's TUN reader and VXLAN reader on A, queue 1's on B,
+    the flanneld-udp reader with queue 0; the control threads stay where they were."""
+    allowed = sorted(os.sched_getaffinity(0))
+    a, b = allowed[0], allowed[-1]  # one CPU twice on a one-CPU machine: still checked
+    lab = make_lab(2)
+    cluster = make_cluster(lab, extra_args=["--io", "threads", "--queues", "2", "--cpus", f"{a},{b}"])
+    cluster.start_all()
+    cluster.wait_converged()
+    assert probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=3, timeout=2)[0] is not None
+    threads = _threads_of(cluster.procs[0].pid)
+    assert {k: v for k, v in threads.items() if k.startswith("uf-")} == {
+        "uf-tun0": str(a), "uf-vxlan0": str(a), "uf-bare": str(a),
+        "uf-tun1": str(b), "uf-vxlan1": str(b)}, threads
+    control = [v for k, v in threads.items() if not k.startswith("uf-")]
+    assert control and all(v == cpu_list(allowed) for v in control)  # as the daemon was started
+    assert f"CPUs {a},{b}" in cluster.log_tail(0, 200)
+
+
+def test_cpus_pins_the_event_loop_in_loop_mode(make_lab, make_cluster):
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    lab = make_lab(2)
+    cluster = make_cluster(lab, extra_args=["--cpus", str(cpu)])
+    cluster.start_all()
+    cluster.wait_converged()
+    assert probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=3, timeout=2)[0] is not None
+    pid = cluster.procs[0].pid
+    with open(f"/proc/{pid}/task/{pid}/status") as f:  # the main thread runs the loop
+        assert f"Cpus_allowed_list:\t{cpu}\n" in f.read()
+    assert not any(k.startswith("uf-") for k in _threads_of(pid))  # no data threads in loop mode

@@ -86,3 +86,14 @@ def test_not_picklable():
     # C pointers cannot be pickled; Cython must refuse rather than produce garbage.
     with pytest.raises(TypeError):
         pickle.dumps(Engine(**engine_args()))
+
+
+def test_cpus_are_checked_and_kept():
+    e = Engine(**engine_args())
+    assert e.get_cpus() == ()
+    e.set_cpus([1, 0])
+    assert e.get_cpus() == (1, 0)
+    for bad in ([-1], [1024]):
+        with pytest.raises(ValueError, match="0-1023"):
+            e.set_cpus(bad)
+    assert e.get_cpus() == (1, 0)  # a refused list changes nothing

@@ -52,6 +52,7 @@ class PlaneOptions:
     strict_source: bool = False
     io: str = "loop"  # engine: "loop" (the event loop drains) or "threads" (its own threads)
     queues: int = 1  # engine, threads: TUN queues and VXLAN sockets, a thread pair each
+    cpus: tuple[int, ...] = ()  # engine: CPUs its data path is pinned to (() unpinned)
 
     @property
     def mtu(self) -> int:

@@ -175,6 +175,9 @@ class EnginePlane:
         if self.threaded:
             self._start_threads(loop)
             return
+        if self.opts.cpus:  # the loop thread is the data path (threads it starts inherit)
+            os.sched_setaffinity(0, self.opts.cpus)
+            log.info("data path on the event loop, CPUs %s", ",".join(map(str, self.opts.cpus)))
         loop.add_reader(tun.fd, self._on_tun)
         self._readers = [tun.fd]
         if self.vxlan_sock is not None:
@@ -190,10 +193,12 @@ class EnginePlane:
         if self._events is None:
             self._events = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         loop.add_reader(self._events, self._on_thread_event)
+        self.engine.set_cpus(self.opts.cpus)
         self.engine.start_threads(self._events)
         self._readers = [self._events]
-        log.info("data path on %d threads (%d queue%s)", self.engine.running_threads(),
-                 self.opts.queues, "" if self.opts.queues == 1 else "s")
+        log.info("data path on %d threads (%d queue%s)%s", self.engine.running_threads(),
+                 self.opts.queues, "" if self.opts.queues == 1 else "s",
+                 f", CPUs {','.join(map(str, self.opts.cpus))}" if self.opts.cpus else "")
 
     def _on_thread_event(self) -> None:
         try:

@@ -4,9 +4,11 @@ udpflannel mode, measured the same way in one run.
 Theory of operation. Repetitions are the outer loop and cases the inner one, so slow
 drift of a shared machine spreads over every case instead of favouring one. Each
 (repetition, case) builds its own two-node Lab from scratch, waits until node 2 answers
-an echo from node 1, then runs four steps from node 1 to node 2:
+an echo from node 1, then runs these steps from node 1 to node 2:
 
     ping   iputils ping, 200 echoes 10 ms apart           -> RTT p50 / p99
+    ping0  the same ping pinned to CPU 0, where the `-cpu0` cases pin their daemons'
+           data path: a workload placed beside its node's data path    -> RTT p50
     echo   (veth only) a compiled UDP echo, 200 x 10 ms    -> the latency floor: one
            process wakeup w = echo p50 - ping p50; each udpflannel case's ping
            overhead over kernel VXLAN is reported as a multiple of 4w
@@ -90,16 +92,18 @@ def deferred_signals() -> Iterator[None]:
 
 # -- steps: each fills run["metrics"] and run["steps"][name], returns a progress text
 
-def _ping(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
-    r = parse.ping_output(tools.ping(t.src, t.addr, PING_COUNT, PING_INTERVAL))
-    rtts = [x * 1000 for x in r.rtts_ms]
-    metrics["rtt_p50_us"] = report.percentile(rtts, 50)
-    metrics["rtt_p99_us"] = report.percentile(rtts, 99)
-    detail.update(sent=r.sent, received=len(rtts), loss_pct=r.loss_pct, rtts_us=rtts)
-    if not rtts:
-        raise tools.ToolError(f"no echo replies out of {r.sent}")
-    return (f"RTT p50 {report.format_value(metrics['rtt_p50_us'])} us, "
-            f"p99 {report.format_value(metrics['rtt_p99_us'])} us, loss {r.loss_pct:.1f} %")
+def _pinger(cpu: int | None, prefix: str) -> Callable[[Target, float, dict, dict], str]:
+    def step(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
+        r = parse.ping_output(tools.ping(t.src, t.addr, PING_COUNT, PING_INTERVAL, cpu))
+        rtts = [x * 1000 for x in r.rtts_ms]
+        metrics[f"{prefix}_p50_us"] = report.percentile(rtts, 50)
+        metrics[f"{prefix}_p99_us"] = report.percentile(rtts, 99)
+        detail.update(sent=r.sent, received=len(rtts), loss_pct=r.loss_pct, rtts_us=rtts, cpu=cpu)
+        if not rtts:
+            raise tools.ToolError(f"no echo replies out of {r.sent}")
+        return (f"RTT p50 {report.format_value(metrics[f'{prefix}_p50_us'])} us, "
+                f"p99 {report.format_value(metrics[f'{prefix}_p99_us'])} us, loss {r.loss_pct:.1f} %")
+    return step
 
 
 def _tcp(streams: int) -> Callable[[Target, float, dict, dict], str]:
@@ -135,7 +139,8 @@ def _echo(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
 
 
 STEPS: dict[str, Callable[[Target, float, dict, dict], str]] = {
-    "ping": _ping, "echo": _echo, "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp}
+    "ping": _pinger(None, "rtt"), "ping0": _pinger(0, "rtt_cpu0"), "echo": _echo,
+    "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp}
 
 
 def _daemon_cpu(pids: tuple[int, ...]) -> list[float | None]:
@@ -227,9 +232,10 @@ def _meta(args: argparse.Namespace, order: list[str], started: dt.datetime) -> d
 def main(args: argparse.Namespace) -> int:
     cases = {c.name: c for c in all_cases()}
     order = report.select_cases(list(cases), args.only)
-    for tool in ("iperf3", "ping"):
+    for tool in ("iperf3", "ping", "taskset"):
         if shutil.which(tool) is None:
-            raise FileNotFoundError(f"{tool} not found in PATH (apt-get install iperf3 iputils-ping)")
+            raise FileNotFoundError(f"{tool} not found in PATH (apt-get install iperf3 iputils-ping "
+                                    "util-linux)")
     os.makedirs(args.out, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc)
     meta = _meta(args, order, started)

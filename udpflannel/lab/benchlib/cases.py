@@ -44,6 +44,8 @@ UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int, str]] = {
     "offload": (("--offload", "auto"), 0, BIG_NETWORK),
     "threads": (("--io", "threads"), 0, BIG_NETWORK),
     "threads-2q": (("--io", "threads", "--queues", "2"), 0, BIG_NETWORK),
+    "threads-cpu0": (("--io", "threads", "--cpus", "0"), 0, BIG_NETWORK),
+    "loop-cpu0": (("--offload", "auto", "--cpus", "0"), 0, BIG_NETWORK),
     "kernel": (("--dataplane", "kernel"), 0, BIG_NETWORK),
     "udp-backend": (("--offload", "auto"), 0, UDP_NETWORK),
     "offload-4096-peers": (("--offload", "auto"), 4094, BIG_NETWORK),
@@ -71,7 +73,7 @@ class Case:
     description: str
     setup: Callable[[], ContextManager[Target]]
     daemon_args: tuple[str, ...] | None = None
-    steps: tuple[str, ...] = ("ping", "tcp1", "tcp4", "udp")
+    steps: tuple[str, ...] = ("ping", "ping0", "tcp1", "tcp4", "udp")
 
 
 @contextmanager
@@ -176,7 +178,7 @@ def flanneld_udp() -> Iterator[Target]:
 def all_cases() -> list[Case]:
     cases = [
         Case("veth", "bare underlay: veth pairs through a bridge, no overlay", veth,
-             steps=("ping", "echo", "tcp1", "tcp4", "udp")),
+             steps=("ping", "ping0", "echo", "tcp1", "tcp4", "udp")),
         Case(BASE_CASE, "kernel VXLAN set up as flannel's vxlan backend (flannel.1, "
                         f"VNI {VXLAN_VNI}, port {VXLAN_PORT}, nolearning, static neigh/fdb/route)",
              kernel_vxlan),

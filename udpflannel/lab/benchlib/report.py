@@ -38,6 +38,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("udp_loss_pct", "  loss", "%", "lower", "udp"),
     Metric("rtt_p50_us", "ping RTT p50", "us", "lower", "ping"),
     Metric("rtt_p99_us", "ping RTT p99", "us", "lower", "ping"),
+    Metric("rtt_cpu0_p50_us", "  ping on CPU 0, p50", "us", "lower", "ping0"),
+    Metric("rtt_cpu0_p99_us", "  ping on CPU 0, p99", "us", "lower", "ping0"),
     Metric("echo_p50_us", "UDP echo RTT p50", "us", "lower", "echo"),
     Metric("daemon_cpu_s", "daemon CPU, both nodes", "s", "lower", "daemon", daemon_only=True),
     Metric("daemon_rss_mib", "daemon peak RSS, max node", "MiB", "lower", "daemon", daemon_only=True),
@@ -173,24 +175,37 @@ def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BAS
     """The latency floor, in words: w, one process wakeup (a compiled UDP echo minus a
     kernel ping between the same namespaces), and for each udpflannel case its ping
     overhead over kernel VXLAN as a multiple of 4w (a round trip passes the daemons
-    four times; 4w is what no userspace data plane can avoid)."""
+    four times; 4w is what no userspace data plane can avoid). The same for the ping
+    pinned to CPU 0, against kernel VXLAN's pinned ping, where both were measured."""
     veth = medians.get(FLOOR_CASE, {})
     echo, ping = veth.get("echo_p50_us"), veth.get("rtt_p50_us")
-    base = (medians.get(baseline) or {}).get("rtt_p50_us")
+    base = medians.get(baseline) or {}
     if echo is None or ping is None:
         return []
     w = echo - ping
+    if w <= 0:  # a noisy run: no wakeup to count in
+        return [f"floor: not measured in this run (UDP echo {format_value(echo)} us is not above "
+                f"the kernel ping's {format_value(ping)} us)"]
     lines = [f"floor: one wakeup w = UDP echo {format_value(echo)} us - kernel ping "
              f"{format_value(ping)} us = {format_value(w)} us; a round trip through two "
              f"userspace nodes costs at least 4w = {format_value(4 * w)} us over kernel VXLAN"]
-    if base is None or w <= 0:
-        return lines
+
+    def overhead(rtt: float, base_rtt: float) -> str:
+        over = rtt - base_rtt
+        return (f"{format_value(rtt)} us = kernel VXLAN + {format_value(over)} us = "
+                f"{over / w:.1f} w ({over / (4 * w):.2f} x 4w)")
+
     for case, m in medians.items():
-        rtt = m.get("rtt_p50_us")
-        if case.startswith("udpflannel-") and rtt is not None:
-            over = rtt - base
-            lines.append(f"  {case}: ping p50 {format_value(rtt)} us = kernel VXLAN + "
-                         f"{format_value(over)} us = {over / w:.1f} w ({over / (4 * w):.2f} x 4w)")
+        rtt, rtt0 = m.get("rtt_p50_us"), m.get("rtt_cpu0_p50_us")
+        if not case.startswith("udpflannel-"):
+            continue
+        parts = []
+        if rtt is not None and base.get("rtt_p50_us") is not None:
+            parts.append("ping p50 " + overhead(rtt, base["rtt_p50_us"]))
+        if rtt0 is not None and base.get("rtt_cpu0_p50_us") is not None:
+            parts.append("on CPU 0 " + overhead(rtt0, base["rtt_cpu0_p50_us"]))
+        if parts:
+            lines.append(f"  {case}: " + "; ".join(parts))
     return lines
 
 

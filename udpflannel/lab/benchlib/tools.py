@@ -101,10 +101,11 @@ def iperf3(src: Namespace, dst: Namespace, addr: str, seconds: float, extra: Seq
     return out
 
 
-def ping(src: Namespace, addr: str, count: int, interval: float) -> str:
-    """iputils ping, per-packet output, with a hard deadline."""
+def ping(src: Namespace, addr: str, count: int, interval: float, cpu: int | None = None) -> str:
+    """iputils ping, per-packet output, with a hard deadline; on one CPU if `cpu` is given."""
     deadline = int(count * interval) + 5
-    proc = _start(src, ["ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1",
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    proc = _start(src, [*pin, "ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1",
                         "-w", str(deadline), addr],
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
