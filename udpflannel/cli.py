@@ -336,18 +336,20 @@ def _cmd_run(a: argparse.Namespace) -> int:
         raise ValueError(f"--queues {a.queues} needs --io threads")
     if a.io == "threads" and a.engine != "compiled":
         raise ValueError("--io threads runs the compiled engine (the Python twin runs in the loop)")
+    if a.cpus and a.dataplane == "kernel":
+        raise ValueError("--cpus pins the engine's data path; with --dataplane kernel the kernel forwards")
     allowed = os.sched_getaffinity(0)
     if set(a.cpus) - allowed:
         raise ValueError(f"--cpus: CPU {min(set(a.cpus) - allowed)} is not one this process may run on "
-                         f"({_cpu_list(allowed)})")
+                         f"({format_cpus(allowed)})")
 
     from udpflannel import daemon
     uvloop.run(daemon.run(_run_options(a)))
     return EXIT_OK
 
 
-def _cpu_list(cpus) -> str:
-    """{0, 1, 2, 5} -> "0-2,5"."""
+def format_cpus(cpus) -> str:
+    """{0, 1, 2, 5} -> "0-2,5": a CPU list as Linux writes one (the reverse of _cpus)."""
     out, run = [], []
     for c in sorted(cpus):
         if run and c != run[-1] + 1:

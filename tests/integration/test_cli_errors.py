@@ -54,6 +54,10 @@ def test_a_cpu_this_process_may_not_use_is_refused_before_anything_starts(tmp_pa
                           capture_output=True, text=True, timeout=30)
     _check_one_line_error(proc, 1, "--cpus: CPU 1023 is not one this process may run on")
     assert not os.path.exists(f"{tmp_path}/reg.db")
+    proc = subprocess.run(RUN + ["--cpus", "0", "--dataplane", "kernel", "--registry-file", f"{tmp_path}/reg.db"],
+                          capture_output=True, text=True, timeout=30)
+    _check_one_line_error(proc, 1, "--cpus pins the engine's data path")
+    assert not os.path.exists(f"{tmp_path}/reg.db")
 
 
 def test_bad_environment_flag():

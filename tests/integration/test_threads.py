@@ -20,7 +20,7 @@ import time
 import pytest
 from udpflannel._engine import Engine
 
-from udpflannel.cli import _cpu_list as cpu_list
+from udpflannel.cli import format_cpus
 from udpflannel.dataplane import sockets
 from udpflannel.host import netconf
 from udpflannel.host.tun import Tun
@@ -267,7 +267,7 @@ def test_cpus_pins_each_queue_pair_and_only_the_data_path(make_lab, make_cluster
         "uf-tun0": str(a), "uf-vxlan0": str(a), "uf-bare": str(a),
         "uf-tun1": str(b), "uf-vxlan1": str(b)}, threads
     control = [v for k, v in threads.items() if not k.startswith("uf-")]
-    assert control and all(v == cpu_list(allowed) for v in control)  # as the daemon was started
+    assert control and all(v == format_cpus(allowed) for v in control)  # as the daemon was started
     assert f"CPUs {a},{b}" in cluster.log_tail(0, 200)
 
 
