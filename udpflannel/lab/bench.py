@@ -200,6 +200,8 @@ def run_case(case: Case, rep: int, repeat: int, seconds: float, progress: Progre
                 else:
                     daemon_total += sum(deltas)
                     summary += f"; daemons {sum(deltas):.2f} CPU-s"
+                    if detail.get("gbps"):  # cores busy per Gbit/s carried (TCP steps)
+                        run["metrics"][f"{name}_cores_per_gbps"] = sum(deltas) / detail["wall_s"] / detail["gbps"]
             run["steps"][name] = detail
             progress.end(summary)
         if target.daemons and "daemon" not in run["errors"]:

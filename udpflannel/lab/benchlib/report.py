@@ -32,8 +32,10 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("tcp1_gbps", "TCP 1 stream", "Gbit/s", "higher", "tcp1"),
     Metric("tcp1_retrans", "  retransmits", "segs", "lower", "tcp1", integer=True),
+    Metric("tcp1_cores_per_gbps", "  daemon CPU per Gbit/s", "cores", "lower", "tcp1", daemon_only=True),
     Metric("tcp4_gbps", "TCP 4 streams", "Gbit/s", "higher", "tcp4"),
     Metric("tcp4_retrans", "  retransmits", "segs", "lower", "tcp4", integer=True),
+    Metric("tcp4_cores_per_gbps", "  daemon CPU per Gbit/s", "cores", "lower", "tcp4", daemon_only=True),
     Metric("udp_kpps", "UDP 64 B received", "kpkt/s", "higher", "udp"),
     Metric("udp_loss_pct", "  loss", "%", "lower", "udp"),
     Metric("rtt_p50_us", "ping RTT p50", "us", "lower", "ping"),
