@@ -29,6 +29,8 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 
+from udpflannel.host import localstate
+
 log = logging.getLogger("udpflannel")
 
 PLUGIN_NAME = "udpflannel-cni"
@@ -108,28 +110,9 @@ def write_if_changed(path: str, data: bytes, mode: int) -> Outcome:
             return Outcome(path, "unchanged")
     except InstallError:
         pass  # unreadable: try to replace it; the write says what is wrong if it cannot
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fchmod(fd, mode)  # not left to the umask
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)  # the rename itself survives a crash
-        finally:
-            os.close(dfd)
+        localstate.write_atomically(path, data, mode)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise InstallError(f"cannot write {path}: {e.strerror}") from None
     return Outcome(path, "written")
 

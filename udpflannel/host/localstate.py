@@ -27,20 +27,30 @@ def ensure_dir(path: str, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def write_atomically(path: str, text: str, mode: int = 0o644, dir_mode: int = 0o755) -> None:
+def write_atomically(path: str, data: str | bytes, mode: int = 0o644, dir_mode: int = 0o755) -> None:
+    """``data`` at ``path`` with exactly ``mode``, or the old file untouched: a reader
+    (flannel's CNI reading subnet.env, a runtime exec'ing the CNI plugin) sees the old
+    file or the new one, never half of one. Written to a temporary file beside it,
+    synced, renamed over it, and the directory synced so the rename survives a crash.
+    A missing directory is created with ``dir_mode``."""
     directory = os.path.dirname(os.path.abspath(path))
     ensure_dir(directory, dir_mode)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
+            os.fchmod(f.fileno(), mode)  # not left to the umask
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
