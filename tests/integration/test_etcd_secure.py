@@ -46,24 +46,8 @@ USER, USER_PW = "flannel", "s3cret-flannel"
 def make_pki(directory: Path, host: str) -> tuple[TLSFiles, str, str]:
     """A CA, a server certificate for ``host``, a client certificate CN=root (for
     etcdctl) and one CN=udpflannel-node (for the daemons): (files, node cert, node key)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
-
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=udpflannel secure test CA")
-    (d / "server.ext").write_text(f"subjectAltName=IP:{host}\nextendedKeyUsage=serverAuth,clientAuth\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, cn, ext in (("server", host, "server.ext"), ("client", "root", "client.ext"),
-                          ("node", "udpflannel-node", "client.ext")):
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", ext)
-    files = TLSFiles(*(str(d / f) for f in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")))
-    return files, str(d / "node.crt"), str(d / "node.key")
+    files = TLSFiles.generate(directory, host, more_clients=("udpflannel-node",))
+    return files, str(Path(directory) / "udpflannel-node.crt"), str(Path(directory) / "udpflannel-node.key")
 
 
 # -- fixtures -----------------------------------------------------------------------

@@ -44,7 +44,7 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN=root)."""
+    """A CA, a server certificate for one address and a client certificate (CN=root)."""
     ca: str
     server_cert: str
     server_key: str
@@ -52,7 +52,10 @@ class TLSFiles:
     client_key: str
 
     @classmethod
-    def generate(cls, directory: Path) -> "TLSFiles":
+    def generate(cls, directory: Path, host: str = "127.0.0.1",
+                 more_clients: tuple[str, ...] = ()) -> "TLSFiles":
+        """The files in ``directory``: the server's certificate names ``host``; each CN
+        in ``more_clients`` gets a client certificate too, as ``<CN>.crt`` / ``<CN>.key``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
 
@@ -61,14 +64,16 @@ class TLSFiles:
 
         openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                 "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=udpflannel test CA")
-        (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        (d / "server.ext").write_text(f"subjectAltName=IP:{host},DNS:localhost\n"
                                       "extendedKeyUsage=serverAuth,clientAuth\n")
         (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-        for name, cn in (("server", "127.0.0.1"), ("client", "root")):
+        certs = [("server", host, "server.ext"), ("client", "root", "client.ext")]
+        certs += [(cn, cn, "client.ext") for cn in more_clients]
+        for name, cn, ext in certs:
             openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                     "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
             openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                    "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+                    "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", ext)
         return cls(*(str(d / f) for f in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")))
 
 
