@@ -269,6 +269,7 @@ def test_cpus_pins_each_queue_pair_and_only_the_data_path(make_lab, make_cluster
     control = [v for k, v in threads.items() if not k.startswith("uf-")]
     assert control and all(v == format_cpus(allowed) for v in control)  # as the daemon was started
     assert f"CPUs {a},{b}" in cluster.log_tail(0, 200)
+    assert cluster.status(0).dataplane.io == f"threads, 2 queues, CPUs {a},{b}"
 
 
 def test_cpus_pins_the_event_loop_in_loop_mode(make_lab, make_cluster):
@@ -282,3 +283,4 @@ def test_cpus_pins_the_event_loop_in_loop_mode(make_lab, make_cluster):
     with open(f"/proc/{pid}/task/{pid}/status") as f:  # the main thread runs the loop
         assert f"Cpus_allowed_list:\t{cpu}\n" in f.read()
     assert not any(k.startswith("uf-") for k in _threads_of(pid))  # no data threads in loop mode
+    assert cluster.status(0).dataplane.io == f"loop, CPUs {cpu}"

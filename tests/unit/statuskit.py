@@ -25,7 +25,8 @@ BUSY_COUNTERS = {**dict.fromkeys(COUNTERS, 0),
 
 def busy(**changes) -> NodeStatus:
     plane = DataplaneStatus(kind="engine", reason="--dataplane engine", device="flannel0", mtu=1450,
-                            offloads=("tso", "gso", "gro"), peers=3, forwarding=True,
+                            offloads=("tso", "gso", "gro"), io="threads, 2 queues, CPUs 0,1",
+                            peers=3, forwarding=True,
                             counters=dict(BUSY_COUNTERS), kernel_drops=99)
     st = NodeStatus(version="1.2.3", started=STARTED, ready=True,
                     lease=LeaseStatus("10.244.1.0/24", "192.0.2.1", "vxlan", "0e:00:00:00:00:01", EXPIRES),

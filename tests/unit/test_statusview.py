@@ -23,6 +23,7 @@ registry      etcd https://127.0.0.1:2379 /coreos.com/network, reachable
 data plane    engine (--dataplane engine)
 device        flannel0, MTU 1450
 offloads      tso, gso, gro
+I/O           threads, 2 queues, CPUs 0,1
 peers         3
 tx            1.2M packets, 3.0 GiB
 rx            7.7M packets, 512.0 MiB

@@ -46,6 +46,7 @@ class DataplaneStatus:
     device: str  # flannel0, flannel.1
     mtu: int
     offloads: tuple[str, ...] = ()  # in use now: "tso", "gso", "gro" (engine)
+    io: str = ""  # engine: how it runs, "loop" or "threads, 2 queues", and ", CPUs 0-1" if pinned
     peers: int = 0
     forwarding: bool = False  # the data path runs (readiness)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))

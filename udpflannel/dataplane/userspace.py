@@ -342,10 +342,19 @@ class EnginePlane:
                              if got[key] and (name != "tso" or (self.tun and self.tun.tso)))
         return DataplaneStatus(
             kind=self.kind, reason=self.reason, device=self.opts.tun, mtu=self.mtu,
-            offloads=offloads, peers=e.route_count() if e else 0,
+            offloads=offloads, io=self._io_text(), peers=e.route_count() if e else 0,
             forwarding=bool(self._readers),
             counters=e.counters() if e else dict.fromkeys(COUNTERS, 0),
             kernel_drops=e.kernel_drops() if e else 0)
+
+    def _io_text(self) -> str:
+        """How the engine runs, for `udpflannel status`: "loop", "threads, 2 queues", and
+        the CPUs it is pinned to."""
+        text = "loop" if not self.threaded else (
+            f"threads, {self.opts.queues} queue{'' if self.opts.queues == 1 else 's'}")
+        if self.opts.cpus:
+            text += f", CPUs {','.join(map(str, self.opts.cpus))}"
+        return text
 
     def peers(self) -> tuple[PeerStatus, ...]:
         routes = self.book.routes.values() if self.book else ()

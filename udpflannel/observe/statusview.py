@@ -104,6 +104,8 @@ def render(st: NodeStatus, now: float | None = None) -> str:
         rows.append(("data plane", f"{plane.kind} ({plane.reason})"))
         rows.append(("device", f"{plane.device}, MTU {plane.mtu}"))
         rows.append(("offloads", ", ".join(plane.offloads) or "none"))
+        if plane.io:
+            rows.append(("I/O", plane.io))
         rows.append(("peers", str(plane.peers)))
         c = plane.counters
         for d in ("tx", "rx"):
