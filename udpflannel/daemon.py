@@ -35,6 +35,7 @@ from udpflannel.dataplane.base import DataplaneError, PlaneOptions
 from udpflannel.dataplane.select import prepare_plane
 from udpflannel.dataplane.sockets import parse_offloads
 from udpflannel.host import localstate, netconf
+from udpflannel.host.linkwatch import LinkWatch
 from udpflannel.host.rules import RulesError, RuleSpec, make_rules
 from udpflannel.host.tun import has_net_admin
 from udpflannel.observe import admin, sdnotify
@@ -47,6 +48,7 @@ from udpflannel.version import __version__
 log = logging.getLogger("udpflannel")
 
 HOUSEKEEPING_PERIOD = 2.0
+LINK_EVENT_SETTLE = 0.05  # after a netlink link/address event, before checking
 CONFIG_WAIT_LOG = 30.0  # seconds between "still waiting for the network config" lines
 
 
@@ -189,20 +191,51 @@ async def _keep_rules(rules, period: float) -> None:
 
 
 async def _housekeeping(plane, underlay: netconf.Underlay, on_mtu) -> None:
-    """Slow checks while running: the plane's (device still there, offloads, MTU),
-    and the underlay address. It vanishing (DHCP renumbering, an operator's change)
-    makes every send fail while the lease advertises the old address: exit with one
-    line so a supervisor restarts us with the new one."""
+    """Checks while running: the plane's (device still there, offloads, MTU), and the
+    underlay address. It vanishing (DHCP renumbering, an operator's change) makes every
+    send fail while the lease advertises the old address: exit with one line so a
+    supervisor restarts us with the new one. They run at once when netlink says the
+    underlay link or its addresses changed, and every HOUSEKEEPING_PERIOD seconds in
+    any case (the plane's own device, say, deleted under us)."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    try:
+        watch: LinkWatch | None = LinkWatch()
+    except OSError as e:  # polling alone still finds every change, later
+        log.warning("no netlink link events (%s): checking every %.0f s", e.strerror, HOUSEKEEPING_PERIOD)
+        watch = None
+
+    def on_link_event() -> None:
+        try:
+            if watch.drain((underlay.ifindex,)):
+                changed.set()
+        except OSError as e:
+            log.warning("netlink link events failed (%s): checking every %.0f s", e.strerror,
+                        HOUSEKEEPING_PERIOD)
+            loop.remove_reader(watch.fileno())
+
+    if watch is not None:
+        loop.add_reader(watch.fileno(), on_link_event)
     mtu = plane.status().mtu
-    while True:
-        await asyncio.sleep(HOUSEKEEPING_PERIOD)
-        await plane.check()
-        if plane.status().mtu != mtu:
-            mtu = plane.status().mtu
-            on_mtu(mtu)
-        if not await asyncio.to_thread(netconf.underlay_address_present, underlay):
-            raise FatalError(f"the underlay address {underlay.address} is no longer on "
-                             f"{underlay.ifname}; exiting so that a restart advertises the new one")
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(changed.wait(), HOUSEKEEPING_PERIOD)
+                await asyncio.sleep(LINK_EVENT_SETTLE)  # one check for a burst of events
+            except asyncio.TimeoutError:
+                pass
+            changed.clear()
+            await plane.check()
+            if plane.status().mtu != mtu:
+                mtu = plane.status().mtu
+                on_mtu(mtu)
+            if not await asyncio.to_thread(netconf.underlay_address_present, underlay):
+                raise FatalError(f"the underlay address {underlay.address} is no longer on "
+                                 f"{underlay.ifname}; exiting so that a restart advertises the new one")
+    finally:
+        if watch is not None:
+            loop.remove_reader(watch.fileno())
+            watch.close()
 
 
 async def run(opts: RunOptions) -> None:
