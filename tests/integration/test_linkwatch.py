@@ -38,3 +38,19 @@ def test_changes_to_the_watched_link_wake_the_watch_and_others_do_not(make_lab):
         assert not _wait(watch, eth0, 0.2)  # drained: nothing left over
     finally:
         watch.close()
+
+
+def test_a_daemon_whose_underlay_address_goes_exits_with_one_line(make_lab, make_cluster):
+    """DHCP renumbering or an operator's change: every send would fail while the lease
+    advertises the old address, so the daemon says so and exits 1 for its supervisor."""
+    lab = make_lab(2)
+    cluster = make_cluster(lab)
+    cluster.start_all()
+    cluster.wait_converged()
+    with lab.nodes[0].ipr() as ipr:
+        ipr.addr("del", index=ipr.link_lookup(ifname="eth0")[0], address=lab.addresses[0], prefixlen=24)
+    proc = cluster.procs[0]
+    assert proc.wait(timeout=15) == 1
+    assert (f"the underlay address {lab.addresses[0]} is no longer on eth0; exiting so that a restart "
+            "advertises the new one") in cluster.log_tail(0, 5)
+    assert "Traceback" not in cluster.log_tail(0, 200)
