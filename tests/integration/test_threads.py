@@ -240,15 +240,16 @@ def test_a_second_daemon_cannot_join_the_queue_group(make_lab, make_cluster, wor
     assert res.returncode == 1 and "8472" in res.stderr and "in use" in res.stderr, res.stderr
 
 
-def _threads_of(pid: int) -> dict[str, str]:
-    """{thread name: the CPUs it may run on} for a process's threads."""
-    out = {}
+def _threads_of(pid: int) -> list[tuple[str, str]]:
+    """[(thread name, the CPUs it may run on)] for every thread of a process (names
+    repeat: the control side has several "python" threads)."""
+    out = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/comm") as f:
             name = f.read().strip()
         with open(f"/proc/{pid}/task/{tid}/status") as f:
             allowed = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list:"))
-        out[name] = allowed
+        out.append((name, allowed))
     return out
 
 
@@ -263,10 +264,10 @@ def test_cpus_pins_each_queue_pair_and_only_the_data_path(make_lab, make_cluster
     cluster.wait_converged()
     assert probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=3, timeout=2)[0] is not None
     threads = _threads_of(cluster.procs[0].pid)
-    assert {k: v for k, v in threads.items() if k.startswith("uf-")} == {
-        "uf-tun0": str(a), "uf-vxlan0": str(a), "uf-bare": str(a),
-        "uf-tun1": str(b), "uf-vxlan1": str(b)}, threads
-    control = [v for k, v in threads.items() if not k.startswith("uf-")]
+    assert sorted(t for t in threads if t[0].startswith("uf-")) == sorted([
+        ("uf-tun0", str(a)), ("uf-vxlan0", str(a)), ("uf-bare", str(a)),
+        ("uf-tun1", str(b)), ("uf-vxlan1", str(b))]), threads
+    control = [v for k, v in threads if not k.startswith("uf-")]
     assert control and all(v == format_cpus(allowed) for v in control)  # as the daemon was started
     assert f"CPUs {a},{b}" in cluster.log_tail(0, 200)
     assert cluster.status(0).dataplane.io == f"threads, 2 queues, CPUs {a},{b}"
@@ -282,5 +283,5 @@ def test_cpus_pins_the_event_loop_in_loop_mode(make_lab, make_cluster):
     pid = cluster.procs[0].pid
     with open(f"/proc/{pid}/task/{pid}/status") as f:  # the main thread runs the loop
         assert f"Cpus_allowed_list:\t{cpu}\n" in f.read()
-    assert not any(k.startswith("uf-") for k in _threads_of(pid))  # no data threads in loop mode
+    assert not any(k.startswith("uf-") for k, _ in _threads_of(pid))  # no data threads in loop mode
     assert cluster.status(0).dataplane.io == f"loop, CPUs {cpu}"

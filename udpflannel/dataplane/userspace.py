@@ -177,7 +177,7 @@ class EnginePlane:
             return
         if self.opts.cpus:  # the loop thread is the data path (threads it starts inherit)
             os.sched_setaffinity(0, self.opts.cpus)
-            log.info("data path on the event loop, CPUs %s", ",".join(map(str, self.opts.cpus)))
+            log.info("data path: %s", self._io_text())
         loop.add_reader(tun.fd, self._on_tun)
         self._readers = [tun.fd]
         if self.vxlan_sock is not None:
@@ -196,9 +196,7 @@ class EnginePlane:
         self.engine.set_cpus(self.opts.cpus)
         self.engine.start_threads(self._events)
         self._readers = [self._events]
-        log.info("data path on %d threads (%d queue%s)%s", self.engine.running_threads(),
-                 self.opts.queues, "" if self.opts.queues == 1 else "s",
-                 f", CPUs {','.join(map(str, self.opts.cpus))}" if self.opts.cpus else "")
+        log.info("data path: %s (%d threads running)", self._io_text(), self.engine.running_threads())
 
     def _on_thread_event(self) -> None:
         try:
