@@ -408,14 +408,23 @@ def test_floor_names_w_and_each_engine_case_as_a_multiple_of_4w():
     assert floor({"kernel-vxlan": {"rtt_p50_us": 60.0}}) == []  # no veth echo: no floor
 
 
-def test_floor_gives_the_pinned_ping_its_own_overhead_and_refuses_a_negative_w():
+def test_floor_holds_the_pinned_ping_against_the_pinned_echo_and_refuses_a_negative_w():
     from udpflannel.lab.benchlib.report import floor
-    med = {"veth": {"rtt_p50_us": 30.0, "echo_p50_us": 50.0},
+    med = {"veth": {"rtt_p50_us": 30.0, "echo_p50_us": 50.0,
+                    "rtt_cpu0_p50_us": 10.0, "echo_cpu0_p50_us": 15.0},
            "kernel-vxlan": {"rtt_p50_us": 60.0, "rtt_cpu0_p50_us": 40.0},
            "udpflannel-threads-cpu0": {"rtt_p50_us": 140.0, "rtt_cpu0_p50_us": 70.0}}
-    assert floor(med)[1] == ("  udpflannel-threads-cpu0: ping p50 140 us = kernel VXLAN + 80.0 us "
-                             "= 4.0 w (1.00 x 4w); on CPU 0 70.0 us = kernel VXLAN + 30.0 us = "
-                             "1.5 w (0.38 x 4w)")
+    lines = floor(med)
+    assert lines[1] == ("floor on CPU 0: one wakeup w0 = UDP echo 15.0 us - kernel ping 10.0 us "
+                        "= 5.00 us; a round trip through two userspace nodes costs at least "
+                        "4w0 = 20.0 us over kernel VXLAN")
+    assert lines[2] == ("  udpflannel-threads-cpu0: ping p50 140 us = kernel VXLAN + 80.0 us "
+                        "= 4.0 w (1.00 x 4w); on CPU 0 70.0 us = kernel VXLAN + 30.0 us = "
+                        "6.0 w0 (1.50 x 4w0)")
     med["veth"]["echo_p50_us"] = 29.0  # noise: the echo came back faster than the ping
-    assert floor(med) == ["floor: not measured in this run (UDP echo 29.0 us is not above the "
-                          "kernel ping's 30.0 us)"]
+    assert floor(med)[0] == ("floor: not measured in this run (UDP echo 29.0 us is not above the "
+                             "kernel ping's 30.0 us)")
+    assert floor(med)[2] == ("  udpflannel-threads-cpu0: on CPU 0 70.0 us = kernel VXLAN + "
+                             "30.0 us = 6.0 w0 (1.50 x 4w0)")   # w0 still stands on its own
+    del med["veth"]["echo_cpu0_p50_us"]   # no pinned echo: the pinned ping gets no multiple
+    assert floor(med) == [floor(med)[0]]

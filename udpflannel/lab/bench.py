@@ -12,6 +12,8 @@ an echo from node 1, then runs these steps from node 1 to node 2:
     echo   (veth only) a compiled UDP echo, 200 x 10 ms    -> the latency floor: one
            process wakeup w = echo p50 - ping p50; each udpflannel case's ping
            overhead over kernel VXLAN is reported as a multiple of 4w
+    echo0  (veth only) the same echo, client and server on CPU 0 -> the floor for
+           ping0: w0 = echo0 p50 - ping0 p50, a wakeup that stays on one CPU
     tcp1   iperf3 TCP, 1 stream                           -> Gbit/s, retransmits
     tcp4   iperf3 TCP, 4 streams                          -> Gbit/s, retransmits
     udp    iperf3 UDP, 64 B datagrams, unlimited rate     -> received kpkt/s, loss %
@@ -129,17 +131,20 @@ def _udp(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
             f"loss {r.loss_pct:.1f} %")
 
 
-def _echo(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
-    rtts = tools.udp_echo(t.src, t.dst, t.addr, PING_COUNT, PING_INTERVAL)
-    if not rtts:
-        raise tools.ToolError("no UDP echo came back")
-    metrics["echo_p50_us"] = report.percentile(rtts, 50)
-    detail.update(sent=PING_COUNT, received=len(rtts), rtts_us=rtts)
-    return f"UDP echo RTT p50 {report.format_value(metrics['echo_p50_us'])} us"
+def _echoer(cpu: int | None, prefix: str) -> Callable[[Target, float, dict, dict], str]:
+    def step(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
+        rtts = tools.udp_echo(t.src, t.dst, t.addr, PING_COUNT, PING_INTERVAL, cpu=cpu)
+        if not rtts:
+            raise tools.ToolError("no UDP echo came back")
+        metrics[f"{prefix}_p50_us"] = report.percentile(rtts, 50)
+        detail.update(sent=PING_COUNT, received=len(rtts), rtts_us=rtts, cpu=cpu)
+        return f"UDP echo RTT p50 {report.format_value(metrics[f'{prefix}_p50_us'])} us"
+    return step
 
 
 STEPS: dict[str, Callable[[Target, float, dict, dict], str]] = {
-    "ping": _pinger(None, "rtt"), "ping0": _pinger(0, "rtt_cpu0"), "echo": _echo,
+    "ping": _pinger(None, "rtt"), "ping0": _pinger(0, "rtt_cpu0"),
+    "echo": _echoer(None, "echo"), "echo0": _echoer(0, "echo_cpu0"),
     "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp}
 
 

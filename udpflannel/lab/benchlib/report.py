@@ -43,6 +43,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("rtt_cpu0_p50_us", "  ping on CPU 0, p50", "us", "lower", "ping0"),
     Metric("rtt_cpu0_p99_us", "  ping on CPU 0, p99", "us", "lower", "ping0"),
     Metric("echo_p50_us", "UDP echo RTT p50", "us", "lower", "echo"),
+    Metric("echo_cpu0_p50_us", "  UDP echo on CPU 0, p50", "us", "lower", "echo0"),
     Metric("daemon_cpu_s", "daemon CPU, both nodes", "s", "lower", "daemon", daemon_only=True),
     Metric("daemon_rss_mib", "daemon peak RSS, max node", "MiB", "lower", "daemon", daemon_only=True),
 )
@@ -177,35 +178,40 @@ def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BAS
     """The latency floor, in words: w, one process wakeup (a compiled UDP echo minus a
     kernel ping between the same namespaces), and for each udpflannel case its ping
     overhead over kernel VXLAN as a multiple of 4w (a round trip passes the daemons
-    four times; 4w is what no userspace data plane can avoid). The same for the ping
-    pinned to CPU 0, against kernel VXLAN's pinned ping, where both were measured."""
+    four times; 4w is what no userspace data plane can avoid). The ping pinned to CPU 0
+    is held against its own floor, w0: the same echo and ping on CPU 0, where a wakeup
+    never crosses to another CPU, as it never does for a `-cpu0` case."""
     veth = medians.get(FLOOR_CASE, {})
-    echo, ping = veth.get("echo_p50_us"), veth.get("rtt_p50_us")
     base = medians.get(baseline) or {}
-    if echo is None or ping is None:
-        return []
-    w = echo - ping
-    if w <= 0:  # a noisy run: no wakeup to count in
-        return [f"floor: not measured in this run (UDP echo {format_value(echo)} us is not above "
-                f"the kernel ping's {format_value(ping)} us)"]
-    lines = [f"floor: one wakeup w = UDP echo {format_value(echo)} us - kernel ping "
-             f"{format_value(ping)} us = {format_value(w)} us; a round trip through two "
-             f"userspace nodes costs at least 4w = {format_value(4 * w)} us over kernel VXLAN"]
-
-    def overhead(rtt: float, base_rtt: float) -> str:
-        over = rtt - base_rtt
-        return (f"{format_value(rtt)} us = kernel VXLAN + {format_value(over)} us = "
-                f"{over / w:.1f} w ({over / (4 * w):.2f} x 4w)")
-
+    lines: list[str] = []
+    units: dict[str, tuple[float, str, str]] = {}   # ping key -> (w, its name, the ping's)
+    for ping_key, echo_key, name, where in (("rtt_p50_us", "echo_p50_us", "w", ""),
+                                            ("rtt_cpu0_p50_us", "echo_cpu0_p50_us", "w0", " on CPU 0")):
+        echo, ping = veth.get(echo_key), veth.get(ping_key)
+        if echo is None or ping is None:
+            continue
+        if echo <= ping:  # a noisy run: no wakeup to count in
+            lines.append(f"floor{where}: not measured in this run (UDP echo {format_value(echo)} us "
+                         f"is not above the kernel ping's {format_value(ping)} us)")
+            continue
+        w = echo - ping
+        units[ping_key] = (w, name, "on CPU 0" if where else "ping p50")
+        lines.append(f"floor{where}: one wakeup {name} = UDP echo {format_value(echo)} us - kernel "
+                     f"ping {format_value(ping)} us = {format_value(w)} us; a round trip through "
+                     f"two userspace nodes costs at least 4{name} = {format_value(4 * w)} us over "
+                     "kernel VXLAN")
     for case, m in medians.items():
-        rtt, rtt0 = m.get("rtt_p50_us"), m.get("rtt_cpu0_p50_us")
         if not case.startswith("udpflannel-"):
             continue
         parts = []
-        if rtt is not None and base.get("rtt_p50_us") is not None:
-            parts.append("ping p50 " + overhead(rtt, base["rtt_p50_us"]))
-        if rtt0 is not None and base.get("rtt_cpu0_p50_us") is not None:
-            parts.append("on CPU 0 " + overhead(rtt0, base["rtt_cpu0_p50_us"]))
+        for ping_key, (w, name, label) in units.items():
+            rtt, base_rtt = m.get(ping_key), base.get(ping_key)
+            if rtt is None or base_rtt is None:
+                continue
+            over = rtt - base_rtt
+            parts.append(f"{label} {format_value(rtt)} us = "
+                         f"kernel VXLAN + {format_value(over)} us = {over / w:.1f} {name} "
+                         f"({over / (4 * w):.2f} x 4{name})")
         if parts:
             lines.append(f"  {case}: " + "; ".join(parts))
     return lines

@@ -101,11 +101,15 @@ def iperf3(src: Namespace, dst: Namespace, addr: str, seconds: float, extra: Seq
     return out
 
 
+def _on_cpu(cpu: int | None) -> list[str]:
+    """The command prefix that runs a program on one CPU (none: where the kernel likes)."""
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
 def ping(src: Namespace, addr: str, count: int, interval: float, cpu: int | None = None) -> str:
     """iputils ping, per-packet output, with a hard deadline; on one CPU if `cpu` is given."""
     deadline = int(count * interval) + 5
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
-    proc = _start(src, [*pin, "ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1",
+    proc = _start(src, [*_on_cpu(cpu), "ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1",
                         "-w", str(deadline), addr],
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -157,17 +161,19 @@ def iperf3_version() -> str:
 
 
 def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
-             port: int = 7007) -> list[float]:
+             port: int = 7007, cpu: int | None = None) -> list[float]:
     """RTTs in microseconds of ``count`` UDP echoes ``gap`` seconds apart between two
-    compiled programs (lab csrc/lab/udpecho.c), server in ``dst`` on ``addr``."""
+    compiled programs (lab csrc/lab/udpecho.c), server in ``dst`` on ``addr``; both
+    on one CPU if `cpu` is given."""
     from udpflannel.lab import cbuild
     binary = cbuild.build(cbuild.LAB_SOURCES / "udpecho.c")
-    server = _start(dst, [binary, "server", addr, str(port)], stdout=subprocess.PIPE,
+    pin = _on_cpu(cpu)
+    server = _start(dst, [*pin, binary, "server", addr, str(port)], stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE)
     try:
         if server.stdout.readline().strip() != "ready":
             raise ToolError(f"udpecho server did not start: {server.stderr.read().strip()}")
-        client = _start(src, [binary, "client", addr, str(port), str(count),
+        client = _start(src, [*pin, binary, "client", addr, str(port), str(count),
                               str(int(gap * 1e6))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = client.communicate(timeout=count * (gap + 1.0) + 10)
