@@ -751,3 +751,47 @@ cdef void *rx_thread(void *arg) noexcept nogil:
     uf_store_int(&c.t.running, 0)
     uf_notify(c.e.notify_fd)
     return NULL
+
+
+cdef void *poll_thread(void *arg) noexcept nogil:
+    """--io poll: one thread for both directions of a queue. It waits in poll(2) until
+    the TUN or one of the queue's sockets is readable, then gives each a burst, the
+    sockets first: what the kernel answers while a burst is written to the TUN (a TCP
+    receiver's ACKs, a ping reply) is read in the same wake-up instead of waking a
+    second thread (bench/RESULTS.md, "One thread per queue"). The context's table and
+    quiescent state cover the sockets it drains."""
+    cdef txctx_t *c = <txctx_t *>arg
+    cdef rxctx_t *p
+    cdef int fds[3]
+    cdef int n = 1, k, r, rc
+    cdef bint failed = False
+    fds[0] = c.tun_fd
+    for k in range(2):
+        if c.polled[k] != NULL:
+            fds[n] = c.polled[k].fd
+            n += 1
+    while not failed and not uf_load_int(&c.t.stop):
+        rc = uf_wait_any(fds, n)
+        if rc == -EINTR:
+            continue  # woken, maybe to stop: the loop looks at the flag
+        if rc < 0:
+            c.t.error = -rc
+            break
+        tx_begin(c)
+        for k in range(n - 1):
+            p = c.polled[k]
+            p.rt = c.rt
+            r = udp_burst(p, BUDGET, False)
+            if r < 0:
+                p.t.error = -r
+                failed = True
+                break
+        if not failed:
+            r = tun_burst(c, BUDGET, False)
+            if r < 0:
+                c.t.error = -r
+                failed = True
+        go_quiet(&c.t, c.e)
+    uf_store_int(&c.t.running, 0)
+    uf_notify(c.e.notify_fd)
+    return NULL

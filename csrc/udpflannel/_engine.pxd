@@ -98,8 +98,11 @@ cdef struct thr_t:
     uint64_t seen            # generation it saw when it last went idle (atomic)
 
 
+cdef struct rxctx_t
+
 cdef struct txctx_t:         # TUN -> UDP, one queue
     eng_t *e
+    rxctx_t *polled[2]       # --io poll: the sockets its thread also drains (NULL: none)
     int queue
     int tun_fd
     rtab_t *rt               # the table this burst uses
@@ -148,6 +151,7 @@ cdef struct rxctx_t:         # UDP -> TUN, one socket
     bint co_closed
     iovec plain_iov[2]       # [virtio header] + one packet, for single TUN writes
     uint32_t rx_ovfl         # the socket's kernel drop count (SO_RXQ_OVFL)
+    int poller               # --io poll: the queue whose thread drains it; -1: its own thread
     thr_t t
 
 
@@ -170,4 +174,6 @@ cdef class Engine:
     cdef _bare_context(self, int tun_fd)
     cdef int _drain_rx(self, rxctx_t *c, int budget)
     cdef _start(self, thr_t *t, uf_thread_fn fn, void *arg, int queue, str name)
+    cdef _start_tx(self, int queue)
+    cdef thr_t *_runner(self, int i)
     cdef void _join_all(self)

@@ -15,7 +15,7 @@ datagram, its TTL decremented on each side as flannel's proxy does). VXLAN frame
 leave from one of `tx_fds`, picked by a hash of the inner flow, so each flow has its
 own outer source port (RFC 7348 section 5); udp frames leave from `bare_fd`.
 
-Two ways to run (--io):
+Three ways to run (--io):
 * loop: the event loop calls drain_tun/drain_udp/drain_bare when an fd is readable;
   each drains with the GIL released, in queue 0's contexts. Route changes happen on
   the loop thread between drains, in place: no locks.
@@ -24,6 +24,11 @@ Two ways to run (--io):
   the table and published with one atomic pointer store (publish()); a replaced table
   is freed once every thread has been quiet since (quiescent-state reclamation:
   reclaim()). Counters are per context and summed when read.
+* poll: start_threads(poll=True) runs one thread per queue that waits in poll(2) for
+  the queue's TUN or sockets and drains them all: a burst written to the TUN and the
+  answers it provokes are handled in one wake-up, as in the loop, without Python.
+  Tables and counters as with threads; the queue's TUN context holds the thread
+  state (its sockets' contexts point to it through `poller`).
 
 The decisions mirror udpflannel.core.frame.PyEngine exactly; tests compare the two
 byte for byte.
@@ -74,6 +79,7 @@ cdef extern from "threads.h" nogil:
     int uf_load_int(int *p)
     void uf_store_int(int *p, int v)
     void uf_notify(int efd)
+    int uf_wait_any(const int *fds, int n)
 
 cdef enum:
     VNET = 10                # sizeof(struct virtio_net_hdr)
@@ -175,7 +181,7 @@ cdef rxctx_t *rx_new(eng_t *e, int queue, int fd, bint bare, void *owner) except
     cdef rxctx_t *c = <rxctx_t *>calloc(1, sizeof(rxctx_t))
     if c == NULL:
         raise MemoryError()
-    c.e, c.queue, c.fd, c.bare, c.owner, c.tun_fd = e, queue, fd, bare, owner, -1
+    c.e, c.queue, c.fd, c.bare, c.owner, c.tun_fd, c.poller = e, queue, fd, bare, owner, -1, -1
     c.buf = <uint8_t *>malloc(BUFSIZE)
     c.cbuf = <uint8_t *>malloc(VNET + BUFSIZE)
     if c.buf == NULL or c.cbuf == NULL:
@@ -594,10 +600,14 @@ cdef class Engine:
 
     # ---- --io threads -----------------------------------------------------------------
 
-    def start_threads(self, int notify_fd=-1):
-        """One thread per context: TUN -> UDP per queue, UDP -> TUN per socket. The fds
-        must be blocking. notify_fd (an eventfd) is written when a thread ends."""
-        cdef int i, rc
+    def start_threads(self, int notify_fd=-1, bint poll=False):
+        """Start the data-path threads; the fds must be blocking. Without `poll` one
+        thread per context: TUN -> UDP per queue, UDP -> TUN per socket. With `poll` one
+        thread per queue drains the TUN and that queue's sockets (flanneld udp's too, on
+        queue 0), waiting in poll(2) for any of them. notify_fd (an eventfd) is written
+        when a thread ends."""
+        cdef int i, k, rc
+        cdef rxctx_t *r
         if self.threads:
             raise RuntimeError("threads already run")
         if self.nq == 0:
@@ -606,16 +616,39 @@ cdef class Engine:
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
         self.e.notify_fd = notify_fd
+        for i in range(self.nq):
+            self.tx[i].polled[0] = self.tx[i].polled[1] = NULL
+        for i in range(self.nrx):
+            r = self.rx[i]
+            r.poller = -1
+            if poll and r.fd >= 0 and self.tx[r.queue].tun_fd >= 0:
+                k = 0 if self.tx[r.queue].polled[0] == NULL else 1
+                self.tx[r.queue].polled[k] = r
+                r.poller = r.queue
         self.threads = True
         for i in range(self.nq):
             if self.tx[i].tun_fd >= 0:
-                self._start(&self.tx[i].t, <uf_thread_fn>tx_thread, <void *>self.tx[i], i,
-                            f"uf-tun{i}")
+                self._start_tx(i)
         for i in range(self.nrx):
-            if self.rx[i].fd >= 0:  # (no VXLAN socket: a udp node whose 8472 was taken)
-                self._start(&self.rx[i].t, <uf_thread_fn>rx_thread, <void *>self.rx[i],
-                            self.rx[i].queue,
-                            "uf-bare" if self.rx[i].bare else f"uf-vxlan{self.rx[i].queue}")
+            r = self.rx[i]
+            if r.fd >= 0 and r.poller < 0:  # (no fd: a udp node whose 8472 was taken)
+                self._start(&r.t, <uf_thread_fn>rx_thread, <void *>r, r.queue,
+                            "uf-bare" if r.bare else f"uf-vxlan{r.queue}")
+
+    cdef _start_tx(self, int queue):
+        cdef txctx_t *c = self.tx[queue]
+        if c.polled[0] != NULL:
+            self._start(&c.t, <uf_thread_fn>poll_thread, <void *>c, queue, f"uf-poll{queue}")
+        else:
+            self._start(&c.t, <uf_thread_fn>tx_thread, <void *>c, queue, f"uf-tun{queue}")
+
+    cdef thr_t *_runner(self, int i):
+        """The thread state of whichever thread drains context i (tx contexts first)."""
+        if i < self.nq:
+            return &self.tx[i].t
+        if self.rx[i - self.nq].poller >= 0:
+            return &self.tx[self.rx[i - self.nq].poller].t
+        return &self.rx[i - self.nq].t
 
     def set_cpus(self, cpus):
         """Pin the threads started from now on: queue q's pair (its TUN reader and its
@@ -669,13 +702,16 @@ cdef class Engine:
 
     def thread_errors(self):
         """[(role, queue, errno)] of threads that ended on an error (role "tun" for a
-        TUN reader, "udp" for a socket reader); each is reported once."""
+        TUN reader, "udp" for a socket reader, by which fd failed under --io poll);
+        each is reported once."""
         cdef int i
         cdef thr_t *t
+        cdef thr_t *runner
         out = []
         for i in range(self.nq + self.nrx):
             t = &self.tx[i].t if i < self.nq else &self.rx[i - self.nq].t
-            if t.tid and not uf_load_int(&t.running) and t.error:
+            runner = self._runner(i)
+            if runner.tid and not uf_load_int(&runner.running) and t.error:
                 role = "tun" if i < self.nq else "udp"
                 queue = self.tx[i].queue if i < self.nq else self.rx[i - self.nq].queue
                 out.append((role, queue, t.error))
@@ -691,7 +727,7 @@ cdef class Engine:
                 uf_thread_stop(t.tid, &t.running)
             t.tid = 0
         self.set_tun_fd(queue, tun_fd)
-        self._start(t, <uf_thread_fn>tx_thread, <void *>self.tx[queue], queue, f"uf-tun{queue}")
+        self._start_tx(queue)
 
     def running_threads(self):
         cdef int i, n = 0

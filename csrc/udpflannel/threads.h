@@ -21,6 +21,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -100,6 +101,22 @@ static inline long uf_read_nowait(int fd, void *buf, size_t len)
     struct iovec iov = {buf, len};
     long n = preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
     return n < 0 ? -errno : n;
+}
+
+/* Block until one of n (at most 3) fds is readable or has an error to report: 0, or
+ * -errno (-EINTR when woken to stop). */
+static inline int uf_wait_any(const int *fds, int n)
+{
+    struct pollfd p[3];
+    int i;
+    if (n < 1 || n > 3)
+        return -EINVAL;
+    for (i = 0; i < n; i++) {
+        p[i].fd = fds[i];
+        p[i].events = POLLIN;
+        p[i].revents = 0;
+    }
+    return poll(p, (nfds_t)n, -1) < 0 ? -errno : 0;
 }
 
 /* Sequentially consistent on purpose: publishing a table and checking whether a

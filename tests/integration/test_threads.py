@@ -1,5 +1,5 @@
-"""The engine on its own threads (--io threads, issue 12): route tables swapped under
-running threads, several queues, and the port still exclusive.
+"""The engine on its own threads (--io threads and --io poll, issue 12): route tables
+swapped under running threads, several queues, and the port still exclusive.
 
 The churn test drives two engines in this process (real TUNs in two namespaces, real
 sockets, offloads on, threads started) so that it can change routes 10,000 times at
@@ -51,8 +51,11 @@ class Node:
         self.tun.close()
 
 
-@pytest.fixture
-def pair(make_lab):
+THREADS_PER_QUEUE = {"threads": 2, "poll": 1}   # a thread per direction, or one for both
+
+
+@pytest.fixture(params=sorted(THREADS_PER_QUEUE))
+def pair(request, make_lab):
     lab = make_lab(2)
     a = b = None
     try:
@@ -60,8 +63,9 @@ def pair(make_lab):
         b = Node(lab.nodes[1], lab.addresses[1], B_NET, B_MAC)
         a.engine.set_route(str(B_NET), lab.addresses[1], 8472, B_MAC)
         b.engine.set_route(str(A_NET), lab.addresses[0], 8472, A_MAC)
-        a.engine.start_threads()
-        b.engine.start_threads()
+        a.engine.start_threads(poll=request.param == "poll")
+        b.engine.start_threads(poll=request.param == "poll")
+        a.io = b.io = request.param
         yield lab, a, b
     finally:
         for node in (a, b):
@@ -161,7 +165,7 @@ def test_10000_route_changes_during_a_stream(pair):
     assert stream["r"].bytes == total  # the stream arrived intact (content-checked)
     assert seen, "the decoy never got traffic: the test would prove nothing"
     assert e.route_count() == 1 and e.reclaim() == 0
-    assert a.engine.running_threads() == 2 and b.engine.running_threads() == 2
+    assert a.engine.running_threads() == b.engine.running_threads() == THREADS_PER_QUEUE[a.io]
 
 
 def test_threads_stop_promptly_and_report_a_deleted_tun(pair):
@@ -169,7 +173,7 @@ def test_threads_stop_promptly_and_report_a_deleted_tun(pair):
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         a.engine.stop_threads()
-        a.engine.start_threads(efd)
+        a.engine.start_threads(efd, poll=a.io == "poll")
         with lab.nodes[0].ipr() as ipr:
             ipr.link("del", index=ipr.link_lookup(ifname="uft0")[0])
         deadline = time.monotonic() + 5
@@ -186,11 +190,12 @@ def test_threads_stop_promptly_and_report_a_deleted_tun(pair):
         os.close(efd)
 
 
-def test_queues_keep_order_and_exact_counters(make_lab, make_cluster):
+@pytest.mark.parametrize("io", sorted(THREADS_PER_QUEUE))
+def test_queues_keep_order_and_exact_counters(make_lab, make_cluster, io):
     """--queues 4: numbered UDP datagrams of 6 flows arrive, each flow in order, and
     the counters account for exactly what was sent; TCP crosses too."""
     lab = make_lab(2)
-    cluster = make_cluster(lab, extra_args=["--io", "threads", "--queues", "4"])
+    cluster = make_cluster(lab, extra_args=["--io", io, "--queues", "4"])
     cluster.start_all()
     cluster.wait_converged()
     dst = cluster.overlay_addr(1)
@@ -253,30 +258,34 @@ def _threads_of(pid: int) -> list[tuple[str, str]]:
     return out
 
 
-def test_cpus_pins_each_queue_pair_and_only_the_data_path(make_lab, make_cluster):
+@pytest.mark.parametrize("io", sorted(THREADS_PER_QUEUE))
+def test_cpus_pins_each_queue_pair_and_only_the_data_path(make_lab, make_cluster, io):
     """--cpus A,B --queues 2: queue 0's TUN reader and VXLAN reader on A, queue 1's on B,
-    the flanneld-udp reader with queue 0; the control threads stay where they were."""
+    the flanneld-udp reader with queue 0 (--io poll: one thread drains each queue's
+    fds); the control threads stay where they were."""
     allowed = sorted(os.sched_getaffinity(0))
     a, b = allowed[0], allowed[-1]  # one CPU twice on a one-CPU machine: still checked
     lab = make_lab(2)
-    cluster = make_cluster(lab, extra_args=["--io", "threads", "--queues", "2", "--cpus", f"{a},{b}"])
+    cluster = make_cluster(lab, extra_args=["--io", io, "--queues", "2", "--cpus", f"{a},{b}"])
     cluster.start_all()
     cluster.wait_converged()
     assert probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=3, timeout=2)[0] is not None
     threads = _threads_of(cluster.procs[0].pid)
-    assert sorted(t for t in threads if t[0].startswith("uf-")) == sorted([
-        ("uf-tun0", str(a)), ("uf-vxlan0", str(a)), ("uf-bare", str(a)),
-        ("uf-tun1", str(b)), ("uf-vxlan1", str(b))]), threads
+    expected = {"threads": [("uf-tun0", a), ("uf-vxlan0", a), ("uf-bare", a),
+                            ("uf-tun1", b), ("uf-vxlan1", b)],
+                "poll": [("uf-poll0", a), ("uf-poll1", b)]}[io]
+    assert sorted(t for t in threads if t[0].startswith("uf-")) == sorted(
+        (name, str(cpu)) for name, cpu in expected), threads
     control = [v for k, v in threads if not k.startswith("uf-")]
     assert control and all(v == format_cpus(allowed) for v in control)  # as the daemon was started
     assert f"CPUs {a},{b}" in cluster.log_tail(0, 200)
-    assert cluster.status(0).dataplane.io == f"threads, 2 queues, CPUs {a},{b}"
+    assert cluster.status(0).dataplane.io == f"{io}, 2 queues, CPUs {a},{b}"
 
 
 def test_cpus_pins_the_event_loop_in_loop_mode(make_lab, make_cluster):
     cpu = sorted(os.sched_getaffinity(0))[-1]
     lab = make_lab(2)
-    cluster = make_cluster(lab, extra_args=["--cpus", str(cpu)])
+    cluster = make_cluster(lab, extra_args=["--io", "loop", "--cpus", str(cpu)])
     cluster.start_all()
     cluster.wait_converged()
     assert probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=3, timeout=2)[0] is not None
