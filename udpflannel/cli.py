@@ -169,15 +169,17 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                         "backend: flannel.<VNI>), or auto (kernel where VXLAN works, else engine)")
     p.add_argument("--engine", choices=("compiled", "python"), default="compiled",
                    help="the engine: compiled, or its pure-Python reference twin")
-    p.add_argument("--io", choices=("loop", "threads"), default="loop",
-                   help="how the engine is driven: loop (default: the event loop drains its fds) "
-                        "or threads (its own threads, blocking in the kernel; lower latency)")
+    p.add_argument("--io", choices=("loop", "threads", "poll"), default=None,
+                   help="how the engine is driven: poll (the default with the compiled engine: "
+                        "one thread per queue for both directions, waiting in poll), threads (a "
+                        "thread per direction, blocking in the kernel) or loop (the event loop "
+                        "drains the fds; the Python twin's only mode); see bench/RESULTS.md")
     p.add_argument("--queues", type=_queues, default=1,
-                   help="with --io threads: TUN queues and VXLAN sockets, a thread pair each "
-                        "(default 1; more spreads flows over cores)")
+                   help="with --io threads or poll: TUN queues and VXLAN sockets, their own "
+                        "threads each (default 1; more spreads flows over cores)")
     p.add_argument("--cpus", type=_cpus, default=(),
                    help="pin the engine's data path to these CPUs (e.g. 0 or 2-3): with --io "
-                        "threads queue q's thread pair runs on the list's q-th CPU (wrapping), "
+                        "threads or poll queue q's threads run on the list's q-th CPU (wrapping), "
                         "with --io loop the event loop thread (default: the scheduler decides; "
                         "pinning trades throughput for latency, see bench/RESULTS.md)")
     p.add_argument("--udp-port", type=_port_or_off, default=8285,
@@ -309,6 +311,11 @@ def build_parser() -> Parser:
     return parser
 
 
+def _io(a: argparse.Namespace) -> str:
+    from udpflannel.options import default_io
+    return a.io or default_io(a.engine)
+
+
 def _run_options(a: argparse.Namespace):
     from udpflannel.options import RunOptions
     endpoints = tuple(e.strip() for e in (a.etcd_endpoints or "").split(",") if e.strip())
@@ -317,7 +324,7 @@ def _run_options(a: argparse.Namespace):
         iface_can_reach=a.iface_can_reach, public_ip=a.public_ip, registry_file=a.registry_file,
         net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
         admin_socket=a.admin_socket, port=a.port, vni=a.vni, dataplane=a.dataplane,
-        engine=a.engine, io=a.io, queues=a.queues, cpus=a.cpus, offload=a.offload, udp_port=a.udp_port,
+        engine=a.engine, io=_io(a), queues=a.queues, cpus=a.cpus, offload=a.offload, udp_port=a.udp_port,
         source_ports=a.source_ports,
         strict_source=a.strict_source,
         lease_ttl=a.subnet_lease_ttl * 60, renew_margin=a.subnet_lease_renew_margin * 60,
@@ -332,10 +339,10 @@ def _run_options(a: argparse.Namespace):
 
 def _cmd_run(a: argparse.Namespace) -> int:
     import uvloop
-    if a.queues > 1 and a.io != "threads":
-        raise ValueError(f"--queues {a.queues} needs --io threads")
-    if a.io == "threads" and a.engine != "compiled":
-        raise ValueError("--io threads runs the compiled engine (the Python twin runs in the loop)")
+    if a.queues > 1 and _io(a) == "loop":
+        raise ValueError(f"--queues {a.queues} needs --io threads or --io poll")
+    if _io(a) != "loop" and a.engine != "compiled":
+        raise ValueError(f"--io {a.io} runs the compiled engine (the Python twin runs in the loop)")
     if a.cpus and a.dataplane == "kernel":
         raise ValueError("--cpus pins the engine's data path; with --dataplane kernel the kernel forwards")
     allowed = os.sched_getaffinity(0)

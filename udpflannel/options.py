@@ -25,8 +25,8 @@ class RunOptions:
     vni: int | None = None
     dataplane: str = "engine"  # engine | kernel | auto
     engine: str = "compiled"
-    io: str = "loop"  # the engine's I/O: "loop" (the event loop) or "threads"
-    queues: int = 1  # --io threads: TUN queues / VXLAN sockets, a thread pair each
+    io: str = "loop"  # the engine's I/O: "loop" (the event loop), "threads" or "poll"; see default_io
+    queues: int = 1  # --io threads/poll: TUN queues / VXLAN sockets, their threads each
     cpus: tuple[int, ...] = ()  # the data path's CPUs (--cpus); () the scheduler decides
     offload: str = "auto"  # see dataplane.sockets.parse_offloads
     udp_port: int = 8285  # flanneld udp framing towards udp peers (0: off)
@@ -67,3 +67,10 @@ class RunOptions:
 
 def default_admin_socket(tun: str) -> str:
     return f"/run/udpflannel/{tun}.sock"
+
+
+def default_io(engine: str) -> str:
+    """--io when none is given: the compiled engine on its own thread per queue (`poll`:
+    lower latency than the loop with at least its throughput, in every bench run that
+    compared them; bench/RESULTS.md), the Python twin in the event loop, its only mode."""
+    return "poll" if engine == "compiled" else "loop"

@@ -1,5 +1,5 @@
 """`udpflannel bench` end to end, shortest form: one repetition, 1 s per iperf3 run, the
-bare underlay (it carries the latency floor's echo) and the pinned threads case (its
+bare underlay (it carries the latency floor's echo) and the pinned default (poll) case (its
 daemons run `--cpus 0`; every case's ping also runs pinned to CPU 0). Checks that
 every step produced its figures and that the run leaves nothing behind."""
 
@@ -15,20 +15,20 @@ import sys
 def test_bench_runs_every_step_of_two_cases(workdir):
     before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     proc = subprocess.run([sys.executable, "-m", "udpflannel", "bench", "--seconds", "1", "--repeat", "1",
-                           "--only", "veth,udpflannel-threads-cpu0", "--out", workdir],
+                           "--only", "veth,udpflannel-poll-cpu0", "--out", workdir],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     [path] = glob.glob(f"{workdir}/bench-*.json")
     with open(path) as f:
         doc = json.load(f)
     assert doc["ok"] and not doc["errors"]
-    veth, pinned = doc["cases"]["veth"]["median"], doc["cases"]["udpflannel-threads-cpu0"]["median"]
+    veth, pinned = doc["cases"]["veth"]["median"], doc["cases"]["udpflannel-poll-cpu0"]["median"]
     for m in (veth, pinned):
         assert m["rtt_p50_us"] > 0 and m["rtt_cpu0_p50_us"] > 0 and m["tcp1_gbps"] > 0
         assert m["udp_kpps"] > 0
     assert veth["echo_p50_us"] > 0 and veth["echo_cpu0_p50_us"] > 0 and pinned["daemon_cpu_s"] > 0
     assert pinned["tcp1_cores_per_gbps"] > 0 and veth["tcp1_cores_per_gbps"] is None  # no daemons
-    assert doc["cases"]["udpflannel-threads-cpu0"]["daemon_args"] == ["--io", "threads", "--cpus", "0"]
+    assert doc["cases"]["udpflannel-poll-cpu0"]["daemon_args"] == ["--io", "poll", "--cpus", "0"]
     assert "ping on CPU 0, p50" in proc.stdout
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert after <= before  # every namespace it made is gone

@@ -60,6 +60,19 @@ def test_a_cpu_this_process_may_not_use_is_refused_before_anything_starts(tmp_pa
     assert not os.path.exists(f"{tmp_path}/reg.db")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--queues", "2", "--io", "loop"], "--queues 2 needs --io threads or --io poll"),
+    (["--queues", "2", "--engine", "python"], "--queues 2 needs --io threads or --io poll"),
+    (["--io", "poll", "--engine", "python"], "--io poll runs the compiled engine"),
+    (["--io", "threads", "--engine", "python"], "--io threads runs the compiled engine"),
+])
+def test_an_io_mode_the_engine_cannot_run_is_refused(tmp_path, args, words):
+    proc = subprocess.run(RUN + args + ["--registry-file", f"{tmp_path}/reg.db"],
+                          capture_output=True, text=True, timeout=30)
+    _check_one_line_error(proc, 1, words)
+    assert not os.path.exists(f"{tmp_path}/reg.db")
+
+
 def test_bad_environment_flag():
     env = dict(os.environ, FLANNELD_PORT="eighty")
     proc = subprocess.run(RUN, capture_output=True, text=True, timeout=30, env=env)

@@ -50,7 +50,7 @@ class PlaneOptions:
     udp_port: int | None = 8285  # flanneld udp framing for udp peers (None: off)
     source_ports: int = 16  # engine: VXLAN outer source ports (one socket each; 0: one port)
     strict_source: bool = False
-    io: str = "loop"  # engine: "loop" (the event loop drains) or "threads" (its own threads)
+    io: str = "loop"  # engine: "loop" (the event loop drains), "threads" or "poll" (its own threads)
     queues: int = 1  # engine, threads: TUN queues and VXLAN sockets, a thread pair each
     cpus: tuple[int, ...] = ()  # engine: CPUs its data path is pinned to (() unpinned)
 

@@ -141,7 +141,7 @@ class EnginePlane:
 
     @property
     def threaded(self) -> bool:
-        return self.opts.io == "threads"
+        return self.opts.io in ("threads", "poll")
 
     async def _attach_tun(self) -> None:
         """Create or re-attach the TUN, configure it, and start reading everything."""
@@ -194,7 +194,7 @@ class EnginePlane:
             self._events = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         loop.add_reader(self._events, self._on_thread_event)
         self.engine.set_cpus(self.opts.cpus)
-        self.engine.start_threads(self._events)
+        self.engine.start_threads(self._events, poll=self.opts.io == "poll")
         self._readers = [self._events]
         log.info("data path: %s (%d threads running)", self._io_text(), self.engine.running_threads())
 
@@ -346,10 +346,10 @@ class EnginePlane:
             kernel_drops=e.kernel_drops() if e else 0)
 
     def _io_text(self) -> str:
-        """How the engine runs, for `udpflannel status`: "loop", "threads, 2 queues", and
-        the CPUs it is pinned to."""
+        """How the engine runs, for `udpflannel status`: "loop", "threads, 2 queues",
+        "poll, 1 queue", and the CPUs it is pinned to."""
         text = "loop" if not self.threaded else (
-            f"threads, {self.opts.queues} queue{'' if self.opts.queues == 1 else 's'}")
+            f"{self.opts.io}, {self.opts.queues} queue{'' if self.opts.queues == 1 else 's'}")
         if self.opts.cpus:
             text += f", CPUs {','.join(map(str, self.opts.cpus))}"
         return text

@@ -41,11 +41,14 @@ BIG_NETWORK = '{"Network": "10.64.0.0/10", "SubnetLen": 24, "Backend": {"Type": 
 UDP_NETWORK = '{"Network": "10.64.0.0/10", "SubnetLen": 24, "Backend": {"Type": "udp"}}'
 # name -> (extra `udpflannel run` arguments, extra peers preloaded, network config)
 UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int, str]] = {
-    "offload": (("--offload", "auto"), 0, BIG_NETWORK),
+    "offload": (("--offload", "auto"), 0, BIG_NETWORK),   # the defaults: --io poll
+    "loop": (("--io", "loop"), 0, BIG_NETWORK),
     "threads": (("--io", "threads"), 0, BIG_NETWORK),
     "threads-2q": (("--io", "threads", "--queues", "2"), 0, BIG_NETWORK),
+    "poll-2q": (("--io", "poll", "--queues", "2"), 0, BIG_NETWORK),
+    "poll-cpu0": (("--io", "poll", "--cpus", "0"), 0, BIG_NETWORK),
     "threads-cpu0": (("--io", "threads", "--cpus", "0"), 0, BIG_NETWORK),
-    "loop-cpu0": (("--offload", "auto", "--cpus", "0"), 0, BIG_NETWORK),
+    "loop-cpu0": (("--io", "loop", "--cpus", "0"), 0, BIG_NETWORK),
     "kernel": (("--dataplane", "kernel"), 0, BIG_NETWORK),
     "udp-backend": (("--offload", "auto"), 0, UDP_NETWORK),
     "offload-4096-peers": (("--offload", "auto"), 4094, BIG_NETWORK),
