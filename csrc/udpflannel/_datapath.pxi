@@ -754,24 +754,29 @@ cdef void *rx_thread(void *arg) noexcept nogil:
 
 
 cdef void *poll_thread(void *arg) noexcept nogil:
-    """--io poll: one thread for both directions of a queue. It waits in poll(2) until
-    the TUN or one of the queue's sockets is readable, then gives each a burst, the
-    sockets first: what the kernel answers while a burst is written to the TUN (a TCP
-    receiver's ACKs, a ping reply) is read in the same wake-up instead of waking a
-    second thread (bench/RESULTS.md, "One thread per queue"). The context's table and
+    """--io poll: one thread for both directions of a queue. It waits (epoll) until the
+    TUN or one of the queue's sockets is readable and gives each ready one a burst,
+    sockets first. What the kernel answers while packets are written to the TUN (a TCP
+    receiver's ACKs, a ping reply) makes the TUN ready before the thread waits again,
+    so it is read without the thread ever sleeping, where --io threads wakes a second
+    thread for it (bench/RESULTS.md, "One thread per queue"). The context's table and
     quiescent state cover the sockets it drains."""
     cdef txctx_t *c = <txctx_t *>arg
     cdef rxctx_t *p
     cdef int fds[3]
-    cdef int n = 1, k, r, rc
+    cdef int n = 1, k, r, rc, ep, ready = 0
     cdef bint failed = False
     fds[0] = c.tun_fd
     for k in range(2):
         if c.polled[k] != NULL:
             fds[n] = c.polled[k].fd
             n += 1
+    ep = uf_waiter_open(fds, n)
+    if ep < 0:
+        c.t.error = -ep
+        failed = True
     while not failed and not uf_load_int(&c.t.stop):
-        rc = uf_wait_any(fds, n)
+        rc = uf_waiter_wait(ep, &ready)
         if rc == -EINTR:
             continue  # woken, maybe to stop: the loop looks at the flag
         if rc < 0:
@@ -779,6 +784,8 @@ cdef void *poll_thread(void *arg) noexcept nogil:
             break
         tx_begin(c)
         for k in range(n - 1):
+            if not ready & (2 << k):
+                continue
             p = c.polled[k]
             p.rt = c.rt
             r = udp_burst(p, BUDGET, False)
@@ -786,12 +793,14 @@ cdef void *poll_thread(void *arg) noexcept nogil:
                 p.t.error = -r
                 failed = True
                 break
-        if not failed:
+        if not failed and ready & 1:
             r = tun_burst(c, BUDGET, False)
             if r < 0:
                 c.t.error = -r
                 failed = True
         go_quiet(&c.t, c.e)
+    if ep >= 0:
+        close(ep)
     uf_store_int(&c.t.running, 0)
     uf_notify(c.e.notify_fd)
     return NULL

@@ -24,8 +24,8 @@ Three ways to run (--io):
   the table and published with one atomic pointer store (publish()); a replaced table
   is freed once every thread has been quiet since (quiescent-state reclamation:
   reclaim()). Counters are per context and summed when read.
-* poll: start_threads(poll=True) runs one thread per queue that waits in poll(2) for
-  the queue's TUN or sockets and drains them all: a burst written to the TUN and the
+* poll: start_threads(poll=True) runs one thread per queue that waits (epoll) for
+  the queue's TUN or sockets and drains them: a burst written to the TUN and the
   answers it provokes are handled in one wake-up, as in the loop, without Python.
   Tables and counters as with threads; the queue's TUN context holds the thread
   state (its sockets' contexts point to it through `poller`).
@@ -38,7 +38,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, uintptr
 from libc.string cimport memcpy, memset, memcmp, memmove
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.errno cimport errno, EAGAIN, EINTR
-from posix.unistd cimport read
+from posix.unistd cimport read, close
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
@@ -79,7 +79,8 @@ cdef extern from "threads.h" nogil:
     int uf_load_int(int *p)
     void uf_store_int(int *p, int v)
     void uf_notify(int efd)
-    int uf_wait_any(const int *fds, int n)
+    int uf_waiter_open(const int *fds, int n)
+    int uf_waiter_wait(int ep, int *ready)
 
 cdef enum:
     VNET = 10                # sizeof(struct virtio_net_hdr)
@@ -604,7 +605,7 @@ cdef class Engine:
         """Start the data-path threads; the fds must be blocking. Without `poll` one
         thread per context: TUN -> UDP per queue, UDP -> TUN per socket. With `poll` one
         thread per queue drains the TUN and that queue's sockets (flanneld udp's too, on
-        queue 0), waiting in poll(2) for any of them. notify_fd (an eventfd) is written
+        queue 0), waiting (epoll) for any of them. notify_fd (an eventfd) is written
         when a thread ends."""
         cdef int i, k, rc
         cdef rxctx_t *r

@@ -21,7 +21,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
-#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -103,20 +103,42 @@ static inline long uf_read_nowait(int fd, void *buf, size_t len)
     return n < 0 ? -errno : n;
 }
 
-/* Block until one of n (at most 3) fds is readable or has an error to report: 0, or
- * -errno (-EINTR when woken to stop). */
-static inline int uf_wait_any(const int *fds, int n)
+/* --io poll's wait: an epoll set of up to 3 fds (the TUN first), made once per thread
+ * (registering on every fd's wait queue at each wait, as poll(2) does, costs more).
+ * The fd of the set, or -errno. */
+static inline int uf_waiter_open(const int *fds, int n)
 {
-    struct pollfd p[3];
-    int i;
+    struct epoll_event ev;
+    int ep, i;
     if (n < 1 || n > 3)
         return -EINVAL;
+    if ((ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
+        return -errno;
     for (i = 0; i < n; i++) {
-        p[i].fd = fds[i];
-        p[i].events = POLLIN;
-        p[i].revents = 0;
+        memset(&ev, 0, sizeof ev);
+        ev.events = EPOLLIN;
+        ev.data.u32 = (uint32_t)i;
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
+            int err = errno;
+            close(ep);
+            return -err;
+        }
     }
-    return poll(p, (nfds_t)n, -1) < 0 ? -errno : 0;
+    return ep;
+}
+
+/* Block until a fd of the set is readable or has an error to report; *ready gets bit
+ * i set for fds[i]. 0, or -errno (-EINTR when woken to stop). */
+static inline int uf_waiter_wait(int ep, int *ready)
+{
+    struct epoll_event ev[3];
+    int n, i;
+    *ready = 0;
+    if ((n = epoll_wait(ep, ev, 3, -1)) < 0)
+        return -errno;
+    for (i = 0; i < n; i++)
+        *ready |= 1 << ev[i].data.u32;
+    return 0;
 }
 
 /* Sequentially consistent on purpose: publishing a table and checking whether a
