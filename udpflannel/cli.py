@@ -171,7 +171,7 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                    help="the engine: compiled, or its pure-Python reference twin")
     p.add_argument("--io", choices=("loop", "threads", "poll"), default=None,
                    help="how the engine is driven: poll (the default with the compiled engine: "
-                        "one thread per queue for both directions, waiting in poll), threads (a "
+                        "one thread per queue for both directions, waiting in epoll), threads (a "
                         "thread per direction, blocking in the kernel) or loop (the event loop "
                         "drains the fds; the Python twin's only mode); see bench/RESULTS.md")
     p.add_argument("--queues", type=_queues, default=1,

@@ -51,7 +51,7 @@ class PlaneOptions:
     source_ports: int = 16  # engine: VXLAN outer source ports (one socket each; 0: one port)
     strict_source: bool = False
     io: str = "loop"  # engine: "loop" (the event loop drains), "threads" or "poll" (its own threads)
-    queues: int = 1  # engine, threads: TUN queues and VXLAN sockets, a thread pair each
+    queues: int = 1  # engine, threads or poll: TUN queues and VXLAN sockets, their threads each
     cpus: tuple[int, ...] = ()  # engine: CPUs its data path is pinned to (() unpinned)
 
     @property
