@@ -71,6 +71,7 @@ def default_admin_socket(tun: str) -> str:
 
 def default_io(engine: str) -> str:
     """--io when none is given: the compiled engine on its own thread per queue (`poll`:
-    lower latency than the loop with at least its throughput, in every bench run that
-    compared them; bench/RESULTS.md), the Python twin in the event loop, its only mode."""
+    in the bench runs that compared them, a quarter to a third less ping latency than
+    the loop, more on one TCP stream, level on four and on 64 B packets; see
+    bench/RESULTS.md), the Python twin in the event loop, its only mode."""
     return "poll" if engine == "compiled" else "loop"
