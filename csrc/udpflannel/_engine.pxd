@@ -175,5 +175,6 @@ cdef class Engine:
     cdef int _drain_rx(self, rxctx_t *c, int budget)
     cdef _start(self, thr_t *t, uf_thread_fn fn, void *arg, int queue, str name)
     cdef _start_tx(self, int queue)
+    cdef thr_t *_state(self, int i) noexcept nogil
     cdef thr_t *_runner(self, int i)
     cdef void _join_all(self)

@@ -327,7 +327,7 @@ cdef class Engine:
         cdef uint64_t floor = <uint64_t>-1, seen
         cdef thr_t *t
         for i in range(self.nq + self.nrx):
-            t = &self.tx[i].t if i < self.nq else &self.rx[i - self.nq].t
+            t = self._state(i)
             if uf_load_int(&t.running) and uf_load_int(&t.active):
                 seen = uf_load_u64(&t.seen)
                 if seen < floor:
@@ -643,13 +643,16 @@ cdef class Engine:
         else:
             self._start(&c.t, <uf_thread_fn>tx_thread, <void *>c, queue, f"uf-tun{queue}")
 
+    cdef thr_t *_state(self, int i) noexcept nogil:
+        """Context i's thread state: the TUN contexts first, then the sockets'."""
+        return &self.tx[i].t if i < self.nq else &self.rx[i - self.nq].t
+
     cdef thr_t *_runner(self, int i):
-        """The thread state of whichever thread drains context i (tx contexts first)."""
-        if i < self.nq:
-            return &self.tx[i].t
-        if self.rx[i - self.nq].poller >= 0:
+        """The thread state of whichever thread drains context i (under --io poll a
+        socket's is its queue's TUN context's)."""
+        if i >= self.nq and self.rx[i - self.nq].poller >= 0:
             return &self.tx[self.rx[i - self.nq].poller].t
-        return &self.rx[i - self.nq].t
+        return self._state(i)
 
     def set_cpus(self, cpus):
         """Pin the threads started from now on: queue q's pair (its TUN reader and its
@@ -692,11 +695,11 @@ cdef class Engine:
         cdef int i
         cdef thr_t *t
         for i in range(self.nq + self.nrx):
-            t = &self.tx[i].t if i < self.nq else &self.rx[i - self.nq].t
+            t = self._state(i)
             uf_store_int(&t.stop, 1)
         with nogil:
             for i in range(self.nq + self.nrx):
-                t = &self.tx[i].t if i < self.nq else &self.rx[i - self.nq].t
+                t = self._state(i)
                 if t.tid:
                     uf_thread_stop(t.tid, &t.running)
                     t.tid = 0
@@ -710,7 +713,7 @@ cdef class Engine:
         cdef thr_t *runner
         out = []
         for i in range(self.nq + self.nrx):
-            t = &self.tx[i].t if i < self.nq else &self.rx[i - self.nq].t
+            t = self._state(i)
             runner = self._runner(i)
             if runner.tid and not uf_load_int(&runner.running) and t.error:
                 role = "tun" if i < self.nq else "udp"
@@ -734,6 +737,6 @@ cdef class Engine:
         cdef int i, n = 0
         cdef thr_t *t
         for i in range(self.nq + self.nrx):
-            t = &self.tx[i].t if i < self.nq else &self.rx[i - self.nq].t
+            t = self._state(i)
             n += uf_load_int(&t.running)
         return n
