@@ -428,3 +428,31 @@ def test_floor_holds_the_pinned_ping_against_the_pinned_echo_and_refuses_a_negat
                              "30.0 us = 6.0 w0 (1.50 x 4w0)")   # w0 still stands on its own
     del med["veth"]["echo_cpu0_p50_us"]   # no pinned echo: the pinned ping gets no multiple
     assert floor(med) == [floor(med)[0]]
+
+
+def test_floor_also_counts_the_unpinned_ping_in_wakeups_that_cross_cpus():
+    from udpflannel.lab.benchlib.report import floor
+    med = {"veth": {"rtt_p50_us": 30.0, "echo_p50_us": 50.0, "rtt_cpu0_p50_us": 10.0,
+                    "echo_cross_p50_us": 160.0},
+           "kernel-vxlan": {"rtt_p50_us": 60.0},
+           "udpflannel-offload": {"rtt_p50_us": 360.0}}
+    lines = floor(med)
+    assert lines[1] == ("floor across CPUs: one wakeup wx = UDP echo (client on CPU 0, server on "
+                        "CPU 1) 160 us - kernel ping on CPU 0 10.0 us = 150 us; a wakeup that the "
+                        "scheduler puts on the other CPU; four of them are 4wx = 600 us")
+    assert lines[2] == ("  udpflannel-offload: ping p50 360 us = kernel VXLAN + 300 us = 15.0 w "
+                        "(3.75 x 4w), 2.0 wx (0.50 x 4wx)")
+    assert len(lines) == 3
+    med["veth"]["echo_cross_p50_us"] = 9.0   # below the ping it is measured against: noise
+    assert floor(med)[1].startswith("floor across CPUs: not measured in this run (UDP echo (client")
+    assert floor(med)[2].endswith("= 15.0 w (3.75 x 4w)")
+
+
+def test_an_echo_step_needing_a_cpu_the_machine_lacks_is_skipped_with_no_figure(monkeypatch):
+    from udpflannel.lab import bench
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(bench.tools, "udp_echo", lambda *a, **k: pytest.fail("echo ran"))
+    metrics: dict = {}
+    detail: dict = {}
+    text = bench.STEPS["echox"](None, 1.0, metrics, detail)
+    assert text.startswith("skipped") and metrics == {} and detail == {"skipped": "needs CPUs 0 and 1"}

@@ -14,6 +14,9 @@ an echo from node 1, then runs these steps from node 1 to node 2:
            overhead over kernel VXLAN is reported as a multiple of 4w
     echo0  (veth only) the same echo, client and server on CPU 0 -> the floor for
            ping0: w0 = echo0 p50 - ping0 p50, a wakeup that stays on one CPU
+    echox  (veth only) the same echo, client on CPU 0 and server on CPU 1 -> what a
+           wakeup costs when the woken thread runs on the other CPU: wx = echox p50 -
+           ping0 p50 (skipped on a machine without CPU 1)
     tcp1   iperf3 TCP, 1 stream                           -> Gbit/s, retransmits
     tcp4   iperf3 TCP, 4 streams                          -> Gbit/s, retransmits
     udp    iperf3 UDP, 64 B datagrams, unlimited rate     -> received kpkt/s, loss %
@@ -131,20 +134,25 @@ def _udp(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
             f"loss {r.loss_pct:.1f} %")
 
 
-def _echoer(cpu: int | None, prefix: str) -> Callable[[Target, float, dict, dict], str]:
+def _echoer(cpus: tuple[int, int] | None, prefix: str) -> Callable[[Target, float, dict, dict], str]:
+    """A UDP echo step; `cpus` = (client's CPU, server's CPU), or None: unpinned."""
     def step(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
-        rtts = tools.udp_echo(t.src, t.dst, t.addr, PING_COUNT, PING_INTERVAL, cpu=cpu)
+        if cpus is not None and not set(cpus) <= os.sched_getaffinity(0):
+            detail.update(skipped=f"needs CPUs {cpus[0]} and {cpus[1]}")
+            return f"skipped: this machine does not give the bench CPUs {cpus[0]} and {cpus[1]}"
+        rtts = tools.udp_echo(t.src, t.dst, t.addr, PING_COUNT, PING_INTERVAL, cpus=cpus)
         if not rtts:
             raise tools.ToolError("no UDP echo came back")
         metrics[f"{prefix}_p50_us"] = report.percentile(rtts, 50)
-        detail.update(sent=PING_COUNT, received=len(rtts), rtts_us=rtts, cpu=cpu)
+        detail.update(sent=PING_COUNT, received=len(rtts), rtts_us=rtts, cpus=cpus)
         return f"UDP echo RTT p50 {report.format_value(metrics[f'{prefix}_p50_us'])} us"
     return step
 
 
 STEPS: dict[str, Callable[[Target, float, dict, dict], str]] = {
     "ping": _pinger(None, "rtt"), "ping0": _pinger(0, "rtt_cpu0"),
-    "echo": _echoer(None, "echo"), "echo0": _echoer(0, "echo_cpu0"),
+    "echo": _echoer(None, "echo"), "echo0": _echoer((0, 0), "echo_cpu0"),
+    "echox": _echoer((0, 1), "echo_cross"),
     "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp}
 
 

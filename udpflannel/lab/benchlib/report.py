@@ -44,6 +44,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("rtt_cpu0_p99_us", "  ping on CPU 0, p99", "us", "lower", "ping0"),
     Metric("echo_p50_us", "UDP echo RTT p50", "us", "lower", "echo"),
     Metric("echo_cpu0_p50_us", "  UDP echo on CPU 0, p50", "us", "lower", "echo0"),
+    Metric("echo_cross_p50_us", "  UDP echo across CPUs, p50", "us", "lower", "echox"),
     Metric("daemon_cpu_s", "daemon CPU, both nodes", "s", "lower", "daemon", daemon_only=True),
     Metric("daemon_rss_mib", "daemon peak RSS, max node", "MiB", "lower", "daemon", daemon_only=True),
 )
@@ -174,46 +175,77 @@ def render_table(order: Sequence[str], medians: Mapping[str, Mapping[str, float 
 FLOOR_CASE = "veth"
 
 
+@dataclass(frozen=True)
+class Wakeup:
+    """One way of counting a wakeup: a UDP echo between the veth namespaces minus a
+    kernel ping there, held against each udpflannel case's ping overhead."""
+    name: str          # w, wx, w0
+    echo: str          # the veth echo metric
+    ping: str          # the veth ping metric it is measured against
+    held: str          # the udpflannel ping metric counted in it
+    label: str         # that ping's words in the case line
+    where: str         # the floor line's qualifier
+    echo_words: str    # how the echo ran
+    ping_words: str    # how the ping ran
+    meaning: str       # what 4 of them are ({four} = 4 x the wakeup, formatted)
+
+
+WAKEUPS: tuple[Wakeup, ...] = (
+    Wakeup("w", "echo_p50_us", "rtt_p50_us", "rtt_p50_us", "ping p50", "", "UDP echo", "kernel ping",
+           "a round trip through two userspace nodes costs at least 4w = {four} us over "
+           "kernel VXLAN"),
+    Wakeup("wx", "echo_cross_p50_us", "rtt_cpu0_p50_us", "rtt_p50_us", "ping p50",
+           " across CPUs", "UDP echo (client on CPU 0, server on CPU 1)", "kernel ping on CPU 0",
+           "a wakeup that the scheduler puts on the other CPU; four of them are "
+           "4wx = {four} us"),
+    Wakeup("w0", "echo_cpu0_p50_us", "rtt_cpu0_p50_us", "rtt_cpu0_p50_us", "on CPU 0",
+           " on CPU 0", "UDP echo", "kernel ping",
+           "a round trip through two userspace nodes costs at least 4w0 = {four} us over "
+           "kernel VXLAN"),
+)
+
+
 def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BASELINE) -> list[str]:
     """The latency floor, in words: w, one process wakeup (a compiled UDP echo minus a
     kernel ping between the same namespaces), and for each udpflannel case its ping
     overhead over kernel VXLAN as a multiple of 4w (a round trip passes the daemons
-    four times; 4w is what no userspace data plane can avoid). The ping pinned to CPU 0
-    is held against its own floor, w0: the same echo and ping on CPU 0, where a wakeup
-    never crosses to another CPU, as it never does for a `-cpu0` case."""
+    four times; 4w is what no userspace data plane can avoid). The unpinned echo's
+    two programs usually share a CPU; wx is the same echo with the server forced onto
+    the other CPU, what a wakeup costs when the woken thread runs elsewhere (the
+    unpinned ping is counted in it too). The ping pinned to CPU 0 is held against its
+    own floor, w0: the same echo and ping on CPU 0, where a wakeup never crosses to
+    another CPU, as it never does for a `-cpu0` case."""
     veth = medians.get(FLOOR_CASE, {})
     base = medians.get(baseline) or {}
     lines: list[str] = []
-    units: dict[str, tuple[float, str, str]] = {}   # ping key -> (w, its name, the ping's)
-    for ping_key, echo_key, name, where in (("rtt_p50_us", "echo_p50_us", "w", ""),
-                                            ("rtt_cpu0_p50_us", "echo_cpu0_p50_us", "w0", " on CPU 0")):
-        echo, ping = veth.get(echo_key), veth.get(ping_key)
+    units: list[tuple[Wakeup, float]] = []
+    for u in WAKEUPS:
+        echo, ping = veth.get(u.echo), veth.get(u.ping)
         if echo is None or ping is None:
             continue
         if echo <= ping:  # a noisy run: no wakeup to count in
-            lines.append(f"floor{where}: not measured in this run (UDP echo {format_value(echo)} us "
-                         f"is not above the kernel ping's {format_value(ping)} us)")
+            lines.append(f"floor{u.where}: not measured in this run ({u.echo_words} "
+                         f"{format_value(echo)} us is not above the {u.ping_words}'s "
+                         f"{format_value(ping)} us)")
             continue
         w = echo - ping
-        units[ping_key] = (w, name, "on CPU 0" if where else "ping p50")
-        lines.append(f"floor{where}: one wakeup {name} = UDP echo {format_value(echo)} us - kernel "
-                     f"ping {format_value(ping)} us = {format_value(w)} us; a round trip through "
-                     f"two userspace nodes costs at least 4{name} = {format_value(4 * w)} us over "
-                     "kernel VXLAN")
+        units.append((u, w))
+        lines.append(f"floor{u.where}: one wakeup {u.name} = {u.echo_words} {format_value(echo)} us "
+                     f"- {u.ping_words} {format_value(ping)} us = {format_value(w)} us; "
+                     + u.meaning.format(four=format_value(4 * w)))
     for case, m in medians.items():
         if not case.startswith("udpflannel-"):
             continue
-        parts = []
-        for ping_key, (w, name, label) in units.items():
-            rtt, base_rtt = m.get(ping_key), base.get(ping_key)
+        parts: dict[str, list[str]] = {}   # a ping and its overhead -> it in each unit
+        for u, w in units:
+            rtt, base_rtt = m.get(u.held), base.get(u.held)
             if rtt is None or base_rtt is None:
                 continue
             over = rtt - base_rtt
-            parts.append(f"{label} {format_value(rtt)} us = "
-                         f"kernel VXLAN + {format_value(over)} us = {over / w:.1f} {name} "
-                         f"({over / (4 * w):.2f} x 4{name})")
+            head = f"{u.label} {format_value(rtt)} us = kernel VXLAN + {format_value(over)} us = "
+            parts.setdefault(head, []).append(f"{over / w:.1f} {u.name} ({over / (4 * w):.2f} x 4{u.name})")
         if parts:
-            lines.append(f"  {case}: " + "; ".join(parts))
+            lines.append(f"  {case}: " + "; ".join(head + ", ".join(v) for head, v in parts.items()))
     return lines
 
 

@@ -161,19 +161,19 @@ def iperf3_version() -> str:
 
 
 def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
-             port: int = 7007, cpu: int | None = None) -> list[float]:
+             port: int = 7007, cpus: tuple[int, int] | None = None) -> list[float]:
     """RTTs in microseconds of ``count`` UDP echoes ``gap`` seconds apart between two
-    compiled programs (lab csrc/lab/udpecho.c), server in ``dst`` on ``addr``; both
-    on one CPU if `cpu` is given."""
+    compiled programs (lab csrc/lab/udpecho.c), server in ``dst`` on ``addr``; with
+    `cpus` = (client's CPU, server's CPU) each pinned there."""
     from udpflannel.lab import cbuild
     binary = cbuild.build(cbuild.LAB_SOURCES / "udpecho.c")
-    pin = _on_cpu(cpu)
-    server = _start(dst, [*pin, binary, "server", addr, str(port)], stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
+    client_cpu, server_cpu = cpus if cpus is not None else (None, None)
+    server = _start(dst, [*_on_cpu(server_cpu), binary, "server", addr, str(port)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         if server.stdout.readline().strip() != "ready":
             raise ToolError(f"udpecho server did not start: {server.stderr.read().strip()}")
-        client = _start(src, [*pin, binary, "client", addr, str(port), str(count),
+        client = _start(src, [*_on_cpu(client_cpu), binary, "client", addr, str(port), str(count),
                               str(int(gap * 1e6))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = client.communicate(timeout=count * (gap + 1.0) + 10)
