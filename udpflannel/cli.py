@@ -339,10 +339,11 @@ def _run_options(a: argparse.Namespace):
 
 def _cmd_run(a: argparse.Namespace) -> int:
     import uvloop
-    if a.queues > 1 and _io(a) == "loop":
+    io = _io(a)
+    if a.queues > 1 and io == "loop":
         raise ValueError(f"--queues {a.queues} needs --io threads or --io poll")
-    if _io(a) != "loop" and a.engine != "compiled":
-        raise ValueError(f"--io {a.io} runs the compiled engine (the Python twin runs in the loop)")
+    if io != "loop" and a.engine != "compiled":
+        raise ValueError(f"--io {io} runs the compiled engine (the Python twin runs in the loop)")
     if a.cpus and a.dataplane == "kernel":
         raise ValueError("--cpus pins the engine's data path; with --dataplane kernel the kernel forwards")
     allowed = os.sched_getaffinity(0)

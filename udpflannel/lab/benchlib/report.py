@@ -182,26 +182,23 @@ class Wakeup:
     name: str          # w, wx, w0
     echo: str          # the veth echo metric
     ping: str          # the veth ping metric it is measured against
-    held: str          # the udpflannel ping metric counted in it
-    label: str         # that ping's words in the case line
+    held: str          # the udpflannel ping metric counted in it (a key of HELD_LABELS)
     where: str         # the floor line's qualifier
     echo_words: str    # how the echo ran
     ping_words: str    # how the ping ran
-    meaning: str       # what 4 of them are ({four} = 4 x the wakeup, formatted)
+    meaning: str       # what 4 of them are ({name}, and {four} = 4 x the wakeup, formatted)
 
 
+HELD_LABELS = {"rtt_p50_us": "ping p50", "rtt_cpu0_p50_us": "on CPU 0"}  # in a case's line
+AT_LEAST = ("a round trip through two userspace nodes costs at least 4{name} = {four} us over "
+            "kernel VXLAN")
 WAKEUPS: tuple[Wakeup, ...] = (
-    Wakeup("w", "echo_p50_us", "rtt_p50_us", "rtt_p50_us", "ping p50", "", "UDP echo", "kernel ping",
-           "a round trip through two userspace nodes costs at least 4w = {four} us over "
-           "kernel VXLAN"),
-    Wakeup("wx", "echo_cross_p50_us", "rtt_cpu0_p50_us", "rtt_p50_us", "ping p50",
-           " across CPUs", "UDP echo (client on CPU 0, server on CPU 1)", "kernel ping on CPU 0",
-           "a wakeup that the scheduler puts on the other CPU; four of them are "
-           "4wx = {four} us"),
-    Wakeup("w0", "echo_cpu0_p50_us", "rtt_cpu0_p50_us", "rtt_cpu0_p50_us", "on CPU 0",
-           " on CPU 0", "UDP echo", "kernel ping",
-           "a round trip through two userspace nodes costs at least 4w0 = {four} us over "
-           "kernel VXLAN"),
+    Wakeup("w", "echo_p50_us", "rtt_p50_us", "rtt_p50_us", "", "UDP echo", "kernel ping", AT_LEAST),
+    Wakeup("wx", "echo_cross_p50_us", "rtt_cpu0_p50_us", "rtt_p50_us", " across CPUs",
+           "UDP echo (client on CPU 0, server on CPU 1)", "kernel ping on CPU 0",
+           "a wakeup that the scheduler puts on the other CPU; four of them are 4{name} = {four} us"),
+    Wakeup("w0", "echo_cpu0_p50_us", "rtt_cpu0_p50_us", "rtt_cpu0_p50_us", " on CPU 0",
+           "UDP echo", "kernel ping", AT_LEAST),
 )
 
 
@@ -232,7 +229,7 @@ def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BAS
         units.append((u, w))
         lines.append(f"floor{u.where}: one wakeup {u.name} = {u.echo_words} {format_value(echo)} us "
                      f"- {u.ping_words} {format_value(ping)} us = {format_value(w)} us; "
-                     + u.meaning.format(four=format_value(4 * w)))
+                     + u.meaning.format(name=u.name, four=format_value(4 * w)))
     for case, m in medians.items():
         if not case.startswith("udpflannel-"):
             continue
@@ -242,7 +239,7 @@ def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BAS
             if rtt is None or base_rtt is None:
                 continue
             over = rtt - base_rtt
-            head = f"{u.label} {format_value(rtt)} us = kernel VXLAN + {format_value(over)} us = "
+            head = f"{HELD_LABELS[u.held]} {format_value(rtt)} us = kernel VXLAN + {format_value(over)} us = "
             parts.setdefault(head, []).append(f"{over / w:.1f} {u.name} ({over / (4 * w):.2f} x 4{u.name})")
         if parts:
             lines.append(f"  {case}: " + "; ".join(head + ", ".join(v) for head, v in parts.items()))
