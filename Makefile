@@ -7,7 +7,7 @@ APT    := python3-venv gcc libc6-dev iproute2 iputils-ping iperf3 etcd-server et
           iptables nftables containernetworking-plugins
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench setup system-packages clean
+.PHONY: demo test bench setup system-packages peers clean
 
 demo: setup
 	$(VENV)/bin/udpflannel demo
@@ -29,7 +29,12 @@ test: setup
 bench: setup
 	$(VENV)/bin/udpflannel bench
 
-setup: system-packages $(STAMP)
+setup: system-packages $(STAMP) peers
+
+# The lab's real peers (flanneld, kube-apiserver, ...) built from their Go modules,
+# cached outside the repository: see peers/build.sh.
+peers:
+	bash peers/build.sh
 
 system-packages:
 	@missing=$$(for p in $(APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
