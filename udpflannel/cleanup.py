@@ -16,16 +16,18 @@ import logging
 import os
 
 from udpflannel.core import subnetenv
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import Lease
-from udpflannel.host import localstate, netconf, tun, vxlandev
+from udpflannel.host import localstate, netconf, tun
 from udpflannel.host.rules import BACKENDS, RulesError, RuleSpec, make_rules
 from udpflannel.observe import admin
 from udpflannel.options import RunOptions
+from udpflannel.registry.select import open_registry
 
 log = logging.getLogger("udpflannel")
 
 
-class CleanupError(Exception):
+class CleanupError(UdpflannelError):
     pass
 
 
@@ -61,7 +63,7 @@ def _remove_direct_routes(network: ipaddress.IPv4Network) -> int:
     with IPRoute() as ipr:
         for route in ipr.route("dump", family=socket.AF_INET, table=254):
             dst = route.get_attr("RTA_DST")
-            if route["proto"] == vxlandev.RTPROT_UDPFLANNEL and dst is not None:
+            if route["proto"] == netconf.RTPROT_UDPFLANNEL and dst is not None:
                 subnet = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}")
                 if subnet.subnet_of(network):
                     ipr.route("del", dst=str(subnet), oif=route.get_attr("RTA_OIF"))
@@ -84,7 +86,6 @@ def _remove_rules(env: subnetenv.SubnetEnv) -> list[str]:
 
 
 async def _release(opts: RunOptions, env: subnetenv.SubnetEnv, mac: str | None) -> str:
-    from udpflannel.daemon import open_registry
     registry = open_registry(opts)
     try:
         leases, _ = await registry.list_leases()
@@ -107,7 +108,7 @@ async def run(opts: RunOptions, release_lease: bool = False) -> None:
         raise CleanupError(f"a daemon is running (its admin socket {opts.admin_path} answers); "
                            "stop it first")
     env = _read_env(opts.subnet_file)
-    mac = _read_mac(opts)
+    mac = localstate.load_mac(opts.state_dir, opts.tun)
     gone = await asyncio.to_thread(_remove_devices, opts, mac)
     if env is not None:
         await asyncio.to_thread(netconf.remove_overlay_routes, env.network)
@@ -122,10 +123,3 @@ async def run(opts: RunOptions, release_lease: bool = False) -> None:
         raise CleanupError(f"no {opts.subnet_file}: cannot tell which lease is ours")
     admin.remove_socket(opts.admin_path)
     log.info("removed: %s", ", ".join(gone) if gone else "nothing (nothing of ours was left)")
-
-
-def _read_mac(opts: RunOptions) -> str | None:
-    path = os.path.join(opts.state_dir, f"{opts.tun}.vtep-mac")
-    if not os.path.exists(path):
-        return None
-    return localstate.load_or_create_mac(opts.state_dir, opts.tun)

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
+from udpflannel.core.errors import BadInput
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
@@ -341,14 +343,14 @@ def _cmd_run(a: argparse.Namespace) -> int:
     import uvloop
     io = _io(a)
     if a.queues > 1 and io == "loop":
-        raise ValueError(f"--queues {a.queues} needs --io threads or --io poll")
+        raise BadInput(f"--queues {a.queues} needs --io threads or --io poll")
     if io != "loop" and a.engine != "compiled":
-        raise ValueError(f"--io {io} runs the compiled engine (the Python twin runs in the loop)")
+        raise BadInput(f"--io {io} runs the compiled engine (the Python twin runs in the loop)")
     if a.cpus and a.dataplane == "kernel":
-        raise ValueError("--cpus pins the engine's data path; with --dataplane kernel the kernel forwards")
+        raise BadInput("--cpus pins the engine's data path; with --dataplane kernel the kernel forwards")
     allowed = os.sched_getaffinity(0)
     if set(a.cpus) - allowed:
-        raise ValueError(f"--cpus: CPU {min(set(a.cpus) - allowed)} is not one this process may run on "
+        raise BadInput(f"--cpus: CPU {min(set(a.cpus) - allowed)} is not one this process may run on "
                          f"({format_cpus(allowed)})")
 
     from udpflannel import daemon
@@ -380,7 +382,7 @@ def _cmd_cleanup(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from udpflannel.lab import demo
     if not 2 <= a.nodes <= 16:
-        raise ValueError(f"--nodes {a.nodes}: choose 2 to 16")
+        raise BadInput(f"--nodes {a.nodes}: choose 2 to 16")
     if os.geteuid() != 0:
         raise PermissionError("udpflannel demo needs root to create network namespaces")
     return demo.main(a.nodes, a.seconds, a.engine)
@@ -391,7 +393,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise PermissionError("udpflannel bench needs root to create network namespaces")
     if a.repeat < 1:
-        raise ValueError(f"--repeat {a.repeat}: must be at least 1")
+        raise BadInput(f"--repeat {a.repeat}: must be at least 1")
     return bench.main(a)
 
 
@@ -427,22 +429,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from udpflannel.cleanup import CleanupError
-    from udpflannel.cni.install import InstallError
-    from udpflannel.core.config import ConfigError
-    from udpflannel.daemon import FatalError
-    from udpflannel.dataplane.base import DataplaneError
-    from udpflannel.host.netconf import NetconfError
-    from udpflannel.host.rules import RulesError
-    from udpflannel.host.tun import TunError
-    from udpflannel.lab.demo import DemoFailed
-    from udpflannel.observe.admin import AdminSocketBusy
-    from udpflannel.observe.http import HttpError
-    from udpflannel.registry.base import RegistryError
-    from udpflannel.subnet import NoFreeSubnet, SubnetLost
-    return (FatalError, CleanupError, InstallError, DemoFailed, AdminSocketBusy, ConfigError, DataplaneError,
-            NetconfError, RegistryError, NoFreeSubnet, SubnetLost, TunError, RulesError, HttpError,
-            PermissionError, FileNotFoundError, ConnectionError, ValueError)
+    """What ends a command with one line: the project's own root (core/errors.py) and
+    what the host itself refused (no such file, no permission, nobody listening)."""
+    from udpflannel.core.errors import UdpflannelError
+    return (UdpflannelError, PermissionError, FileNotFoundError, ConnectionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from udpflannel.core import peers
 from udpflannel.core.config import NetworkConfig
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import EventType, Lease, LeaseEvent, diff, snapshot
 from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, Registry, RegistryError
@@ -54,11 +55,11 @@ DEFAULT_RENEW_MARGIN = 3600.0
 CANDIDATES = 100  # flannel picks at random among up to this many free subnets
 
 
-class SubnetLost(Exception):
+class SubnetLost(UdpflannelError):
     """Our subnet now belongs to another node; continuing would misroute our pods."""
 
 
-class NoFreeSubnet(Exception):
+class NoFreeSubnet(UdpflannelError):
     """Every subnet between SubnetMin and SubnetMax is leased."""
 
 

@@ -305,4 +305,4 @@ def test_plugin_imports_nothing_heavy():
                           text=True, check=True, timeout=30).stdout.split()
     assert sorted(m for m in ours if m.startswith("udpflannel")) == [
         "udpflannel", "udpflannel.cni", "udpflannel.cni.delegate", "udpflannel.cni.plugin",
-        "udpflannel.core", "udpflannel.core.subnetenv"]
+        "udpflannel.core", "udpflannel.core.errors", "udpflannel.core.subnetenv"]

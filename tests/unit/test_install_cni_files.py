@@ -116,7 +116,8 @@ def test_the_zipapp_holds_exactly_the_plugin_modules():
         names = sorted(z.namelist())
         assert names == sorted(["__main__.py", "udpflannel/__init__.py", "udpflannel/cni/__init__.py",
                                 "udpflannel/cni/delegate.py", "udpflannel/cni/plugin.py",
-                                "udpflannel/core/__init__.py", "udpflannel/core/subnetenv.py"])
+                                "udpflannel/core/__init__.py", "udpflannel/core/errors.py",
+                                "udpflannel/core/subnetenv.py"])
         for name in names[1:]:
             with open(os.path.join(source_root, name), "rb") as f:
                 assert z.read(name) == f.read(), name

@@ -13,10 +13,10 @@ import struct
 from udpflannel.core import frame
 from udpflannel.core.config import parse
 from udpflannel.core.frame import COUNTERS
+from udpflannel.core.underlay import Underlay
 from udpflannel.dataplane.base import PlaneOptions
 from udpflannel.dataplane.kernel import KernelPlane
 from udpflannel.dataplane.userspace import EnginePlane
-from udpflannel.host.netconf import Underlay
 
 UNDERLAY = Underlay("eth0", 2, ipaddress.IPv4Address("192.0.2.1"), ipaddress.IPv4Address("192.0.2.1"), 1500)
 

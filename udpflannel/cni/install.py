@@ -29,6 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.host import localstate
 
 log = logging.getLogger("udpflannel")
@@ -47,6 +48,7 @@ PLUGIN_MODULES = (
     "udpflannel/cni/delegate.py",
     "udpflannel/cni/plugin.py",
     "udpflannel/core/__init__.py",
+    "udpflannel/core/errors.py",
     "udpflannel/core/subnetenv.py",
 )
 SHEBANG = b"#!/usr/bin/env python3\n"
@@ -54,7 +56,7 @@ MAIN = b"import sys\n\nfrom udpflannel.cni.plugin import main\n\nsys.exit(main()
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: no build time inside
 
 
-class InstallError(Exception):
+class InstallError(UdpflannelError):
     """A target cannot be written; the message is one line."""
 
 

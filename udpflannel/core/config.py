@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from udpflannel.core.errors import BadInput
+
 DEFAULT_NETWORK = "10.244.0.0/16"
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472  # vxlan: the Linux default, not IANA's 4789
@@ -33,7 +35,7 @@ _REFUSED_VXLAN_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """The network configuration is unusable; the message says what to fix."""
 
 

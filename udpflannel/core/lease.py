@@ -18,8 +18,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from udpflannel.core.errors import BadInput
 
-class LeaseError(ValueError):
+
+class LeaseError(BadInput):
     """A lease key or value that cannot be understood."""
 
 

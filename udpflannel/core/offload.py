@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import struct
 
+from udpflannel.core.errors import BadInput
+
 VNET_HLEN = 10
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 4, 5
@@ -39,7 +41,7 @@ _vnet = struct.Struct("=BBHHHH")
 ZERO_VNET = bytes(VNET_HLEN)
 
 
-class OffloadError(ValueError):
+class OffloadError(BadInput):
     """A virtio header or super-packet that cannot be processed (dropped, counted)."""
 
 

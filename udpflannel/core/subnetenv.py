@@ -14,8 +14,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from udpflannel.core.errors import BadInput
 
-class SubnetEnvError(ValueError):
+
+class SubnetEnvError(BadInput):
     """subnet.env is missing a key or holds a value that cannot be understood."""
 
 

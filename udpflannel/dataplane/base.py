@@ -26,15 +26,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from udpflannel.core.config import NetworkConfig
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import Lease, LeaseEvent
 from udpflannel.core.status import DataplaneStatus, PeerStatus
-from udpflannel.host.netconf import Underlay
+from udpflannel.core.underlay import Underlay
 
 ENGINE, KERNEL, AUTO = "engine", "kernel", "auto"
 KINDS = (ENGINE, KERNEL, AUTO)
 
 
-class DataplaneError(Exception):
+class DataplaneError(UdpflannelError):
     """The data plane cannot run; the message says why in one line."""
 
 

@@ -22,6 +22,8 @@ import random
 import socket
 import struct
 
+from udpflannel.core.errors import BadInput, UdpflannelError
+
 log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 32 << 20  # room for ~250 GRO batches of 64 KB while the daemon is busy
@@ -32,7 +34,7 @@ OFFLOADS = ("tso", "gso", "gro")  # TUN super-packets, UDP_SEGMENT sends, UDP_GR
 EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range, as kernel VXLAN uses
 
 
-class SocketError(Exception):
+class SocketError(UdpflannelError):
     """A port cannot be bound; the message says which and why, in one line."""
 
 
@@ -45,7 +47,7 @@ def parse_offloads(text: str) -> frozenset[str]:
     wanted = frozenset(w.strip() for w in text.split(","))
     unknown = wanted - set(OFFLOADS)
     if unknown:
-        raise ValueError(f"unknown offload {', '.join(sorted(unknown))} "
+        raise BadInput(f"unknown offload {', '.join(sorted(unknown))} "
                          f"(choose from {', '.join(OFFLOADS)}, auto, off)")
     return wanted
 

@@ -5,27 +5,23 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from udpflannel.core.errors import UdpflannelError
+from udpflannel.core.underlay import Underlay
 
 log = logging.getLogger(__name__)
 
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 
 
-class NetconfError(Exception):
+RTPROT_UDPFLANNEL = 203  # our routes' protocol tag: how prune() knows which are ours
+
+
+class NetconfError(UdpflannelError):
     """A link or address we need is missing or cannot be configured."""
-
-
-@dataclass(frozen=True)
-class Underlay:
-    ifname: str
-    ifindex: int
-    address: ipaddress.IPv4Address   # bound by the UDP socket
-    public_ip: ipaddress.IPv4Address  # advertised in the lease (may differ: NAT)
-    mtu: int
 
 
 def _ipv4_addresses(ipr: IPRoute, index: int) -> list[ipaddress.IPv4Address]:
@@ -250,7 +246,6 @@ def route_get(address: ipaddress.IPv4Address) -> tuple[str | None, int | None]:
 def set_direct_route(subnet: ipaddress.IPv4Network, via: ipaddress.IPv4Address,
                      underlay: Underlay, present: bool) -> None:
     """DirectRouting: ``subnet`` via the peer's PublicIP on the underlay (or removed)."""
-    from udpflannel.host.vxlandev import RTPROT_UDPFLANNEL
     with IPRoute() as ipr:
         try:
             if present:

@@ -19,6 +19,8 @@ import socket
 
 import pytun
 
+from udpflannel.core.errors import UdpflannelError
+
 log = logging.getLogger(__name__)
 
 IFF_TUN = 0x0001
@@ -29,7 +31,7 @@ TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x20, 0x40
 
 
-class TunError(Exception):
+class TunError(UdpflannelError):
     """The TUN device cannot be created; the message says why in one line."""
 
 

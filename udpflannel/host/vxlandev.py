@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from udpflannel.host.netconf import RTPROT_UDPFLANNEL, disable_ipv6
+
 log = logging.getLogger(__name__)
 
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
-RTPROT_UDPFLANNEL = 203  # our routes' protocol tag: how prune() knows which are ours
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,6 @@ def ensure_device(ipr: IPRoute, spec: DeviceSpec) -> tuple[int, bool]:
     # No IPv6 on it: the overlay is IPv4, and a link-local address would make the kernel
     # send MLD reports and router solicitations that no fdb entry carries, counted as
     # tx_dropped (send errors in the metrics) on an idle node.
-    from udpflannel.host.netconf import disable_ipv6
     disable_ipv6(spec.name)
     ipr.link("set", index=index, state="up")  # binds the UDP port: EADDRINUSE if busy
     return index, created

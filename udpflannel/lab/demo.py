@@ -12,12 +12,13 @@ import shutil
 import statistics
 import tempfile
 
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab, interrupt_on_sigterm
 
 
-class DemoFailed(Exception):
+class DemoFailed(UdpflannelError):
     pass
 
 

@@ -170,8 +170,8 @@ async def load_config(registry, opts: AgentOptions, stop: asyncio.Event) -> netc
 
 
 def _open_registry(opts: AgentOptions):
-    from udpflannel.daemon import open_registry
     from udpflannel.options import RunOptions
+    from udpflannel.registry.select import open_registry
     return open_registry(RunOptions(registry_file=opts.registry_file or "",
                                     etcd_endpoints=opts.etcd_endpoints,
                                     etcd_prefix=opts.etcd_prefix))

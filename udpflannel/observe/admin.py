@@ -14,10 +14,11 @@ from typing import Any, Callable
 
 import msgpack
 
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.host import localstate
 
 
-class AdminSocketBusy(Exception):
+class AdminSocketBusy(UdpflannelError):
     pass
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import ipaddress
 from typing import AsyncIterator, Protocol
 
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import Lease, LeaseEvent
 
 
-class RegistryError(Exception):
+class RegistryError(UdpflannelError):
     """The store could not be reached or answered badly; retry later."""
 
 

@@ -76,6 +76,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
+from udpflannel.core.errors import BadInput
 from udpflannel.core.lease import (
     EventType,
     Lease,
@@ -123,16 +124,16 @@ def parse_endpoints(endpoints: list[str] | str, tls_configured: bool) -> list[En
             parts = urllib.parse.urlsplit(url if "://" in url else f"//{url}")
             scheme = parts.scheme or ("https" if tls_configured else "http")
             if scheme not in ("http", "https"):
-                raise ValueError(f"etcd endpoint {url!r}: scheme must be http or https")
+                raise BadInput(f"etcd endpoint {url!r}: scheme must be http or https")
             try:
                 port = parts.port or 2379
             except ValueError:
-                raise ValueError(f"etcd endpoint {url!r}: bad port") from None
+                raise BadInput(f"etcd endpoint {url!r}: bad port") from None
             if not parts.hostname:
-                raise ValueError(f"etcd endpoint {url!r}: no host")
+                raise BadInput(f"etcd endpoint {url!r}: no host")
             out.append(Endpoint(url, parts.hostname, port, scheme == "https"))
     if not out:
-        raise ValueError("no etcd endpoints given")
+        raise BadInput("no etcd endpoints given")
     return out
 
 
@@ -227,11 +228,11 @@ class EtcdRegistry:
                  certfile: str | None = None, keyfile: str | None = None, username: str | None = None,
                  password: str | None = None, timeout: float = 5.0) -> None:
         if (username is None) != (password is None):
-            raise ValueError("etcd username and password must be given together")
+            raise BadInput("etcd username and password must be given together")
         if (certfile is None) != (keyfile is None):
-            raise ValueError("etcd certfile and keyfile must be given together")
+            raise BadInput("etcd certfile and keyfile must be given together")
         if timeout <= 0:
-            raise ValueError("etcd timeout must be positive")
+            raise BadInput("etcd timeout must be positive")
         tls_files = any(f is not None for f in (cafile, certfile, keyfile))
         self._endpoints = parse_endpoints(endpoints, tls_files)
         self._credentials: grpc.ChannelCredentials | None = None
@@ -696,4 +697,4 @@ def _read(path: str | None, what: str) -> bytes | None:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise ValueError(f"etcd {what} {path}: {e.strerror}") from None
+        raise BadInput(f"etcd {what} {path}: {e.strerror}") from None

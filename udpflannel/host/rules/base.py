@@ -8,10 +8,12 @@ import subprocess
 from dataclasses import dataclass
 from typing import Sequence
 
+from udpflannel.core.errors import UdpflannelError
+
 TOOL_TIMEOUT = 30.0  # seconds; iptables-restore also waits up to 5 s for the xtables lock
 
 
-class RulesError(Exception):
+class RulesError(UdpflannelError):
     """A rules tool is missing, refused (not root) or failed; the message is one line."""
 
 
