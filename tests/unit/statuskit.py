@@ -52,17 +52,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def start_on_free_ports(status, *, healthz: bool = True, metrics: bool = True, shared: bool = False):
+async def start_on_free_ports(status, *, healthz: bool = True, metrics: bool = True, shared: bool = False,
+                              status_max_age: float = 0.0):
     """start_http on loopback ports the kernel just picked. Another process could take
     such a port between our pick and the bind, so a clash retries with new ports
-    instead of failing the test."""
+    instead of failing the test. Each request reads a fresh status unless
+    ``status_max_age`` says otherwise (the tests swap statuses between requests)."""
     from udpflannel.observe.http import HttpError, start_http
     for _ in range(5):
         hp = free_port()
         mp = hp if shared else free_port()
         try:
             return await start_http(status, healthz=("127.0.0.1", hp) if healthz else None,
-                                    metrics=("127.0.0.1", mp) if metrics else None)
+                                    metrics=("127.0.0.1", mp) if metrics else None,
+                                    status_max_age=status_max_age)
         except HttpError as e:
             if "in use" not in str(e):
                 raise

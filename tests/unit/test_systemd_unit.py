@@ -47,3 +47,8 @@ def test_systemd_accepts_every_line(tmp_path):
     copy.write_text(UNIT.read_text().replace("/usr/local/bin/udpflannel", "/bin/true"))
     r = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_open_files_limit_leaves_headroom():
+    """systemd's default soft limit is 1,024; an HTTP flood once exhausted it."""
+    assert int(settings()["LimitNOFILE"][0]) >= 65536

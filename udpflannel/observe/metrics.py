@@ -1,12 +1,9 @@
 """Prometheus metrics for one node, read from a NodeStatus at scrape time.
 
 Theory of operation: the engine already counts every packet, byte and drop, so nothing
-here is incremented on the data path. A custom Collector asks the daemon for one
-NodeStatus per scrape and turns that snapshot into metric families (``families`` is a
-pure function of the snapshot, so a scrape is internally consistent and testable
-without a server). The collector lives in a private CollectorRegistry: the global one
-would add process/platform collectors and make a second daemon in the same process
-(tests, the lab) collide on names.
+here is incremented on the data path. A scrape renders one NodeStatus snapshot
+(``families`` is a pure function of it, so a scrape is internally consistent and
+testable without a server); the HTTP thread renders, never the control loop.
 
 Cardinality: per-peer series exist only when the status carries ``peer_list``, which
 the daemon fills only when asked to (--metrics-peers); a 5,000-node cluster otherwise
@@ -15,7 +12,7 @@ costs a fixed ~40 series per node.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, exposition
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -82,6 +79,12 @@ def families(st: NodeStatus) -> list[Metric]:
                                      value=st.lease.expiration))
     out.append(GaugeMetricFamily("udpflannel_ready", "1 once subnet.env is written and the data "
                                  "plane forwards", value=1 if st.ready else 0))
+    out.append(GaugeMetricFamily("udpflannel_problems", "Conditions the daemon is retrying while it "
+                                 "forwards (e.g. a file it cannot write); /readyz names them",
+                                 value=len(st.problems)))
+    out.append(CounterMetricFamily("udpflannel_resource_errors", "Times a periodic task found no file "
+                                   "descriptor or memory (EMFILE, ENFILE, ENOMEM) and retried",
+                                   value=st.resource_errors))
     out.append(GaugeMetricFamily("udpflannel_start_time_seconds", "Unix time the daemon started",
                                  value=st.started))
     info = GaugeMetricFamily("udpflannel_info", "Always 1; the labels describe the daemon "
@@ -100,22 +103,32 @@ def families(st: NodeStatus) -> list[Metric]:
     return out
 
 
-class NodeCollector(Collector):
-    """Calls ``status`` once per scrape (on the caller's thread: the daemon's loop)."""
+def http_families(accepted: int, closed: dict[str, int], accept_resource_errors: int) -> list[Metric]:
+    """The HTTP listener's own counters (observe/http.py): floods show here."""
+    conns = CounterMetricFamily("udpflannel_http_connections_closed", "HTTP connections closed, by why "
+                                "(answered, evicted to make room, timeout, bad_request, reset)",
+                                labels=["reason"])
+    for reason, value in closed.items():
+        conns.add_metric([reason], value)
+    return [CounterMetricFamily("udpflannel_http_connections_accepted", "HTTP connections accepted",
+                                value=accepted),
+            conns,
+            CounterMetricFamily("udpflannel_http_accept_resource_errors", "accept() calls refused for want "
+                                "of file descriptors (EMFILE/ENFILE); retried", value=accept_resource_errors)]
 
-    def __init__(self, status: Callable[[], NodeStatus]) -> None:
-        self._status = status
+
+class _Snapshot(Collector):
+    def __init__(self, metric_families: list[Metric]) -> None:
+        self._families = metric_families
 
     def collect(self) -> Iterable[Metric]:
-        return families(self._status())
+        return self._families
 
 
-def make_registry(status: Callable[[], NodeStatus]) -> CollectorRegistry:
+def render_status(st: NodeStatus, extra: Iterable[Metric] = ()) -> bytes:
+    """One status snapshot (and ``extra`` families) in the Prometheus text format
+    (CONTENT_TYPE). A private CollectorRegistry: the global one would add process and
+    platform collectors and make two daemons in one process (tests) collide on names."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(status))
-    return registry
-
-
-def render(registry: CollectorRegistry) -> bytes:
-    """The registry in the Prometheus text format (CONTENT_TYPE)."""
+    registry.register(_Snapshot([*families(st), *extra]))
     return exposition.generate_latest(registry)
