@@ -6,53 +6,65 @@
                               +--renew (background)
     rules (masquerade, forward) . subnet.env . admin socket . /healthz /metrics . sd_notify
 
-Start-up order matters: /healthz answers from the first moment (a node waiting for
-etcd is alive, not ready); the data plane binds its ports and creates what needs no
-subnet before a lease is taken (a port clash or a kernel without VXLAN must not cost a
-lease); subnet.env is written only once the plane forwards and the rules are in,
-because CNI reads it as "the node is ready"; READY=1 goes to systemd after that.
+``run`` reads as the start-up order, and the order matters:
+1. /healthz answers from the first moment (a node waiting for etcd is alive, not ready).
+2. The data plane binds its ports and creates what needs no subnet before a lease is
+   taken: a port clash or a kernel without VXLAN must not cost a lease.
+3. The lease, then the plane starts forwarding on it, then the rules.
+4. subnet.env is written only once the plane forwards and the rules are in, because
+   CNI reads it as "the node is ready"; READY=1 goes to systemd once the registry's
+   snapshot of peers is applied too. A file that cannot be written (full or read-only
+   disk) keeps the node not ready and is retried; it never stops forwarding.
+5. Supervision until a stop signal or a failure.
 
 Stopping leaves the data plane in place (the TUN or flannel.<VNI>, addresses, routes,
 rules) and the lease in the registry, so a restart or an upgrade is no outage: the
 next daemon takes the same subnet and MAC and re-attaches. `udpflannel cleanup`
 removes it all on purpose.
+
+Everything outside Python the daemon reaches goes through ``Outside``; unit tests
+give it a fake data plane (dataplane/fake.py) and a fixed underlay, so the start-up,
+readiness and shutdown order are tested without root.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 import time
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable
 
 from udpflannel.core import config as netconfig
 from udpflannel.core import subnetenv
+from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import Lease
-from udpflannel.core.status import LeaseStatus, NodeStatus, RegistryStatus
-from udpflannel.dataplane.base import DataplaneError, PlaneOptions
+from udpflannel.core.underlay import Underlay
+from udpflannel.dataplane.base import DataPlane, DataplaneError, PlaneOptions
 from udpflannel.dataplane.select import prepare_plane
 from udpflannel.dataplane.sockets import parse_offloads
 from udpflannel.host import localstate, netconf
-from udpflannel.host.linkwatch import LinkWatch
 from udpflannel.host.rules import RulesError, RuleSpec, make_rules
 from udpflannel.host.tun import has_net_admin
+from udpflannel.housekeeping import keep_rules, watch_underlay_and_plane
+from udpflannel.node import Node, Persist
 from udpflannel.observe import admin, sdnotify
 from udpflannel.observe.http import start_http
 from udpflannel.options import RunOptions
 from udpflannel.registry.base import Registry, RegistryError
+from udpflannel.registry.select import open_registry
 from udpflannel.subnet import Backoff, RegistryHealth, SubnetManager
-from udpflannel.version import __version__
 
 log = logging.getLogger("udpflannel")
 
-HOUSEKEEPING_PERIOD = 2.0
-LINK_EVENT_SETTLE = 0.05  # after a netlink link/address event, before checking
 CONFIG_WAIT_LOG = 30.0  # seconds between "still waiting for the network config" lines
+WANTED_OPEN_FILES = 65536  # the soft RLIMIT_NOFILE asked for at start (up to the hard limit)
 
 
-class FatalError(Exception):
+class FatalError(UdpflannelError):
     """Stops the daemon with one clear line and a non-zero exit."""
 
 
@@ -60,15 +72,43 @@ class Stopped(Exception):
     """SIGTERM/SIGINT arrived while start-up was still waiting for the registry."""
 
 
-def open_registry(opts: RunOptions) -> Registry:
-    if opts.etcd_endpoints:
-        from udpflannel.registry.etcd import EtcdRegistry
-        return EtcdRegistry(list(opts.etcd_endpoints), prefix=opts.etcd_prefix,
-                            cafile=opts.etcd_cafile, certfile=opts.etcd_certfile,
-                            keyfile=opts.etcd_keyfile, username=opts.etcd_username,
-                            password=opts.etcd_password)
-    from udpflannel.registry.embedded import EmbeddedRegistry
-    return EmbeddedRegistry(opts.registry_file)
+def _find_underlay(opts: RunOptions) -> Underlay:
+    return netconf.find_underlay(opts.ifaces, opts.public_ip, regexes=opts.iface_regex,
+                                 can_reach=opts.iface_can_reach)
+
+
+def _rules(opts: RunOptions, cfg: netconfig.NetworkConfig, lease: Lease):
+    if not (opts.ip_masq or opts.forward_rules):
+        return None
+    spec = RuleSpec(cfg.network, lease.subnet, masquerade=opts.ip_masq,
+                    fully_random=opts.ip_masq_fully_random, forward=opts.forward_rules)
+    return make_rules(spec, "nftables" if cfg.enable_nftables else "iptables")
+
+
+@dataclass(frozen=True)
+class Outside:
+    """What the daemon reaches outside Python; unit tests swap in fakes."""
+    has_net_admin: Callable[[], bool] = has_net_admin
+    find_underlay: Callable[[RunOptions], Underlay] = _find_underlay
+    underlay_present: Callable[[Underlay], bool] = netconf.underlay_address_present
+    open_registry: Callable[[RunOptions], Registry] = open_registry
+    prepare_plane: Callable[[str, PlaneOptions], Awaitable[DataPlane]] = prepare_plane
+    rules: Callable[[RunOptions, netconfig.NetworkConfig, Lease], Any] = _rules
+    link_events: bool = True  # netlink wake-ups for housekeeping (else it polls)
+
+
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (never past the hard limit):
+    systemd's default soft limit, 1,024, leaves little headroom. Returns (old, new)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (ValueError, OSError):
+            pass
+    return soft, soft
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
@@ -145,205 +185,160 @@ def _parse(text: str, where: str) -> netconfig.NetworkConfig:
         raise FatalError(f"{where}: {e}") from None
 
 
-class Node:
-    """The running node's parts, for the one status schema."""
-
-    def __init__(self, opts: RunOptions) -> None:
-        self.opts = opts
-        self.started = time.time()
-        self.health = RegistryHealth(starting=True)
-        self.manager: SubnetManager | None = None
-        self.plane = None
-        self.ready = False
-
-    def status(self) -> NodeStatus:
-        lease = self.manager.lease if self.manager else None
-        plane = self.plane
-        return NodeStatus(
-            version=__version__, started=self.started, ready=self.ready,
-            lease=None if lease is None else LeaseStatus(
-                str(lease.subnet), str(lease.public_ip), lease.backend_type or "udp",
-                lease.vtep_mac, lease.expiration),
-            registry=RegistryStatus(self.opts.registry_kind, self.opts.registry_where,
-                                    self.health.ok),
-            dataplane=plane.status() if plane else None,
-            peer_list=plane.peers() if plane and self.opts.metrics_peers else None)
+def _vtep_mac(opts: RunOptions, persist: Persist) -> str:
+    """The kept VTEP MAC; a new one is kept once the state dir takes it (until then the
+    node runs with it and says so: a restart before that would pick another)."""
+    mac = localstate.load_mac(opts.state_dir, opts.tun)
+    if mac is None:
+        mac = localstate.new_mac()
+        persist.write(localstate.mac_path(opts.state_dir, opts.tun),
+                      lambda: localstate.write_mac(opts.state_dir, opts.tun, mac))
+    return mac
 
 
-def _rules(opts: RunOptions, cfg: netconfig.NetworkConfig, lease: Lease):
-    if not (opts.ip_masq or opts.forward_rules):
+async def _acquire(node: Node, registry: Registry, cfg: netconfig.NetworkConfig, underlay: Underlay,
+                   mac: str, retry: bool, stop: asyncio.Event) -> Lease:
+    opts = node.opts
+    manager = SubnetManager(registry, cfg, ttl=opts.lease_ttl, renew_margin=opts.renew_margin,
+                            health=node.health)
+    node.manager = manager
+    if cfg.backend_type == "vxlan":
+        wanted = Lease(cfg.network, underlay.public_ip, "vxlan", cfg.vni, mac)
+    else:  # flanneld udp's lease: PublicIP only
+        wanted = Lease(cfg.network, underlay.public_ip, "", None, None)
+    previous = (localstate.previous_subnet(opts.subnet_file)
+                or localstate.recorded_subnet(opts.state_dir, opts.tun))
+    lease = await _until_reachable("acquiring a lease", lambda: manager.acquire(wanted, previous),
+                                   retry, stop, node.health)
+    node.changed()
+    node.health.consequence = "data plane keeps its routes, retrying"
+    log.info("leased %s (%s)", lease.subnet, f"VTEP MAC {mac}" if lease.vtep_mac else "flanneld udp lease")
+    return lease
+
+
+async def _install_rules(opts: RunOptions, outside: Outside, cfg, lease: Lease):
+    rules = outside.rules(opts, cfg, lease)
+    if rules is None:
         return None
-    spec = RuleSpec(cfg.network, lease.subnet, masquerade=opts.ip_masq,
-                    fully_random=opts.ip_masq_fully_random, forward=opts.forward_rules)
-    return make_rules(spec, "nftables" if cfg.enable_nftables else "iptables")
-
-
-async def _keep_rules(rules, period: float) -> None:
-    """Re-check the rules every --iptables-resync seconds and restore what someone
-    flushed (as flanneld does); a failing check is logged, not fatal."""
-    while True:
-        await asyncio.sleep(period)
-        try:
-            for line in await asyncio.to_thread(rules.ensure):
-                log.warning("rules: %s", line)
-        except RulesError as e:
-            log.warning("rules: %s", e)
-
-
-async def _housekeeping(plane, underlay: netconf.Underlay, on_mtu) -> None:
-    """Checks while running: the plane's (device still there, offloads, MTU), and the
-    underlay address. It vanishing (DHCP renumbering, an operator's change) makes every
-    send fail while the lease advertises the old address: exit with one line so a
-    supervisor restarts us with the new one. They run at once when netlink says the
-    underlay link or its addresses changed, and every HOUSEKEEPING_PERIOD seconds in
-    any case (the plane's own device, say, deleted under us)."""
-    loop = asyncio.get_running_loop()
-    changed = asyncio.Event()
     try:
-        watch: LinkWatch | None = LinkWatch()
-    except OSError as e:  # polling alone still finds every change, later
-        log.warning("no netlink link events (%s): checking every %.0f s", e.strerror, HOUSEKEEPING_PERIOD)
-        watch = None
-
-    def on_link_event() -> None:
-        try:
-            if watch.drain((underlay.ifindex,)):
-                changed.set()
-        except OSError as e:
-            log.warning("netlink link events failed (%s): checking every %.0f s", e.strerror,
-                        HOUSEKEEPING_PERIOD)
-            loop.remove_reader(watch.fileno())
-
-    if watch is not None:
-        loop.add_reader(watch.fileno(), on_link_event)
-    mtu = plane.status().mtu
-    try:
-        while True:
-            try:
-                await asyncio.wait_for(changed.wait(), HOUSEKEEPING_PERIOD)
-                await asyncio.sleep(LINK_EVENT_SETTLE)  # one check for a burst of events
-            except asyncio.TimeoutError:
-                pass
-            changed.clear()
-            await plane.check()
-            if plane.status().mtu != mtu:
-                mtu = plane.status().mtu
-                on_mtu(mtu)
-            if not await asyncio.to_thread(netconf.underlay_address_present, underlay):
-                raise FatalError(f"the underlay address {underlay.address} is no longer on "
-                                 f"{underlay.ifname}; exiting so that a restart advertises the new one")
-    finally:
-        if watch is not None:
-            loop.remove_reader(watch.fileno())
-            watch.close()
+        for line in await asyncio.to_thread(rules.ensure):
+            log.info("rules: %s", line)
+    except RulesError as e:
+        raise FatalError(f"installing rules: {e} (or pass --iptables-forward-rules=false)") from None
+    return rules
 
 
-async def run(opts: RunOptions) -> None:
-    loop = asyncio.get_running_loop()
+async def _follow(node: Node, manager: SubnetManager, plane) -> None:
+    """Lease events into routes; the first batch is the snapshot: then every known peer
+    has a route, and the node is ready once subnet.env is written too."""
+    async for events in manager.watch():
+        await plane.apply(events)
+        if not node.snapshot_applied:
+            node.snapshot_applied = True
+            _announce_if_ready(node)
+
+
+def _announce_if_ready(node: Node) -> None:
+    if node.ready:
+        st = node.plane.status()
+        sdnotify.ready(f"leased {node.manager.lease.subnet}, {node.plane.kind} plane, {st.peers} peers")
+        log.info("running: %s plane on %s, %d peers", node.plane.kind, st.device, st.peers)
+
+
+async def _supervise(tasks: list[asyncio.Future]) -> None:
+    """Until the first task ends (the stop signal, or a failure): the rest are
+    cancelled and awaited, so nothing runs on once the registry closes."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        if t not in done:
+            t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            raise FatalError(str(t.exception()))
+
+
+def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if not has_net_admin():  # fail before touching the registry
+    return stop
+
+
+async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Event | None = None) -> None:
+    """The node, until SIGTERM/SIGINT (or ``stop``, for tests) or a failure."""
+    stop = stop or _stop_on_signals()
+    if not outside.has_net_admin():  # fail before touching the registry
         raise FatalError("need root or CAP_NET_ADMIN to configure the data plane and its routes")
+    old_limit, new_limit = raise_open_files_limit()
+    if new_limit != old_limit:
+        log.debug("open files limit raised from %d to %d", old_limit, new_limit)
     node = Node(opts)
-    http = await start_http(node.status, healthz=(opts.healthz_ip, opts.healthz_port),
-                            metrics=(opts.healthz_ip, opts.metrics_port))
-    registry = None
-    cleanup: list[Any] = []
-    try:
-        # pyroute2's sync API runs an asyncio loop of its own, and uvloop cannot carry
-        # netlink sockets: netlink calls go to a worker thread.
-        underlay = await asyncio.to_thread(netconf.find_underlay, opts.ifaces, opts.public_ip,
-                                           regexes=opts.iface_regex, can_reach=opts.iface_can_reach)
-        registry = open_registry(opts)
-        log.info("registry: %s (%s)", opts.registry_kind, opts.registry_where)
-        retry = bool(opts.etcd_endpoints)
-        cfg = await load_network_config(registry, opts, retry, stop, node.health)
-        mac = localstate.load_or_create_mac(opts.state_dir, opts.tun)
-        plane_opts = PlaneOptions(
-            config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
-            offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
-            source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
-            queues=opts.queues, cpus=opts.cpus)
-        log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
-                 underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
-                 cfg.network, cfg.backend_type, cfg.port)
-        plane = await prepare_plane(opts.dataplane, plane_opts)
-        cleanup.append(plane.stop)
-        node.plane = plane
+    persist = Persist(node)
+    async with contextlib.AsyncExitStack() as undo:
+        http = await start_http(node.status, healthz=(opts.healthz_ip, opts.healthz_port),
+                                metrics=(opts.healthz_ip, opts.metrics_port), status_version=node.version)
+        undo.push_async_callback(http.close)
+        try:
+            # pyroute2's sync API runs an asyncio loop of its own, and uvloop cannot carry
+            # netlink sockets: netlink calls go to a worker thread.
+            underlay = await asyncio.to_thread(outside.find_underlay, opts)
+            registry = outside.open_registry(opts)
+            undo.push_async_callback(registry.close)
+            log.info("registry: %s (%s)", opts.registry_kind, opts.registry_where)
+            retry = bool(opts.etcd_endpoints)
+            cfg = await load_network_config(registry, opts, retry, stop, node.health)
+            mac = _vtep_mac(opts, persist)
+            log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
+                     underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
+                     cfg.network, cfg.backend_type, cfg.port)
+            plane = await outside.prepare_plane(opts.dataplane, PlaneOptions(
+                config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
+                offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
+                source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
+                queues=opts.queues, cpus=opts.cpus))
+            undo.push_async_callback(plane.stop)
+            node.plane = plane
+            node.changed()
 
-        manager = SubnetManager(registry, cfg, ttl=opts.lease_ttl, renew_margin=opts.renew_margin,
-                                health=node.health)
-        node.manager = manager
-        if cfg.backend_type == "vxlan":
-            wanted = Lease(cfg.network, underlay.public_ip, "vxlan", cfg.vni, mac)
-        else:  # flanneld udp's lease: PublicIP only
-            wanted = Lease(cfg.network, underlay.public_ip, "", None, None)
-        previous = (localstate.previous_subnet(opts.subnet_file)
-                    or localstate.recorded_subnet(opts.state_dir, opts.tun))
-        lease = await _until_reachable("acquiring a lease", lambda: manager.acquire(wanted, previous),
-                                       retry, stop, node.health)
-        node.health.consequence = "data plane keeps its routes, retrying"
-        localstate.record_subnet(opts.state_dir, opts.tun, lease.subnet)
-        log.info("leased %s (%s)", lease.subnet,
-                 f"VTEP MAC {mac}" if lease.vtep_mac else "flanneld udp lease")
+            lease = await _acquire(node, registry, cfg, underlay, mac, retry, stop)
+            persist.write(localstate.subnet_path(opts.state_dir, opts.tun),
+                          lambda: localstate.record_subnet(opts.state_dir, opts.tun, lease.subnet))
+            await plane.start(lease)
+            node.changed()
+            rules = await _install_rules(opts, outside, cfg, lease)
 
-        await plane.start(lease)
-        tasks_extra = []
-        rules = _rules(opts, cfg, lease)
-        if rules is not None:
+            def write_subnet_env(mtu: int) -> None:  # CNI gives new pods this MTU
+                text = subnetenv.render(cfg.network, lease.subnet, mtu, opts.ip_masq)
+
+                def written() -> None:
+                    node.subnet_env_written = True
+                    _announce_if_ready(node)
+                persist.write(opts.subnet_file, lambda: localstate.write_atomically(opts.subnet_file, text),
+                              on_success=written)
+            write_subnet_env(plane.status().mtu)
+            server = await admin.serve(opts.admin_path, lambda: node.status().to_dict())
+            undo.callback(admin.remove_socket, opts.admin_path)
+            undo.callback(server.close)
+
+            tasks = [asyncio.create_task(_follow(node, node.manager, plane), name="watch"),
+                     asyncio.create_task(node.manager.keep_renewed(), name="renew"),
+                     asyncio.create_task(watch_underlay_and_plane(
+                         node, plane, underlay, write_subnet_env, outside.underlay_present,
+                         outside.link_events), name="housekeeping"),
+                     asyncio.create_task(persist.retry_forever(), name="persist"),
+                     asyncio.create_task(stop.wait(), name="stop"), plane.failed]
+            if rules is not None:
+                tasks.append(asyncio.create_task(keep_rules(node, rules, opts.rules_resync), name="rules"))
             try:
-                for line in await asyncio.to_thread(rules.ensure):
-                    log.info("rules: %s", line)
-            except RulesError as e:
-                raise FatalError(f"installing rules: {e} (or pass --iptables-forward-rules=false)") from None
-            tasks_extra.append(asyncio.create_task(_keep_rules(rules, opts.rules_resync), name="rules"))
-        def write_subnet_env(mtu: int) -> None:  # CNI gives new pods this MTU
-            localstate.write_atomically(opts.subnet_file, subnetenv.render(
-                cfg.network, lease.subnet, mtu, opts.ip_masq))
-        write_subnet_env(plane.status().mtu)
-        server = await admin.serve(opts.admin_path, lambda: node.status().to_dict())
-        cleanup.append(server.close)
-        cleanup.append(lambda: admin.remove_socket(opts.admin_path))
-
-        async def follow() -> None:
-            async for events in manager.watch():
-                await plane.apply(events)
-                if not node.ready:
-                    node.ready = True  # the snapshot is in: every known peer has a route
-                    sdnotify.ready(f"leased {lease.subnet}, {plane.kind} plane, "
-                                   f"{plane.status().peers} peers")
-                    log.info("running: %s plane on %s, %d peers", plane.kind,
-                             plane.status().device, plane.status().peers)
-
-        tasks = [asyncio.create_task(follow(), name="watch"),
-                 asyncio.create_task(manager.keep_renewed(), name="renew"),
-                 asyncio.create_task(_housekeeping(plane, underlay, write_subnet_env),
-                                     name="housekeeping"),
-                 asyncio.create_task(stop.wait(), name="stop"),
-                 plane.failed, *tasks_extra]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        sdnotify.stopping(f"stopping; {plane.status().device} stays in place")
-        node.ready = False
-        for t in tasks:
-            if t not in done:
-                t.cancel()
-        # let cancelled tasks finish before the registry closes under them
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for t in done:
-            if t.exception() is not None:
-                raise FatalError(str(t.exception()))
-        log.info("stopping: lease %s kept, %s left in place for the next start",
-                 lease.subnet, plane.status().device)
-    except Stopped as e:
-        log.info("stopped while %s; nothing was changed", e)
-    except DataplaneError as e:
-        raise FatalError(str(e)) from None
-    finally:
-        for undo in reversed(cleanup):
-            result = undo()
-            if asyncio.iscoroutine(result):
-                await result
-        if registry is not None:
-            await registry.close()
-        await http.close()
+                await _supervise(tasks)
+            finally:
+                node.stopping = True
+                sdnotify.stopping(f"stopping; {plane.status().device} stays in place")
+            log.info("stopping: lease %s kept, %s left in place for the next start",
+                     lease.subnet, plane.status().device)
+        except Stopped as e:
+            log.info("stopped while %s; nothing was changed", e)
+        except DataplaneError as e:
+            raise FatalError(str(e)) from None

@@ -49,3 +49,24 @@ def test_recorded_subnet_survives_without_subnet_env(tmp_path):
     localstate.record_subnet(state, "flannel0", ipaddress.IPv4Network("10.244.7.0/24"))
     assert localstate.recorded_subnet(state, "flannel0") == ipaddress.IPv4Network("10.244.7.0/24")
     assert localstate.previous_subnet(str(tmp_path / "run" / "subnet.env")) is None
+
+
+def test_the_embedded_registry_is_private_under_umask_000(tmp_path, open_umask):
+    """Whoever can write registry.db hands out subnets: folder 0700, file (and SQLite's
+    -wal and -shm beside it) 0600, whatever the umask."""
+    import asyncio
+
+    from udpflannel.registry.embedded import EmbeddedRegistry
+    path = tmp_path / "var" / "udpflannel" / "registry.db"
+
+    async def body():
+        registry = EmbeddedRegistry(str(path))
+        try:
+            await registry.put_config_if_absent('{"Network": "10.244.0.0/16"}')
+        finally:
+            await registry.close()
+    asyncio.run(body())
+    assert mode(path.parent) == 0o700
+    files = [p for p in path.parent.iterdir() if p.name.startswith("registry.db")]
+    assert path in files
+    assert {p.name: mode(p) for p in files} == {p.name: 0o600 for p in files}

@@ -62,6 +62,8 @@ class NodeStatus:
     registry: RegistryStatus | None = None
     dataplane: DataplaneStatus | None = None
     peer_list: tuple[PeerStatus, ...] | None = None  # only when asked for (cardinality)
+    problems: tuple[str, ...] = ()  # what the daemon retries while forwarding; one line each
+    resource_errors: int = 0  # times a periodic task found no file descriptor / memory
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +84,8 @@ class NodeStatus:
                    lease=build(LeaseStatus, d.get("lease")),
                    registry=build(RegistryStatus, d.get("registry")),
                    dataplane=plane,
-                   peer_list=None if peers is None else tuple(build(PeerStatus, p) for p in peers))
+                   peer_list=None if peers is None else tuple(build(PeerStatus, p) for p in peers),
+                   problems=tuple(d.get("problems", ())), resource_errors=d.get("resource_errors", 0))
 
     def drops(self) -> dict[str, int]:
         """Every drop reason, present at 0."""

@@ -66,28 +66,49 @@ def recorded_subnet(state_dir: str, name: str) -> ipaddress.IPv4Network | None:
     """The subnet this node last leased, kept in the state dir: it survives a reboot
     that empties /run (and subnet.env with it)."""
     try:
-        with open(os.path.join(state_dir, f"{name}.subnet")) as f:
+        with open(subnet_path(state_dir, name)) as f:
             return ipaddress.IPv4Network(f.read().strip())
     except (OSError, ValueError):
         return None
 
 
 def record_subnet(state_dir: str, name: str, subnet: ipaddress.IPv4Network) -> None:
-    path = os.path.join(state_dir, f"{name}.subnet")
     if recorded_subnet(state_dir, name) != subnet:
-        write_atomically(path, f"{subnet}\n", dir_mode=0o700)
+        write_atomically(subnet_path(state_dir, name), f"{subnet}\n", dir_mode=0o700)
+
+
+def mac_path(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, f"{name}.vtep-mac")
+
+
+def subnet_path(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir, f"{name}.subnet")
+
+
+def load_mac(state_dir: str, name: str) -> str | None:
+    """The VTEP MAC kept for device ``name``, or None (none yet, or unreadable)."""
+    try:
+        with open(mac_path(state_dir, name)) as f:
+            return normalize_mac(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def new_mac() -> str:
+    """A random, locally administered unicast MAC."""
+    raw = bytearray(secrets.token_bytes(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02  # locally administered, unicast
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def write_mac(state_dir: str, name: str, mac: str) -> None:
+    write_atomically(mac_path(state_dir, name), mac + "\n", dir_mode=0o700)
 
 
 def load_or_create_mac(state_dir: str, name: str) -> str:
-    """A random, locally administered unicast MAC, generated once and kept."""
-    path = os.path.join(state_dir, f"{name}.vtep-mac")
-    try:
-        with open(path) as f:
-            return normalize_mac(f.read().strip())
-    except (OSError, ValueError):
-        pass
-    raw = bytearray(secrets.token_bytes(6))
-    raw[0] = (raw[0] & 0xFC) | 0x02  # locally administered, unicast
-    mac = ":".join(f"{b:02x}" for b in raw)
-    write_atomically(path, mac + "\n", dir_mode=0o700)
+    """The kept MAC, or a new one, kept (raises OSError when it cannot be kept)."""
+    mac = load_mac(state_dir, name)
+    if mac is None:
+        mac = new_mac()
+        write_mac(state_dir, name, mac)
     return mac

@@ -19,6 +19,8 @@ def not_ready_reason(st: NodeStatus) -> str | None:
     """None when ready; otherwise one line saying what the node still waits for."""
     if st.ready:
         return None
+    if st.problems:
+        return "; ".join(st.problems)
     if st.lease is None:
         return "no subnet lease yet (waiting for the registry and its network config)"
     if st.dataplane is None:
@@ -117,6 +119,8 @@ def render(st: NodeStatus, now: float | None = None) -> str:
                                          f"{human_count(int(c.get('rx_merged_writes', 0)))} merged writes, "
                                          f"{human_count(int(c.get('gso_fallbacks', 0)))} GSO fallbacks"))
         rows.append(("socket drops", f"{human_count(plane.kernel_drops)} by the kernel (receive queue full)"))
+    if st.resource_errors:
+        rows.append(("resources", f"{st.resource_errors} times out of file descriptors or memory (retried)"))
     # exact counts: a handful of drops is worth seeing precisely
     dropped = {r: n for r, n in st.drops().items() if n}
     if not dropped:

@@ -30,6 +30,7 @@ from typing import AsyncIterator, Callable, TypeVar
 
 from udpflannel.core import lease as leases
 from udpflannel.core.lease import EventType, Lease, LeaseEvent
+from udpflannel.host import localstate
 from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
 
@@ -62,9 +63,13 @@ class EmbeddedRegistry:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             try:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                # Whoever can write the file or its folder can hand out any subnet: the
+                # folder is created 0700 and the file 0600 whatever the umask (SQLite
+                # gives its -wal and -shm files the database file's mode).
+                localstate.ensure_dir(os.path.dirname(os.path.abspath(self.path)), 0o700)
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             except OSError as e:
-                raise RegistryError(f"registry file {self.path}: {e}") from None
+                raise RegistryError(f"registry file {self.path}: {e.strerror or e}") from None
             db = sqlite3.connect(self.path, timeout=5, isolation_level=None,
                                  check_same_thread=False)
             try:
