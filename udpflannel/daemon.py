@@ -315,7 +315,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 def written() -> None:
                     node.subnet_env_written = True
                     _announce_if_ready(node)
-                persist.write(opts.subnet_file, lambda: localstate.write_atomically(opts.subnet_file, text),
+                persist.write(opts.subnet_file, lambda: localstate.write_if_changed(opts.subnet_file, text),
                               on_success=written)
             write_subnet_env(plane.status().mtu)
             server = await admin.serve(opts.admin_path, lambda: node.status().to_dict())

@@ -101,22 +101,13 @@ def _read(path: str) -> bytes | None:
         raise InstallError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _mode(path: str) -> int:
-    return os.stat(path).st_mode & 0o7777
-
-
 def write_if_changed(path: str, data: bytes, mode: int) -> Outcome:
     """``data`` at ``path`` with ``mode``, atomically; nothing done if already so."""
     try:
-        if _read(path) == data and _mode(path) == mode:
-            return Outcome(path, "unchanged")
-    except InstallError:
-        pass  # unreadable: try to replace it; the write says what is wrong if it cannot
-    try:
-        localstate.write_atomically(path, data, mode)
+        written = localstate.write_if_changed(path, data, mode)
     except OSError as e:
         raise InstallError(f"cannot write {path}: {e.strerror}") from None
-    return Outcome(path, "written")
+    return Outcome(path, "written" if written else "unchanged")
 
 
 def _copy_plugin(name: str, plugins_from: str, bin_dir: str, replace: bool) -> Outcome:

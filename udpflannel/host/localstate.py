@@ -53,6 +53,25 @@ def write_atomically(path: str, data: str | bytes, mode: int = 0o644, dir_mode: 
         os.close(dfd)
 
 
+def holds(path: str, data: str | bytes, mode: int = 0o644) -> bool:
+    """Whether ``path`` already holds exactly ``data`` with ``mode`` (so a write would
+    change nothing: a restart onto a full disk need not write subnet.env again)."""
+    want = data.encode() if isinstance(data, str) else data
+    try:
+        with open(path, "rb") as f:
+            return f.read() == want and os.fstat(f.fileno()).st_mode & 0o7777 == mode
+    except OSError:
+        return False
+
+
+def write_if_changed(path: str, data: str | bytes, mode: int = 0o644, dir_mode: int = 0o755) -> bool:
+    """write_atomically unless the file already holds it; True when it wrote."""
+    if holds(path, data, mode):
+        return False
+    write_atomically(path, data, mode, dir_mode)
+    return True
+
+
 def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
     """The subnet recorded in an existing subnet.env, so a restart keeps it."""
     try:
