@@ -158,6 +158,7 @@ def test_delegate_not_on_cni_path(rig):
     ("ADD", {"delegate": {"name": "x"}}, {}, cni.UNSUPPORTED_FIELD),
     ("ADD", {}, {"CNI_PATH": ""}, cni.INVALID_ENVIRONMENT),
     ("ADD", {}, {"CNI_CONTAINERID": "../escape"}, cni.INVALID_ENVIRONMENT),
+    ("ADD", {}, {"CNI_CONTAINERID": "c1\n"}, cni.INVALID_ENVIRONMENT),  # `$` would let a newline by
     ("GC", {}, {}, cni.INVALID_ENVIRONMENT),
 ])
 def test_errors_are_cni_json(rig, command, conf_change, env, code):
@@ -179,3 +180,15 @@ def test_version_and_no_command(rig):
     assert (rc, out) == (0, cni.version_info())
     rc, out, err = rig.run("", CNI_COMMAND=None)
     assert (rc, out) == (0, None) and "0.3.0, 0.3.1, 0.4.0, 1.0.0" in err
+
+
+def test_concurrent_adds_for_one_container_each_save_whole(rig):
+    """Runtimes may retry an ADD while the first still runs: each writes a temp file of
+    its own, so every one succeeds and the saved file is one whole delegate config."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda _: rig.run("ADD"), range(10)))
+    assert [rc for rc, _, _ in results] == [0] * 10, results
+    with open(rig.saved()) as f:
+        assert json.load(f)["type"] == "bridge"
+    assert os.listdir(rig.data_dir) == ["c1"]  # no temp file left behind

@@ -52,7 +52,7 @@ DELEGATE_FAILED = 101
 NO_SAVED_DELEGATE = 102
 INTERNAL = 999  # libcni's ErrInternal: anything unforeseen
 
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")  # libcni utils: network name, container ID
+_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # libcni utils: network name, container ID (fullmatch)
 
 
 class CniError(Exception):
@@ -143,7 +143,7 @@ def check_environment(command: str, env: dict[str, str]) -> None:
     if command not in _REQUIRED_ENV:
         return
     # The container ID names the saved file: never let it climb out of dataDir.
-    if not _NAME_RE.match(env["CNI_CONTAINERID"]):
+    if not _NAME_RE.fullmatch(env["CNI_CONTAINERID"]):
         raise CniError(INVALID_ENVIRONMENT, "invalid characters in containerID", env["CNI_CONTAINERID"])
     ifname = env["CNI_IFNAME"]
     if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n\r\v\f"):
@@ -187,7 +187,7 @@ def load_netconf(conf: Any) -> NetConf:
     name = conf.get("name")
     if not name:
         raise CniError(INVALID_NETWORK_CONFIG, "missing network name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise CniError(INVALID_NETWORK_CONFIG, "invalid characters found in network name", str(name))
     return NetConf(raw=conf, name=name, cni_version=config_version(conf),
                    subnet_file=_path(conf, "subnetFile", DEFAULT_SUBNET_FILE),

@@ -21,10 +21,12 @@ on stdout and exit status 1; a delegate's own error JSON is passed through uncha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any, Mapping
 
 from udpflannel.cni import delegate as cni
@@ -149,17 +151,23 @@ def _save(data_dir: str, container_id: str, data: bytes) -> None:
     """<dataDir>/<container id>, 0600, written whole or not at all (temp + fsync +
     rename; the temp name starts with '.', which no container ID may)."""
     path = os.path.join(data_dir, container_id)
-    tmp = os.path.join(data_dir, f".{container_id}.tmp")
+    tmp = None
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # a temp file of its own (mkstemp: 0600, unique): runtimes may run two ADDs for
+        # one container at once, and a shared name would let one rename the other's
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{container_id}.")
         try:
             os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise CniError(cni.IO_FAILURE, f"cannot save the delegate config {path}: {e}") from None
 
 
