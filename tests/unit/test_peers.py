@@ -76,6 +76,19 @@ def test_our_own_public_ip_is_refused_but_is_plausible():
     assert "our own address" in unusable(lease, CFG, OWN)
 
 
+def test_the_broadcast_or_network_address_of_our_underlay_is_no_peer():
+    """Sent to the underlay's broadcast address a frame would reach every host on it
+    (kernel VXLAN would do so); it is no node's address."""
+    underlay = ipaddress.IPv4Network("192.168.64.0/24")
+    for ip in ("192.168.64.255", "192.168.64.0"):
+        assert "no host of our underlay network 192.168.64.0/24" in unusable(peer(ip), CFG, OWN,
+                                                                             underlay_network=underlay)
+        assert unusable(peer(ip), CFG, OWN) is None  # without knowing the underlay: a host like any
+    assert unusable(peer("192.168.64.254"), CFG, OWN, underlay_network=underlay) is None
+    point_to_point = ipaddress.IPv4Network("192.168.64.254/31")  # both addresses are hosts
+    assert unusable(peer("192.168.64.255"), CFG, OWN, underlay_network=point_to_point) is None
+
+
 def test_a_public_ip_inside_the_overlay_is_refused():
     assert "inside the overlay" in unusable(peer("10.244.9.1"), CFG, OWN)
 

@@ -67,7 +67,7 @@ class Framings:
 
 
 def route_for(lease: Lease, config: NetworkConfig, own_public_ip: ipaddress.IPv4Address | None,
-              framings: Framings) -> PeerRoute | str:
+              framings: Framings, underlay_network: ipaddress.IPv4Network | None = None) -> PeerRoute | str:
     """The route to ``lease``'s node, or the one-line reason it must not have one.
     A vxlan lease is reached by VXLAN; a lease without BackendType (flanneld's udp
     backend writes none) or "udp" by flanneld's udp framing, where this node speaks
@@ -78,6 +78,9 @@ def route_for(lease: Lease, config: NetworkConfig, own_public_ip: ipaddress.IPv4
         return reason
     if own_public_ip is not None and lease.public_ip == own_public_ip:
         return f"PublicIP {lease.public_ip} is our own address"
+    if (underlay_network is not None and underlay_network.prefixlen < 31
+            and lease.public_ip in (underlay_network.broadcast_address, underlay_network.network_address)):
+        return f"PublicIP {lease.public_ip} is no host of our underlay network {underlay_network}"
     if lease.public_ip in config.network:
         return f"PublicIP {lease.public_ip} is inside the overlay network {config.network}"
     if not config.contains_subnet(lease.subnet):
@@ -96,9 +99,10 @@ def route_for(lease: Lease, config: NetworkConfig, own_public_ip: ipaddress.IPv4
 
 
 def unusable(lease: Lease, config: NetworkConfig, own_public_ip: ipaddress.IPv4Address | None,
-             framings: Framings | None = None) -> str | None:
+             framings: Framings | None = None,
+             underlay_network: ipaddress.IPv4Network | None = None) -> str | None:
     """Why ``lease`` must not become a route on this node, or None if it may."""
-    got = route_for(lease, config, own_public_ip, framings or Framings(config.port))
+    got = route_for(lease, config, own_public_ip, framings or Framings(config.port), underlay_network)
     return got if isinstance(got, str) else None
 
 
@@ -115,10 +119,11 @@ class RouteBook:
     planes (pure; the plane then programs what ``plan`` says and nothing else)."""
 
     def __init__(self, config: NetworkConfig, own_public_ip: ipaddress.IPv4Address | None,
-                 framings: Framings) -> None:
+                 framings: Framings, underlay_network: ipaddress.IPv4Network | None = None) -> None:
         self.config = config
         self.own_public_ip = own_public_ip
         self.framings = framings
+        self.underlay_network = underlay_network
         self.routes: dict[ipaddress.IPv4Network, PeerRoute] = {}
 
     def plan(self, events) -> RouteChanges:
@@ -135,7 +140,7 @@ class RouteBook:
                 if old is not None:
                     remove.append(old)
                 continue
-            got = route_for(ev.lease, self.config, self.own_public_ip, self.framings)
+            got = route_for(ev.lease, self.config, self.own_public_ip, self.framings, self.underlay_network)
             if isinstance(got, str):
                 if old is not None:
                     remove.append(old)

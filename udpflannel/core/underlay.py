@@ -17,3 +17,4 @@ class Underlay:
     address: ipaddress.IPv4Address   # bound by the UDP socket
     public_ip: ipaddress.IPv4Address  # advertised in the lease (may differ: NAT)
     mtu: int
+    network: ipaddress.IPv4Network | None = None  # the prefix ``address`` is on (its broadcast is no peer)

@@ -26,7 +26,8 @@ class FakePlane:
         self.journal = journal
         self.gates = gates or {}
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.book = RouteBook(opts.config, opts.underlay.public_ip, Framings(opts.config.port, opts.udp_port))
+        self.book = RouteBook(opts.config, opts.underlay.public_ip, Framings(opts.config.port, opts.udp_port),
+                              opts.underlay.network)
         self.lease: Lease | None = None
         self.forwarding = False
         self.mtu = opts.mtu

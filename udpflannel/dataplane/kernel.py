@@ -41,7 +41,7 @@ class KernelPlane:
         cfg, underlay = opts.config, opts.underlay
         self.spec = vxlandev.DeviceSpec(vxlandev.device_name(cfg.vni), cfg.vni, cfg.port,
                                         underlay.address, underlay.ifindex, opts.vtep_mac, opts.mtu)
-        self.book = RouteBook(cfg, underlay.public_ip, Framings(cfg.port, None))
+        self.book = RouteBook(cfg, underlay.public_ip, Framings(cfg.port, None), underlay.network)
         self.index: int | None = None
         self.entries: dict = {}  # subnet -> vxlandev.PeerEntry as programmed
         self._subnet = None

@@ -111,7 +111,7 @@ class EnginePlane:
             self._udp_offloads = got if sock is (self.vxlan_sock or self.udp_sock) else self._udp_offloads
         udp_port = self.udp_port if self.udp_sock is not None else None
         self.book = RouteBook(self.opts.config, self.opts.underlay.public_ip,
-                              Framings(self.vxlan_port, udp_port))
+                              Framings(self.vxlan_port, udp_port), self.opts.underlay.network)
 
     def _bind_group(self, address, port: int, required: bool) -> list[socket.socket]:
         try:

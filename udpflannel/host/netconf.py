@@ -90,6 +90,8 @@ def find_underlay(ifaces: tuple[str, ...] = (), public_ip: str | None = None, *,
             raise NetconfError("no default route to pick the underlay interface; pass --iface")
         index, addr = chosen
         link = ipr.link("get", index=index)[0]
+        prefixes = {ipaddress.IPv4Address(a.get("IFA_ADDRESS")): a["prefixlen"]
+                    for a in ipr.addr("dump", family=socket.AF_INET, index=index)}
     held = addrs.get(index, [])
     if not held:
         raise NetconfError(f"interface {link.get('ifname')} has no IPv4 address")
@@ -97,7 +99,8 @@ def find_underlay(ifaces: tuple[str, ...] = (), public_ip: str | None = None, *,
     if public_ip and ipaddress.IPv4Address(public_ip) in held:
         local = ipaddress.IPv4Address(public_ip)
     return Underlay(link.get("ifname"), index, local,
-                    ipaddress.IPv4Address(public_ip) if public_ip else local, link.get("mtu"))
+                    ipaddress.IPv4Address(public_ip) if public_ip else local, link.get("mtu"),
+                    ipaddress.IPv4Interface(f"{local}/{prefixes[local]}").network if local in prefixes else None)
 
 
 def _by_name_or_address(item: str, links: dict, addrs: dict):
