@@ -56,7 +56,8 @@ from udpflannel.observe.http import start_http
 from udpflannel.options import RunOptions
 from udpflannel.registry.base import Registry, RegistryError
 from udpflannel.registry.select import open_registry
-from udpflannel.subnet import Backoff, RegistryHealth, SubnetManager
+from udpflannel.subnets.base import Backoff, RegistryHealth
+from udpflannel.subnets.leasing import LeaseManager
 
 log = logging.getLogger("udpflannel")
 
@@ -199,7 +200,7 @@ def _vtep_mac(opts: RunOptions, persist: Persist) -> str:
 async def _acquire(node: Node, registry: Registry, cfg: netconfig.NetworkConfig, underlay: Underlay,
                    mac: str, retry: bool, stop: asyncio.Event) -> Lease:
     opts = node.opts
-    manager = SubnetManager(registry, cfg, ttl=opts.lease_ttl, renew_margin=opts.renew_margin,
+    manager = LeaseManager(registry, cfg, ttl=opts.lease_ttl, renew_margin=opts.renew_margin,
                             health=node.health)
     node.manager = manager
     if cfg.backend_type == "vxlan":
@@ -228,7 +229,7 @@ async def _install_rules(opts: RunOptions, outside: Outside, cfg, lease: Lease):
     return rules
 
 
-async def _follow(node: Node, manager: SubnetManager, plane) -> None:
+async def _follow(node: Node, manager: LeaseManager, plane) -> None:
     """Lease events into routes; the first batch is the snapshot: then every known peer
     has a route, and the node is ready once subnet.env is written too."""
     async for events in manager.watch():

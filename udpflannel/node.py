@@ -23,7 +23,7 @@ from typing import Callable
 from udpflannel.core.errors import is_resource_exhaustion
 from udpflannel.core.status import LeaseStatus, NodeStatus, RegistryStatus
 from udpflannel.options import RunOptions
-from udpflannel.subnet import RegistryHealth, SubnetManager
+from udpflannel.subnets.base import RegistryHealth, SubnetManager
 from udpflannel.version import __version__
 
 log = logging.getLogger("udpflannel")

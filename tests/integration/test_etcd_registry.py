@@ -517,7 +517,7 @@ def test_a_71_mb_listing_is_paged_and_a_71_mb_backlog_is_watched(fresh_etcd: Etc
     """50 values of 1.4 MB: one listing response (71 MB) is more than gRPC accepts, and
     nodes starting used to loop forever on "Received message larger than max"."""
     from udpflannel.core import config as netconfig
-    from udpflannel.subnet import SubnetManager
+    from udpflannel.subnets.leasing import LeaseManager
     prefix = unique_prefix()
     subnets = f"{prefix}/subnets"
     big = b"x" * 1_400_000
@@ -533,7 +533,7 @@ def test_a_71_mb_listing_is_paged_and_a_71_mb_backlog_is_watched(fresh_etcd: Etc
             started = time.monotonic()
             listed, _ = await reg.list_leases()
             listing = time.monotonic() - started
-            mgr = SubnetManager(reg, netconfig.default_config())
+            mgr = LeaseManager(reg, netconfig.default_config())
             mine = await mgr.acquire(lease(ip="192.168.64.9", mac="02:00:00:00:00:09"))
             watch = reg.watch_leases(before)  # the whole backlog: 50 x 1.4 MB and our lease
             try:

@@ -14,7 +14,8 @@ import pytest
 from udpflannel.core import config as netconfig
 from udpflannel.core.lease import EventType, Lease
 from udpflannel.registry.embedded import EmbeddedRegistry
-from udpflannel.subnet import NoFreeSubnet, SubnetLost, SubnetManager
+from udpflannel.subnets.base import NoFreeSubnet, SubnetLost
+from udpflannel.subnets.leasing import LeaseManager
 
 CFG = netconfig.default_config()
 SMALL = netconfig.parse(json.dumps(  # 15 usable subnets
@@ -45,7 +46,7 @@ def db(tmp_path):
 def test_acquire_picks_a_free_subnet_in_range_never_the_zeroth(db):
     async def go():
         reg = EmbeddedRegistry(db)
-        mgr = SubnetManager(reg, CFG, rng=random.Random(1))
+        mgr = LeaseManager(reg, CFG, rng=random.Random(1))
         lease = await mgr.acquire(wanted("192.0.2.1"))
         await reg.close()
         return lease
@@ -57,12 +58,12 @@ def test_acquire_picks_a_free_subnet_in_range_never_the_zeroth(db):
 def test_reuses_own_lease_then_previous_subnet(db):
     async def go():
         reg = EmbeddedRegistry(db)
-        first = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
-        again = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
+        first = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.1"))
+        again = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.1"))
         # beyond the first 100 free subnets the random pick draws from: `first` never has it
         prev = ipaddress.IPv4Network("10.244.177.0/24")
-        other = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2"), previous=prev)
-        third = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3"), previous=prev)
+        other = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.2"), previous=prev)
+        third = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.3"), previous=prev)
         leases, _ = await reg.list_leases()
         await reg.close()
         return first, again, other, third, leases
@@ -76,9 +77,9 @@ def test_reuses_own_lease_then_previous_subnet(db):
 def test_own_lease_with_new_backend_data_is_updated_in_place(db):
     async def go():
         reg = EmbeddedRegistry(db)
-        first = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"))
+        first = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.1"))
         changed = Lease(CFG.network, ipaddress.IPv4Address("192.0.2.1"), "vxlan", 7, "02:00:00:00:00:01")
-        again = await SubnetManager(reg, CFG).acquire(changed)
+        again = await LeaseManager(reg, CFG).acquire(changed)
         leases, _ = await reg.list_leases()
         await reg.close()
         return first, again, leases
@@ -90,11 +91,11 @@ def test_own_lease_with_new_backend_data_is_updated_in_place(db):
 def test_no_free_subnet_is_an_error(db):
     async def go():
         reg = EmbeddedRegistry(db)
-        got = [await SubnetManager(reg, SMALL).acquire(
+        got = [await LeaseManager(reg, SMALL).acquire(
             Lease(SMALL.network, ipaddress.IPv4Address(f"192.0.2.{i}"), "vxlan", 1, "02:00:00:00:00:01"))
             for i in range(1, 16)]
         with pytest.raises(NoFreeSubnet):
-            await SubnetManager(reg, SMALL).acquire(
+            await LeaseManager(reg, SMALL).acquire(
                 Lease(SMALL.network, ipaddress.IPv4Address("192.0.2.99"), "vxlan", 1, "02:00:00:00:00:01"))
         await reg.close()
         return got
@@ -105,7 +106,7 @@ def test_no_free_subnet_is_an_error(db):
 def _race_worker(path: str, index: int, start, out) -> None:
     async def go():
         reg = EmbeddedRegistry(path)
-        mgr = SubnetManager(reg, SMALL)
+        mgr = LeaseManager(reg, SMALL)
         start.wait()
         lease = await mgr.acquire(Lease(SMALL.network, ipaddress.IPv4Address(f"192.0.2.{index + 1}"),
                                         "vxlan", 1, "02:00:00:00:00:01"))
@@ -134,8 +135,8 @@ def test_expired_leases_disappear_and_watch_reports_them(db):
 
     async def go():
         reg = EmbeddedRegistry(db, clock=clock, poll_interval=0.01)
-        other = await SubnetManager(reg, CFG, ttl=60, clock=clock).acquire(wanted("192.0.2.9"))
-        me = SubnetManager(reg, CFG, ttl=3600, clock=clock)
+        other = await LeaseManager(reg, CFG, ttl=60, clock=clock).acquire(wanted("192.0.2.9"))
+        me = LeaseManager(reg, CFG, ttl=3600, clock=clock)
         await me.acquire(wanted("192.0.2.1"))
         watch = me.watch()
         first = await asyncio.wait_for(watch.__anext__(), 5)
@@ -156,7 +157,7 @@ def test_renew_extends_and_recreates_a_vanished_lease(db):
 
     async def go():
         reg = EmbeddedRegistry(db, clock=clock)
-        mgr = SubnetManager(reg, CFG, ttl=100, renew_margin=10, clock=clock)
+        mgr = LeaseManager(reg, CFG, ttl=100, renew_margin=10, clock=clock)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         assert mgr._renew_delay(lease) == pytest.approx(90)
         clock.now += 90
@@ -177,7 +178,7 @@ def test_watch_and_renewal_both_finding_our_lease_gone_recreate_it_once(db):
     the loser must not take the winner's fresh lease for another node's."""
     async def go():
         reg = EmbeddedRegistry(db)
-        mgr = SubnetManager(reg, CFG)
+        mgr = LeaseManager(reg, CFG)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         await reg.delete_lease(lease.subnet)
         await asyncio.gather(mgr.renew_or_recreate(), mgr.renew_or_recreate(), mgr.renew_or_recreate())
@@ -205,7 +206,7 @@ def test_failed_renewal_is_retried_as_soon_as_the_registry_is_back(db):
 
     async def go():
         reg = Flaky(db)
-        mgr = SubnetManager(reg, CFG, ttl=2, renew_margin=1.95)  # renews every 50 ms
+        mgr = LeaseManager(reg, CFG, ttl=2, renew_margin=1.95)  # renews every 50 ms
         await mgr.acquire(wanted("192.0.2.1"))
         reg.down = True
         renewer = asyncio.ensure_future(mgr.keep_renewed())
@@ -224,7 +225,7 @@ def test_failed_renewal_is_retried_as_soon_as_the_registry_is_back(db):
 def test_subnet_taken_by_another_node_is_fatal(db):
     async def go():
         reg = EmbeddedRegistry(db)
-        mgr = SubnetManager(reg, CFG)
+        mgr = LeaseManager(reg, CFG)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         await reg.delete_lease(lease.subnet)
         await reg.create_lease(Lease(lease.subnet, ipaddress.IPv4Address("192.0.2.66"), "vxlan", 1,
@@ -238,10 +239,10 @@ def test_subnet_taken_by_another_node_is_fatal(db):
 def test_watch_follows_joins_changes_and_leaves(db):
     async def go():
         reg = EmbeddedRegistry(db, poll_interval=0.01)
-        me = SubnetManager(reg, CFG)
+        me = LeaseManager(reg, CFG)
         await me.acquire(wanted("192.0.2.1"))
         watch = me.watch()
-        other = SubnetManager(reg, CFG)
+        other = LeaseManager(reg, CFG)
         got = []
 
         async def next_batch():
@@ -310,7 +311,7 @@ def test_garbage_in_our_key_is_reclaimed_at_renewal_not_fatal(db):
 
     async def go():
         reg = EmbeddedRegistry(db)
-        mgr = SubnetManager(reg, CFG)
+        mgr = LeaseManager(reg, CFG)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         poke(db, lease.key, GARBAGE)
         await mgr.renew_or_recreate()
@@ -332,7 +333,7 @@ def test_a_lease_no_node_can_have_in_our_key_is_reclaimed(db, value):
 
     async def go():
         reg = EmbeddedRegistry(db)
-        mgr = SubnetManager(reg, CFG)
+        mgr = LeaseManager(reg, CFG)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         poke(db, lease.key, value)
         await mgr.renew_or_recreate()
@@ -345,7 +346,7 @@ def test_a_lease_no_node_can_have_in_our_key_is_reclaimed(db, value):
 def test_a_node_sharing_our_public_ip_in_our_key_is_still_fatal(db):
     async def go():
         reg = EmbeddedRegistry(db)
-        mgr = SubnetManager(reg, CFG)
+        mgr = LeaseManager(reg, CFG)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         poke(db, lease.key, flannel_value("192.0.2.1", "02:00:00:00:00:77"))  # another MAC
         with pytest.raises(SubnetLost, match="192.0.2.1"):
@@ -380,7 +381,7 @@ def test_first_watch_batch_is_the_snapshot_even_when_empty(db):
     async def go():
         reg = EmbeddedRegistry(db, poll_interval=0.01)
         try:
-            mgr = SubnetManager(reg, CFG)
+            mgr = LeaseManager(reg, CFG)
             await mgr.acquire(wanted("192.0.2.1"))
             watch = mgr.watch()
             first = await asyncio.wait_for(watch.__anext__(), 5)
@@ -401,7 +402,7 @@ def test_our_key_is_defended_after_a_listing_not_only_on_watch_events(db):
 
     async def go():
         reg = FailFirstWatch(db, poll_interval=0.01)
-        mgr = SubnetManager(reg, CFG, sleep=no_sleep)
+        mgr = LeaseManager(reg, CFG, sleep=no_sleep)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         poke(db, lease.key, GARBAGE, event=False)
         watch = mgr.watch()
@@ -425,7 +426,7 @@ def test_garbage_event_for_our_key_is_noticed_by_the_watch_and_reclaimed(db):
 
     async def go():
         reg = EmbeddedRegistry(db, poll_interval=0.01)
-        mgr = SubnetManager(reg, CFG)
+        mgr = LeaseManager(reg, CFG)
         lease = await mgr.acquire(wanted("192.0.2.1"))
         watch = mgr.watch()
         task = asyncio.ensure_future(_follow(watch))
@@ -458,7 +459,7 @@ def test_restart_reclaims_the_subnet_file_subnet_unless_a_valid_lease_holds_it(d
         reg = EmbeddedRegistry(db)
         await reg.list_leases()  # creates the file
         poke(db, "10.244.77.0-24", holder)
-        lease = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"), previous=prev)
+        lease = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.1"), previous=prev)
         await reg.close()
         return lease
     lease = run(go())
@@ -474,8 +475,8 @@ def test_a_node_started_with_our_public_ip_does_not_take_our_subnet(db):
 
     async def go():
         reg = EmbeddedRegistry(db)
-        ours = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:01"))
-        other = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:02"),
+        ours = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:01"))
+        other = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.1", "02:00:00:00:00:02"),
                                                       previous=ours.subnet)
         await reg.close()
         return ours, other
@@ -489,12 +490,12 @@ def test_a_copy_of_our_lease_elsewhere_does_not_move_us(db):
     async def go():
         reg = EmbeddedRegistry(db)
         me = wanted("192.0.2.1")
-        first = await SubnetManager(reg, CFG).acquire(me, previous=ipaddress.IPv4Network("10.244.200.0/24"))
+        first = await LeaseManager(reg, CFG).acquire(me, previous=ipaddress.IPv4Network("10.244.200.0/24"))
         value = row(db, first.key)
         poke(db, "10.244.1.0-24", value)
         poke(db, first.key, None)  # re-written: now listed after the copy
         poke(db, first.key, value)
-        again = await SubnetManager(reg, CFG).acquire(me, previous=first.subnet)
+        again = await LeaseManager(reg, CFG).acquire(me, previous=first.subnet)
         leases, _ = await reg.list_leases()
         await reg.close()
         return first, again, leases
@@ -516,10 +517,10 @@ def test_alias_keys_neither_win_at_start_nor_change_routes(db):
 
     async def go():
         reg = EmbeddedRegistry(db, poll_interval=0.01)
-        await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"), previous=b)
+        await LeaseManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"), previous=b)
         for alias in ALIASES:
             poke(db, alias, attacker)
-        me = SubnetManager(reg, CFG)
+        me = LeaseManager(reg, CFG)
         await me.acquire(wanted("192.0.2.1"))
         watch = me.watch()
         snap = await asyncio.wait_for(watch.__anext__(), 5)
@@ -527,7 +528,7 @@ def test_alias_keys_neither_win_at_start_nor_change_routes(db):
             poke(db, alias, GARBAGE)
         for alias in ALIASES:
             poke(db, alias, None)
-        sentinel = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
+        sentinel = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
         later = await asyncio.wait_for(watch.__anext__(), 5)
         await watch.aclose()
         await reg.close()
@@ -545,19 +546,19 @@ def test_leases_of_another_length_or_outside_the_network_are_ignored(db, caplog)
         await reg.list_leases()  # creates the file
         poke(db, "10.244.76.0-23", flannel_value("192.0.2.66", "02:00:00:00:00:66"))  # covers .77
         poke(db, "10.99.1.0-24", flannel_value("192.0.2.67", "02:00:00:00:00:67"))
-        other = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"))
-        me = SubnetManager(reg, CFG)
+        other = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"))
+        me = LeaseManager(reg, CFG)
         await me.acquire(wanted("192.0.2.1"))
         watch = me.watch()
         snap = await asyncio.wait_for(watch.__anext__(), 5)
         poke(db, "10.244.76.0-23", None)
         poke(db, "10.244.78.0-25", flannel_value("192.0.2.68", "02:00:00:00:00:68"))
-        sentinel = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
+        sentinel = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
         later = await asyncio.wait_for(watch.__anext__(), 5)
         await watch.aclose()
         await reg.close()
         return other, snap, sentinel, later
-    with caplog.at_level(logging.WARNING, "udpflannel.subnet"):
+    with caplog.at_level(logging.WARNING, "udpflannel.subnets"):
         other, snap, sentinel, later = run(go())
     assert [e.lease.subnet for e in snap] == [other.subnet]
     assert [e.lease.subnet for e in later] == [sentinel.subnet]
@@ -569,7 +570,7 @@ def test_leases_of_another_length_or_outside_the_network_are_ignored(db, caplog)
 def test_junk_rows_write_a_bounded_number_of_warnings(db, caplog):
     async def go():
         reg = EmbeddedRegistry(db, poll_interval=0.01)
-        me = SubnetManager(reg, CFG)
+        me = LeaseManager(reg, CFG)
         await me.acquire(wanted("192.0.2.1"))
         watch = me.watch()
         await asyncio.sleep(0)
@@ -584,7 +585,7 @@ def test_junk_rows_write_a_bounded_number_of_warnings(db, caplog):
         conn.close()
         for _ in range(3):
             await reg.list_leases()
-        sentinel = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
+        sentinel = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.3", "02:00:00:00:00:03"))
         while True:  # the watch has read past all 3,000 junk events once the sentinel shows
             batch = await asyncio.wait_for(watch.__anext__(), 5)
             if any(e.lease.subnet == sentinel.subnet for e in batch):
@@ -611,8 +612,8 @@ def test_udp_lease_is_ours_by_public_ip_at_the_subnet_we_had(db):
     async def go():
         reg = EmbeddedRegistry(db)
         try:
-            first = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
-            again = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"), first.subnet)
+            first = await LeaseManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            again = await LeaseManager(reg, CFG).acquire(udp_wanted("192.0.2.1"), first.subnet)
             return first, again
         finally:
             await reg.close()
@@ -626,8 +627,8 @@ def test_udp_lease_with_our_ip_elsewhere_is_left_alone(db):
     async def go():
         reg = EmbeddedRegistry(db)
         try:
-            other = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
-            mine = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            other = await LeaseManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            mine = await LeaseManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
             listed, _ = await reg.list_leases()
             return other, mine, listed
         finally:
@@ -645,11 +646,11 @@ def test_udp_lease_at_our_recorded_subnet_is_reused_under_vxlan(db):
     async def go():
         reg = EmbeddedRegistry(db)
         try:
-            old = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
-            now = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.1"), old.subnet)
+            old = await LeaseManager(reg, CFG).acquire(udp_wanted("192.0.2.1"))
+            now = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.1"), old.subnet)
             listed, _ = await reg.list_leases()
-            stranger = await SubnetManager(reg, CFG).acquire(udp_wanted("192.0.2.2"))
-            unproven = await SubnetManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"))
+            stranger = await LeaseManager(reg, CFG).acquire(udp_wanted("192.0.2.2"))
+            unproven = await LeaseManager(reg, CFG).acquire(wanted("192.0.2.2", "02:00:00:00:00:02"))
             return old, now, listed, stranger, unproven
         finally:
             await reg.close()

@@ -216,7 +216,7 @@ async def _proxy_exit(proc: subprocess.Popen) -> None:
 async def run(opts: AgentOptions) -> None:
     from udpflannel.host import localstate, netconf
     from udpflannel.host.tun import Tun, TunError
-    from udpflannel.subnet import SubnetManager
+    from udpflannel.subnets.leasing import LeaseManager
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -235,7 +235,7 @@ async def run(opts: AgentOptions) -> None:
         sock = bind_udp(underlay.address, cfg.port)
         undo.append(sock.close)
         mtu = underlay.mtu - ENCAP_OVERHEAD
-        manager = SubnetManager(registry, cfg)
+        manager = LeaseManager(registry, cfg)
         lease = await _patient(
             "acquiring a lease",
             lambda: manager.acquire(udp_lease(underlay.public_ip, cfg.network),

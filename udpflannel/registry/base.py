@@ -3,7 +3,7 @@
 Two stores implement it: ``embedded`` (a SQLite file shared by daemons on one host)
 and ``etcd`` (etcd v3 with flannel's key layout). Like flannel's pkg/subnet Registry,
 it is deliberately small; all policy (which subnet, when to renew, what to do when a
-lease vanishes) lives in udpflannel.subnet, written once for both.
+lease vanishes) lives in udpflannel.subnets.leasing, written once for both.
 """
 
 from __future__ import annotations

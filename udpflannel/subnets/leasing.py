@@ -1,4 +1,5 @@
-"""Subnet leases over any registry: acquire, keep renewed, watch the others.
+"""Subnet leases over a registry (etcd v3 or the embedded SQLite file): acquire, keep
+renewed, watch the others. One of the two subnet managers (subnets/base.py).
 
 Theory of operation. Anyone who can write the registry may write anything, so a lease
 is trusted only as far as it can be proven. ``acquire`` reuses a lease only if it is
@@ -43,10 +44,10 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from udpflannel.core import peers
 from udpflannel.core.config import NetworkConfig
-from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import EventType, Lease, LeaseEvent, diff, snapshot
 from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, Registry, RegistryError
+from udpflannel.subnets.base import Backoff, NoFreeSubnet, RegistryHealth, SubnetLost
 
 log = logging.getLogger(__name__)
 
@@ -55,51 +56,9 @@ DEFAULT_RENEW_MARGIN = 3600.0
 CANDIDATES = 100  # flannel picks at random among up to this many free subnets
 
 
-class SubnetLost(UdpflannelError):
-    """Our subnet now belongs to another node; continuing would misroute our pods."""
+class LeaseManager:
+    """Leases over a registry (etcd or the embedded SQLite file); see the module docstring."""
 
-
-class NoFreeSubnet(UdpflannelError):
-    """Every subnet between SubnetMin and SubnetMax is leased."""
-
-
-class Backoff:
-    """Exponential backoff, 100 ms doubling to a cap (flannel's watch uses 100 ms→5 s)."""
-
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
-        self.first, self.cap, self.next = first, cap, first
-
-    def reset(self) -> None:
-        self.next = self.first
-
-    def delay(self) -> float:
-        d, self.next = self.next, min(self.next * 2, self.cap)
-        return d
-
-
-class RegistryHealth:
-    """Logs once per change of state, not once per failed call. ``recovered`` is set
-    when the registry answers again after a failure (and cleared by whoever waits)."""
-
-    def __init__(self, starting: bool = False) -> None:
-        self.ok = True
-        self.recovered = asyncio.Event()
-        # before the data plane runs there are no routes to keep: say so honestly
-        self.consequence = "retrying" if starting else "data plane keeps its routes, retrying"
-
-    def failed(self, what: str, err: Exception) -> None:
-        if self.ok:
-            log.warning("registry unreachable (%s): %s; %s", what, err, self.consequence)
-        self.ok = False
-
-    def succeeded(self) -> None:
-        if not self.ok:
-            log.info("registry reachable again")
-            self.recovered.set()
-        self.ok = True
-
-
-class SubnetManager:
     def __init__(self, registry: Registry, config: NetworkConfig, *,
                  ttl: float = DEFAULT_TTL, renew_margin: float = DEFAULT_RENEW_MARGIN,
                  clock: Callable[[], float] = time.time,
