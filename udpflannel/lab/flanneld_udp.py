@@ -1,7 +1,9 @@
 """A flanneld udp node for the lab: the peer udpflannel's udp mode must match.
 
-flanneld is not installable here, so tests and the benchmark run this stand-in,
-built from the facts of flannel's udp backend (pkg/backend/udp):
+A stand-in, built from the facts of flannel's udp backend (pkg/backend/udp). The real
+flanneld runs in the lab too (lab.flanneld, etcd only); this one stays where the real
+one cannot go: on udpflannel's embedded registry, and with its proxy a process of its
+own (the benchmark measures it). What it re-creates:
 
 - control in Python, data in C (csrc/lab/udpproxy.c: one thread, one packet per
   syscall), talking only through fixed commands on a socket pair, as flanneld's Go
