@@ -26,7 +26,6 @@ belongs to the planes.
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 from dataclasses import dataclass, field
@@ -181,5 +180,3 @@ def refuse(sock: socket.socket, why: str) -> None:
     except OSError:
         pass
 
-
-_ = array  # (socket.send_fds / recv_fds build the SCM_RIGHTS arrays)
