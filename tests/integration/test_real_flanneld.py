@@ -203,6 +203,8 @@ def link_of(ns: Namespace, name: str) -> dict:
             out["vxlan"] = {"vni": data.get_attr("IFLA_VXLAN_ID"), "port": data.get_attr("IFLA_VXLAN_PORT"),
                             "learning": data.get_attr("IFLA_VXLAN_LEARNING"),
                             "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+                            "udp_csum": data.get_attr("IFLA_VXLAN_UDP_CSUM"),
+                            "txqlen": msg.get_attr("IFLA_TXQLEN"),
                             "underlay": ipr.link("get", index=underlay)[0].get_attr("IFLA_IFNAME")}
         return out
 

@@ -101,9 +101,12 @@ def ensure_device(ipr: IPRoute, spec: DeviceSpec) -> tuple[int, bool]:
             ipr.link("del", index=index)
             index = None
     if index is None:
+        # As flanneld asks for it: no UDP checksum setting (the kernel's default, which
+        # computes outer checksums) and no transmit queue (txqlen 0, as netlink's Go
+        # LinkAttrs leaves it).
         ipr.link("add", ifname=spec.name, kind="vxlan", vxlan_id=spec.vni, vxlan_port=spec.port,
                  vxlan_learning=0, vxlan_local=str(spec.local), vxlan_link=spec.underlay_index,
-                 vxlan_udp_csum=0, address=spec.mac)
+                 address=spec.mac, txqlen=0)
         index = find(ipr, spec.name)
         created = True
         if index is None:
