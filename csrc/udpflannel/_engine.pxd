@@ -1,6 +1,6 @@
 # The compiled data path: its C-level layout at a glance.
 #
-# Python API (same as udpflannel.core.frame.PyEngine where the twin has it):
+# Python API (same as udpflannel.dataplane.pyengine.PyEngine where the twin has it):
 #   Engine(vni=, vtep_mac=, network=, subnet_len=, strict_source=False)
 #   set_route(subnet, public_ip, port, vtep_mac, framing="vxlan"|"udp") / del_route(subnet)
 #   publish() / reclaim()         make route changes visible to running threads

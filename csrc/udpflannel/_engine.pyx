@@ -30,7 +30,7 @@ Three ways to run (--io):
   Tables and counters as with threads; the queue's TUN context holds the thread
   state (its sockets' contexts point to it through `poller`).
 
-The decisions mirror udpflannel.core.frame.PyEngine exactly; tests compare the two
+The decisions mirror udpflannel.core.frame.Forwarder exactly; tests compare the two
 byte for byte.
 """
 
@@ -45,8 +45,8 @@ cdef extern from "<sys/uio.h>" nogil:
 
 import ipaddress
 import os
-from udpflannel.core.frame import (COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS,
-                                   FRAMINGS)
+from udpflannel.core.frame import SEND, ICMP, DELIVER, DROP
+from udpflannel.core.wire import COUNTERS, TX_DROPS, RX_DROPS, FRAMINGS
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -112,7 +112,7 @@ cdef enum:
     ACT_DELIVER = 2
     ACT_DROP = 3
 
-# Counter slots, in udpflannel.core.frame.COUNTERS order.
+# Counter slots, in udpflannel.core.wire.COUNTERS order.
 cdef enum:
     C_TX_PACKETS = 0
     C_TX_BYTES
