@@ -68,7 +68,8 @@ cdef int unroutable(txctx_t *c, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) 
     cdef bint icmp_error = False
     cdef uint8_t *o = c.icmp
     if pkt[9] == 1 and n > ihl:
-        icmp_error = pkt[ihl] in (3, 4, 5, 11, 12)
+        icmp_error = pkt[ihl] in (ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_REDIRECT,
+                                  ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)
     if ((dst & e.netmask) != e.net or ihl < 20 or n < ihl or frag != 0 or icmp_error):
         return tx_drop(c, D_NO_ROUTE)
     quoted = ihl + 8 if n >= ihl + 8 else n
@@ -165,7 +166,7 @@ cdef void queue_packet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
     c.b_off = (frame - c.bbuf) + flen
     if flen < c.b_seg:
         c.b_closed = True  # UDP_SEGMENT: only the last datagram may be shorter
-    if c.b_count == MAX_WINDOW or c.b_off + c.b_seg > UDP_GSO_MAX:
+    if c.b_count == MAX_WINDOW or c.b_off + c.b_seg > UDP_MAX_PAYLOAD:
         flush_batch(c)
 
 
@@ -261,7 +262,7 @@ cdef void send_segments(txctx_t *c, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
     thl = (pkt[ihl + 12] >> 4) * 4 if proto == 6 else 8
     hlen = ihl + thl
     if (thl < (20 if proto == 6 else 8) or n < hlen or mss == 0
-            or HEADROOM + hlen + mss > UDP_GSO_MAX):
+            or HEADROOM + hlen + mss > UDP_MAX_PAYLOAD):
         tx_drop(c, D_BAD_OFFLOAD)  # (a segment must fit one UDP datagram)
         return
     r = find(e, c.rt, _be32(pkt + 16))
@@ -281,8 +282,8 @@ cdef void send_segments(txctx_t *c, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
     count = <int>((payload + mss - 1) // mss) if payload > 0 else 1
     stride = fb + hlen + mss
     window = MAX_WINDOW
-    if gso_on(e) and window > UDP_GSO_MAX // stride:
-        window = <int>(UDP_GSO_MAX // stride)
+    if gso_on(e) and window > UDP_MAX_PAYLOAD // stride:
+        window = <int>(UDP_MAX_PAYLOAD // stride)
     ident = _be16(pkt + 4)
     seq = _be32(pkt + ihl + 4) if proto == 6 else 0
     flags = pkt[ihl + 13] if proto == 6 else 0
@@ -424,7 +425,7 @@ cdef int decap_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uint32_t source,
     """A VXLAN datagram. On ACT_DELIVER the packet is d[HEADROOM : HEADROOM + plen]."""
     cdef eng_t *e = c.e
     cdef uint16_t ethertype
-    if n < HEADROOM + 20:
+    if n < HEADROOM + IPV4_HLEN:
         return rx_drop(c, D_SHORT)
     if d[0] != 0x08 or d[1] != 0 or d[2] != 0 or d[3] != 0 or d[7] != 0:
         return rx_drop(c, D_BAD_FLAGS)
@@ -433,9 +434,9 @@ cdef int decap_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uint32_t source,
     if memcmp(d + 8, e.own_mac, 6) != 0:
         return rx_drop(c, D_BAD_MAC)
     ethertype = _be16(d + 20)
-    if ethertype == 0x0800:
+    if ethertype == ETH_P_IP:
         return accept_inner(c, d + HEADROOM, n - HEADROOM, 4, source, False, plen)
-    if ethertype == 0x86DD:
+    if ethertype == ETH_P_IPV6:
         return accept_inner(c, d + HEADROOM, n - HEADROOM, 6, source, False, plen)
     return rx_drop(c, D_BAD_ETHERTYPE)
 
@@ -603,13 +604,13 @@ cdef void co_add(rxctx_t *c, uint8_t *p, Py_ssize_t n) noexcept nogil:
         emit_plain(c, p, n, 1)
         return
     size = n - 20 - thl
-    if (c.co_count and not c.co_closed and size <= c.co_mss and c.co_count < MAX_WINDOW
+    if (c.co_count and not c.co_closed and size <= c.co_mss and c.co_count < MAX_MERGE
             and p[1] == g[1] and p[8] == g[8] and (p[6] & 0x40) == (g[6] & 0x40)
             and memcmp(p + 12, g + 12, 12) == 0 and ((g[32] >> 4) * 4) == thl
             and memcmp(p + 40, g + 40, thl - 20) == 0
             and memcmp(p + 28, g + 28, 4) == 0
             and _be32(p + 24) == c.co_next_seq
-            and c.co_len + size <= 65535):
+            and c.co_len + size <= MAX_PACKET):
         c.co_count += 1
         c.rx_iov[c.co_count].iov_base = p + 20 + thl
         c.rx_iov[c.co_count].iov_len = size

@@ -46,7 +46,6 @@ cdef extern from "<sys/uio.h>" nogil:
 import ipaddress
 import os
 from udpflannel.core.frame import SEND, ICMP, DELIVER, DROP
-from udpflannel.core.wire import COUNTERS, TX_DROPS, RX_DROPS, FRAMINGS
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -66,6 +65,7 @@ cdef extern from "netio.h" nogil:
     long uf_recvmsg(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize,
                     uint32_t *ovfl, int flags)
     int EIO
+    int SO_RXQ_OVFL
 
 cdef extern from "threads.h" nogil:
     int uf_wake_install()
@@ -82,24 +82,38 @@ cdef extern from "threads.h" nogil:
     int uf_waiter_open(const int *fds, int n)
     int uf_waiter_wait(int ep, int *ready)
 
+# The wire's numbers (udpflannel/core/wire.py) and the virtio header's
+# (udpflannel/core/offload.py), mirrored: tests/unit/test_wire.py compares them.
 cdef enum:
+    IPV4_HLEN = 20
+    VXLAN_HLEN = 8
+    ETH_HLEN = 14
+    HEADROOM = 22            # VXLAN header + inner Ethernet header
+    ETH_P_IP = 0x0800
+    ETH_P_IPV6 = 0x86DD
+    UDP_MAX_PAYLOAD = 65507  # one IPv4 UDP datagram: what one UDP_SEGMENT send may carry
+    ICMP_DEST_UNREACH = 3    # ICMP error types (never answered with an ICMP error)
+    ICMP_SOURCE_QUENCH = 4
+    ICMP_REDIRECT = 5
+    ICMP_TIME_EXCEEDED = 11
+    ICMP_PARAMETERPROB = 12
     VNET = 10                # sizeof(struct virtio_net_hdr)
     NEEDS_CSUM = 1
     GSO_TCPV4 = 1
     GSO_UDP_L4 = 5
+    MAX_MERGE = 64           # segments per coalesced TUN write
+    MAX_PACKET = 65535       # bytes per coalesced TUN write
+    TCP_FIN = 0x01
+    TCP_PSH = 0x08
+    TCP_ACK = 0x10
+
+cdef enum:
     OBUF_SIZE = 64 * 256     # one window of segment headers (payloads stay in place)
     BBUF_SIZE = 4 * 65536    # the send batch: frames read and framed in place
     MAX_WINDOW = 64          # UDP_SEGMENT's limit on segments per send
     MAX_TX = 64              # outer source ports (sockets) a node sends VXLAN from
     MAX_QUEUES = 16
-    UDP_GSO_MAX = 65507      # payload bytes one UDP_SEGMENT send may carry
     BUDGET = 256             # packets per burst in a thread
-    TCP_PSH = 0x08
-    TCP_FIN = 0x01
-    TCP_ACK = 0x10
-
-cdef enum:
-    HEADROOM = 22            # VXLAN header + inner Ethernet header
     BUFSIZE = 65536 + 64
 
 cdef enum:
@@ -141,9 +155,34 @@ cdef enum:
     D_TUN_WRITE_ERROR
     N_COUNTERS
 
-_REASONS = {D_BAD_PACKET + i: r for i, r in enumerate(TX_DROPS + RX_DROPS)}
-assert len(COUNTERS) == N_COUNTERS
-assert FRAMINGS == ("vxlan", "udp")  # FRAME_VXLAN, FRAME_UDP
+# The C side's names, for counters(), errors and tests/unit/test_wire.py (which holds
+# them to udpflannel/core/wire.py). Python objects: the data path never reads them.
+_SLOT_NAMES = {
+    C_TX_PACKETS: "tx_packets", C_TX_BYTES: "tx_bytes", C_RX_PACKETS: "rx_packets",
+    C_RX_BYTES: "rx_bytes", C_ICMP: "icmp_unreachable", C_TX_SUPER: "tx_super_packets",
+    C_RX_MERGED: "rx_merged_writes", C_GSO_FALLBACK: "gso_fallbacks",
+    C_RX_CSUM_COMPLETED: "rx_csum_completed",
+    D_BAD_PACKET: "drop_bad_packet", D_NO_ROUTE: "drop_no_route",
+    D_SEND_ERROR: "drop_send_error", D_BAD_OFFLOAD: "drop_bad_offload",
+    D_TTL_EXPIRED: "drop_ttl_expired", D_SHORT: "drop_short", D_BAD_FLAGS: "drop_bad_flags",
+    D_BAD_VNI: "drop_bad_vni", D_BAD_MAC: "drop_bad_mac",
+    D_BAD_ETHERTYPE: "drop_bad_ethertype", D_BAD_IP: "drop_bad_ip", D_IPV6: "drop_ipv6",
+    D_UNKNOWN_SENDER: "drop_unknown_sender", D_SPOOFED: "drop_spoofed",
+    D_TRUNCATED: "drop_truncated", D_TUN_WRITE_ERROR: "drop_tun_write_error",
+}
+COUNTERS = tuple(_SLOT_NAMES[i] for i in range(N_COUNTERS))
+_REASONS = {i: name[len("drop_"):] for i, name in enumerate(COUNTERS) if name.startswith("drop_")}
+FRAMINGS = tuple({FRAME_VXLAN: "vxlan", FRAME_UDP: "udp"}[i] for i in range(2))
+CONSTANTS = {
+    "IPV4_HLEN": IPV4_HLEN, "VXLAN_HLEN": VXLAN_HLEN, "ETH_HLEN": ETH_HLEN,
+    "HEADROOM": HEADROOM, "ETH_P_IP": ETH_P_IP, "ETH_P_IPV6": ETH_P_IPV6,
+    "UDP_MAX_PAYLOAD": UDP_MAX_PAYLOAD, "SO_RXQ_OVFL": SO_RXQ_OVFL,
+    "ICMP_ERROR_TYPES": frozenset((ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_REDIRECT,
+                                   ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)),
+    "VNET_HLEN": VNET, "NEEDS_CSUM": NEEDS_CSUM, "GSO_TCPV4": GSO_TCPV4,
+    "GSO_UDP_L4": GSO_UDP_L4, "MAX_MERGE": MAX_MERGE, "MAX_PACKET": MAX_PACKET,
+    "TCP_FIN": TCP_FIN, "TCP_PSH": TCP_PSH, "TCP_ACK": TCP_ACK,
+}
 
 cdef uint8_t ZERO_VNET[10]  # zero-initialized: the virtio header of a plain packet
 

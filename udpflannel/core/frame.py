@@ -25,13 +25,20 @@ import ipaddress
 import struct
 
 from udpflannel.core import offload
-from udpflannel.core.wire import COUNTERS, ETH_P_IP, ETH_P_IPV6, FRAMINGS, HEADROOM, inet_checksum, vxlan_header
+from udpflannel.core.wire import (
+    COUNTERS,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    FRAMINGS,
+    HEADROOM,
+    ICMP_ERROR_TYPES,
+    inet_checksum,
+    vxlan_header,
+)
 
 # What encap / decap decide (both engines return these): a frame to send to a peer, an
 # ICMP error for the TUN, a packet to deliver to the TUN, or a counted drop.
 SEND, ICMP, DELIVER, DROP = "send", "icmp", "deliver", "drop"
-
-_ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
 
 
 def icmp_net_unreachable(packet: bytes) -> bytes:
@@ -225,7 +232,7 @@ class Forwarder:
     def _unroutable(self, packet: bytes, dst: int):
         ihl = (packet[0] & 0x0F) * 4
         frag_offset = int.from_bytes(packet[6:8], "big") & 0x1FFF
-        is_icmp_error = packet[9] == 1 and len(packet) > ihl and packet[ihl] in _ICMP_ERROR_TYPES
+        is_icmp_error = packet[9] == 1 and len(packet) > ihl and packet[ihl] in ICMP_ERROR_TYPES
         if (dst & self._netmask != self._net or ihl < 20 or len(packet) < ihl
                 or frag_offset or is_icmp_error):
             return self._drop("no_route")

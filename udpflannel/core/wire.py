@@ -35,6 +35,10 @@ UDP_PORT = 8285  # flanneld's udp backend
 
 SO_RXQ_OVFL = 40  # socket option: each read reports the socket's kernel drop count
 
+# ICMP error types (destination unreachable, source quench, redirect, time exceeded,
+# parameter problem): never answered with an ICMP error (RFC 1122 3.2.2).
+ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
+
 # Route framings: "vxlan" (RFC 7348, flanneld's vxlan backend) and "udp" (flanneld's
 # udp backend: the bare IPv4 packet is the datagram; its TTL goes down by one on each
 # side, as flannel's proxy does).
