@@ -6,8 +6,10 @@ packet into a send batch with HEADROOM bytes in front, frame it in place, send f
 to one peer and socket together with UDP_SEGMENT or sendmmsg) and UDP -> TUN (rxctx_t:
 receive, often several GRO datagrams per read, validate, coalesce TCP segments back
 into super-packets, write them to the TUN). Every per-packet outcome is a counter bump
-in the context, never a Python object or exception. The data path lives in
-_datapath.pxi as C functions; this file is the Python API around it.
+in the context, never a Python object or exception. The data path is C functions:
+_tx.pxi (TUN -> UDP), _rx.pxi (UDP -> TUN), _datapath.pxi (what both share: drops,
+framing, TUN writes, the threads); _tables.pxi holds the route tables, byte accessors
+and flow hash. This file is the Python API around them.
 
 Framing is a property of each route: FRAME_VXLAN (RFC 7348, as Linux and flanneld's
 vxlan backend) or FRAME_UDP (flanneld's udp backend: the bare IPv4 packet is the
@@ -114,6 +116,7 @@ cdef enum:
     MAX_TX = 64              # outer source ports (sockets) a node sends VXLAN from
     MAX_QUEUES = 16
     BUDGET = 256             # packets per burst in a thread
+    ICMP_REPLY_MAX = 128     # IPv4 + ICMP headers (28) + the quoted IP header (<= 60) + 8
     BUFSIZE = 65536 + 64
 
 cdef enum:
@@ -188,6 +191,8 @@ cdef uint8_t ZERO_VNET[10]  # zero-initialized: the virtio header of a plain pac
 
 include "_tables.pxi"
 include "_datapath.pxi"
+include "_tx.pxi"
+include "_rx.pxi"
 
 
 cdef uint32_t _ip(object text) except? 0:
@@ -201,11 +206,10 @@ cdef txctx_t *tx_new(eng_t *e, int queue, void *owner) except NULL:
     c.e, c.queue, c.owner, c.tun_fd = e, queue, owner, -1
     c.bbuf = <uint8_t *>malloc(BBUF_SIZE)
     c.obuf = <uint8_t *>malloc(OBUF_SIZE)
-    c.icmp_mem = <uint8_t *>malloc(VNET + 128)
-    if c.bbuf == NULL or c.obuf == NULL or c.icmp_mem == NULL:
+    c.icmp = <uint8_t *>malloc(ICMP_REPLY_MAX)
+    if c.bbuf == NULL or c.obuf == NULL or c.icmp == NULL:
         tx_free(c)
         raise MemoryError()
-    c.icmp = c.icmp_mem + VNET  # room for a virtio header in front of the ICMP reply
     return c
 
 
@@ -213,7 +217,7 @@ cdef void tx_free(txctx_t *c) noexcept:
     if c != NULL:
         free(c.bbuf)
         free(c.obuf)
-        free(c.icmp_mem)
+        free(c.icmp)
         free(c)
 
 
