@@ -41,7 +41,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
@@ -54,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from scapy.layers.inet import ICMP, IP, UDP  # noqa: E402
 
+from udpflannel.core.wire import UDP_FRAMING_OVERHEAD, VXLAN_OVERHEAD, VXLAN_PORT, vxlan_header  # noqa: E402
 from udpflannel.lab import kernelvxlan  # noqa: E402
 from udpflannel.lab.bench import deferred_signals  # noqa: E402
 from udpflannel.lab.benchlib import cases as benchcases  # noqa: E402
@@ -65,7 +65,7 @@ ENGINES = ("udpflannel", "kernel-vxlan")
 CASES = ("baseline", "forged-icmp", "route-mtu-1400", "device-mtu-1400")
 FORGED_MTU = 552          # the kernel's min_pmtu: the worst a forged message can claim
 NARROW_MTU = 1400
-VXLAN_PORT, VNI = 8472, 1
+VNI = 1
 WATCHED = ("drop_send_error", "gso_fallbacks")   # engine counters shown in the table
 # also recorded per run: proof that the run went through the offload path at all
 USED = ("tx_super_packets", "tx_packets")
@@ -104,7 +104,7 @@ def kernel_vxlan_pair() -> Iterator[Pair]:
                 dev = kernelvxlan.create(ipr, local_ip=lab.addresses[i], underlay="eth0",
                                          subnet=benchcases.VXLAN_SUBNETS[i], vtep_mac=macs[i],
                                          vni=VNI, port=VXLAN_PORT, name=benchcases.VXLAN_DEV,
-                                         mtu=lab.mtu - benchcases.VXLAN_OVERHEAD)
+                                         mtu=lab.mtu - VXLAN_OVERHEAD)
                 kernelvxlan.add_peer(ipr, dev, subnet=benchcases.VXLAN_SUBNETS[j],
                                      vtep_mac=macs[j], public_ip=lab.addresses[j])
         yield Pair(lab, benchcases.VXLAN_SUBNETS[1].split("/")[0])
@@ -122,10 +122,10 @@ def forge_frag_needed(lab: Lab, mtu: int = FORGED_MTU) -> None:
     VXLAN socket checks the VNI before it accepts an error). Three copies, as a sender
     that wants it to land would."""
     a, b = lab.addresses[0], lab.addresses[1]
-    vxlan = struct.pack("!BxxxI", 0x08, VNI << 8)  # flags: VNI present
+    vxlan = vxlan_header(VNI)
     quoted = bytes(IP(src=a, dst=b, flags="DF", len=1522)
                    / UDP(sport=VXLAN_PORT, dport=VXLAN_PORT, len=1502) / vxlan)
-    icmp = bytes(ICMP(type=3, code=4, nexthopmtu=mtu) / quoted[:28 + len(vxlan)])
+    icmp = bytes(ICMP(type=3, code=4, nexthopmtu=mtu) / quoted[:UDP_FRAMING_OVERHEAD + len(vxlan)])
     sock = lab.nodes[1].call(socket.socket, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     with sock:
         for _ in range(3):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from udpflannel.core.wire import UDP_PORT
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -29,7 +31,7 @@ class RunOptions:
     queues: int = 1  # --io threads/poll: TUN queues / VXLAN sockets, their threads each
     cpus: tuple[int, ...] = ()  # the data path's CPUs (--cpus); () the scheduler decides
     offload: str = "auto"  # see dataplane.sockets.parse_offloads
-    udp_port: int = 8285  # flanneld udp framing towards udp peers (0: off)
+    udp_port: int = UDP_PORT  # flanneld udp framing towards udp peers (0: off)
     source_ports: int = 16  # VXLAN outer source ports (sockets) of the engine
     strict_source: bool = False  # every inner source must lie in its sender's subnet
     lease_ttl: float = 24 * 3600.0

@@ -1,6 +1,6 @@
 # The compiled data path: its C-level layout at a glance.
 #
-# Python API (same as udpflannel.core.frame.PyEngine where the twin has it):
+# Python API (same as udpflannel.dataplane.pyengine.PyEngine where the twin has it):
 #   Engine(vni=, vtep_mac=, network=, subnet_len=, strict_source=False)
 #   set_route(subnet, public_ip, port, vtep_mac, framing="vxlan"|"udp") / del_route(subnet)
 #   publish() / reclaim()         make route changes visible to running threads
@@ -121,8 +121,7 @@ cdef struct txctx_t:         # TUN -> UDP, one queue
     int b_fd
     uint8_t *obuf            # segmentation: a window of frame headers
     iovec tx_iov[128]        # frame k = tx_iov[2k] (headers) + tx_iov[2k+1] (payload)
-    uint8_t *icmp_mem        # ICMP replies, VNET bytes in
-    uint8_t *icmp
+    uint8_t *icmp            # an ICMP reply (net unreachable) for the TUN
     int icmp_len
     iovec plain_iov[2]
     thr_t t

@@ -6,8 +6,10 @@ packet into a send batch with HEADROOM bytes in front, frame it in place, send f
 to one peer and socket together with UDP_SEGMENT or sendmmsg) and UDP -> TUN (rxctx_t:
 receive, often several GRO datagrams per read, validate, coalesce TCP segments back
 into super-packets, write them to the TUN). Every per-packet outcome is a counter bump
-in the context, never a Python object or exception. The data path lives in
-_datapath.pxi as C functions; this file is the Python API around it.
+in the context, never a Python object or exception. The data path is C functions:
+_tx.pxi (TUN -> UDP), _rx.pxi (UDP -> TUN), _datapath.pxi (what both share: drops,
+framing, TUN writes, the threads); _tables.pxi holds the route tables, byte accessors
+and flow hash. This file is the Python API around them.
 
 Framing is a property of each route: FRAME_VXLAN (RFC 7348, as Linux and flanneld's
 vxlan backend) or FRAME_UDP (flanneld's udp backend: the bare IPv4 packet is the
@@ -30,7 +32,7 @@ Three ways to run (--io):
   Tables and counters as with threads; the queue's TUN context holds the thread
   state (its sockets' contexts point to it through `poller`).
 
-The decisions mirror udpflannel.core.frame.PyEngine exactly; tests compare the two
+The decisions mirror udpflannel.core.frame.Forwarder exactly; tests compare the two
 byte for byte.
 """
 
@@ -45,8 +47,7 @@ cdef extern from "<sys/uio.h>" nogil:
 
 import ipaddress
 import os
-from udpflannel.core.frame import (COUNTERS, SEND, ICMP, DELIVER, DROP, TX_DROPS, RX_DROPS,
-                                   FRAMINGS)
+from udpflannel.core.frame import SEND, ICMP, DELIVER, DROP
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
@@ -66,6 +67,7 @@ cdef extern from "netio.h" nogil:
     long uf_recvmsg(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize,
                     uint32_t *ovfl, int flags)
     int EIO
+    int SO_RXQ_OVFL
 
 cdef extern from "threads.h" nogil:
     int uf_wake_install()
@@ -82,24 +84,39 @@ cdef extern from "threads.h" nogil:
     int uf_waiter_open(const int *fds, int n)
     int uf_waiter_wait(int ep, int *ready)
 
+# The wire's numbers (udpflannel/core/wire.py) and the virtio header's
+# (udpflannel/core/offload.py), mirrored: tests/unit/test_wire.py compares them.
 cdef enum:
+    IPV4_HLEN = 20
+    VXLAN_HLEN = 8
+    ETH_HLEN = 14
+    HEADROOM = 22            # VXLAN header + inner Ethernet header
+    ETH_P_IP = 0x0800
+    ETH_P_IPV6 = 0x86DD
+    UDP_MAX_PAYLOAD = 65507  # one IPv4 UDP datagram: what one UDP_SEGMENT send may carry
+    ICMP_DEST_UNREACH = 3    # ICMP error types (never answered with an ICMP error)
+    ICMP_SOURCE_QUENCH = 4
+    ICMP_REDIRECT = 5
+    ICMP_TIME_EXCEEDED = 11
+    ICMP_PARAMETERPROB = 12
     VNET = 10                # sizeof(struct virtio_net_hdr)
     NEEDS_CSUM = 1
     GSO_TCPV4 = 1
     GSO_UDP_L4 = 5
+    MAX_MERGE = 64           # segments per coalesced TUN write
+    MAX_PACKET = 65535       # bytes per coalesced TUN write
+    TCP_FIN = 0x01
+    TCP_PSH = 0x08
+    TCP_ACK = 0x10
+
+cdef enum:
     OBUF_SIZE = 64 * 256     # one window of segment headers (payloads stay in place)
     BBUF_SIZE = 4 * 65536    # the send batch: frames read and framed in place
     MAX_WINDOW = 64          # UDP_SEGMENT's limit on segments per send
     MAX_TX = 64              # outer source ports (sockets) a node sends VXLAN from
     MAX_QUEUES = 16
-    UDP_GSO_MAX = 65507      # payload bytes one UDP_SEGMENT send may carry
     BUDGET = 256             # packets per burst in a thread
-    TCP_PSH = 0x08
-    TCP_FIN = 0x01
-    TCP_ACK = 0x10
-
-cdef enum:
-    HEADROOM = 22            # VXLAN header + inner Ethernet header
+    ICMP_REPLY_MAX = 128     # IPv4 + ICMP headers (28) + the quoted IP header (<= 60) + 8
     BUFSIZE = 65536 + 64
 
 cdef enum:
@@ -112,7 +129,7 @@ cdef enum:
     ACT_DELIVER = 2
     ACT_DROP = 3
 
-# Counter slots, in udpflannel.core.frame.COUNTERS order.
+# Counter slots, in udpflannel.core.wire.COUNTERS order.
 cdef enum:
     C_TX_PACKETS = 0
     C_TX_BYTES
@@ -141,14 +158,41 @@ cdef enum:
     D_TUN_WRITE_ERROR
     N_COUNTERS
 
-_REASONS = {D_BAD_PACKET + i: r for i, r in enumerate(TX_DROPS + RX_DROPS)}
-assert len(COUNTERS) == N_COUNTERS
-assert FRAMINGS == ("vxlan", "udp")  # FRAME_VXLAN, FRAME_UDP
+# The C side's names, for counters(), errors and tests/unit/test_wire.py (which holds
+# them to udpflannel/core/wire.py). Python objects: the data path never reads them.
+_SLOT_NAMES = {
+    C_TX_PACKETS: "tx_packets", C_TX_BYTES: "tx_bytes", C_RX_PACKETS: "rx_packets",
+    C_RX_BYTES: "rx_bytes", C_ICMP: "icmp_unreachable", C_TX_SUPER: "tx_super_packets",
+    C_RX_MERGED: "rx_merged_writes", C_GSO_FALLBACK: "gso_fallbacks",
+    C_RX_CSUM_COMPLETED: "rx_csum_completed",
+    D_BAD_PACKET: "drop_bad_packet", D_NO_ROUTE: "drop_no_route",
+    D_SEND_ERROR: "drop_send_error", D_BAD_OFFLOAD: "drop_bad_offload",
+    D_TTL_EXPIRED: "drop_ttl_expired", D_SHORT: "drop_short", D_BAD_FLAGS: "drop_bad_flags",
+    D_BAD_VNI: "drop_bad_vni", D_BAD_MAC: "drop_bad_mac",
+    D_BAD_ETHERTYPE: "drop_bad_ethertype", D_BAD_IP: "drop_bad_ip", D_IPV6: "drop_ipv6",
+    D_UNKNOWN_SENDER: "drop_unknown_sender", D_SPOOFED: "drop_spoofed",
+    D_TRUNCATED: "drop_truncated", D_TUN_WRITE_ERROR: "drop_tun_write_error",
+}
+COUNTERS = tuple(_SLOT_NAMES[i] for i in range(N_COUNTERS))
+_REASONS = {i: name[len("drop_"):] for i, name in enumerate(COUNTERS) if name.startswith("drop_")}
+FRAMINGS = tuple({FRAME_VXLAN: "vxlan", FRAME_UDP: "udp"}[i] for i in range(2))
+CONSTANTS = {
+    "IPV4_HLEN": IPV4_HLEN, "VXLAN_HLEN": VXLAN_HLEN, "ETH_HLEN": ETH_HLEN,
+    "HEADROOM": HEADROOM, "ETH_P_IP": ETH_P_IP, "ETH_P_IPV6": ETH_P_IPV6,
+    "UDP_MAX_PAYLOAD": UDP_MAX_PAYLOAD, "SO_RXQ_OVFL": SO_RXQ_OVFL,
+    "ICMP_ERROR_TYPES": frozenset((ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_REDIRECT,
+                                   ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)),
+    "VNET_HLEN": VNET, "NEEDS_CSUM": NEEDS_CSUM, "GSO_TCPV4": GSO_TCPV4,
+    "GSO_UDP_L4": GSO_UDP_L4, "MAX_MERGE": MAX_MERGE, "MAX_PACKET": MAX_PACKET,
+    "TCP_FIN": TCP_FIN, "TCP_PSH": TCP_PSH, "TCP_ACK": TCP_ACK,
+}
 
 cdef uint8_t ZERO_VNET[10]  # zero-initialized: the virtio header of a plain packet
 
 include "_tables.pxi"
 include "_datapath.pxi"
+include "_tx.pxi"
+include "_rx.pxi"
 
 
 cdef uint32_t _ip(object text) except? 0:
@@ -162,11 +206,10 @@ cdef txctx_t *tx_new(eng_t *e, int queue, void *owner) except NULL:
     c.e, c.queue, c.owner, c.tun_fd = e, queue, owner, -1
     c.bbuf = <uint8_t *>malloc(BBUF_SIZE)
     c.obuf = <uint8_t *>malloc(OBUF_SIZE)
-    c.icmp_mem = <uint8_t *>malloc(VNET + 128)
-    if c.bbuf == NULL or c.obuf == NULL or c.icmp_mem == NULL:
+    c.icmp = <uint8_t *>malloc(ICMP_REPLY_MAX)
+    if c.bbuf == NULL or c.obuf == NULL or c.icmp == NULL:
         tx_free(c)
         raise MemoryError()
-    c.icmp = c.icmp_mem + VNET  # room for a virtio header in front of the ICMP reply
     return c
 
 
@@ -174,7 +217,7 @@ cdef void tx_free(txctx_t *c) noexcept:
     if c != NULL:
         free(c.bbuf)
         free(c.obuf)
-        free(c.icmp_mem)
+        free(c.icmp)
         free(c)
 
 

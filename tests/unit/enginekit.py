@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from udpflannel._engine import Engine
 
-from udpflannel.core.frame import PyEngine
+from udpflannel.dataplane.pyengine import PyEngine
 
 ENGINE_CLASSES = (Engine, PyEngine)
 ENGINE_IDS = ("compiled", "twin")

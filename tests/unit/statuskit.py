@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
-from udpflannel.core.frame import COUNTERS
 from udpflannel.core.status import DataplaneStatus, LeaseStatus, NodeStatus, PeerStatus, RegistryStatus
+from udpflannel.core.wire import COUNTERS
 
 STARTED = 1_700_000_000.0
 EXPIRES = STARTED + 86_400.0

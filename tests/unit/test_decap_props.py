@@ -14,7 +14,7 @@ from enginekit import OWN_MAC, PEER2_IP, PEER_IP, PEER_MAC, counter_delta, make_
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from udpflannel.core.frame import RX_DROPS, TX_DROPS
+from udpflannel.core.wire import RX_DROPS, TX_DROPS
 
 SETTINGS = settings(max_examples=400, deadline=None)
 

@@ -15,7 +15,7 @@ from scapy.packet import Raw
 from udpflannel._engine import Engine
 
 from udpflannel.core import offload
-from udpflannel.core.frame import PyEngine
+from udpflannel.dataplane.pyengine import PyEngine
 from udpflannel.dataplane.userspace import EnginePlane
 
 SOL_UDP, UDP_SEGMENT, UDP_GRO, SO_NO_CHECK, IPPROTO_UDPLITE = 17, 103, 104, 11, 136

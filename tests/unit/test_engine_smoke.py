@@ -16,7 +16,8 @@ import udpflannel._engine as engine_module
 from enginekit import OWN_MAC, engine_args
 from udpflannel._engine import Engine
 
-from udpflannel.core.frame import COUNTERS, PyEngine
+from udpflannel.core.wire import COUNTERS
+from udpflannel.dataplane.pyengine import PyEngine
 
 
 def test_module_is_a_compiled_extension():

@@ -14,7 +14,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
 
-from udpflannel.core import offload
+from udpflannel.core import offload, wire
 from udpflannel.core.offload import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HLEN, vnet_header
 
 SRC, DST = "10.244.1.7", "10.244.2.9"
@@ -87,7 +87,7 @@ def test_needs_csum_packets_are_completed():
         pkt = bytes(IP(src=SRC, dst=DST) / l4 / Raw(b"odd-length payload!"))
         offset = 16 if l4.name == "TCP" else 6
         partial = bytearray(pkt)
-        pseudo = offload._pseudo4(pkt[:20], pkt[9], len(pkt) - 20)
+        pseudo = wire.pseudo4_sum(pkt[:20], pkt[9], len(pkt) - 20)
         struct.pack_into("!H", partial, 20 + offset, pseudo)
         frames, _ = both("segment", vnet_header(NEEDS_CSUM, GSO_NONE, 0, 0, 20, offset) + bytes(partial))
         assert bytes(VXLAN(frames[0])[IP]) == pkt

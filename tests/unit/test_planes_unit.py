@@ -12,8 +12,8 @@ import struct
 
 from udpflannel.core import frame
 from udpflannel.core.config import parse
-from udpflannel.core.frame import COUNTERS
 from udpflannel.core.underlay import Underlay
+from udpflannel.core.wire import COUNTERS
 from udpflannel.dataplane.base import PlaneOptions
 from udpflannel.dataplane.kernel import KernelPlane
 from udpflannel.dataplane.userspace import EnginePlane

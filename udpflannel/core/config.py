@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from udpflannel.core.errors import BadInput
+from udpflannel.core.wire import UDP_PORT, VXLAN_PORT
 
 DEFAULT_NETWORK = "10.244.0.0/16"
 DEFAULT_VNI = 1
-DEFAULT_PORT = 8472  # vxlan: the Linux default, not IANA's 4789
-DEFAULT_UDP_PORT = 8285  # flanneld's udp backend
 # Backend types whose wire formats udpflannel speaks: "vxlan" (VXLAN framing with a
 # VtepMAC) and "udp" (flanneld's udp backend: the bare IP packet in a UDP datagram).
 SUPPORTED_BACKENDS = ("vxlan", "udp")
-DEFAULT_PORTS = {"vxlan": DEFAULT_PORT, "udp": DEFAULT_UDP_PORT}
+DEFAULT_PORTS = {"vxlan": VXLAN_PORT, "udp": UDP_PORT}
 # Backend keys of flanneld's vxlan backend that change what it does and that we do
 # not implement: refused rather than ignored.
 _REFUSED_VXLAN_KEYS = {
@@ -47,7 +46,7 @@ class NetworkConfig:
     subnet_max: ipaddress.IPv4Address
     backend_type: str = "vxlan"
     vni: int = DEFAULT_VNI
-    port: int = DEFAULT_PORT
+    port: int = VXLAN_PORT
     mtu: int | None = None  # Backend.MTU; None: the underlay's MTU minus the framing
     direct_routing: bool = False  # Backend.DirectRouting (vxlan)
     enable_nftables: bool = False  # EnableNFTables: masquerade/forward rules via nftables

@@ -1,14 +1,9 @@
-"""The wire format and forwarding rules, in pure Python (sans-IO).
+"""The forwarding rules, in pure Python (sans-IO): the compiled engine's decisions.
 
-This is the reference twin of the compiled engine (csrc/udpflannel/_engine.pyx): the
-same class API, the same decisions, the same counters. Tests feed both the same
-inputs and demand identical bytes; it also serves as a slow fallback engine.
-
-Wire format (RFC 7348, as Linux and flannel's vxlan backend use it)::
-
-    outer IPv4 | outer UDP (dst port 8472) | VXLAN 08 00 00 00 VNI(3) 00 |
-    inner Ethernet: dst = receiver's VtepMAC, src = sender's VtepMAC, type 0800/86DD |
-    the IP packet read from the TUN
+``Forwarder`` is the reference twin of the compiled engine (csrc/udpflannel/_engine.pyx):
+the same single-packet API, the same decisions, the same counters. Tests feed both the
+same inputs and demand identical bytes. Its I/O (reading the TUN, the sockets) lives
+in dataplane/pyengine.py; the wire's numbers and checksums in core/wire.py.
 
 Outbound (TUN -> UDP): the packet's destination picks the peer whose subnet holds it.
 No peer but inside the overlay network -> ICMP net unreachable written back to the TUN
@@ -26,57 +21,24 @@ subnet for every source. Otherwise one drop counter names the reason.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
-import os
-import socket
 import struct
-import sys
 
 from udpflannel.core import offload
+from udpflannel.core.wire import (
+    COUNTERS,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    FRAMINGS,
+    HEADROOM,
+    ICMP_ERROR_TYPES,
+    inet_checksum,
+    vxlan_header,
+)
 
-VXLAN_HLEN = 8
-ETH_HLEN = 14
-HEADROOM = VXLAN_HLEN + ETH_HLEN  # bytes added in front of each IP packet
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-
-# Route framings: "vxlan" (RFC 7348, flanneld's vxlan backend) and "udp" (flanneld's
-# udp backend: the bare IPv4 packet is the datagram; its TTL goes down by one on each
-# side, as flannel's proxy does).
-FRAMINGS = ("vxlan", "udp")
-
-# Drop reasons, in counter order. Outbound first, then inbound. ttl_expired counts
-# udp-framed packets whose TTL ran out, in either direction.
-TX_DROPS = ("bad_packet", "no_route", "send_error", "bad_offload", "ttl_expired")
-RX_DROPS = ("short", "bad_flags", "bad_vni", "bad_mac", "bad_ethertype", "bad_ip", "ipv6",
-            "unknown_sender", "spoofed", "truncated", "tun_write_error")
-# tx_super_packets: TSO super-packets read from the TUN (each sent as many datagrams);
-# rx_merged_writes: TUN writes that carried several coalesced TCP segments;
-# gso_fallbacks: UDP_SEGMENT sends that failed and were sent again datagram by datagram;
-# rx_csum_completed: received TCP/UDP checksums a same-host kernel sender left unfinished
-# (CHECKSUM_PARTIAL), completed before the TUN.
-COUNTERS = (("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "icmp_unreachable",
-             "tx_super_packets", "rx_merged_writes", "gso_fallbacks", "rx_csum_completed")
-            + tuple("drop_" + r for r in TX_DROPS + RX_DROPS))
-
+# What encap / decap decide (both engines return these): a frame to send to a peer, an
+# ICMP error for the TUN, a packet to deliver to the TUN, or a counted drop.
 SEND, ICMP, DELIVER, DROP = "send", "icmp", "deliver", "drop"
-SO_RXQ_OVFL = 40  # socket option: each read reports the socket's kernel drop count
-
-_ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
-
-
-def vxlan_header(vni: int) -> bytes:
-    return bytes((0x08, 0, 0, 0, (vni >> 16) & 0xFF, (vni >> 8) & 0xFF, vni & 0xFF, 0))
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def icmp_net_unreachable(packet: bytes) -> bytes:
@@ -160,8 +122,10 @@ def complete_partial_checksum(packet: bytes) -> bytes | None:
     return packet[:at] + struct.pack("!H", value) + packet[at + 2:]
 
 
-class PyEngine:
-    """Route table + framing + counters. Same API as ``udpflannel._engine.Engine``."""
+class Forwarder:
+    """Route table + framing + counters, sans-IO: the compiled engine's decisions with
+    its single-packet API (``udpflannel._engine.Engine``). dataplane/pyengine.py adds
+    the I/O (attach, drains) that makes it the --engine python fallback."""
 
     def __init__(self, *, vni: int, vtep_mac: bytes, network: str, subnet_len: int,
                  strict_source: bool = False) -> None:
@@ -184,7 +148,6 @@ class PyEngine:
         self._routes: dict[int, tuple[int, int, bytes | None, str]] = {}
         self._senders: dict[int, int] = {}  # public IP -> number of subnets it owns
         self._c = dict.fromkeys(COUNTERS, 0)
-        self._kernel_drops = 0
 
     # --- control path -------------------------------------------------------------
     def _subnet_base(self, subnet: str) -> int:
@@ -269,7 +232,7 @@ class PyEngine:
     def _unroutable(self, packet: bytes, dst: int):
         ihl = (packet[0] & 0x0F) * 4
         frag_offset = int.from_bytes(packet[6:8], "big") & 0x1FFF
-        is_icmp_error = packet[9] == 1 and len(packet) > ihl and packet[ihl] in _ICMP_ERROR_TYPES
+        is_icmp_error = packet[9] == 1 and len(packet) > ihl and packet[ihl] in ICMP_ERROR_TYPES
         if (dst & self._netmask != self._net or ihl < 20 or len(packet) < ihl
                 or frag_offset or is_icmp_error):
             return self._drop("no_route")
@@ -369,102 +332,3 @@ class PyEngine:
 
     def flow_index(self, packet: bytes, ways: int) -> int:
         return flow_index(packet, ways)
-
-    # --- I/O drains (the compiled engine does these without Python objects) --------
-    def attach(self, tun_fd: int, udp_fd: int, *, bare_fd: int = -1, tx_fds=(),
-               vnet_hdr: bool = False, gso: bool = False, gro: bool = False) -> None:
-        """Give the engine its fds, as the compiled engine's attach. The twin's drains
-        run without offloads (its segment/coalesce model them)."""
-        if vnet_hdr or gso or gro:
-            raise ValueError("the Python engine runs without offloads (use --offload off)")
-        self._tun_fd = tun_fd
-        self._sock = socket.socket(fileno=os.dup(udp_fd))
-        self._bare = socket.socket(fileno=os.dup(bare_fd)) if bare_fd >= 0 else None
-        self._tx = [socket.socket(fileno=os.dup(fd)) for fd in tx_fds]
-
-    def offloads(self) -> dict[str, bool]:
-        return {"vnet_hdr": False, "gso": False, "gro": False}
-
-    # The twin runs in the event loop only (--io loop): routes change in place, there
-    # is one queue, and nothing is ever waiting to be published or reclaimed.
-    def queues(self) -> int:
-        return 1
-
-    def publish(self) -> bool:
-        return False
-
-    def reclaim(self) -> int:
-        return 0
-
-    def kernel_drops(self) -> int:
-        return self._kernel_drops
-
-    def _sender(self, packet: bytes, peer) -> socket.socket:
-        if peer[3] == "udp":
-            return self._bare
-        return self._tx[flow_index(packet, len(self._tx))] if self._tx else self._sock
-
-    def drain_tun(self, budget: int) -> int:
-        """Like the compiled drain: reads done, or -errno if the TUN itself failed."""
-        done = 0
-        while done < budget:
-            try:
-                packet = os.read(self._tun_fd, 65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                return -(e.errno or errno.EIO)
-            done += 1
-            kind, data, addr = self.encap(packet)
-            if kind == SEND:
-                try:
-                    self._sender(packet, self._find(int.from_bytes(packet[16:20], "big"))
-                                 ).sendto(data, addr)
-                except OSError:
-                    self._c["tx_packets"] -= 1
-                    self._c["tx_bytes"] -= len(packet)
-                    self._c["drop_send_error"] += 1
-            elif kind == ICMP:
-                _write_quietly(self._tun_fd, data)
-        return done
-
-    def drain_udp(self, budget: int) -> int:
-        """Like the compiled drain: reads done, or -errno if the socket itself failed."""
-        return self._drain(self._sock, self.decap, budget)
-
-    def drain_bare(self, budget: int) -> int:
-        if self._bare is None:
-            raise RuntimeError("attach() with a bare_fd first")
-        return self._drain(self._bare, self.decap_bare, budget)
-
-    def _drain(self, sock: socket.socket, decap, budget: int) -> int:
-        done = 0
-        while done < budget:
-            try:
-                datagram, ancillary, flags, (source, _port) = sock.recvmsg(
-                    65535, socket.CMSG_SPACE(4) * 2)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                return -(e.errno or errno.EIO)
-            done += 1
-            for level, kind, value in ancillary:
-                if (level, kind) == (socket.SOL_SOCKET, SO_RXQ_OVFL) and len(value) >= 4:
-                    self._kernel_drops = int.from_bytes(value[:4], sys.byteorder)
-            if flags & socket.MSG_CTRUNC:
-                self._drop("truncated")
-                continue
-            kind, data, _ = decap(datagram, source)
-            if kind == DELIVER and not _write_quietly(self._tun_fd, data):
-                self._c["rx_packets"] -= 1
-                self._c["rx_bytes"] -= len(data)
-                self._c["drop_tun_write_error"] += 1
-        return done
-
-
-def _write_quietly(fd: int, data: bytes) -> bool:
-    try:
-        os.write(fd, data)
-        return True
-    except OSError:  # counted by the caller, like the compiled engine
-        return False

@@ -27,13 +27,12 @@ from __future__ import annotations
 import struct
 
 from udpflannel.core.errors import BadInput
+from udpflannel.core.wire import HEADROOM, UDP_MAX_PAYLOAD, ip_checksum, ones_sum, pseudo4_sum
 
 VNET_HLEN = 10
 NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 4, 5
 MAX_PACKET = 65535
-UDP_MAX_PAYLOAD = 65507  # what one IPv4 UDP datagram can carry
-FRAME_HEADERS = 22  # VXLAN + inner Ethernet in front of each segment
 MAX_MERGE = 64  # segments per coalesced write (one iovec each in the compiled engine)
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
@@ -56,27 +55,10 @@ def parse_vnet(data: bytes) -> tuple[int, int, int, int, int, int]:
     return _vnet.unpack_from(data)
 
 
-def _sum16(data: bytes | memoryview, start: int = 0) -> int:
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def _pseudo4(ip: bytes, proto: int, length: int) -> int:
-    return _sum16(bytes(ip[12:20]) + struct.pack("!BBH", 0, proto, length))
-
-
-def ip_checksum(header: bytes) -> int:
-    return ~_sum16(header[:10] + b"\0\0" + header[12:]) & 0xFFFF
-
-
 def tcp4_checksum(ip_header: bytes, segment: bytes) -> int:
     """Full TCP checksum of ``segment`` (its checksum field taken as zero)."""
     zeroed = segment[:16] + b"\0\0" + segment[18:]
-    return ~_sum16(zeroed, _pseudo4(ip_header, 6, len(segment))) & 0xFFFF
+    return ~ones_sum(zeroed, pseudo4_sum(ip_header, 6, len(segment))) & 0xFFFF
 
 
 def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes:
@@ -84,7 +66,7 @@ def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes
     end = csum_start + csum_offset + 2
     if csum_start >= len(packet) or end > len(packet):
         raise OffloadError("checksum offsets outside the packet")
-    value = ~_sum16(packet[csum_start:]) & 0xFFFF
+    value = ~ones_sum(packet[csum_start:]) & 0xFFFF
     if value == 0 and len(packet) >= 20 and packet[0] >> 4 == 4 and packet[9] == 17:
         value = 0xFFFF  # a UDP checksum of 0 means "none": send its twin
     return packet[:end - 2] + struct.pack("!H", value) + packet[end:]
@@ -110,7 +92,7 @@ def segment(data: bytes) -> list[bytes]:
     hlen = ihl + l4len
     if l4len < (20 if proto == 6 else 8) or len(packet) < hlen or gso_size == 0:
         raise OffloadError("bad L4 header length or gso_size")  # TCP: 20-60 bytes
-    if FRAME_HEADERS + hlen + gso_size > UDP_MAX_PAYLOAD:
+    if HEADROOM + hlen + gso_size > UDP_MAX_PAYLOAD:
         raise OffloadError(f"gso_size {gso_size} makes segments too big for a UDP datagram")
     ip, l4, payload = packet[:ihl], packet[ihl:hlen], packet[hlen:]
     ident = struct.unpack_from("!H", ip, 4)[0]
@@ -140,7 +122,7 @@ def _tcp_segment(ip: bytearray, tcp: bytes, chunk: bytes, i: int, count: int, ms
 def _udp_datagram(ip: bytearray, udp: bytes, chunk: bytes) -> bytes:
     u = bytearray(udp)
     struct.pack_into("!HH", u, 4, 8 + len(chunk), 0)
-    value = ~_sum16(bytes(u) + chunk, _pseudo4(bytes(ip), 17, 8 + len(chunk))) & 0xFFFF
+    value = ~ones_sum(bytes(u) + chunk, pseudo4_sum(bytes(ip), 17, 8 + len(chunk))) & 0xFFFF
     struct.pack_into("!H", u, 6, value or 0xFFFF)  # 0 would mean "no checksum"
     return bytes(u) + chunk
 
@@ -158,7 +140,7 @@ def _mergeable(p: bytes) -> tuple | None:
         return None
     if p[33] & ~(TCP_ACK | TCP_PSH) or not p[33] & TCP_ACK:
         return None
-    if _sum16(p[20:], _pseudo4(p[:20], 6, len(p) - 20)) != 0xFFFF:  # checksum must verify
+    if ones_sum(p[20:], pseudo4_sum(p[:20], 6, len(p) - 20)) != 0xFFFF:  # checksum must verify
         return None
     # flow: addresses, ports, TOS, TTL, DF, header length and options
     return (p[1], p[8], frag & 0x4000, p[12:24], thl, p[40:20 + thl])
@@ -227,6 +209,6 @@ def _merge(group: list[bytes]) -> bytes:
     tcp = bytearray(first[20:hlen])
     tcp[13] |= group[-1][33] & TCP_PSH
     # NEEDS_CSUM: the field holds the folded pseudo-header sum, not inverted
-    struct.pack_into("!H", tcp, 16, _pseudo4(bytes(ip), 6, total - 20))
+    struct.pack_into("!H", tcp, 16, pseudo4_sum(bytes(ip), 6, total - 20))
     header = vnet_header(NEEDS_CSUM, GSO_TCPV4, hlen, _payload_len(first), 20, 16)
     return header + bytes(ip) + bytes(tcp) + payload

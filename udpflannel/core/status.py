@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from udpflannel.core.frame import COUNTERS, RX_DROPS, TX_DROPS
-
-DROP_REASONS = TX_DROPS + RX_DROPS
+from udpflannel.core.wire import COUNTERS, DROP_REASONS
 
 
 @dataclass(frozen=True)

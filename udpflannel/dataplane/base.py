@@ -30,6 +30,7 @@ from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import Lease, LeaseEvent
 from udpflannel.core.status import DataplaneStatus, PeerStatus
 from udpflannel.core.underlay import Underlay
+from udpflannel.core.wire import UDP_FRAMING_OVERHEAD, UDP_PORT, VXLAN_OVERHEAD
 
 ENGINE, KERNEL, AUTO = "engine", "kernel", "auto"
 KINDS = (ENGINE, KERNEL, AUTO)
@@ -48,7 +49,7 @@ class PlaneOptions:
     tun: str = "flannel0"  # engine: the TUN device's name
     engine: str = "compiled"  # engine: "compiled" or "python" (the twin)
     offloads: frozenset[str] = frozenset()  # engine: wanted ("tso", "gso", "gro")
-    udp_port: int | None = 8285  # flanneld udp framing for udp peers (None: off)
+    udp_port: int | None = UDP_PORT  # flanneld udp framing for udp peers (None: off)
     source_ports: int = 16  # engine: VXLAN outer source ports (one socket each; 0: one port)
     strict_source: bool = False
     io: str = "loop"  # engine: "loop" (the event loop drains), "threads" or "poll" (its own threads)
@@ -61,7 +62,8 @@ class PlaneOptions:
         UDP, VXLAN, inner Ethernet), 28 for flanneld's udp (outer IPv4 and UDP)."""
         if self.config.mtu:
             return self.config.mtu
-        return self.underlay.mtu - (28 if self.config.backend_type == "udp" else 50)
+        overhead = UDP_FRAMING_OVERHEAD if self.config.backend_type == "udp" else VXLAN_OVERHEAD
+        return self.underlay.mtu - overhead
 
 
 class DataPlane(Protocol):

@@ -20,10 +20,10 @@ import threading
 
 from pyroute2 import IPRoute
 
-from udpflannel.core.frame import COUNTERS
 from udpflannel.core.lease import Lease, LeaseEvent
 from udpflannel.core.peers import Framings, PeerRoute, RouteBook
 from udpflannel.core.status import DataplaneStatus, PeerStatus
+from udpflannel.core.wire import COUNTERS
 from udpflannel.dataplane.base import KERNEL, PlaneOptions, on_link
 from udpflannel.dataplane.changes import log_changes
 from udpflannel.host import netconf, vxlandev

@@ -23,11 +23,12 @@ import socket
 import struct
 
 from udpflannel.core.errors import BadInput, UdpflannelError
+from udpflannel.core.wire import SO_RXQ_OVFL
 
 log = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 32 << 20  # room for ~250 GRO batches of 64 KB while the daemon is busy
-SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_RXQ_OVFL, SO_ATTACH_FILTER = 32, 33, 40, 26
+SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_ATTACH_FILTER = 32, 33, 26
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_OMIT = 10, 0, 5
 OFFLOADS = ("tso", "gso", "gro")  # TUN super-packets, UDP_SEGMENT sends, UDP_GRO receives

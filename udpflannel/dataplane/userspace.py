@@ -26,13 +26,14 @@ import logging
 import os
 import socket
 
-from udpflannel.core.frame import COUNTERS, PyEngine
 from udpflannel.core.lease import Lease, LeaseEvent, mac_bytes
 from udpflannel.core.peers import Framings, PeerRoute, RouteBook
 from udpflannel.core.status import DataplaneStatus, PeerStatus
+from udpflannel.core.wire import COUNTERS, VXLAN_PORT
 from udpflannel.dataplane import sockets
 from udpflannel.dataplane.base import ENGINE, DataplaneError, PlaneOptions, on_link
 from udpflannel.dataplane.changes import log_changes
+from udpflannel.dataplane.pyengine import PyEngine
 from udpflannel.host import netconf, vxlandev
 from udpflannel.host.tun import Tun
 from udpflannel.host.tun import preflight as tun_preflight
@@ -67,7 +68,7 @@ class EnginePlane:
         cfg = opts.config
         # Ours is the config's port; the other framing's port is where we meet peers
         # of the other backend (a cluster migrating from udp to vxlan).
-        self.vxlan_port = cfg.port if cfg.backend_type == "vxlan" else 8472
+        self.vxlan_port = cfg.port if cfg.backend_type == "vxlan" else VXLAN_PORT
         self.udp_port = cfg.port if cfg.backend_type == "udp" else opts.udp_port
         self.book: RouteBook | None = None
         self.engine = None

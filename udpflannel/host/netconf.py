@@ -11,11 +11,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.underlay import Underlay
+from udpflannel.core.wire import HEADROOM, UDP_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
-
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-
 
 RTPROT_UDPFLANNEL = 203  # our routes' protocol tag: how prune() knows which are ours
 
@@ -149,15 +147,11 @@ def underlay_address_present(underlay: Underlay) -> bool:
             return False
 
 
-UDP_GSO_MAX = 65507  # payload bytes one UDP_SEGMENT send may carry
-VXLAN_FRAME_HEADERS = 22  # VXLAN + inner Ethernet, in front of each inner packet
-
-
 def tso_size_for_one_send(mtu: int) -> int:
     """The largest TCP super-packet the TUN should hand us so that all its segments,
     each framed in VXLAN, fit one UDP_SEGMENT send (so the peer's GRO sees one run
     and writes one super-packet). Assumes the worst TCP header, 20 + 12 (timestamps)."""
-    segments = UDP_GSO_MAX // (mtu + VXLAN_FRAME_HEADERS)
+    segments = UDP_MAX_PAYLOAD // (mtu + HEADROOM)
     return segments * (mtu - 52) + 40
 
 

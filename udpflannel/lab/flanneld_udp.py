@@ -47,12 +47,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from udpflannel.core import config as netconfig
 from udpflannel.core import subnetenv
 from udpflannel.core.lease import EventType, Lease, LeaseEvent
+from udpflannel.core.wire import UDP_FRAMING_OVERHEAD, UDP_PORT
 from udpflannel.lab import procs, udpproxy
 from udpflannel.lab.netns import Namespace
 
 log = logging.getLogger("flanneld-udp")
 
-ENCAP_OVERHEAD = 28  # outer IPv4 20 + UDP 8: flannel's udp encapOverhead
 DEFAULT_PREFIX = "/coreos.com/network"
 PROXY_GRACE = 2.0  # seconds the proxy gets to obey the stop command
 REGISTRY_PATIENCE = 30.0  # seconds start-up keeps retrying an unreachable etcd
@@ -165,7 +165,7 @@ async def load_config(registry, opts: AgentOptions, stop: asyncio.Event) -> netc
             raise AgentError(f"network config has Backend Type {cfg.backend_type!r}; this stand-in "
                              "is a flanneld udp node (--keep-udp: run udp anyway, as a flanneld "
                              "started before the config changed)")
-        cfg = dataclasses.replace(cfg, backend_type="udp", port=netconfig.DEFAULT_UDP_PORT)
+        cfg = dataclasses.replace(cfg, backend_type="udp", port=UDP_PORT)
     if opts.port:
         cfg = dataclasses.replace(cfg, port=opts.port)
     return cfg
@@ -236,7 +236,7 @@ async def run(opts: AgentOptions) -> None:
         cfg = await load_config(registry, opts, stop)
         sock = bind_udp(underlay.address, cfg.port)
         undo.append(sock.close)
-        mtu = underlay.mtu - ENCAP_OVERHEAD
+        mtu = underlay.mtu - UDP_FRAMING_OVERHEAD
         manager = LeaseManager(registry, cfg)
         lease = await _patient(
             "acquiring a lease",

@@ -14,17 +14,18 @@ import ipaddress
 
 from pyroute2 import IPRoute
 
+from udpflannel.core.wire import VXLAN_OVERHEAD, VXLAN_PORT
 from udpflannel.host import vxlandev
 
 
 def create(ipr: IPRoute, *, local_ip: str, underlay: str, subnet: str, vtep_mac: str,
-           vni: int = 1, port: int = 8472, name: str | None = None, mtu: int | None = None) -> int:
+           vni: int = 1, port: int = VXLAN_PORT, name: str | None = None, mtu: int | None = None) -> int:
     """flannel.<VNI>: nolearning, dstport, <subnet .0>/32, up. Returns its index."""
     link = ipr.link_lookup(ifname=underlay)[0]
     underlay_mtu = ipr.link("get", index=link)[0].get("mtu")
     spec = vxlandev.DeviceSpec(name or vxlandev.device_name(vni), vni, port,
                                ipaddress.IPv4Address(local_ip), link, vtep_mac,
-                               mtu or underlay_mtu - 50)
+                               mtu or underlay_mtu - VXLAN_OVERHEAD)
     index, _ = vxlandev.ensure_device(ipr, spec)
     vxlandev.set_address(ipr, index, ipaddress.IPv4Network(subnet))
     return index

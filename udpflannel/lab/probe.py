@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from udpflannel.core.frame import inet_checksum
+from udpflannel.core.wire import inet_checksum
 from udpflannel.lab.netns import Namespace
 
 

@@ -11,8 +11,8 @@ import ipaddress
 import json
 import time
 
-from udpflannel.core.frame import TX_DROPS
 from udpflannel.core.status import NodeStatus
+from udpflannel.core.wire import TX_DROPS
 
 
 def not_ready_reason(st: NodeStatus) -> str | None:

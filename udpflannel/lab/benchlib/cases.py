@@ -30,6 +30,7 @@ from typing import Callable, ContextManager, Iterator
 
 from udpflannel.core import config as netconfig
 from udpflannel.core.lease import Lease
+from udpflannel.core.wire import VXLAN_OVERHEAD, VXLAN_PORT
 from udpflannel.lab import kernelvxlan
 from udpflannel.lab.benchlib.report import BASELINE as BASE_CASE
 from udpflannel.lab.cluster import Cluster
@@ -57,7 +58,7 @@ UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int, str]] = {
 }
 
 LAB_TAG = "ufb"
-VXLAN_DEV, VXLAN_VNI, VXLAN_PORT, VXLAN_OVERHEAD = "flannel.1", 1, 8472, 50
+VXLAN_DEV, VXLAN_VNI = "flannel.1", 1
 VXLAN_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")
 
 

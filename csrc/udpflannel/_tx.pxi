@@ -1,0 +1,397 @@
+# Included by _engine.pyx: TUN -> UDP. Each read lands in the send batch with HEADROOM
+# bytes in front and is framed in place (encap_c); frames to one peer and socket leave
+# together (queue_packet / flush_batch: one UDP_SEGMENT send, else sendmmsg). With
+# vnet_hdr a read may be a TSO super-packet, cut into segments whose headers are
+# written apart and whose payloads stay in the read buffer (send_segments). No route
+# inside the overlay: an ICMP net unreachable back into the TUN. Shared rules (drops,
+# framing, TUN writes, threads) are in _datapath.pxi.
+
+# ---- framing and sending -----------------------------------------------------------
+
+cdef inline void put_vxlan_headers(const eng_t *e, const route_t *r, uint8_t *h) noexcept nogil:
+    """The HEADROOM bytes in front of an inner IPv4 packet bound for r: the VXLAN header
+    (our VNI), then the inner Ethernet header from our VtepMAC to the peer's."""
+    memcpy(h, e.vxlan_hdr, VXLAN_HLEN)
+    memcpy(h + VXLAN_HLEN, r.mac, 6)
+    memcpy(h + VXLAN_HLEN + 6, e.own_mac, 6)
+    h[VXLAN_HLEN + 12] = ETH_P_IP >> 8
+    h[VXLAN_HLEN + 13] = ETH_P_IP & 0xFF
+
+
+cdef inline int gso_on(eng_t *e) noexcept nogil:
+    return uf_load_int(&e.gso)
+
+
+cdef void gso_failed(eng_t *e, uint64_t *ctr, long rc) noexcept nogil:
+    """A UDP_SEGMENT send failed: the caller retries it as single datagrams. Only EIO
+    means the kernel cannot segment here (wireguard-go's rule): then GSO is off for
+    good (the daemon logs it). Anything else (EMSGSIZE or EINVAL when a path is
+    narrower than a segment, a full buffer) concerns this send alone."""
+    ctr[C_GSO_FALLBACK] += 1
+    if rc == -EIO:
+        uf_store_int(&e.gso, 0)
+
+
+cdef int tx_fd(const eng_t *e, const route_t *r, const uint8_t *pkt, Py_ssize_t n) noexcept nogil:
+    """The socket a packet to r leaves by (its outer source port)."""
+    if r.framing == FRAME_UDP:
+        return e.bare_fd
+    if e.ntx == 0:
+        return e.udp_fd
+    return e.tx_fds[(<uint64_t>flow_hash(pkt, n) * <uint64_t>e.ntx) >> 32]
+
+
+cdef int unroutable(txctx_t *c, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) noexcept nogil:
+    cdef eng_t *e = c.e
+    cdef Py_ssize_t ihl = (pkt[0] & 0x0F) * 4, quoted
+    cdef uint16_t frag = _be16(pkt + 6) & 0x1FFF
+    cdef bint icmp_error = False
+    cdef uint8_t *o = c.icmp
+    if pkt[9] == 1 and n > ihl:
+        icmp_error = pkt[ihl] in (ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_REDIRECT,
+                                  ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)
+    if ((dst & e.netmask) != e.net or ihl < 20 or n < ihl or frag != 0 or icmp_error):
+        return tx_drop(c, D_NO_ROUTE)
+    quoted = ihl + 8 if n >= ihl + 8 else n
+    memset(o, 0, 28)
+    o[0] = 0x45
+    _put16(o + 2, <uint16_t>(28 + quoted))
+    o[8] = 64
+    o[9] = 1
+    # From the unreachable address itself: a local source (the TUN's own address,
+    # flannel's choice) is dropped by the kernel as a martian, so the sender would
+    # never learn; an address of an unleased subnet is never local and routes back
+    # through the TUN, so reverse-path filtering accepts it too.
+    _put32(o + 12, dst)
+    memcpy(o + 16, pkt + 12, 4)
+    o[20] = 3  # destination unreachable, code 0: net unreachable
+    memcpy(o + 28, pkt, quoted)
+    _store_native16(o + 22, ~uf_csum_fold(uf_csum_partial(o + 20, 8 + quoted, 0)))
+    _store_native16(o + 10, ~uf_csum_fold(uf_csum_partial(o, 20, 0)))
+    c.icmp_len = <int>(28 + quoted)
+    c.ctr[C_ICMP] += 1
+    return ACT_ICMP
+
+
+cdef int encap_c(txctx_t *c, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil:
+    """pkt has HEADROOM writable bytes before it. On ACT_SEND the frame starts at
+    pkt - framing_bytes(route); on ACT_ICMP the reply is in c.icmp."""
+    cdef eng_t *e = c.e
+    cdef uint8_t version = pkt[0] >> 4 if n > 0 else 0
+    cdef uint32_t dst
+    cdef route_t *r
+    if version == 4 and n >= 20 and (pkt[0] & 0x0F) >= 5:
+        dst = _be32(pkt + 16)
+        r = find(e, c.rt, dst)
+        if r == NULL:
+            return unroutable(c, pkt, n, dst)
+    elif version == 6 and n >= 40:
+        return tx_drop(c, D_NO_ROUTE)  # the overlay carries IPv4 subnets only
+    else:
+        return tx_drop(c, D_BAD_PACKET)
+    if r.framing == FRAME_UDP:
+        if not udp_framing_ttl(pkt):
+            return tx_drop(c, D_TTL_EXPIRED)
+    else:
+        put_vxlan_headers(e, r, pkt - HEADROOM)
+    out[0] = r
+    c.ctr[C_TX_PACKETS] += 1
+    c.ctr[C_TX_BYTES] += n
+    return ACT_SEND
+
+
+# ---- the send batch (one packet per TUN read) --------------------------------------
+
+cdef inline uint8_t *batch_slot(txctx_t *c) noexcept nogil:
+    """Where the next packet goes: after the queued frames, HEADROOM bytes in."""
+    if BBUF_SIZE - c.b_off < BUFSIZE + HEADROOM:
+        flush_batch(c)
+    return c.bbuf + c.b_off + HEADROOM
+
+
+cdef void queue_packet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
+    """Frame the packet at the batch slot in place and queue it (or answer ICMP)."""
+    cdef route_t *r = NULL
+    cdef int act = encap_c(c, pkt, n, &r), fd
+    cdef uint8_t *frame
+    cdef Py_ssize_t flen, fb
+    if act == ACT_ICMP:
+        tx_write_icmp(c)
+        return
+    if act != ACT_SEND:
+        return
+    fb = framing_bytes(r)
+    frame = pkt - fb
+    flen = n + fb
+    fd = tx_fd(c.e, r, pkt, n)
+    if c.b_count and (r != c.b_route or fd != c.b_fd
+                      or (gso_on(c.e) and (flen > c.b_seg or c.b_closed))):
+        flush_batch(c)  # the frame cannot join: send the others, then start anew
+        memmove(c.bbuf, frame, flen)
+        frame = c.bbuf
+    if c.b_count == 0:
+        c.b_route = r
+        c.b_fd = fd
+        c.b_hdr = fb
+        c.b_seg = flen
+        c.b_closed = False
+    c.b_iov[c.b_count].iov_base = frame
+    c.b_iov[c.b_count].iov_len = flen
+    c.b_count += 1
+    c.b_off = (frame - c.bbuf) + flen
+    if flen < c.b_seg:
+        c.b_closed = True  # UDP_SEGMENT: only the last datagram may be shorter
+    if c.b_count == MAX_WINDOW or c.b_off + c.b_seg > UDP_MAX_PAYLOAD:
+        flush_batch(c)
+
+
+cdef void flush_batch(txctx_t *c) noexcept nogil:
+    cdef int count = c.b_count, sent = 0, k
+    cdef long rc
+    if count == 0:
+        return
+    c.b_count = 0
+    c.b_off = 0
+    if c.capture:
+        capture(c.owner, c.b_iov, count, 1)
+        return
+    if count == 1:
+        sent = 1 if sendto(c.b_fd, c.b_iov[0].iov_base, c.b_iov[0].iov_len, 0,
+                           <sockaddr *>&c.b_route.addr, sizeof(sockaddr_in)) >= 0 else 0
+    else:
+        if gso_on(c.e):  # queue_packet kept the sizes UDP_SEGMENT needs
+            rc = uf_send_gso_iov(c.b_fd, c.b_iov, count, <uint16_t>c.b_seg, &c.b_route.addr)
+            if rc >= 0:
+                sent = count
+            else:
+                gso_failed(c.e, c.ctr, rc)
+        if sent == 0:
+            for k in range(count):
+                c.tx_iov[2 * k] = c.b_iov[k]
+                c.tx_iov[2 * k + 1].iov_base = NULL
+                c.tx_iov[2 * k + 1].iov_len = 0
+            rc = uf_send_many_iov(c.b_fd, c.tx_iov, count, &c.b_route.addr)
+            sent = <int>rc if rc > 0 else 0
+    for k in range(sent, count):  # exact counters: undo what did not leave
+        c.ctr[C_TX_PACKETS] -= 1
+        c.ctr[C_TX_BYTES] -= c.b_iov[k].iov_len - c.b_hdr
+        c.ctr[D_SEND_ERROR] += 1
+
+
+# ---- virtio reads: checksums to finish, TSO super-packets to cut -------------------
+
+cdef void tun_read_vnet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
+    """One read: virtio header at pkt - VNET, then the packet (at a batch slot)."""
+    cdef uint8_t *v = pkt - VNET
+    cdef Py_ssize_t plen = n - VNET
+    cdef uint16_t gso_size, cstart, coff, csum
+    if n < VNET:
+        tx_drop(c, D_BAD_OFFLOAD)
+        return
+    memcpy(&gso_size, v + 4, 2)
+    memcpy(&cstart, v + 6, 2)
+    memcpy(&coff, v + 8, 2)
+    if v[1] != 0:
+        if v[1] != GSO_TCPV4 and v[1] != GSO_UDP_L4:  # ECN (0x80): TSO_ECN is not asked for
+            tx_drop(c, D_BAD_OFFLOAD)
+            return
+        flush_batch(c)  # keep the order of packets on the wire
+        send_segments(c, pkt, plen, gso_size, 6 if v[1] == GSO_TCPV4 else 17)
+        return
+    if v[0] & NEEDS_CSUM:
+        if cstart >= plen or cstart + coff + 2 > plen:
+            tx_drop(c, D_BAD_OFFLOAD)
+            return
+        # The field already holds the pseudo-header sum, so summing from csum_start to
+        # the end and inverting gives the full checksum. A UDP checksum of 0 means
+        # "none": its ones' complement twin FFFF is sent.
+        csum = ~uf_csum_fold(uf_csum_partial(pkt + cstart, plen - cstart, 0))
+        if csum == 0 and plen >= 20 and (pkt[0] >> 4) == 4 and pkt[9] == 17:
+            csum = 0xFFFF
+        _store_native16(pkt + cstart + coff, csum)
+    queue_packet(c, pkt, plen)
+
+
+cdef void send_segments(txctx_t *c, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
+                        uint8_t proto) noexcept nogil:
+    """Cut a TCPv4 (proto 6) or UDPv4 (proto 17) super-packet into MSS-sized segments,
+    each its own frame (VXLAN, or bare for udp framing) with fresh IPv4 id/length/
+    checksum and TCP seq/flags/checksum or UDP length/checksum, and send them a window
+    at a time (one UDP_SEGMENT call, or sendmmsg). Only the headers are written (into
+    obuf); each frame's payload is an iovec into the read buffer."""
+    cdef eng_t *e = c.e
+    cdef Py_ssize_t ihl, thl, hlen, payload, stride, off, chunk, window_bytes, fb
+    cdef uint16_t csum, ident
+    cdef uint32_t seq
+    cdef uint8_t flags
+    cdef route_t *r
+    cdef int i, k, count, window, sent, built, fd
+    cdef uint8_t *f
+    cdef uint8_t *ip
+    cdef uint8_t *tcp
+    if n < 28 or (pkt[0] >> 4) != 4:
+        tx_drop(c, D_BAD_OFFLOAD)
+        return
+    ihl = (pkt[0] & 0x0F) * 4
+    if ihl < 20 or n < ihl + (20 if proto == 6 else 8) or pkt[9] != proto:
+        tx_drop(c, D_BAD_OFFLOAD)
+        return
+    thl = (pkt[ihl + 12] >> 4) * 4 if proto == 6 else 8
+    hlen = ihl + thl
+    if (thl < (20 if proto == 6 else 8) or n < hlen or mss == 0
+            or HEADROOM + hlen + mss > UDP_MAX_PAYLOAD):
+        tx_drop(c, D_BAD_OFFLOAD)  # (a segment must fit one UDP datagram)
+        return
+    r = find(e, c.rt, _be32(pkt + 16))
+    if r == NULL:
+        if unroutable(c, pkt, n, _be32(pkt + 16)) == ACT_ICMP:
+            tx_write_icmp(c)
+        return
+    fb = framing_bytes(r)
+    if r.framing == FRAME_UDP and not udp_framing_ttl(pkt):  # every segment carries its TTL
+        tx_drop(c, D_TTL_EXPIRED)
+        return
+    fd = tx_fd(e, r, pkt, n)
+    c.ctr[C_TX_SUPER] += 1
+    payload = n - hlen
+    count = <int>((payload + mss - 1) // mss) if payload > 0 else 1
+    stride = fb + hlen + mss
+    window = MAX_WINDOW
+    if gso_on(e) and window > UDP_MAX_PAYLOAD // stride:
+        window = <int>(UDP_MAX_PAYLOAD // stride)
+    ident = _be16(pkt + 4)
+    seq = _be32(pkt + ihl + 4) if proto == 6 else 0
+    flags = pkt[ihl + 13] if proto == 6 else 0
+    i = 0
+    while i < count:
+        k = 0
+        window_bytes = 0
+        while k < window and i + k < count:
+            off = (i + k) * mss
+            chunk = payload - off if payload - off < mss else mss
+            if chunk < 0:
+                chunk = 0
+            f = c.obuf + k * (fb + hlen)
+            if fb:
+                put_vxlan_headers(e, r, f)
+            ip = f + fb
+            tcp = ip + ihl
+            memcpy(ip, pkt, hlen)
+            _put16(ip + 2, <uint16_t>(hlen + chunk))
+            _put16(ip + 4, <uint16_t>(ident + i + k))
+            _ip_checksum(ip, ihl)
+            if proto == 6:
+                _put32(tcp + 4, seq + <uint32_t>off)
+                if i + k != count - 1:
+                    tcp[13] = flags & ~(TCP_FIN | TCP_PSH)
+                _store_native16(tcp + 16, 0)
+                _store_native16(tcp + 16, ~uf_csum_fold(uf_csum_partial(
+                    pkt + hlen + off, chunk,
+                    uf_csum_partial(tcp, thl, uf_pseudo4(ip, 6, <uint16_t>(thl + chunk))))))
+            else:  # UDP: each datagram its own length and checksum (0 is sent as FFFF)
+                _put16(tcp + 4, <uint16_t>(8 + chunk))
+                _store_native16(tcp + 6, 0)
+                csum = ~uf_csum_fold(uf_csum_partial(
+                    pkt + hlen + off, chunk,
+                    uf_csum_partial(tcp, 8, uf_pseudo4(ip, 17, <uint16_t>(8 + chunk)))))
+                _store_native16(tcp + 6, csum if csum != 0 else 0xFFFF)
+            c.tx_iov[2 * k].iov_base = f
+            c.tx_iov[2 * k].iov_len = fb + hlen
+            c.tx_iov[2 * k + 1].iov_base = pkt + hlen + off
+            c.tx_iov[2 * k + 1].iov_len = chunk
+            window_bytes += hlen + chunk
+            k += 1
+        built = k
+        sent = send_window(c, r, fd, built, stride)
+        c.ctr[C_TX_PACKETS] += sent
+        if sent == built:
+            c.ctr[C_TX_BYTES] += window_bytes
+        else:  # count exactly what left: the first `sent` frames of the window
+            for k in range(sent):
+                c.ctr[C_TX_BYTES] += c.tx_iov[2 * k].iov_len - fb + c.tx_iov[2 * k + 1].iov_len
+            c.ctr[D_SEND_ERROR] += built - sent
+        i += built
+
+
+cdef int send_window(txctx_t *c, route_t *r, int fd, int count, Py_ssize_t stride) noexcept nogil:
+    """Send the `count` frames described by tx_iov; returns how many left."""
+    cdef long rc
+    cdef int k
+    if c.capture:
+        capture(c.owner, c.tx_iov, 2 * count, 2)
+        return count
+    if gso_on(c.e) and count > 1:
+        rc = uf_send_gso_iov(fd, c.tx_iov, 2 * count, <uint16_t>stride, &r.addr)
+        if rc >= 0:
+            return count
+        gso_failed(c.e, c.ctr, rc)
+    rc = uf_send_many_iov(fd, c.tx_iov, count, &r.addr)
+    return <int>rc if rc > 0 else 0
+
+
+# ---- reading the TUN ---------------------------------------------------------------
+
+cdef void tx_write_icmp(txctx_t *c) noexcept nogil:
+    """Our ICMP reply into the TUN (behind a zero virtio header with vnet_hdr)."""
+    write_tun(c.capture, c.owner, uf_load_int(&c.tun_fd), c.plain_iov,
+              plain_iov(c.e.vnet, c.plain_iov, c.icmp, c.icmp_len))
+
+
+cdef int tun_burst(txctx_t *c, int budget, bint block) noexcept nogil:
+    """Read up to `budget` packets from the TUN straight into the send batch, framing
+    each in place; frames to one peer and socket leave together (one UDP_SEGMENT send
+    when their sizes allow, else sendmmsg). The first read blocks when `block` (a
+    thread), the rest never do. The batch is flushed before this returns. Reads done,
+    or -errno if the TUN itself failed."""
+    cdef int done = 0, err
+    cdef long n
+    cdef uint8_t *slot
+    cdef uint8_t *into
+    cdef size_t cap
+    while done < budget:
+        slot = batch_slot(c)
+        into = slot - VNET if c.e.vnet else slot  # the virtio header lands just before
+        cap = BUFSIZE - HEADROOM + (VNET if c.e.vnet else 0)
+        if block and done == 0:
+            n = read(c.tun_fd, into, cap)
+            if n < 0:
+                n = -errno
+        else:
+            n = uf_read_nowait(c.tun_fd, into, cap)
+        if n < 0:
+            if n == -EINTR:
+                if block and done == 0:
+                    break  # woken (maybe to stop): the caller looks at its flags
+                continue
+            if n != -EAGAIN:
+                err = <int>-n
+                flush_batch(c)
+                return -err
+            break
+        if done == 0 and block:  # awake: the burst reads the table published now
+            tx_begin(c)
+        done += 1
+        if c.e.vnet:
+            tun_read_vnet(c, slot, n)
+        else:
+            queue_packet(c, slot, n)
+    flush_batch(c)
+    return done
+
+
+cdef inline void tx_begin(txctx_t *c) noexcept nogil:
+    uf_store_int(&c.t.active, 1)
+    c.rt = <rtab_t *>uf_load_ptr(<void **>&c.e.rt)
+
+
+cdef void *tx_thread(void *arg) noexcept nogil:
+    cdef txctx_t *c = <txctx_t *>arg
+    cdef int n
+    while not uf_load_int(&c.t.stop):
+        n = tun_burst(c, BUDGET, True)
+        go_quiet(&c.t, c.e)
+        if n < 0:
+            c.t.error = -n
+            break
+    thread_done(&c.t, c.e)
+    return NULL

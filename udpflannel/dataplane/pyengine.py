@@ -1,0 +1,123 @@
+"""The Python engine (--engine python): core.frame's Forwarder on real fds.
+
+The compiled engine's I/O API (attach, drain_tun / drain_udp / drain_bare, and the
+calls the userspace plane makes of any engine) around the pure twin, one packet per
+system call. It runs in the event loop only (--io loop) and without offloads: routes
+change in place between drains, there is one queue, and nothing ever waits to be
+published or reclaimed. Per-packet trouble is counted like the compiled engine's:
+a send or TUN write that fails undoes its tx_/rx_ counts and counts a drop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+
+from udpflannel.core.frame import DELIVER, ICMP, SEND, Forwarder, flow_index
+from udpflannel.core.wire import SO_RXQ_OVFL
+
+MAX_READ = 65535
+
+
+class PyEngine(Forwarder):
+    """The twin with the compiled engine's I/O API (``udpflannel._engine.Engine``)."""
+
+    _kernel_drops = 0
+
+    def attach(self, tun_fd: int, udp_fd: int, *, bare_fd: int = -1, tx_fds=(),
+               vnet_hdr: bool = False, gso: bool = False, gro: bool = False) -> None:
+        """Give the engine its fds, as the compiled engine's attach. The twin's drains
+        run without offloads (its segment/coalesce model them)."""
+        if vnet_hdr or gso or gro:
+            raise ValueError("the Python engine runs without offloads (use --offload off)")
+        self._tun_fd = tun_fd
+        self._sock = socket.socket(fileno=os.dup(udp_fd))
+        self._bare = socket.socket(fileno=os.dup(bare_fd)) if bare_fd >= 0 else None
+        self._tx = [socket.socket(fileno=os.dup(fd)) for fd in tx_fds]
+
+    def offloads(self) -> dict[str, bool]:
+        return {"vnet_hdr": False, "gso": False, "gro": False}
+
+    def queues(self) -> int:
+        return 1
+
+    def publish(self) -> bool:
+        return False
+
+    def reclaim(self) -> int:
+        return 0
+
+    def kernel_drops(self) -> int:
+        return self._kernel_drops
+
+    def _sender(self, packet: bytes, peer) -> socket.socket:
+        if peer[3] == "udp":
+            return self._bare
+        return self._tx[flow_index(packet, len(self._tx))] if self._tx else self._sock
+
+    def drain_tun(self, budget: int) -> int:
+        """Like the compiled drain: reads done, or -errno if the TUN itself failed."""
+        done = 0
+        while done < budget:
+            try:
+                packet = os.read(self._tun_fd, MAX_READ)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                return -(e.errno or errno.EIO)
+            done += 1
+            kind, data, addr = self.encap(packet)
+            if kind == SEND:
+                try:
+                    self._sender(packet, self._find(int.from_bytes(packet[16:20], "big"))
+                                 ).sendto(data, addr)
+                except OSError:
+                    self._c["tx_packets"] -= 1
+                    self._c["tx_bytes"] -= len(packet)
+                    self._c["drop_send_error"] += 1
+            elif kind == ICMP:
+                _write_quietly(self._tun_fd, data)
+        return done
+
+    def drain_udp(self, budget: int) -> int:
+        """Like the compiled drain: reads done, or -errno if the socket itself failed."""
+        return self._drain(self._sock, self.decap, budget)
+
+    def drain_bare(self, budget: int) -> int:
+        if self._bare is None:
+            raise RuntimeError("attach() with a bare_fd first")
+        return self._drain(self._bare, self.decap_bare, budget)
+
+    def _drain(self, sock: socket.socket, decap, budget: int) -> int:
+        done = 0
+        while done < budget:
+            try:
+                datagram, ancillary, flags, (source, _port) = sock.recvmsg(
+                    MAX_READ, socket.CMSG_SPACE(4) * 2)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                return -(e.errno or errno.EIO)
+            done += 1
+            for level, kind, value in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, SO_RXQ_OVFL) and len(value) >= 4:
+                    self._kernel_drops = int.from_bytes(value[:4], sys.byteorder)
+            if flags & socket.MSG_CTRUNC:
+                self._drop("truncated")
+                continue
+            kind, data, _ = decap(datagram, source)
+            if kind == DELIVER and not _write_quietly(self._tun_fd, data):
+                self._c["rx_packets"] -= 1
+                self._c["rx_bytes"] -= len(data)
+                self._c["drop_tun_write_error"] += 1
+        return done
+
+
+def _write_quietly(fd: int, data: bytes) -> bool:
+    try:
+        os.write(fd, data)
+        return True
+    except OSError:  # counted by the caller, like the compiled engine
+        return False
