@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+EMBEDDED_SCOPE = "single host only"  # what the embedded registry is good for, said wherever it is named
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -60,9 +62,11 @@ class RunOptions:
 
     @property
     def registry_where(self) -> str:
+        """Where the registry is, as the start-up log, `udpflannel status` and /readyz
+        say it: the embedded one says that it cannot span hosts."""
         if self.etcd_endpoints:
             return f"{','.join(self.etcd_endpoints)} prefix {self.etcd_prefix}"
-        return self.registry_file
+        return f"{self.registry_file}: {EMBEDDED_SCOPE}"
 
 
 def default_admin_socket(tun: str) -> str:
