@@ -21,6 +21,7 @@ from typing import Callable, NoReturn, Sequence
 from udpflannel.core.errors import BadInput
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+LIBRARY_DEBUG = 4  # -v level from which the libraries' debug lines are logged too
 
 
 class Parser(argparse.ArgumentParser):
@@ -242,7 +243,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     for name in REFUSED:
         p.add_argument(name, nargs="?", action=_Refuse, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", type=_level, nargs="?", const=1, default=0, metavar="N",
-                   help="log level as flanneld's -v: 0 info (default), 1 or more debug; -v alone is 1")
+                   help="log level as flanneld's -v: 0 info (default), 1-3 udpflannel's debug lines, "
+                        f"{LIBRARY_DEBUG} or more also its libraries'; -v alone is 1")
 
 
 class _EnvError(Exception):
@@ -508,8 +510,12 @@ def flanneld_main(argv: Sequence[str] | None = None) -> int:
 
 def _execute(command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
              warnings: Sequence[str] = ()) -> int:
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", 0) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    level = int(getattr(args, "verbose", 0) or 0)
+    if level >= 1:  # klog's -v: 1-3 our own debug lines; from 4 on, also the libraries' (netlink, gRPC, ...)
+        logging.getLogger("udpflannel").setLevel(logging.DEBUG)
+    if level >= LIBRARY_DEBUG:
+        logging.getLogger().setLevel(logging.DEBUG)
     for text in warnings:
         logging.getLogger("udpflannel").warning("%s", text)
     try:

@@ -16,7 +16,8 @@ flannel v0.28.9's main.go and the coreos/pkg flagutil it calls:
   implement are refused by name, with the one table cli.REFUSED.
 - klog: flanneld copies only -v, -vmodule and -log_backtrace_at from klog; its other
   flags (-logtostderr, ...) are not defined for flanneld either. -v=N >= 1 is debug
-  logging; -vmodule and -log_backtrace_at (Go source locations) are refused.
+  logging (from 4 on, the libraries' too); -vmodule and -log_backtrace_at (Go source
+  locations) are refused.
 - Environment (flagutil.SetFlagsFromEnv, called after the command line): every flag,
   FLANNELD_<NAME> (upper case, `-` as `_`), only for flags not given on the command
   line, and only when the value is not empty. The value is one value: FLANNELD_IFACE=
@@ -173,7 +174,8 @@ def specs() -> dict[str, Spec]:
             kind = "list" if isinstance(action, argparse._AppendAction) else "value"
             out[name] = Spec(name, action.dest, kind, convert, False, action.help or "")
     out["v"] = Spec("v", "verbose", "value", _go_int(None, bits=32, base0=False), False,
-                    "log level: 0 info, 1 or more debug")
+                    f"log level: 0 info, 1-3 udpflannel's debug lines, {cli.LIBRARY_DEBUG} or more also its "
+                    "libraries'")
     out["version"] = Spec("version", "version", "bool", goflag.parse_bool, True, "print version and exit")
     return out
 
