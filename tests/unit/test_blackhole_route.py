@@ -79,3 +79,50 @@ def test_a_refusal_is_one_line(monkeypatch):
         run(monkeypatch, [Route("10.244.7.0", 24, 1)], fail=errno.EEXIST)
     assert str(e.value) == ("blackhole route for 10.244.7.0/24: File exists (another route for this "
                             "prefix, e.g. the CNI bridge's)")
+
+
+# -- the periodic check (housekeeping.keep_blackhole_route) ------------------------------
+
+def test_kept_every_period_with_failures_logged_once_each(caplog):
+    import asyncio
+    import itertools
+    import logging
+
+    from udpflannel.housekeeping import keep_blackhole_route
+
+    class Node:
+        exhausted: list[str] = []
+
+        def out_of_resources(self, what, e):
+            self.exhausted.append(what)
+
+    answers = itertools.chain([None, True, False, netconf.NetconfError("refused A"), netconf.NetconfError("refused A"),
+                               netconf.NetconfError("refused B"), OSError(24, "Too many open files")],
+                              itertools.repeat(False))
+    seen = []
+
+    def ensure(subnet):
+        seen.append(subnet)
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    lease = itertools.chain([None], itertools.repeat(SUBNET))  # no lease yet at the first turn
+
+    async def body():
+        node = Node()
+        task = asyncio.create_task(keep_blackhole_route(node, lambda: next(lease), 0.001, ensure))
+        while len(seen) < 7:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        return node
+
+    with caplog.at_level(logging.INFO, logger="udpflannel"):
+        node = asyncio.run(body())
+    assert seen[:7] == [SUBNET] * 7  # the turn without a lease asked nothing
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count("blackhole route for 10.244.7.0/24 added") >= 1
+    assert [line for line in lines if "refused" in line] == ["refused A; retrying every 0.001 s",
+                                                              "refused B; retrying every 0.001 s"]
+    assert node.exhausted == ["checking the blackhole route"]
