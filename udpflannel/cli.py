@@ -500,7 +500,8 @@ def flanneld_main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(e.text)
         return EXIT_OK
     except flanneld_cli.FlanneldVersion:
-        print(__version__, file=sys.stderr)  # flanneld: fmt.Fprintln(os.Stderr, version.Version)
+        # flanneld: fmt.Fprintln(os.Stderr, version.Version), its release tag ("v0.28.9"); ours the same way
+        print(f"v{__version__}", file=sys.stderr)
         return EXIT_OK
     except flanneld_cli.FlanneldUsage as e:
         print(f"udpflannel: error: {e}", file=sys.stderr)

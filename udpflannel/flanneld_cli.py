@@ -25,7 +25,10 @@ flannel v0.28.9's main.go and the coreos/pkg flagutil it calls:
   whole), which no interface matches. A bad value is one line naming the variable
   (flanneld logs it and starts with the flag's default). FLANNELD_VERSION has no
   effect (flanneld checks -version before it reads the environment).
-- `-version` prints the version alone on stderr and exits 0, as flanneld.
+- `-version` prints the version alone on stderr, as a release tag ("v0.1.0"; flanneld
+  v0.28.9 prints "v0.28.9"), and exits 0.
+- Errors exit 2, as Go's flag package does by default; flanneld's own usage function
+  exits 0 after an unknown flag, which a supervisor would take for a clean stop.
 """
 
 from __future__ import annotations

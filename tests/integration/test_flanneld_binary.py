@@ -111,7 +111,7 @@ def test_flanneld_refuses_in_one_line(flanneld, argv, code, err):
 def test_flanneld_version(flanneld):
     from udpflannel.version import __version__
     proc = subprocess.run([flanneld, "--version"], capture_output=True, text=True, timeout=30)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", f"{__version__}\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", f"v{__version__}\n")
 
 
 def test_the_blackhole_route_in_a_real_kernel(make_lab):

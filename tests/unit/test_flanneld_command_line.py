@@ -136,7 +136,7 @@ def test_a_file_named_flanneld_is_flanneld(monkeypatch, capsys):
     from udpflannel.version import __version__
     monkeypatch.setattr(sys, "argv", ["/opt/bin/flanneld", "--version"])
     assert cli.main() == cli.EXIT_OK
-    assert capsys.readouterr().err == f"{__version__}\n"
+    assert capsys.readouterr().err == f"v{__version__}\n"
     monkeypatch.setattr(sys, "argv", ["/opt/bin/flanneld", "--etcd-end=x"])
     assert cli.main() == cli.EXIT_USAGE
     monkeypatch.setattr(sys, "argv", ["/usr/bin/udpflannel", "flanneld", "--etcd-end=x"])

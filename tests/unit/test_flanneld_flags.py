@@ -145,7 +145,7 @@ def test_version_prints_the_version_alone_on_stderr(capsys):
     from udpflannel.version import __version__
     for argv in (["-version"], ["--version"], ["-version=true", "-ip-masq"]):
         assert cli.main(["flanneld", *argv]) == cli.EXIT_OK
-        assert capsys.readouterr() == ("", f"{__version__}\n")
+        assert capsys.readouterr() == ("", f"v{__version__}\n")
 
 
 def test_flanneld_version_variable_has_no_effect_as_in_flanneld():
