@@ -1,9 +1,12 @@
 """Command line: parse flags into options, run, map failures to one line + exit code.
 
 Every flag of `run` (and `cleanup`) can also come from the environment as
-FLANNELD_<FLAG> (dashes as underscores, upper case), as with flanneld; a flag on the
-command line wins. Flags flanneld has and udpflannel does not are refused by name
-with what to use instead, never with argparse's "unrecognized arguments".
+FLANNELD_<FLAG> (dashes as underscores, upper case), by flanneld's rules; a flag on
+the command line wins. Flags flanneld has and udpflannel does not are refused by name
+with what to use instead (REFUSED, the one table), never with argparse's
+"unrecognized arguments". `udpflannel flanneld ARGS`, or this program under the name
+`flanneld`, takes flanneld's own command line in Go's syntax (flanneld_cli.py) and
+runs the same node.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable, NoReturn, Sequence
 from udpflannel.core.errors import BadInput
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+LIBRARY_DEBUG = 4  # -v level from which the libraries' debug lines are logged too
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,8 +107,18 @@ def _cpus(text: str) -> tuple[int, ...]:
     return tuple(cpus)
 
 
+def _level(text: str) -> int:
+    """klog's -v as flanneld takes it: a base-10 integer."""
+    from udpflannel.goflag import parse_int
+    try:
+        return parse_int(text, bits=32, base0=False)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}, want a level such as 2") from None
+
+
 def _bool(text: str) -> bool:
-    """Go's flag package spelling of booleans, as flanneld accepts them."""
+    """`udpflannel run`'s booleans: Go's spellings in any case, and yes/no, on/off
+    (flanneld's form takes Go's alone: goflag.parse_bool)."""
     value = text.strip().lower()
     if value in ("1", "t", "true", "yes", "on"):
         return True
@@ -128,6 +142,8 @@ REFUSED = {
     "--charon-viciurl": "the ipsec backend is not implemented; use the vxlan backend",
     "--set-node-network-unavailable": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
     "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented; use one Network in the config",
+    "--vmodule": "klog's per-Go-file verbosity has no meaning here; use -v=N",
+    "--log_backtrace_at": "klog's stack trace at a Go source line has no meaning here; use -v=N",
 }
 
 
@@ -157,7 +173,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                    help="pick the underlay the kernel would use to reach this address")
     p.add_argument("--public-ip", type=_ipv4, help="IP advertised to other nodes (default: --iface's)")
     p.add_argument("--registry-file", default="/var/lib/udpflannel/registry.db",
-                   help="embedded registry (SQLite) shared by daemons on this host")
+                   help="embedded registry (SQLite) shared by daemons on this host, used without "
+                        "--etcd-endpoints (in flanneld's form: given instead of -etcd-endpoints)")
     p.add_argument("--net-config", "--net-config-path", dest="net_config",
                    help="network config JSON used when the registry has none")
     p.add_argument("--subnet-file", default="/run/flannel/subnet.env", help="where to write subnet.env")
@@ -201,12 +218,12 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subnet-lease-renew-margin", type=_renew_margin, default=60.0,
                    help="renew this many minutes before expiry (1-1439, default 60)")
     p.add_argument("--etcd-endpoints", help="comma-separated etcd v3 URLs; selects the etcd registry")
-    p.add_argument("--etcd-prefix", default="/coreos.com/network")
-    p.add_argument("--etcd-cafile")
-    p.add_argument("--etcd-certfile")
-    p.add_argument("--etcd-keyfile")
-    p.add_argument("--etcd-username")
-    p.add_argument("--etcd-password")
+    p.add_argument("--etcd-prefix", default="/coreos.com/network", help="etcd prefix")
+    p.add_argument("--etcd-cafile", help="CA certificate of etcd's TLS")
+    p.add_argument("--etcd-certfile", help="client certificate for etcd")
+    p.add_argument("--etcd-keyfile", help="client key for etcd")
+    p.add_argument("--etcd-username", help="etcd user")
+    p.add_argument("--etcd-password", help="etcd user's password")
     switch("--ip-masq", False, "masquerade traffic leaving the cluster network, as flanneld")
     switch("--ip-masq-fully-random-disable", False, "masquerade without --random-fully")
     switch("--iptables-forward-rules", True, "accept the cluster network in FORWARD (default true)")
@@ -221,9 +238,13 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                         "--healthz-port)")
     switch("--metrics-peers", False, "per-peer series in /metrics and the status (big clusters: "
                                      "many series)")
+    switch("--ip-blackhole-route", False, "a blackhole route for this node's subnet, as flanneld "
+                                          "(for CNI setups without a bridge route for it)")
     for name in REFUSED:
         p.add_argument(name, nargs="?", action=_Refuse, help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", type=_level, nargs="?", const=1, default=0, metavar="N",
+                   help="log level as flanneld's -v: 0 info (default), 1-3 udpflannel's debug lines, "
+                        f"{LIBRARY_DEBUG} or more also its libraries'; -v alone is 1")
 
 
 class _EnvError(Exception):
@@ -236,30 +257,35 @@ class _EnvParser(Parser):
 
 
 def env_flags(environ: dict[str, str] | None = None, command_line: Sequence[str] = ()) -> list[str]:
-    """FLANNELD_<FLAG> environment values as `--flag=value` arguments, each checked by
-    the same parser as the flag itself (one clear line naming the variable when it is
-    bad). They go before the command line's flags, which therefore win. A repeatable
-    flag (--iface) takes a comma list. As in flanneld, a variable whose flag is on
-    ``command_line`` is not used at all: otherwise FLANNELD_IFACE=eth0 with --iface eth1
-    would make eth0 the first choice of two, and the command line would not win."""
+    """FLANNELD_<FLAG> environment values as `--flag=value` arguments, by flanneld's
+    rules (coreos/pkg flagutil.SetFlagsFromEnv): a variable is used only when its flag
+    is not on ``command_line`` (so the command line wins whole: FLANNELD_IFACE=eth0
+    with --iface eth1 is eth1 alone), only when not empty, and as one value (no comma
+    splitting: FLANNELD_IFACE="eth0,eth1" names one interface, as in flanneld). Each
+    is checked by the same parser as the flag (one clear line naming the variable when
+    it is bad). -v's variable is flanneld's FLANNELD_V."""
     environ = os.environ if environ is None else environ
     given = {arg.split("=", 1)[0] for arg in command_line if arg.startswith("--")}
-    checker = _EnvParser(prog="udpflannel run", add_help=False)
-    _add_node_flags(checker)
+    given |= {"-v" for arg in command_line if arg.startswith("-v") and not arg.startswith("--")}
+    checker = node_parser(_EnvParser)
     out = []
     for action in checker._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
-        if not longs or longs[0] == "--verbose" or given & set(action.option_strings):
+        if not longs or longs == ["--help"] or given & set(action.option_strings):
             continue
-        name = "FLANNELD_" + longs[0][2:].upper().replace("-", "_")
-        if name not in environ:
+        names = ["FLANNELD_V"] if action.dest == "verbose" else [
+            "FLANNELD_" + o[2:].upper().replace("-", "_") for o in longs]
+        found = [(n, environ[n]) for n in names if environ.get(n, "") != ""]
+        if not found:
             continue
+        if len({v for _, v in found}) > 1:
+            raise _EnvError(f"environment {found[0][0]} and {found[1][0]} disagree; set one of them")
+        name, value = found[0]
         if isinstance(action, _Refuse):  # set to anything but empty or false: refused, not ignored
-            if environ[name].strip().lower() not in _OFF:
+            if value.strip().lower() not in _OFF:
                 raise _EnvError(f"environment {name}: {longs[0]} is not supported: {REFUSED[longs[0]]}")
             continue
-        values = environ[name].split(",") if isinstance(action, argparse._AppendAction) else [environ[name]]
-        args = [f"{longs[0]}={v.strip()}" for v in values if v.strip() or len(values) == 1]
+        args = [f"{longs[0]}={value}"]
         try:
             checker.parse_args(args)
         except _EnvError as e:
@@ -268,12 +294,22 @@ def env_flags(environ: dict[str, str] | None = None, command_line: Sequence[str]
     return out
 
 
+def node_parser(kind: type[Parser] = Parser) -> Parser:
+    """A parser of the node flags alone (`run`'s): for the environment and for
+    flanneld's command line, which read the same definitions."""
+    p = kind(prog="udpflannel run", add_help=False)
+    _add_node_flags(p)
+    return p
+
+
 def build_parser() -> Parser:
     from udpflannel.version import __version__
     parser = Parser(prog="udpflannel", description="flannel's node agent with a userspace data plane")
     parser.add_argument("--version", action="version", version=f"udpflannel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_node_flags(sub.add_parser("run", help="run the node daemon"))
+    sub.add_parser("flanneld", add_help=False, help="run the node daemon from flanneld's command line "
+                   "and FLANNELD_* environment, in Go's flag syntax (as a binary named flanneld does)")
     cleanup = sub.add_parser("cleanup", help="remove what `run` leaves in place on purpose: "
                              "devices, routes, rules, subnet.env (and the lease, if asked)")
     _add_node_flags(cleanup)
@@ -336,7 +372,7 @@ def _run_options(a: argparse.Namespace):
         ip_masq=a.ip_masq, ip_masq_fully_random=not a.ip_masq_fully_random_disable,
         forward_rules=a.iptables_forward_rules, rules_resync=a.iptables_resync,
         healthz_ip=a.healthz_ip, healthz_port=a.healthz_port, metrics_port=a.metrics_port,
-        metrics_peers=a.metrics_peers)
+        metrics_peers=a.metrics_peers, ip_blackhole_route=a.ip_blackhole_route)
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -436,7 +472,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.path.basename(sys.argv[0]) == "flanneld":  # a symlink or the console script
+            return flanneld_main(argv)
+    argv = list(argv)
+    if argv[:1] == ["flanneld"]:
+        return flanneld_main(argv[1:])
     if argv[:1] in (["run"], ["cleanup"]) and not ({"-h", "--help"} & set(argv)):
         try:
             argv = [argv[0], *env_flags(command_line=argv[1:]), *argv[1:]]
@@ -444,10 +486,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"udpflannel: error: {e}", file=sys.stderr)
             return EXIT_USAGE
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    return _execute(COMMANDS[args.command], args)
+
+
+def flanneld_main(argv: Sequence[str] | None = None) -> int:
+    """`flanneld ARGS`: flanneld's command line and FLANNELD_* environment, exactly
+    (see flanneld_cli), then the same node as `udpflannel run`."""
+    from udpflannel import flanneld_cli
+    from udpflannel.version import __version__
     try:
-        return COMMANDS[args.command](args)
+        args, warnings = flanneld_cli.parse(sys.argv[1:] if argv is None else argv)
+    except flanneld_cli.FlanneldHelp as e:
+        sys.stderr.write(e.text)
+        return EXIT_OK
+    except flanneld_cli.FlanneldVersion:
+        # flanneld: fmt.Fprintln(os.Stderr, version.Version), its release tag ("v0.28.9"); ours the same way
+        print(f"v{__version__}", file=sys.stderr)
+        return EXIT_OK
+    except flanneld_cli.FlanneldUsage as e:
+        print(f"udpflannel: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return _execute(_cmd_run, args, warnings)
+
+
+def _execute(command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+             warnings: Sequence[str] = ()) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    level = int(getattr(args, "verbose", 0) or 0)
+    if level >= 1:  # klog's -v: 1-3 our own debug lines; from 4 on, also the libraries' (netlink, gRPC, ...)
+        logging.getLogger("udpflannel").setLevel(logging.DEBUG)
+    if level >= LIBRARY_DEBUG:
+        logging.getLogger().setLevel(logging.DEBUG)
+    for text in warnings:
+        logging.getLogger("udpflannel").warning("%s", text)
+    try:
+        return command(args)
     except KeyboardInterrupt:
         return 130
     except _expected_errors() as e:

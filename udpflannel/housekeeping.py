@@ -9,6 +9,8 @@
   supervisor restarts it with the new one.
 - ``keep_rules``: the masquerade and forward rules re-checked every --iptables-resync
   seconds and restored if someone flushed them, as flanneld does.
+- ``keep_blackhole_route``: with --ip-blackhole-route, flanneld's blackhole route for
+  the leased subnet, put back on the same period.
 
 Neither may end the daemon over something passing: a check that finds no file
 descriptor or memory (EMFILE, ENFILE, ENOMEM: a flood elsewhere in the process, a
@@ -19,6 +21,7 @@ failing rules check is logged.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Callable
 
@@ -54,6 +57,34 @@ async def keep_rules(node: Node, rules, period: float) -> None:
             if not is_resource_exhaustion(e):
                 raise
             node.out_of_resources("checking the rules", e)
+
+
+async def keep_blackhole_route(node: Node, subnet: Callable[[], ipaddress.IPv4Network | None], period: float,
+                               ensure: Callable[[ipaddress.IPv4Network], bool] = netconf.ensure_blackhole_route
+                               ) -> None:
+    """--ip-blackhole-route, as flanneld runs it: every ``period`` (--iptables-resync)
+    seconds, starting one period after the start, a blackhole route for the subnet
+    leased now (``subnet()``; None: no lease yet) is put back if it is missing. A
+    failure (the kernel refusing it beside a CNI bridge's route, say) is logged when it
+    first appears or changes, not every period, and never ends the daemon."""
+    last_error = None
+    while True:
+        await asyncio.sleep(period)
+        current = subnet()
+        if current is None:
+            continue
+        try:
+            if await asyncio.to_thread(ensure, current):
+                log.info("blackhole route for %s added", current)
+            last_error = None
+        except Exception as e:
+            if is_resource_exhaustion(e):
+                node.out_of_resources("checking the blackhole route", e)
+            elif not isinstance(e, UdpflannelError):
+                raise
+            elif str(e) != last_error:
+                last_error = str(e)
+                log.warning("%s; retrying every %g s", e, period)
 
 
 def _open_link_watch() -> LinkWatch | None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from udpflannel.core.wire import UDP_PORT
 
+EMBEDDED_SCOPE = "single host only"  # what the embedded registry is good for, said wherever it is named
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -51,6 +53,9 @@ class RunOptions:
     healthz_port: int = 0  # 0: off
     metrics_port: int = 0  # 0: off; may equal healthz_port
     metrics_peers: bool = False  # per-peer series (cardinality!)
+    # flanneld's --ip-blackhole-route: keep a blackhole route for the leased subnet in the
+    # main table (host.netconf.ensure_blackhole_route), checked every rules_resync seconds
+    ip_blackhole_route: bool = False
 
     @property
     def admin_path(self) -> str:
@@ -62,9 +67,11 @@ class RunOptions:
 
     @property
     def registry_where(self) -> str:
+        """Where the registry is, as the start-up log, `udpflannel status` and /readyz
+        say it: the embedded one says that it cannot span hosts."""
         if self.etcd_endpoints:
             return f"{','.join(self.etcd_endpoints)} prefix {self.etcd_prefix}"
-        return self.registry_file
+        return f"{self.registry_file}: {EMBEDDED_SCOPE}"
 
 
 def default_admin_socket(tun: str) -> str:

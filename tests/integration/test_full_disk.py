@@ -71,6 +71,7 @@ def test_a_full_disk_keeps_the_node_forwarding_and_unready_until_there_is_room(m
     lab = make_lab(2)
     subnet_env = os.path.join(tiny_tmpfs, "subnet.env")
     cluster = make_cluster(lab, extra_args=["--healthz-port", str(HEALTHZ_PORT)])
+    ready = f"ready (embedded registry {cluster.registry_file}: single host only)\n"
     cluster.start(1)
     fill(tiny_tmpfs)
     cluster.start(0, extra=["--subnet-file", subnet_env])
@@ -88,7 +89,7 @@ def test_a_full_disk_keeps_the_node_forwarding_and_unready_until_there_is_room(m
 
     # room again: written at the next retry, and ready
     empty(tiny_tmpfs)
-    assert wait_http(victim, HEALTHZ_PORT, "/readyz", 200, timeout=15) == "ready\n"
+    assert wait_http(victim, HEALTHZ_PORT, "/readyz", 200, timeout=15) == ready
     assert open(subnet_env).read().startswith("FLANNEL_NETWORK=")
 
     # a restart onto a full disk: subnet.env already says what it would write, so
@@ -96,7 +97,7 @@ def test_a_full_disk_keeps_the_node_forwarding_and_unready_until_there_is_room(m
     fill(tiny_tmpfs)
     cluster.stop(0)
     cluster.start(0, extra=["--subnet-file", subnet_env])
-    assert wait_http(victim, HEALTHZ_PORT, "/readyz", 200, timeout=15) == "ready\n"
+    assert wait_http(victim, HEALTHZ_PORT, "/readyz", 200, timeout=15) == ready
     assert all(ping(lab.nodes[1], cluster.overlay_addr(0), count=5))
     # one that must change it (now FLANNEL_IPMASQ=true) cannot: forwarding, unready, retried
     cluster.stop(0)
@@ -105,5 +106,5 @@ def test_a_full_disk_keeps_the_node_forwarding_and_unready_until_there_is_room(m
     assert all(ping(lab.nodes[1], cluster.overlay_addr(0), count=5))
     assert "FLANNEL_IPMASQ=false" in open(subnet_env).read()  # the old file, whole
     empty(tiny_tmpfs)
-    assert wait_http(victim, HEALTHZ_PORT, "/readyz", 200, timeout=15) == "ready\n"
+    assert wait_http(victim, HEALTHZ_PORT, "/readyz", 200, timeout=15) == ready
     assert "FLANNEL_IPMASQ=true" in open(subnet_env).read()

@@ -66,10 +66,12 @@ def options(env: dict[str, str], command_line: list[str]):
 
 
 def test_iface_forms_reach_the_options():
-    env = {"FLANNELD_IFACE": "eth9, 10.0.0.1", "FLANNELD_IFACE_REGEX": "^wl"}
-    assert options(env, []).ifaces == ("eth9", "10.0.0.1")  # a comma list, in order
+    env = {"FLANNELD_IFACE": "eth9", "FLANNELD_IFACE_REGEX": "^wl"}
+    assert options(env, []).ifaces == ("eth9",)
+    # one value, as flanneld's flagSlice takes it: "eth9,eth8" names one interface (none has that name)
+    assert options({"FLANNELD_IFACE": "eth9,eth8"}, []).ifaces == ("eth9,eth8",)
     opts = options(env, ["--iface", "eth1", "--iface-regex=^en", "--iface-can-reach", "10.1.2.3"])
     # the command line wins whole, as in flanneld: the variable is not used at all (appending
     # eth1 after eth9 would leave eth9 the first choice)
     assert opts.ifaces == ("eth1",) and opts.iface_regex == ("^en",) and opts.iface_can_reach == "10.1.2.3"
-    assert options(env, ["--iface-can-reach", "10.1.2.3"]).ifaces == ("eth9", "10.0.0.1")
+    assert options(env, ["--iface-can-reach", "10.1.2.3"]).ifaces == ("eth9",)

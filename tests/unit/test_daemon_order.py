@@ -131,7 +131,7 @@ def test_start_up_order_readiness_and_a_clean_stop(tmp_path):
         await h.until(h.ready, what="ready")
         assert os.path.exists(h.opts.subnet_file)
         assert first(h.journal, "plane.start") < first(h.journal, "plane.apply")
-        assert (await h.http("/readyz")) == (200, "ready\n")
+        assert (await h.http("/readyz")) == (200, f"ready (embedded registry {h.registry_path}: single host only)\n")
         assert (await h.status())["ready"] is True
         # 5. stop: the plane stops (its device stays), the registry closes after it,
         # subnet.env and the lease stay for the next start

@@ -80,6 +80,21 @@ def test_a_registry_outage_keeps_a_forwarding_node_ready():
     asyncio.run(body())
 
 
+def test_ready_on_the_embedded_registry_says_it_is_single_host():
+    from udpflannel.options import RunOptions
+    opts = RunOptions(registry_file="/var/lib/x/registry.db")
+    holder = Holder(busy(registry=RegistryStatus(opts.registry_kind, opts.registry_where)))
+
+    async def body():
+        endpoints = await start_on_free_ports(holder, metrics=False)
+        try:
+            assert await get(*address_of(endpoints, "/readyz"), "/readyz") == (
+                200, "ready (embedded registry /var/lib/x/registry.db: single host only)\n")
+        finally:
+            await endpoints.close()
+    asyncio.run(body())
+
+
 def test_healthz_does_not_read_status_and_readyz_survives_a_broken_one():
     holder = Holder(RuntimeError("engine gone"))
 

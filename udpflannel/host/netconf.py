@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -206,6 +207,36 @@ def ensure_fallback_route(network: ipaddress.IPv4Network) -> None:
             _fallback_route(ipr, network)
         except NetlinkError as e:
             raise NetconfError(f"unreachable route for {network}: {e}") from None
+
+
+RT_TABLE_MAIN = 254
+RTN_BLACKHOLE = 6
+RTPROT_BOOT = 3  # the protocol flanneld's routes carry (netlink's default)
+
+
+def ensure_blackhole_route(subnet: ipaddress.IPv4Network) -> bool:
+    """flanneld's --ip-blackhole-route (pkg/ip AddBlackholeV4Route): a blackhole route
+    for this node's leased subnet in the main table, so that traffic for an address of
+    the subnet no pod holds is dropped here rather than sent out by the default route;
+    meant for CNI setups without a bridge route for the subnet (Canal). Added only when
+    the main table holds no blackhole route for exactly this prefix (one flanneld left
+    counts); flanneld calls it every --iptables-resync seconds. True when it added one.
+    A route of another kind for the same prefix and metric (the CNI bridge's) makes the
+    kernel refuse it with EEXIST, for flanneld too: a NetconfError saying so."""
+    with IPRoute() as ipr:
+        try:
+            for route in ipr.route("dump", family=socket.AF_INET, table=RT_TABLE_MAIN):
+                if (route["type"] == RTN_BLACKHOLE and route["dst_len"] == subnet.prefixlen
+                        and route.get_attr("RTA_DST") == str(subnet.network_address)
+                        and (route.get_attr("RTA_TABLE") or route["table"]) == RT_TABLE_MAIN):
+                    return False
+            ipr.route("add", dst=str(subnet), type="blackhole", proto=RTPROT_BOOT, table=RT_TABLE_MAIN)
+        except NetlinkError as e:
+            why = e.args[1] if len(e.args) > 1 else str(e)
+            if e.code == errno.EEXIST:
+                why += " (another route for this prefix, e.g. the CNI bridge's)"
+            raise NetconfError(f"blackhole route for {subnet}: {why}") from None
+    return True
 
 
 def remove_overlay_routes(network: ipaddress.IPv4Network) -> None:

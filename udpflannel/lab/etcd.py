@@ -81,12 +81,15 @@ class EtcdServer:
     """One etcd member; ``endpoint`` is its client URL. Restartable on the same ports."""
 
     def __init__(self, base_dir: Path, *, tls: TLSFiles | None = None, extra_args: tuple[str, ...] = (),
-                 host: str = "127.0.0.1", popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
+                 host: str = "127.0.0.1", popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+                 client_port: int | None = None) -> None:
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "etcd.log"
         self.name = f"udpflannel-test-{uuid.uuid4().hex[:8]}"
-        self.client_port = free_port()
+        # a fixed client port only inside a namespace of the caller's own (e.g. etcd's
+        # default 2379, where a client with no endpoint flag looks)
+        self.client_port = client_port or free_port()
         self.peer_port = free_port()
         self.tls = tls
         self.extra_args = tuple(extra_args)

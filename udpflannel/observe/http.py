@@ -352,6 +352,8 @@ class _Server:
         if st.registry is not None and not st.registry.reachable:
             body = f"ready (registry {st.registry.kind} unreachable; still forwarding)\n"
             return _response(200, body.encode(), head_only=head_only)
+        if st.registry is not None and st.registry.kind == "embedded":  # where says "single host only"
+            return _response(200, f"ready (embedded registry {st.registry.where})\n".encode(), head_only=head_only)
         return _response(200, b"ready\n", head_only=head_only)
 
 

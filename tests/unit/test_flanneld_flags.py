@@ -1,0 +1,160 @@
+"""Every flag of flanneld and every FLANNELD_* variable, honoured or refused by name.
+
+The tables below are taken from flannel v0.28.9's main.go (init(): the flags registered
+on flannelFlags, plus klog's v, vmodule and log_backtrace_at copied in by copyFlag) and
+coreos/pkg flagutil.SetFlagsFromEnv (FLANNELD_<FLAG> for every one of them). When that
+main.go is on this machine (the Go module cache), a test checks the tables against it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import pytest
+
+from udpflannel import cli, flanneld_cli
+from udpflannel.flanneld_cli import env_name
+
+FLANNEL_MAIN_GO = "~/go/pkg/mod/github.com/flannel-io/flannel@v0.28.9/main.go"
+FLANNELD_DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+
+# flag -> (a value to give it (None: a boolean given bare), RunOptions field, what that
+# value becomes, the field's value when the flag is not given)
+HONOURED = {
+    "etcd-endpoints": ("http://10.0.0.5:2379,https://10.0.0.6:2379", "etcd_endpoints",
+                       ("http://10.0.0.5:2379", "https://10.0.0.6:2379"), FLANNELD_DEFAULT_ENDPOINTS),
+    "etcd-prefix": ("/x/network", "etcd_prefix", "/x/network", "/coreos.com/network"),
+    "etcd-keyfile": ("/etc/k.pem", "etcd_keyfile", "/etc/k.pem", None),
+    "etcd-certfile": ("/etc/c.pem", "etcd_certfile", "/etc/c.pem", None),
+    "etcd-cafile": ("/etc/ca.pem", "etcd_cafile", "/etc/ca.pem", None),
+    "etcd-username": ("flannel", "etcd_username", "flannel", None),
+    "etcd-password": ("s3cret", "etcd_password", "s3cret", None),
+    "iface": ("eth1", "ifaces", ("eth1",), ()),
+    "iface-regex": ("^en", "iface_regex", ("^en",), ()),
+    "iface-can-reach": ("10.1.2.3", "iface_can_reach", "10.1.2.3", None),
+    "subnet-file": ("/tmp/s.env", "subnet_file", "/tmp/s.env", "/run/flannel/subnet.env"),
+    "public-ip": ("10.0.0.9", "public_ip", "10.0.0.9", None),
+    "subnet-lease-renew-margin": ("30", "renew_margin", 1800.0, 3600.0),
+    "ip-masq": (None, "ip_masq", True, False),
+    "ip-masq-fully-random-disable": (None, "ip_masq_fully_random", False, True),
+    "healthz-ip": ("127.0.0.1", "healthz_ip", "127.0.0.1", "0.0.0.0"),
+    "healthz-port": ("10256", "healthz_port", 10256, 0),
+    "iptables-resync": ("9", "rules_resync", 9.0, 5.0),
+    "iptables-forward-rules": ("false", "forward_rules", False, True),
+    "ip-blackhole-route": (None, "ip_blackhole_route", True, False),
+    # flanneld reads it only with --kube-subnet-mgr (default /etc/kube-flannel/net-conf.json);
+    # udpflannel stores this config in etcd when etcd has none, and reads no file unless asked
+    "net-config-path": ("/etc/net.json", "net_config", "/etc/net.json", None),
+}
+# flags that are not options of the node: -v is the log level, -version prints and exits
+OTHER = {"v", "version"}
+KUBE = "the Kubernetes subnet manager is not implemented; use --etcd-endpoints"
+IPV6 = "udpflannel carries an IPv4 overlay only; use "
+# flag -> the start of the reason given (the whole message is asserted against cli.REFUSED)
+REFUSED = {
+    "kube-subnet-mgr": KUBE, "kube-api-url": KUBE, "kube-annotation-prefix": KUBE, "kubeconfig-file": KUBE,
+    "set-node-network-unavailable": KUBE, "public-ipv6": IPV6,
+    "vmodule": "klog's per-Go-file verbosity", "log_backtrace_at": "klog's stack trace",
+}
+BOOLEAN_REFUSED = {"kube-subnet-mgr", "set-node-network-unavailable"}
+
+
+def options(argv, env=None):
+    ns, _ = flanneld_cli.parse(argv, env or {})
+    return cli._run_options(ns)
+
+
+def test_the_table_is_flanneld_s_flag_set():
+    assert set(HONOURED) | OTHER | set(REFUSED) == set(flanneld_cli.FLANNELD_FLAGS)
+    assert not set(HONOURED) & set(REFUSED)
+    assert {f"--{name}" for name in REFUSED} <= set(cli.REFUSED)  # one table of refusals
+
+
+def test_the_table_matches_flannel_s_main_go():
+    paths = glob.glob(os.path.expanduser(FLANNEL_MAIN_GO))
+    if not paths:
+        pytest.skip(f"{FLANNEL_MAIN_GO} is not on this machine")
+    with open(paths[0]) as f:
+        source = f.read()
+    registered = set(re.findall(r'flannelFlags\.\w*Var\(&opts\.\w+, "([^"]+)"', source))
+    registered |= set(re.findall(r'flannelFlags\.Var\(&opts\.\w+, "([^"]+)"', source))
+    registered |= set(re.findall(r'copyFlag\("([^"]+)"\)', source))
+    assert registered == set(HONOURED) | OTHER | set(REFUSED)
+    defaults = re.findall(r'flannelFlags\.\w+Var\(&opts\.\w+, "([^"]+)", (?:"([^"]*)"|([\w.]+)),', source)
+    assert len(defaults) == len(registered) - 2 - 3  # all but the two lists and klog's three
+    for name, quoted, bare in defaults:
+        assert flanneld_cli.FLANNELD_FLAGS[name][1] == (quoted or bare), name
+
+
+@pytest.mark.parametrize("flag", sorted(HONOURED))
+def test_each_honoured_flag(flag):
+    value, field, want, default = HONOURED[flag]
+    assert getattr(options([]), field) == default
+    if value is None:
+        forms = [[f"-{flag}"], [f"--{flag}"], [f"-{flag}=true"]]
+    elif flanneld_cli.FLANNELD_FLAGS[flag][0] == "bool":  # never `-flag false`
+        forms = [[f"-{flag}={value}"], [f"--{flag}={value}"]]
+    else:
+        forms = [[f"-{flag}", value], [f"--{flag}", value], [f"-{flag}={value}"], [f"--{flag}={value}"]]
+    for argv in forms:
+        assert getattr(options(argv), field) == want, argv
+    env = {env_name(flag): "true" if value is None else value}
+    assert getattr(options([], env), field) == want
+
+
+@pytest.mark.parametrize("flag", sorted(REFUSED))
+def test_each_refused_flag(flag, capsys):
+    reason = cli.REFUSED[f"--{flag}"]
+    assert reason.startswith(REFUSED[flag]) and "; use " in reason
+    value = [] if flag in BOOLEAN_REFUSED else ["x"]
+    assert cli.main(["flanneld", f"-{flag}", *value]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"udpflannel: error: --{flag} is not supported: {reason}\n"
+    with pytest.raises(flanneld_cli.FlanneldUsage) as e:
+        options([], {env_name(flag): "true"})
+    assert str(e.value) == f"environment {env_name(flag)}: --{flag} is not supported: {reason}"
+
+
+def test_a_refused_flag_asking_for_nothing_passes():
+    assert options(["-kube-subnet-mgr=false", "-public-ipv6="]).ip_masq is False
+    assert options([], {"FLANNELD_KUBE_SUBNET_MGR": "false"}).etcd_endpoints == FLANNELD_DEFAULT_ENDPOINTS
+
+
+def test_refused_booleans_take_no_value_argument():
+    # -kube-subnet-mgr is a boolean in flanneld: the next argument is not its value
+    with pytest.raises(flanneld_cli.FlanneldUsage, match="--kube-subnet-mgr is not supported"):
+        options(["-kube-subnet-mgr", "-ip-masq"])
+
+
+def test_kube_manager_variables_alone_change_nothing():
+    """NODE_NAME, POD_NAME, ... are read by flanneld's Kubernetes subnet manager only:
+    without --kube-subnet-mgr (refused) they change nothing, in flanneld or here."""
+    env = dict.fromkeys(flanneld_cli.KUBE_ENV, "x")
+    assert options([], env) == options([])
+
+
+@pytest.mark.parametrize("argv, level", [([], 0), (["-v=2"], 2), (["-v", "3"], 3), (["--v=1"], 1)])
+def test_v_is_the_log_level(argv, level):
+    ns, _ = flanneld_cli.parse(argv, {})
+    assert ns.verbose == level
+    assert flanneld_cli.parse([], {"FLANNELD_V": "4"})[0].verbose == 4
+
+
+def test_version_prints_the_version_alone_on_stderr(capsys):
+    from udpflannel.version import __version__
+    for argv in (["-version"], ["--version"], ["-version=true", "-ip-masq"]):
+        assert cli.main(["flanneld", *argv]) == cli.EXIT_OK
+        assert capsys.readouterr() == ("", f"v{__version__}\n")
+
+
+def test_flanneld_version_variable_has_no_effect_as_in_flanneld():
+    ns, warnings = flanneld_cli.parse([], {"FLANNELD_VERSION": "true"})
+    assert warnings == ["FLANNELD_VERSION=true has no effect: flanneld reads -version before the environment"]
+
+
+def test_every_flag_has_its_variable():
+    """flagutil.SetFlagsFromEnv: FLANNELD_ + the name upper-cased, dashes as underscores."""
+    assert env_name("subnet-lease-renew-margin") == "FLANNELD_SUBNET_LEASE_RENEW_MARGIN"
+    assert env_name("log_backtrace_at") == "FLANNELD_LOG_BACKTRACE_AT"
+    assert env_name("v") == "FLANNELD_V"
