@@ -49,7 +49,7 @@ from udpflannel.dataplane.sockets import parse_offloads
 from udpflannel.host import localstate, netconf
 from udpflannel.host.rules import RulesError, RuleSpec, make_rules
 from udpflannel.host.tun import has_net_admin
-from udpflannel.housekeeping import keep_rules, watch_underlay_and_plane
+from udpflannel.housekeeping import keep_blackhole_route, keep_rules, watch_underlay_and_plane
 from udpflannel.node import Node, Persist
 from udpflannel.observe import admin, sdnotify
 from udpflannel.observe.http import start_http
@@ -332,6 +332,10 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                      asyncio.create_task(stop.wait(), name="stop"), plane.failed]
             if rules is not None:
                 tasks.append(asyncio.create_task(keep_rules(node, rules, opts.rules_resync), name="rules"))
+            if opts.ip_blackhole_route:
+                tasks.append(asyncio.create_task(keep_blackhole_route(
+                    node, lambda: node.manager.lease.subnet if node.manager.lease else None,
+                    opts.rules_resync), name="blackhole"))
             try:
                 await _supervise(tasks)
             finally:

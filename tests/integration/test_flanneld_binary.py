@@ -130,3 +130,28 @@ def test_the_blackhole_route_in_a_real_kernel(make_lab):
     node.link_up("cni0", "10.244.8.1/24")
     with pytest.raises(netconf.NetconfError, match="another route for this prefix"):
         node.call(netconf.ensure_blackhole_route, other)
+
+
+def test_a_daemon_with_ip_blackhole_route_keeps_one_for_its_subnet(make_lab, make_cluster):
+    """--ip-blackhole-route on a running node: its own subnet gets a blackhole route
+    within one --iptables-resync period, and gets it back when someone deletes it."""
+    import time
+    lab = make_lab(1)
+    cluster = make_cluster(lab, extra_args=["--ip-blackhole-route", "--iptables-resync", "1"])
+    cluster.start(0)
+    subnet = cluster.wait_status(0, lambda s: s.lease is not None).lease.subnet
+    node = lab.nodes[0]
+
+    def blackholes() -> list[str]:
+        out = node.run(["ip", "route", "show", "table", "main", "type", "blackhole"], 15).stdout
+        return [line.split()[1] for line in out.splitlines() if line.strip()]
+
+    for attempt in range(2):
+        deadline = time.monotonic() + 10
+        while subnet not in blackholes():
+            assert time.monotonic() < deadline, f"no blackhole route for {subnet}: {cluster.log_tail(0)}"
+            time.sleep(0.2)
+        if attempt == 0:
+            node.run(["ip", "route", "del", "blackhole", subnet], 15)
+            assert subnet not in blackholes()
+    assert cluster.procs[0].poll() is None
