@@ -501,17 +501,20 @@ def test_switching_planes_keeps_the_lease_and_removes_the_other_planes_device(la
 # -- 4. Backend.MTU ------------------------------------------------------------------
 
 def test_backend_mtu_is_honoured_by_both_planes(lab, make):
+    """flanneld's meaning: a vxlan Backend.MTU stands for the underlay's MTU, and the
+    device gets 50 less (flanneld's flannel.1 with "MTU": 1400 is 1350, and so is its
+    FLANNEL_MTU: checked against the real flanneld in test_real_flanneld.py)."""
     cluster, (e, k) = make(2, '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1400}}')
     cluster.start(e)
     cluster.start(k, KERNEL)
     for i in (e, k):
         cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 1, 20, "routing to its peer")
-    assert link(lab.nodes[e], "flannel0")["mtu"] == 1400
-    assert link(lab.nodes[k], "flannel.1")["mtu"] == 1400
+    assert link(lab.nodes[e], "flannel0")["mtu"] == 1350
+    assert link(lab.nodes[k], "flannel.1")["mtu"] == 1350
     for i in (e, k):
-        assert subnet_env(cluster, i)["FLANNEL_MTU"] == "1400"
-        assert cluster.status(i).dataplane.mtu == 1400
-    # 1400 fits either way: a full-size ping crosses in both directions, not fragmented
+        assert subnet_env(cluster, i)["FLANNEL_MTU"] == "1350"
+        assert cluster.status(i).dataplane.mtu == 1350
+    # 1350 fits either way: a full-size ping crosses in both directions, not fragmented
     addrs = {i: gateway_of(cluster.status(i).lease.subnet) for i in (e, k)}
     assert unreachable_pairs(lab, addrs) == []
 

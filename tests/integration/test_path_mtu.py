@@ -83,13 +83,13 @@ def _reassembled(ns) -> int:
 
 
 def test_narrower_underlay_device_fragments_instead_of_dropping(make_lab, make_cluster, workdir):
-    """With an explicit Backend.MTU of 1450 the TUN keeps it when the underlay device
-    shrinks to 1400: each UDP_SEGMENT send fails and is retried as single datagrams
+    """With an explicit Backend.MTU of 1500 (flanneld's meaning: the underlay's, so the
+    TUN gets 1450) the TUN keeps 1450 when the underlay device shrinks to 1400: each UDP_SEGMENT send fails and is retried as single datagrams
     that the kernel fragments, as kernel VXLAN's DF-clear packets are."""
     lab = make_lab(2)
     config = f"{workdir}/net.json"
     with open(config, "w") as f:
-        f.write('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1450}}')
+        f.write('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1500}}')
     cluster = make_cluster(lab, extra_args=["--net-config", config])
     cluster.start_all()
     cluster.wait_converged()

@@ -53,7 +53,11 @@ LEASE_TTL = 24 * 3600  # flanneld's, fixed; udpflannel's default --subnet-lease-
 TCP_BYTES = (1 << 20) + 77  # odd on purpose: no segment boundary lines up with it
 # per backend: the udpflannel nodes' --dataplane, and whether every node runs --ip-masq
 PLANES = {"vxlan": ("engine", "kernel"), "udp": ("engine", "engine")}
-MTU = {"vxlan": 1450, "udp": 1472}  # underlay 1500 minus the framing
+# The vxlan cluster's config carries "MTU": 1400, which flanneld reads as the underlay's
+# MTU (flannel.1 gets 1350): every node of it must agree. The udp backend has no MTU
+# setting: underlay 1500 minus its 28.
+BACKEND_EXTRA = {"vxlan": {"MTU": 1400}, "udp": {}}
+MTU = {"vxlan": 1350, "udp": 1472}
 NUD_PERMANENT = 0x80
 RTNH_F_ONLINK = 4
 
@@ -112,7 +116,7 @@ def mix(request, lab, etcd, tmp_path_factory):
     backend = request.param
     workdir = str(tmp_path_factory.mktemp(f"real-{backend}"))
     prefix = f"/t-{uuid.uuid4().hex[:8]}/network"
-    etcd.etcdctl("put", f"{prefix}/config", json.dumps({"Network": NETWORK, "Backend": {"Type": backend}}))
+    etcd.etcdctl("put", f"{prefix}/config", json.dumps({"Network": NETWORK, "Backend": {"Type": backend, **BACKEND_EXTRA[backend]}}))
     ip_masq = backend == "udp"
     first = len(lab.nodes)
     for _ in range(3):

@@ -47,7 +47,7 @@ class NetworkConfig:
     backend_type: str = "vxlan"
     vni: int = DEFAULT_VNI
     port: int = VXLAN_PORT
-    mtu: int | None = None  # Backend.MTU; None: the underlay's MTU minus the framing
+    mtu: int | None = None  # vxlan Backend.MTU: the underlay MTU to assume (flanneld's meaning); None: the real one
     direct_routing: bool = False  # Backend.DirectRouting (vxlan)
     enable_nftables: bool = False  # EnableNFTables: masquerade/forward rules via nftables
 

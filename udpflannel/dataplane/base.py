@@ -58,12 +58,13 @@ class PlaneOptions:
 
     @property
     def mtu(self) -> int:
-        """Backend.MTU, else the underlay's minus the framing: 50 for VXLAN (outer IPv4,
-        UDP, VXLAN, inner Ethernet), 28 for flanneld's udp (outer IPv4 and UDP)."""
-        if self.config.mtu:
-            return self.config.mtu
-        overhead = UDP_FRAMING_OVERHEAD if self.config.backend_type == "udp" else VXLAN_OVERHEAD
-        return self.underlay.mtu - overhead
+        """The underlay's MTU minus the framing: 50 for VXLAN (outer IPv4, UDP, VXLAN,
+        inner Ethernet), 28 for flanneld's udp (outer IPv4 and UDP). A vxlan config's
+        Backend.MTU stands for the underlay's, as in flanneld (its flannel.<VNI> gets
+        MTU - 50); the udp backend has no MTU setting."""
+        if self.config.backend_type == "udp":
+            return self.underlay.mtu - UDP_FRAMING_OVERHEAD
+        return (self.config.mtu or self.underlay.mtu) - VXLAN_OVERHEAD
 
 
 class DataPlane(Protocol):
