@@ -240,6 +240,11 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                                      "many series)")
     switch("--ip-blackhole-route", False, "a blackhole route for this node's subnet, as flanneld "
                                           "(for CNI setups without a bridge route for it)")
+    p.add_argument("--takeover", nargs="?", const="exit", choices=("exit", "wait"), default=None,
+                   help="upgrade without a gap: take the data plane of the daemon running for this "
+                        "--tun over (its TUN queues and sockets, passed over the admin socket); it "
+                        "then exits 0 (exit, the default) or idles until stopped (wait: a DaemonSet "
+                        "surge). Without a running daemon: simply start")
     for name in REFUSED:
         p.add_argument(name, nargs="?", action=_Refuse, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", type=_level, nargs="?", const=1, default=0, metavar="N",
@@ -372,7 +377,7 @@ def _run_options(a: argparse.Namespace):
         ip_masq=a.ip_masq, ip_masq_fully_random=not a.ip_masq_fully_random_disable,
         forward_rules=a.iptables_forward_rules, rules_resync=a.iptables_resync,
         healthz_ip=a.healthz_ip, healthz_port=a.healthz_port, metrics_port=a.metrics_port,
-        metrics_peers=a.metrics_peers, ip_blackhole_route=a.ip_blackhole_route)
+        metrics_peers=a.metrics_peers, ip_blackhole_route=a.ip_blackhole_route, takeover=a.takeover)
 
 
 def _cmd_run(a: argparse.Namespace) -> int:

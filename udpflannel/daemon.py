@@ -31,21 +31,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import resource
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
+from udpflannel import takeover
 from udpflannel.core import config as netconfig
 from udpflannel.core import subnetenv
 from udpflannel.core.errors import UdpflannelError
-from udpflannel.core.lease import Lease
+from udpflannel.core.lease import EventType, Lease, LeaseEvent
 from udpflannel.core.underlay import Underlay
-from udpflannel.dataplane.base import DataPlane, DataplaneError, PlaneOptions
+from udpflannel.dataplane.base import AUTO, ENGINE, DataPlane, DataplaneError, PlaneOptions
 from udpflannel.dataplane.select import prepare_plane
 from udpflannel.dataplane.sockets import parse_offloads
+from udpflannel.dataplane.userspace import EnginePlane
 from udpflannel.host import localstate, netconf
 from udpflannel.host.rules import RulesError, RuleSpec, make_rules
 from udpflannel.host.tun import has_net_admin
@@ -56,8 +62,9 @@ from udpflannel.observe.http import start_http
 from udpflannel.options import RunOptions
 from udpflannel.registry.base import Registry, RegistryError
 from udpflannel.registry.select import open_registry
-from udpflannel.subnets.base import Backoff, RegistryHealth
+from udpflannel.subnets.base import Backoff, RegistryHealth, SubnetManager
 from udpflannel.subnets.leasing import LeaseManager
+from udpflannel.takeover import TakeoverError
 
 log = logging.getLogger("udpflannel")
 
@@ -96,6 +103,8 @@ class Outside:
     prepare_plane: Callable[[str, PlaneOptions], Awaitable[DataPlane]] = prepare_plane
     rules: Callable[[RunOptions, netconfig.NetworkConfig, Lease], Any] = _rules
     link_events: bool = True  # netlink wake-ups for housekeeping (else it polls)
+    wait_for_signal: Callable[[], Awaitable[Any]] = lambda: _stop_on_signals().wait()  # handed over, "wait"
+    adopt_plane: Callable[..., DataPlane] = EnginePlane.adopt  # (popts, reason, state, handed), --takeover
 
 
 def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
@@ -229,14 +238,26 @@ async def _install_rules(opts: RunOptions, outside: Outside, cfg, lease: Lease):
     return rules
 
 
-async def _follow(node: Node, manager: LeaseManager, plane) -> None:
+async def _follow(node: Node, manager: SubnetManager, plane) -> None:
     """Lease events into routes; the first batch is the snapshot: then every known peer
-    has a route, and the node is ready once subnet.env is written too."""
+    has a route, and the node is ready once subnet.env is written too. A plane that
+    already has routes (taken over from another daemon) loses those the snapshot
+    no longer lists."""
     async for events in manager.watch():
+        if not node.snapshot_applied:
+            events = events + stale_routes(plane, events)
         await plane.apply(events)
         if not node.snapshot_applied:
             node.snapshot_applied = True
             _announce_if_ready(node)
+
+
+def stale_routes(plane, snapshot: list[LeaseEvent]) -> list[LeaseEvent]:
+    """REMOVED events for the plane's routes whose subnets the snapshot does not hold."""
+    listed = {ev.lease.subnet for ev in snapshot if ev.type is EventType.ADDED}
+    return [LeaseEvent(EventType.REMOVED, Lease(ipaddress.IPv4Network(p.subnet), ipaddress.IPv4Address(p.public_ip),
+                                                "", None, None))
+            for p in plane.peers() if ipaddress.IPv4Network(p.subnet) not in listed]
 
 
 def _announce_if_ready(node: Node) -> None:
@@ -275,37 +296,50 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
     old_limit, new_limit = raise_open_files_limit()
     if new_limit != old_limit:
         log.debug("open files limit raised from %d to %d", old_limit, new_limit)
+    _successor_on_sigusr2()
     node = Node(opts)
     persist = Persist(node)
+    giver: takeover.Giver | None = None
+    taken = await takeover.ask(opts) if opts.takeover else None
     async with contextlib.AsyncExitStack() as undo:
+        adopted = await _adopt(opts, taken, outside) if taken is not None else None
+        if adopted is not None:
+            undo.push_async_callback(adopted.stop)
+            node.plane = adopted
         http = await start_http(node.status, healthz=(opts.healthz_ip, opts.healthz_port),
                                 metrics=(opts.healthz_ip, opts.metrics_port), status_version=node.version)
         undo.push_async_callback(http.close)
         try:
             # pyroute2's sync API runs an asyncio loop of its own, and uvloop cannot carry
             # netlink sockets: netlink calls go to a worker thread.
-            underlay = await asyncio.to_thread(outside.find_underlay, opts)
+            underlay = taken.underlay if taken else await asyncio.to_thread(outside.find_underlay, opts)
             registry = outside.open_registry(opts)
             undo.push_async_callback(registry.close)
             log.info("registry: %s (%s)", opts.registry_kind, opts.registry_where)
             retry = bool(opts.etcd_endpoints)
             cfg = await load_network_config(registry, opts, retry, stop, node.health)
-            mac = _vtep_mac(opts, persist)
+            if adopted is not None and cfg != taken.config:
+                log.warning("the network config changed since the old daemon started: setting the "
+                            "data plane up again for it")
+                await adopted.stop()  # its ports are needed again
+                adopted = None
+            mac = taken.vtep_mac if taken else _vtep_mac(opts, persist)
             log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
                      underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
                      cfg.network, cfg.backend_type, cfg.port)
-            plane = await outside.prepare_plane(opts.dataplane, PlaneOptions(
-                config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
-                offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
-                source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
-                queues=opts.queues, cpus=opts.cpus))
-            undo.push_async_callback(plane.stop)
+            popts = _plane_options(opts, cfg, underlay, mac)
+            plane = adopted or await outside.prepare_plane(opts.dataplane, popts)
+            if plane is not adopted:
+                undo.push_async_callback(plane.stop)
             node.plane = plane
             node.changed()
 
             lease = await _acquire(node, registry, cfg, underlay, mac, retry, stop)
             persist.write(localstate.subnet_path(opts.state_dir, opts.tun),
                           lambda: localstate.record_subnet(opts.state_dir, opts.tun, lease.subnet))
+            if plane is adopted and lease.subnet != taken.subnet:
+                raise FatalError(f"the registry leased us {lease.subnet}, but the data plane taken over "
+                                 f"runs {taken.subnet}; restart without --takeover")
             await plane.start(lease)
             node.changed()
             rules = await _install_rules(opts, outside, cfg, lease)
@@ -319,7 +353,9 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 persist.write(opts.subnet_file, lambda: localstate.write_if_changed(opts.subnet_file, text),
                               on_success=written)
             write_subnet_env(plane.status().mtu)
-            server = await admin.serve(opts.admin_path, lambda: node.status().to_dict())
+            giver = takeover.Giver(opts.tun, plane, takeover.node_state(cfg, underlay, mac, lease.subnet),
+                                   on_handed_over=stop.set)
+            server = await admin.serve(opts.admin_path, lambda: node.status().to_dict(), takeover=giver)
             undo.callback(admin.remove_socket, opts.admin_path)
             undo.callback(server.close)
 
@@ -340,10 +376,67 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 await _supervise(tasks)
             finally:
                 node.stopping = True
-                sdnotify.stopping(f"stopping; {plane.status().device} stays in place")
-            log.info("stopping: lease %s kept, %s left in place for the next start",
-                     lease.subnet, plane.status().device)
+                if giver.handed_over is None:  # else the new daemon is the service now
+                    sdnotify.stopping(f"stopping; {plane.status().device} stays in place")
+            log.info("stopping: lease %s kept, %s left in place for the %s",
+                     lease.subnet, plane.status().device,
+                     "new daemon" if giver.handed_over else "next start")
         except Stopped as e:
             log.info("stopped while %s; nothing was changed", e)
         except DataplaneError as e:
             raise FatalError(str(e)) from None
+    if giver is not None and giver.let_go() == "wait":
+        log.info("handed over: idle until stopped")
+        await outside.wait_for_signal()
+
+
+def _plane_options(opts: RunOptions, cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str) -> PlaneOptions:
+    return PlaneOptions(
+        config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
+        offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
+        source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
+        queues=opts.queues, cpus=opts.cpus)
+
+
+async def _adopt(opts: RunOptions, taken: takeover.Taken, outside: Outside):
+    """The old daemon's engine plane, forwarding on its fds (None for the kernel plane:
+    the kernel forwards meanwhile and the plane is set up as usual); the old daemon is
+    told how it went either way, and has let go of its ports when this returns."""
+    kind = taken.state.get("kind")
+    try:
+        if opts.dataplane not in (AUTO, kind):
+            raise TakeoverError(f"--dataplane {opts.dataplane}, but the running daemon's plane is {kind}: "
+                                "restart instead of taking over")
+        plane = None
+        if kind == ENGINE:
+            popts = _plane_options(opts, taken.config, taken.underlay, taken.vtep_mac)
+            plane = outside.adopt_plane(popts, "--takeover", taken.state, taken.handed)
+    except Exception as e:  # anything: the old daemon must be told to carry on
+        await takeover.confirm(taken, False, str(e))
+        if isinstance(e, (UdpflannelError, OSError)):
+            raise FatalError(f"--takeover: {e}") from None
+        raise
+    await takeover.confirm(taken, True)
+    return plane
+
+
+def successor_argv() -> list[str]:
+    """How this daemon was started, plus --takeover=exit: what SIGUSR2 starts."""
+    first = sys.argv[0]
+    if os.path.basename(first) in ("udpflannel", "flanneld") and os.access(first, os.X_OK):
+        return [first, *sys.argv[1:], "--takeover=exit"]
+    return [sys.executable, "-m", "udpflannel", *sys.argv[1:], "--takeover=exit"]
+
+
+def _successor_on_sigusr2() -> None:
+    """SIGUSR2 (`systemctl reload` after an upgrade): start the installed udpflannel
+    with our command line and --takeover=exit; it takes the plane over and becomes
+    systemd's main process (MAINPID=), and this one exits 0."""
+    def spawn() -> None:
+        argv = successor_argv()
+        log.info("SIGUSR2: starting %s to take over", " ".join(argv))
+        try:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
+        except OSError as e:
+            log.warning("SIGUSR2: cannot start the successor: %s", e)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, spawn)

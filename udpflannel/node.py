@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import time
 from typing import Callable
 
@@ -120,7 +121,7 @@ class Node:
                                     self.health.ok),
             dataplane=plane.status() if plane else None,
             peer_list=plane.peers() if plane and self.opts.metrics_peers else None,
-            problems=tuple(self.problems.values()), resource_errors=self.resource_errors)
+            problems=tuple(self.problems.values()), resource_errors=self.resource_errors, pid=os.getpid())
 
 
 def _describe(path: str, e: OSError) -> str:

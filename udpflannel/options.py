@@ -53,6 +53,7 @@ class RunOptions:
     healthz_port: int = 0  # 0: off
     metrics_port: int = 0  # 0: off; may equal healthz_port
     metrics_peers: bool = False  # per-peer series (cardinality!)
+    takeover: str | None = None  # --takeover: take a running daemon's data plane; it then "exit"s or "wait"s
     # flanneld's --ip-blackhole-route: keep a blackhole route for the leased subnet in the
     # main table (host.netconf.ensure_blackhole_route), checked every rules_resync seconds
     ip_blackhole_route: bool = False

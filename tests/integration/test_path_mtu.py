@@ -84,7 +84,8 @@ def _reassembled(ns) -> int:
 
 def test_narrower_underlay_device_fragments_instead_of_dropping(make_lab, make_cluster, workdir):
     """With an explicit Backend.MTU of 1500 (flanneld's meaning: the underlay's, so the
-    TUN gets 1450) the TUN keeps 1450 when the underlay device shrinks to 1400: each UDP_SEGMENT send fails and is retried as single datagrams
+    TUN gets 1450) the TUN keeps 1450 when the underlay device shrinks to 1400: each
+    UDP_SEGMENT send fails and is retried as single datagrams
     that the kernel fragments, as kernel VXLAN's DF-clear packets are."""
     lab = make_lab(2)
     config = f"{workdir}/net.json"

@@ -116,7 +116,8 @@ def mix(request, lab, etcd, tmp_path_factory):
     backend = request.param
     workdir = str(tmp_path_factory.mktemp(f"real-{backend}"))
     prefix = f"/t-{uuid.uuid4().hex[:8]}/network"
-    etcd.etcdctl("put", f"{prefix}/config", json.dumps({"Network": NETWORK, "Backend": {"Type": backend, **BACKEND_EXTRA[backend]}}))
+    config = {"Network": NETWORK, "Backend": {"Type": backend, **BACKEND_EXTRA[backend]}}
+    etcd.etcdctl("put", f"{prefix}/config", json.dumps(config))
     ip_masq = backend == "udp"
     first = len(lab.nodes)
     for _ in range(3):

@@ -52,11 +52,11 @@ class JournalRegistry:
 
 
 class Harness:
-    def __init__(self, tmp_path, **opts) -> None:
+    def __init__(self, tmp_path, port: int | None = None, **opts) -> None:
         self.journal: list[str] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.plane_gates: dict[str, asyncio.Event] = {}
-        self.port = free_port()
+        self.port = port or free_port()
         self.opts = RunOptions(registry_file=str(tmp_path / "registry.db"),
                                subnet_file=str(tmp_path / "run" / "subnet.env"),
                                state_dir=str(tmp_path / "state"), admin_socket=str(tmp_path / "admin.sock"),
@@ -64,6 +64,7 @@ class Harness:
         self.plane: FakePlane | None = None
         self.underlay_present = lambda u: True
         self.stop = asyncio.Event()
+        self.idle = asyncio.Event()  # ends the "wait" after a handover
         self.registry_path = self.opts.registry_file
 
     def outside(self) -> daemon.Outside:
@@ -71,11 +72,15 @@ class Harness:
             self.plane = FakePlane(popts, self.journal, gates=self.plane_gates)
             await self.plane.prepare()
             return self.plane
+        def adopt(*args):
+            self.plane = FakePlane.adopter(self.journal)(*args)
+            return self.plane
         return daemon.Outside(has_net_admin=lambda: True, find_underlay=lambda opts: UNDERLAY,
                               underlay_present=lambda u: self.underlay_present(u),
                               open_registry=lambda opts: JournalRegistry(opts.registry_file, self.journal,
                                                                          self.gates),
-                              prepare_plane=prepare, rules=lambda *a: None, link_events=False)
+                              prepare_plane=prepare, rules=lambda *a: None, link_events=False,
+                              wait_for_signal=self.idle.wait, adopt_plane=adopt)
 
     def start(self) -> asyncio.Task:
         return asyncio.create_task(daemon.run(self.opts, self.outside(), self.stop))
@@ -270,3 +275,82 @@ async def _true(value: bool) -> bool:
 async def _subnet_in(path: str) -> str:
     from udpflannel.host import localstate
     return str(localstate.previous_subnet(path))
+
+
+@pytest.mark.parametrize("then", ["exit", "wait"])
+def test_takeover_hands_the_plane_over_and_the_old_daemon_lets_go(tmp_path, then):
+    """A second daemon with --takeover takes the running one's plane (its routes), the
+    old one stops without a word to systemd and frees its HTTP port and admin socket,
+    then exits or idles until stopped; the new one is ready on the same subnet."""
+    old = Harness(tmp_path)
+
+    async def body():
+        old_task = old.start()
+        await old.until(old.ready, what="the old daemon ready")
+        subnet_before = (await old.status())["lease"]["subnet"]
+        new = Harness(tmp_path, port=old.port, takeover=then)
+        new_task = new.start()
+        await new.until(lambda: _true(old.journal[-1:] == ["plane.pause"] or old_task.done()
+                                      or "plane.stop" in old.journal), what="the old plane paused")
+        await new.until(new.ready, what="the new daemon ready")
+        st = await new.status()
+        assert st["lease"]["subnet"] == subnet_before and st["pid"] == os.getpid()
+        assert new.journal[:1] == ["plane.adopt"] and "plane.prepare" not in new.journal
+        assert "plane.pause" in old.journal and "plane.resume" not in old.journal
+        if then == "exit":
+            await asyncio.wait_for(old_task, 10)
+        else:
+            await asyncio.sleep(0.2)
+            assert not old_task.done()  # idle: its container must not exit
+            old.idle.set()
+            await asyncio.wait_for(old_task, 10)
+        assert "registry.delete_lease" not in old.journal
+        new.stop.set()
+        await asyncio.wait_for(new_task, 10)
+    asyncio.run(body())
+
+
+def test_takeover_without_a_running_daemon_simply_starts(tmp_path):
+    h = Harness(tmp_path, takeover="exit")
+
+    async def body():
+        task = h.start()
+        await h.until(h.ready, what="ready")
+        assert "plane.prepare" in h.journal and "plane.adopt" not in h.journal
+        h.stop.set()
+        await asyncio.wait_for(task, 10)
+    asyncio.run(body())
+
+
+def test_a_takeover_that_fails_gives_the_plane_back(tmp_path):
+    """The new daemon cannot use what it got (here: it wants the kernel plane): the old
+    one resumes forwarding and carries on; the new one ends with one line."""
+    old = Harness(tmp_path)
+
+    async def body():
+        old_task = old.start()
+        await old.until(old.ready, what="ready")
+        new = Harness(tmp_path, port=old.port, takeover="exit", dataplane="kernel")
+        with pytest.raises(daemon.FatalError, match="^--takeover: --dataplane kernel, but the running "
+                                                    "daemon's plane is engine: restart instead"):
+            await asyncio.wait_for(new.start(), 10)
+        await old.until(lambda: _true("plane.resume" in old.journal), what="the old plane resumed")
+        assert old.journal.index("plane.pause") == old.journal.index("plane.resume") - 1
+        assert not old_task.done() and await old.ready()
+        old.stop.set()
+        await asyncio.wait_for(old_task, 10)
+    asyncio.run(body())
+
+
+def test_stale_routes_are_the_plane_s_that_the_snapshot_lacks():
+    from udpflannel.core.lease import EventType, Lease, LeaseEvent
+    from udpflannel.core.status import PeerStatus
+
+    class Plane:
+        def peers(self):
+            return (PeerStatus("10.244.1.0/24", "192.0.2.1", "vxlan"),
+                    PeerStatus("10.244.2.0/24", "192.0.2.2", "vxlan"))
+    snapshot = [LeaseEvent(EventType.ADDED, Lease(ipaddress.IPv4Network("10.244.1.0/24"),
+                                                  ipaddress.IPv4Address("192.0.2.1")))]
+    (gone,) = daemon.stale_routes(Plane(), snapshot)
+    assert gone.type is EventType.REMOVED and str(gone.lease.subnet) == "10.244.2.0/24"

@@ -52,3 +52,12 @@ def test_systemd_accepts_every_line(tmp_path):
 def test_open_files_limit_leaves_headroom():
     """systemd's default soft limit is 1,024; an HTTP flood once exhausted it."""
     assert int(settings()["LimitNOFILE"][0]) >= 65536
+
+
+def test_reload_is_an_upgrade_by_takeover():
+    """`systemctl reload`: SIGUSR2 makes the daemon start its successor with
+    --takeover=exit (tests/integration/test_takeover.py), which must be allowed to
+    notify systemd (MAINPID=, READY=1) though it is not the unit's first process."""
+    s = settings()
+    assert s["ExecReload"] == ["/bin/kill -USR2 $MAINPID"]
+    assert s["NotifyAccess"] == ["all"]

@@ -61,6 +61,7 @@ class NodeStatus:
     dataplane: DataplaneStatus | None = None
     peer_list: tuple[PeerStatus, ...] | None = None  # only when asked for (cardinality)
     problems: tuple[str, ...] = ()  # what the daemon retries while forwarding; one line each
+    pid: int = 0  # the daemon's process (after a takeover: the new one's)
     resource_errors: int = 0  # times a periodic task found no file descriptor / memory
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +84,8 @@ class NodeStatus:
                    registry=build(RegistryStatus, d.get("registry")),
                    dataplane=plane,
                    peer_list=None if peers is None else tuple(build(PeerStatus, p) for p in peers),
-                   problems=tuple(d.get("problems", ())), resource_errors=d.get("resource_errors", 0))
+                   problems=tuple(d.get("problems", ())), resource_errors=d.get("resource_errors", 0),
+                   pid=d.get("pid", 0))
 
     def drops(self) -> dict[str, int]:
         """Every drop reason, present at 0."""

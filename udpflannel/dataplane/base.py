@@ -13,6 +13,9 @@ tell which one it runs. The life cycle, driven by the daemon:
                      changes are logged
     stop()           leaves every device, route and neighbour in place, so a restart or
                      an upgrade is no outage; removing them is ``cleanup``'s job
+    pause_for_handoff()  stop reading, keep every fd: (state, fds by role) for a new
+                     daemon taking over (dataplane/handoff.py); resume() if it falls
+                     through
     status()         the plane's part of the one status schema
 
 ``failed`` completes with an exception when the data path breaks for good.
@@ -85,6 +88,10 @@ class DataPlane(Protocol):
     def status(self) -> DataplaneStatus: ...
 
     def peers(self) -> tuple[PeerStatus, ...]: ...
+
+    def pause_for_handoff(self) -> tuple[dict, dict[str, int]]: ...
+
+    def resume(self) -> None: ...
 
 
 def on_link(underlay: Underlay, peer: ipaddress.IPv4Address, gateway: str | None,

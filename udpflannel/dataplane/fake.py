@@ -10,9 +10,10 @@ and ``gate`` lets a test hold the plane inside one step.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 
 from udpflannel.core.lease import Lease, LeaseEvent
-from udpflannel.core.peers import Framings, RouteBook
+from udpflannel.core.peers import Framings, PeerRoute, RouteBook
 from udpflannel.core.status import DataplaneStatus, PeerStatus
 from udpflannel.dataplane.base import ENGINE, PlaneOptions
 
@@ -56,6 +57,32 @@ class FakePlane:
     async def stop(self) -> None:
         await self._step("stop")
         self.forwarding = False
+
+    def pause_for_handoff(self) -> tuple[dict, dict[str, int]]:
+        self.journal.append("plane.pause")
+        self.forwarding = False
+        return {"kind": self.kind, "subnet": str(self.lease.subnet) if self.lease else None,
+                "routes": [[str(r.subnet), str(r.public_ip), r.framing, r.port, r.vtep_mac]
+                           for r in self.book.routes.values()]}, {}
+
+    @classmethod
+    def adopter(cls, journal: list[str]):
+        """Outside.adopt_plane for tests: a FakePlane that forwards from the handed
+        state, as EnginePlane.adopt does with real fds."""
+        def adopt(opts: PlaneOptions, reason: str, state: dict, handed) -> "FakePlane":
+            plane = cls(opts, journal)
+            plane.journal.append("plane.adopt")
+            for subnet, public_ip, framing, port, mac in state["routes"]:
+                route = PeerRoute(ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(public_ip), framing, port, mac)
+                plane.book.routes[route.subnet] = route
+            plane.adopted_subnet = ipaddress.IPv4Network(state["subnet"])
+            plane.forwarding = True
+            return plane
+        return adopt
+
+    def resume(self) -> None:
+        self.journal.append("plane.resume")
+        self.forwarding = True
 
     def fail(self, message: str) -> None:
         if not self.failed.done():

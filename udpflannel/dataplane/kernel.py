@@ -122,6 +122,13 @@ class KernelPlane:
     async def stop(self) -> None:
         """Nothing to undo: the kernel keeps forwarding while no daemon runs."""
 
+    def pause_for_handoff(self) -> tuple[dict, dict[str, int]]:
+        """Nothing to hand over but the word: the kernel forwards whoever runs."""
+        return {"kind": KERNEL}, {}
+
+    def resume(self) -> None:
+        pass
+
     def status(self) -> DataplaneStatus:
         s = self._stats
         counters = dict.fromkeys(COUNTERS, 0)

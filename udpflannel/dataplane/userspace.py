@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -133,6 +134,8 @@ class EnginePlane:
             return None
 
     async def start(self, lease: Lease) -> None:
+        if self.engine is not None and self._subnet == lease.subnet:
+            return  # taken over from another daemon: forwarding on this subnet already
         self._subnet = lease.subnet
         self.engine = make_engine(self.opts.engine, self.opts)
         await self._attach_tun()
@@ -158,6 +161,11 @@ class EnginePlane:
         if tun.existed:
             log.info("re-attached to %s", tun.name)
         self.tun = tun
+        self._attach_engine(tun)
+        self._start_reading()
+
+    def _attach_engine(self, tun: Tun) -> None:
+        """Give the engine the TUN's queue fds and our sockets."""
         gso = "gso" in self._udp_offloads and bool(self.pool or self.vxlan_sock or self.udp_sock)
         tx_fds = [s.fileno() for s in self.pool] or ([self.vxlan_sock.fileno()] if self.vxlan_sock else [])
         self.engine.attach(
@@ -172,13 +180,21 @@ class EnginePlane:
         log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; VXLAN source ports: %d",
                  tun.offloads, "on" if gso else "off",
                  "on" if "gro" in self._udp_offloads else "off", len(self.pool) or 1)
+
+    def _start_reading(self) -> None:
+        """The data path runs from here: its threads, or the loop's readers."""
         loop = asyncio.get_running_loop()
+        for fd in self.tun.fds:  # (adopted fds keep the mode their first owner set)
+            os.set_blocking(fd, self.threaded)
         if self.threaded:
             self._start_threads(loop)
             return
         if self.opts.cpus:  # the loop thread is the data path (threads it starts inherit)
             os.sched_setaffinity(0, self.opts.cpus)
             log.info("data path: %s", self._io_text())
+        tun = self.tun
+        for sock in self._sockets():
+            sock.setblocking(False)
         loop.add_reader(tun.fd, self._on_tun)
         self._readers = [tun.fd]
         if self.vxlan_sock is not None:
@@ -232,6 +248,73 @@ class EnginePlane:
             self.tun = None
         for sock in self._sockets():
             sock.close()
+
+    # --- takeover (dataplane/handoff.py) -------------------------------------------------
+    def pause_for_handoff(self) -> tuple[dict, dict[str, int]]:
+        """Stop reading (threads joined, loop readers removed), keep every fd open, and
+        say what a new daemon needs to go on forwarding with them: (state, fds by role)."""
+        self._stop_reading()
+        fds = {f"tun{q}": fd for q, fd in enumerate(self.tun.fds)}
+        fds.update({f"vxlan{q}": s.fileno() for q, s in enumerate(self.vxlan_group)})
+        if self.udp_sock is not None:
+            fds["udp"] = self.udp_sock.fileno()
+        fds.update({f"pool{i}": s.fileno() for i, s in enumerate(self.pool)})
+        state = {
+            "kind": ENGINE, "queues": self.opts.queues, "subnet": str(self._subnet), "mtu": self.mtu,
+            "tun": {"name": self.tun.name, "vnet_hdr": self.tun.vnet_hdr, "tso": self.tun.tso,
+                    "offloads": self.tun.offloads},
+            "vxlan_port": self.vxlan_port, "udp_port": self.udp_port if self.udp_sock is not None else None,
+            "udp_offloads": sorted(self._udp_offloads), "pool": len(self.pool),
+            "routes": [[str(r.subnet), str(r.public_ip), r.framing, r.port, r.vtep_mac]
+                       for r in self.book.routes.values()],
+            "direct": [[str(subnet), str(via)] for subnet, via in self._direct.items()],
+        }
+        return state, fds
+
+    def resume(self) -> None:
+        """A takeover fell through: read again, as before."""
+        self._start_reading()
+        log.info("the takeover fell through: forwarding again")
+
+    @classmethod
+    def adopt(cls, opts: PlaneOptions, reason: str, state: dict, handed) -> "EnginePlane":
+        """A plane that forwards with another daemon's fds (``handed``: a
+        handoff.Handed) and state, from the moment this returns. Offloads follow the
+        fds (a TUN's virtio header is fixed when it is opened): to change them, restart."""
+        plane = cls(opts, reason)
+        if state.get("kind") != ENGINE:
+            raise DataplaneError(f"the running daemon's data plane is {state.get('kind')!r}, not the engine")
+        if state["queues"] != opts.queues:
+            raise DataplaneError(f"the running daemon has {state['queues']} queue(s), this one asks for "
+                                 f"{opts.queues}: restart instead of taking over")
+        sock = lambda role: socket.socket(fileno=handed.take(role))  # noqa: E731
+        plane.vxlan_group = [sock(f"vxlan{q}") for q in range(opts.queues) if f"vxlan{q}" in handed.fds]
+        plane.vxlan_sock = plane.vxlan_group[0] if plane.vxlan_group else None
+        plane.udp_sock = sock("udp") if "udp" in handed.fds else None
+        plane.pool = [sock(f"pool{i}") for i in range(state["pool"])]
+        plane.vxlan_port, plane.udp_port = state["vxlan_port"], state["udp_port"]
+        plane._udp_offloads = frozenset(state["udp_offloads"])
+        t = state["tun"]
+        plane.tun = Tun.adopt(t["name"], [handed.take(f"tun{q}") for q in range(opts.queues)],
+                              vnet_hdr=t["vnet_hdr"], tso=t["tso"], offloads=t["offloads"])
+        plane.offloads = frozenset(name for name, on in (("tso", t["vnet_hdr"]), ("gso", "gso" in plane._udp_offloads),
+                                                        ("gro", "gro" in plane._udp_offloads)) if on)
+        plane._subnet = ipaddress.IPv4Network(state["subnet"])
+        plane.mtu = state["mtu"]
+        plane.book = RouteBook(opts.config, opts.underlay.public_ip,
+                               Framings(plane.vxlan_port, plane.udp_port), opts.underlay.network)
+        plane.engine = make_engine(opts.engine, opts)
+        plane._attach_engine(plane.tun)
+        for subnet, public_ip, framing, port, mac in state["routes"]:
+            route = PeerRoute(ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(public_ip), framing, port, mac)
+            plane.book.routes[route.subnet] = route
+            plane.engine.set_route(subnet, public_ip, port, mac_bytes(mac) if mac else None, framing)
+        plane.engine.publish()
+        plane._direct = {ipaddress.IPv4Network(s): ipaddress.IPv4Address(v) for s, v in state["direct"]}
+        plane._start_reading()
+        log.info("took over %s from the running daemon: %d routes, forwarding", plane.tun.name,
+                 len(plane.book.routes))
+        return plane
 
     # --- data path callbacks ----------------------------------------------------------
     def _on_tun(self) -> None:

@@ -77,6 +77,7 @@ class Tun:
                      "a multi" if queues == 1 else "a single")
             _remove_device(name)
             self.existed = False
+        self._raw: list[int] = []  # fds handed over by another daemon (adopt), closed by us
         self._devs = [self._open(name, flags) for _ in range(queues)]
         self.name = self._devs[0].name
         self.fds = [d.fileno() for d in self._devs]
@@ -89,6 +90,18 @@ class Tun:
             self.tso = self._ask_offloads()
         for fd in self.fds:
             os.set_blocking(fd, blocking)
+
+    @classmethod
+    def adopt(cls, name: str, fds: list[int], *, vnet_hdr: bool, tso: bool, offloads: str) -> "Tun":
+        """The TUN ``name`` through queue fds another daemon opened and handed over
+        (dataplane/handoff.py): the same device, queues and offload settings."""
+        tun = cls.__new__(cls)
+        tun.existed = True
+        tun._devs = []
+        tun._raw = list(fds)
+        tun.name, tun.fds, tun.fd = name, list(fds), fds[0]
+        tun.vnet_hdr, tun.tso, tun.offloads = vnet_hdr, tso, offloads
+        return tun
 
     @staticmethod
     def _open(name: str, flags: int):
@@ -125,6 +138,9 @@ class Tun:
         for dev in self._devs:
             dev.close()
         self._devs = []
+        for fd in self._raw:
+            os.close(fd)
+        self._raw = []
 
     def delete(self) -> None:
         """Make the device non-persistent and close it: it disappears."""

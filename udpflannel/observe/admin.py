@@ -2,7 +2,9 @@
 
 One request map per message: ``{"cmd": "status"}``; one reply map back. The reply
 carries the lease, the route count and every engine counter, so tests, `udpflannel
-status` and monitoring read the data plane without parsing logs.
+status` and monitoring read the data plane without parsing logs. ``{"cmd":
+"takeover"}`` hands the connection to the daemon's takeover handler
+(dataplane/handoff.py): a new daemon taking the data plane over.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import msgpack
 
@@ -27,7 +29,9 @@ IDLE_TIMEOUT = 10.0  # seconds a client may stay silent
 MAX_REQUEST = 4096  # bytes of one request
 
 
-async def serve(path: str, status: Callable[[], dict[str, Any]]) -> asyncio.AbstractServer:
+async def serve(path: str, status: Callable[[], dict[str, Any]],
+                takeover: Callable[[dict, asyncio.StreamWriter], Awaitable[None]] | None = None
+                ) -> asyncio.AbstractServer:
     """Listen on ``path`` (mode 0600, in a 0700 directory it creates). Bounded: at most
     MAX_CONNECTIONS clients at a time, each dropped after IDLE_TIMEOUT seconds of
     silence or a request over MAX_REQUEST bytes, so idle or hostile local clients
@@ -52,6 +56,9 @@ async def serve(path: str, status: Callable[[], dict[str, Any]]) -> asyncio.Abst
                 unpacker.feed(data)
                 for request in unpacker:
                     cmd = request.get("cmd") if isinstance(request, dict) else None
+                    if cmd == "takeover" and takeover is not None:
+                        await takeover(request, writer)  # the connection is the handoff's now
+                        return
                     reply = status() if cmd == "status" else {"error": f"unknown command {cmd!r}"}
                     writer.write(msgpack.packb(reply))
                     await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT)
