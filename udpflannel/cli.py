@@ -381,7 +381,6 @@ def _run_options(a: argparse.Namespace):
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    import uvloop
     io = _io(a)
     if a.queues > 1 and io == "loop":
         raise BadInput(f"--queues {a.queues} needs --io threads or --io poll")
@@ -394,9 +393,24 @@ def _cmd_run(a: argparse.Namespace) -> int:
         raise BadInput(f"--cpus: CPU {min(set(a.cpus) - allowed)} is not one this process may run on "
                          f"({format_cpus(allowed)})")
 
-    from udpflannel import daemon
-    uvloop.run(daemon.run(_run_options(a)))
+    opts = _run_options(a)
+    warm = None
+    if not opts.takeover:  # before the event loop: forwarding before anything else loads
+        from udpflannel import warmstart
+        warm = warmstart.begin(opts)
+    import uvloop
+    uvloop.run(_node(opts, warm))
     return EXIT_OK
+
+
+async def _node(opts, warm) -> None:
+    """The daemon, with the plane a warm start already has forwarding (warmstart.py)
+    joining its loop; the daemon's own imports (netlink, the registry client, HTTP)
+    come only now."""
+    if warm is not None:
+        warm.plane.activate()
+    from udpflannel import daemon
+    await daemon.run(opts, warm=warm)
 
 
 def format_cpus(cpus) -> str:

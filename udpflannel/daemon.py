@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
-from udpflannel import takeover
+from udpflannel import takeover, warmstart
 from udpflannel.core import config as netconfig
 from udpflannel.core import subnetenv
 from udpflannel.core.errors import UdpflannelError
@@ -50,12 +50,12 @@ from udpflannel.core.lease import EventType, Lease, LeaseEvent
 from udpflannel.core.underlay import Underlay
 from udpflannel.dataplane.base import AUTO, ENGINE, DataPlane, DataplaneError, PlaneOptions
 from udpflannel.dataplane.select import prepare_plane
-from udpflannel.dataplane.sockets import parse_offloads
 from udpflannel.dataplane.userspace import EnginePlane
 from udpflannel.host import localstate, netconf
 from udpflannel.host.rules import RulesError, RuleSpec, make_rules
 from udpflannel.host.tun import has_net_admin
 from udpflannel.housekeeping import keep_blackhole_route, keep_rules, watch_underlay_and_plane
+from udpflannel.inherited import Inherited, node_state, plane_options
 from udpflannel.node import Node, Persist
 from udpflannel.observe import admin, sdnotify
 from udpflannel.observe.http import start_http
@@ -288,8 +288,11 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Event | None = None) -> None:
-    """The node, until SIGTERM/SIGINT (or ``stop``, for tests) or a failure."""
+async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Event | None = None,
+              warm: Inherited | None = None) -> None:
+    """The node, until SIGTERM/SIGINT (or ``stop``, for tests) or a failure. ``warm``: a
+    plane warmstart.begin already has forwarding (the caller did that before importing
+    this module)."""
     stop = stop or _stop_on_signals()
     if not outside.has_net_admin():  # fail before touching the registry
         raise FatalError("need root or CAP_NET_ADMIN to configure the data plane and its routes")
@@ -300,46 +303,61 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
     node = Node(opts)
     persist = Persist(node)
     giver: takeover.Giver | None = None
-    taken = await takeover.ask(opts) if opts.takeover else None
-    async with contextlib.AsyncExitStack() as undo:
-        adopted = await _adopt(opts, taken, outside) if taken is not None else None
-        if adopted is not None:
-            undo.push_async_callback(adopted.stop)
-            node.plane = adopted
+    # Undone last: the data plane forwards until everything else has stopped.
+    async with contextlib.AsyncExitStack() as plane_undo, contextlib.AsyncExitStack() as undo:
+        inherited = warm
+        if opts.takeover:
+            taken = await takeover.ask(opts)
+            inherited = await _adopt(opts, taken, outside) if taken is not None else None
+        if inherited is not None and inherited.plane is not None:
+            plane_undo.push_async_callback(inherited.plane.stop)
+            node.plane = inherited.plane
         http = await start_http(node.status, healthz=(opts.healthz_ip, opts.healthz_port),
                                 metrics=(opts.healthz_ip, opts.metrics_port), status_version=node.version)
         undo.push_async_callback(http.close)
+
+        async def hand_over(request: dict, writer: asyncio.StreamWriter) -> None:
+            if giver is None:
+                return await takeover.refuse_for_now(writer, "this daemon has no data plane to hand over yet")
+            await giver(request, writer)
+        server = await admin.serve(opts.admin_path, lambda: node.status().to_dict(), takeover=hand_over)
+        undo.callback(admin.remove_socket, opts.admin_path)
+        undo.callback(server.close)
         try:
             # pyroute2's sync API runs an asyncio loop of its own, and uvloop cannot carry
             # netlink sockets: netlink calls go to a worker thread.
-            underlay = taken.underlay if taken else await asyncio.to_thread(outside.find_underlay, opts)
+            underlay = inherited.underlay if inherited else await asyncio.to_thread(outside.find_underlay, opts)
             registry = outside.open_registry(opts)
             undo.push_async_callback(registry.close)
             log.info("registry: %s (%s)", opts.registry_kind, opts.registry_where)
             retry = bool(opts.etcd_endpoints)
             cfg = await load_network_config(registry, opts, retry, stop, node.health)
-            if adopted is not None and cfg != taken.config:
-                log.warning("the network config changed since the old daemon started: setting the "
-                            "data plane up again for it")
-                await adopted.stop()  # its ports are needed again
-                adopted = None
-            mac = taken.vtep_mac if taken else _vtep_mac(opts, persist)
+            plane = inherited.plane if inherited else None
+            if plane is not None and cfg != inherited.config:
+                log.warning("the network config changed since the data plane (%s) was set up: setting it "
+                            "up again", inherited.how)
+                await plane.stop()  # its ports are needed again
+                plane = None
+            mac = inherited.vtep_mac if inherited else _vtep_mac(opts, persist)
             log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
                      underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
                      cfg.network, cfg.backend_type, cfg.port)
-            popts = _plane_options(opts, cfg, underlay, mac)
-            plane = adopted or await outside.prepare_plane(opts.dataplane, popts)
-            if plane is not adopted:
-                undo.push_async_callback(plane.stop)
+            if plane is None:
+                plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac))
+                plane_undo.push_async_callback(plane.stop)
             node.plane = plane
             node.changed()
 
             lease = await _acquire(node, registry, cfg, underlay, mac, retry, stop)
             persist.write(localstate.subnet_path(opts.state_dir, opts.tun),
                           lambda: localstate.record_subnet(opts.state_dir, opts.tun, lease.subnet))
-            if plane is adopted and lease.subnet != taken.subnet:
-                raise FatalError(f"the registry leased us {lease.subnet}, but the data plane taken over "
-                                 f"runs {taken.subnet}; restart without --takeover")
+            if inherited is not None and plane is inherited.plane and lease.subnet != inherited.subnet:
+                log.warning("the registry leased %s, the data plane (%s) ran %s: setting it up again",
+                            lease.subnet, inherited.how, inherited.subnet)
+                await plane.stop()
+                plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac))
+                plane_undo.push_async_callback(plane.stop)
+                node.plane = plane
             await plane.start(lease)
             node.changed()
             rules = await _install_rules(opts, outside, cfg, lease)
@@ -353,11 +371,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 persist.write(opts.subnet_file, lambda: localstate.write_if_changed(opts.subnet_file, text),
                               on_success=written)
             write_subnet_env(plane.status().mtu)
-            giver = takeover.Giver(opts.tun, plane, takeover.node_state(cfg, underlay, mac, lease.subnet),
-                                   on_handed_over=stop.set)
-            server = await admin.serve(opts.admin_path, lambda: node.status().to_dict(), takeover=giver)
-            undo.callback(admin.remove_socket, opts.admin_path)
-            undo.callback(server.close)
+            state = node_state(cfg, underlay, mac, lease.subnet)
+            giver = takeover.Giver(opts.tun, plane, state, on_handed_over=stop.set)
 
             tasks = [asyncio.create_task(_follow(node, node.manager, plane), name="watch"),
                      asyncio.create_task(node.manager.keep_renewed(), name="renew"),
@@ -366,6 +381,9 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                          outside.link_events), name="housekeeping"),
                      asyncio.create_task(persist.retry_forever(), name="persist"),
                      asyncio.create_task(stop.wait(), name="stop"), plane.failed]
+            if hasattr(plane, "describe"):  # the engine: remembered for a warm start
+                tasks.append(asyncio.create_task(warmstart.keep(
+                    opts.state_dir, opts.tun, lambda: {**state, **plane.describe()}), name="warm state"))
             if rules is not None:
                 tasks.append(asyncio.create_task(keep_rules(node, rules, opts.rules_resync), name="rules"))
             if opts.ip_blackhole_route:
@@ -390,34 +408,27 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
         await outside.wait_for_signal()
 
 
-def _plane_options(opts: RunOptions, cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str) -> PlaneOptions:
-    return PlaneOptions(
-        config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
-        offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
-        source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
-        queues=opts.queues, cpus=opts.cpus)
-
-
-async def _adopt(opts: RunOptions, taken: takeover.Taken, outside: Outside):
-    """The old daemon's engine plane, forwarding on its fds (None for the kernel plane:
-    the kernel forwards meanwhile and the plane is set up as usual); the old daemon is
-    told how it went either way, and has let go of its ports when this returns."""
+async def _adopt(opts: RunOptions, taken: takeover.Taken, outside: Outside) -> Inherited:
+    """The old daemon's plane: the engine forwarding on its fds, or (the kernel plane)
+    nothing to adopt, the kernel forwards meanwhile and the plane is set up as usual.
+    The old daemon is told how it went either way, and has let go of its ports when
+    this returns."""
     kind = taken.state.get("kind")
+    inherited = Inherited(taken.state, None, "--takeover")
     try:
         if opts.dataplane not in (AUTO, kind):
             raise TakeoverError(f"--dataplane {opts.dataplane}, but the running daemon's plane is {kind}: "
                                 "restart instead of taking over")
-        plane = None
         if kind == ENGINE:
-            popts = _plane_options(opts, taken.config, taken.underlay, taken.vtep_mac)
-            plane = outside.adopt_plane(popts, "--takeover", taken.state, taken.handed)
+            inherited.plane = outside.adopt_plane(inherited.plane_options(opts), "--takeover", taken.state,
+                                                  taken.handed)
     except Exception as e:  # anything: the old daemon must be told to carry on
         await takeover.confirm(taken, False, str(e))
         if isinstance(e, (UdpflannelError, OSError)):
             raise FatalError(f"--takeover: {e}") from None
         raise
     await takeover.confirm(taken, True)
-    return plane
+    return inherited
 
 
 def successor_argv() -> list[str]:

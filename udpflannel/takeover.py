@@ -22,15 +22,12 @@ kubelet restart the old pod's container, which would take the plane back).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
 from dataclasses import dataclass
 
-from udpflannel.core import config as netconfig
 from udpflannel.core.errors import UdpflannelError
-from udpflannel.core.underlay import Underlay
 from udpflannel.dataplane import handoff
 from udpflannel.observe import sdnotify
 from udpflannel.options import RunOptions
@@ -51,33 +48,6 @@ class Taken:
     sock: socket.socket
     state: dict
     handed: handoff.Handed
-
-    @property
-    def config(self) -> netconfig.NetworkConfig:
-        return netconfig.parse(self.state["config"])
-
-    @property
-    def underlay(self) -> Underlay:
-        u = self.state["underlay"]
-        return Underlay(u["ifname"], u["ifindex"], ipaddress.IPv4Address(u["address"]),
-                        ipaddress.IPv4Address(u["public_ip"]), u["mtu"],
-                        ipaddress.IPv4Network(u["network"]) if u.get("network") else None)
-
-    @property
-    def vtep_mac(self) -> str:
-        return self.state["vtep_mac"]
-
-    @property
-    def subnet(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.state["lease_subnet"])
-
-
-def node_state(cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str,
-               subnet: ipaddress.IPv4Network) -> dict:
-    return {"config": cfg.to_json(), "vtep_mac": mac, "lease_subnet": str(subnet),
-            "underlay": {"ifname": underlay.ifname, "ifindex": underlay.ifindex,
-                         "address": str(underlay.address), "public_ip": str(underlay.public_ip),
-                         "mtu": underlay.mtu, "network": str(underlay.network) if underlay.network else None}}
 
 
 # --- the new daemon ------------------------------------------------------------------
@@ -107,6 +77,17 @@ async def confirm(taken: Taken, running: bool, why: str = "") -> None:
 
 
 # --- the old daemon ------------------------------------------------------------------
+
+async def refuse_for_now(writer: asyncio.StreamWriter, why: str) -> None:
+    """A takeover asked of a daemon still starting: one error reply, no fds."""
+    sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    writer.transport.pause_reading()
+    try:
+        sock.setblocking(True)
+        await asyncio.to_thread(handoff.refuse, sock, why)
+    finally:
+        sock.close()
+
 
 class Giver:
     """The admin socket's "takeover" handler. ``handed_over`` holds (then, socket)

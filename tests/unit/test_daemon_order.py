@@ -138,11 +138,11 @@ def test_start_up_order_readiness_and_a_clean_stop(tmp_path):
         assert first(h.journal, "plane.start") < first(h.journal, "plane.apply")
         assert (await h.http("/readyz")) == (200, f"ready (embedded registry {h.registry_path}: single host only)\n")
         assert (await h.status())["ready"] is True
-        # 5. stop: the plane stops (its device stays), the registry closes after it,
-        # subnet.env and the lease stay for the next start
+        # 5. stop: the registry closes, then the plane stops, last, so it forwards to
+        # the end (its device stays); subnet.env and the lease stay for the next start
         h.stop.set()
         await asyncio.wait_for(task, 10)
-        assert h.journal.index("plane.stop") < h.journal.index("registry.close")
+        assert h.journal[-2:] == ["registry.close", "plane.stop"]
         assert "registry.delete_lease" not in h.journal
         assert os.path.exists(h.opts.subnet_file)
         assert not os.path.exists(h.opts.admin_path)
@@ -229,7 +229,7 @@ def test_a_failing_data_plane_ends_the_daemon_with_its_reason(tmp_path):
         h.plane.fail("reading the TUN device failed: Bad file descriptor")
         with pytest.raises(daemon.FatalError, match="^reading the TUN device failed: Bad file descriptor$"):
             await asyncio.wait_for(task, 10)
-        assert h.journal[-2:] == ["plane.stop", "registry.close"]
+        assert h.journal[-2:] == ["registry.close", "plane.stop"]
     asyncio.run(body())
 
 

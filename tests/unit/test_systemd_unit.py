@@ -29,6 +29,7 @@ def test_notify_restart_and_settings_file():
     assert s["ExecStart"][0].split()[:4] == ["/usr/local/bin/udpflannel", "run", "--tun", "flannel0"]
     assert s["EnvironmentFile"] == ["-/etc/default/udpflannel"]
     assert s["Restart"] == ["on-failure"]
+    assert s["RestartSec"] == ["100ms"]  # a crash's silence is this plus a warm start
     assert "network-online.target" in s["Wants"][0] and "network-online.target" in s["After"][0]
 
 

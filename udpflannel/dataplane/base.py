@@ -23,10 +23,9 @@ tell which one it runs. The life cycle, driven by the daemon:
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from udpflannel.core.config import NetworkConfig
 from udpflannel.core.errors import UdpflannelError
@@ -34,6 +33,9 @@ from udpflannel.core.lease import Lease, LeaseEvent
 from udpflannel.core.status import DataplaneStatus, PeerStatus
 from udpflannel.core.underlay import Underlay
 from udpflannel.core.wire import UDP_FRAMING_OVERHEAD, UDP_PORT, VXLAN_OVERHEAD
+
+if TYPE_CHECKING:  # a warm start loads this before asyncio
+    import asyncio
 
 ENGINE, KERNEL, AUTO = "engine", "kernel", "auto"
 KINDS = (ENGINE, KERNEL, AUTO)

@@ -20,7 +20,6 @@ builds it again and carries on, as flanneld re-creates its device.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import logging
@@ -34,12 +33,16 @@ from udpflannel.core.wire import COUNTERS, VXLAN_PORT
 from udpflannel.dataplane import sockets
 from udpflannel.dataplane.base import ENGINE, DataplaneError, PlaneOptions, on_link
 from udpflannel.dataplane.changes import log_changes
-from udpflannel.dataplane.pyengine import PyEngine
-from udpflannel.host import netconf, vxlandev
 from udpflannel.host.tun import Tun
 from udpflannel.host.tun import preflight as tun_preflight
+from udpflannel.lazyimport import lazy
 
 log = logging.getLogger(__name__)
+# Needed once the node forwards, not before: a warm start (warmstart.py) runs before
+# asyncio or netlink (pyroute2) are loaded, and must not wait for them.
+asyncio = lazy("asyncio")
+netconf = lazy("udpflannel.host.netconf")
+vxlandev = lazy("udpflannel.host.vxlandev")
 
 BUDGET = 256
 # The TUN device was deleted under us: EBADFD for a read that starts after, EFAULT
@@ -53,6 +56,7 @@ def make_engine(kind: str, opts: PlaneOptions):
     args = dict(vni=cfg.vni, vtep_mac=mac_bytes(opts.vtep_mac), network=str(cfg.network),
                 subnet_len=cfg.subnet_len, strict_source=opts.strict_source)
     if kind == "python":
+        from udpflannel.dataplane.pyengine import PyEngine
         return PyEngine(**args)
     from udpflannel._engine import Engine
     return Engine(**args)
@@ -64,7 +68,7 @@ class EnginePlane:
     def __init__(self, opts: PlaneOptions, reason: str) -> None:
         self.opts = opts
         self.reason = reason
-        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.failed: asyncio.Future[None] | None = None  # activate() makes it, on the loop
         self.offloads = opts.offloads if opts.engine == "compiled" else frozenset()
         cfg = opts.config
         # Ours is the config's port; the other framing's port is where we meet peers
@@ -86,16 +90,21 @@ class EnginePlane:
         self.vxlan_group: list[socket.socket] = []  # one per queue (threads, --queues)
         self._events: int | None = None  # eventfd: a data thread ended
         self._recreating = False
+        self._activate_if_on_a_loop()
 
     # --- life cycle -----------------------------------------------------------------
-    async def prepare(self) -> None:
+    async def prepare(self, remove_kernel_device: bool = True) -> None:
         """Bind every port before a lease is taken (a clash must not cost a lease)."""
         tun_preflight()
         # Our own flannel.<VNI>, left up by the kernel plane, holds the VXLAN port: it
         # goes before we bind (after a lease would be too late: the bind fails).
-        name = vxlandev.device_name(self.opts.config.vni)
-        if await asyncio.to_thread(_delete_link, name, self.opts.vtep_mac):
-            log.info("removed %s, left by the kernel data plane (it holds the VXLAN port)", name)
+        if remove_kernel_device:
+            name = vxlandev.device_name(self.opts.config.vni)
+            if await asyncio.to_thread(_delete_link, name, self.opts.vtep_mac):
+                log.info("removed %s, left by the kernel data plane (it holds the VXLAN port)", name)
+        self._bind_all()
+
+    def _bind_all(self) -> None:
         address = self.opts.underlay.address
         own = self.opts.config.backend_type
         self.vxlan_group = self._bind_group(address, self.vxlan_port, required=own == "vxlan")
@@ -135,7 +144,11 @@ class EnginePlane:
 
     async def start(self, lease: Lease) -> None:
         if self.engine is not None and self._subnet == lease.subnet:
-            return  # taken over from another daemon: forwarding on this subnet already
+            # forwarding already (taken over, or a warm start): make sure the device
+            # still has its address, routes and MTU, as a fresh start sets them
+            await asyncio.to_thread(netconf.configure_tun, self.tun.name, self._subnet,
+                                    self.opts.config.network, self.mtu, self.tun.tso)
+            return
         self._subnet = lease.subnet
         self.engine = make_engine(self.opts.engine, self.opts)
         await self._attach_tun()
@@ -205,15 +218,37 @@ class EnginePlane:
             self._readers.append(self.udp_sock.fileno())
 
     def _start_threads(self, loop) -> None:
+        self._start_engine_threads()
+        loop.add_reader(self._events, self._on_thread_event)
+
+    def _start_engine_threads(self) -> None:
+        """The data-path threads, told to write the eventfd when one ends (which the
+        loop watches once there is one: activate())."""
         for sock in self._sockets():
             sock.setblocking(True)  # threads block in recvmsg; sends wait instead of drop
         if self._events is None:
             self._events = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        loop.add_reader(self._events, self._on_thread_event)
         self.engine.set_cpus(self.opts.cpus)
         self.engine.start_threads(self._events, poll=self.opts.io == "poll")
         self._readers = [self._events]
         log.info("data path: %s (%d threads running)", self._io_text(), self.engine.running_threads())
+
+    def _activate_if_on_a_loop(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.activate()
+
+    def activate(self) -> None:
+        """On the event loop: the failure future, and (a plane started warm, before
+        there was a loop) the loop's watch on the threads' eventfd."""
+        loop = asyncio.get_running_loop()
+        if self.failed is None:
+            self.failed = loop.create_future()
+        if self._events is not None and self._readers == [self._events]:
+            loop.add_reader(self._events, self._on_thread_event)
+            self._on_thread_event()  # a thread that ended meanwhile
 
     def _on_thread_event(self) -> None:
         try:
@@ -230,15 +265,19 @@ class EnginePlane:
                 self._fail(f"reading {what} failed: {os.strerror(err)}")
 
     def _stop_reading(self) -> None:
-        loop = asyncio.get_running_loop()
-        for fd in self._readers:
-            loop.remove_reader(fd)
+        if self._readers and self.failed is not None:  # activated: the loop watches these fds
+            loop = asyncio.get_running_loop()
+            for fd in self._readers:
+                loop.remove_reader(fd)
         self._readers = []
         if self.threaded and self.engine is not None:
             self.engine.stop_threads()
 
     async def stop(self) -> None:
         """Close our fds; the TUN, its address and routes stay for the next daemon."""
+        self.close()
+
+    def close(self) -> None:
         self._stop_reading()
         if self._events is not None:
             os.close(self._events)
@@ -250,16 +289,10 @@ class EnginePlane:
             sock.close()
 
     # --- takeover (dataplane/handoff.py) -------------------------------------------------
-    def pause_for_handoff(self) -> tuple[dict, dict[str, int]]:
-        """Stop reading (threads joined, loop readers removed), keep every fd open, and
-        say what a new daemon needs to go on forwarding with them: (state, fds by role)."""
-        self._stop_reading()
-        fds = {f"tun{q}": fd for q, fd in enumerate(self.tun.fds)}
-        fds.update({f"vxlan{q}": s.fileno() for q, s in enumerate(self.vxlan_group)})
-        if self.udp_sock is not None:
-            fds["udp"] = self.udp_sock.fileno()
-        fds.update({f"pool{i}": s.fileno() for i, s in enumerate(self.pool)})
-        state = {
+    def describe(self) -> dict:
+        """What this plane forwards with: enough to go on with its fds (a takeover) or
+        to set it up again before the registry answers (a warm start, warmstart.py)."""
+        return {
             "kind": ENGINE, "queues": self.opts.queues, "subnet": str(self._subnet), "mtu": self.mtu,
             "tun": {"name": self.tun.name, "vnet_hdr": self.tun.vnet_hdr, "tso": self.tun.tso,
                     "offloads": self.tun.offloads},
@@ -269,7 +302,17 @@ class EnginePlane:
                        for r in self.book.routes.values()],
             "direct": [[str(subnet), str(via)] for subnet, via in self._direct.items()],
         }
-        return state, fds
+
+    def pause_for_handoff(self) -> tuple[dict, dict[str, int]]:
+        """Stop reading (threads joined, loop readers removed), keep every fd open, and
+        say what a new daemon needs to go on forwarding with them: (state, fds by role)."""
+        self._stop_reading()
+        fds = {f"tun{q}": fd for q, fd in enumerate(self.tun.fds)}
+        fds.update({f"vxlan{q}": s.fileno() for q, s in enumerate(self.vxlan_group)})
+        if self.udp_sock is not None:
+            fds["udp"] = self.udp_sock.fileno()
+        fds.update({f"pool{i}": s.fileno() for i, s in enumerate(self.pool)})
+        return self.describe(), fds
 
     def resume(self) -> None:
         """A takeover fell through: read again, as before."""
@@ -305,16 +348,47 @@ class EnginePlane:
                                Framings(plane.vxlan_port, plane.udp_port), opts.underlay.network)
         plane.engine = make_engine(opts.engine, opts)
         plane._attach_engine(plane.tun)
-        for subnet, public_ip, framing, port, mac in state["routes"]:
-            route = PeerRoute(ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(public_ip), framing, port, mac)
-            plane.book.routes[route.subnet] = route
-            plane.engine.set_route(subnet, public_ip, port, mac_bytes(mac) if mac else None, framing)
-        plane.engine.publish()
-        plane._direct = {ipaddress.IPv4Network(s): ipaddress.IPv4Address(v) for s, v in state["direct"]}
+        plane._load_routes(state)
         plane._start_reading()
         log.info("took over %s from the running daemon: %d routes, forwarding", plane.tun.name,
                  len(plane.book.routes))
         return plane
+
+    @classmethod
+    def warm(cls, opts: PlaneOptions, state: dict) -> "EnginePlane":
+        """A restart that forwards before anything else: the ports bound, the
+        persistent TUN re-attached, the routes this node last had (``state``, from
+        describe(), kept in the state dir) in the engine, its threads running. No
+        event loop yet, no netlink: activate() joins the loop later, and start()
+        checks the device's address and routes. Threaded I/O only (poll, threads)."""
+        if not (opts.io in ("threads", "poll") and opts.engine == "compiled"):
+            raise DataplaneError("a warm start needs the compiled engine on its own threads")
+        plane = cls(opts, "warm start from the state dir")
+        tun_preflight()
+        try:
+            plane._bind_all()
+            plane._subnet = ipaddress.IPv4Network(state["subnet"])
+            plane.engine = make_engine(opts.engine, opts)
+            plane.tun = Tun(opts.tun, "tso" in plane.offloads, True, opts.queues, True)
+            if not plane.tun.existed:
+                raise DataplaneError(f"{opts.tun} was gone")
+            plane._attach_engine(plane.tun)
+            plane._load_routes(state)
+            plane._start_engine_threads()
+        except BaseException:
+            plane.close()
+            raise
+        log.info("warm start: forwarding on %s with the %d routes it last had", opts.tun, len(plane.book.routes))
+        return plane
+
+    def _load_routes(self, state: dict) -> None:
+        """The routes of describe()'s ``state``, into the book and the engine at once."""
+        for subnet, public_ip, framing, port, mac in state["routes"]:
+            route = PeerRoute(ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(public_ip), framing, port, mac)
+            self.book.routes[route.subnet] = route
+            self.engine.set_route(subnet, public_ip, port, mac_bytes(mac) if mac else None, framing)
+        self.engine.publish()
+        self._direct = {ipaddress.IPv4Network(s): ipaddress.IPv4Address(v) for s, v in state["direct"]}
 
     # --- data path callbacks ----------------------------------------------------------
     def _on_tun(self) -> None:

@@ -72,13 +72,19 @@ class Tun:
         if queues > 1:
             flags |= IFF_MULTI_QUEUE
         self.existed = exists(name)
-        if self.existed and _tun_info(name).get("IFLA_TUN_MULTI_QUEUE", 0) != (queues > 1):
-            log.info("replacing %s: it was made with %s queue", name,
-                     "a multi" if queues == 1 else "a single")
+        self._raw: list[int] = []  # fds handed over by another daemon (adopt), closed by us
+        self._devs = []
+        try:
+            self._open_queues(name, flags, queues)
+        except TunError:
+            # The kernel refuses (EINVAL) to attach across a persistent device's other
+            # queue setting; only then ask netlink (a cost a restart need not pay).
+            if not (self.existed and _tun_info(name).get("IFLA_TUN_MULTI_QUEUE", 0) != (queues > 1)):
+                raise
+            log.info("replacing %s: it was made with %s queue", name, "a multi" if queues == 1 else "a single")
             _remove_device(name)
             self.existed = False
-        self._raw: list[int] = []  # fds handed over by another daemon (adopt), closed by us
-        self._devs = [self._open(name, flags) for _ in range(queues)]
+            self._open_queues(name, flags, queues)
         self.name = self._devs[0].name
         self.fds = [d.fileno() for d in self._devs]
         self.fd = self.fds[0]
@@ -102,6 +108,14 @@ class Tun:
         tun.name, tun.fds, tun.fd = name, list(fds), fds[0]
         tun.vnet_hdr, tun.tso, tun.offloads = vnet_hdr, tso, offloads
         return tun
+
+    def _open_queues(self, name: str, flags: int, queues: int) -> None:
+        try:
+            for _ in range(queues):
+                self._devs.append(self._open(name, flags))
+        except TunError:
+            self.close()
+            raise
 
     @staticmethod
     def _open(name: str, flags: int):

@@ -124,6 +124,9 @@ class Cluster:
                     return last
             except (OSError, ConnectionError):
                 pass
+            except AttributeError:  # a daemon still starting answers without a lease or plane
+                if last is None or last.lease is not None and last.dataplane is not None:
+                    raise
             time.sleep(0.1)
         others = "".join(f"\nnode {j + 1} log:\n{self.log_tail(j, 5)}" for j in self.procs if j != i)
         raise ClusterError(f"node {i + 1} not {what} after {timeout}s (last status {last}):\n"

@@ -1,0 +1,60 @@
+"""A data plane the daemon did not set up itself, with the state it was set up for:
+taken over from another daemon (takeover.py) or started warm from the state dir
+(warmstart.py). The daemon keeps it if the registry's config and lease agree."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from udpflannel.core import config as netconfig
+from udpflannel.core.underlay import Underlay
+from udpflannel.dataplane.base import PlaneOptions
+from udpflannel.dataplane.sockets import parse_offloads
+from udpflannel.options import RunOptions
+
+
+def node_state(cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str, subnet: ipaddress.IPv4Network) -> dict:
+    """The node's part of the state (the plane adds its own: describe())."""
+    return {"config": cfg.to_json(), "vtep_mac": mac, "lease_subnet": str(subnet),
+            "underlay": {"ifname": underlay.ifname, "ifindex": underlay.ifindex,
+                         "address": str(underlay.address), "public_ip": str(underlay.public_ip),
+                         "mtu": underlay.mtu, "network": str(underlay.network) if underlay.network else None}}
+
+
+def plane_options(opts: RunOptions, cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str) -> PlaneOptions:
+    return PlaneOptions(
+        config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
+        offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
+        source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
+        queues=opts.queues, cpus=opts.cpus)
+
+
+@dataclass
+class Inherited:
+    state: dict[str, Any]
+    plane: Any  # None: the kernel plane (the kernel forwards meanwhile; set up as usual)
+    how: str  # "--takeover" or "warm start"
+
+    @property
+    def config(self) -> netconfig.NetworkConfig:
+        return netconfig.parse(self.state["config"])
+
+    @property
+    def underlay(self) -> Underlay:
+        u = self.state["underlay"]
+        return Underlay(u["ifname"], u["ifindex"], ipaddress.IPv4Address(u["address"]),
+                        ipaddress.IPv4Address(u["public_ip"]), u["mtu"],
+                        ipaddress.IPv4Network(u["network"]) if u.get("network") else None)
+
+    @property
+    def vtep_mac(self) -> str:
+        return self.state["vtep_mac"]
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.state["lease_subnet"])
+
+    def plane_options(self, opts: RunOptions) -> PlaneOptions:
+        return plane_options(opts, self.config, self.underlay, self.vtep_mac)
