@@ -75,6 +75,7 @@ cdef struct eng_t:
     uint8_t own_mac[6]
     uint8_t vxlan_hdr[8]
     uint32_t net, netmask, shift, subnet_len
+    uint32_t own_net, own_mask  # this node's subnet (set_subnet); own_mask 0: not set yet
     bint strict_source       # every inner source must lie in its sender's subnet
     int udp_fd               # the VXLAN port of queue 0 (single-packet sends, no tx_fds)
     int bare_fd              # flanneld udp framing: its port (receives and sends), or -1

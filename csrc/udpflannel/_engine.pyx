@@ -154,6 +154,7 @@ cdef enum:
     D_IPV6
     D_UNKNOWN_SENDER
     D_SPOOFED
+    D_BAD_DESTINATION
     D_TRUNCATED
     D_TUN_WRITE_ERROR
     N_COUNTERS
@@ -171,6 +172,7 @@ _SLOT_NAMES = {
     D_BAD_VNI: "drop_bad_vni", D_BAD_MAC: "drop_bad_mac",
     D_BAD_ETHERTYPE: "drop_bad_ethertype", D_BAD_IP: "drop_bad_ip", D_IPV6: "drop_ipv6",
     D_UNKNOWN_SENDER: "drop_unknown_sender", D_SPOOFED: "drop_spoofed",
+    D_BAD_DESTINATION: "drop_bad_destination",
     D_TRUNCATED: "drop_truncated", D_TUN_WRITE_ERROR: "drop_tun_write_error",
 }
 COUNTERS = tuple(_SLOT_NAMES[i] for i in range(N_COUNTERS))
@@ -528,6 +530,32 @@ cdef class Engine:
             self.e.vnet = saved
 
     # ---- attaching to the fds -------------------------------------------------------
+
+    def set_subnet(self, str subnet):
+        """This node's subnet: received packets must be for one of its hosts (not its
+        broadcast address); the rest are dropped as bad_destination."""
+        own = ipaddress.IPv4Network(subnet)
+        if own.prefixlen != self.e.subnet_len or (int(own.network_address) & self.e.netmask) != self.e.net:
+            raise ValueError(f"{subnet} is not a /{self.e.subnet_len} of the network")
+        self.e.own_net = int(own.network_address)
+        self.e.own_mask = int(own.netmask)
+
+    def set_bare_fd(self, int bare_fd):
+        """Start (fd >= 0) or stop (-1) speaking flanneld's udp framing on ``bare_fd``:
+        the socket is open only while a peer needs it. Threads must be stopped."""
+        cdef int i
+        if self.threads:
+            raise RuntimeError("stop_threads() first")
+        if self.nrx and self.rx[self.nrx - 1].bare:
+            if bare_fd >= 0:
+                self.rx[self.nrx - 1].fd = bare_fd
+            else:
+                self.nrx -= 1
+                rx_free(self.rx[self.nrx])
+                self.rx[self.nrx] = NULL
+        self.e.bare_fd = bare_fd
+        if bare_fd >= 0 and self.nq:
+            self._bare_context(self.tx[0].tun_fd)
 
     def attach(self, int tun_fd, int udp_fd, *, int bare_fd=-1, tx_fds=(), bint vnet_hdr=False,
                bint gso=False, bint gro=False):

@@ -42,7 +42,7 @@ cdef int accept_inner(rxctx_t *c, uint8_t *p, Py_ssize_t avail, int family, uint
     fits, a known sender, IPv4, and an inner source that the sender may use."""
     cdef eng_t *e = c.e
     cdef Py_ssize_t ihl, total = 0
-    cdef uint32_t inner_src
+    cdef uint32_t inner_src, inner_dst
     cdef route_t *owner
     if family == 4:
         ihl = (p[0] & 0x0F) * 4
@@ -66,8 +66,16 @@ cdef int accept_inner(rxctx_t *c, uint8_t *p, Py_ssize_t avail, int family, uint
         owner = find(e, c.rt, inner_src)
         if owner == NULL or owner.public_ip != source:
             return rx_drop(c, D_SPOOFED)
-    if bare and not udp_framing_ttl(p):
-        return rx_drop(c, D_TTL_EXPIRED)
+    inner_dst = _be32(p + 16)
+    if e.own_mask and ((inner_dst & e.own_mask) != e.own_net or inner_dst == (e.own_net | ~e.own_mask)):
+        return rx_drop(c, D_BAD_DESTINATION)
+    if bare:
+        # flannel's proxy patches the header checksum (RFC 1624) when it lowers the
+        # TTL, so a corrupt header stays corrupt; a fresh one would launder it: check first
+        if uf_csum_fold(uf_csum_partial(p, ihl, 0)) != 0xFFFF:
+            return rx_drop(c, D_BAD_IP)
+        if not udp_framing_ttl(p):
+            return rx_drop(c, D_TTL_EXPIRED)
     complete_partial_csum(c, p, total)
     plen[0] = total
     c.ctr[C_RX_PACKETS] += 1

@@ -69,3 +69,75 @@ def test_hostile_datagrams_are_counted_and_traffic_survives(make_lab, make_clust
         assert after[reason] - before[reason] == COUNT, reason
     # and the daemon is still healthy: both directions still work
     assert all(probe.ping(lab.nodes[1], cluster.overlay_addr(0), count=2))
+
+
+def test_the_udp_framing_port_is_open_only_while_a_peer_speaks_it(make_lab, make_cluster):
+    """In a vxlan cluster port 8285 (flanneld's udp framing) is closed, so nobody can
+    spoof a node there; a lease of a udp-framing node opens it, its removal closes it."""
+    import asyncio
+
+    from udpflannel.core.lease import Lease
+    from udpflannel.registry.embedded import EmbeddedRegistry
+
+    lab = make_lab(3)  # node 3 stands for the udp-framing node: only its lease is needed
+    cluster = make_cluster(lab)
+    cluster.start(0)
+    cluster.start(1)
+    cluster.wait_converged()
+    node = lab.nodes[1]
+
+    def listening() -> bool:
+        out = node.run(["ss", "-ulnH", "sport = :8285"], 15).stdout
+        return bool(out.strip())
+
+    def until(predicate, what: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"{what}: {cluster.log_tail(1)}"
+            time.sleep(0.1)
+
+    async def registry(call):
+        reg = EmbeddedRegistry(cluster.registry_file)
+        try:
+            return await call(reg)
+        finally:
+            await reg.close()
+
+    udp_subnet = ipaddress.IPv4Network("10.244.250.0/24")
+    assert not listening()
+    asyncio.run(registry(lambda r: r.create_lease(
+        Lease(udp_subnet, ipaddress.IPv4Address(lab.addresses[2]), "", None, None), 3600)))
+    until(listening, "8285 did not open for the udp peer")
+    cluster.wait_log(1, "flanneld udp framing: listening on port 8285 (a peer speaks it)")
+    assert all(probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=2))  # VXLAN undisturbed
+    asyncio.run(registry(lambda r: r.delete_lease(udp_subnet)))
+    until(lambda: not listening(), "8285 stayed open without a udp peer")
+    assert all(probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=2))
+
+
+def test_spoofed_packets_for_anything_but_our_pods_are_dropped(make_lab, make_cluster):
+    """The attack: a datagram whose outer source is a known node's address, carrying a
+    packet for a host address, a broadcast, another subnet: dropped and counted as
+    bad_destination, never written to the TUN."""
+    lab = make_lab(2)
+    cluster = make_cluster(lab)
+    cluster.start(0)
+    cluster.start(1)
+    cluster.wait_converged()
+    a, b = cluster.status(0), cluster.status(1)
+    a_net, b_net = ipaddress.IPv4Network(a.lease.subnet), ipaddress.IPv4Network(b.lease.subnet)
+    bad = [str(b_net.broadcast_address), "8.8.8.8", lab.addresses[1], "255.255.255.255", str(a_net[9])]
+    before = cluster.status(1).dataplane.counters
+    sock = lab.nodes[0].call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        for dst in bad:
+            eth = Ether(dst=b.lease.vtep_mac, src=a.lease.vtep_mac)
+            sock.sendto(bytes(VXLAN(flags=0x08, vni=1) / eth / IP(src=str(a_net[5]), dst=dst) / ICMP()),
+                        (lab.addresses[1], 8472))
+    deadline = time.monotonic() + 5
+    while cluster.status(1).dataplane.counters["drop_bad_destination"] - before["drop_bad_destination"] < len(bad):
+        assert time.monotonic() < deadline, cluster.status(1).dataplane.counters
+        time.sleep(0.05)
+    after = cluster.status(1).dataplane.counters
+    assert after["drop_bad_destination"] - before["drop_bad_destination"] == len(bad)
+    assert after["rx_packets"] == before["rx_packets"]

@@ -148,6 +148,7 @@ class Forwarder:
         self._routes: dict[int, tuple[int, int, bytes | None, str]] = {}
         self._senders: dict[int, int] = {}  # public IP -> number of subnets it owns
         self._c = dict.fromkeys(COUNTERS, 0)
+        self._own: tuple[int, int] | None = None  # this node's subnet (base, mask): set_subnet
 
     # --- control path -------------------------------------------------------------
     def _subnet_base(self, subnet: str) -> int:
@@ -156,6 +157,11 @@ class Forwarder:
         if s.prefixlen != self._subnet_len or base & self._netmask != self._net:
             raise ValueError(f"{subnet} is not a /{self._subnet_len} inside the overlay network")
         return base
+
+    def set_subnet(self, subnet: str) -> None:
+        """This node's subnet: received packets must be for one of its hosts."""
+        own = ipaddress.IPv4Network(subnet)
+        self._own = (self._subnet_base(subnet), int(own.netmask))
 
     def set_route(self, subnet: str, public_ip: str, port: int, vtep_mac: bytes | None = None,
                   framing: str = "vxlan") -> None:
@@ -282,8 +288,15 @@ class Forwarder:
             owner = self._find(inner_src)
             if owner is None or owner[0] != sender:
                 return self._drop("spoofed")
+        if self._own is not None:
+            base, mask = self._own
+            inner_dst = int.from_bytes(p[16:20], "big")
+            if inner_dst & mask != base or inner_dst == base | (~mask & 0xFFFFFFFF):
+                return self._drop("bad_destination")
         packet = p[:total]
         if bare:
+            if inet_checksum(packet[:ihl]) != 0:  # a corrupt header stays one (flannel's proxy)
+                return self._drop("bad_ip")
             packet = decrement_ttl(packet)
             if packet is None:
                 return self._drop("ttl_expired")

@@ -45,10 +45,12 @@ ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
 FRAMINGS = ("vxlan", "udp")
 
 # Drop reasons, in counter order. Outbound first, then inbound. ttl_expired counts
-# udp-framed packets whose TTL ran out, in either direction.
+# udp-framed packets whose TTL ran out, in either direction; bad_destination received
+# packets for anything but a host of this node's subnet (its broadcast address, another
+# node's subnet, an address outside the overlay: no peer may use a node as a router).
 TX_DROPS = ("bad_packet", "no_route", "send_error", "bad_offload", "ttl_expired")
 RX_DROPS = ("short", "bad_flags", "bad_vni", "bad_mac", "bad_ethertype", "bad_ip", "ipv6",
-            "unknown_sender", "spoofed", "truncated", "tun_write_error")
+            "unknown_sender", "spoofed", "bad_destination", "truncated", "tun_write_error")
 DROP_REASONS = TX_DROPS + RX_DROPS
 # Every engine counter, in the engine's slot order.
 # tx_super_packets: TSO super-packets read from the TUN (each sent as many datagrams);

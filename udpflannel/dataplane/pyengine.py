@@ -37,6 +37,12 @@ class PyEngine(Forwarder):
         self._bare = socket.socket(fileno=os.dup(bare_fd)) if bare_fd >= 0 else None
         self._tx = [socket.socket(fileno=os.dup(fd)) for fd in tx_fds]
 
+    def set_bare_fd(self, bare_fd: int) -> None:
+        """As the compiled engine's: speak flanneld's udp framing on bare_fd, or stop (-1)."""
+        if self._bare is not None:
+            self._bare.close()
+        self._bare = socket.socket(fileno=os.dup(bare_fd)) if bare_fd >= 0 else None
+
     def offloads(self) -> dict[str, bool]:
         return {"vnet_hdr": False, "gso": False, "gro": False}
 

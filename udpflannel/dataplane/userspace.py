@@ -109,9 +109,8 @@ class EnginePlane:
         own = self.opts.config.backend_type
         self.vxlan_group = self._bind_group(address, self.vxlan_port, required=own == "vxlan")
         self.vxlan_sock = self.vxlan_group[0] if self.vxlan_group else None
-        if self.udp_port:
-            self.udp_sock = self._bind(address, self.udp_port, "flanneld udp",
-                                       required=own == "udp")
+        if own == "udp":  # else bound only while a peer speaks it (_sync_bare_socket)
+            self.udp_sock = self._bind(address, self.udp_port, "flanneld udp", required=True)
         if self.vxlan_sock is None and self.udp_sock is None:
             raise DataplaneError("no UDP port could be bound")
         if self.vxlan_sock is not None and self.opts.source_ports:
@@ -120,9 +119,37 @@ class EnginePlane:
             got = sockets.enable_udp_offloads(sock, self.offloads & {"gso", "gro"},
                                               quiet=sock is not self.vxlan_sock)
             self._udp_offloads = got if sock is (self.vxlan_sock or self.udp_sock) else self._udp_offloads
-        udp_port = self.udp_port if self.udp_sock is not None else None
         self.book = RouteBook(self.opts.config, self.opts.underlay.public_ip,
-                              Framings(self.vxlan_port, udp_port), self.opts.underlay.network)
+                              Framings(self.vxlan_port, self.udp_port or None), self.opts.underlay.network)
+
+    def _wants_bare_socket(self) -> bool:
+        """flanneld's udp framing port is open only while it is spoken here: the
+        config's backend is udp, or a peer's lease is (a cluster migrating from udp):
+        a port that is open in every vxlan cluster would only let spoofed packets in."""
+        return self.opts.config.backend_type == "udp" or any(
+            r.framing == "udp" for r in self.book.routes.values())
+
+    def _sync_bare_socket(self, running: bool) -> None:
+        """Open or close the udp framing port as _wants_bare_socket says; with the data
+        path ``running``, its readers pause for the change."""
+        want = bool(self.udp_port) and self._wants_bare_socket()
+        if want == (self.udp_sock is not None):
+            return
+        if running:
+            self._stop_reading()
+        if want:
+            self.udp_sock = self._bind(self.opts.underlay.address, self.udp_port, "flanneld udp", required=False)
+            if self.udp_sock is not None:
+                sockets.enable_udp_offloads(self.udp_sock, self._udp_offloads & {"gro"}, quiet=True)
+                log.info("flanneld udp framing: listening on port %d (a peer speaks it)", self.udp_port)
+        else:
+            self.udp_sock.close()
+            self.udp_sock = None
+            log.info("flanneld udp framing: port %d closed (no peer speaks it)", self.udp_port)
+        if self.engine is not None:
+            self.engine.set_bare_fd(self.udp_sock.fileno() if self.udp_sock else -1)
+        if running:
+            self._start_reading()
 
     def _bind_group(self, address, port: int, required: bool) -> list[socket.socket]:
         try:
@@ -151,6 +178,7 @@ class EnginePlane:
             return
         self._subnet = lease.subnet
         self.engine = make_engine(self.opts.engine, self.opts)
+        self.engine.set_subnet(str(self._subnet))
         await self._attach_tun()
 
     def _sockets(self) -> list[socket.socket]:
@@ -296,7 +324,7 @@ class EnginePlane:
             "kind": ENGINE, "queues": self.opts.queues, "subnet": str(self._subnet), "mtu": self.mtu,
             "tun": {"name": self.tun.name, "vnet_hdr": self.tun.vnet_hdr, "tso": self.tun.tso,
                     "offloads": self.tun.offloads},
-            "vxlan_port": self.vxlan_port, "udp_port": self.udp_port if self.udp_sock is not None else None,
+            "vxlan_port": self.vxlan_port,
             "udp_offloads": sorted(self._udp_offloads), "pool": len(self.pool),
             "routes": [[str(r.subnet), str(r.public_ip), r.framing, r.port, r.vtep_mac]
                        for r in self.book.routes.values()],
@@ -335,7 +363,7 @@ class EnginePlane:
         plane.vxlan_sock = plane.vxlan_group[0] if plane.vxlan_group else None
         plane.udp_sock = sock("udp") if "udp" in handed.fds else None
         plane.pool = [sock(f"pool{i}") for i in range(state["pool"])]
-        plane.vxlan_port, plane.udp_port = state["vxlan_port"], state["udp_port"]
+        plane.vxlan_port = state["vxlan_port"]
         plane._udp_offloads = frozenset(state["udp_offloads"])
         t = state["tun"]
         plane.tun = Tun.adopt(t["name"], [handed.take(f"tun{q}") for q in range(opts.queues)],
@@ -345,10 +373,12 @@ class EnginePlane:
         plane._subnet = ipaddress.IPv4Network(state["subnet"])
         plane.mtu = state["mtu"]
         plane.book = RouteBook(opts.config, opts.underlay.public_ip,
-                               Framings(plane.vxlan_port, plane.udp_port), opts.underlay.network)
+                               Framings(plane.vxlan_port, plane.udp_port or None), opts.underlay.network)
         plane.engine = make_engine(opts.engine, opts)
+        plane.engine.set_subnet(str(plane._subnet))
         plane._attach_engine(plane.tun)
         plane._load_routes(state)
+        plane._sync_bare_socket(running=False)
         plane._start_reading()
         log.info("took over %s from the running daemon: %d routes, forwarding", plane.tun.name,
                  len(plane.book.routes))
@@ -369,11 +399,13 @@ class EnginePlane:
             plane._bind_all()
             plane._subnet = ipaddress.IPv4Network(state["subnet"])
             plane.engine = make_engine(opts.engine, opts)
+            plane.engine.set_subnet(str(plane._subnet))
             plane.tun = Tun(opts.tun, "tso" in plane.offloads, True, opts.queues, True)
             if not plane.tun.existed:
                 raise DataplaneError(f"{opts.tun} was gone")
             plane._attach_engine(plane.tun)
             plane._load_routes(state)
+            plane._sync_bare_socket(running=False)
             plane._start_engine_threads()
         except BaseException:
             plane.close()
@@ -444,6 +476,8 @@ class EnginePlane:
                                   mac_bytes(route.vtep_mac) if route.vtep_mac else None,
                                   route.framing)
         self.engine.publish()  # threads: the new table in one atomic store
+        if changes.add or changes.remove:
+            self._sync_bare_socket(running=bool(self._readers))
         for route in changes.add:
             await self._direct_routing(route)
         log_changes(events, changes, self.engine.route_count())
