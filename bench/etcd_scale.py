@@ -8,6 +8,9 @@ Measures (issue 3's targets in brackets):
   * put → route live: a new lease's etcd put until the daemon's route count includes
     it, p50 / p99 over --puts puts, one at a time                          [p99 < 200 ms]
   * the daemon's memory, VmRSS and VmHWM from /proc/<pid>/status          [< 80 MB]
+  * with --scrapers N: N clients scraping /metrics (--metrics-peers: a series per
+    lease) back to back during the puts, and /healthz asked every 50 ms: the puts'
+    p50 / p99 beside a run without scrapers tell whether scraping slows routing
 
 Set-up: a Lab with one node namespace; etcd listens on the hub's bridge address inside
 the lab (never outside it). This process joins the hub namespace to talk to etcd (before
@@ -149,10 +152,55 @@ def log_times(path: str, started_wall: float) -> dict[str, float]:
     return out
 
 
+HTTP_PORT = 10256
+
+
+class Scrapers:
+    """``count`` threads fetching /metrics back to back, and one asking /healthz every
+    50 ms, from this process (the hub's namespace) to the node's underlay address."""
+
+    def __init__(self, address: str, count: int) -> None:
+        import threading
+        self.base = f"http://{address}:{HTTP_PORT}"
+        self.done = threading.Event()
+        self.scrapes: list[float] = []
+        self.probes: list[float] = []
+        self.threads = [threading.Thread(target=self._scrape, daemon=True) for _ in range(count)]
+        self.threads.append(threading.Thread(target=self._probe, daemon=True))
+        for t in self.threads:
+            t.start()
+
+    def _get(self, path: str) -> float:
+        import urllib.request
+        t = time.monotonic()
+        with urllib.request.urlopen(self.base + path, timeout=10) as r:
+            r.read()
+        return time.monotonic() - t
+
+    def _scrape(self) -> None:
+        while not self.done.is_set():
+            self.scrapes.append(self._get("/metrics"))
+
+    def _probe(self) -> None:
+        while not self.done.wait(0.05):
+            self.probes.append(self._get("/healthz"))
+
+    def stop(self) -> dict:
+        self.done.set()
+        for t in self.threads:
+            t.join(15)
+        ms = lambda xs: sorted(x * 1000 for x in xs)  # noqa: E731
+        probes, scrapes = ms(self.probes), ms(self.scrapes)
+        return {"scrapers": len(self.threads) - 1, "scrapes": len(scrapes),
+                "scrape_p50_ms": round(statistics.median(scrapes), 1),
+                "healthz_p50_ms": round(statistics.median(probes), 2),
+                "healthz_p99_ms": round(statistics.quantiles(probes, n=100, method="inclusive")[98], 2)}
+
+
 class Daemon:
     """`udpflannel run` in the lab's node namespace, with a fresh state directory."""
 
-    def __init__(self, lab: Lab, etcd: EtcdServer, directory: str, engine: str) -> None:
+    def __init__(self, lab: Lab, etcd: EtcdServer, directory: str, engine: str, http: bool = False) -> None:
         os.makedirs(directory)
         self.dir = directory
         self.admin_path = os.path.join(directory, "admin.sock")
@@ -160,6 +208,8 @@ class Daemon:
         argv = [sys.executable, "-m", "udpflannel", "run", "--iface", "eth0", "--engine", engine,
                 "--etcd-endpoints", etcd.endpoint, "--subnet-file", f"{directory}/subnet.env",
                 "--state-dir", directory, "--admin-socket", self.admin_path]
+        if http:
+            argv += ["--healthz-port", str(HTTP_PORT), "--metrics-port", str(HTTP_PORT), "--metrics-peers"]
         with open(self.log_path, "wb") as log_file:
             self.started_wall = time.time()
             self.started = time.monotonic()
@@ -181,7 +231,7 @@ async def bench(lab: Lab, etcd: EtcdServer, work: str, args) -> dict:
         log.info("wrote %d leases in %.1f s", args.leases, time.monotonic() - t)
 
         for rep in range(args.repeat):
-            daemon = Daemon(lab, etcd, os.path.join(work, f"node{rep}"), args.engine)
+            daemon = Daemon(lab, etcd, os.path.join(work, f"node{rep}"), args.engine, http=args.scrapers > 0)
             try:
                 admin = wait_admin(daemon.admin_path, daemon.proc, 30)
                 admin_up = time.monotonic() - daemon.started
@@ -201,6 +251,7 @@ async def bench(lab: Lab, etcd: EtcdServer, work: str, args) -> dict:
 
                 delays = []
                 granted = await client.lease(86400)
+                load = Scrapers(lab.addresses[0], args.scrapers) if args.scrapers else None
                 for n in range(args.puts):
                     key, value = lease_kv(NEW_BASE + n)  # far from the subnet the daemon picked
                     want = args.leases + 1 + n
@@ -209,6 +260,7 @@ async def bench(lab: Lab, etcd: EtcdServer, work: str, args) -> dict:
                     delays.append(wait_routes(admin, want, 10, daemon.proc) - t0)
                     await asyncio.sleep(0.01)
                 mem = memory(daemon.proc.pid)
+                scraped = load.stop() if load else {}
                 admin.close()
             finally:
                 daemon.stop()
@@ -228,6 +280,7 @@ async def bench(lab: Lab, etcd: EtcdServer, work: str, args) -> dict:
         "put_to_route_max_ms": round(delays_ms[-1], 2),
         "rss_mb": round(mem["VmRSS"], 1),
         "hwm_mb": round(mem["VmHWM"], 1),
+        **scraped,
     }
 
 
@@ -237,6 +290,7 @@ def main() -> int:
     parser.add_argument("--puts", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3, help="fresh daemon starts measured (worst is reported)")
     parser.add_argument("--engine", choices=("compiled", "python"), default="compiled")
+    parser.add_argument("--scrapers", type=int, default=0, help="clients scraping /metrics during the puts")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
