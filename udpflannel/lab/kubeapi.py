@@ -25,7 +25,8 @@ What it provides:
 Every process is started under ``setpriv --pdeathsig TERM`` (it dies with whoever
 started it) and stopped by its pid (procs.terminate), also when ``start`` fails half way;
 an atexit hook stops any lab a crashed caller left behind. Readiness is the API server's
-``/readyz`` and the controller manager's ``/healthz``, polled against a deadline.
+``/readyz`` and the node IPAM controller's check in the controller manager's
+``/healthz?verbose``, polled against a deadline.
 """
 
 from __future__ import annotations
@@ -418,7 +419,10 @@ class KubeAPILab:
             "--profiling=false",
         ]
         self.controller_manager = self._spawn("kube-controller-manager", cmd)
-        self._wait_serving(self.controller_manager, "kube-controller-manager", self.kcm_port, "/healthz", deadline)
+        # /healthz answers before the controllers are built; each controller's check
+        # joins it once the controller is built (a bad flag ends the process instead).
+        self._wait_serving(self.controller_manager, "kube-controller-manager", self.kcm_port, "/healthz?verbose",
+                           deadline, expect="[+]node-ipam-controller ok")
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         if shutil.which("setpriv"):
@@ -426,7 +430,10 @@ class KubeAPILab:
         with open(self.base_dir / f"{name}.log", "ab") as log:
             return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
-    def _wait_serving(self, proc: subprocess.Popen, name: str, port: int, path: str, deadline: float) -> None:
+    def _wait_serving(self, proc: subprocess.Popen, name: str, port: int, path: str, deadline: float,
+                      expect: str = "") -> None:
+        """Poll ``path`` until it answers 2xx (and its text holds ``expect``), while the
+        process lives, until ``deadline``."""
         assert self.pki is not None
         api = Api(f"https://127.0.0.1:{port}", self.pki.ca, cert=self.pki.admin)
         last = "no answer"
@@ -434,8 +441,10 @@ class KubeAPILab:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
             try:
-                api.request("GET", path, timeout=5)
-                return
+                answer = api.request("GET", path, timeout=5)
+                if expect in str(answer):
+                    return
+                last = f"{expect!r} not in {answer!r}"
             except KubeHTTPError as e:
                 last = str(e)
             except OSError as e:  # refused until it listens; TLS or reset while it starts
