@@ -82,7 +82,8 @@ class EtcdServer:
 
     def __init__(self, base_dir: Path, *, tls: TLSFiles | None = None, extra_args: tuple[str, ...] = (),
                  host: str = "127.0.0.1", popen: Callable[..., subprocess.Popen] = subprocess.Popen,
-                 client_port: int | None = None) -> None:
+                 client_port: int | None = None, binary: str | None = None) -> None:
+        self.binary = binary or ETCD
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "etcd.log"
@@ -107,7 +108,7 @@ class EtcdServer:
             return
         self.base_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            ETCD, "--name", self.name, "--data-dir", str(self.data_dir),
+            self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", f"{self.name}={self.peer_url}",

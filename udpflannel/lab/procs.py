@@ -9,12 +9,12 @@ from typing import Any
 KILL_WAIT = 5.0  # seconds for a SIGKILLed process to be reaped
 
 
-def communicate(proc: subprocess.Popen, timeout: float) -> tuple[Any, Any]:
-    """``proc.communicate()`` with a deadline: its (stdout, stderr). A process still
+def communicate(proc: subprocess.Popen, timeout: float, input: Any = None) -> tuple[Any, Any]:
+    """``proc.communicate(input)`` with a deadline: its (stdout, stderr). A process still
     running when the deadline passes (subprocess.TimeoutExpired propagates) or the
     wait is interrupted is killed by its pid and reaped."""
     try:
-        return proc.communicate(timeout=timeout)
+        return proc.communicate(input, timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
