@@ -47,7 +47,7 @@ from udpflannel.dataplane.base import DataPlane, DataplaneError, PlaneOptions
 from udpflannel.dataplane.select import prepare_plane
 from udpflannel.dataplane.sockets import parse_offloads
 from udpflannel.host import localstate, netconf
-from udpflannel.host.rules import RulesError, RuleSpec, make_rules
+from udpflannel.host.rules import RulesError, RuleSpec, make_rules, start_backend
 from udpflannel.host.tun import has_net_admin
 from udpflannel.housekeeping import keep_blackhole_route, keep_rules, watch_underlay_and_plane
 from udpflannel.node import Node, Persist
@@ -95,6 +95,7 @@ class Outside:
     open_registry: Callable[[RunOptions], Registry] = open_registry
     prepare_plane: Callable[[str, PlaneOptions], Awaitable[DataPlane]] = prepare_plane
     rules: Callable[[RunOptions, netconfig.NetworkConfig, Lease], Any] = _rules
+    start_rules: Callable[[bool], Any] = start_backend  # host/rules/startup.py
     link_events: bool = True  # netlink wake-ups for housekeeping (else it polls)
 
 
@@ -290,6 +291,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             log.info("registry: %s (%s)", opts.registry_kind, opts.registry_where)
             retry = bool(opts.etcd_endpoints)
             cfg = await load_network_config(registry, opts, retry, stop, node.health)
+            await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
             mac = _vtep_mac(opts, persist)
             log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
                      underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
