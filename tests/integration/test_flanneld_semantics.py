@@ -20,6 +20,8 @@ import base64
 import ipaddress
 import json
 import os
+import re
+import subprocess
 import uuid
 
 import pytest
@@ -191,3 +193,89 @@ def value_of(st) -> str:
     """The lease value a udpflannel node with status ``st`` writes (flanneld's bytes)."""
     return encode_value(Lease(ipaddress.IPv4Network(st.lease.subnet), ipaddress.IPv4Address(st.lease.public_ip),
                               "vxlan", 1, st.lease.vtep_mac)).decode()
+
+
+def ruleset(ns, subnet: str) -> dict[str, list[str]]:
+    """iptables-save and `nft list ruleset` as an operator compares them: no comments,
+    no counters, the node's own subnet written as <subnet>."""
+    out = {}
+    for name, argv in (("iptables", ["iptables-save"]), ("nft", ["nft", "list", "ruleset"])):
+        res = ns.run(argv, 15)
+        assert res.returncode == 0, res.stderr
+        lines = []
+        for line in res.stdout.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            line = re.sub(r" \[\d+:\d+\]$", "", line)
+            line = re.sub(r"counter packets \d+ bytes \d+", "counter", line)
+            lines.append(line.replace(subnet, "<subnet>"))
+        out[name] = lines
+    return out
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["iptables-first", "nftables-first"])
+def test_rules_match_flanneld_in_both_backends_and_across_a_flip(site, first):
+    """The same config and --ip-masq on a flanneld node and a udpflannel node: the same
+    iptables and nftables rulesets, then the same after EnableNFTables flips (each
+    restarts, as a config change needs) and flips back. flanneld cleans the unused
+    backend at start, in its own way (host/rules/startup.py): so must we."""
+    f, _ = site.node()
+    u, _ = site.node()
+    seen = []
+    for nft in (first, not first, first):
+        site.etcd.etcdctl("put", f"{site.prefix}/config", json.dumps(
+            {"Network": NETWORK, "EnableNFTables": nft, "Backend": {"Type": "vxlan"}}))
+        fl = Flanneld(site.lab.nodes[f], os.path.join(site.workdir, "flanneld-rules"),
+                      etcd_endpoints=site.etcd.endpoint, etcd_prefix=site.prefix, ip_masq=True)
+        site.flanneld.append(fl)
+        fl.start().wait_ready()
+        st = site.start_ours(u, ["--ip-masq"])
+        theirs = ruleset(site.lab.nodes[f], str(fl.subnet))
+        ours = ruleset(site.lab.nodes[u], st.lease.subnet)
+        assert ours == theirs, f"EnableNFTables={nft}"
+        seen.append(theirs)
+        fl.stop()
+        site.cluster.stop(u)
+    # what was compared is what each mode leaves (so two empty rulesets cannot pass):
+    # nftables mode its two tables; iptables mode its chains; after a flip to nftables
+    # an emptied FLANNEL-POSTRTG behind its jump and the whole FLANNEL-FWD stay
+    modes = (first, not first, first)
+    fwd = '-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT'
+    for k, (nft, rules) in enumerate(zip(modes, seen)):
+        assert any(line.startswith("table ip flannel-ipv4") for line in rules["nft"]) == nft
+        assert any(line.startswith("table ip6 flannel-ipv6") for line in rules["nft"]) == nft
+        assert any(line.startswith("-A FLANNEL-POSTRTG") for line in rules["iptables"]) == (not nft)
+        ran_iptables = not all(modes[:k + 1])
+        assert (fwd in rules["iptables"]) == ran_iptables
+        assert ('-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG'
+                in rules["iptables"]) == ran_iptables
+
+
+# A mount namespace of the process's own in which the br_netfilter module's sysctls are
+# hidden (an empty tmpfs over /proc/sys/net/bridge), as on a host without the module.
+WITHOUT_BR_NETFILTER = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount -t tmpfs none /proc/sys/net/bridge && exec "$@"', "sh"]
+
+
+def test_without_br_netfilter_both_refuse_iptables_mode_before_a_lease(site):
+    """flanneld (main.go) stats /proc/sys/net/bridge/bridge-nf-call-iptables in iptables
+    mode and exits 1 before it takes a lease; so does udpflannel, with flanneld's words.
+    In nftables mode neither checks."""
+    f, _ = site.node()
+    u, _ = site.node()
+    fl = Flanneld(site.lab.nodes[f], os.path.join(site.workdir, "flanneld-nobr"),
+                  etcd_endpoints=site.etcd.endpoint, etcd_prefix=site.prefix)
+    theirs = site.lab.nodes[f].run(WITHOUT_BR_NETFILTER + fl.argv(), 30)
+    ours = site.lab.nodes[u].run(WITHOUT_BR_NETFILTER + site.cluster.argv(u), 30)
+    assert theirs.returncode == 1 and ours.returncode == 1, (theirs.stderr[-2000:], ours.stderr[-2000:])
+    said = "Failed to check br_netfilter: stat /proc/sys/net/bridge/bridge-nf-call-iptables: no such file or directory"
+    assert said in theirs.stderr
+    assert f"udpflannel: error: {said}" in ours.stderr
+    assert site.etcd.etcdctl("get", f"{site.prefix}/subnets/", "--prefix", "--keys-only").strip() == ""
+
+    site.etcd.etcdctl("put", f"{site.prefix}/config", json.dumps(
+        {"Network": NETWORK, "EnableNFTables": True, "Backend": {"Type": "vxlan"}}))
+    started = site.lab.nodes[u].popen(WITHOUT_BR_NETFILTER + site.cluster.argv(u), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site.cluster.procs[u] = started  # stopped by pid with the others
+    site.cluster.wait_status(u, lambda s: s.ready, 30)
