@@ -279,3 +279,23 @@ def test_without_br_netfilter_both_refuse_iptables_mode_before_a_lease(site):
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     site.cluster.procs[u] = started  # stopped by pid with the others
     site.cluster.wait_status(u, lambda s: s.ready, 30)
+
+
+def test_switching_a_vxlan_node_from_flanneld(site):
+    """flanneld's lease names flannel.1's MAC, which a fresh udpflannel does not know:
+    the lease is not provably its own and flanneld renewed it recently, so udpflannel
+    takes a new subnet. With flanneld's lease key deleted (the README's runbook), it
+    takes the subnet flanneld's subnet.env names: the pods keep their addresses. (The
+    kernel plane: it replaces flanneld's flannel.1, which holds the VXLAN port; the
+    engine would stop with one line, "VXLAN port 8472 ... already in use".)"""
+    for delete_key in (False, True):
+        i, _ = site.node()
+        fl = site.start_flanneld(i)
+        theirs = fl.subnet
+        fl.stop()
+        if delete_key:
+            site.etcd.etcdctl("del", fl.lease_key)
+        site.cluster.start(i, ["--subnet-file", fl.subnet_file, "--dataplane", "kernel"])
+        st = site.cluster.wait_status(i, lambda s: s.ready, 30)
+        assert (st.lease.subnet == str(theirs)) is delete_key, (delete_key, st.lease.subnet, theirs)
+        site.cluster.stop(i)
