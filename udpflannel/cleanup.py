@@ -20,6 +20,7 @@ from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import Lease
 from udpflannel.host import localstate, netconf, tun
 from udpflannel.host.rules import BACKENDS, RulesError, RuleSpec, make_rules
+from udpflannel.host.rules.nftables import delete_tables
 from udpflannel.observe import admin
 from udpflannel.options import RunOptions
 from udpflannel.registry.select import open_registry
@@ -76,10 +77,12 @@ def _remove_rules(env: subnetenv.SubnetEnv) -> list[str]:
     spec = RuleSpec(env.network, env.subnet_network, masquerade=True, forward=True)
     for backend in BACKENDS:
         try:
-            rules = make_rules(spec, backend)
-            if rules.present() or backend == "iptables":
-                rules.remove()
-                gone.append(f"{backend} rules")
+            if backend == "nftables":  # both tables, also the empty ones flanneld's Init makes
+                if delete_tables():
+                    gone.append("nftables rules")
+                continue
+            make_rules(spec, backend).remove()
+            gone.append(f"{backend} rules")
         except RulesError as e:  # e.g. nft not installed: nothing of ours can be there
             log.debug("rules (%s): %s", backend, e)
     return gone

@@ -52,7 +52,7 @@ from udpflannel.dataplane.base import AUTO, ENGINE, DataPlane, DataplaneError, P
 from udpflannel.dataplane.select import prepare_plane
 from udpflannel.dataplane.userspace import EnginePlane
 from udpflannel.host import localstate, netconf
-from udpflannel.host.rules import RulesError, RuleSpec, make_rules
+from udpflannel.host.rules import RulesError, RuleSpec, make_rules, start_backend
 from udpflannel.host.tun import has_net_admin
 from udpflannel.housekeeping import keep_blackhole_route, keep_rules, watch_underlay_and_plane
 from udpflannel.inherited import Inherited, node_state, plane_options
@@ -102,6 +102,7 @@ class Outside:
     open_registry: Callable[[RunOptions], Registry] = open_registry
     prepare_plane: Callable[[str, PlaneOptions], Awaitable[DataPlane]] = prepare_plane
     rules: Callable[[RunOptions, netconfig.NetworkConfig, Lease], Any] = _rules
+    start_rules: Callable[[bool], Any] = start_backend  # host/rules/startup.py
     link_events: bool = True  # netlink wake-ups for housekeeping (else it polls)
     wait_for_signal: Callable[[], Awaitable[Any]] = lambda: _stop_on_signals().wait()  # handed over, "wait"
     adopt_plane: Callable[..., DataPlane] = EnginePlane.adopt  # (popts, reason, state, handed), --takeover
@@ -332,6 +333,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             log.info("registry: %s (%s)", opts.registry_kind, opts.registry_where)
             retry = bool(opts.etcd_endpoints)
             cfg = await load_network_config(registry, opts, retry, stop, node.health)
+            await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
             plane = inherited.plane if inherited else None
             if plane is not None and cfg != inherited.config:
                 log.warning("the network config changed since the data plane (%s) was set up: setting it "

@@ -116,7 +116,8 @@ def pod_address(result: dict) -> ipaddress.IPv4Interface:
 
 # --- one node -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("cni_version", ["0.3.1", "1.0.0"])  # the shipped conflist's, and the newest
+# the shipped conflist's, the newest Debian's bridge speaks, and CNI 1.1 (the bridge gets 1.0.0)
+@pytest.mark.parametrize("cni_version", ["0.3.1", "1.0.0", "1.1.0"])
 def test_add_check_del_on_one_node(make_lab, workdir, cni_version):
     lab = make_lab(1)
     node, pod = lab.nodes[0], lab.add_namespace("podA")
@@ -145,17 +146,20 @@ def test_add_check_del_on_one_node(make_lab, workdir, cni_version):
     assert stat.S_IMODE(os.stat(conf["dataDir"]).st_mode) == 0o700
     with open(saved) as f:
         delegate = json.load(f)
+    bridge_version = "1.0.0" if cni_version == "1.1.0" else cni_version  # Debian's stops at 1.0.0
     assert {k: delegate[k] for k in ("type", "ipMasq", "mtu", "isGateway", "hairpinMode", "cniVersion")} == {
         "type": "bridge", "ipMasq": True, "mtu": 1400, "isGateway": True, "hairpinMode": True,
-        "cniVersion": cni_version}
+        "cniVersion": bridge_version}
     assert os.path.exists(reservation(conf, str(ip.ip)))
 
-    # the conflist's next plugin takes our result as its prevResult
-    portmap = {"cniVersion": cni_version, "name": conf["name"], "type": "portmap",
-               "capabilities": {"portMappings": True}, "prevResult": result}
-    chained = cni_call(node, "ADD", portmap, "pod-a", pod.path, plugin=os.path.join(CNI_BIN, "portmap"))
-    assert chained.rc == 0, chained
-    assert chained.out["ips"] == result["ips"] and chained.out["interfaces"] == result["interfaces"]
+    # the conflist's next plugin takes our result as its prevResult (Debian's portmap, like
+    # its bridge, has no 1.1.0: a runtime could not chain it at 1.1.0 either)
+    if cni_version != "1.1.0":
+        portmap = {"cniVersion": cni_version, "name": conf["name"], "type": "portmap",
+                   "capabilities": {"portMappings": True}, "prevResult": result}
+        chained = cni_call(node, "ADD", portmap, "pod-a", pod.path, plugin=os.path.join(CNI_BIN, "portmap"))
+        assert chained.rc == 0, chained
+        assert chained.out["ips"] == result["ips"] and chained.out["interfaces"] == result["interfaces"]
 
     check_conf = dict(conf, prevResult=result)
     check = cni_call(node, "CHECK", check_conf, "pod-a", pod.path)
@@ -205,12 +209,16 @@ def test_errors_are_cni_json_and_leave_nothing(make_lab, workdir):
     subnet_file = write_subnet_env(os.path.join(workdir, "subnet.env"), "10.250.0.0/16", "10.250.8.1/24",
                                    1450, ipmasq=False)
     good = pod_netconf(workdir, subnet_file, "n1")
+    dual_stack = os.path.join(workdir, "dual.env")
+    with open(subnet_file) as f, open(dual_stack, "w") as out:
+        out.write(f.read() + "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:8::1/64\n")
     cases = [
         ("not JSON", good, b"{not json", cni.DECODING_FAILURE),
         ("no name", {k: v for k, v in good.items() if k != "name"}, None, cni.INVALID_NETWORK_CONFIG),
         ("subnet.env missing", dict(good, subnetFile=os.path.join(workdir, "absent.env")), None,
          cni.TRY_AGAIN_LATER),
-        ("old version", dict(good, cniVersion="0.2.0"), None, cni.INCOMPATIBLE_VERSION),
+        ("unknown version", dict(good, cniVersion="2.0.0"), None, cni.INCOMPATIBLE_VERSION),
+        ("dual stack", dict(good, subnetFile=dual_stack), None, cni.DUAL_STACK_UNSUPPORTED),
     ]
     for what, conf, stdin, code in cases:
         run = cni_call(node, "ADD", conf, "pod-c", pod.path, stdin=stdin)
@@ -225,6 +233,40 @@ def test_errors_are_cni_json_and_leave_nothing(make_lab, workdir):
     assert run.rc != 0 and "no-such-ipam" in run.out["msg"], run
     # saved before the delegate ran: the runtime's DEL after a failed ADD replays it
     assert os.path.exists(os.path.join(good["dataDir"], "pod-c"))
+
+
+def test_status_and_gc_at_cni_1_1(make_lab, workdir):
+    """STATUS: ready with a usable subnet.env, code 50 without. GC: the saved delegates
+    of pods the runtime no longer lists are forgotten, the listed ones kept. Debian's
+    bridge (1.0.0 at most) gets neither call, so host-local keeps a gone pod's address
+    until its DEL: GC is not DEL (the spec says runtimes must not use it as one)."""
+    lab = make_lab(1)
+    node = lab.nodes[0]
+    pods = {cid: lab.add_namespace(cid) for cid in ("pod-s1", "pod-s2")}
+    subnet_file = write_subnet_env(os.path.join(workdir, "subnet.env"), "10.250.0.0/16", "10.250.11.1/24",
+                                   1450, ipmasq=False)
+    conf = pod_netconf(workdir, subnet_file, "n1", "1.1.0")
+    status = cni_call(node, "STATUS", conf, "")
+    assert (status.rc, status.out) == (0, None), status
+    ips = {}
+    for cid, pod in pods.items():
+        add = cni_call(node, "ADD", conf, cid, pod.path)
+        assert add.rc == 0, add
+        ips[cid] = str(pod_address(add.out).ip)
+
+    gc = dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "pod-s1", "ifname": "eth0"}]})
+    run = cni_call(node, "GC", gc, "")
+    assert (run.rc, run.out) == (0, None), run
+    assert os.listdir(conf["dataDir"]) == ["pod-s1"]
+    assert os.path.exists(reservation(conf, ips["pod-s1"]))
+    delete = cni_call(node, "DEL", conf, "pod-s1", pods["pod-s1"].path)
+    assert delete.rc == 0 and not os.path.exists(reservation(conf, ips["pod-s1"])), delete
+
+    os.unlink(subnet_file)
+    status = cni_call(node, "STATUS", conf, "")
+    assert status.rc == 1 and status.out["code"] == cni.NOT_AVAILABLE, status
+    old = cni_call(node, "STATUS", dict(conf, cniVersion="1.0.0"), "")
+    assert old.rc == 1 and old.out["code"] == cni.INCOMPATIBLE_VERSION
 
 
 # --- two nodes, real daemons -----------------------------------------------------------

@@ -17,7 +17,7 @@ import uuid
 import aetcd
 import pytest
 
-from udpflannel.core.lease import EventType, Lease
+from udpflannel.core.lease import NEVER, EventType, Lease
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
 from udpflannel.registry.etcd import EtcdRegistry
 
@@ -77,7 +77,7 @@ async def collect(watch, want, timeout: float = 8.0) -> list:
 
 def lease_id_of(server: EtcdServer, key: str) -> int:
     doc = server.etcdctl_json("get", key)
-    return int(doc["kvs"][0]["lease"])
+    return int(doc["kvs"][0].get("lease", 0))  # etcdctl omits a zero lease (no TTL)
 
 
 def ttl_of(server: EtcdServer, lease_id: int) -> tuple[int, int]:
@@ -153,7 +153,8 @@ def test_hand_written_leases_are_listed_and_watched(etcd_server: EtcdServer, cap
             by = {str(x.subnet): x for x in leases}
             assert by["10.244.7.0/24"].same_route(lease())
             assert 55 <= by["10.244.7.0/24"].expiration - time.time() <= 61
-            assert by["10.244.8.0/24"].backend_type == "" and by["10.244.8.0/24"].expiration == 0
+            # put without a lease: a reservation (flannel's Documentation/reservations.md)
+            assert by["10.244.8.0/24"].backend_type == "" and by["10.244.8.0/24"].reserved
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
             assert len(warnings) == 2, [r.getMessage() for r in warnings]  # once per bad key
 
@@ -511,6 +512,95 @@ def test_create_and_replace_report_what_holds_the_key(etcd_server: EtcdServer) -
     run(body())
     assert etcd_server.etcdctl("get", key, "--print-value-only") == FLANNEL_VALUE + "\n"
     assert ttl_of(etcd_server, lease_id_of(etcd_server, key))[0] == 60  # attached to an etcd lease
+
+
+def test_a_reservation_is_listed_watched_renewed_and_replaced_without_a_ttl(etcd_server: EtcdServer) -> None:
+    """flannel's Documentation/reservations.md: a key put without a lease. Renewing it
+    writes nothing; replacing its value (the node's new backend data) keeps it without
+    a lease; garbage without a lease is no reservation and gets one when reclaimed."""
+    prefix = unique_prefix()
+    key = f"{prefix}/subnets/10.244.7.0-24"
+    by_hand = '{"PublicIP":"192.168.64.3"}'
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        try:
+            etcd_server.etcdctl("put", key, by_hand)
+            listed, rev = await reg.list_leases(with_expiration=True)
+            assert [(x.subnet, x.expiration) for x in listed] == [(NET("10.244.7.0/24"), NEVER)]
+            replaced = await reg.replace_lease(lease(), 60, by_hand.encode())
+            assert replaced.reserved
+            assert etcd_server.etcdctl("get", key, "--print-value-only") == FLANNEL_VALUE + "\n"
+            assert lease_id_of(etcd_server, key) == 0
+            written = etcd_server.revision()
+            renewed = await reg.renew_lease(lease(), 60)
+            assert renewed.reserved and lease_id_of(etcd_server, key) == 0
+            assert etcd_server.revision() == written  # a reservation's renewal writes nothing
+
+            watch = reg.watch_leases(rev)
+            try:
+                events = await collect(watch, lambda ev: len(ev) >= 1)
+            finally:
+                await watch.aclose()
+            assert [(e.type, e.lease.reserved) for e in events] == [(EventType.ADDED, True)]
+
+            etcd_server.etcdctl("put", key, "garbage")  # no lease, but no lease value either
+            reclaimed = await reg.replace_lease(lease(), 60, b"garbage")
+            assert not reclaimed.reserved and lease_id_of(etcd_server, key) != 0
+
+            etcd_server.etcdctl("put", key, FLANNEL_VALUE)  # reservations.md: drop the TTL
+            renewed = await reg.renew_lease(lease(), 60)
+            assert renewed.reserved and lease_id_of(etcd_server, key) == 0
+        finally:
+            await reg.close()
+
+    run(body())
+
+
+def test_take_over_only_a_lease_past_its_renewal_and_never_across_a_renewal(etcd_server: EtcdServer) -> None:
+    prefix = unique_prefix()
+    key = f"{prefix}/subnets/10.244.7.0-24"
+    theirs = lease(mac="02:00:00:00:00:66")
+    ours = lease(mac="02:00:00:00:00:01")
+    value = FLANNEL_VALUE.replace("c6:d2:32:6f:8f:44", "02:00:00:00:00:66")
+
+    class RenewedJustThen(EtcdRegistry):
+        async def _grant(self, ttl, deadline):  # the holder renews between our read and write
+            fresh = etcd_server.etcdctl("lease", "grant", "600").split()[1]
+            etcd_server.etcdctl("put", "--lease", fresh, key, value)
+            return await super()._grant(ttl, deadline)
+
+    async def body():
+        reg = EtcdRegistry([etcd_server.endpoint], prefix=prefix)
+        racing = RenewedJustThen([etcd_server.endpoint], prefix=prefix)
+        try:
+            etcd_server.etcdctl("put", key, value)  # a reservation: never due
+            with pytest.raises(LeaseTaken):
+                await reg.take_over(ours, 60, theirs, time.time() + 3600)
+            held = etcd_server.etcdctl("lease", "grant", "30").split()[1]
+            etcd_server.etcdctl("put", "--lease", held, key, value)
+            with pytest.raises(LeaseTaken) as kept:  # 30 s left, due only within 10 s
+                await reg.take_over(ours, 60, theirs, time.time() + 10)
+            assert kept.value.holder.same_route(theirs) and 20 < kept.value.holder.expiration - time.time() <= 31
+            with pytest.raises(LeaseTaken):  # another holder than the one we judged
+                await reg.take_over(ours, 60, lease(mac="02:00:00:00:00:77"), time.time() + 60)
+            with pytest.raises(LeaseTaken):
+                await racing.take_over(ours, 60, theirs, time.time() + 60)
+            assert etcd_server.etcdctl("get", key, "--print-value-only") == value + "\n"  # the renewal won
+            assert ttl_of(etcd_server, lease_id_of(etcd_server, key))[0] == 600
+            held = etcd_server.etcdctl("lease", "grant", "30").split()[1]
+            etcd_server.etcdctl("put", "--lease", held, key, value)
+            got = await reg.take_over(ours, 60, theirs, time.time() + 60)
+            assert got.same_route(ours) and time.time() + 55 < got.expiration <= time.time() + 61
+            etcd_server.etcdctl("del", key)
+            with pytest.raises(LeaseTaken) as gone:
+                await reg.take_over(ours, 60, theirs, time.time() + 60)
+            assert gone.value.raw is None
+        finally:
+            await reg.close()
+            await racing.close()
+
+    run(body())
 
 
 def test_a_71_mb_listing_is_paged_and_a_71_mb_backlog_is_watched(fresh_etcd: EtcdServer, caplog) -> None:

@@ -179,17 +179,18 @@ def test_subnet_env_bad_value():
 # --- versions -------------------------------------------------------------------------
 
 def test_version_answer():
-    assert cni.version_info() == {"cniVersion": "1.0.0",
-                                  "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
+    # flannel's plugin: libcni's version.All (0.1.0 to 1.1.0, CNI library 1.x)
+    assert cni.version_info() == {"cniVersion": "1.1.0", "supportedVersions": [
+        "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
 
 
-@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
 def test_supported_versions_pass(version):
     cni.check_version(version, "ADD")
     cni.check_version(version, "DEL")
 
 
-@pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "1.1.0", "2.0.0"])
+@pytest.mark.parametrize("version", ["0.2.1", "1.2.0", "2.0.0"])
 def test_unsupported_versions_are_code_1(version):
     with pytest.raises(CniError) as e:
         cni.check_version(version, "ADD")
@@ -197,12 +198,46 @@ def test_unsupported_versions_are_code_1(version):
     assert version in e.value.details
 
 
-def test_missing_version_means_0_1_0_which_we_refuse():
-    # libcni ConfigDecoder: no cniVersion is 0.1.0
+def test_missing_version_means_0_1_0():
+    # libcni ConfigDecoder: no cniVersion is 0.1.0, which flannel's plugin takes
     assert cni.config_version({"name": "n"}) == "0.1.0"
+    cni.check_version("0.1.0", "ADD")
+
+
+@pytest.mark.parametrize("command", ["GC", "STATUS"])
+def test_gc_and_status_need_1_1_0(command):
     with pytest.raises(CniError) as e:
-        cni.check_version("0.1.0", "ADD")
-    assert e.value.code == cni.INCOMPATIBLE_VERSION
+        cni.check_version("1.0.0", command)
+    assert e.value.code == cni.INCOMPATIBLE_VERSION and e.value.msg == f"config version does not allow {command}"
+    cni.check_version("1.1.0", command)
+
+
+@pytest.mark.parametrize("wanted, supported, gets", [
+    ("1.1.0", ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"], "1.0.0"),  # Debian's bridge
+    ("1.1.0", ["1.0.0", "1.1.0"], "1.1.0"),
+    ("1.0.0", ["0.3.1", "0.4.0"], "0.4.0"),
+    ("0.4.0", ["0.3.0", "0.3.1", "1.0.0"], "0.3.1"),  # never a newer one
+    ("0.2.0", ["0.1.0", "0.2.0", "1.0.0"], "0.2.0"),
+])
+def test_the_delegate_gets_the_netconf_version_or_the_highest_below_that_converts(wanted, supported, gets):
+    assert cni.delegate_version(wanted, supported, "bridge") == gets
+
+
+@pytest.mark.parametrize("wanted, supported", [("0.2.0", ["0.3.0", "1.0.0"]), ("1.0.0", ["0.1.0", "0.2.0"]),
+                                               ("0.3.0", ["0.4.0", "1.0.0"])])
+def test_no_usable_delegate_version_is_code_1(wanted, supported):
+    with pytest.raises(CniError) as e:
+        cni.delegate_version(wanted, supported, "bridge")
+    assert e.value.code == cni.INCOMPATIBLE_VERSION and f"cniVersion {wanted}" in e.value.msg
+
+
+def test_version_answers_are_read_as_libcni_reads_them():
+    assert cni.parse_version_info(b'{"cniVersion":"1.0.0","supportedVersions":["0.4.0","1.0.0"]}') == \
+        ("0.4.0", "1.0.0")
+    assert cni.parse_version_info(b'{"cniVersion":"0.2.0"}') == ("0.1.0", "0.2.0")  # legacy
+    for bad in (b"nope", b"[]", b'{"supportedVersions": "1.0.0"}'):
+        with pytest.raises(CniError):
+            cni.parse_version_info(bad)
 
 
 def test_garbage_version_is_a_decoding_failure():
@@ -242,6 +277,12 @@ def test_result_up_to_1_0_0_drops_ip_version_and_back():
     assert v6["ips"] == [{"address": "fc00::2/64", "version": "6"}]
 
 
+def test_results_of_1_0_0_and_1_1_0_are_one_format():
+    up = cni.convert_result(RESULT_040, "1.1.0")
+    assert up["cniVersion"] == "1.1.0" and "version" not in up["ips"][0]
+    assert cni.convert_result(dict(up, cniVersion="1.0.0"), "1.1.0") == up
+
+
 def test_result_from_an_unknown_version_is_refused():
     with pytest.raises(CniError) as e:
         cni.convert_result({"cniVersion": "0.2.0", "ip4": {}}, "1.0.0")
@@ -278,8 +319,9 @@ def test_error_json_has_the_spec_fields():
     err = CniError(cni.TRY_AGAIN_LATER, "not yet", "details here")
     assert err.to_json("0.3.1") == {"cniVersion": "0.3.1", "code": 11, "msg": "not yet", "details": "details here"}
     # an unknown or unsupported version is not echoed back: the error speaks ours
-    assert err.to_json(None)["cniVersion"] == "1.0.0"
-    assert err.to_json("0.1.0")["cniVersion"] == "1.0.0"
+    assert err.to_json(None)["cniVersion"] == "1.1.0"
+    assert err.to_json("0.1.0")["cniVersion"] == "0.1.0"
+    assert err.to_json("9.9.9")["cniVersion"] == "1.1.0"
 
 
 def test_shipped_conflist_is_flannels_with_our_type():
@@ -306,3 +348,25 @@ def test_plugin_imports_nothing_heavy():
     assert sorted(m for m in ours if m.startswith("udpflannel")) == [
         "udpflannel", "udpflannel.cni", "udpflannel.cni.delegate", "udpflannel.cni.plugin",
         "udpflannel.core", "udpflannel.core.errors", "udpflannel.core.subnetenv"]
+
+
+def test_a_dual_stack_subnet_env_is_refused():
+    with pytest.raises(CniError) as e:
+        env(FLANNEL_TEST_ENV + "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:7::1/64\n")
+    assert e.value.code == cni.DUAL_STACK_UNSUPPORTED
+    assert "FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET" in e.value.msg
+    with pytest.raises(CniError) as e:  # IPv6 only: no IPv4 lines at all
+        env("FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:7::1/64\nFLANNEL_MTU=1450\n"
+            "FLANNEL_IPMASQ=false\n")
+    assert e.value.code == cni.DUAL_STACK_UNSUPPORTED
+
+
+def test_valid_attachments_are_container_ids():
+    conf = cni.load_netconf({"name": "n", "cni.dev/valid-attachments": [
+        {"containerID": "a", "ifname": "eth0"}, {"containerID": "b", "ifname": "net1"}]})
+    assert cni.valid_attachments(conf) == {"a", "b"}
+    assert cni.valid_attachments(cni.load_netconf({"name": "n"})) == set()
+    for bad in ("x", [{"ifname": "eth0"}], ["a"]):
+        with pytest.raises(CniError) as e:
+            cni.valid_attachments(cni.load_netconf({"name": "n", "cni.dev/valid-attachments": bad}))
+        assert e.value.code == cni.INVALID_NETWORK_CONFIG

@@ -5,6 +5,7 @@ daemon.Outside, one journal showing the order of registry and plane calls."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -79,8 +80,9 @@ class Harness:
                               underlay_present=lambda u: self.underlay_present(u),
                               open_registry=lambda opts: JournalRegistry(opts.registry_file, self.journal,
                                                                          self.gates),
-                              prepare_plane=prepare, rules=lambda *a: None, link_events=False,
-                              wait_for_signal=self.idle.wait, adopt_plane=adopt)
+                              prepare_plane=prepare, rules=lambda *a: None,
+                              start_rules=lambda nft: self.journal.append(f"start_rules nft={nft}"),
+                              link_events=False, wait_for_signal=self.idle.wait, adopt_plane=adopt)
 
     def start(self) -> asyncio.Task:
         return asyncio.create_task(daemon.run(self.opts, self.outside(), self.stop))
@@ -130,6 +132,11 @@ def test_start_up_order_readiness_and_a_clean_stop(tmp_path):
         await h.until(lambda: _true("plane.start" in h.journal), what="plane.start")
         assert first(h.journal, "plane.prepare") < first(h.journal, "registry.create_lease")
         assert first(h.journal, "registry.create_lease") < first(h.journal, "plane.start")
+        # flanneld's start-time rules work (br_netfilter check, the other backend cleaned
+        # up) once the config says which backend, before a lease is taken
+        assert h.journal.count("start_rules nft=False") == 1
+        assert first(h.journal, "registry.get_config") < first(h.journal, "start_rules nft=False") \
+            < first(h.journal, "registry.create_lease")
         # 4. subnet.env only once the plane forwards
         assert not os.path.exists(h.opts.subnet_file)
         h.plane_gates["start"].set()
@@ -231,6 +238,25 @@ def test_a_failing_data_plane_ends_the_daemon_with_its_reason(tmp_path):
             await asyncio.wait_for(task, 10)
         assert h.journal[-2:] == ["registry.close", "plane.stop"]
     asyncio.run(body())
+
+
+def test_no_br_netfilter_in_iptables_mode_ends_the_start_before_a_lease(tmp_path):
+    """flanneld's check (main.go): one line, no lease taken, no data plane prepared."""
+    from udpflannel.host.rules import RulesError
+    from udpflannel.host.rules.startup import check_br_netfilter
+    h = Harness(tmp_path)
+
+    def start_rules(nft):
+        h.journal.append(f"start_rules nft={nft}")
+        check_br_netfilter(nft, str(tmp_path / "no-such-sysctl"))
+
+    async def body():
+        outside = dataclasses.replace(h.outside(), start_rules=start_rules)
+        with pytest.raises(RulesError, match="^Failed to check br_netfilter: stat .*no-such-sysctl: no such file"):
+            await asyncio.wait_for(daemon.run(h.opts, outside, h.stop), 10)
+    asyncio.run(body())
+    assert "start_rules nft=False" in h.journal
+    assert not any(e.startswith(("plane.", "registry.create_lease")) for e in h.journal), h.journal
 
 
 def test_a_stop_while_waiting_for_the_registry_changes_nothing(tmp_path):

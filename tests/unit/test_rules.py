@@ -295,3 +295,52 @@ def test_missing_tool_is_one_line_error():
     with pytest.raises(RulesError) as err:
         run(["udpflannel-no-such-iptables-save"])
     assert "\n" not in str(err.value) and "not found" in str(err.value)
+
+
+# --- at start: flanneld's br_netfilter check and its clean-up of the unused backend -----
+# (main.go; iptables.go and nftables.go CleanUp and Init; go-iptables ClearAndDeleteChain)
+
+FLANNELD_NAT = """*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:FLANNEL-POSTRTG - [0:0]
+-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN
+-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment "flanneld masq" -j MASQUERADE
+COMMIT
+"""
+
+
+def test_cleanup_empties_a_jumped_to_masquerade_chain_as_flanneld_leaves_it():
+    lines, msgs = ipt.cleanup_plan(ipt.parse_save(FLANNELD_NAT))
+    assert lines == ["-F FLANNEL-POSTRTG"]  # flanneld's -X fails while POSTROUTING jumps to it
+    assert msgs == ["nat chain FLANNEL-POSTRTG emptied (a jump to it stays, as flanneld leaves it)"]
+    emptied = "\n".join(x for x in FLANNELD_NAT.splitlines() if not x.startswith("-A FLANNEL-POSTRTG"))
+    assert ipt.cleanup_plan(ipt.parse_save(emptied)) == ([], [])  # the next start: nothing to do
+
+
+def test_cleanup_deletes_chains_nothing_jumps_to_and_never_touches_others():
+    unhooked = "\n".join(x for x in FLANNELD_NAT.splitlines() if not x.startswith("-A POSTROUTING"))
+    unhooked += "\n:FLANNEL-FWD - [0:0]\n:KUBE-POSTROUTING - [0:0]\n-A KUBE-POSTROUTING -j RETURN\n"
+    lines, msgs = ipt.cleanup_plan(ipt.parse_save(unhooked))
+    assert lines == ["-F FLANNEL-POSTRTG", "-X FLANNEL-POSTRTG", "-F FLANNEL-FWD", "-X FLANNEL-FWD"]
+    assert msgs == ["nat chain FLANNEL-POSTRTG removed", "nat chain FLANNEL-FWD removed"]
+    assert ipt.cleanup_plan(ipt.parse_save("*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")) == ([], [])
+
+
+def test_br_netfilter_is_required_in_iptables_mode_only(tmp_path):
+    from udpflannel.host.rules.startup import check_br_netfilter
+    missing, present = str(tmp_path / "bridge-nf-call-iptables"), str(tmp_path / "present")
+    open(present, "w").close()
+    with pytest.raises(RulesError) as err:
+        check_br_netfilter(False, missing)
+    assert str(err.value).startswith(f"Failed to check br_netfilter: stat {missing}: no such file or directory")
+    assert "modprobe br_netfilter" in str(err.value) and "\n" not in str(err.value)
+    check_br_netfilter(False, present)
+    check_br_netfilter(True, missing)  # flanneld checks only in iptables mode
+
+
+def test_nftables_mode_makes_flanneld_s_two_tables():
+    assert [nft.table_script(f, t) for f, t in nft.OUR_TABLES] == [
+        'add table ip flannel-ipv4 { comment "rules for flannel-ipv4" ; }',
+        'add table ip6 flannel-ipv6 { comment "rules for flannel-ipv6" ; }']

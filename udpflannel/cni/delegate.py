@@ -19,22 +19,40 @@ Rendering, in flannel's order (doCmdAdd + getDelegateIPAM):
   host-local unless given, ``ranges`` always [[{"subnet": node subnet}]], ``routes``
   the netconf's ipam routes followed by {"dst": the cluster network}.
 
-Version rules follow libcni's skel (pkg/skel/skel.go): a missing cniVersion means
-0.1.0; ADD/DEL/CHECK refuse a version not in SUPPORTED_VERSIONS with code 1; CHECK
-also needs >= 0.4.0. Error codes are the spec's well-known ones; 100+ are ours.
+Versions. Like flannel's plugin (libcni's version.All: 0.1.0 to 1.1.0) and libcni's
+skel (pkg/skel/skel.go): a missing cniVersion means 0.1.0; a version not in
+SUPPORTED_VERSIONS is refused with code 1; CHECK needs >= 0.4.0, GC and STATUS
+>= 1.1.0. The delegate must get a version it speaks: Debian's bridge and host-local
+(containernetworking-plugins 1.1.1) stop at 1.0.0. So the plugin asks the delegate
+(VERSION) and gives it the netconf's version if it has it, else the highest it has
+below it whose result converts (0.3.0 to 1.1.0 all do: they differ only in
+ips[].version, and 1.1.0 results are 1.0.0's), and converts the result back. flannel
+passes the netconf's version through unchanged, so 1.1.0 with that bridge fails there.
+
+subnet.env with FLANNEL_IPV6_NETWORK or FLANNEL_IPV6_SUBNET (a dual-stack node) is
+refused: until udpflannel has dual stack, rendering only the IPv4 range would give
+pods IPv4 only, silently.
+
+Error codes are the spec's well-known ones; 100+ are ours.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from udpflannel.core import subnetenv
 
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
+# Result formats convert among these (the 0.1.0/0.2.0 format, ip4/ip6, only to itself)
+CONVERTIBLE = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+_NO_IP_VERSION = ("1.0.0", "1.1.0")  # results without ips[].version
+# What an old plugin that answers VERSION without supportedVersions speaks (libcni)
+LEGACY_VERSIONS = ("0.1.0", "0.2.0")
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
 
@@ -46,10 +64,12 @@ IO_FAILURE = 5
 DECODING_FAILURE = 6
 INVALID_NETWORK_CONFIG = 7
 TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50  # STATUS: the plugin cannot service ADD now
 # Ours (100+ is free for plugins).
 BAD_SUBNET_ENV = 100
 DELEGATE_FAILED = 101
 NO_SAVED_DELEGATE = 102
+DUAL_STACK_UNSUPPORTED = 103
 INTERNAL = 999  # libcni's ErrInternal: anything unforeseen
 
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # libcni utils: network name, container ID (fullmatch)
@@ -86,13 +106,46 @@ def config_version(conf: dict[str, Any]) -> str:
     return version or "0.1.0"
 
 
+_SINCE = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
+
+
 def check_version(version: str, command: str) -> None:
     _version_tuple(version)
     if version not in SUPPORTED_VERSIONS:
         raise CniError(INCOMPATIBLE_VERSION, "incompatible CNI versions",
                        f"config is {version!r}, plugin supports {list(SUPPORTED_VERSIONS)}")
-    if command == "CHECK" and _version_tuple(version) < (0, 4, 0):
-        raise CniError(INCOMPATIBLE_VERSION, "config version does not allow CHECK")
+    if command in _SINCE and _version_tuple(version) < _SINCE[command]:
+        raise CniError(INCOMPATIBLE_VERSION, f"config version does not allow {command}")
+
+
+def parse_version_info(output: bytes) -> tuple[str, ...]:
+    """The versions a plugin's VERSION answer lists; an answer without
+    supportedVersions is a legacy plugin's (0.1.0, 0.2.0), as libcni reads it."""
+    try:
+        doc = json.loads(output)
+    except ValueError:
+        raise CniError(DECODING_FAILURE, "delegate's VERSION answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise CniError(DECODING_FAILURE, "delegate's VERSION answer is not an object")
+    versions = doc.get("supportedVersions")
+    if versions is None:
+        return LEGACY_VERSIONS
+    if not isinstance(versions, list) or not all(isinstance(v, str) for v in versions):
+        raise CniError(DECODING_FAILURE, "delegate's supportedVersions is not a list of strings")
+    return tuple(versions)
+
+
+def delegate_version(wanted: str, supported: tuple[str, ...] | list[str], plugin: str) -> str:
+    """The version to give a delegate that speaks ``supported`` for a netconf at
+    ``wanted``: ``wanted`` itself, else the highest below it whose result converts."""
+    if wanted in supported:
+        return wanted
+    if wanted in CONVERTIBLE:
+        below = [v for v in supported if v in CONVERTIBLE and _version_tuple(v) < _version_tuple(wanted)]
+        if below:
+            return max(below, key=_version_tuple)
+    raise CniError(INCOMPATIBLE_VERSION, f"delegate {plugin} cannot serve cniVersion {wanted}",
+                   f"it supports {list(supported)}")
 
 
 def version_info() -> dict[str, Any]:
@@ -101,18 +154,22 @@ def version_info() -> dict[str, Any]:
 
 
 def convert_result(result: dict[str, Any], to_version: str) -> dict[str, Any]:
-    """A 0.3.0..1.0.0 result in ``to_version``. The formats differ only in ips[].version
-    (present before 1.0.0, gone in 1.0.0); 0.3.x and 0.4.0 results are identical."""
+    """A 0.3.0..1.1.0 result in ``to_version``. The formats differ only in ips[].version
+    (present before 1.0.0, gone from 1.0.0); 0.3.x and 0.4.0 results are identical, and
+    so are 1.0.0 and 1.1.0; 0.1.0 and 0.2.0 results are one older format of their own.
+    A result already in ``to_version`` is returned as is."""
     from_version = result.get("cniVersion")
     if from_version == to_version:
         return result
-    if from_version not in SUPPORTED_VERSIONS or to_version not in SUPPORTED_VERSIONS:
+    if from_version in LEGACY_VERSIONS and to_version in LEGACY_VERSIONS:  # one format (ip4, ip6)
+        return dict(result, cniVersion=to_version)
+    if from_version not in CONVERTIBLE or to_version not in CONVERTIBLE:
         raise CniError(INCOMPATIBLE_VERSION, f"cannot convert a result from {from_version!r} to {to_version!r}")
     converted = dict(result, cniVersion=to_version)
     ips = []
     for ip in result.get("ips") or []:
         ip = dict(ip)
-        if to_version == "1.0.0":
+        if to_version in _NO_IP_VERSION:
             ip.pop("version", None)
         else:
             try:
@@ -132,6 +189,8 @@ _REQUIRED_ENV = {
     "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
     "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
     "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": ("CNI_PATH",),
+    "STATUS": ("CNI_PATH",),
 }
 
 
@@ -140,7 +199,7 @@ def check_environment(command: str, env: dict[str, str]) -> None:
     missing = [name for name in _REQUIRED_ENV.get(command, ()) if not env.get(name)]
     if missing:
         raise CniError(INVALID_ENVIRONMENT, f"required env variables [{','.join(missing)}] missing")
-    if command not in _REQUIRED_ENV:
+    if command not in ("ADD", "CHECK", "DEL"):
         return
     # The container ID names the saved file: never let it climb out of dataDir.
     if not _NAME_RE.fullmatch(env["CNI_CONTAINERID"]):
@@ -148,6 +207,11 @@ def check_environment(command: str, env: dict[str, str]) -> None:
     ifname = env["CNI_IFNAME"]
     if len(ifname) > 15 or ifname in (".", "..") or any(c in ifname for c in "/: \t\n\r\v\f"):
         raise CniError(INVALID_ENVIRONMENT, f"invalid interface name {ifname!r}")
+
+
+def is_container_id(name: str) -> bool:
+    """A name libcni accepts as a container ID (so, one of our saved files)."""
+    return bool(_NAME_RE.fullmatch(name))
 
 
 # --- netconf ----------------------------------------------------------------------
@@ -197,10 +261,30 @@ def load_netconf(conf: Any) -> NetConf:
                    prev_result=_optional_object(conf, "prevResult"))
 
 
+def valid_attachments(conf: NetConf) -> set[str]:
+    """GC's ``cni.dev/valid-attachments``: the container IDs still attached (the saved
+    delegate is per container, as flannel's; interface names do not matter to us)."""
+    items = conf.raw.get("cni.dev/valid-attachments", [])
+    if not isinstance(items, list):
+        raise CniError(INVALID_NETWORK_CONFIG, "'cni.dev/valid-attachments' must be a list")
+    ids = set()
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("containerID"), str):
+            raise CniError(INVALID_NETWORK_CONFIG, f"bad entry in 'cni.dev/valid-attachments': {item!r}")
+        ids.add(item["containerID"])
+    return ids
+
+
 def load_subnet_env(text: str, path: str) -> subnetenv.SubnetEnv:
     """subnet.env as flannel's plugin demands it: FLANNEL_MTU and FLANNEL_IPMASQ are
-    required too (subnetenv.parse would default them; a wrong MTU breaks pods quietly)."""
+    required too (subnetenv.parse would default them; a wrong MTU breaks pods quietly).
+    A dual-stack node's file is refused (the module docstring says why)."""
     present = subnetenv.parse_lines(text)
+    v6 = [k for k in ("FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET") if k in present]
+    if v6:
+        raise CniError(DUAL_STACK_UNSUPPORTED, f"{path} has {', '.join(v6)}: this node's network is dual-stack "
+                       "(or IPv6-only), and udpflannel-cni gives pods IPv4 only (dual stack is not "
+                       "implemented yet): use flannel's CNI plugin on this node")
     missing = [k for k in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
                if k not in present]
     if missing:
@@ -225,8 +309,9 @@ def _ipam_routes(ipam: dict[str, Any]) -> list[dict[str, Any]]:
     return list(routes)
 
 
-def render_delegate(conf: NetConf, env: subnetenv.SubnetEnv) -> dict[str, Any]:
-    """The delegate's netconf for ADD (see the module docstring for every rule)."""
+def render_delegate(conf: NetConf, env: subnetenv.SubnetEnv, version: str | None = None) -> dict[str, Any]:
+    """The delegate's netconf for ADD (see the module docstring for every rule), at
+    ``version`` (the one the delegate speaks; default the netconf's)."""
     delegate = dict(conf.delegate or {})
     if "type" in delegate and not isinstance(delegate["type"], str):
         raise CniError(INVALID_NETWORK_CONFIG, "'delegate' dictionary, if present, must have (string) 'type' field")
@@ -242,7 +327,7 @@ def render_delegate(conf: NetConf, env: subnetenv.SubnetEnv) -> dict[str, Any]:
     delegate.setdefault("mtu", env.mtu)
     if delegate["type"] == "bridge":
         delegate.setdefault("isGateway", True)
-    delegate["cniVersion"] = conf.cni_version
+    delegate["cniVersion"] = version or conf.cni_version
 
     ipam = dict(conf.ipam or {})
     ipam.setdefault("type", "host-local")

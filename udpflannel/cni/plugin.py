@@ -12,7 +12,17 @@ interpreter's plus a few milliseconds.
            subnet.env are not needed, so pods can be torn down after flannel left.
     CHECK  replay CHECK with the saved delegate plus the runtime's prevResult
            (flannel's plugin answers CHECK with success without looking).
-    VERSION  the versions we speak.
+    GC     (CNI 1.1) forget the saved delegate of every container of this network
+           that is not in ``cni.dev/valid-attachments`` (the runtime says it is gone;
+           files of other networks sharing dataDir are left), and pass GC on to the
+           delegate when it speaks 1.1.0 (bridge passes it to host-local, which frees
+           the addresses). Debian's bridge stops at 1.0.0: then GC stays ours alone.
+    STATUS (CNI 1.1) ready when subnet.env is there and usable (the node forwards),
+           else code 50 with the reason; then the delegate's STATUS if it speaks 1.1.0.
+    VERSION  the versions we speak (0.1.0 to 1.1.0, as flannel's plugin).
+
+ADD asks the delegate which versions it speaks (delegate.py, "Versions") and gives it
+one it has, converting its result back to the runtime's version.
 
 The saved file has flannel's name and content, so pods added by flannel's plugin are
 deleted correctly by this one and the other way round. Every failure is CNI error JSON
@@ -45,7 +55,7 @@ def main() -> int:
         if command == "VERSION":
             _print_json(cni.version_info())
             return 0
-        if command not in ("ADD", "DEL", "CHECK"):
+        if command not in ("ADD", "DEL", "CHECK", "GC", "STATUS"):
             raise CniError(cni.INVALID_ENVIRONMENT, f"unknown CNI_COMMAND: {command}")
         cni.check_environment(command, env)
         conf = cni.load_netconf(_read_stdin_json())
@@ -55,8 +65,12 @@ def main() -> int:
             _print_json(add(conf, env))
         elif command == "DEL":
             delete(conf, env)
-        else:
+        elif command == "CHECK":
             check(conf, env)
+        elif command == "GC":
+            gc(conf, env)
+        else:
+            status(conf, env)
         return 0
     except CniError as e:
         _print_json(e.to_json(version))
@@ -69,6 +83,9 @@ def main() -> int:
 def add(conf: cni.NetConf, env: Mapping[str, str]) -> dict[str, Any]:
     subnet = cni.load_subnet_env(_read_subnet_file(conf.subnet_file), conf.subnet_file)
     rendered = cni.render_delegate(conf, subnet)
+    supported = _delegate_versions(rendered["type"], env)
+    if supported is not None:
+        rendered["cniVersion"] = cni.delegate_version(conf.cni_version, supported, rendered["type"])
     data = json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode()  # as Go writes it
     _save(conf.data_dir, env["CNI_CONTAINERID"], data)
     out = _exec_delegate(rendered["type"], "ADD", data, env)
@@ -113,8 +130,70 @@ def check(conf: cni.NetConf, env: Mapping[str, str]) -> None:
     except (ValueError, KeyError, TypeError):
         raise CniError(cni.DECODING_FAILURE, f"saved delegate config {path} is unreadable") from None
     if conf.prev_result is not None:  # the delegate checks the interfaces and IPs ADD reported
-        saved["prevResult"] = conf.prev_result
+        prev = dict(conf.prev_result)
+        saved_version = saved.get("cniVersion")
+        if saved_version != conf.cni_version and saved_version in cni.CONVERTIBLE:
+            # ADD gave the delegate an older version than the runtime's: so is its prevResult
+            prev = cni.convert_result(dict(prev, cniVersion=conf.cni_version), saved_version)
+        saved["prevResult"] = prev
     _exec_delegate(plugin_type, "CHECK", json.dumps(saved, sort_keys=True, separators=(",", ":")).encode(), env)
+
+
+def gc(conf: cni.NetConf, env: Mapping[str, str]) -> None:
+    """See the module docstring. Goes on past failures and reports them all at the
+    end, as the spec asks."""
+    valid = cni.valid_attachments(conf)
+    problems = []
+    try:
+        names = os.listdir(conf.data_dir)
+    except FileNotFoundError:
+        names = []
+    except OSError as e:
+        names = []
+        problems.append(f"cannot list {conf.data_dir}: {e}")
+    for name in names:
+        if name in valid or not cni.is_container_id(name):  # also our temp files (".<id>.")
+            continue
+        path = os.path.join(conf.data_dir, name)
+        try:
+            with open(path, "rb") as f:
+                saved = json.loads(f.read())
+            if not isinstance(saved, dict) or saved.get("name") != conf.name:
+                continue  # another network's (or unreadable: DEL deals with those)
+            _remove(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{path}: {e}")
+    try:
+        _pass_on("GC", conf, env, conf.raw.get("cni.dev/valid-attachments", []))
+    except CniError as e:
+        problems.append(f"delegate GC: {e.msg}{f' ({e.details})' if e.details else ''}")
+    if problems:
+        raise CniError(cni.IO_FAILURE, "GC left stale state behind", "; ".join(problems))
+
+
+def status(conf: cni.NetConf, env: Mapping[str, str]) -> None:
+    try:
+        cni.load_subnet_env(_read_subnet_file(conf.subnet_file), conf.subnet_file)
+    except CniError as e:
+        raise CniError(cni.NOT_AVAILABLE, f"not ready: {e.msg}", e.details) from None
+    _pass_on("STATUS", conf, env, None)
+
+
+def _pass_on(command: str, conf: cni.NetConf, env: Mapping[str, str], attachments: Any) -> None:
+    """GC or STATUS to the delegate, rendered as ADD would render it now, if it speaks
+    1.1.0 (older delegates know neither). Without a usable subnet.env there is no
+    delegate config to give (STATUS has already said so; GC only skips this)."""
+    try:
+        subnet = cni.load_subnet_env(_read_subnet_file(conf.subnet_file), conf.subnet_file)
+    except CniError:
+        return
+    rendered = cni.render_delegate(conf, subnet, "1.1.0")
+    if "1.1.0" not in (_delegate_versions(rendered["type"], env) or ()):
+        return
+    if attachments is not None:
+        rendered["cni.dev/valid-attachments"] = attachments
+    _exec_delegate(rendered["type"], command, json.dumps(rendered, sort_keys=True, separators=(",", ":")).encode(),
+                   env)
 
 
 # --- I/O helpers --------------------------------------------------------------------
@@ -198,6 +277,18 @@ def find_plugin(plugin_type: str, cni_path: str) -> str:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     raise CniError(cni.DELEGATE_FAILED, f'failed to find plugin "{plugin_type}" in path {dirs}')
+
+
+def _delegate_versions(plugin_type: str, env: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The versions the delegate says it speaks (its VERSION answer); None if it gives
+    no usable answer (then it gets the netconf's version and answers for itself). A
+    delegate that is not on CNI_PATH is an error here already."""
+    find_plugin(plugin_type, env["CNI_PATH"])
+    try:
+        out = _exec_delegate(plugin_type, "VERSION", json.dumps({"cniVersion": cni.LATEST_VERSION}).encode(), env)
+        return cni.parse_version_info(out)
+    except CniError:
+        return None
 
 
 def _exec_delegate(plugin_type: str, command: str, data: bytes, env: Mapping[str, str]) -> bytes:

@@ -20,6 +20,10 @@ from typing import Any, Iterable, Mapping
 
 from udpflannel.core.errors import BadInput
 
+# The expiration of a key stored without a TTL: a reservation (flannel's
+# Documentation/reservations.md), which never expires and is never given one.
+NEVER = float("inf")
+
 
 class LeaseError(BadInput):
     """A lease key or value that cannot be understood."""
@@ -32,11 +36,16 @@ class Lease:
     backend_type: str = "vxlan"
     vni: int | None = None
     vtep_mac: str | None = None
-    expiration: float = 0.0  # unix time; 0 when unknown
+    expiration: float = 0.0  # unix time; 0 when unknown; NEVER for a reservation
 
     @property
     def key(self) -> str:
         return subnet_key(self.subnet)
+
+    @property
+    def reserved(self) -> bool:
+        """A reservation: the key has no TTL (an administrator wrote it without one)."""
+        return self.expiration == NEVER
 
     def routable_by_vxlan(self) -> bool:
         """Whether our VXLAN framing can reach this node (flannel ignores other types)."""

@@ -75,7 +75,7 @@ def families(st: NodeStatus) -> list[Metric]:
         value=1 if st.registry is not None and st.registry.reachable else 0))
     if st.lease is not None and st.lease.expiration > 0:  # 0 means unknown: no false alarm
         out.append(GaugeMetricFamily("udpflannel_lease_expiry_timestamp_seconds",
-                                     "Unix time at which this node's subnet lease expires",
+                                     "Unix time at which this node's subnet lease expires (+Inf: a reservation)",
                                      value=st.lease.expiration))
     out.append(GaugeMetricFamily("udpflannel_ready", "1 once subnet.env is written and the data "
                                  "plane forwards", value=1 if st.ready else 0))

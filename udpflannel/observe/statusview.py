@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import time
 
 from udpflannel.core.status import NodeStatus
@@ -31,8 +32,19 @@ def not_ready_reason(st: NodeStatus) -> str | None:
 
 
 def to_json(st: NodeStatus) -> str:
-    """Sorted keys: the same status always prints the same text (diffable, greppable)."""
-    return json.dumps(st.to_dict(), indent=2, sort_keys=True)
+    """Sorted keys: the same status always prints the same text (diffable, greppable).
+    A reservation's expiration (infinite) is written as null: JSON has no infinity."""
+    return json.dumps(_finite(st.to_dict()), indent=2, sort_keys=True)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def human_bytes(n: int) -> str:
@@ -72,6 +84,8 @@ def human_duration(seconds: float) -> str:
 def _expiry(expiration: float, now: float) -> str:
     if expiration <= 0:
         return "expiry unknown"
+    if math.isinf(expiration):
+        return "a reservation (no TTL, never expires)"
     left = expiration - now
     return f"expires in {human_duration(left)}" if left >= 0 else f"EXPIRED {human_duration(left)} ago"
 

@@ -4,6 +4,12 @@ Two stores implement it: ``embedded`` (a SQLite file shared by daemons on one ho
 and ``etcd`` (etcd v3 with flannel's key layout). Like flannel's pkg/subnet Registry,
 it is deliberately small; all policy (which subnet, when to renew, what to do when a
 lease vanishes) lives in udpflannel.subnets.leasing, written once for both.
+
+Reservations (flannel's Documentation/reservations.md): a key stored without a TTL.
+Both stores list and watch it with expiration ``core.lease.NEVER``, report it so in a
+LeaseTaken or LeaseLost holder, and never give it a TTL: renew_lease and replace_lease
+write over a reservation without one. Only create_lease makes a key with a TTL (a key
+that was absent is nobody's reservation).
 """
 
 from __future__ import annotations
@@ -69,12 +75,22 @@ class Registry(Protocol):
         the key holds). Returns the lease with its expiration set."""
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
-        """Extend our lease iff the key still holds our value (else LeaseLost)."""
+        """Extend our lease iff the key still holds our value (else LeaseLost). A
+        reservation stays one (expiration NEVER), and nothing is written."""
 
     async def replace_lease(self, lease: Lease, ttl: float, expected: bytes) -> Lease:
         """Atomically write our lease iff the key still holds exactly ``expected`` (the
         raw value a LeaseTaken or LeaseLost reported); else LeaseTaken with what it holds
-        now. How the subnet manager reclaims garbage in its own key."""
+        now. How the subnet manager reclaims garbage in its own key, and updates the
+        value of a lease it reuses. A reservation stays one (expiration NEVER)."""
+
+    async def take_over(self, lease: Lease, ttl: float, holder: Lease, due: float) -> Lease:
+        """Atomically write our lease (with a TTL) over the key iff it still holds
+        ``holder`` (same route: subnet, PublicIP, backend data), with a TTL, expiring
+        before ``due`` (unix time): its holder missed its renewal. A write in between
+        (a renewal) wins. Else LeaseTaken with what the key holds (its expiration set
+        when known; ``raw`` None: the key is absent). How a lease carrying our PublicIP
+        that is not provably ours is reused without taking it from a live node."""
 
     async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
         """Remove a lease (tests and tools; a stopping daemon keeps its lease)."""

@@ -13,6 +13,11 @@ loop thread: only canonical subnet keys holding a lease count (as in etcd; anyon
 can write the file can write any row), the rest is skipped with bounded warnings
 (badkeys), and a change that leaves a canonical key without a lease is a REMOVED
 event. renew_lease and replace_lease are one compare-and-swap on the stored bytes.
+
+Reservations (flannel's Documentation/reservations.md: a key without a TTL holding a
+lease) are rows whose ``expires`` is infinite (SQLite's REAL Inf; in the sqlite3 shell, write 9e999):
+never swept, listed with expiration NEVER, and kept infinite by renew_lease and
+replace_lease; a renewal of a reservation that already holds our value writes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import replace
 from typing import AsyncIterator, Callable, TypeVar
 
 from udpflannel.core import lease as leases
-from udpflannel.core.lease import EventType, Lease, LeaseEvent
+from udpflannel.core.lease import NEVER, EventType, Lease, LeaseEvent
 from udpflannel.host import localstate
 from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
@@ -165,49 +170,59 @@ class EmbeddedRegistry:
         expires = self._clock() + ttl
         value = leases.encode_value(lease)
 
-        def create(db: sqlite3.Connection) -> bytes | None:
+        def create(db: sqlite3.Connection) -> tuple[bytes, float] | None:
             self._sweep(db)
 
-            def insert(db: sqlite3.Connection) -> bytes | None:
+            def insert(db: sqlite3.Connection) -> tuple[bytes, float] | None:
                 try:
                     db.execute("INSERT INTO leases (subnet, value, expires) VALUES (?, ?, ?)",
                                (lease.key, value, expires))
                 except sqlite3.IntegrityError:
-                    return self._value_of(db, lease.key) or b""
+                    return self._row_of(db, lease.key) or (b"", 0.0)
                 self._record(db, lease.key, value, expires)
                 return None
             return self._write(db, insert)
         found = await self._run(create)
         if found is not None:
-            raise LeaseTaken(f"subnet {lease.subnet} is already leased", self._decode(lease.key, found), found)
+            raise LeaseTaken(f"subnet {lease.subnet} is already leased", self._decode(lease.key, *found), found[0])
         return replace(lease, expiration=expires)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         swapped, found, expires = await self._swap(lease, ttl, leases.encode_value(lease))
         if not swapped:
-            raise LeaseLost(lease.subnet, None if found is None else self._decode(lease.key, found), found)
+            raise LeaseLost(lease.subnet, None if found is None else self._decode(lease.key, *found),
+                            None if found is None else found[0])
         return replace(lease, expiration=expires)
 
     async def replace_lease(self, lease: Lease, ttl: float, expected: bytes) -> Lease:
         swapped, found, expires = await self._swap(lease, ttl, bytes(expected))
         if not swapped:
-            holder = None if found is None else self._decode(lease.key, found)
-            raise LeaseTaken(f"subnet {lease.subnet} no longer holds the expected value", holder, found)
+            holder = None if found is None else self._decode(lease.key, *found)
+            raise LeaseTaken(f"subnet {lease.subnet} no longer holds the expected value", holder,
+                             None if found is None else found[0])
         return replace(lease, expiration=expires)
 
-    async def _swap(self, lease: Lease, ttl: float, expected: bytes) -> tuple[bool, bytes | None, float]:
+    async def _swap(self, lease: Lease, ttl: float,
+                    expected: bytes) -> tuple[bool, tuple[bytes, float] | None, float]:
         """Write our lease iff the key holds ``expected``: (written, what the key held
-        (None: absent), expiry). Renewal is the case where ``expected`` is our value."""
+        (value, expires; None: absent), our expiry). Renewal is the case where
+        ``expected`` is our value. A reservation (expires infinite) stays one, and is
+        not written at all when it already holds our value."""
         expires = self._clock() + ttl
         value = leases.encode_value(lease)
 
-        def swap(db: sqlite3.Connection) -> tuple[bool, bytes | None, float]:
+        def swap(db: sqlite3.Connection) -> tuple[bool, tuple[bytes, float] | None, float]:
             self._sweep(db)
 
-            def update(db: sqlite3.Connection) -> tuple[bool, bytes | None, float]:
-                found = self._value_of(db, lease.key)
-                if found != expected:
+            def update(db: sqlite3.Connection) -> tuple[bool, tuple[bytes, float] | None, float]:
+                found = self._row_of(db, lease.key)
+                if found is None or found[0] != expected:
                     return False, found, expires
+                if found[1] == NEVER and _is_lease(lease.key, found[0]):
+                    if value != found[0]:
+                        db.execute("UPDATE leases SET value = ? WHERE subnet = ?", (value, lease.key))
+                        self._record(db, lease.key, value, NEVER)
+                    return True, found, NEVER
                 db.execute("UPDATE leases SET value = ?, expires = ? WHERE subnet = ?",
                            (value, expires, lease.key))
                 self._record(db, lease.key, value, expires)
@@ -215,10 +230,40 @@ class EmbeddedRegistry:
             return self._write(db, update)
         return await self._run(swap)
 
+    async def take_over(self, lease: Lease, ttl: float, holder: Lease, due: float) -> Lease:
+        now = self._clock()
+        expires = now + ttl
+        value = leases.encode_value(lease)
+
+        def take(db: sqlite3.Connection) -> tuple[bool, tuple[bytes, float] | None]:
+            self._sweep(db)
+
+            def update(db: sqlite3.Connection) -> tuple[bool, tuple[bytes, float] | None]:
+                found = self._row_of(db, lease.key)
+                if found is None or found[1] == NEVER or found[1] >= due:
+                    return False, found
+                try:
+                    held = leases.decode(lease.key, found[0])
+                except leases.LeaseError:
+                    return False, found
+                if not held.same_route(holder):
+                    return False, found
+                db.execute("UPDATE leases SET value = ?, expires = ? WHERE subnet = ?",
+                           (value, expires, lease.key))
+                self._record(db, lease.key, value, expires)
+                return True, found
+            return self._write(db, update)
+        taken, found = await self._run(take)
+        if not taken:
+            raise LeaseTaken(f"subnet {lease.subnet} is not due for a take-over",
+                             None if found is None else self._decode(lease.key, *found),
+                             None if found is None else found[0])
+        return replace(lease, expiration=expires)
+
     @staticmethod
-    def _value_of(db: sqlite3.Connection, key: str) -> bytes | None:
-        row = db.execute("SELECT value FROM leases WHERE subnet = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+    def _row_of(db: sqlite3.Connection, key: str) -> tuple[bytes, float] | None:
+        row = db.execute("SELECT value, expires FROM leases WHERE subnet = ?", (key,)).fetchone()
+        return None if row is None else (bytes(row[0]), float(row[1]))
 
     async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
         key = leases.subnet_key(subnet)
@@ -280,3 +325,10 @@ class EmbeddedRegistry:
         self._pool.shutdown(wait=False)
 
 
+def _is_lease(key: str, value: bytes) -> bool:
+    """Whether ``value`` is a lease (a reservation), not garbage (which gets a TTL)."""
+    try:
+        leases.decode(key, value)
+    except leases.LeaseError:
+        return False
+    return True

@@ -25,6 +25,15 @@ Theory of operation
   call reported instead of ours (how garbage in our own key is reclaimed). Grants left
   unused (lost race, failed compare, unknown outcome) and the superseded lease after a
   renewal are revoked in the background, so callers are not held up by cleanup.
+* Reservations (flannel's Documentation/reservations.md) are keys without an etcd
+  lease holding a lease value (garbage without one is no reservation). They are listed
+  and watched with expiration NEVER (no lookup needed: a key's lease id is 0), and
+  renew_lease and replace_lease keep them so: both first try
+  ``If(Value(key) == expected, Lease(key) == 0) Then(Put(key, our value) [no lease])
+  Else(Get(key))`` (no write at all when our value is already there), and grant only
+  when the key turns out to have a lease. flanneld v0.28.9 does not: etcd reports a
+  key without a lease as TTL -1, so flanneld never sees a zero expiration and gives
+  every reservation it reuses or renews a 24 h lease (flannel issue #1329).
 * Keys: only ``<prefix>/subnets/<canonical name>`` is a lease (core.lease explains
   why); other keys under the prefix are skipped, and never become events. Warnings
   about skipped keys are rate-limited and remembered in bounded memory (badkeys).
@@ -72,12 +81,14 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import aetcd
 import aetcd.exceptions
+import aetcd.transactions
 import grpc
 import grpc.aio
 from aetcd import rpc
 
 from udpflannel.core.errors import BadInput
 from udpflannel.core.lease import (
+    NEVER,
     EventType,
     Lease,
     LeaseError,
@@ -439,7 +450,7 @@ class EtcdRegistry:
             page = await self._page(start, revision, deadline)
             revision = revision or page.header.revision
             for kv in page.kvs:
-                lease = self._decode(kv.key, kv.value)
+                lease = self._decode(kv.key, kv.value, _no_lease(kv.lease))
                 if lease is not None:
                     found.append((lease, kv.lease))
             if not page.more or not page.kvs:
@@ -509,9 +520,9 @@ class EtcdRegistry:
         ok, responses = await self._txn("create lease", txn, lease_id, deadline)
         if not ok:
             self._revoke_later(lease_id)
-            raw = _got_value(responses)
+            raw, held_by = _got(responses)
             raise LeaseTaken(f"subnet {lease.subnet} is already leased",
-                             None if raw is None else self._decode(key, raw), raw)
+                             None if raw is None else self._decode(key, raw, _no_lease(held_by)), raw)
         return _with_expiration(lease, started + granted)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
@@ -528,13 +539,30 @@ class EtcdRegistry:
                              found.holder, found.raw) from None
 
     async def _swap(self, what: str, lease: Lease, ttl: float, expected: bytes) -> Lease:
-        """Grant, then ``If(Value(key) == expected) Then(Put(key, our value, new lease))
-        Else(Get(key))``; _Found with what the key holds if the compare failed."""
+        """Write our value iff the key holds ``expected``: a reservation (no etcd lease)
+        stays one (see the module docstring); else grant, then ``If(Value(key) ==
+        expected) Then(Put(key, our value, new lease)) Else(Get(key))``. _Found with
+        what the key holds if the compare failed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        key, value = self._key(lease.subnet), encode_value(lease)
+
+        async def reserved(c: _Client):
+            return await c.transaction(
+                compare=[c.transactions.value(key) == expected, _LeaseOf(key) == 0],
+                success=[] if value == expected else [c.transactions.put(key, value)],
+                failure=[c.transactions.get(key)])
+
+        if _is_lease(lease, expected):  # garbage without a TTL is no reservation: it gets one
+            ok, responses = await self._run(what, reserved, retry=False, deadline=deadline)
+            if ok:
+                return _with_expiration(lease, NEVER)
+            raw, held_by = _got(responses)
+            if raw != expected:  # no need to grant a lease to learn that
+                raise _Found(None if raw is None else self._decode(key, raw, _no_lease(held_by)), raw)
+
         started = time.time()
         lease_id, granted = await self._grant(ttl, deadline)
-        key, value = self._key(lease.subnet), encode_value(lease)
 
         async def txn(c: _Client):
             return await c.transaction(
@@ -545,11 +573,49 @@ class EtcdRegistry:
         ok, responses = await self._txn(what, txn, lease_id, deadline)
         if not ok:
             self._revoke_later(lease_id)
-            raw = _got_value(responses)
-            raise _Found(None if raw is None else self._decode(key, raw), raw)
+            raw, held_by = _got(responses)
+            raise _Found(None if raw is None else self._decode(key, raw, _no_lease(held_by)), raw)
         old = responses[0].response_put.prev_kv.lease if responses else 0
         if old and old != lease_id:
             self._revoke_later(old)  # the key has left it; nothing else should be on it
+        return _with_expiration(lease, started + granted)
+
+    async def take_over(self, lease: Lease, ttl: float, holder: Lease, due: float) -> Lease:
+        """Read the key and its etcd lease's time to live; if it holds ``holder`` and is
+        due, grant, then ``If(Value(key) == what we read, Lease(key) == its lease)
+        Then(Put(key, our value, new lease)) Else(Get(key))``: the holder's renewal (a
+        new lease, even with the same value) in between makes the compare fail."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        key, value = self._key(lease.subnet), encode_value(lease)
+        got = await self._run("take over lease", lambda c: c.get(key), deadline=deadline)
+        if got is None:
+            raise LeaseTaken(f"subnet {lease.subnet} is free", None, None)
+        raw, held_by = bytes(got.value), got.lease
+        found = self._decode(key, raw, _no_lease(held_by))
+        if held_by:
+            info = await self._run("lease ttl", lambda c: c.get_lease_info(held_by, keys=False),
+                                   deadline=deadline)
+            if found is not None:
+                found = _with_expiration(found, time.time() + max(info.TTL, 0))
+        if found is None or not held_by or not found.same_route(holder) or found.expiration >= due:
+            raise LeaseTaken(f"subnet {lease.subnet} is not due for a take-over", found, raw)
+
+        started = time.time()
+        lease_id, granted = await self._grant(ttl, deadline)
+
+        async def txn(c: _Client):
+            return await c.transaction(
+                compare=[c.transactions.value(key) == raw, _LeaseOf(key) == held_by],
+                success=[c.transactions.put(key, value, lease=lease_id)],
+                failure=[c.transactions.get(key)])
+
+        ok, responses = await self._txn("take over lease", txn, lease_id, deadline)
+        if not ok:
+            self._revoke_later(lease_id)
+            raw2, held_by2 = _got(responses)
+            raise LeaseTaken(f"subnet {lease.subnet} changed during a take-over",
+                             None if raw2 is None else self._decode(key, raw2, _no_lease(held_by2)), raw2)
         return _with_expiration(lease, started + granted)
 
     async def _txn(self, what: str, txn: Callable[[_Client], Awaitable[T]], lease_id: int,
@@ -637,7 +703,7 @@ class EtcdRegistry:
                 continue
             subnet = parse_subnet_key(name)
             if ev.type == rpc.Event.PUT:
-                lease = self._decode(ev.kv.key, ev.kv.value)
+                lease = self._decode(ev.kv.key, ev.kv.value, _no_lease(ev.kv.lease))
                 if lease is not None:
                     events.append(LeaseEvent(EventType.ADDED, lease))
                     continue
@@ -680,10 +746,34 @@ class _Found(Exception):
         self.raw = raw
 
 
-def _got_value(responses) -> bytes | None:
-    """The value a transaction's failure branch Get(key) read; None if the key is absent."""
+def _got(responses) -> tuple[bytes | None, int]:
+    """(value, etcd lease id) a transaction's failure branch Get(key) read; (None, 0)
+    if the key is absent."""
     got = responses[0] if responses else []
-    return bytes(got[0][0]) if got else None
+    return (bytes(got[0][0]), got[0][1].lease) if got else (None, 0)
+
+
+def _is_lease(lease: Lease, value: bytes) -> bool:
+    """Whether ``value`` at ``lease``'s key is a lease (else: garbage)."""
+    try:
+        decode(lease.key, value)
+    except LeaseError:
+        return False
+    return True
+
+
+def _no_lease(lease_id: int) -> float:
+    """The expiration a key's etcd lease id implies when no lookup is made: NEVER for
+    a key without one (a reservation), else 0 ("unknown")."""
+    return NEVER if lease_id == 0 else 0.0
+
+
+class _LeaseOf(aetcd.transactions.BaseCompare):
+    """Compare a key's etcd lease id (etcd's Compare target LEASE; aetcd has no helper)."""
+
+    def build_compare(self, compare):
+        compare.target = rpc.Compare.LEASE
+        compare.lease = int(self.value)
 
 
 def _with_expiration(lease: Lease, expiration: float) -> Lease:

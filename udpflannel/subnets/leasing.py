@@ -4,15 +4,27 @@ renewed, watch the others. One of the two subnet managers (subnets/base.py).
 Theory of operation. Anyone who can write the registry may write anything, so a lease
 is trusted only as far as it can be proven. ``acquire`` reuses a lease only if it is
 provably ours: our PublicIP *and* our VTEP MAC (kept in the state dir), the one in the
-subnet file (``previous``) first; a lease with our PublicIP and another MAC is another
-node's (flanneld matches on PublicIP alone and would take it over) and is left alone.
+subnet file (``previous``) first; a lease with our PublicIP and another MAC may be
+another node's (flanneld matches on PublicIP alone and takes it over even from a live
+node: two nodes on one subnet, with colliding pod addresses).
 A flanneld-udp style lease carries no MAC: our PublicIP at a subnet this node recorded
 (subnet file or state dir) is the proof, whatever our backend is now.
+A lease with our PublicIP that is not provably ours (another MAC: a reinstalled node
+whose state dir is gone; or a node sharing our address) is reused, as flanneld reuses
+it, only where no live node can be keeping it: a reservation (a key without a TTL,
+flannel's Documentation/reservations.md: the administrator bound that subnet to our
+address), or a lease whose holder missed its renewal (less time left than our renew
+margin; the registry's take_over checks and writes atomically, so a renewal in between
+wins). Otherwise it is left alone and expires by itself (README, Security).
 Then it takes ``previous`` unless a valid lease of another node holds it: a key holding
 garbage or a lease no node can have (core.peers.implausible) is reclaimed with a
 compare-and-swap on the bytes seen, because a new subnet would strand the node's pods.
 Last, a random free subnet; a lost creation race means "try another subnet", not a
 fatal error.
+
+Reservations are never given a TTL: the registries renew and replace a key without
+one as a key without one. A reservation is "renewed" on a lease's schedule, which
+writes nothing but checks it still holds our value.
 
 ``keep_renewed`` renews ahead of expiry and retries with backoff while the registry is
 away; if our key has vanished it re-creates the same subnet, if it holds garbage it
@@ -95,6 +107,13 @@ class LeaseManager:
                 got = await self._claim(replace(wanted, subnet=old.subnet), reclaim=True, listed=old)
                 if got:
                     return got
+            for old in self._for_our_address(current, wanted, previous):
+                if old.reserved:
+                    got = await self._claim(replace(wanted, subnet=old.subnet), reclaim=True, listed=old)
+                else:
+                    got = await self._take_over(replace(wanted, subnet=old.subnet), old)
+                if got:
+                    return got
             if previous is not None and self._in_range(previous):
                 holder = held.get(previous)
                 if holder is None or self._reclaimable(holder) is not None:
@@ -115,23 +134,27 @@ class LeaseManager:
     def _ours_first(self, current: list[Lease], wanted: Lease,
                     previous: ipaddress.IPv4Network | None) -> list[Lease]:
         """Leases that are provably ours (our PublicIP and our VTEP MAC), the one in the
-        subnet file first. A lease with our PublicIP but another MAC is another node
-        (or our state dir was lost): never taken over, never deleted."""
-        mine = []
-        for lease in current:
-            if lease.public_ip != wanted.public_ip or not self._in_range(lease.subnet):
-                continue
-            if self._provably_ours(lease):
-                mine.append(lease)
-            else:
-                log.warning("lease %s has our PublicIP %s but VTEP MAC %s (ours is %s): another "
-                            "node's, left alone", lease.subnet, lease.public_ip, lease.vtep_mac,
-                            wanted.vtep_mac)
+        subnet file first."""
+        mine = [x for x in current if x.public_ip == wanted.public_ip and self._in_range(x.subnet)
+                and self._provably_ours(x)]
         mine.sort(key=lambda x: (x.subnet != previous, x.subnet))
         if len(mine) > 1:
             log.warning("%d leases carry our PublicIP and VTEP MAC (%s); using %s, leaving the others",
                         len(mine), ", ".join(str(x.subnet) for x in mine), mine[0].subnet)
         return mine
+
+    def _for_our_address(self, current: list[Lease], wanted: Lease,
+                         previous: ipaddress.IPv4Network | None) -> list[Lease]:
+        """Leases that carry our PublicIP but are not provably ours (another VTEP MAC, or
+        a MAC-less one at a subnet we never had): flanneld reuses any of them; we reuse
+        one only where no live node can be keeping it (README, Security): reservations
+        first (an administrator bound the subnet to our address), then leases whose
+        holder missed its renewal (_take_over decides, atomically). The subnet file's
+        first within each kind."""
+        found = [x for x in current if x.public_ip == wanted.public_ip and self._in_range(x.subnet)
+                 and not self._provably_ours(x)]
+        found.sort(key=lambda x: (not x.reserved, x.subnet != previous, x.subnet))
+        return found
 
     def _provably_ours(self, lease: Lease) -> bool:
         """Our PublicIP and our VTEP MAC. A udp lease (flanneld's udp backend writes
@@ -149,14 +172,25 @@ class LeaseManager:
     def _our_subnets(self) -> set[ipaddress.IPv4Network]:
         return {s for s in (self._previous, self.lease.subnet if self.lease else None) if s}
 
-    def _reclaimable(self, holder: Lease | None) -> str | None:
+    def _reclaimable(self, holder: Lease | None, *, acquiring: bool = False) -> str | None:
         """Why a key holding ``holder`` (None: a value that is no lease) may be written
         over with our lease, or None if it is another node's. Used only for keys that
-        are ours to defend: our current subnet, or the one in the subnet file."""
+        are ours to defend (our current subnet, or the one in the subnet file) and, while
+        ``acquiring``, for reservations of our address.
+
+        A reservation of our address is ours to take while acquiring, whatever MAC it
+        names (the node was reinstalled: the reservation outlives its VTEP MAC). Once
+        we run, only a MAC-less one (written by hand over our key) is reclaimed: one
+        naming another MAC is a node with our address that took it, and taking it back
+        would make the two write it in turn forever; we give up instead (SubnetLost)."""
         if holder is None:
             return "it held a value that is not a lease"
         if self._provably_ours(holder):
             return "it held our lease"
+        me = self._identity or self.lease
+        if (holder.reserved and me is not None and holder.public_ip == me.public_ip
+                and (acquiring or holder.vtep_mac is None)):
+            return "it is a reservation for our PublicIP"
         reason = peers.implausible(holder)
         if reason is not None:
             return f"it held a lease no node can have ({reason})"
@@ -172,18 +206,19 @@ class LeaseManager:
             try:
                 if found is not None:
                     holder, raw = found
-                    why = self._reclaimable(holder) if reclaim else None
+                    why = self._reclaimable(holder, acquiring=True) if reclaim else None
                     if why is None:
                         return None
                     self.lease = await self.registry.replace_lease(new, self.ttl, raw)
                     if holder is not None and self._provably_ours(holder):
-                        log.info("reusing our lease %s%s", new.subnet,
-                                 "" if holder.same_route(new) else " with updated backend data")
+                        log.info("reusing our lease %s%s%s", new.subnet,
+                                 "" if holder.same_route(new) else " with updated backend data",
+                                 _kind(self.lease))
                     else:
-                        log.warning("subnet %s: reclaimed our key (%s)", new.subnet, why)
+                        log.warning("subnet %s: reclaimed our key (%s)%s", new.subnet, why, _kind(self.lease))
                 elif listed is not None:
                     self.lease = await self.registry.renew_lease(new, self.ttl)
-                    log.info("reusing our lease %s", new.subnet)
+                    log.info("reusing our lease %s%s", new.subnet, _kind(self.lease))
                 else:
                     self.lease = await self.registry.create_lease(new, self.ttl)
                 return self.lease
@@ -193,6 +228,33 @@ class LeaseManager:
                 else:
                     found = (e.holder, e.raw)
         return None
+
+    async def _take_over(self, new: Lease, old: Lease) -> Lease | None:
+        """Write ``new`` over ``old`` (our PublicIP, another node's as far as anyone can
+        prove) iff its holder missed its renewal: it expires within our renew margin.
+        Every flannel agent renews a margin before expiry (flanneld's default margin,
+        60 min, is ours) and retries each minute, so no live node reaching the registry
+        lets its lease get that close. The registry checks and writes atomically: a
+        renewal in between wins. None if the lease is kept alive."""
+        due = self._clock() + self._margin()
+        try:
+            self.lease = await self.registry.take_over(new, self.ttl, old, due)
+        except LeaseTaken as e:
+            if e.raw is None:  # expired meanwhile: free
+                return await self._claim(new, reclaim=False, listed=None)
+            left = "" if e.holder is None or not e.holder.expiration else \
+                f", {max(e.holder.expiration - self._clock(), 0) / 60:.0f} min left"
+            log.warning("lease %s has our PublicIP %s but VTEP MAC %s (ours is %s) and is renewed in "
+                        "time%s: another node's, left alone", old.subnet, old.public_ip, old.vtep_mac,
+                        new.vtep_mac, left)
+            return None
+        log.warning("took over lease %s: it carries our PublicIP %s (VTEP MAC %s, ours is %s) and its "
+                    "holder missed its renewal (due %.0f min before expiry)", new.subnet,
+                    old.public_ip, old.vtep_mac, new.vtep_mac, self._margin() / 60)
+        return self.lease
+
+    def _margin(self) -> float:
+        return self.renew_margin if self.renew_margin < self.ttl else self.ttl / 2
 
     def _in_range(self, subnet: ipaddress.IPv4Network) -> bool:
         return (self.config.contains_subnet(subnet)
@@ -213,8 +275,10 @@ class LeaseManager:
 
     # --- renew --------------------------------------------------------------------
     def _renew_delay(self, lease: Lease) -> float:
+        margin = self._margin()
+        if lease.reserved:  # nothing to extend: look at it as often as a lease is renewed
+            return self.ttl - margin
         left = lease.expiration - self._clock()
-        margin = self.renew_margin if self.renew_margin < self.ttl else self.ttl / 2
         return max(left - margin, 0.0)
 
     async def keep_renewed(self) -> None:
@@ -263,7 +327,10 @@ class LeaseManager:
         for _ in range(3):
             try:
                 self.lease = await self.registry.renew_lease(self.lease, self.ttl)
-                log.debug("renewed %s until %s", self.lease.subnet, time.ctime(self.lease.expiration))
+                if self.lease.reserved:
+                    log.debug("renewed %s: a reservation, still without a TTL", self.lease.subnet)
+                else:
+                    log.debug("renewed %s until %s", self.lease.subnet, time.ctime(self.lease.expiration))
                 return
             except LeaseLost as lost:
                 holder, raw = lost.holder, lost.raw
@@ -358,3 +425,7 @@ class LeaseManager:
         self.bad_leases.skipped(str(lease.subnet), f"{lease.subnet} from {lease.public_ip}: not a "
                                 f"/{self.config.subnet_len} inside {self.config.network}")
         return False
+
+
+def _kind(lease: Lease) -> str:
+    return " (a reservation: it keeps no TTL)" if lease.reserved else ""

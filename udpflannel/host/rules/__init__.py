@@ -11,6 +11,9 @@ Usage (blocking calls; run them on a worker thread)::
     rules = make_rules(RuleSpec(network, subnet, masquerade=True), "iptables")
     rules.ensure()   # at start, then every --iptables-resync seconds
     rules.remove()   # on a clean stop
+
+``start_backend(enable_nftables)`` (startup.py) runs once before: flanneld's
+br_netfilter check, and the other backend cleaned up as flanneld cleans it.
 """
 
 from __future__ import annotations
@@ -31,4 +34,10 @@ def make_rules(spec: RuleSpec, backend: str) -> Rules:
     raise RulesError(f"unknown rules backend {backend!r}: use iptables or nftables")
 
 
-__all__ = ["BACKENDS", "Rules", "RuleSpec", "RulesError", "make_rules"]
+def start_backend(enable_nftables: bool) -> list[str]:
+    """See startup.py (imported late: it imports both backends)."""
+    from udpflannel.host.rules.startup import start_backend as start
+    return start(enable_nftables)
+
+
+__all__ = ["BACKENDS", "Rules", "RuleSpec", "RulesError", "make_rules", "start_backend"]

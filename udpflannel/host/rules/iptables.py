@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from udpflannel.host.rules.base import Rules, RuleSpec, failed, run
+from udpflannel.host.rules.base import Rules, RulesError, RuleSpec, failed, run
 
 MASQ_CHAIN = "FLANNEL-POSTRTG"
 FWD_CHAIN = "FLANNEL-FWD"
@@ -34,6 +34,10 @@ FWD_COMMENT = "flanneld forward"
 KUBE_PROXY_MARK = "0x4000/0x4000"  # flannel pkg/trafficmngr/trafficmngr.go KubeProxyMark
 MULTICAST = "224.0.0.0/4"
 RESTORE = ("iptables-restore", "-w", "5", "--noflush")  # -w: wait for the xtables lock
+# flanneld's IPTablesManager.CleanUp runs for both families, on these chains of table nat
+CLEANUP_TOOLS = (("iptables", "iptables-save", RESTORE),
+                 ("ip6tables", "ip6tables-save", ("ip6tables-restore", "-w", "5", "--noflush")))
+CLEANUP_CHAINS = (MASQ_CHAIN, FWD_CHAIN)
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,48 @@ def plan(chain: OwnedChain, state: dict[str, list[str]], wanted: bool) -> tuple[
 
 def restore_payload(table: str, decls: list[str], lines: list[str]) -> str:
     return "\n".join([f"*{table}", *decls, *lines, "COMMIT", ""])
+
+
+def cleanup_plan(state: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """flanneld's CleanUp for one family's nat table (``state``: its iptables-save
+    view): (restore lines, one message per change). Each of our chains there is
+    flushed, and deleted unless a rule still jumps to it (flanneld's delete fails then
+    and leaves the emptied chain behind the jump). An empty chain behind a jump needs
+    nothing."""
+    lines: list[str] = []
+    msgs: list[str] = []
+    for chain in CLEANUP_CHAINS:
+        if chain not in state:
+            continue
+        jumped = any(_targets(line, chain) for rules in state.values() for line in rules)
+        if jumped and not state[chain]:
+            continue
+        lines.append(f"-F {chain}")
+        if not jumped:
+            lines.append(f"-X {chain}")
+        done = "emptied (a jump to it stays, as flanneld leaves it)" if jumped else "removed"
+        msgs.append(f"nat chain {chain} {done}")
+    return lines, msgs
+
+
+def clean_up_as_flanneld() -> list[str]:
+    """What flanneld does to iptables when it starts in nftables mode (host/rules/
+    startup.py says why this is not a full removal); one message per change."""
+    msgs: list[str] = []
+    for family, save, restore in CLEANUP_TOOLS:
+        try:
+            proc = run([save, "-t", "nat"])
+        except RulesError:  # no such tool: none of its rules can be there
+            continue
+        if proc.returncode != 0:  # no nat table for this family: nothing of ours either
+            continue
+        lines, why = cleanup_plan(parse_save(proc.stdout))
+        if lines:
+            proc = run(restore, restore_payload("nat", [], lines))
+            if proc.returncode != 0:
+                raise failed(proc, f"{restore[0]} (cleaning up flanneld's iptables rules)")
+            msgs += [f"{family}: {m} (EnableNFTables is on)" for m in why]
+    return msgs
 
 
 class IptablesRules(Rules):

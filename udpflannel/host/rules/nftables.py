@@ -12,8 +12,9 @@ differ are rewritten by one `nft -f -` script: add table, add chain, flush chain
 rules, the way flanneld does it. nft runs a script as one kernel transaction, so
 packets see the old chain or the new one, never an empty one. A chain whose hook,
 priority or policy was changed is deleted and re-added in the same transaction.
-Chains the spec does not want are deleted. remove() deletes the table. Nothing else in
-the ruleset is read or touched, and nothing is remembered between calls.
+Chains the spec does not want are deleted. remove() deletes the table, and `ip6
+flannel-ipv6`, which flanneld (and startup.py) creates empty in nftables mode. Nothing
+else in the ruleset is read or touched, and nothing is remembered between calls.
 
 Two details copied from flanneld on purpose: the kube-proxy mark test is `meta mark
 0x4000` (an exact match, where iptables tests the bit 0x4000/0x4000), and the fourth
@@ -34,6 +35,7 @@ from udpflannel.host.rules.base import Rules, RulesError, RuleSpec, failed, run
 
 FAMILY = "ip"
 TABLE = "flannel-ipv4"
+TABLE6 = "flannel-ipv6"  # flanneld creates it in nftables mode even for IPv4 only
 POSTRTG = "postrtg"
 FORWARD = "forward"
 KUBE_PROXY_MARK = 0x4000
@@ -84,8 +86,51 @@ def add_chain_script(chain: NftChain, recreate: bool = False) -> list[str]:
             *(f"add rule {where} {rule}" for rule in chain.rules)]
 
 
-def table_script() -> str:
-    return f'add table {FAMILY} {TABLE} {{ comment "rules for {TABLE}" ; }}'
+def table_script(family: str = FAMILY, table: str = TABLE) -> str:
+    return f'add table {family} {table} {{ comment "rules for {table}" ; }}'
+
+
+OUR_TABLES = ((FAMILY, TABLE), ("ip6", TABLE6))
+
+
+def _exists(family: str, table: str) -> bool:
+    return run(["nft", "list", "table", family, table]).returncode == 0
+
+
+def init_tables() -> list[str]:
+    """flanneld's NFTablesManager.Init: both tables, with its comments, whether or not
+    any rule goes in them. ``add table`` leaves an existing table as it is."""
+    missing = [(family, table) for family, table in OUR_TABLES if not _exists(family, table)]
+    if not missing:
+        return []
+    proc = run(["nft", "-f", "-"], "\n".join(table_script(f, t) for f, t in missing) + "\n")
+    if proc.returncode != 0:
+        raise failed(proc, "nft -f (creating flanneld's tables)")
+    return [f"nftables: created table {f} {t}" for f, t in missing]
+
+
+def delete_tables() -> list[str]:
+    """Delete both tables where they exist; one message per table deleted."""
+    msgs = []
+    for family, table in OUR_TABLES:
+        if not _exists(family, table):
+            continue
+        proc = run(["nft", "delete", "table", family, table])
+        if proc.returncode != 0 and _exists(family, table):  # vanished meanwhile: gone anyway
+            raise failed(proc, f"nft delete table {family} {table}")
+        msgs.append(f"nftables: removed table {family} {table}")
+    return msgs
+
+
+def clean_up_as_flanneld() -> list[str]:
+    """What flanneld does to nftables when it starts in iptables mode: both tables
+    deleted. No nft: none can be there."""
+    try:
+        return [f"{m} (EnableNFTables is off)" for m in delete_tables()]
+    except RulesError as e:
+        if "not found" in str(e):
+            return []
+        raise
 
 
 def nft_script(spec: RuleSpec) -> str:
@@ -225,11 +270,7 @@ class NftablesRules(Rules):
 
     def remove(self) -> None:
         with self._lock:
-            if self._read() is not None:
-                # `delete table` fails if it vanished since the read: then it is gone anyway
-                proc = run(["nft", "delete", "table", FAMILY, TABLE])
-                if proc.returncode != 0 and self._read() is not None:
-                    raise failed(proc, f"nft delete table {FAMILY} {TABLE}")
+            delete_tables()
 
     def present(self) -> bool:
         with self._lock:
