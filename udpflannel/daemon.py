@@ -51,7 +51,7 @@ from udpflannel.core.underlay import Underlay
 from udpflannel.dataplane.base import AUTO, ENGINE, DataPlane, DataplaneError, PlaneOptions
 from udpflannel.dataplane.select import prepare_plane
 from udpflannel.dataplane.userspace import EnginePlane
-from udpflannel.host import localstate, netconf
+from udpflannel.host import localstate, netconf, vxlandev
 from udpflannel.host.rules import RulesError, RuleSpec, make_rules, start_backend
 from udpflannel.host.tun import has_net_admin
 from udpflannel.housekeeping import keep_blackhole_route, keep_rules, watch_underlay_and_plane
@@ -106,6 +106,7 @@ class Outside:
     link_events: bool = True  # netlink wake-ups for housekeeping (else it polls)
     wait_for_signal: Callable[[], Awaitable[Any]] = lambda: _stop_on_signals().wait()  # handed over, "wait"
     adopt_plane: Callable[..., DataPlane] = EnginePlane.adopt  # (popts, reason, state, handed), --takeover
+    existing_vtep_mac: Callable[[int], str | None] = lambda vni: vxlandev.device_mac(vxlandev.device_name(vni))
 
 
 def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
@@ -196,12 +197,19 @@ def _parse(text: str, where: str) -> netconfig.NetworkConfig:
         raise FatalError(f"{where}: {e}") from None
 
 
-def _vtep_mac(opts: RunOptions, persist: Persist) -> str:
-    """The kept VTEP MAC; a new one is kept once the state dir takes it (until then the
-    node runs with it and says so: a restart before that would pick another)."""
+async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Callable[[int], str | None]) -> str:
+    """The kept VTEP MAC. Without one, the MAC of a flannel.<VNI> already here (a
+    flanneld this node replaces: its lease names that MAC, so the node keeps its subnet
+    and the kernel plane its device), else a new one; kept once the state dir takes it
+    (until then the node runs with it and says so: a restart before that would pick
+    another)."""
     mac = localstate.load_mac(opts.state_dir, opts.tun)
     if mac is None:
-        mac = localstate.new_mac()
+        mac = await asyncio.to_thread(existing, vni)
+        if mac is not None:
+            log.info("VTEP MAC %s taken from the %s already here (flanneld's?)", mac, vxlandev.device_name(vni))
+        else:
+            mac = localstate.new_mac()
         persist.write(localstate.mac_path(opts.state_dir, opts.tun),
                       lambda: localstate.write_mac(opts.state_dir, opts.tun, mac))
     return mac
@@ -340,7 +348,10 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                             "up again", inherited.how)
                 await plane.stop()  # its ports are needed again
                 plane = None
-            mac = inherited.vtep_mac if inherited else _vtep_mac(opts, persist)
+            if inherited:
+                mac = inherited.vtep_mac
+            else:
+                mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac)
             log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
                      underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
                      cfg.network, cfg.backend_type, cfg.port)

@@ -282,20 +282,27 @@ def test_without_br_netfilter_both_refuse_iptables_mode_before_a_lease(site):
 
 
 def test_switching_a_vxlan_node_from_flanneld(site):
-    """flanneld's lease names flannel.1's MAC, which a fresh udpflannel does not know:
-    the lease is not provably its own and flanneld renewed it recently, so udpflannel
-    takes a new subnet. With flanneld's lease key deleted (the README's runbook), it
-    takes the subnet flanneld's subnet.env names: the pods keep their addresses. (The
-    kernel plane: it replaces flanneld's flannel.1, which holds the VXLAN port; the
-    engine would stop with one line, "VXLAN port 8472 ... already in use".)"""
-    for delete_key in (False, True):
+    """flanneld's lease names flannel.1's MAC. A udpflannel with no MAC of its own takes
+    that device's, so the lease is provably its own: it keeps the subnet flanneld had
+    (the pods keep their addresses) without touching the registry by hand. The kernel
+    plane keeps flanneld's very device (same ifindex: no outage); the engine removes it
+    to take port 8472."""
+    for plane in ("kernel", "engine"):
         i, _ = site.node()
         fl = site.start_flanneld(i)
-        theirs = fl.subnet
+        theirs, key = fl.subnet, fl.lease_key
+        with site.lab.nodes[i].ipr() as ipr:
+            before = ipr.link_lookup(ifname="flannel.1")[0]
         fl.stop()
-        if delete_key:
-            site.etcd.etcdctl("del", fl.lease_key)
-        site.cluster.start(i, ["--subnet-file", fl.subnet_file, "--dataplane", "kernel"])
+        site.cluster.start(i, ["--subnet-file", fl.subnet_file, "--dataplane", plane])
         st = site.cluster.wait_status(i, lambda s: s.ready, 30)
-        assert (st.lease.subnet == str(theirs)) is delete_key, (delete_key, st.lease.subnet, theirs)
+        assert st.lease.subnet == str(theirs), (plane, st.lease.subnet, theirs)
+        assert "taken from the flannel.1 already here" in site.cluster.log_tail(i, 60)
+        assert site.etcd.etcdctl("get", key, "--print-value-only").strip()  # the same key, renewed
+        with site.lab.nodes[i].ipr() as ipr:
+            after = ipr.link_lookup(ifname="flannel.1")
+        if plane == "kernel":
+            assert after == [before]
+        else:
+            assert after == []
         site.cluster.stop(i)

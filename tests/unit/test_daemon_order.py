@@ -82,7 +82,8 @@ class Harness:
                                                                          self.gates),
                               prepare_plane=prepare, rules=lambda *a: None,
                               start_rules=lambda nft: self.journal.append(f"start_rules nft={nft}"),
-                              link_events=False, wait_for_signal=self.idle.wait, adopt_plane=adopt)
+                              link_events=False, wait_for_signal=self.idle.wait, adopt_plane=adopt,
+                              existing_vtep_mac=lambda vni: None)
 
     def start(self) -> asyncio.Task:
         return asyncio.create_task(daemon.run(self.opts, self.outside(), self.stop))

@@ -65,6 +65,19 @@ def device_name(vni: int) -> str:
     return f"flannel.{vni}"
 
 
+def device_mac(name: str) -> str | None:
+    """The MAC of the VXLAN device ``name``, or None if there is none (or it is no VXLAN)."""
+    with IPRoute() as ipr:
+        index = find(ipr, name)
+        if index is None:
+            return None
+        link = ipr.link("get", index=index)[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+            return None
+        return link.get("address")
+
+
 def find(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
