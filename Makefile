@@ -3,8 +3,9 @@
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# systemd: systemd-analyze, which checks the shipped unit (tests/unit/test_systemd_unit.py)
 APT    := python3-venv gcc libc6-dev iproute2 iputils-ping iperf3 etcd-server etcd-client openssl util-linux \
-          iptables nftables containernetworking-plugins
+          iptables nftables containernetworking-plugins systemd
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench setup system-packages peers clean

@@ -2,22 +2,24 @@
 
 The tables below are taken from flannel v0.28.9's main.go (init(): the flags registered
 on flannelFlags, plus klog's v, vmodule and log_backtrace_at copied in by copyFlag) and
-coreos/pkg flagutil.SetFlagsFromEnv (FLANNELD_<FLAG> for every one of them). When that
-main.go is on this machine (the Go module cache), a test checks the tables against it.
+coreos/pkg flagutil.SetFlagsFromEnv (FLANNELD_<FLAG> for every one of them). A test
+checks the tables against that main.go: `make setup` builds the lab's flanneld from the
+module peers/flannel/go.mod pins, so the Go module cache holds it.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from udpflannel import cli, flanneld_cli
 from udpflannel.flanneld_cli import env_name
 
-FLANNEL_MAIN_GO = "~/go/pkg/mod/github.com/flannel-io/flannel@v0.28.9/main.go"
+FLANNEL_GO_MOD = Path(__file__).resolve().parents[2] / "peers" / "flannel" / "go.mod"
 FLANNELD_DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
 
 # flag -> (a value to give it (None: a boolean given bare), RunOptions field, what that
@@ -72,11 +74,25 @@ def test_the_table_is_flanneld_s_flag_set():
     assert {f"--{name}" for name in REFUSED} <= set(cli.REFUSED)  # one table of refusals
 
 
+def flannel_main_go() -> str:
+    """main.go of the flannel release the lab's flanneld is built from, in the Go module
+    cache: `go env GOMODCACHE`, or Go's default ($GOPATH or ~/go, then pkg/mod) when go
+    is not on this PATH (sudo's, say)."""
+    pinned = re.search(r"^require github\.com/flannel-io/flannel (v\S+)$", FLANNEL_GO_MOD.read_text(), re.M)
+    assert pinned, f"{FLANNEL_GO_MOD} does not pin github.com/flannel-io/flannel"
+    try:
+        cache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        cache = os.path.join(os.environ.get("GOPATH") or os.path.expanduser("~/go"), "pkg", "mod")
+    path = os.path.join(cache, f"github.com/flannel-io/flannel@{pinned[1]}", "main.go")
+    assert os.path.exists(path), (f"{path} is missing: make setup builds flanneld from that module "
+                                  "(or: cd peers/flannel && go mod download github.com/flannel-io/flannel)")
+    return path
+
+
 def test_the_table_matches_flannel_s_main_go():
-    paths = glob.glob(os.path.expanduser(FLANNEL_MAIN_GO))
-    if not paths:
-        pytest.skip(f"{FLANNEL_MAIN_GO} is not on this machine")
-    with open(paths[0]) as f:
+    with open(flannel_main_go()) as f:
         source = f.read()
     registered = set(re.findall(r'flannelFlags\.\w*Var\(&opts\.\w+, "([^"]+)"', source))
     registered |= set(re.findall(r'flannelFlags\.Var\(&opts\.\w+, "([^"]+)"', source))
