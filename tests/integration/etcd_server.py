@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -103,15 +102,3 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
 def fresh_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     """An etcd of this test's own, which it may stop, start, pause and resume."""
     yield from _serve(tmp_path / "etcd")
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll predicate until it returns something truthy (returned) or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

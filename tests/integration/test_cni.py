@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,47 +285,6 @@ def expected_source_seen_by_remote_pod(node_subnet_env: str, sender_overlay_addr
     return sender_pod_ip if masq_by_daemon else sender_overlay_addr
 
 
-def tcp_exchange(src: Namespace, dst: Namespace, dst_addr: str, port: int, payload: bytes,
-                 timeout: float = 10.0) -> tuple[bytes, str]:
-    """Send ``payload`` from ``src`` to a server in ``dst`` that answers it reversed;
-    return the answer and the client address the server saw."""
-    listener = dst.call(socket.create_server, ("0.0.0.0", port))
-    listener.settimeout(timeout)
-    seen: dict[str, Any] = {}
-
-    def serve() -> None:
-        try:
-            conn, peer = listener.accept()
-            with conn:
-                conn.settimeout(timeout)
-                data = b""
-                while chunk := conn.recv(1 << 16):
-                    data += chunk
-                conn.sendall(data[::-1])
-            seen["peer"] = peer[0]
-        except BaseException as e:  # handed to the caller below
-            seen["error"] = e
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        client = src.call(socket.socket)
-        client.settimeout(timeout)
-        with client:
-            client.connect((dst_addr, port))
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            answer = b""
-            while chunk := client.recv(1 << 16):
-                answer += chunk
-        server.join(timeout)
-    finally:
-        listener.close()
-    if "error" in seen:
-        raise seen["error"]
-    return answer, seen["peer"]
-
-
 def test_pods_on_two_nodes_talk_over_the_overlay(make_lab, make_cluster, workdir):
     lab = make_lab(2)
     cluster = make_cluster(lab)
@@ -350,7 +308,7 @@ def test_pods_on_two_nodes_talk_over_the_overlay(make_lab, make_cluster, workdir
     for a, b in ((0, 1), (1, 0)):
         assert all(probe.ping(pods[a], ips[b], count=3, timeout=2.0)), f"pod{a + 1} -> pod{b + 1}"
         payload = os.urandom(200_000)  # many segments, each at the overlay MTU
-        answer, peer = tcp_exchange(pods[a], pods[b], ips[b], 7000 + a, payload)
+        answer, peer = probe.tcp_exchange(pods[a], pods[b], ips[b], 7000 + a, payload)
         assert answer == payload[::-1]
         node_env = os.path.join(cluster.node_dir(a), "subnet.env")
         assert peer == expected_source_seen_by_remote_pod(node_env, cluster.overlay_addr(a), ips[a])

@@ -35,15 +35,16 @@ import uuid
 
 import pytest
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+from support.waiting import wait_until
 
 from udpflannel.lab import kernelvxlan, probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab, Namespace
 
 try:
-    from .etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub, wait_for
+    from .etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub
 except ImportError:
-    from etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub, wait_for
+    from etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, EtcdServer, etcd_in_hub
 
 NETWORK = "10.244.0.0/16"
 CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
@@ -84,11 +85,6 @@ def make(lab, etcd, make_cluster):
 
 
 # -- helpers ------------------------------------------------------------------------
-
-def log_of(cluster: Cluster, i: int) -> str:
-    with open(os.path.join(cluster.node_dir(i), "daemon.log"), errors="replace") as f:
-        return f.read()
-
 
 def subnet_env(cluster: Cluster, i: int) -> dict[str, str]:
     with open(os.path.join(cluster.node_dir(i), "subnet.env")) as f:
@@ -326,11 +322,11 @@ def test_engine_kernel_auto_and_flanneld_nodes_form_one_cluster(lab, etcd, make)
     for i in (k, a):
         assert st[i].dataplane.kind == "kernel" and st[i].dataplane.device == "flannel.1", st[i]
         assert not has_link(lab.nodes[i], "flannel0")
-    auto_log = log_of(cluster, a)
+    auto_log = cluster.log(a)
     assert auto_log.count("data plane: ") == 1, auto_log
     assert "data plane: kernel (auto: kernel VXLAN works here)" in auto_log, auto_log
     assert st[a].dataplane.reason == "auto: kernel VXLAN works here"
-    assert "data plane: kernel VXLAN (flannel.1)" in log_of(cluster, k)
+    assert "data plane: kernel VXLAN (flannel.1)" in cluster.log(k)
     # every node's lease looks the same to etcd, whatever its plane
     for i in (e, k, a):
         key = f"{cluster.prefix}/subnets/{st[i].lease.subnet.replace('/', '-')}"
@@ -367,7 +363,7 @@ def test_engine_kernel_auto_and_flanneld_nodes_form_one_cluster(lab, etcd, make)
         counters, dev = cluster.status(k).dataplane.counters, link(lab.nodes[k], "flannel.1")
         keys = ("tx_packets", "rx_packets", "tx_bytes", "rx_bytes")
         return (counters, dev) if all(counters[key] == dev[key] for key in keys) else None
-    counters, dev = wait_for(reported, 10, "status to report flannel.1's own counters")
+    counters, dev = wait_until(reported, 10, "status to report flannel.1's own counters")
     assert counters["tx_bytes"] > 4 << 20 and counters["rx_bytes"] > 4 << 20  # its streams
     out = subprocess.run([sys.executable, "-m", "udpflannel", "status", "--json",
                           "--admin-socket", cluster.admin_path(k)],
@@ -385,7 +381,7 @@ def test_engine_kernel_auto_and_flanneld_nodes_form_one_cluster(lab, etcd, make)
     cluster.start(k, KERNEL)
     cluster.wait_status(k, lambda s: s.ready and s.dataplane.peers == 2, 20, "back with 2 peers")
     # its route, neighbour and fdb entry
-    assert "removed 3 stale entries of peers that left while we were down" in log_of(cluster, k)
+    assert "removed 3 stale entries of peers that left while we were down" in cluster.log(k)
     for i in (k, a):
         dev = link(lab.nodes[i], "flannel.1")
         assert gateway_of(flanneld_subnet) not in neighbours(lab.nodes[i], dev["index"])
@@ -412,7 +408,7 @@ def test_auto_falls_back_to_the_engine_when_the_kernel_refuses_vxlan(lab, make):
     st = cluster.status(fb)
     why = "auto: kernel VXLAN unavailable: another VXLAN device already uses this VNI and port"
     assert st.dataplane.kind == "engine" and st.dataplane.reason == why
-    text = log_of(cluster, fb)
+    text = cluster.log(fb)
     assert text.count("data plane: ") == 1 and f"data plane: engine ({why})" in text, text
     assert not has_link(lab.nodes[fb], "flannel.1")
     squat = link(lab.nodes[fb], "vxsquat")
@@ -463,7 +459,7 @@ def test_kernel_plane_restart_keeps_device_entries_and_a_stream(lab, make):
     finally:
         seen = watch.close()
     assert seen == []
-    assert log_of(cluster, k).count("reusing flannel.1") == 2
+    assert cluster.log(k).count("reusing flannel.1") == 2
     # everything is still there, as it was
     now = link(ns, "flannel.1")
     assert now["index"] == dev["index"] and now["tx_bytes"] > dev["tx_bytes"] + (12 << 20)
@@ -493,7 +489,7 @@ def test_switching_planes_keeps_the_lease_and_removes_the_other_planes_device(la
         st = cluster.wait_status(n, lambda s: s.ready and s.dataplane.peers == 1, 20, f"ready as {plane}")
         assert st.dataplane.kind == plane and st.lease.subnet == subnet
         assert etcd.etcdctl("get", key, "--print-value-only") == lease
-        assert not has_link(lab.nodes[n], gone) and line in log_of(cluster, n)
+        assert not has_link(lab.nodes[n], gone) and line in cluster.log(n)
         cluster.wait_status(peer, lambda s: s.dataplane.peers == 1, 10, "still routing to the node")
         assert unreachable_pairs(lab, addrs) == []
 
@@ -618,7 +614,7 @@ def test_inner_flows_spread_over_outer_source_ports(lab, make):
     cluster.start(k, KERNEL)
     for i in (e, k):
         cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 1, 20, "routing to its peer")
-    ways = int(re.search(r"VXLAN source ports: (\d+)", log_of(cluster, e)).group(1))
+    ways = int(re.search(r"VXLAN source ports: (\d+)", cluster.log(e)).group(1))
     assert ways == 16  # the default pool
     src, dst = (gateway_of(cluster.status(i).lease.subnet) for i in (e, k))
     receiver = lab.nodes[k].call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
@@ -703,20 +699,20 @@ def test_kernel_plane_ignores_udp_leases_and_refuses_a_udp_config(lab, etcd, mak
     cluster.start(e)
     cluster.wait_status(e, lambda s: s.ready and s.dataplane.peers == 2, 20, "routing to both")
     cluster.wait_status(k, lambda s: s.ready and s.dataplane.peers == 1, 20, "routing to the engine")
-    ignored = re.findall(r"ignoring lease 10\.244\.202\.0/24 from 192\.168\.250\.202: (.*)", log_of(cluster, k))
+    ignored = re.findall(r"ignoring lease 10\.244\.202\.0/24 from 192\.168\.250\.202: (.*)", cluster.log(k))
     assert ignored == ["backend type 'udp' (flanneld's udp framing) is not spoken by this data plane"]
     assert routes_to(lab.nodes[k], udp_subnet) == []
-    assert "peer added: 10.244.202.0/24 via 192.168.250.202 (flanneld udp framing" in log_of(cluster, e)
+    assert "peer added: 10.244.202.0/24 via 192.168.250.202 (flanneld udp framing" in cluster.log(e)
 
     # flannel.1 deleted under the running kernel plane comes back with its peer
     old_index = index_of(lab.nodes[k], "flannel.1")
     with lab.nodes[k].ipr() as ipr:
         ipr.link("del", index=old_index)
     deadline = time.monotonic() + 10
-    while "flannel.1 is back with 1 peers" not in log_of(cluster, k) and time.monotonic() < deadline:
+    while "flannel.1 is back with 1 peers" not in cluster.log(k) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "flannel.1 was deleted under us; creating it again" in log_of(cluster, k)
-    assert "flannel.1 is back with 1 peers" in log_of(cluster, k)
+    assert "flannel.1 was deleted under us; creating it again" in cluster.log(k)
+    assert "flannel.1 is back with 1 peers" in cluster.log(k)
     e_st = cluster.status(e)
     dev = link(lab.nodes[k], "flannel.1")
     assert dev["up"] and neighbours(lab.nodes[k], dev["index"]) == {

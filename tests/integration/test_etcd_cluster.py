@@ -22,16 +22,17 @@ import time
 import uuid
 
 import pytest
+from support.waiting import wait_until
 
 from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab
 
 try:
-    from .etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, HUB_ADDR, EtcdServer, etcd_in_hub, wait_for
+    from .etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, HUB_ADDR, EtcdServer, etcd_in_hub
     from .etcd_server import subnet_leases as leases
 except ImportError:
-    from etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, HUB_ADDR, EtcdServer, etcd_in_hub, wait_for
+    from etcd_server import FLANNEL_UDP_LEASE, FLANNEL_VXLAN_LEASE, HUB_ADDR, EtcdServer, etcd_in_hub
     from etcd_server import subnet_leases as leases
 
 ENGINE = os.environ.get("UDPFLANNEL_TEST_ENGINE", "compiled")
@@ -87,11 +88,6 @@ def unreachable_pairs(cluster: Cluster) -> list[tuple[int, int]]:
             if i != j and not any(probe.ping(cluster.lab.nodes[i], addrs[j], count=3, timeout=1.0))]
 
 
-def log_of(cluster: Cluster, i: int) -> str:
-    with open(os.path.join(cluster.node_dir(i), "daemon.log"), errors="replace") as f:
-        return f.read()
-
-
 def run_to_exit(lab: Lab, workdir: str, argv: list[str], env: dict | None = None,
                 timeout: float = 30.0) -> subprocess.CompletedProcess:
     """`udpflannel run` in node 1's namespace, expected to exit by itself."""
@@ -132,7 +128,7 @@ def test_hand_written_config_is_used_and_lease_has_flannels_bytes(etcd, make):
     again = leases(etcd, cluster.prefix)
     assert list(again) == list(stored) and again[key_of(st.lease.subnet)]["value"] == \
         stored[key_of(st.lease.subnet)]["value"]
-    assert "reusing our lease" in log_of(cluster, 0)
+    assert "reusing our lease" in cluster.log(0)
 
 
 @pytest.mark.parametrize("config, words", [
@@ -158,7 +154,7 @@ def test_missing_config_is_waited_for_like_flanneld(etcd, make):
     cluster = make(None)
     prefix = cluster.prefix
     cluster.start(0)
-    wait_for(lambda: f"no network config at {prefix}/config yet; waiting" in log_of(cluster, 0), 10,
+    wait_until(lambda: f"no network config at {prefix}/config yet; waiting" in cluster.log(0), 10,
              "the waiting line")
     assert cluster.procs[0].poll() is None and leases(etcd, prefix) == {}
     assert etcd.etcdctl("get", f"{prefix}/config") == ""  # nothing invented
@@ -243,7 +239,7 @@ def test_simultaneous_starts_never_share_a_subnet(etcd, make):
             stored = leases(etcd, cluster.prefix)
             assert sorted(json.loads(v["value"])["PublicIP"] for v in stored.values()) == \
                 sorted(cluster.lab.addresses[:3])
-            races += sum(log_of(cluster, i).count("taken by a racing node") for i in range(3))
+            races += sum(cluster.log(i).count("taken by a racing node") for i in range(3))
         finally:
             cluster.stop_all()
     print(f"lost creation races retried: {races}")
@@ -310,11 +306,11 @@ def test_etcd_outage_keeps_traffic_flowing_and_a_node_joins_after(etcd, make):
     assert unreachable_pairs(cluster) == []
     for i in (0, 1):
         cluster.wait_status(i, lambda s: s.registry.reachable, 10, "registry_ok again")
-        text = log_of(cluster, i)
+        text = cluster.log(i)
         assert text.count("registry unreachable") == 1, text  # once per change of state
         assert "registry reachable again" in text, text
     # renewed as soon as the watch found etcd again, not after a long backoff: never lapsed
-    assert "had vanished" not in log_of(cluster, 1)
+    assert "had vanished" not in cluster.log(1)
     time.sleep(3.5)  # longer than node 2's TTL: renewals have resumed
     assert json.loads(leases(etcd, cluster.prefix)[key_of(subnet1)]["value"])["PublicIP"] == \
         cluster.lab.addresses[1]
@@ -331,12 +327,12 @@ def test_own_lease_deleted_from_outside_is_recreated(etcd, make):
     before = leases(etcd, cluster.prefix)[key_of(st.lease.subnet)]
 
     etcd.etcdctl("del", key)
-    after = wait_for(lambda: leases(etcd, cluster.prefix).get(key_of(st.lease.subnet)), 10, "the lease back")
+    after = wait_until(lambda: leases(etcd, cluster.prefix).get(key_of(st.lease.subnet)), 10, "the lease back")
     assert json.loads(after["value"])["PublicIP"] == cluster.lab.addresses[0]
     assert after["value"] == before["value"]
     assert after["lease"] != 0  # attached to an etcd lease again: it can still expire
     assert cluster.procs[0].poll() is None and cluster.status(0).lease.subnet == st.lease.subnet
-    assert re.search(r"lease .* re-created", log_of(cluster, 0))
+    assert re.search(r"lease .* re-created", cluster.log(0))
     # the other node may have dropped the route for a moment; it is back
     cluster.wait_converged(timeout=10)
     assert unreachable_pairs(cluster) == []
@@ -349,7 +345,7 @@ def test_own_subnet_taken_by_another_node_is_a_clear_exit(etcd, make):
     etcd.etcdctl("put", f"{cluster.prefix}/subnets/{key_of(st.lease.subnet)}",
                  FLANNEL_VXLAN_LEASE.format(ip="192.168.250.99", mac="c6:d2:32:6f:8f:99"))
     assert cluster.procs[0].wait(10) == 1
-    last = log_of(cluster, 0).strip().splitlines()[-1]
+    last = cluster.log(0).strip().splitlines()[-1]
     assert last.startswith("udpflannel: error: ") and st.lease.subnet in last and "192.168.250.99" in last, last
     cluster.procs.pop(0)
 
@@ -368,7 +364,7 @@ def test_leases_written_by_flanneld_by_hand(etcd, make):
     cluster.start(0)
     cluster.wait_status(0, lambda s: s.dataplane.peers == 2, 10, "routing to both flanneld nodes")
     assert re.search(r"peer added: 10\.244\.202\.0/24 via 192\.168\.250\.202 \(flanneld udp framing",
-                     log_of(cluster, 0))
+                     cluster.log(0))
 
     etcd.etcdctl("put", f"{subnets}/10.244.203.0-24", FLANNEL_UDP_LEASE.format(ip="192.168.250.203"))
     etcd.etcdctl("put", f"{subnets}/10.244.204.0-24",
@@ -380,5 +376,5 @@ def test_leases_written_by_flanneld_by_hand(etcd, make):
     cluster.stop(0)
     cluster.start(0, ["--udp-port", "0"])
     cluster.wait_status(0, lambda s: s.dataplane.peers == 1, 10, "routing to the vxlan node only")
-    wait_for(lambda: re.search(r"ignoring lease 10\.244\.203\.0/24 .*udp", log_of(cluster, 0)), 5,
+    wait_until(lambda: re.search(r"ignoring lease 10\.244\.203\.0/24 .*udp", cluster.log(0)), 5,
              "the udp lease to be ignored with a log line")

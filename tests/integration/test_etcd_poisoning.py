@@ -13,27 +13,25 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from support.waiting import wait_until
+
 try:
-    from .etcd_server import wait_for
     from .test_etcd_cluster import (  # noqa: F401 - fixtures
         FLANNEL_VXLAN_LEASE,
         etcd,
         key_of,
         lab,
         leases,
-        log_of,
         make,
         unreachable_pairs,
     )
 except ImportError:
-    from etcd_server import wait_for
     from test_etcd_cluster import (  # noqa: F401 - fixtures
         FLANNEL_VXLAN_LEASE,
         etcd,
         key_of,
         lab,
         leases,
-        log_of,
         make,
         unreachable_pairs,
     )
@@ -86,7 +84,7 @@ def test_alias_keys_change_no_routes_and_do_not_win_at_start(etcd, make):
     cluster.wait_status(2, lambda s: s.dataplane.peers == 4, 10, "routing to a, b, 210 and 211")
     assert unreachable_pairs(cluster) == []
     assert all(p.poll() is None for p in cluster.procs.values())
-    text = log_of(cluster, 2)
+    text = cluster.log(2)
     assert "etcd: skipping" in text and "not a canonical subnet key" in text, text
     assert "dual-stack key" in text, text
 
@@ -102,11 +100,11 @@ def test_garbage_in_our_key_is_reclaimed_without_exit_and_across_a_restart(etcd,
     original = leases(etcd, cluster.prefix)[name]["value"]
 
     etcd.etcdctl("put", key, "garbage")
-    wait_for(lambda: leases(etcd, cluster.prefix)[name]["value"] == original, 10, "our lease back")
+    wait_until(lambda: leases(etcd, cluster.prefix)[name]["value"] == original, 10, "our lease back")
     assert leases(etcd, cluster.prefix)[name]["lease"] != 0  # attached to an etcd lease again
     assert cluster.procs[0].poll() is None and cluster.status(0).lease.subnet == st.lease.subnet
     assert re.search(rf"{re.escape(st.lease.subnet)}: reclaimed our key \(it held a value that is not a lease\)",
-                     log_of(cluster, 0))
+                     cluster.log(0))
 
     # while it is down, its key gets a value that is not a lease (and no etcd lease:
     # it would never expire); the subnet in its subnet.env is reclaimed at start
@@ -130,7 +128,7 @@ def test_a_node_with_our_public_ip_takes_nothing_and_a_copy_of_our_lease_does_no
     assert st1.lease.subnet != st0.lease.subnet
     assert leases(etcd, cluster.prefix)[key_of(st0.lease.subnet)]["value"] == ours
     assert cluster.procs[0].poll() is None and cluster.status(0).lease.subnet == st0.lease.subnet
-    assert f"lease {st0.lease.subnet} has our PublicIP" in log_of(cluster, 1)
+    assert f"lease {st0.lease.subnet} has our PublicIP" in cluster.log(1)
     assert cluster.stop(1) == 0  # its lease (our PublicIP, its MAC) stays in etcd
 
     # a copy of our exact lease at the first subnet in etcd's key order

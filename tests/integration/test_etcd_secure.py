@@ -23,15 +23,16 @@ import time
 from pathlib import Path
 
 import pytest
+from support.waiting import wait_until
 
 from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab
 
 try:
-    from .etcd_server import EtcdServer, TLSFiles, require_etcd, wait_for
+    from .etcd_server import EtcdServer, TLSFiles, require_etcd
 except ImportError:
-    from etcd_server import EtcdServer, TLSFiles, require_etcd, wait_for
+    from etcd_server import EtcdServer, TLSFiles, require_etcd
 
 ENGINE = os.environ.get("UDPFLANNEL_TEST_ENGINE", "compiled")
 HUB_ADDR = "192.168.250.2"
@@ -97,11 +98,6 @@ def enable_auth(etcd: EtcdServer) -> None:
 
 # -- helpers ------------------------------------------------------------------------
 
-def log_of(cluster: Cluster, i: int) -> str:
-    with open(os.path.join(cluster.node_dir(i), "daemon.log"), errors="replace") as f:
-        return f.read()
-
-
 def assert_pings_both_ways(cluster: Cluster) -> None:
     addrs = [cluster.overlay_addr(i) for i in (0, 1)]
     for src, dst in ((0, 1), (1, 0)):
@@ -140,7 +136,7 @@ def test_client_certificate_tls(lab, etcd, make_cluster, tls_flags):
     assert stored_public_ips(etcd) == sorted(lab.addresses)
     for i in (0, 1):
         assert cluster.stop(i) == 0
-        assert "Traceback" not in log_of(cluster, i)
+        assert "Traceback" not in cluster.log(i)
 
 
 def test_password_auth_from_environment(lab, etcd, pki, make_cluster, tls_flags, monkeypatch):
@@ -165,7 +161,7 @@ def test_password_auth_from_environment(lab, etcd, pki, make_cluster, tls_flags,
     assert stored_public_ips(etcd, user=f"{USER}:{USER_PW}") == sorted(lab.addresses)
     for i in (0, 1):
         assert cluster.stop(i) == 0
-        text = log_of(cluster, i)
+        text = cluster.log(i)
         assert "Traceback" not in text and "registry unreachable" not in text, text
 
 
@@ -175,10 +171,10 @@ def test_wrong_password_retries_quietly_and_stops_on_sigterm(lab, etcd, make_clu
     monkeypatch.setenv("FLANNELD_ETCD_PASSWORD", "wrong")
     cluster = make_cluster(lab, engine=ENGINE, etcd_endpoints=etcd.endpoint, extra_args=tls_flags)
     proc = cluster.start(0)
-    wait_for(lambda: "registry unreachable" in log_of(cluster, 0), 10, "the registry-unreachable line")
+    wait_until(lambda: "registry unreachable" in cluster.log(0), 10, "the registry-unreachable line")
     time.sleep(3.0)  # several retries (backoff from 0.5 s) happen meanwhile
-    assert proc.poll() is None, f"exited with {proc.returncode}:\n{log_of(cluster, 0)}"
-    text = log_of(cluster, 0)
+    assert proc.poll() is None, f"exited with {proc.returncode}:\n{cluster.log(0)}"
+    text = cluster.log(0)
     assert "Traceback" not in text, text
     failures = [line for line in text.splitlines() if "registry unreachable" in line]
     assert len(failures) == 1, text  # once, not once per retry
@@ -186,6 +182,6 @@ def test_wrong_password_retries_quietly_and_stops_on_sigterm(lab, etcd, make_clu
     assert not os.path.exists(cluster.admin_path(0))  # never got as far as serving
 
     code, took = stop_in_time(cluster, 0)
-    assert code == 0 and took < 10, f"exit {code} after {took:.1f}s:\n{log_of(cluster, 0)}"
-    assert "Traceback" not in log_of(cluster, 0)
+    assert code == 0 and took < 10, f"exit {code} after {took:.1f}s:\n{cluster.log(0)}"
+    assert "Traceback" not in cluster.log(0)
     assert stored_public_ips(etcd, user=f"root:{ROOT_PW}") == []  # nothing was leased

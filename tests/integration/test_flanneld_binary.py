@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+from support.waiting import wait_until
 
 from udpflannel.host import netconf
 from udpflannel.lab.cluster import Cluster
@@ -135,7 +136,6 @@ def test_the_blackhole_route_in_a_real_kernel(make_lab):
 def test_a_daemon_with_ip_blackhole_route_keeps_one_for_its_subnet(make_lab, make_cluster):
     """--ip-blackhole-route on a running node: its own subnet gets a blackhole route
     within one --iptables-resync period, and gets it back when someone deletes it."""
-    import time
     lab = make_lab(1)
     cluster = make_cluster(lab, extra_args=["--ip-blackhole-route", "--iptables-resync", "1"])
     cluster.start(0)
@@ -147,10 +147,8 @@ def test_a_daemon_with_ip_blackhole_route_keeps_one_for_its_subnet(make_lab, mak
         return [line.split()[1] for line in out.splitlines() if line.strip()]
 
     for attempt in range(2):
-        deadline = time.monotonic() + 10
-        while subnet not in blackholes():
-            assert time.monotonic() < deadline, f"no blackhole route for {subnet}: {cluster.log_tail(0)}"
-            time.sleep(0.2)
+        wait_until(lambda: subnet in blackholes(), 10, f"a blackhole route for {subnet}", interval=0.2,
+                   detail=lambda: cluster.log_tail(0))
         if attempt == 0:
             node.run(["ip", "route", "del", "blackhole", subnet], 15)
             assert subnet not in blackholes()

@@ -25,6 +25,7 @@ import subprocess
 import uuid
 
 import pytest
+from support.waiting import wait_until
 
 from udpflannel.core.lease import Lease, encode_value
 from udpflannel.lab.cluster import Cluster
@@ -32,9 +33,9 @@ from udpflannel.lab.flanneld import Flanneld
 from udpflannel.lab.netns import Lab
 
 try:
-    from .etcd_server import etcd_in_hub, wait_for
+    from .etcd_server import etcd_in_hub
 except ImportError:
-    from etcd_server import etcd_in_hub, wait_for
+    from etcd_server import etcd_in_hub
 
 ENGINE = os.environ.get("UDPFLANNEL_TEST_ENGINE", "compiled")
 NETWORK = "10.244.0.0/16"
@@ -146,12 +147,12 @@ def test_a_reservation_stays_without_a_ttl_through_start_and_renewals(site):
     # renewals. flanneld's: make its key a reservation again (reservations.md's recipe);
     # its watch reads the key's expiration as past and it renews at once, with a TTL.
     site.put("10.244.9.0-24", theirs["value"])
-    wait_for(lambda: site.state("10.244.9.0-24")["lease"] != 0, 20, "flanneld to renew its lease")
+    wait_until(lambda: site.state("10.244.9.0-24")["lease"] != 0, 20, "flanneld to renew its lease")
     assert site.state("10.244.9.0-24")["granted"] == DAY
     assert "Lease renewed" in fl.log()
     # ours: two renewals come and go; the key is neither given a TTL nor even written
     log = os.path.join(site.cluster.node_dir(u), "daemon.log")
-    wait_for(lambda: open(log).read().count("renewed 10.244.10.0/24: a reservation") >= 2, 20,
+    wait_until(lambda: open(log).read().count("renewed 10.244.10.0/24: a reservation") >= 2, 20,
              "two renewals of the reservation")
     assert site.state("10.244.10.0-24") == ours
     assert site.cluster.status(u).lease.expiration == float("inf")

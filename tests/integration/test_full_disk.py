@@ -10,16 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 
 import pytest
+from support.http import http_get, wait_http
+from support.waiting import wait_until
 
 from udpflannel.lab.probe import ping
-
-try:
-    from .test_observe import http_get, wait_http
-except ImportError:
-    from test_observe import http_get, wait_http
 
 HEALTHZ_PORT = 10256
 
@@ -36,16 +32,13 @@ def tiny_tmpfs(workdir):
 
 
 def readyz_until(ns, predicate, timeout: float = 20.0) -> tuple[int, str]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def answer() -> tuple[int, str] | None:
         try:
             got = http_get(ns, HEALTHZ_PORT, "/readyz")
-            if predicate(got[1]):
-                return got
         except OSError:
-            pass
-        assert time.monotonic() < deadline, "the awaited /readyz answer never came"
-        time.sleep(0.1)
+            return None
+        return got if predicate(got[1]) else None
+    return wait_until(answer, timeout, "the awaited /readyz answer")
 
 
 def fill(path: str) -> str:

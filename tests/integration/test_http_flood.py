@@ -11,13 +11,14 @@ The node must stay up, answer every probe and lose no ping.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import re
 import resource
 import socket
 import subprocess
 import threading
 import time
+
+from support.http import http_get
 
 HEALTHZ_PORT = 10256
 FLOOD = 3000
@@ -26,14 +27,7 @@ HOLD = 20.0
 
 
 def healthz(ns, address: str) -> int:
-    def get() -> int:
-        conn = http.client.HTTPConnection(address, HEALTHZ_PORT, timeout=3)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status
-        finally:
-            conn.close()
-    return ns.call(get, timeout=10)
+    return http_get(ns, HEALTHZ_PORT, "/healthz", host=address, timeout=3)[0]
 
 
 def open_flood(ns, address: str) -> list[socket.socket]:
@@ -104,18 +98,9 @@ def test_a_connection_flood_on_the_health_port_stops_nothing(make_lab, make_clus
     st = cluster.status(0)
     assert st.ready and st.resource_errors == 0
     # the listener did the shedding: it evicted and timed out the flood
-    scrape = cluster.lab.nodes[0].call(_metrics, timeout=10)
+    _, scrape = http_get(cluster.lab.nodes[0], HEALTHZ_PORT, "/metrics", timeout=3)
     evicted = int(re.search(r'udpflannel_http_connections_closed_total\{reason="evicted"\} (\S+)', scrape)
                   .group(1).split(".")[0])
     timed_out = int(re.search(r'udpflannel_http_connections_closed_total\{reason="timeout"\} (\S+)', scrape)
                     .group(1).split(".")[0])
     assert evicted + timed_out >= FLOOD // 2, scrape
-
-
-def _metrics() -> str:
-    conn = http.client.HTTPConnection("127.0.0.1", HEALTHZ_PORT, timeout=3)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()

@@ -24,6 +24,8 @@ import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.http import http_get, wait_http
+from support.waiting import wait_until
 
 from udpflannel.core.status import DROP_REASONS
 from udpflannel.observe import admin
@@ -41,34 +43,6 @@ CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
 
 
 # -- helpers ------------------------------------------------------------------------
-
-def http_get(ns, port: int, path: str, timeout: float = 3.0) -> tuple[int, str]:
-    """(status, body) of GET path on the node's loopback, asked from inside its namespace."""
-    def get() -> tuple[int, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            conn.close()
-    return ns.call(get, timeout=timeout + 2)
-
-
-def wait_http(ns, port: int, path: str, status: int, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            got, body = http_get(ns, port, path)
-            if got == status:
-                return body
-            last = (got, body)
-        except OSError as e:
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"GET {path} never answered {status} in {timeout}s (last: {last!r})")
-
 
 class Scrape:
     """One /metrics response, parsed by prometheus_client."""
@@ -316,16 +290,13 @@ def test_version_and_status_socket_follow_tun(make_lab, make_cluster):
     cluster.procs[0] = lab.nodes[0].popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL)  # stopped by the fixture
     log.close()
-    deadline = time.monotonic() + 15
-    while True:
+    def ready() -> bool:
         assert cluster.procs[0].poll() is None, cluster.log_tail(0)
         try:
-            if admin.query(sock, timeout=1.0)["ready"]:
-                break
+            return admin.query(sock, timeout=1.0)["ready"]
         except OSError:
-            pass
-        assert time.monotonic() < deadline, cluster.log_tail(0)
-        time.sleep(0.1)
+            return False
+    wait_until(ready, 15, "the daemon ready", detail=lambda: cluster.log_tail(0))
     subnet = admin.query(sock)["lease"]["subnet"]
 
     table = cli("status", "--tun", tun)

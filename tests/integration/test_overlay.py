@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
 
 import pytest
+from support.waiting import wait_until
 
 from udpflannel.lab import probe
 from udpflannel.registry.embedded import EmbeddedRegistry
@@ -120,9 +120,7 @@ def test_deleted_lease_removes_route_and_owner_recreates_it(make_lab, make_clust
 
     asyncio.run(registry(lambda reg: reg.delete_lease(subnet)))
     # the owner notices its key vanished and re-creates the same subnet
-    deadline = time.monotonic() + 5
-    while subnet not in asyncio.run(registry(holders)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: subnet in asyncio.run(registry(holders)), 5, "the lease re-created")
     assert asyncio.run(registry(holders)).get(subnet) == lab.addresses[1]
     assert cluster.status(1).lease.subnet == str(subnet)
     cluster.wait_converged()

@@ -18,18 +18,19 @@ import ipaddress
 import json
 import os
 import subprocess
-import time
 
 import pytest
+from support.waiting import wait_until
 
 from udpflannel.core import subnetenv
+from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Namespace
 
 try:
-    from .test_cni import cni_call, expected_source_seen_by_remote_pod, pod_address, pod_netconf, tcp_exchange
+    from .test_cni import cni_call, expected_source_seen_by_remote_pod, pod_address, pod_netconf
 except ImportError:
-    from test_cni import cni_call, expected_source_seen_by_remote_pod, pod_address, pod_netconf, tcp_exchange
+    from test_cni import cni_call, expected_source_seen_by_remote_pod, pod_address, pod_netconf
 
 NETWORK = "10.246.0.0/16"
 BACKENDS = ["iptables", "nftables"]
@@ -136,14 +137,6 @@ def no_rules_left(ns: Namespace) -> bool:
     return "FLANNEL" not in saved and "flanneld" not in saved and "flannel" not in sh(ns, "nft", "list", "ruleset")
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {timeout}s")
-        time.sleep(0.2)
-
-
 # --- pods end to end ----------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,12 +169,12 @@ def test_pods_keep_their_address_inside_and_are_masqueraded_outside(make_lab, ma
     for a, b in ((0, 1), (1, 0)):
         # inside the cluster network: the remote pod sees the sender pod itself
         payload = os.urandom(100_000)
-        answer, peer = tcp_exchange(pods[a], pods[b], ips[b], 7200 + a, payload)
+        answer, peer = probe.tcp_exchange(pods[a], pods[b], ips[b], 7200 + a, payload)
         assert answer == payload[::-1]
         node_env = os.path.join(cluster.node_dir(a), "subnet.env")
         assert peer == expected_source_seen_by_remote_pod(node_env, cluster.overlay_addr(a), ips[a]) == ips[a]
         # leaving it: the outside host sees the sender's node, and its answer finds the pod
-        answer, peer = tcp_exchange(pods[a], outside_host, outside_addr, 7300 + a, payload)
+        answer, peer = probe.tcp_exchange(pods[a], outside_host, outside_addr, 7300 + a, payload)
         assert answer == payload[::-1]
         assert peer == lab.addresses[a], f"pod{a + 1} -> outside seen as {peer}"
 

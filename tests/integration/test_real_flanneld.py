@@ -21,18 +21,17 @@ no namespace ever holds what another cluster left (flannel.1 stays after a stop)
 from __future__ import annotations
 
 import hashlib
-import http.client
 import ipaddress
 import json
 import os
 import re
 import socket
 import stat
-import threading
 import uuid
 from dataclasses import dataclass
 
 import pytest
+from support.http import http_get
 
 from udpflannel.core import lease as leases
 from udpflannel.lab import probe
@@ -148,45 +147,6 @@ def mix(request, lab, etcd, tmp_path_factory):
 
 # -- helpers ------------------------------------------------------------------------
 
-def tcp_transfer(src: Namespace, dst: Namespace, dst_addr: str, payload: bytes, port: int,
-                 timeout: float = 20.0) -> tuple[int, str]:
-    """``payload`` over one TCP connection; (bytes received, their sha256) as the
-    receiver in ``dst`` counted them. Every socket operation has ``timeout``."""
-    listener = dst.call(socket.create_server, ("0.0.0.0", port))
-    listener.settimeout(timeout)
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        try:
-            conn, _ = listener.accept()
-            conn.settimeout(timeout)
-            digest, total = hashlib.sha256(), 0
-            with conn:
-                while chunk := conn.recv(1 << 20):
-                    digest.update(chunk)
-                    total += len(chunk)
-            got["result"] = (total, digest.hexdigest())
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            got["error"] = e
-
-    receiver = threading.Thread(target=receive, daemon=True)
-    receiver.start()
-    try:
-        client = src.call(socket.socket)
-        client.settimeout(timeout)
-        with client:
-            client.connect((dst_addr, port))
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            receiver.join(timeout)
-    finally:
-        listener.close()
-    if "error" in got:
-        raise got["error"]  # type: ignore[misc]
-    assert "result" in got, "TCP receiver did not finish"
-    return got["result"]  # type: ignore[return-value]
-
-
 def link_of(ns: Namespace, name: str) -> dict:
     """What a peer or an operator sees of device ``name``: kind, MTU, up, MAC, its
     IPv4 addresses, byte counters and (VXLAN) the device's parameters."""
@@ -262,18 +222,6 @@ def iptables(ns: Namespace, subnet: ipaddress.IPv4Network) -> list[str]:
     return [re.sub(r" \[\d+:\d+\]$", "", line).replace(str(subnet), "<subnet>") for line in keep]
 
 
-def http_get(ns: Namespace, path: str, port: int = HEALTHZ_PORT) -> tuple[int, str]:
-    def get() -> tuple[int, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode(errors="replace")
-        finally:
-            conn.close()
-    return ns.call(get, timeout=10)
-
-
 # -- the tests --------------------------------------------------------------------------
 
 def test_every_pair_pings_and_carries_tcp_both_ways(mix):
@@ -288,7 +236,7 @@ def test_every_pair_pings_and_carries_tcp_both_ways(mix):
     payload = os.urandom(TCP_BYTES)
     expected = (len(payload), hashlib.sha256(payload).hexdigest())
     for port, (a, b) in enumerate(pairs, start=5411):
-        assert tcp_transfer(mix.ns(a), mix.ns(b), addr[b], payload, port) == expected, (a, b)
+        assert probe.tcp_transfer(mix.ns(a), mix.ns(b), addr[b], payload, port) == expected, (a, b)
 
     # flanneld's own device carried its four transfers (two out, two in) ...
     dev_after = link_of(mix.ns(mix.f), mix.device(mix.f))
@@ -362,7 +310,7 @@ def test_iptables_rules_agree(mix):
 def test_health_endpoints_answer_alike(mix):
     for i in mix.nodes:
         for path in ("/healthz", "/readyz"):
-            status, body = http_get(mix.ns(i), path)
+            status, body = http_get(mix.ns(i), HEALTHZ_PORT, path)
             assert status == 200, (i, path, body)
 
 

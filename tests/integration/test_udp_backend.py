@@ -22,7 +22,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import uuid
 
 import pytest
@@ -116,45 +115,6 @@ def reaches(src: Namespace, addr: str, count: int = 3, timeout: float = 1.0) -> 
         return False
 
 
-def tcp_transfer(src: Namespace, dst: Namespace, dst_addr: str, payload: bytes,
-                 port: int = 5311, timeout: float = 20.0) -> tuple[int, str]:
-    """Send ``payload`` over one TCP connection; (bytes received, their sha256) as the
-    receiver in ``dst`` counted them. Every socket operation has ``timeout``."""
-    listener = dst.call(socket.create_server, ("0.0.0.0", port))
-    listener.settimeout(timeout)
-    got: dict[str, object] = {}
-
-    def receive() -> None:
-        try:
-            conn, _ = listener.accept()
-            conn.settimeout(timeout)
-            digest, total = hashlib.sha256(), 0
-            with conn:
-                while chunk := conn.recv(1 << 20):
-                    digest.update(chunk)
-                    total += len(chunk)
-            got["result"] = (total, digest.hexdigest())
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            got["error"] = e
-
-    receiver = threading.Thread(target=receive, daemon=True)
-    receiver.start()
-    try:
-        client = src.call(socket.socket)
-        client.settimeout(timeout)
-        with client:
-            client.connect((dst_addr, port))
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            receiver.join(timeout)
-    finally:
-        listener.close()
-    if "error" in got:
-        raise got["error"]  # type: ignore[misc]
-    assert "result" in got, "TCP receiver did not finish"
-    return got["result"]  # type: ignore[return-value]
-
-
 def counter_after(cluster: Cluster, i: int, name: str, before: int, what: str) -> int:
     """Wait for counter ``name`` of node i to move past ``before``; its new value."""
     st = cluster.wait_status(i, lambda s: s.dataplane.counters[name] > before, 10, what)
@@ -164,11 +124,6 @@ def counter_after(cluster: Cluster, i: int, name: str, before: int, what: str) -
 def peer_framings(st: NodeStatus) -> dict[str, str]:
     assert st.peer_list is not None, "start the daemon with --metrics-peers"
     return {p.subnet: p.framing for p in st.peer_list}
-
-
-def log_of(cluster: Cluster, i: int) -> str:
-    with open(os.path.join(cluster.node_dir(i), "daemon.log"), errors="replace") as f:
-        return f.read()
 
 
 # -- a udp-config cluster on the embedded registry --------------------------------------
@@ -206,8 +161,8 @@ def test_ping_and_tcp_both_ways_with_a_flanneld_udp_node(udp_mode):
     payload = os.urandom(TCP_BYTES)
     expected = (len(payload), hashlib.sha256(payload).hexdigest())
     before = cluster.status(0).dataplane.counters
-    assert tcp_transfer(lab.nodes[0], lab.nodes[1], peer.overlay_addr, payload) == expected
-    assert tcp_transfer(lab.nodes[1], lab.nodes[0], ours, payload) == expected
+    assert probe.tcp_transfer(lab.nodes[0], lab.nodes[1], peer.overlay_addr, payload) == expected
+    assert probe.tcp_transfer(lab.nodes[1], lab.nodes[0], ours, payload) == expected
     after = cluster.status(0).dataplane.counters
     # both directions went through the engine (not around it), and nothing was dropped
     assert after["tx_bytes"] - before["tx_bytes"] > TCP_BYTES
@@ -367,16 +322,16 @@ def test_restart_under_the_udp_config_keeps_the_subnet(udp_mode):
     stored = leases()
 
     def restart(drop_subnet_file: bool) -> None:
-        reused = log_of(cluster, 0).count(f"reusing our lease {subnet}")
+        reused = cluster.log(0).count(f"reusing our lease {subnet}")
         assert cluster.stop(0) == 0
         if drop_subnet_file:
             os.unlink(subnet_file)
         cluster.start(0)
         st = cluster.wait_status(0, lambda s: s.ready, 20, "ready after the restart")
         assert st.lease.subnet == subnet
-        assert log_of(cluster, 0).count(f"reusing our lease {subnet}") == reused + 1
+        assert cluster.log(0).count(f"reusing our lease {subnet}") == reused + 1
         assert leases() == stored
-        assert "left alone" not in log_of(cluster, 0)
+        assert "left alone" not in cluster.log(0)
 
     restart(drop_subnet_file=False)
     with open(os.path.join(cluster.node_dir(0), "flannel0.subnet")) as f:
@@ -511,7 +466,7 @@ def test_runbook_udp_node_meets_a_node_restarted_under_vxlan(etcd_lab, tmp_path)
         # holding its PublicIP, whatever the backend): its pods keep their addresses and
         # no stale udp lease is left behind for the others to route.
         new_subnet, old_subnet = st_new.lease.subnet, first[old].lease.subnet
-        assert new_subnet == first[new].lease.subnet, log_of(cluster, new)
+        assert new_subnet == first[new].lease.subnet, cluster.log(new)
         assert etcd_leases(etcd, cluster.prefix) == {
             old_subnet.replace("/", "-"): flanneld_udp_value(lab.addresses[old]).decode(),
             new_subnet.replace("/", "-"): FLANNEL_VXLAN_LEASE.format(ip=lab.addresses[new],

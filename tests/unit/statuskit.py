@@ -1,12 +1,12 @@
-"""NodeStatus objects for the observe tests: a busy node, a starting one, a free port."""
+"""NodeStatus objects for the observe tests: a busy node, a starting one; HTTP on free ports."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import replace
 
 from udpflannel.core.status import DataplaneStatus, LeaseStatus, NodeStatus, PeerStatus, RegistryStatus
 from udpflannel.core.wire import COUNTERS
+from udpflannel.lab.probe import free_port  # tests import it from here too (port 0 means 'off' to us)
 
 STARTED = 1_700_000_000.0
 EXPIRES = STARTED + 86_400.0
@@ -43,13 +43,6 @@ def starting() -> NodeStatus:
 def with_counters(st: NodeStatus, **counters: int) -> NodeStatus:
     assert st.dataplane is not None
     return replace(st, dataplane=replace(st.dataplane, counters={**st.dataplane.counters, **counters}))
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's pick; port 0 means 'off' to us)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_on_free_ports(status, *, healthz: bool = True, metrics: bool = True, shared: bool = False,

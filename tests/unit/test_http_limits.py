@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 from statuskit import busy, start_on_free_ports
+from support.waiting import wait_until_async
 
 from udpflannel.observe import http
 
@@ -134,13 +135,6 @@ def test_slow_and_idle_clients_are_closed_at_the_deadline(monkeypatch):
     asyncio.run(body())
 
 
-async def eventually(predicate, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("request_bytes, code", [
     (b"GET /healthz HTTP/1.1\r\n" + b"X-Junk: " + b"a" * 9000 + b"\r\n\r\n", 431),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # a TLS hello
@@ -161,7 +155,8 @@ def test_bad_requests_get_one_answer_and_are_counted(request_bytes, code):
             assert answer.startswith(f"HTTP/1.1 {code} ".encode())
             assert b"Connection: close" in answer
             if code in (400, 431):
-                await eventually(lambda: endpoints.counters.closed["bad_request"] == 1)
+                await wait_until_async(lambda: endpoints.counters.closed["bad_request"] == 1, 3.0,
+                                       "the bad request counted")
             assert await fetch_async(base(endpoints) + "/healthz") == (200, "ok\n")
         finally:
             await endpoints.close()

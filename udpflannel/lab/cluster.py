@@ -83,10 +83,14 @@ class Cluster:
         for i in list(self.procs):
             self.stop(i)
 
+    def log(self, i: int) -> str:
+        """Node ``i``'s whole log (every start of it, appended)."""
+        with open(os.path.join(self.node_dir(i), "daemon.log"), errors="replace") as f:
+            return f.read()
+
     def log_tail(self, i: int, lines: int = 15) -> str:
         try:
-            with open(os.path.join(self.node_dir(i), "daemon.log"), errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
+            return "".join(self.log(i).splitlines(keepends=True)[-lines:])
         except OSError:
             return ""
 

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -28,18 +27,13 @@ from pathlib import Path
 from typing import Callable
 
 from udpflannel.lab import procs
+from udpflannel.lab.probe import free_port
 
 ETCD = os.environ.get("UDPFLANNEL_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL = os.environ.get("UDPFLANNEL_TEST_ETCDCTL", "/usr/bin/etcdctl")
 START_TIMEOUT = 20.0
 
 _running: set["EtcdServer"] = set()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

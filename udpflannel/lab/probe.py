@@ -1,4 +1,6 @@
-"""Reachability and throughput probes between namespaces: ICMP echo and a TCP stream.
+"""Reachability and throughput probes between namespaces: ICMP echo, TCP (a timed or
+sized stream, a payload transferred and hashed, an echoed exchange), a packet capture,
+and a free port.
 
 Sockets are created inside the namespace they belong to (Namespace.call) and used
 from any thread afterwards: a socket keeps the namespace it was created in.
@@ -6,6 +8,7 @@ from any thread afterwards: a socket keeps the namespace it was created in.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import struct
@@ -123,6 +126,97 @@ def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3
     if "result" not in got:
         raise TimeoutError("TCP receiver did not finish")
     return got["result"]  # type: ignore[return-value]
+
+
+def _serve_once(dst: Namespace, port: int, timeout: float, handle) -> tuple[socket.socket, threading.Thread, dict]:
+    """A listener on ``port`` in ``dst`` and a thread that accepts one connection and
+    gives it (with the peer's address) to ``handle``, whose result or error lands in
+    the returned dict ("result" / "error")."""
+    listener = dst.call(socket.create_server, ("0.0.0.0", port))
+    listener.settimeout(timeout)
+    got: dict[str, object] = {}
+
+    def serve() -> None:
+        try:
+            conn, peer = listener.accept()
+            conn.settimeout(timeout)
+            with conn:
+                got["result"] = handle(conn, peer)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            got["error"] = e
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread, got
+
+
+def _served(got: dict) -> object:
+    if "error" in got:
+        raise got["error"]  # type: ignore[misc]
+    if "result" not in got:
+        raise TimeoutError("the TCP server in the namespace did not finish")
+    return got["result"]
+
+
+def tcp_transfer(src: Namespace, dst: Namespace, dst_addr: str, payload: bytes, port: int = 5311,
+                 timeout: float = 20.0) -> tuple[int, str]:
+    """``payload`` over one TCP connection from ``src`` to ``dst_addr`` (in ``dst``);
+    (bytes received, their sha256) as the receiver counted them. Every socket
+    operation has ``timeout``."""
+    def receive(conn: socket.socket, _peer: object) -> tuple[int, str]:
+        digest, total = hashlib.sha256(), 0
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+            total += len(chunk)
+        return total, digest.hexdigest()
+
+    listener, receiver, got = _serve_once(dst, port, timeout, receive)
+    try:
+        client = src.call(socket.socket)
+        client.settimeout(timeout)
+        with client:
+            client.connect((dst_addr, port))
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            receiver.join(timeout)
+    finally:
+        listener.close()
+    return _served(got)  # type: ignore[return-value]
+
+
+def tcp_exchange(src: Namespace, dst: Namespace, dst_addr: str, port: int, payload: bytes,
+                 timeout: float = 10.0) -> tuple[bytes, str]:
+    """Send ``payload`` from ``src`` to a server in ``dst`` that answers it reversed;
+    the answer, and the client address the server saw (masquerading shows there)."""
+    def reverse(conn: socket.socket, peer: tuple[str, int]) -> str:
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+        conn.sendall(data[::-1])
+        return peer[0]
+
+    listener, server, got = _serve_once(dst, port, timeout, reverse)
+    try:
+        client = src.call(socket.socket)
+        client.settimeout(timeout)
+        with client:
+            client.connect((dst_addr, port))
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := client.recv(1 << 16):
+                answer += chunk
+        server.join(timeout)
+    finally:
+        listener.close()
+    return answer, _served(got)  # type: ignore[return-value]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the kernel's pick) in the caller's namespace.
+    Another process may take it before it is used: callers that can, retry."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 ETH_P_ALL = 0x0003  # every protocol: what a capture wants
