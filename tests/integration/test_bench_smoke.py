@@ -1,7 +1,9 @@
 """`udpflannel bench` end to end, shortest form: one repetition, 1 s per iperf3 run, the
 bare underlay (it carries the latency floor's echo) and the pinned default (poll) case (its
 daemons run `--cpus 0`; every case's ping also runs pinned to CPU 0). Checks that
-every step produced its figures and that the run leaves nothing behind."""
+every step produced its figures and that the run leaves nothing behind: of the
+namespaces on the machine it looks only at the bench's own (its Lab tag and pid), since
+other tests may make and remove namespaces meanwhile."""
 
 from __future__ import annotations
 
@@ -10,13 +12,36 @@ import json
 import os
 import subprocess
 import sys
+import threading
+
+from udpflannel.lab import procs
+from udpflannel.lab.benchlib.cases import LAB_TAG
+from udpflannel.lab.netns import NETNS_RUN_DIR, lab_prefix
+
+
+def namespaces(prefix: str) -> set[str]:
+    return {n for n in os.listdir(NETNS_RUN_DIR) if n.startswith(prefix)} if os.path.isdir(NETNS_RUN_DIR) else set()
 
 
 def test_bench_runs_every_step_of_two_cases(workdir):
-    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    proc = subprocess.run([sys.executable, "-m", "udpflannel", "bench", "--seconds", "1", "--repeat", "1",
-                           "--only", "veth,udpflannel-poll-cpu0", "--out", workdir],
-                          capture_output=True, text=True, timeout=240)
+    popen = subprocess.Popen([sys.executable, "-m", "udpflannel", "bench", "--seconds", "1", "--repeat", "1",
+                              "--only", "veth,udpflannel-poll-cpu0", "--out", workdir],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ours = lab_prefix(LAB_TAG, popen.pid)  # what the bench names its namespaces
+    made: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # the bench's namespaces exist for seconds each: seen at 0.1 s
+        while not done.wait(0.1):
+            made.update(namespaces(ours))
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, err = procs.communicate(popen, timeout=240)
+    finally:
+        done.set()
+        watcher.join(5)
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     [path] = glob.glob(f"{workdir}/bench-*.json")
     with open(path) as f:
@@ -34,5 +59,5 @@ def test_bench_runs_every_step_of_two_cases(workdir):
     assert pinned["tcp1_cores_per_gbps"] > 0 and veth["tcp1_cores_per_gbps"] is None  # no daemons
     assert doc["cases"]["udpflannel-poll-cpu0"]["daemon_args"] == ["--io", "poll", "--cpus", "0"]
     assert "ping on CPU 0, p50" in proc.stdout
-    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    assert after <= before  # every namespace it made is gone
+    assert made, f"no namespace named {ours}* seen while the bench ran: the check below would prove nothing"
+    assert namespaces(ours) == set()  # every namespace it made is gone

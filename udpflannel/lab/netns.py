@@ -124,12 +124,18 @@ class Namespace:
             return index
 
 
+def lab_prefix(tag: str, pid: int) -> str:
+    """The start of the name of every namespace a Lab tagged ``tag`` makes in process
+    ``pid``: what a caller looks for to find (only) the namespaces that process made."""
+    return f"{tag}{pid % 10000:04d}"
+
+
 class Lab:
     """Hub namespace with a bridge + ``count`` node namespaces on ``underlay``."""
 
     def __init__(self, count: int, *, tag: str = "uf", underlay: str = "192.168.250.0/24",
                  mtu: int = 1500) -> None:
-        self.id = f"{tag}{os.getpid() % 10000:04d}{secrets.token_hex(2)}"
+        self.id = f"{lab_prefix(tag, os.getpid())}{secrets.token_hex(2)}"
         self.count = count
         self.underlay = ipaddress.IPv4Network(underlay)
         self.mtu = mtu
