@@ -212,8 +212,9 @@ def test_a_stalled_control_loop_fails_healthz_and_readyz_while_the_listener_answ
                     answers[path] = fetch(url + path)
             t = threading.Thread(target=probe)
             t.start()
-            time.sleep(1.5)  # the control loop (this one) is stuck: nothing it owns answers
-            t.join(5)
+            # the control loop (this one) is stuck until both answers are in: nothing it owns answers
+            t.join(10)
+            assert not t.is_alive(), "no answer from the HTTP thread in 10 s"
             assert answers["/healthz"] == (503, "the control loop did not answer in 0.3 s\n")
             assert answers["/readyz"][0] == 503 and "did not answer" in answers["/readyz"][1]
             # once the loop runs again, both recover

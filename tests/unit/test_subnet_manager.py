@@ -10,6 +10,7 @@ import multiprocessing
 import random
 
 import pytest
+from support.waiting import wait_until_async
 
 from udpflannel.core import config as netconfig
 from udpflannel.core.lease import EventType, Lease
@@ -28,6 +29,28 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class DrivenSleep:
+    """LeaseManager's sleep on the driven clock: records each delay asked for and
+    returns once the test has advanced the clock that far."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.asked: list[float] = []
+        self._due: list[tuple[float, asyncio.Future]] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.asked.append(delay)
+        woken = asyncio.get_running_loop().create_future()
+        self._due.append((self.clock.now + delay, woken))
+        await woken
+
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+        for due, woken in self._due:
+            if due <= self.clock.now and not woken.done():
+                woken.set_result(None)
 
 
 def wanted(ip: str, mac: str = "02:00:00:00:00:01") -> Lease:
@@ -194,27 +217,33 @@ def test_failed_renewal_is_retried_as_soon_as_the_registry_is_back(db):
     sees the registry again, an overdue renewal must not wait that out."""
     from udpflannel.registry.base import RegistryError
 
+    clock = Clock()
+
     class Flaky(EmbeddedRegistry):
         down = False
         renewals: list[float] = []
 
         async def renew_lease(self, lease, ttl):
-            self.renewals.append(asyncio.get_running_loop().time())
+            self.renewals.append(clock())
             if self.down:
                 raise RegistryError("etcd renew lease failed: connection refused")
             return await super().renew_lease(lease, ttl)
 
     async def go():
-        reg = Flaky(db)
-        mgr = LeaseManager(reg, CFG, ttl=2, renew_margin=1.95)  # renews every 50 ms
+        reg = Flaky(db, clock=clock)
+        sleep = DrivenSleep(clock)
+        mgr = LeaseManager(reg, CFG, ttl=2, renew_margin=1.95, clock=clock, sleep=sleep)  # renews every 50 ms
         await mgr.acquire(wanted("192.0.2.1"))
         reg.down = True
         renewer = asyncio.ensure_future(mgr.keep_renewed())
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: sleep.asked == [pytest.approx(0.05)], 5, "the renewal timer")
+        sleep.advance(0.05)
+        await wait_until_async(lambda: len(sleep.asked) == 2, 5, "the backoff after the failed renewal")
+        assert sleep.asked[1] == 1.0  # backing off 1 s: the driven clock never gets there
         assert not mgr.health.ok and len(reg.renewals) == 1  # failed once, now backing off 1 s
         reg.down = False
         mgr.health.succeeded()  # what the watch does when its re-list works
-        await asyncio.sleep(0.1)
+        await wait_until_async(lambda: len(reg.renewals) >= 2, 5, "the renewal retried")
         renewer.cancel()
         await reg.close()
         return reg.renewals

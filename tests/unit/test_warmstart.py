@@ -9,6 +9,7 @@ import os
 import stat
 
 import pytest
+from support.waiting import wait_until_async
 
 from udpflannel import warmstart
 from udpflannel.options import RunOptions
@@ -49,11 +50,18 @@ def test_keep_writes_a_private_file_only_when_the_plane_changed(tmp_path, monkey
         return real(*a, **kw)
     monkeypatch.setattr(warmstart.localstate, "write_if_changed", counting)
 
+    periods = []
+
+    def describe() -> dict:  # once a period: a count of periods that cannot race a clock
+        periods.append(1)
+        return dict(state)
+
     async def body():
-        task = asyncio.create_task(warmstart.keep(str(tmp_path / "state"), "flannel0", lambda: dict(state)))
-        await asyncio.sleep(0.1)
+        task = asyncio.create_task(warmstart.keep(str(tmp_path / "state"), "flannel0", describe))
+        await wait_until_async(lambda: len(periods) >= 3, 10, "three periods")
         state["routes"] = [["10.244.1.0/24", "192.0.2.1", "vxlan", 8472, "0e:00:00:00:00:01"]]
-        await asyncio.sleep(0.1)
+        changed = len(periods)
+        await wait_until_async(lambda: len(periods) >= changed + 3, 10, "three periods after the change")
         task.cancel()
     asyncio.run(body())
     assert len(writes) == 2  # the first state, the changed one: not every period
