@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from support.waiting import wait_until
 
 RUN = [sys.executable, "-m", "udpflannel", "run"]
 
@@ -150,13 +151,21 @@ def test_sigterm_while_waiting_for_an_unreachable_etcd(make_lab, workdir):
     lab = make_lab(1)
     argv = RUN + ["--iface", "eth0", "--etcd-endpoints", "http://127.0.0.1:1", "--state-dir", workdir,
                   "--subnet-file", f"{workdir}/subnet.env", "--admin-socket", f"{workdir}/a.sock"]
-    proc = lab.nodes[0].popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = os.path.join(workdir, "stderr")
+    with open(stderr, "w") as f:
+        proc = lab.nodes[0].popen(argv, stdout=subprocess.DEVNULL, stderr=f, text=True)
+
+    def said() -> str:
+        with open(stderr) as f:
+            return f.read()
     try:
-        time.sleep(2.0)
+        wait_until(lambda: "unreachable" in said() or proc.poll() is not None, 30, "the daemon retrying etcd")
+        time.sleep(1.0)  # not a wait for anything: it must simply still be running a while later
         assert proc.poll() is None  # still retrying
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=15)
+        proc.wait(timeout=15)
+        err = said()
         assert proc.returncode == 0, err
         assert time.monotonic() - started < 10
         assert "unreachable" in err and "Traceback" not in err

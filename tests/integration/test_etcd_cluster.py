@@ -81,6 +81,13 @@ def key_of(subnet: str) -> str:
     return f"{net.network_address}-{net.prefixlen}"
 
 
+def connected_to(etcd: EtcdServer, lab: Lab) -> set[str]:
+    """The addresses holding an established TCP connection to etcd's client port, as
+    seen in the hub where etcd listens (a frozen etcd's kernel still completes them)."""
+    out = lab.hub.run(["ss", "-tnH", "state", "established", f"( sport = :{etcd.client_port} )"], 15).stdout
+    return {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
 def unreachable_pairs(cluster: Cluster) -> list[tuple[int, int]]:
     running = sorted(cluster.procs)
     addrs = {j: cluster.overlay_addr(j) for j in running}
@@ -229,7 +236,8 @@ def test_simultaneous_starts_never_share_a_subnet(etcd, make):
         try:
             for i in range(3):
                 cluster.start(i)
-            time.sleep(1.0)  # all three are up and waiting on etcd (each starts in ~0.3 s)
+            wait_until(lambda lab=cluster.lab: connected_to(etcd, lab) >= set(lab.addresses[:3]), 15,
+                       "all three connected to etcd and waiting on it")
         finally:
             etcd.resume()
         try:
@@ -282,7 +290,9 @@ def test_etcd_outage_keeps_traffic_flowing_and_a_node_joins_after(etcd, make):
             for i in (0, 1):
                 cluster.wait_status(i, lambda s: not s.registry.reachable, 5, "noticing the outage")
             cluster.start(2)  # cannot read its config yet: waits for etcd
-            time.sleep(3.5)  # node 2's 3 s lease is due for renewal meanwhile
+            time.sleep(0.5)  # the stream goes on meanwhile
+            # node 2's 3 s lease falls due for renewal, and then expires as far as it knows
+            wait_until(lambda: time.time() > cluster.status(1).lease.expiration, 10, "node 2's lease overdue")
             during = cluster.status(1).dataplane.counters["rx_packets"] - before
         finally:
             etcd.start()
@@ -311,7 +321,16 @@ def test_etcd_outage_keeps_traffic_flowing_and_a_node_joins_after(etcd, make):
         assert "registry reachable again" in text, text
     # renewed as soon as the watch found etcd again, not after a long backoff: never lapsed
     assert "had vanished" not in cluster.log(1)
-    time.sleep(3.5)  # longer than node 2's TTL: renewals have resumed
+    # renewals have resumed: each one moves node 2's key to a new etcd lease (every 1.5 s)
+    etcd_leases = [leases(etcd, cluster.prefix)[key_of(subnet1)]["lease"]]
+
+    def renewed_twice() -> bool:
+        held = leases(etcd, cluster.prefix).get(key_of(subnet1))
+        assert held is not None, f"node 2's lease lapsed:\n{cluster.log_tail(1)}"
+        if held["lease"] != etcd_leases[-1]:
+            etcd_leases.append(held["lease"])
+        return len(etcd_leases) >= 3
+    wait_until(renewed_twice, 10, "two renewals of node 2's lease", detail=lambda: cluster.log_tail(1))
     assert json.loads(leases(etcd, cluster.prefix)[key_of(subnet1)]["value"])["PublicIP"] == \
         cluster.lab.addresses[1]
     assert cluster.status(1).lease.subnet == subnet1

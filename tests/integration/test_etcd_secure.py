@@ -98,6 +98,12 @@ def enable_auth(etcd: EtcdServer) -> None:
 
 # -- helpers ------------------------------------------------------------------------
 
+def refused_logins(etcd: EtcdServer, user: str) -> int:
+    """How many times etcd refused ``user``'s password (one warning line each)."""
+    return sum(f'"user":"{user}"' in line and "authentication failed" in line
+               for line in etcd.log_path.read_text(errors="replace").splitlines())
+
+
 def assert_pings_both_ways(cluster: Cluster) -> None:
     addrs = [cluster.overlay_addr(i) for i in (0, 1)]
     for src, dst in ((0, 1), (1, 0)):
@@ -172,7 +178,9 @@ def test_wrong_password_retries_quietly_and_stops_on_sigterm(lab, etcd, make_clu
     cluster = make_cluster(lab, engine=ENGINE, etcd_endpoints=etcd.endpoint, extra_args=tls_flags)
     proc = cluster.start(0)
     wait_until(lambda: "registry unreachable" in cluster.log(0), 10, "the registry-unreachable line")
-    time.sleep(3.0)  # several retries (backoff from 0.5 s) happen meanwhile
+    # several retries (backoff from 0.5 s) happen meanwhile: etcd logs each refused login
+    wait_until(lambda: refused_logins(etcd, USER) >= 4, 20, "three retries refused by etcd",
+               detail=lambda: etcd.log_tail())
     assert proc.poll() is None, f"exited with {proc.returncode}:\n{cluster.log(0)}"
     text = cluster.log(0)
     assert "Traceback" not in text, text

@@ -35,7 +35,9 @@ import threading
 import time
 
 import pytest
+from support.waiting import wait_until
 
+from udpflannel import warmstart
 from udpflannel.lab import probe, procs
 from udpflannel.registry.embedded import EmbeddedRegistry
 
@@ -432,7 +434,9 @@ def test_a_warm_start_forwards_before_the_registry_answers(make_lab, make_cluste
         cluster.wait_converged()
         gone = cluster.status(2).lease.subnet
         subnet_before = cluster.status(0).lease.subnet
-        time.sleep(1.5)  # the plane's state is kept once a second
+        # the plane's state is kept once a second: wait until it holds both peers' routes
+        wait_until(lambda: len((warmstart.load(cluster.node_dir(0), "flannel0") or {}).get("routes", ())) == 2,
+                   10, "node 1's warm state with 2 routes")
         assert cluster.stop(0, grace=10) == 0
         assert cluster.stop(2, grace=10) == 0
         etcd.etcdctl("del", f"{prefix}/subnets/{gone.replace('/', '-')}")  # node 3 left for good
