@@ -102,3 +102,48 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
 def fresh_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     """An etcd of this test's own, which it may stop, start, pause and resume."""
     yield from _serve(tmp_path / "etcd")
+
+
+async def until_tokens_expire(server: EtcdServer, user: str, password: str, timeout: float = 15.0) -> None:
+    """Returns once etcd (run with --auth-token-ttl) has expired every auth token that
+    was last used before the call; AssertionError after ``timeout`` seconds.
+
+    A simple token lives until TTL after its last use and is dropped at etcd's next
+    once-a-second sweep, and any use renews it, so expiry can only be seen with a
+    token never used before: probe tokens are all issued now, and each is used once,
+    later and later, until etcd calls one invalid. Any token last used before they
+    were issued expired no later, in the same sweep or an earlier one."""
+    import asyncio
+
+    import grpc
+    from aetcd import rpc
+
+    tls = server.tls
+    target = server.endpoint.split("://", 1)[1]
+    if tls is not None:
+        creds = grpc.ssl_channel_credentials(Path(tls.ca).read_bytes(), Path(tls.client_key).read_bytes(),
+                                             Path(tls.client_cert).read_bytes())
+        channel = grpc.aio.secure_channel(target, creds)
+    else:
+        channel = grpc.aio.insecure_channel(target)
+    async with channel:
+        auth, kv = rpc.AuthStub(channel), rpc.KVStub(channel)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        probes = [offset for offset in TOKEN_PROBES if offset <= timeout]
+        tokens = [(await auth.Authenticate(rpc.AuthenticateRequest(name=user, password=password), timeout=5)).token
+                  for _ in probes]
+        issued = loop.time()  # the last one: every probe is older than this when used
+        for offset, token in zip(probes, tokens):
+            await asyncio.sleep(max(0.0, issued + offset - loop.time()))
+            try:
+                await kv.Range(rpc.RangeRequest(key=b"\0"), metadata=(("token", token),), timeout=5)
+            except grpc.aio.AioRpcError as e:
+                if "invalid auth token" in (e.details() or ""):
+                    return
+                raise
+    raise AssertionError(f"etcd still takes auth tokens {loop.time() - started:.1f}s after they were issued")
+
+
+# When each probe token of until_tokens_expire is used, in seconds after they were issued.
+TOKEN_PROBES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.5, 7.5, 10.0, 13.0)

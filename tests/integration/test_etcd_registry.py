@@ -392,9 +392,9 @@ def test_outage_raises_registry_error_then_recovers(fresh_etcd: EtcdServer) -> N
 
 def test_tls_client_certs_and_password_auth(tmp_path) -> None:
     try:
-        from .etcd_server import require_etcd
+        from .etcd_server import require_etcd, until_tokens_expire
     except ImportError:
-        from etcd_server import require_etcd
+        from etcd_server import require_etcd, until_tokens_expire
     require_etcd()
     tls = TLSFiles.generate(tmp_path / "pki")
     with EtcdServer(tmp_path / "etcd", tls=tls, extra_args=("--auth-token-ttl", "1")) as server:
@@ -410,7 +410,7 @@ def test_tls_client_certs_and_password_auth(tmp_path) -> None:
                 leases, rev = await reg.list_leases()
                 assert [x.subnet for x in leases] == [NET("10.244.7.0/24")]
                 assert await other.get_config() is None
-                await asyncio.sleep(2.5)  # both auth tokens (TTL 1 s) expire: re-authenticate
+                await until_tokens_expire(server, "root", "rootpw")  # both tokens (TTL 1 s): re-authenticate
                 assert await other.put_config_if_absent("{}") == "{}"
                 watch = reg.watch_leases(rev)  # etcd refuses a watch with a stale token
                 try:
