@@ -112,7 +112,7 @@ def test_hand_written_config_is_used_and_lease_has_flannels_bytes(etcd, make):
     cluster = make('{"network": "10.50.0.0/16", "subnetLen": 25, "SubnetMin": "10.50.8.0", '
                    '"SubnetMax": "10.50.9.128", "backend": {"type": "vxlan", "vni": 1}}')
     cluster.start(0)
-    st = cluster.wait_status(0, lambda s: s.lease is not None)
+    st = cluster.wait_status(0, lambda s: s.ready)  # subnet.env is written after the lease, before ready
     subnet = NET(st.lease.subnet)
     assert subnet.prefixlen == 25 and NET("10.50.8.0/23").supernet_of(subnet)
     with open(os.path.join(cluster.node_dir(0), "subnet.env")) as f:
