@@ -21,11 +21,17 @@ IO_TESTS := $(addprefix tests/integration/,test_overlay.py test_offload_modes.py
             test_udp_backend.py test_restarts.py)
 IO_SELECT := not python and not (test_restarts and kernel)
 
+# Then the engine built with ASan and UBSan, outside the tree, under the tests of its C
+# paths (tests/sanitize.sh). The slowest tests and the total are printed: the whole
+# command must stay within 15 minutes.
 test: setup
+	@date +%s > $(VENV)/.test-started
 	$(VENV)/bin/ruff check udpflannel tests bench
-	$(PY) -m pytest -q -p no:cacheprovider
-	FLANNELD_IO=threads $(PY) -m pytest -q -p no:cacheprovider -k "$(IO_SELECT)" $(IO_TESTS)
-	FLANNELD_IO=loop $(PY) -m pytest -q -p no:cacheprovider -k "$(IO_SELECT)" $(IO_TESTS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	FLANNELD_IO=threads $(PY) -m pytest -q -p no:cacheprovider --durations=5 -k "$(IO_SELECT)" $(IO_TESTS)
+	FLANNELD_IO=loop $(PY) -m pytest -q -p no:cacheprovider --durations=5 -k "$(IO_SELECT)" $(IO_TESTS)
+	bash tests/sanitize.sh
+	@echo "make test: passed in $$(( $$(date +%s) - $$(cat $(VENV)/.test-started) )) s (budget 900 s)"
 
 bench: setup
 	$(VENV)/bin/udpflannel bench
