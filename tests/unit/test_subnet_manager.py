@@ -436,8 +436,8 @@ def test_our_key_is_defended_after_a_listing_not_only_on_watch_events(db):
         poke(db, lease.key, GARBAGE, event=False)
         watch = mgr.watch()
         task = asyncio.ensure_future(_follow(watch))  # the (empty) snapshot, then changes
-        for _ in range(200):
-            if row(db, lease.key) != GARBAGE:
+        for _ in range(200):  # until it is defended and has re-listed after the failed watch
+            if row(db, lease.key) != GARBAGE and reg.watches >= 2:
                 break
             await asyncio.sleep(0.01)
         task.cancel()
