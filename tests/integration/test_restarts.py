@@ -291,7 +291,9 @@ def test_stream_survives_restart(make_lab, make_cluster, plane, how, capsys, rec
     after = cluster.status(0)
     assert (after.lease.subnet, after.lease.vtep_mac) == (before.lease.subnet, before.lease.vtep_mac)
     assert link(lab.nodes[0], DEVICE[plane]) == device_before  # the same device, re-attached
-    if plane == "engine":  # forwarding again before the registry answers (warmstart.py)
+    if plane == "engine" and os.environ.get("FLANNELD_IO") == "loop":  # make test's run with --io loop
+        cluster.wait_log(0, "no warm start: a warm start needs the compiled engine on its own threads")
+    elif plane == "engine":  # forwarding again before the registry answers (warmstart.py)
         cluster.wait_log(0, "warm start: forwarding on flannel0 with the 1 routes it last had")
     else:
         cluster.wait_log(0, "reusing flannel.1")
