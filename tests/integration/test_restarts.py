@@ -1,4 +1,4 @@
-"""Restarts, lost devices and cleanup in namespaces, in both data planes (issue 10).
+"""Restarts, lost devices and cleanup in namespaces, in both data planes.
 
 Two nodes on a Lab underlay; node 1 (index 0) runs the plane under test (the engine,
 or `--dataplane kernel`), node 2 always runs the engine. Stopping a daemon leaves the

@@ -264,7 +264,7 @@ def test_watch_follows_joins_changes_and_leaves(db):
                     (EventType.ADDED, lease.subnet, "02:00:00:00:00:09")]
 
 
-# --- registry poisoning (issue 7): whoever writes the registry file ---------------------
+# --- registry poisoning: whoever writes the registry file ------------------------------
 
 GARBAGE = b"\x00garbage, not JSON"
 

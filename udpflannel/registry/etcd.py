@@ -1,6 +1,6 @@
 """The etcd v3 registry: flannel's key layout, so udpflannel joins real flannel clusters.
 
-Layout (see flannel-compat.md): ``<prefix>/config`` holds the network config;
+Layout (flannel-io/flannel pkg/subnet/etcd): ``<prefix>/config`` holds the network config;
 ``<prefix>/subnets/10.244.7.0-24`` holds a lease's JSON, attached to an etcd lease
 whose TTL is the lease's lifetime. Expiry is etcd deleting the key, which a watch
 reports as a DELETE.

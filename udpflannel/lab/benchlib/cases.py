@@ -5,7 +5,7 @@ on exit.
 
 - ``veth``: nothing on top; target node 2's underlay address.
 - ``kernel-vxlan``: ``flannel.1`` configured by netlink exactly as flannel's vxlan
-  backend does (see flannel-compat.md); target node 2's ``<subnet>.0``.
+  backend does (flannel-io/flannel pkg/backend/vxlan); target node 2's ``<subnet>.0``.
 - ``udpflannel-<mode>``: two ``udpflannel run`` daemons sharing an embedded registry,
   with the mode's extra daemon arguments and network config; target node 2's overlay
   address (the TUN's, or flannel.1's with the kernel plane).
