@@ -81,7 +81,6 @@ def default_admin_socket(tun: str) -> str:
 
 def default_io(engine: str) -> str:
     """--io when none is given: the compiled engine on its own thread per queue (`poll`:
-    in the bench runs that compared them, a quarter to a third less ping latency than
-    the loop, more on one TCP stream, level on four and on 64 B packets; see
-    bench/RESULTS.md), the Python twin in the event loop, its only mode."""
+    in the bench it answers pings faster than the loop without carrying less; figures
+    in bench/RESULTS.md), the Python twin in the event loop, its only mode."""
     return "poll" if engine == "compiled" else "loop"
