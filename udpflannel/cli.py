@@ -200,7 +200,7 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                    help="pin the engine's data path to these CPUs (e.g. 0 or 2-3): with --io "
                         "threads or poll queue q's threads run on the list's q-th CPU (wrapping), "
                         "with --io loop the event loop thread (default: the scheduler decides; "
-                        "pinning trades throughput for latency, see bench/RESULTS.md)")
+                        "pinning trades small-packet throughput for latency, see bench/RESULTS.md)")
     p.add_argument("--udp-port", type=_port_or_off, default=8285,
                    help="flanneld udp framing towards udp peers (a cluster migrating from the "
                         "udp backend), on this port (default 8285; 0: off)")
