@@ -173,8 +173,9 @@ class KubeAPI:
             try:
                 loader = await lib.load_kube_config(config_file=kubeconfig, client_configuration=cfg,
                                                     persist_config=False)
-            except (lib.ConfigException, OSError, ValueError, TypeError, KeyError) as e:
-                raise KubeConfigError(f"--kubeconfig-file {kubeconfig}: {e}") from None
+            except (lib.ConfigException, OSError, ValueError, TypeError, KeyError, AttributeError,
+                    _yaml_error()) as e:
+                raise KubeConfigError(f"--kubeconfig-file {kubeconfig}: {_describe(e)}") from None
         if api_url:
             cfg.host = api_url.rstrip("/")
         if not urllib.parse.urlsplit(cfg.host).hostname:
@@ -312,6 +313,11 @@ class KubeAPI:
         may patch nodes/status, not nodes)."""
         return await self._json("PATCH", f"/api/v1/nodes/{_segment(name)}/status", body=patch,
                                 content_type=STRATEGIC_MERGE)
+
+
+def _yaml_error() -> type[Exception]:
+    import yaml  # kubernetes_asyncio's kubeconfig reader
+    return yaml.YAMLError
 
 
 def _segment(text: str) -> str:
