@@ -125,6 +125,22 @@ def http_get(ns: Namespace, path: str, port: int = HEALTHZ_PORT) -> tuple[int, s
     return ns.call(get, timeout=10)
 
 
+def answer(ns: Namespace, path: str) -> tuple[int, str] | None:
+    """http_get, or None while nothing listens yet."""
+    try:
+        return http_get(ns, path)
+    except OSError:
+        return None
+
+
+def forget_node(kube: KubeAPILab, name: str) -> None:
+    try:
+        kube.delete_node(name, wait=False)
+    except KubeHTTPError as e:
+        if e.status != 404:
+            raise
+
+
 def metric(ns: Namespace, name: str) -> float:
     status, body = http_get(ns, "/metrics")
     assert status == 200, body
@@ -313,6 +329,18 @@ def test_a_restart_keeps_the_subnet_and_the_mac_even_without_the_state_dir(vx):
     assert annotations(vx.kube, vx.name(i))[P + "backend-data"] == f'{{"VNI":1,"VtepMAC":"{before.vtep_mac}"}}'
 
 
+def test_our_annotations_are_put_back_when_someone_changes_them(vx):
+    i = next(iter(vx.ours))
+    name = vx.name(i)
+    right = annotations(vx.kube, name)
+    vx.kube.api.request("PATCH", f"/api/v1/nodes/{name}/status",
+                        {"metadata": {"annotations": {P + "public-ip": "192.168.250.250",
+                                                      P + "kube-subnet-manager": None}}},
+                        content_type="application/strategic-merge-patch+json")
+    wait_for(lambda: annotations(vx.kube, name) == right, 20, "our annotations put back")
+    vx.cluster.wait_log(i, "someone changed our annotations: republished")
+
+
 def test_malformed_annotations_on_a_peer_are_ignored_and_counted(vx):
     i = next(iter(vx.ours))
     name = "k-bogus"
@@ -395,6 +423,44 @@ def test_a_deleted_node_loses_its_route(vx, kube):
                               and r["dst_len"] == vx.subnets[gone].prefixlen], 30, "flanneld's route removed")
 
 
+# -- the manifests -------------------------------------------------------------------------
+
+PACKAGING = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "kubernetes")
+
+
+def test_both_manifests_are_accepted_by_the_api_server(kube):
+    """Server-side apply of packaging/kubernetes (kubectl from the peers cache): every
+    object admitted as written; the kube manifest's role, account and namespace are
+    kube-flannel.yml's (no conflict with the lab's copies of them). No kubelet and no
+    DaemonSet controller run here: no pod is started."""
+    kube_yaml = os.path.abspath(os.path.join(PACKAGING, "udpflannel-kube.yaml"))
+    etcd_yaml = os.path.abspath(os.path.join(PACKAGING, "udpflannel.yaml"))
+    try:
+        for path in (kube_yaml, etcd_yaml):
+            out = kube.kubectl("apply", "--server-side", "--field-manager=udpflannel-manifest", "-f", path)
+            assert "serverside-applied" in out.stdout, out.stdout
+        ds = kube.api.get(f"/apis/apps/v1/namespaces/{FLANNEL_NAMESPACE}/daemonsets/kube-flannel-ds")
+        c = ds["spec"]["template"]["spec"]["containers"][0]
+        assert c["command"] == ["flanneld"] and c["args"][:2] == ["--ip-masq", "--kube-subnet-mgr"]
+        assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+        cfg = kube.api.get(f"/api/v1/namespaces/{FLANNEL_NAMESPACE}/configmaps/kube-flannel-cfg")
+        assert json.loads(cfg["data"]["net-conf.json"])["Network"] == CLUSTER_CIDR
+        role = kube.api.get("/apis/rbac.authorization.k8s.io/v1/clusterroles/flannel")
+        assert {(tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]} == {
+            (("pods",), ("get",)), (("nodes",), ("get", "list", "watch")), (("nodes/status",), ("patch",))}
+        etcd_ds = kube.api.get("/apis/apps/v1/namespaces/kube-udpflannel/daemonsets/udpflannel")
+        assert etcd_ds["spec"]["template"]["spec"]["containers"][0]["args"][0] == "run"
+    finally:
+        for path in (f"/apis/apps/v1/namespaces/{FLANNEL_NAMESPACE}/daemonsets/kube-flannel-ds",
+                     f"/api/v1/namespaces/{FLANNEL_NAMESPACE}/configmaps/kube-flannel-cfg",
+                     "/apis/apps/v1/namespaces/kube-udpflannel/daemonsets/udpflannel"):
+            try:
+                kube.api.request("DELETE", path)
+            except KubeHTTPError as e:
+                if e.status != 404:
+                    raise
+
+
 # -- the udp backend --------------------------------------------------------------------
 
 def test_a_udp_backend_cluster_with_flanneld_udp(lab, kube, kubeconfig, tmp_path):
@@ -440,10 +506,7 @@ def test_a_udp_backend_cluster_with_flanneld_udp(lab, kube, kubeconfig, tmp_path
         fl.stop()
         cluster.stop_all()
         for name in names:
-            try:
-                kube.delete_node(name, wait=False)
-            except KubeHTTPError:
-                pass
+            forget_node(kube, name)
 
 
 # -- as kube-flannel.yml runs it --------------------------------------------------------
@@ -500,6 +563,26 @@ def test_kube_flannel_yml_s_command_line_with_in_cluster_credentials(lab, kube, 
         kube.delete_node(node, wait=False)
 
 
+def test_a_node_not_registered_yet_is_waited_for_and_readyz_says_why(lab, kube, kubeconfig, tmp_path):
+    i = len(lab.nodes)
+    lab.add_node()
+    cluster = Cluster(lab, str(tmp_path), engine=ENGINE, kubeconfig=kubeconfig, node_prefix="late",
+                      net_config=net_conf(tmp_path, "vxlan"), extra_args=["--healthz-port", str(HEALTHZ_PORT)])
+    name = cluster.node_name(i)
+    try:
+        cluster.start(i)
+        why = f"waiting: node {name} does not exist yet (its kubelet registers it)"
+        wait_for(lambda: answer(lab.nodes[i], "/readyz") == (503, why + "\n"), 30, "/readyz saying why")
+        cluster.wait_log(i, f"node {name} does not exist yet (its kubelet registers it); waiting")
+        subnet = register(kube, lab, i, name)
+        st = cluster.wait_status(i, lambda s: s.ready, 30, "ready once registered")
+        assert ipaddress.IPv4Network(st.lease.subnet) == subnet
+        assert http_get(lab.nodes[i], "/readyz")[0] == 200
+    finally:
+        cluster.stop_all()
+        forget_node(kube, name)
+
+
 def test_a_pod_cidr_outside_the_network_is_one_line_naming_both(lab, kube, kubeconfig, tmp_path):
     i = len(lab.nodes)
     lab.add_node()
@@ -514,4 +597,4 @@ def test_a_pod_cidr_outside_the_network_is_one_line_naming_both(lab, kube, kubec
                         f"Network 10.99.0.0/16 of {cluster.net_config}: Kubernetes' cluster CIDR "
                         "(kube-controller-manager --cluster-cidr) and net-conf.json must agree")
     finally:
-        kube.delete_node(cluster.node_name(i), wait=False)
+        forget_node(kube, cluster.node_name(i))
