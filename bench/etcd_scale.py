@@ -132,7 +132,8 @@ def wait_routes(admin: Admin, want: int, timeout: float, proc: subprocess.Popen)
     deadline = time.monotonic() + timeout
     while True:
         now = time.monotonic()
-        if admin.status().dataplane.peers >= want:
+        plane = admin.status().dataplane  # None while the daemon starts (the socket answers at once)
+        if plane is not None and plane.peers >= want:
             return now
         if now > deadline or proc.poll() is not None:
             raise TimeoutError(f"route count never reached {want} (daemon rc {proc.poll()})")
