@@ -164,9 +164,11 @@ class KubeSource:
             except KubeNotFound:
                 self._deadline = None
                 health.succeeded()
+                health.waiting = None
                 raise
             except KubeError as e:
                 health.failed(what, e)
+                health.waiting = f"waiting for the Kubernetes API server ({what}): {e}"
                 if self._deadline is not None and self._clock() > self._deadline:
                     raise KubeStartTimeout(
                         f"the Kubernetes API server at {self.api.server} did not answer in {START_LIMIT / 60:.0f} "
@@ -176,6 +178,7 @@ class KubeSource:
                 continue
             self._deadline = None
             health.succeeded()
+            health.waiting = None
             return result
         raise Stopped(what)
 
@@ -396,6 +399,7 @@ class KubeManager:
                         await queue.put(events)
                     listed = True
                     backoff.reset()
+                began = self._clock()
                 async for kind, obj in self.api.watch_nodes(version):
                     self.health.succeeded()
                     backoff.reset()
@@ -412,6 +416,8 @@ class KubeManager:
                         continue
                     if events:
                         await queue.put(events)
+                if self._clock() - began < 1.0:  # the server ended it at once: not again at once
+                    await self._sleep(backoff.delay())
             except KubeGone as e:
                 log.info("node watch: %s; listing the nodes again", e)
                 version = None
