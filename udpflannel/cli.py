@@ -324,10 +324,21 @@ def node_parser(kind: type[Parser] = Parser) -> Parser:
     return p
 
 
+class _Version(argparse.Action):
+    """--version, reading the package metadata only when asked (importlib.metadata
+    costs tens of ms at every start, and a restart's first packet waits for them)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from udpflannel.version import __version__
+        parser.exit(message=f"udpflannel {__version__}\n")
+
+
 def build_parser() -> Parser:
-    from udpflannel.version import __version__
     parser = Parser(prog="udpflannel", description="flannel's node agent with a userspace data plane")
-    parser.add_argument("--version", action="version", version=f"udpflannel {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_node_flags(sub.add_parser("run", help="run the node daemon"))
     sub.add_parser("flanneld", add_help=False, help="run the node daemon from flanneld's command line "

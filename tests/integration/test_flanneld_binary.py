@@ -141,7 +141,7 @@ def test_a_daemon_with_ip_blackhole_route_keeps_one_for_its_subnet(make_lab, mak
     lab = make_lab(1)
     cluster = make_cluster(lab, extra_args=["--ip-blackhole-route", "--iptables-resync", "1"])
     cluster.start(0)
-    subnet = cluster.wait_status(0, lambda s: s.lease is not None).lease.subnet
+    subnet = cluster.wait_status(0, lambda s: s.ready).lease.subnet
     node = lab.nodes[0]
 
     def blackholes() -> list[str]:

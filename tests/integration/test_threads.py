@@ -271,7 +271,8 @@ def test_cpus_pins_each_queue_pair_and_only_the_data_path(make_lab, make_cluster
     cluster.wait_converged()
     assert probe.ping(lab.nodes[0], cluster.overlay_addr(1), count=3, timeout=2)[0] is not None
     threads = _threads_of(cluster.procs[0].pid)
-    expected = {"threads": [("uf-tun0", a), ("uf-vxlan0", a), ("uf-bare", a),
+    # (no uf-bare: flanneld's udp framing is read only while a peer speaks it)
+    expected = {"threads": [("uf-tun0", a), ("uf-vxlan0", a),
                             ("uf-tun1", b), ("uf-vxlan1", b)],
                 "poll": [("uf-poll0", a), ("uf-poll1", b)]}[io]
     assert sorted(t for t in threads if t[0].startswith("uf-")) == sorted(
