@@ -130,7 +130,8 @@ def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
 
 async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Callable[[int], str | None],
                     stored: str | None = None) -> str:
-    """The kept VTEP MAC. Without one, the MAC of a flannel.<VNI> already here (a
+    """The kept VTEP MAC. Without one, ``stored`` (kube-mgr: the MAC our Node's backend-data
+    names, flanneld's GetStoredMacAddresses), else the MAC of a flannel.<VNI> already here (a
     flanneld this node replaces: its lease names that MAC, so the node keeps its subnet
     and the kernel plane its device), else a new one; kept once the state dir takes it
     (until then the node runs with it and says so: a restart before that would pick
@@ -285,7 +286,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             if inherited:
                 mac = inherited.vtep_mac
             else:
-                mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac, source.kept.vtep_mac)
+                mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac,
+                                      source.kept.vtep_mac)  # kube-mgr: the MAC our Node names
             log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
                      underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
                      cfg.network, cfg.backend_type, cfg.port)
