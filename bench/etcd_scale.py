@@ -1,8 +1,8 @@
 """Scale benchmark: one udpflannel daemon joining an etcd that already holds 5,000 leases.
 
-    /tmp/venv0/bin/python bench/etcd_scale.py [--leases 5000] [--puts 100]   (as root)
+    sudo .venv/bin/python bench/etcd_scale.py [--leases 5000] [--puts 100]
 
-Measures (issue 3's targets in brackets):
+Measures (the registry's scale targets in brackets):
   * start → all routes: from starting `udpflannel run` to its admin socket reporting a
     route for every lease in etcd; the worst of --repeat fresh starts      [< 2 s]
   * put → route live: a new lease's etcd put until the daemon's route count includes
@@ -132,7 +132,8 @@ def wait_routes(admin: Admin, want: int, timeout: float, proc: subprocess.Popen)
     deadline = time.monotonic() + timeout
     while True:
         now = time.monotonic()
-        if admin.status().dataplane.peers >= want:
+        plane = admin.status().dataplane  # None while the daemon starts (the socket answers at once)
+        if plane is not None and plane.peers >= want:
             return now
         if now > deadline or proc.poll() is not None:
             raise TimeoutError(f"route count never reached {want} (daemon rc {proc.poll()})")

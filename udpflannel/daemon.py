@@ -38,7 +38,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
@@ -60,24 +59,20 @@ from udpflannel.node import Node, Persist
 from udpflannel.observe import admin, sdnotify
 from udpflannel.observe.http import start_http
 from udpflannel.options import RunOptions
-from udpflannel.registry.base import Registry, RegistryError
+from udpflannel.registry.base import Registry
 from udpflannel.registry.select import open_registry
-from udpflannel.subnets.base import Backoff, RegistryHealth, SubnetManager
-from udpflannel.subnets.leasing import LeaseManager
+from udpflannel.subnets.base import SubnetManager
+from udpflannel.subnets.registry_source import RegistrySource
+from udpflannel.subnets.source import Source, Stopped, until_reachable
 from udpflannel.takeover import TakeoverError
 
 log = logging.getLogger("udpflannel")
 
-CONFIG_WAIT_LOG = 30.0  # seconds between "still waiting for the network config" lines
 WANTED_OPEN_FILES = 65536  # the soft RLIMIT_NOFILE asked for at start (up to the hard limit)
 
 
 class FatalError(UdpflannelError):
     """Stops the daemon with one clear line and a non-zero exit."""
-
-
-class Stopped(Exception):
-    """SIGTERM/SIGINT arrived while start-up was still waiting for the registry."""
 
 
 def _find_underlay(opts: RunOptions) -> Underlay:
@@ -100,6 +95,16 @@ class Outside:
     find_underlay: Callable[[RunOptions], Underlay] = _find_underlay
     underlay_present: Callable[[Underlay], bool] = netconf.underlay_address_present
     open_registry: Callable[[RunOptions], Registry] = open_registry
+    open_kube: Callable[[RunOptions], Source] | None = None  # --kube-subnet-mgr (None: subnets/kube.py)
+
+    def open_source(self, opts: RunOptions) -> Source:
+        """Where config and leases come from: the registry, or Kubernetes."""
+        if getattr(opts, "kube_subnet_mgr", False):
+            if self.open_kube is not None:
+                return self.open_kube(opts)
+            from udpflannel.subnets.kube import open_kube_source
+            return open_kube_source(opts)
+        return RegistrySource(opts, self.open_registry(opts))
     prepare_plane: Callable[[str, PlaneOptions], Awaitable[DataPlane]] = prepare_plane
     rules: Callable[[RunOptions, netconfig.NetworkConfig, Lease], Any] = _rules
     start_rules: Callable[[bool], Any] = start_backend  # host/rules/startup.py
@@ -123,91 +128,20 @@ def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
     return soft, soft
 
 
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
-        pass
-
-
-async def _until_reachable(what: str, call, retry: bool, stop: asyncio.Event,
-                           health: RegistryHealth):
-    """Run a registry call; while it fails, retry (etcd) or give up (a local file).
-    A stop request ends the wait (within one call's timeout)."""
-    backoff = Backoff(0.5, 10.0)
-    while not stop.is_set():
-        try:
-            result = await call()
-            health.succeeded()
-            return result
-        except RegistryError as e:
-            if not retry:
-                raise FatalError(str(e)) from None
-            health.failed(what, e)
-            await _pause(stop, backoff.delay())
-    raise Stopped(what)
-
-
-async def load_network_config(registry: Registry, opts: RunOptions, retry: bool,
-                              stop: asyncio.Event, health: RegistryHealth) -> netconfig.NetworkConfig:
-    """The stored config; --net-config's (or, embedded, the default) when none is
-    stored. Under etcd with neither, wait for one like flanneld (an exit would be a
-    crash loop under a DaemonSet), saying so every CONFIG_WAIT_LOG seconds."""
-    key = f"{opts.etcd_prefix}/config" if opts.etcd_endpoints else f"config in {opts.registry_file}"
-    waited_since = None
-    while True:
-        stored = await _until_reachable("reading config", registry.get_config, retry, stop, health)
-        if stored is not None:
-            break
-        if opts.net_config or not opts.etcd_endpoints:
-            text = _read_net_config(opts) if opts.net_config else netconfig.default_config().to_json()
-            stored = await _until_reachable(
-                "writing config", lambda t=text: registry.put_config_if_absent(t), retry, stop, health)
-            break
-        now = time.monotonic()
-        if waited_since is None or now - waited_since >= CONFIG_WAIT_LOG:
-            waited_since = now
-            log.warning("no network config at %s yet; waiting for one (e.g. etcdctl put %s "
-                        "'{\"Network\": \"10.244.0.0/16\", \"Backend\": {\"Type\": \"vxlan\"}}')",
-                        key, key)
-            sdnotify.status(f"waiting for the network config at {key}")
-        await _pause(stop, 1.0)
-        if stop.is_set():
-            raise Stopped("waiting for the network config")
-    cfg = _parse(stored, key)
-    if opts.vni is not None or opts.port is not None:
-        cfg = replace(cfg, vni=opts.vni or cfg.vni, port=opts.port or cfg.port)
-    return cfg
-
-
-def _read_net_config(opts: RunOptions) -> str:
-    try:
-        with open(opts.net_config) as f:
-            text = f.read()
-    except OSError as e:
-        raise FatalError(f"--net-config {opts.net_config}: {e.strerror}") from None
-    _parse(text, opts.net_config)  # refuse to store a bad config
-    return text
-
-
-def _parse(text: str, where: str) -> netconfig.NetworkConfig:
-    try:
-        return netconfig.parse(text)
-    except netconfig.ConfigError as e:
-        raise FatalError(f"{where}: {e}") from None
-
-
-async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Callable[[int], str | None]) -> str:
-    """The kept VTEP MAC. Without one, the MAC of a flannel.<VNI> already here (a
+async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Callable[[int], str | None],
+                    stored: str | None = None) -> str:
+    """The kept VTEP MAC. Without one, ``stored`` (kube-mgr: the MAC our Node's backend-data
+    names, flanneld's GetStoredMacAddresses), else the MAC of a flannel.<VNI> already here (a
     flanneld this node replaces: its lease names that MAC, so the node keeps its subnet
     and the kernel plane its device), else a new one; kept once the state dir takes it
     (until then the node runs with it and says so: a restart before that would pick
     another)."""
     mac = localstate.load_mac(opts.state_dir, opts.tun)
     if mac is None:
-        mac = await asyncio.to_thread(existing, vni)
+        mac = stored or await asyncio.to_thread(existing, vni)  # kube-mgr: stored = our Node's backend-data MAC
         if mac is not None:
-            log.info("VTEP MAC %s taken from the %s already here (flanneld's?)", mac, vxlandev.device_name(vni))
+            log.info("VTEP MAC %s taken from %s", mac, "our Node's backend-data annotation" if stored  # kube-mgr
+                     else f"the {vxlandev.device_name(vni)} already here (flanneld's?)")
         else:
             mac = localstate.new_mac()
         persist.write(localstate.mac_path(opts.state_dir, opts.tun),
@@ -215,11 +149,10 @@ async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Call
     return mac
 
 
-async def _acquire(node: Node, registry: Registry, cfg: netconfig.NetworkConfig, underlay: Underlay,
-                   mac: str, retry: bool, stop: asyncio.Event) -> Lease:
+async def _acquire(node: Node, source: Source, cfg: netconfig.NetworkConfig, underlay: Underlay,
+                   mac: str, stop: asyncio.Event) -> Lease:
     opts = node.opts
-    manager = LeaseManager(registry, cfg, ttl=opts.lease_ttl, renew_margin=opts.renew_margin,
-                            health=node.health)
+    manager = source.manager(cfg, node.health)
     node.manager = manager
     if cfg.backend_type == "vxlan":
         wanted = Lease(cfg.network, underlay.public_ip, "vxlan", cfg.vni, mac)
@@ -227,8 +160,8 @@ async def _acquire(node: Node, registry: Registry, cfg: netconfig.NetworkConfig,
         wanted = Lease(cfg.network, underlay.public_ip, "", None, None)
     previous = (localstate.previous_subnet(opts.subnet_file)
                 or localstate.recorded_subnet(opts.state_dir, opts.tun))
-    lease = await _until_reachable("acquiring a lease", lambda: manager.acquire(wanted, previous),
-                                   retry, stop, node.health)
+    lease = await until_reachable("acquiring a lease", lambda: manager.acquire(wanted, previous),
+                                  source.retry, stop, node.health)
     node.changed()
     node.health.consequence = "data plane keeps its routes, retrying"
     log.info("leased %s (%s)", lease.subnet, f"VTEP MAC {mac}" if lease.vtep_mac else "flanneld udp lease")
@@ -336,11 +269,13 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             # pyroute2's sync API runs an asyncio loop of its own, and uvloop cannot carry
             # netlink sockets: netlink calls go to a worker thread.
             underlay = inherited.underlay if inherited else await asyncio.to_thread(outside.find_underlay, opts)
-            registry = outside.open_registry(opts)
-            undo.push_async_callback(registry.close)
-            log.info("registry: %s (%s)", opts.registry_kind, opts.registry_where)
-            retry = bool(opts.etcd_endpoints)
-            cfg = await load_network_config(registry, opts, retry, stop, node.health)
+            source = outside.open_source(opts)
+            node.source = source  # kube-mgr: status and /metrics name the source's own where
+            undo.push_async_callback(source.close)
+            log.info("registry: %s (%s)", source.kind, source.where)
+            cfg = await source.network_config(stop, node.health)
+            if source.kept.public_ip is not None and not inherited:  # kube-mgr: node-public-ip, as --public-ip
+                underlay = replace(underlay, public_ip=source.kept.public_ip)
             await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
             plane = inherited.plane if inherited else None
             if plane is not None and cfg != inherited.config:
@@ -351,7 +286,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             if inherited:
                 mac = inherited.vtep_mac
             else:
-                mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac)
+                mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac,
+                                      source.kept.vtep_mac)  # kube-mgr: the MAC our Node names
             log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
                      underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
                      cfg.network, cfg.backend_type, cfg.port)
@@ -361,7 +297,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             node.plane = plane
             node.changed()
 
-            lease = await _acquire(node, registry, cfg, underlay, mac, retry, stop)
+            lease = await _acquire(node, source, cfg, underlay, mac, stop)
             persist.write(localstate.subnet_path(opts.state_dir, opts.tun),
                           lambda: localstate.record_subnet(opts.state_dir, opts.tun, lease.subnet))
             if inherited is not None and plane is inherited.plane and lease.subnet != inherited.subnet:

@@ -112,7 +112,7 @@ def test_hand_written_config_is_used_and_lease_has_flannels_bytes(etcd, make):
     cluster = make('{"network": "10.50.0.0/16", "subnetLen": 25, "SubnetMin": "10.50.8.0", '
                    '"SubnetMax": "10.50.9.128", "backend": {"type": "vxlan", "vni": 1}}')
     cluster.start(0)
-    st = cluster.wait_status(0, lambda s: s.ready)  # subnet.env is written after the lease, before ready
+    st = cluster.wait_status(0, lambda s: s.ready)
     subnet = NET(st.lease.subnet)
     assert subnet.prefixlen == 25 and NET("10.50.8.0/23").supernet_of(subnet)
     with open(os.path.join(cluster.node_dir(0), "subnet.env")) as f:
@@ -131,7 +131,7 @@ def test_hand_written_config_is_used_and_lease_has_flannels_bytes(etcd, make):
     assert cluster.stop(0) == 0
     os.unlink(os.path.join(cluster.node_dir(0), "subnet.env"))  # not from subnet.env, from etcd
     cluster.start(0)
-    assert cluster.wait_status(0, lambda s: s.lease is not None).lease.subnet == st.lease.subnet
+    assert cluster.wait_status(0, lambda s: s.ready).lease.subnet == st.lease.subnet
     again = leases(etcd, cluster.prefix)
     assert list(again) == list(stored) and again[key_of(st.lease.subnet)]["value"] == \
         stored[key_of(st.lease.subnet)]["value"]
@@ -177,7 +177,7 @@ def test_endpoints_from_environment_and_default_prefix(etcd, lab, make_cluster, 
         monkeypatch.setenv("FLANNELD_ETCD_ENDPOINTS", f"http://{HUB_ADDR}:1,{etcd.endpoint}")
         cluster = make_cluster(lab, engine=ENGINE)
         cluster.start(0)
-        st = cluster.wait_status(0, lambda s: s.lease is not None)
+        st = cluster.wait_status(0, lambda s: s.ready)
         stored = leases(etcd, DEFAULT_PREFIX)
         assert json.loads(stored[key_of(st.lease.subnet)]["value"])["PublicIP"] == lab.addresses[0]
         assert not os.path.exists(cluster.registry_file)  # the embedded registry was not used
@@ -215,7 +215,7 @@ def test_nodes_reach_each_other_leave_by_delete_or_expiry_and_join(etcd, make):
     # node 3 comes back first: its lease is gone, the subnet in its subnet.env is still
     # free (a new node starting before it may pick that subnet at random: ~1 % flake)
     cluster.start(2)
-    assert cluster.wait_status(2, lambda s: s.lease is not None).lease.subnet == subnets[2]
+    assert cluster.wait_status(2, lambda s: s.ready).lease.subnet == subnets[2]
     # node 5 joins; everyone reaches everyone
     cluster.start(4)
     cluster.wait_converged()
@@ -360,7 +360,7 @@ def test_own_lease_deleted_from_outside_is_recreated(etcd, make):
 def test_own_subnet_taken_by_another_node_is_a_clear_exit(etcd, make):
     cluster = make()
     cluster.start(0)
-    st = cluster.wait_status(0, lambda s: s.lease is not None)
+    st = cluster.wait_status(0, lambda s: s.ready)
     etcd.etcdctl("put", f"{cluster.prefix}/subnets/{key_of(st.lease.subnet)}",
                  FLANNEL_VXLAN_LEASE.format(ip="192.168.250.99", mac="c6:d2:32:6f:8f:99"))
     assert cluster.procs[0].wait(10) == 1

@@ -1,5 +1,5 @@
 """Registry poisoning: daemons on a real etcd while someone who can write the prefix
-writes aliases, garbage and copies (issue 7, part 4).
+writes aliases, garbage and copies.
 
 Same set-up as test_etcd_cluster (whose fixtures and helpers are used): etcd inside the
 Lab's hub namespace, daemons in the node namespaces, every hand-made write done with
@@ -94,7 +94,7 @@ def test_garbage_in_our_key_is_reclaimed_without_exit_and_across_a_restart(etcd,
     subnet, stranding its pods."""
     cluster = make()
     cluster.start(0)
-    st = cluster.wait_status(0, lambda s: s.lease is not None)
+    st = cluster.wait_status(0, lambda s: s.ready)
     name = key_of(st.lease.subnet)
     key = f"{cluster.prefix}/subnets/{name}"
     original = leases(etcd, cluster.prefix)[name]["value"]
@@ -111,7 +111,7 @@ def test_garbage_in_our_key_is_reclaimed_without_exit_and_across_a_restart(etcd,
     assert cluster.stop(0) == 0
     etcd.etcdctl("put", key, '{"PublicIP": 42}')
     cluster.start(0)
-    assert cluster.wait_status(0, lambda s: s.lease is not None).lease.subnet == st.lease.subnet
+    assert cluster.wait_status(0, lambda s: s.ready).lease.subnet == st.lease.subnet
     assert leases(etcd, cluster.prefix)[name]["value"] == original
 
 
@@ -120,11 +120,11 @@ def test_a_node_with_our_public_ip_takes_nothing_and_a_copy_of_our_lease_does_no
     our subnet, and a copy of our lease at a subnet listed before ours moved us there."""
     cluster = make()
     cluster.start(0)
-    st0 = cluster.wait_status(0, lambda s: s.lease is not None)
+    st0 = cluster.wait_status(0, lambda s: s.ready)
     ours = FLANNEL_VXLAN_LEASE.format(ip=cluster.lab.addresses[0], mac=st0.lease.vtep_mac)
 
     cluster.start(1, ["--public-ip", cluster.lab.addresses[0]])
-    st1 = cluster.wait_status(1, lambda s: s.lease is not None)
+    st1 = cluster.wait_status(1, lambda s: s.ready)
     assert st1.lease.subnet != st0.lease.subnet
     assert leases(etcd, cluster.prefix)[key_of(st0.lease.subnet)]["value"] == ours
     assert cluster.procs[0].poll() is None and cluster.status(0).lease.subnet == st0.lease.subnet
@@ -137,7 +137,7 @@ def test_a_node_with_our_public_ip_takes_nothing_and_a_copy_of_our_lease_does_no
     etcd.etcdctl("put", f"{cluster.prefix}/subnets/{copy}", ours)
     assert cluster.stop(0) == 0
     cluster.start(0)
-    assert cluster.wait_status(0, lambda s: s.lease is not None).lease.subnet == st0.lease.subnet
+    assert cluster.wait_status(0, lambda s: s.ready).lease.subnet == st0.lease.subnet
     stored = leases(etcd, cluster.prefix)
     assert stored[copy]["value"] == ours  # left alone, not deleted
     assert stored[key_of(st1.lease.subnet)]["value"] != ours  # node 1's lease left alone too

@@ -187,8 +187,8 @@ def test_wrong_password_retries_quietly_and_stops_on_sigterm(lab, etcd, make_clu
     failures = [line for line in text.splitlines() if "registry unreachable" in line]
     assert len(failures) == 1, text  # once, not once per retry
     assert re.search(r"authentication failed|invalid user ID or password", failures[0]), failures[0]
-    st = cluster.status(0)  # the admin socket answers from the start (warm starts need it) ...
-    assert st.lease is None and not st.ready  # ... but it never got as far as a lease
+    st = cluster.status(0)  # the admin socket answers from the start, and says why
+    assert not st.ready and st.lease is None and st.registry.reachable is False
 
     code, took = stop_in_time(cluster, 0)
     assert code == 0 and took < 10, f"exit {code} after {took:.1f}s:\n{cluster.log(0)}"

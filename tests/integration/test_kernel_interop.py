@@ -23,7 +23,7 @@ def mixed(make_lab, make_cluster):
     lab = make_lab(2)
     cluster = make_cluster(lab)
     cluster.start(0)
-    st = cluster.wait_status(0, lambda s: s.lease is not None)
+    st = cluster.wait_status(0, lambda s: s.ready)
     with lab.nodes[1].ipr() as ipr:
         index = kernelvxlan.create(ipr, local_ip=lab.addresses[1], underlay="eth0",
                                    subnet=KERNEL_SUBNET, vtep_mac=KERNEL_MAC)

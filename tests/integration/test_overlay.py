@@ -51,7 +51,7 @@ def test_subnet_env_written_in_flannel_format(make_lab, make_cluster):
     lab = make_lab(1)
     cluster = make_cluster(lab)
     cluster.start(0)
-    st = cluster.wait_status(0, lambda s: s.ready)  # subnet.env is written after the lease, before ready
+    st = cluster.wait_status(0, lambda s: s.ready)
     with open(f"{cluster.node_dir(0)}/subnet.env") as f:
         env = dict(line.strip().split("=", 1) for line in f if line.strip())
     subnet = ipaddress.IPv4Network(st.lease.subnet)
@@ -64,14 +64,14 @@ def test_restart_keeps_subnet_and_mac(make_lab, make_cluster):
     lab = make_lab(1)
     cluster = make_cluster(lab)
     cluster.start(0)
-    first = cluster.wait_status(0, lambda s: s.ready)  # the device has its address once ready
+    first = cluster.wait_status(0, lambda s: s.ready)
     assert cluster.stop(0) == 0  # SIGTERM is a clean stop
     with lab.nodes[0].ipr() as ipr:  # the device stays for the next daemon, address and all
         index = ipr.link_lookup(ifname="flannel0")[0]
         own = str(ipaddress.IPv4Network(first.lease.subnet).network_address)
         assert [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)] == [own]
     cluster.start(0)
-    second = cluster.wait_status(0, lambda s: s.lease is not None)
+    second = cluster.wait_status(0, lambda s: s.ready)
     assert (second.lease.subnet, second.lease.vtep_mac) == (first.lease.subnet, first.lease.vtep_mac)
 
 
@@ -134,7 +134,7 @@ def test_status_command_reports_the_running_daemon(make_lab, make_cluster):
     lab = make_lab(1)
     cluster = make_cluster(lab)
     cluster.start(0)
-    st = cluster.wait_status(0, lambda s: s.ready)  # lease and data plane both in the status
+    st = cluster.wait_status(0, lambda s: s.ready)
     out = subprocess.run([sys.executable, "-m", "udpflannel", "status", "--json", "--admin-socket",
                           cluster.admin_path(0)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr

@@ -103,15 +103,17 @@ def render(st: NodeStatus, now: float | None = None) -> str:
         rows.append(("lease", "none yet"))
     else:
         mac = f", VTEP MAC {lease.vtep_mac}" if lease.vtep_mac else ""
-        rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), "
-                              f"{_expiry(lease.expiration, now)}"))
+        kube = st.registry is not None and st.registry.kind == "kube"
+        expiry = "the node's podCIDR (no expiry)" if kube else _expiry(lease.expiration, now)
+        rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), {expiry}"))
 
     reg = st.registry
     if reg is None:
         rows.append(("registry", "not opened yet"))
     else:
+        ignored = f", {reg.ignored} entries ignored" if reg.ignored else ""
         rows.append(("registry", f"{reg.kind} {reg.where}, "
-                                 f"{'reachable' if reg.reachable else 'UNREACHABLE (still forwarding)'}"))
+                                 f"{'reachable' if reg.reachable else 'UNREACHABLE (still forwarding)'}{ignored}"))
 
     plane = st.dataplane
     if plane is None:
