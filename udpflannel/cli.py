@@ -333,7 +333,8 @@ class _Version(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from udpflannel.version import __version__
-        parser.exit(message=f"udpflannel {__version__}\n")
+        print(f"udpflannel {__version__}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def build_parser() -> Parser:
