@@ -9,8 +9,9 @@ Plugins compared (each as the runtime runs it: exec'd, netconf on stdin, CNI_* i
   * flannel  flannel's own plugin (Go, containernetworking/plugins v0.9.1: peers/flannel-cni)
   * --extra  anything else, e.g. a PyInstaller or Nuitka onefile build of the same sources
 
-Measured, each --runs times (medians and 90th percentiles of wall time; the median of
-the child's CPU time, user + sys, which a busy machine disturbs less):
+Measured, each --runs times (wall time: minimum, median and 90th percentile; and the
+median of the child's CPU time, user + sys: on a busy machine the minimum and the CPU
+time say more than the median):
   * VERSION  the plugin alone
   * ADD      with a fake delegate (a sh script on CNI_PATH printing a result): the
              plugin's own cost, its delegate execs included (udpflannel-cni asks the
@@ -67,8 +68,8 @@ def timed(argv: list[str], env: dict[str, str], stdin: bytes) -> tuple[float, fl
 
 def summary(walls: list[float], cpus: list[float]) -> dict[str, float]:
     walls = sorted(walls)
-    return {"median_ms": round(statistics.median(walls), 1), "p90_ms": round(walls[int(len(walls) * 0.9)], 1),
-            "cpu_ms": round(statistics.median(cpus), 1)}
+    return {"min_ms": round(walls[0], 1), "median_ms": round(statistics.median(walls), 1),
+            "p90_ms": round(walls[int(len(walls) * 0.9)], 1), "cpu_ms": round(statistics.median(cpus), 1)}
 
 
 def netconf(plugin_type: str, work: str, tag: str, version: str = "0.4.0") -> dict:
@@ -153,12 +154,13 @@ def main() -> int:
             results[name]["pod"] = pod
     load = os.getloadavg()[0]
 
-    print(f"runs {args.runs}, load average {load:.1f} on {os.cpu_count()} CPUs; wall median / p90 (CPU median), ms")
+    print(f"runs {args.runs}, load average {load:.1f} on {os.cpu_count()} CPUs; "
+          "wall min / median / p90 (CPU median), ms")
     print("| plugin | size | VERSION | ADD, fake delegate | pod ADD (bridge) | pod DEL |")
     print("|---|---|---|---|---|---|")
 
     def cell(s: dict) -> str:
-        return f"{s['median_ms']} / {s['p90_ms']} ({s['cpu_ms']})"
+        return f"{s['min_ms']} / {s['median_ms']} / {s['p90_ms']} ({s['cpu_ms']})"
     def size(n: int) -> str:
         return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
     for name, r in results.items():
