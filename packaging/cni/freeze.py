@@ -20,6 +20,13 @@ standard library, no shared library (not even libc), no folder to unpack into.
 - Only the standard-library modules the plugin imports are followed: every other name
   in sys.stdlib_module_names goes to --nofollow-import-to (computed by importing the
   plugin in the build Python): a smaller file and a shorter build.
+- Debian's libpython also has modules built in that the plugin never imports
+  (unicodedata alone is 1.1 MB; _pickle, _socket, _datetime, pyexpat with libexpat,
+  the hashes...). They are linked only because the table of built-in modules,
+  _PyImport_Inittab in libpython's config.o, names them: the build links its own copy
+  of that table (Debian's config.c without DROPPED_BUILTINS) ahead of libpython, so
+  the linker never takes config.o nor what only it refers to. 11.1 MB becomes 9.3 MB.
+  A dropped module the plugin does import is refused at build time, by name.
 - Nuitka's dist folder also gets the CJK codec modules (it takes every encoding); a
   static executable could not load them anyway, and only the executable is kept.
 - The result is checked before it is kept: an ELF without PT_INTERP (static) that
@@ -65,19 +72,25 @@ DEFAULT_OUT = os.path.join(ROOT, "udpflannel", "cni", *install.FROZEN_PATH.split
 ENTRY = "udpflannel_cni.py"
 # Shared modules of Debian's Python the plugin does without (pure-Python fallbacks).
 OPTIONAL = ("_json", "_bz2", "_lzma", "_typing", "bz2", "lzma")
+# Built-in modules of Debian's libpython the plugin never imports: left out of the link.
+DROPPED_BUILTINS = ("_blake2", "_csv", "_datetime", "_elementtree", "_md5", "_pickle", "_sha1", "_sha256",
+                    "_sha3", "_socket", "_statistics", "array", "cmath", "grp", "pyexpat", "spwd", "syslog",
+                    "unicodedata", "xxsubtype")
 
 # Run by the build Python in the staged tree: what importing the plugin loads, and which
 # of those are shared-library modules (a static executable cannot load them).
 PROBE = r"""
-import json, sys
+import json, sys, sysconfig
 sys.path.insert(0, sys.argv[1])
+import inspect  # Nuitka's runtime imports it at every start
 import udpflannel.cni.plugin
 optional = set(sys.argv[2].split(","))
 loaded = sorted({m.split(".")[0] for m in list(sys.modules)})
 shared = [f"{n} ({getattr(sys.modules[n], '__file__', '')})" for n in loaded
           if n not in sys.builtin_module_names and n not in optional
           and str(getattr(sys.modules[n], "__file__", "")).endswith(".so")]
-print(json.dumps({"loaded": loaded, "shared": shared, "stdlib": sorted(sys.stdlib_module_names)}))
+print(json.dumps({"loaded": loaded, "shared": shared, "stdlib": sorted(sys.stdlib_module_names),
+                  "libpl": sysconfig.get_config_var("LIBPL"), "include": sysconfig.get_config_var("INCLUDEPY")}))
 """
 
 
@@ -136,6 +149,30 @@ def stage(folder: str) -> str:
     return entry
 
 
+def inittab(found: dict, workdir: str) -> str:
+    """An object file holding _PyImport_Inittab without DROPPED_BUILTINS (see the module
+    docstring), compiled from the build Python's own config.c; "" if it has none."""
+    config_c = os.path.join(found["libpl"] or "", "config.c")
+    if not os.path.isfile(config_c):
+        say(f"no {config_c}: every built-in module of libpython is linked in")
+        return ""
+    needed = sorted(set(DROPPED_BUILTINS) & set(found["loaded"]))
+    if needed:
+        raise FreezeError(f"the plugin imports {', '.join(needed)}: take it out of DROPPED_BUILTINS")
+    with open(config_c) as f:
+        lines = f.read().splitlines()
+    entries = {f'{{"{name}",' for name in DROPPED_BUILTINS}
+    kept = [line for line in lines if not any(line.strip().startswith(e) for e in entries)]
+    if len(lines) - len(kept) != len(DROPPED_BUILTINS):
+        raise FreezeError(f"{config_c} does not list every one of DROPPED_BUILTINS as built in")
+    source, obj = os.path.join(workdir, "inittab.c"), os.path.join(workdir, "inittab.o")
+    with open(source, "w") as f:
+        f.write("\n".join(kept) + "\n")
+    subprocess.run(["gcc", "-O2", "-fPIC", "-c", f"-I{found['include']}", source, "-o", obj], check=True,
+                   timeout=120)
+    return obj
+
+
 def build_venv(python_version: str) -> str:
     """A virtualenv of the build Python with the pinned freezer, kept in the cache."""
     with open(REQUIREMENTS, "rb") as r:
@@ -181,6 +218,7 @@ def freeze(workdir: str, python_version: str) -> str:
                           f"static executable cannot load: {', '.join(found['shared'])}. Use Debian's python3 "
                           "(UDPFLANNEL_CNI_PYTHON=/usr/bin/python3).")
     exclude = sorted((set(found["stdlib"]) - set(found["loaded"])) | set(OPTIONAL))
+    table = inittab(found, workdir)
     py = build_venv(python_version)
     out = os.path.join(workdir, "out")
     log = os.path.join(workdir, "nuitka.log")
@@ -190,7 +228,7 @@ def freeze(workdir: str, python_version: str) -> str:
             entry]
     with open(log, "wb") as f:
         proc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=workdir, timeout=3600,
-                              env=dict(os.environ, LDFLAGS="-static"))
+                              env=dict(os.environ, LDFLAGS=f"-static {table}".strip()))
     binary = os.path.join(out, ENTRY.removesuffix(".py") + ".dist", install.PLUGIN_NAME)
     if proc.returncode != 0 or not os.path.isfile(binary):
         with open(log, errors="replace") as f:
