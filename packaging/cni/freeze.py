@@ -35,9 +35,9 @@ standard library, no shared library (not even libc), no folder to unpack into.
 Caching. Builds are kept in a cache shared by every clone on the machine
 ($UDPFLANNEL_CNI_CACHE, default /var/cache/udpflannel-cni), keyed by the plugin's
 sources (install.sources_digest), this script, requirements.txt, the build Python's
-version and gcc's; a hit costs a file copy. For one key the output is byte-identical
-(built twice, from different folders, it is), so install-cni's compare-before-write
-keeps a re-install a no-op.
+version (Debian's build date included), gcc's and glibc's; a hit costs a file copy.
+For one key the output is byte-identical (built twice, from different folders and a
+fresh cache, it is), so install-cni's compare-before-write keeps a re-install a no-op.
 
 Output: --out (default udpflannel/cni/frozen/udpflannel-cni) and beside it
 udpflannel-cni.sources, the digest of the sources it was built from: install-cni takes
@@ -72,6 +72,7 @@ DEFAULT_OUT = os.path.join(ROOT, "udpflannel", "cni", *install.FROZEN_PATH.split
 ENTRY = "udpflannel_cni.py"
 # Shared modules of Debian's Python the plugin does without (pure-Python fallbacks).
 OPTIONAL = ("_json", "_bz2", "_lzma", "_typing", "bz2", "lzma")
+KEEP_BUILDS = 8  # plugins kept in the cache (9 MB each)
 # Built-in modules of Debian's libpython the plugin never imports: left out of the link.
 DROPPED_BUILTINS = ("_blake2", "_csv", "_datetime", "_elementtree", "_md5", "_pickle", "_sha1", "_sha256",
                     "_sha3", "_socket", "_statistics", "array", "cmath", "grp", "pyexpat", "spwd", "syslog",
@@ -120,11 +121,14 @@ def build_key(python_version: str) -> str:
     with open(__file__, "rb") as f, open(REQUIREMENTS, "rb") as r:
         script, reqs = f.read(), r.read()
     gcc = _output(["gcc", "--version"]).splitlines()[0]
-    return _sha(install.sources_digest().encode(), script, reqs, python_version.encode(), gcc.encode())[:24]
+    libc = _output(["ldd", "--version"]).splitlines()[0]  # glibc is linked in: a security update rebuilds
+    return _sha(install.sources_digest().encode(), script, reqs, python_version.encode(), gcc.encode(),
+                libc.encode())[:24]
 
 
 def elf_is_static(path: str) -> bool:
-    """An x86-64 ELF executable without a PT_INTERP program header (no dynamic loader)."""
+    """A 64-bit little-endian ELF executable without a PT_INTERP program header (no
+    dynamic loader)."""
     with open(path, "rb") as f:
         head = f.read(64)
         if head[:5] != b"\x7fELF\x02":
@@ -240,6 +244,14 @@ def freeze(workdir: str, python_version: str) -> str:
     return binary
 
 
+def prune(keep: int = KEEP_BUILDS) -> None:
+    """Only the ``keep`` most recently built plugins stay in the cache (clones that
+    still use an older one rebuild it, once)."""
+    builds = [e for e in os.scandir(CACHE) if e.is_dir() and len(e.name) == 24 and not e.name.startswith("venv-")]
+    for old in sorted(builds, key=lambda e: e.stat().st_mtime, reverse=True)[keep:]:
+        shutil.rmtree(old.path, ignore_errors=True)
+
+
 def place(data: bytes, out: str) -> None:
     """The executable at ``out`` and its sources digest beside it, each written only if
     it changed (atomically, as install-cni writes)."""
@@ -269,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.chmod(tmp, 0o755)
                     os.replace(tmp, cached)
                 say(f"built in {time.monotonic() - start:.0f} s: {os.path.getsize(cached) / 1e6:.1f} MB, {cached}")
+                prune()
         with open(cached, "rb") as f:
             place(f.read(), args.out)
         say(f"{args.out} (cache {key})")
