@@ -177,6 +177,7 @@ def test_install_cni_writes_where_the_runtime_looks(docs):
         assert found is not None and found[0] == host_default, path
     # the standard plugins come from the image, not from a host directory mounted over them
     assert host_path(docs, c, args.plugins_from) is None
+    assert args.plugin_form == "frozen"  # the host may have no Python: never the zipapp
     assert not any(args.plugins_from.startswith(m["mountPath"]) for m in c["volumeMounts"])
 
 
