@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT    := python3-venv gcc libc6-dev iproute2 iputils-ping iperf3 etcd-server etcd-client openssl util-linux \
           iptables nftables containernetworking-plugins \
-          libpython3-dev zlib1g-dev libexpat1-dev patchelf ccache
+          libpython3-dev zlib1g-dev libexpat1-dev patchelf ccache libseccomp-dev
 STAMP  := $(VENV)/.installed
 # udpflannel-cni frozen into one static executable (packaging/cni/freeze.py); its build
 # is cached by the plugin's sources, so this rule re-runs only when one may have changed.
