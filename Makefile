@@ -20,11 +20,12 @@ demo: setup
 
 # The data-path tests again with the engine driven the two other ways (FLANNELD_IO):
 # the default run uses --io poll; threads and the loop must pass them too. Left out
-# there: the Python twin (loop only, already run) and the kernel plane's restarts.
+# there: the Python twin (loop only, already run) and the kernel plane's restarts, and
+# of the older-kernel profiles (tests/integration/oldkernels.py) all but no-udp-offload.
 IO_TESTS := $(addprefix tests/integration/,test_overlay.py test_offload_modes.py \
             test_kernel_interop.py test_hostile.py test_icmp_and_sources.py test_path_mtu.py \
             test_udp_backend.py test_restarts.py)
-IO_SELECT := not python and not (test_restarts and kernel)
+IO_SELECT := not python and not (test_restarts and kernel) and not (oldkernel and not oldkernel_no_udp_offload)
 
 test: setup
 	$(VENV)/bin/ruff check udpflannel tests bench
