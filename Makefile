@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # systemd: systemd-analyze, which checks the shipped unit (tests/unit/test_systemd_unit.py)
 APT    := python3-venv gcc libc6-dev iproute2 iputils-ping iperf3 etcd-server etcd-client openssl util-linux \
           iptables nftables containernetworking-plugins systemd \
-          libpython3-dev zlib1g-dev libexpat1-dev patchelf ccache
+          libpython3-dev zlib1g-dev libexpat1-dev patchelf ccache libseccomp-dev
 STAMP  := $(VENV)/.installed
 # udpflannel-cni frozen into one static executable (packaging/cni/freeze.py); its build
 # is cached by the plugin's sources, so this rule re-runs only when one may have changed.
@@ -21,13 +21,14 @@ demo: setup
 
 # The data-path tests again with the engine driven the two other ways (FLANNELD_IO):
 # the default run uses --io poll; threads and the loop must pass them too. Left out
-# there: the Python twin (loop only, already run) and the kernel plane's restarts; with
-# the loop also the warm start, which needs the engine on its own threads (a restart
-# under the loop is checked to say so).
+# there: the Python twin (loop only, already run), the kernel plane's restarts, and of
+# the older-kernel profiles (tests/integration/oldkernels.py) all but no-udp-offload;
+# with the loop also the warm start, which needs the engine on its own threads (a
+# restart under the loop is checked to say so).
 IO_TESTS := $(addprefix tests/integration/,test_overlay.py test_offload_modes.py \
             test_kernel_interop.py test_hostile.py test_icmp_and_sources.py test_path_mtu.py \
             test_udp_backend.py test_restarts.py)
-IO_SELECT := not python and not (test_restarts and kernel)
+IO_SELECT := not python and not (test_restarts and kernel) and not (oldkernel and not oldkernel_no_udp_offload)
 
 # Then the engine built with ASan and UBSan, outside the tree, under the tests of its C
 # paths (tests/sanitize.sh). The slowest tests and the total are printed: the whole

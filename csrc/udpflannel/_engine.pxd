@@ -4,10 +4,11 @@
 #   Engine(vni=, vtep_mac=, network=, subnet_len=, strict_source=False)
 #   set_route(subnet, public_ip, port, vtep_mac, framing="vxlan"|"udp") / del_route(subnet)
 #   publish() / reclaim()         make route changes visible to running threads
-#   lookup(addr) / route_count() / counters() / kernel_drops() / offloads()
+#   lookup(addr) / route_count() / counters() / kernel_drops() / offloads()   (offloads():
+#                                 also sendmmsg / recvmmsg, the batching used where they miss)
 #   encap(packet) / decap(datagram, source) / decap_bare(datagram, source)
 #   segment(read) / coalesce(packets) / flow_index(packet, ways)     one at a time
-#   attach(tun_fd, udp_fd, bare_fd=-1, tx_fds=(), vnet_hdr=, gso=, gro=) / add_queue(tun_fd, udp_fd)
+#   attach(tun_fd, udp_fd, bare_fd=-1, tx_fds=(), vnet_hdr=, gso=, gro=, mmsg=) / add_queue(tun_fd, udp_fd)
 #   drain_tun(budget) / drain_udp(budget) / drain_bare(budget)      --io loop
 #   start_threads(notify_fd) / stop_threads() / thread_errors() / restart_tx(q, tun_fd)
 #   set_tun_fd(q, tun_fd) / set_cpus(cpus) / get_cpus()              --io threads
@@ -36,6 +37,14 @@ cdef extern from "<netinet/in.h>" nogil:
     uint16_t htons(uint16_t)
     uint32_t htonl(uint32_t)
     uint32_t ntohl(uint32_t)
+
+
+# recvmmsg's arrays for one socket (netio.h); only the fields the data path reads.
+cdef extern from "netio.h" nogil:
+    struct uf_rxbatch:
+        sockaddr_in src[64]      # UF_RX_BATCH (RX_BATCH in _engine.pyx)
+        int segsize[64]
+        long len[64]
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -84,6 +93,8 @@ cdef struct eng_t:
     int vnet                 # TUN speaks virtio_net_hdr: TSO reads, GSO writes
     int gso                  # UDP_SEGMENT sends (off for good on EIO; read atomically)
     int gro                  # UDP_GRO receives
+    int mmsg_tx              # sendmmsg for several datagrams (off for good on ENOSYS; atomic)
+    int mmsg_rx              # recvmmsg: a batch of datagrams per receive call (same)
     rtab_t *rt               # the published table (atomic pointer)
     uint64_t gen             # bumped at each publish (atomic)
     int notify_fd            # eventfd: a thread ended (threads mode)
@@ -139,7 +150,9 @@ cdef struct rxctx_t:         # UDP -> TUN, one socket
     int last_drop
     bint capture
     void *owner
-    uint8_t *buf             # HEADROOM + 65536: one read, several GRO datagrams
+    uint8_t *buf             # RX_BATCH slots of RX_SLOT bytes: one read each (several GRO
+                             # datagrams, or one of recvmmsg's batch); single reads use slot 0
+    uf_rxbatch *batch        # recvmmsg's messages, one per slot
     uint8_t *cbuf            # coalescing: virtio + IP + TCP headers of the super-packet
     uint8_t *co_first
     iovec rx_iov[66]         # [headers in cbuf] + one payload per merged segment

@@ -4,8 +4,11 @@
 Packets move in bursts through two kinds of context: TUN -> UDP (txctx_t: read each
 packet into a send batch with HEADROOM bytes in front, frame it in place, send frames
 to one peer and socket together with UDP_SEGMENT or sendmmsg) and UDP -> TUN (rxctx_t:
-receive, often several GRO datagrams per read, validate, coalesce TCP segments back
-into super-packets, write them to the TUN). Every per-packet outcome is a counter bump
+receive a batch of reads per call with recvmmsg, each read often several GRO
+datagrams, validate, coalesce TCP segments back into super-packets across the batch,
+write them to the TUN). Where the kernel lacks UDP GSO (Linux < 4.18) or GRO (< 5.0)
+the batched calls keep the syscalls per packet low and the TUN writes as large as
+with them; where it lacks sendmmsg/recvmmsg too (ENOSYS), one datagram per call. Every per-packet outcome is a counter bump
 in the context, never a Python object or exception. The data path is C functions:
 _tx.pxi (TUN -> UDP), _rx.pxi (UDP -> TUN), _datapath.pxi (what both share: drops,
 framing, TUN writes, the threads); _tables.pxi holds the route tables, byte accessors
@@ -56,6 +59,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendto(int, const void *, size_t, int, const sockaddr *, socklen_t)
     int AF_INET
     int MSG_DONTWAIT
+    int MSG_WAITFORONE
 
 cdef extern from "netio.h" nogil:
     uint64_t uf_csum_partial(const uint8_t *p, size_t n, uint64_t sum)
@@ -63,10 +67,16 @@ cdef extern from "netio.h" nogil:
     uint64_t uf_pseudo4(const uint8_t *iphdr, uint8_t proto, uint16_t len)
     long uf_send_gso_iov(int fd, iovec *iov, int iovcnt, uint16_t segsize,
                          const sockaddr_in *dst)
-    long uf_send_many_iov(int fd, iovec *iov, int count, const sockaddr_in *dst)
+    long uf_send_many_iov(int fd, iovec *iov, int count, const sockaddr_in *dst, int *mmsg,
+                          uint64_t *calls)
     long uf_recvmsg(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize,
                     uint32_t *ovfl, int flags)
+    int uf_have_mmsg(int fd)
+    void uf_rxbatch_init(uf_rxbatch *b, uint8_t *base, size_t stride, size_t cap)
+    int uf_recvmmsg(int fd, uf_rxbatch *b, int vlen, uint32_t *ovfl, int flags)
+    int UF_RX_BATCH
     int EIO
+    int ENOSYS
     int SO_RXQ_OVFL
 
 cdef extern from "threads.h" nogil:
@@ -118,6 +128,8 @@ cdef enum:
     BUDGET = 256             # packets per burst in a thread
     ICMP_REPLY_MAX = 128     # IPv4 + ICMP headers (28) + the quoted IP header (<= 60) + 8
     BUFSIZE = 65536 + 64
+    RX_BATCH = 64            # datagrams (or GRO reads) per recvmmsg: netio.h's UF_RX_BATCH
+    RX_SLOT = 65536 + 4096   # one read's room in the receive buffer (BUFSIZE, whole pages)
 
 cdef enum:
     FRAME_VXLAN = 0
@@ -140,6 +152,8 @@ cdef enum:
     C_RX_MERGED
     C_GSO_FALLBACK
     C_RX_CSUM_COMPLETED
+    C_TX_CALLS
+    C_RX_CALLS
     D_BAD_PACKET
     D_NO_ROUTE
     D_SEND_ERROR
@@ -165,7 +179,8 @@ _SLOT_NAMES = {
     C_TX_PACKETS: "tx_packets", C_TX_BYTES: "tx_bytes", C_RX_PACKETS: "rx_packets",
     C_RX_BYTES: "rx_bytes", C_ICMP: "icmp_unreachable", C_TX_SUPER: "tx_super_packets",
     C_RX_MERGED: "rx_merged_writes", C_GSO_FALLBACK: "gso_fallbacks",
-    C_RX_CSUM_COMPLETED: "rx_csum_completed",
+    C_RX_CSUM_COMPLETED: "rx_csum_completed", C_TX_CALLS: "tx_send_calls",
+    C_RX_CALLS: "rx_recv_calls",
     D_BAD_PACKET: "drop_bad_packet", D_NO_ROUTE: "drop_no_route",
     D_SEND_ERROR: "drop_send_error", D_BAD_OFFLOAD: "drop_bad_offload",
     D_TTL_EXPIRED: "drop_ttl_expired", D_SHORT: "drop_short", D_BAD_FLAGS: "drop_bad_flags",
@@ -228,11 +243,14 @@ cdef rxctx_t *rx_new(eng_t *e, int queue, int fd, bint bare, void *owner) except
     if c == NULL:
         raise MemoryError()
     c.e, c.queue, c.fd, c.bare, c.owner, c.tun_fd, c.poller = e, queue, fd, bare, owner, -1, -1
-    c.buf = <uint8_t *>malloc(BUFSIZE)
+    # address space for a whole batch; only the pages datagrams land in become memory
+    c.buf = <uint8_t *>malloc(RX_BATCH * RX_SLOT)
     c.cbuf = <uint8_t *>malloc(VNET + BUFSIZE)
-    if c.buf == NULL or c.cbuf == NULL:
+    c.batch = <uf_rxbatch *>malloc(sizeof(uf_rxbatch))
+    if c.buf == NULL or c.cbuf == NULL or c.batch == NULL:
         rx_free(c)
         raise MemoryError()
+    uf_rxbatch_init(c.batch, c.buf, RX_SLOT, BUFSIZE)
     return c
 
 
@@ -240,6 +258,7 @@ cdef void rx_free(rxctx_t *c) noexcept:
     if c != NULL:
         free(c.buf)
         free(c.cbuf)
+        free(c.batch)
         free(c)
 
 
@@ -259,6 +278,8 @@ cdef class Engine:
 
     def __init__(self, *, int vni, bytes vtep_mac, str network, int subnet_len,
                  bint strict_source=False):
+        if UF_RX_BATCH != RX_BATCH:
+            raise RuntimeError("netio.h's UF_RX_BATCH and the engine's RX_BATCH differ")
         net = ipaddress.IPv4Network(network)
         if not 0 < vni < (1 << 24):
             raise ValueError(f"VNI {vni} out of range")
@@ -420,9 +441,11 @@ cdef class Engine:
         return total
 
     def offloads(self):
-        """What is in use now (gso turns itself off if the kernel refuses it)."""
+        """What is in use now (gso, sendmmsg and recvmmsg turn themselves off if the
+        kernel refuses them)."""
         return {"vnet_hdr": bool(self.e.vnet), "gso": bool(uf_load_int(&self.e.gso)),
-                "gro": bool(self.e.gro)}
+                "gro": bool(self.e.gro), "sendmmsg": bool(uf_load_int(&self.e.mmsg_tx)),
+                "recvmmsg": bool(uf_load_int(&self.e.mmsg_rx))}
 
     # ---- one packet at a time, for tests and tools ----------------------------------
 
@@ -558,12 +581,14 @@ cdef class Engine:
             self._bare_context(self.tx[0].tun_fd)
 
     def attach(self, int tun_fd, int udp_fd, *, int bare_fd=-1, tx_fds=(), bint vnet_hdr=False,
-               bint gso=False, bint gro=False):
+               bint gso=False, bint gro=False, bint mmsg=True):
         """Give the engine queue 0's fds and the shared ones: the TUN, the VXLAN socket
         (udp_fd), flanneld udp framing's socket (bare_fd, -1: none) and the VXLAN
         source-port sockets (tx_fds; empty: send from udp_fd). Say which offloads they
         were set up with: vnet_hdr (the TUN was opened with IFF_VNET_HDR), gso
-        (UDP_SEGMENT may be used), gro (UDP_GRO is on)."""
+        (UDP_SEGMENT may be used), gro (UDP_GRO is on). mmsg: batch with sendmmsg
+        (several datagrams that UDP_SEGMENT cannot carry) and recvmmsg (a batch of
+        datagrams per receive) where the kernel has them, which is asked here, once."""
         cdef int k
         if self.threads:
             raise RuntimeError("stop_threads() first")
@@ -577,6 +602,8 @@ cdef class Engine:
         self.e.vnet = vnet_hdr
         self.e.gso = gso
         self.e.gro = gro
+        probe = udp_fd if udp_fd >= 0 else bare_fd
+        self.e.mmsg_tx = self.e.mmsg_rx = mmsg and probe >= 0 and uf_have_mmsg(probe)
         if self.nq == 0:
             self.tx[0] = tx_new(&self.e, 0, <void *>self)
             self.nq = 1

@@ -1,9 +1,12 @@
-# Included by _engine.pyx: UDP -> TUN. Each read may hold several same-size datagrams
-# (UDP_GRO); each is validated (decap_c for VXLAN, decap_bare_c for flanneld udp
-# framing, accept_inner for the rules on the inner packet whatever the framing) and
-# delivered from the receive buffer: with vnet_hdr, adjacent TCP segments of one flow
-# are coalesced into one super-packet write (co_add / co_flush), else each is written
-# alone. Shared rules (drops, framing, TUN writes, threads) are in _datapath.pxi.
+# Included by _engine.pyx: UDP -> TUN. Each receive call brings a batch of datagrams
+# (recvmmsg, one slot of the receive buffer each), and each read may hold several
+# same-size datagrams (UDP_GRO); each datagram is validated (decap_c for VXLAN,
+# decap_bare_c for flanneld udp framing, accept_inner for the rules on the inner packet
+# whatever the framing) and delivered from the receive buffer: with vnet_hdr, adjacent
+# TCP segments of one flow are coalesced into one super-packet write (co_add /
+# co_flush) across the whole batch, so a kernel without UDP GRO gets the same TUN
+# writes as one with it; else each is written alone. Shared rules (drops, framing, TUN
+# writes, threads) are in _datapath.pxi.
 
 # ---- validating --------------------------------------------------------------------
 
@@ -120,49 +123,69 @@ cdef void complete_partial_csum(rxctx_t *c, uint8_t *p, Py_ssize_t total) noexce
 # ---- receiving ---------------------------------------------------------------------
 
 cdef int udp_burst(rxctx_t *c, int budget, bint block) noexcept nogil:
-    """Receive on the context's socket (VXLAN, or flanneld udp framing when `bare`):
-    each read may hold several same-size datagrams (UDP_GRO), split by the reported
-    size. The first read blocks when `block` (a thread), the rest never do. Reads
-    done, or -errno if the socket itself failed."""
-    cdef int done = 0, segsize = 0
+    """Receive on the context's socket (VXLAN, or flanneld udp framing when `bare`): a
+    batch of reads per call (recvmmsg; one per call where the kernel lacks it), each
+    read one datagram or several same-size ones (UDP_GRO). Segments are coalesced
+    across the batch and written before the next call. The first call blocks when
+    `block` (a thread), the rest never do. Reads done, or -errno if the socket itself
+    failed."""
+    cdef int done = 0, segsize = 0, got, k, vlen
     cdef long n
-    cdef Py_ssize_t plen = 0, off, dl
     cdef sockaddr_in src
-    cdef uint32_t source
+    cdef uf_rxbatch *b = c.batch
     while done < budget:
-        n = uf_recvmsg(c.fd, c.buf, BUFSIZE, &src, &segsize, &c.rx_ovfl,
-                       0 if (block and done == 0) else MSG_DONTWAIT)
-        if n < 0:
-            if n == -EINTR:
+        if uf_load_int(&c.e.mmsg_rx):
+            vlen = budget - done if budget - done < RX_BATCH else RX_BATCH
+            got = uf_recvmmsg(c.fd, b, vlen, &c.rx_ovfl,
+                              MSG_WAITFORONE if (block and done == 0) else MSG_DONTWAIT)
+            if got == -ENOSYS:  # no recvmmsg here after all: one read per call from now on
+                uf_store_int(&c.e.mmsg_rx, 0)
+                continue
+        else:
+            vlen = 1
+            n = uf_recvmsg(c.fd, c.buf, BUFSIZE, &src, &segsize, &c.rx_ovfl,
+                           0 if (block and done == 0) else MSG_DONTWAIT)
+            got = 1 if n >= 0 else <int>n
+            b.len[0], b.segsize[0], b.src[0] = n, segsize, src
+        if got < 0:
+            if got == -EINTR:
                 if block and done == 0:
                     break
                 continue
-            if n != -EAGAIN:
-                return <int>n
+            if got != -EAGAIN:
+                return got
             break
         if done == 0 and block:
             rx_begin(c)
-        done += 1
-        if segsize < 0:  # control data cut short: the GRO segment size is unknown
-            rx_drop(c, D_TRUNCATED)
-            continue
-        if n == 0:
-            rx_drop(c, D_SHORT)
-            continue
-        source = ntohl(src.sin_addr.s_addr)
-        if segsize == 0 or segsize >= n:
-            segsize = <int>n
-        off = 0
-        while off < n:
-            dl = n - off if n - off < segsize else segsize
-            if c.bare:
-                if decap_bare_c(c, c.buf + off, dl, source, &plen) == ACT_DELIVER:
-                    deliver(c, c.buf + off, plen)
-            elif decap_c(c, c.buf + off, dl, source, &plen) == ACT_DELIVER:
-                deliver(c, c.buf + off + HEADROOM, plen)
-            off += segsize
+        done += got
+        c.ctr[C_RX_CALLS] += 1
+        for k in range(got):
+            rx_read(c, c.buf + k * RX_SLOT, b.len[k], b.segsize[k], ntohl(b.src[k].sin_addr.s_addr))
         co_flush(c)
+        if got < vlen:
+            break  # the socket had no more: the next call would only say EAGAIN
     return done
+
+
+cdef void rx_read(rxctx_t *c, uint8_t *buf, long n, int segsize, uint32_t source) noexcept nogil:
+    """One read: a datagram, or several same-size ones (GRO) split by the reported size."""
+    cdef Py_ssize_t plen = 0, off = 0, dl
+    if segsize < 0:  # control data cut short: the GRO segment size is unknown
+        rx_drop(c, D_TRUNCATED)
+        return
+    if n == 0:
+        rx_drop(c, D_SHORT)
+        return
+    if segsize == 0 or segsize >= n:
+        segsize = <int>n
+    while off < n:
+        dl = n - off if n - off < segsize else segsize
+        if c.bare:
+            if decap_bare_c(c, buf + off, dl, source, &plen) == ACT_DELIVER:
+                deliver(c, buf + off, plen)
+        elif decap_c(c, buf + off, dl, source, &plen) == ACT_DELIVER:
+            deliver(c, buf + off + HEADROOM, plen)
+        off += segsize
 
 
 cdef inline void rx_begin(rxctx_t *c) noexcept nogil:

@@ -1,8 +1,10 @@
 # Included by _engine.pyx: TUN -> UDP. Each read lands in the send batch with HEADROOM
 # bytes in front and is framed in place (encap_c); frames to one peer and socket leave
-# together (queue_packet / flush_batch: one UDP_SEGMENT send, else sendmmsg). With
-# vnet_hdr a read may be a TSO super-packet, cut into segments whose headers are
-# written apart and whose payloads stay in the read buffer (send_segments). No route
+# together (queue_packet / flush_batch: one UDP_SEGMENT send, else sendmmsg: a burst of
+# reads costs one send call per peer, not one per packet, on kernels without UDP GSO
+# too). With vnet_hdr a read may be a TSO super-packet, cut into segments whose headers
+# are written apart and whose payloads stay in the read buffer (send_segments), all of
+# them in one call (UDP_SEGMENT, else sendmmsg). No route
 # inside the overlay: an ICMP net unreachable back into the TUN. Shared rules (drops,
 # framing, TUN writes, threads) are in _datapath.pxi.
 
@@ -141,8 +143,8 @@ cdef void queue_packet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
     c.b_off = (frame - c.bbuf) + flen
     if flen < c.b_seg:
         c.b_closed = True  # UDP_SEGMENT: only the last datagram may be shorter
-    if c.b_count == MAX_WINDOW or c.b_off + c.b_seg > UDP_MAX_PAYLOAD:
-        flush_batch(c)
+    if c.b_count == MAX_WINDOW or (gso_on(c.e) and c.b_off + c.b_seg > UDP_MAX_PAYLOAD):
+        flush_batch(c)  # (sendmmsg has no byte limit: batch_slot keeps room for the next read)
 
 
 cdef void flush_batch(txctx_t *c) noexcept nogil:
@@ -158,11 +160,13 @@ cdef void flush_batch(txctx_t *c) noexcept nogil:
     if count == 1:
         sent = 1 if sendto(c.b_fd, c.b_iov[0].iov_base, c.b_iov[0].iov_len, 0,
                            <sockaddr *>&c.b_route.addr, sizeof(sockaddr_in)) >= 0 else 0
+        c.ctr[C_TX_CALLS] += sent
     else:
         if gso_on(c.e):  # queue_packet kept the sizes UDP_SEGMENT needs
             rc = uf_send_gso_iov(c.b_fd, c.b_iov, count, <uint16_t>c.b_seg, &c.b_route.addr)
             if rc >= 0:
                 sent = count
+                c.ctr[C_TX_CALLS] += 1
             else:
                 gso_failed(c.e, c.ctr, rc)
         if sent == 0:
@@ -170,7 +174,8 @@ cdef void flush_batch(txctx_t *c) noexcept nogil:
                 c.tx_iov[2 * k] = c.b_iov[k]
                 c.tx_iov[2 * k + 1].iov_base = NULL
                 c.tx_iov[2 * k + 1].iov_len = 0
-            rc = uf_send_many_iov(c.b_fd, c.tx_iov, count, &c.b_route.addr)
+            rc = uf_send_many_iov(c.b_fd, c.tx_iov, count, &c.b_route.addr, &c.e.mmsg_tx,
+                                  &c.ctr[C_TX_CALLS])
             sent = <int>rc if rc > 0 else 0
     for k in range(sent, count):  # exact counters: undo what did not leave
         c.ctr[C_TX_PACKETS] -= 1
@@ -323,9 +328,10 @@ cdef int send_window(txctx_t *c, route_t *r, int fd, int count, Py_ssize_t strid
     if gso_on(c.e) and count > 1:
         rc = uf_send_gso_iov(fd, c.tx_iov, 2 * count, <uint16_t>stride, &r.addr)
         if rc >= 0:
+            c.ctr[C_TX_CALLS] += 1
             return count
         gso_failed(c.e, c.ctr, rc)
-    rc = uf_send_many_iov(fd, c.tx_iov, count, &r.addr)
+    rc = uf_send_many_iov(fd, c.tx_iov, count, &r.addr, &c.e.mmsg_tx, &c.ctr[C_TX_CALLS])
     return <int>rc if rc > 0 else 0
 
 

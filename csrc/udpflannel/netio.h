@@ -1,4 +1,5 @@
-/* Small C helpers for the engine: Internet checksums and the UDP GSO/GRO syscalls.
+/* Small C helpers for the engine: Internet checksums and the batched UDP syscalls
+ * (UDP GSO sends and GRO receives, and sendmmsg / recvmmsg where those are missing).
  *
  * Checksums are summed over native-order 32-bit words and folded; because the
  * Internet checksum is byte-order independent (RFC 1071), storing the folded value
@@ -124,15 +125,18 @@ static inline long uf_send_gso_iov(int fd, struct iovec *iov, int iovcnt, uint16
     return n < 0 ? -errno : n;
 }
 
-/* `count` datagrams with sendmmsg; datagram k is iov[2k] + iov[2k+1].
- * Returns how many were sent, or -errno if none was. */
+/* `count` datagrams to one destination; datagram k is iov[2k] + iov[2k+1]. With
+ * *mmsg set they leave by sendmmsg (64 per call); a kernel without it (ENOSYS, Linux
+ * < 3.0, or a seccomp profile) clears *mmsg for good and they go one sendmsg each.
+ * Returns how many were sent, or -errno if none was; *calls counts the calls that
+ * sent something. */
 #define UF_MMSG_MAX 64
 static inline long uf_send_many_iov(int fd, struct iovec *iov, int count,
-                                    const struct sockaddr_in *dst)
+                                    const struct sockaddr_in *dst, int *mmsg, uint64_t *calls)
 {
     struct mmsghdr msgs[UF_MMSG_MAX];
     int sent = 0;
-    while (sent < count) {
+    while (sent < count && __atomic_load_n(mmsg, __ATOMIC_RELAXED)) {
         int batch = count - sent > UF_MMSG_MAX ? UF_MMSG_MAX : count - sent;
         memset(msgs, 0, sizeof(struct mmsghdr) * batch);
         for (int i = 0; i < batch; i++) {
@@ -142,11 +146,35 @@ static inline long uf_send_many_iov(int fd, struct iovec *iov, int count,
             msgs[i].msg_hdr.msg_namelen = sizeof *dst;
         }
         int n = sendmmsg(fd, msgs, batch, 0);
+        if (n < 0 && errno == ENOSYS) {
+            __atomic_store_n(mmsg, 0, __ATOMIC_RELAXED);
+            break;
+        }
         if (n <= 0)
             return sent ? sent : -errno;
+        *calls += 1;
         sent += n;
     }
+    while (sent < count) {
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov + 2 * sent;
+        msg.msg_iovlen = 2;
+        msg.msg_name = (void *)dst;
+        msg.msg_namelen = sizeof *dst;
+        if (sendmsg(fd, &msg, 0) < 0)
+            return sent ? sent : -errno;
+        *calls += 1;
+        sent++;
+    }
     return sent;
+}
+
+/* Whether this kernel has sendmmsg and recvmmsg (a call with no message costs
+ * nothing and answers ENOSYS where they are missing). */
+static inline int uf_have_mmsg(int fd)
+{
+    return sendmmsg(fd, NULL, 0, MSG_DONTWAIT) >= 0 && recvmmsg(fd, NULL, 0, MSG_DONTWAIT, NULL) >= 0;
 }
 
 #ifndef SO_RXQ_OVFL
@@ -192,6 +220,65 @@ static inline long uf_recvmsg(int fd, uint8_t *buf, size_t cap, struct sockaddr_
             memcpy(segsize, CMSG_DATA(cm), sizeof(int));
         else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SO_RXQ_OVFL)
             memcpy(ovfl, CMSG_DATA(cm), sizeof(uint32_t));
+    }
+    return n;
+}
+
+/* recvmmsg's arrays for one socket: datagram (or GRO read) i lands in iov[i]. */
+#define UF_RX_BATCH 64
+struct uf_rxbatch {
+    struct mmsghdr msgs[UF_RX_BATCH];
+    struct iovec iov[UF_RX_BATCH];
+    struct sockaddr_in src[UF_RX_BATCH];
+    union uf_cmsg_space ctl[UF_RX_BATCH];
+    int segsize[UF_RX_BATCH];  /* as uf_recvmsg's *segsize */
+    long len[UF_RX_BATCH];
+};
+
+/* Message i is received into base + i * stride, at most cap bytes. */
+static inline void uf_rxbatch_init(struct uf_rxbatch *b, uint8_t *base, size_t stride, size_t cap)
+{
+    memset(b, 0, sizeof *b);
+    for (int i = 0; i < UF_RX_BATCH; i++) {
+        b->iov[i].iov_base = base + i * stride;
+        b->iov[i].iov_len = cap;
+        b->msgs[i].msg_hdr.msg_iov = &b->iov[i];
+        b->msgs[i].msg_hdr.msg_iovlen = 1;
+        b->msgs[i].msg_hdr.msg_name = &b->src[i];
+    }
+}
+
+/* One recvmmsg of up to vlen (<= UF_RX_BATCH) messages: each one's length, source,
+ * GRO segment size (as uf_recvmsg) and the socket's drop count (*ovfl). flags:
+ * MSG_WAITFORONE (block for the first on a blocking socket) or MSG_DONTWAIT. How
+ * many were received, or -errno. */
+static inline int uf_recvmmsg(int fd, struct uf_rxbatch *b, int vlen, uint32_t *ovfl, int flags)
+{
+    struct cmsghdr *cm;
+    int n, i;
+    for (i = 0; i < vlen; i++) {
+        b->msgs[i].msg_hdr.msg_namelen = sizeof b->src[i];
+        b->msgs[i].msg_hdr.msg_control = b->ctl[i].buf;
+        b->msgs[i].msg_hdr.msg_controllen = sizeof b->ctl[i].buf;
+        b->msgs[i].msg_hdr.msg_flags = 0;
+    }
+    n = recvmmsg(fd, b->msgs, vlen, flags, NULL);
+    if (n < 0)
+        return -errno;
+    for (i = 0; i < n; i++) {
+        struct msghdr *msg = &b->msgs[i].msg_hdr;
+        b->len[i] = b->msgs[i].msg_len;
+        b->segsize[i] = 0;
+        if (msg->msg_flags & MSG_CTRUNC) {
+            b->segsize[i] = -1;
+            continue;
+        }
+        for (cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR(msg, cm)) {
+            if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO)
+                memcpy(&b->segsize[i], CMSG_DATA(cm), sizeof(int));
+            else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SO_RXQ_OVFL)
+                memcpy(ovfl, CMSG_DATA(cm), sizeof(uint32_t));
+        }
     }
     return n;
 }

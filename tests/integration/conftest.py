@@ -13,6 +13,7 @@ import tempfile
 
 import pytest
 
+from udpflannel.lab import oldkernel
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab
 
@@ -57,9 +58,13 @@ def make_lab():
 
 @pytest.fixture
 def make_cluster(workdir):
+    """Cluster(lab, ...) whose daemons are stopped at the end; kernel="no-gro" (a
+    udpflannel.lab.oldkernel profile) runs them as on an older kernel."""
     clusters: list[Cluster] = []
 
-    def make(lab: Lab, **kw) -> Cluster:
+    def make(lab: Lab, kernel: str | None = None, **kw) -> Cluster:
+        if kernel:
+            kw["wrapper"] = oldkernel.wrap(kernel)
         cluster = Cluster(lab, workdir, **kw)
         clusters.append(cluster)
         return cluster

@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 
 import pytest
+from oldkernels import kernels
 
 from udpflannel.core.lease import Lease
 from udpflannel.lab import kernelvxlan, probe
@@ -16,12 +17,13 @@ KERNEL_SUBNET = "10.244.200.0/24"
 KERNEL_MAC = "02:aa:bb:cc:dd:01"
 
 
-@pytest.fixture
-def mixed(make_lab, make_cluster):
-    """Node 1 runs udpflannel; node 2 runs kernel VXLAN and holds a lease in the
-    same registry, as a flanneld vxlan node would."""
+@pytest.fixture(params=kernels("no-udp-offload", "no-tun-offload"))
+def mixed(make_lab, make_cluster, request):
+    """Node 1 runs udpflannel (on this kernel, or as on an older one: its batched
+    paths then face the kernel's frames); node 2 runs kernel VXLAN and holds a lease in
+    the same registry, as a flanneld vxlan node would."""
     lab = make_lab(2)
-    cluster = make_cluster(lab)
+    cluster = make_cluster(lab, kernel=request.param)
     cluster.start(0)
     st = cluster.wait_status(0, lambda s: s.ready)
     with lab.nodes[1].ipr() as ipr:

@@ -19,13 +19,15 @@ PEERS = (PeerStatus("10.244.10.0/24", "192.0.2.10", "vxlan"),
 BUSY_COUNTERS = {**dict.fromkeys(COUNTERS, 0),
                  "tx_packets": 1_234_567, "tx_bytes": 3 * 1024**3 + 5, "rx_packets": 7_654_321,
                  "rx_bytes": 512 * 1024**2, "icmp_unreachable": 17, "tx_super_packets": 4_001,
-                 "rx_merged_writes": 3_002, "gso_fallbacks": 2, "drop_no_route": 12,
+                 "rx_merged_writes": 3_002, "gso_fallbacks": 2, "tx_send_calls": 50_000,
+                 "rx_recv_calls": 300_000, "drop_no_route": 12,
                  "drop_spoofed": 3, "drop_bad_vni": 40_000}
 
 
 def busy(**changes) -> NodeStatus:
     plane = DataplaneStatus(kind="engine", reason="--dataplane engine", device="flannel0", mtu=1450,
-                            offloads=("tso", "gso", "gro"), io="threads, 2 queues, CPUs 0,1",
+                            offloads=("tso", "gso", "gro"), batching=("sendmmsg", "recvmmsg"),
+                            io="threads, 2 queues, CPUs 0,1",
                             peers=3, forwarding=True,
                             counters=dict(BUSY_COUNTERS), kernel_drops=99)
     st = NodeStatus(version="1.2.3", started=STARTED, ready=True,

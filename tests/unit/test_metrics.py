@@ -83,6 +83,8 @@ def test_every_family_label_and_value_of_a_busy_node():
     assert one(s, "udpflannel_offload_rx_merged_writes_total") == 3_002
     assert one(s, "udpflannel_offload_gso_fallbacks_total") == 2
     assert one(s, "udpflannel_socket_kernel_drops_total") == 99
+    assert one(s, "udpflannel_datagram_calls_total", direction="tx") == 50_000
+    assert one(s, "udpflannel_datagram_calls_total", direction="rx") == 300_000
     assert one(s, "udpflannel_peers") == 3
     assert one(s, "udpflannel_registry_up") == 1
     assert one(s, "udpflannel_lease_expiry_timestamp_seconds") == EXPIRES

@@ -23,6 +23,7 @@ registry      etcd https://127.0.0.1:2379 /coreos.com/network, reachable
 data plane    engine (--dataplane engine)
 device        flannel0, MTU 1450
 offloads      tso, gso, gro
+batching      sendmmsg, recvmmsg; packets per call: 24.7 sent, 25.5 received
 I/O           threads, 2 queues, CPUs 0,1
 peers         3
 tx            1.2M packets, 3.0 GiB
@@ -93,6 +94,21 @@ def test_json_round_trip_and_stable_key_order(st):
     assert NodeStatus.from_dict(json.loads(text)) == st
     assert text == to_json(NodeStatus.from_dict(json.loads(text)))
     assert list(json.loads(text)) == sorted(json.loads(text))
+
+
+def test_status_of_an_older_daemon_without_batching_reads_back():
+    """A daemon from before `batching` existed (and one with newer unknown keys)."""
+    d = json.loads(to_json(busy()))
+    del d["dataplane"]["batching"]
+    d["dataplane"]["some_future_field"] = [1, 2]
+    st = NodeStatus.from_dict(d)
+    assert st.dataplane.batching == () and st.dataplane.offloads == ("tso", "gso", "gro")
+    assert "batching      none (one datagram per system call); packets per call: 24.7 sent" in render(st, now=NOW)
+
+
+def test_batching_without_traffic_has_no_per_call_figures():
+    st = with_counters(busy(), tx_packets=0, rx_packets=0, tx_send_calls=0, rx_recv_calls=0)
+    assert "batching      sendmmsg, recvmmsg; packets per call: - sent, - received" in render(st, now=NOW)
 
 
 def test_json_carries_every_field_a_machine_needs():

@@ -45,6 +45,10 @@ class DataplaneStatus:
     device: str  # flannel0, flannel.1
     mtu: int
     offloads: tuple[str, ...] = ()  # in use now: "tso", "gso", "gro" (engine)
+    # engine: the batched system calls the kernel has, used where an offload is missing
+    # or cannot carry the packets: "sendmmsg" (several datagrams per send), "recvmmsg"
+    # (a batch per receive, TCP coalesced across it); empty: one datagram per call
+    batching: tuple[str, ...] = ()
     io: str = ""  # engine: how it runs, "loop" or "threads, 2 queues", and ", CPUs 0-1" if pinned
     peers: int = 0
     forwarding: bool = False  # the data path runs (readiness)
@@ -78,7 +82,8 @@ class NodeStatus:
             return kind(**{k: v for k, v in value.items() if k in known})
         plane = build(DataplaneStatus, d.get("dataplane"))
         if plane is not None:
-            plane = DataplaneStatus(**{**asdict(plane), "offloads": tuple(plane.offloads)})
+            plane = DataplaneStatus(**{**asdict(plane), "offloads": tuple(plane.offloads),
+                                       "batching": tuple(plane.batching)})
         peers = d.get("peer_list")
         return cls(version=d["version"], started=d["started"], ready=d["ready"],
                    lease=build(LeaseStatus, d.get("lease")),

@@ -57,9 +57,13 @@ DROP_REASONS = TX_DROPS + RX_DROPS
 # rx_merged_writes: TUN writes that carried several coalesced TCP segments;
 # gso_fallbacks: UDP_SEGMENT sends that failed and were sent again datagram by datagram;
 # rx_csum_completed: received TCP/UDP checksums a same-host kernel sender left unfinished
-# (CHECKSUM_PARTIAL), completed before the TUN.
+# (CHECKSUM_PARTIAL), completed before the TUN;
+# tx_send_calls / rx_recv_calls: the send and receive system calls that carried datagrams
+# (a UDP_SEGMENT send or a sendmmsg carries many, a recvmmsg brings many): packets per
+# call is what the batching achieves.
 COUNTERS = (("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "icmp_unreachable",
-             "tx_super_packets", "rx_merged_writes", "gso_fallbacks", "rx_csum_completed")
+             "tx_super_packets", "rx_merged_writes", "gso_fallbacks", "rx_csum_completed",
+             "tx_send_calls", "rx_recv_calls")
             + tuple("drop_" + r for r in DROP_REASONS))
 
 

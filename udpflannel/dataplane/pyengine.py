@@ -2,7 +2,8 @@
 
 The compiled engine's I/O API (attach, drain_tun / drain_udp / drain_bare, and the
 calls the userspace plane makes of any engine) around the pure twin, one packet per
-system call. It runs in the event loop only (--io loop) and without offloads: routes
+system call (it has no sendmmsg / recvmmsg: the counters of its send and receive
+calls say one packet each). It runs in the event loop only (--io loop) and without offloads: routes
 change in place between drains, there is one queue, and nothing ever waits to be
 published or reclaimed. Per-packet trouble is counted like the compiled engine's:
 a send or TUN write that fails undoes its tx_/rx_ counts and counts a drop.
@@ -27,9 +28,10 @@ class PyEngine(Forwarder):
     _kernel_drops = 0
 
     def attach(self, tun_fd: int, udp_fd: int, *, bare_fd: int = -1, tx_fds=(),
-               vnet_hdr: bool = False, gso: bool = False, gro: bool = False) -> None:
+               vnet_hdr: bool = False, gso: bool = False, gro: bool = False, mmsg: bool = True) -> None:
         """Give the engine its fds, as the compiled engine's attach. The twin's drains
-        run without offloads (its segment/coalesce model them)."""
+        run without offloads (its segment/coalesce model them) and without batching
+        (``mmsg`` is accepted and not used)."""
         if vnet_hdr or gso or gro:
             raise ValueError("the Python engine runs without offloads (use --offload off)")
         self._tun_fd = tun_fd
@@ -44,7 +46,7 @@ class PyEngine(Forwarder):
         self._bare = socket.socket(fileno=os.dup(bare_fd)) if bare_fd >= 0 else None
 
     def offloads(self) -> dict[str, bool]:
-        return {"vnet_hdr": False, "gso": False, "gro": False}
+        return {"vnet_hdr": False, "gso": False, "gro": False, "sendmmsg": False, "recvmmsg": False}
 
     def queues(self) -> int:
         return 1
@@ -79,6 +81,7 @@ class PyEngine(Forwarder):
                 try:
                     self._sender(packet, self._find(int.from_bytes(packet[16:20], "big"))
                                  ).sendto(data, addr)
+                    self._c["tx_send_calls"] += 1
                 except OSError:
                     self._c["tx_packets"] -= 1
                     self._c["tx_bytes"] -= len(packet)
@@ -107,6 +110,7 @@ class PyEngine(Forwarder):
             except OSError as e:
                 return -(e.errno or errno.EIO)
             done += 1
+            self._c["rx_recv_calls"] += 1
             for level, kind, value in ancillary:
                 if (level, kind) == (socket.SOL_SOCKET, SO_RXQ_OVFL) and len(value) >= 4:
                     self._kernel_drops = int.from_bytes(value[:4], sys.byteorder)

@@ -83,6 +83,7 @@ class EnginePlane:
         self.pool: list[socket.socket] = []
         self._udp_offloads: frozenset[str] = frozenset()
         self._gso = False
+        self._batching: tuple[str, ...] = ()  # sendmmsg / recvmmsg, as at attach (check() logs a loss)
         self._subnet = None
         self._readers: list[int] = []
         self._direct: dict = {}  # subnet -> PublicIP of peers routed directly
@@ -219,9 +220,11 @@ class EnginePlane:
         for q in range(1, self.opts.queues):  # a re-created TUN: its new queue fds
             self.engine.set_tun_fd(q, tun.fds[q])
         self._gso = gso
-        log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; VXLAN source ports: %d",
-                 tun.offloads, "on" if gso else "off",
-                 "on" if "gro" in self._udp_offloads else "off", len(self.pool) or 1)
+        self._batching = batching(self.engine.offloads())
+        log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; batching: %s; VXLAN source ports: %d",
+                 tun.offloads, "on" if gso else "off", "on" if "gro" in self._udp_offloads else "off",
+                 ", ".join(self._batching) or "none (one datagram per system call)",
+                 len(self.pool) or 1)
 
     def _start_reading(self) -> None:
         """The data path runs from here: its threads, or the loop's readers."""
@@ -498,6 +501,11 @@ class EnginePlane:
             self._gso = False
             log.warning("UDP GSO turned off: the kernel cannot segment on this path (EIO); "
                         "sending datagrams one by one")
+        if self.engine is not None and self._batching:
+            now = batching(self.engine.offloads())
+            for name in sorted(set(self._batching) - set(now)):
+                log.warning("%s turned off: the kernel refused it (ENOSYS); one datagram per call", name)
+            self._batching = now
 
     async def _follow_underlay_mtu(self) -> None:
         """The underlay's MTU changed under us (a VPN, a cloud's jumbo frames turned
@@ -526,7 +534,8 @@ class EnginePlane:
                              if got[key] and (name != "tso" or (self.tun and self.tun.tso)))
         return DataplaneStatus(
             kind=self.kind, reason=self.reason, device=self.opts.tun, mtu=self.mtu,
-            offloads=offloads, io=self._io_text(), peers=e.route_count() if e else 0,
+            offloads=offloads, batching=batching(e.offloads()) if e else (),
+            io=self._io_text(), peers=e.route_count() if e else 0,
             forwarding=bool(self._readers),
             counters=e.counters() if e else dict.fromkeys(COUNTERS, 0),
             kernel_drops=e.kernel_drops() if e else 0)
@@ -543,6 +552,11 @@ class EnginePlane:
     def peers(self) -> tuple[PeerStatus, ...]:
         routes = self.book.routes.values() if self.book else ()
         return tuple(PeerStatus(str(r.subnet), str(r.public_ip), r.framing) for r in routes)
+
+
+def batching(offloads: dict[str, bool]) -> tuple[str, ...]:
+    """The batched calls an engine's offloads() says it uses (sendmmsg, recvmmsg)."""
+    return tuple(name for name in ("sendmmsg", "recvmmsg") if offloads.get(name))
 
 
 def _delete_link(name: str, mac: str) -> bool:

@@ -23,8 +23,9 @@ class BuildError(Exception):
     """A lab program's source is missing or does not compile; the message says which."""
 
 
-def build(source: Path) -> str:
-    """Path of the compiled program, compiling it if this source was never built."""
+def build(source: Path, libs: tuple[str, ...] = ()) -> str:
+    """Path of the compiled program, compiling it if this source was never built;
+    ``libs`` are linked in (``("seccomp",)``: -lseccomp)."""
     try:
         text = source.read_bytes()
     except OSError as e:
@@ -39,18 +40,19 @@ def build(source: Path) -> str:
     for directory in CACHE_DIRS:
         try:
             os.makedirs(directory, exist_ok=True)
-            return _compile(source, directory, name)
+            return _compile(source, directory, name, libs)
         except OSError as e:  # not writable: try the next place
             last = e
     raise BuildError(f"no writable cache directory for {source.name} ({last})")
 
 
-def _compile(source: Path, directory: str, name: str) -> str:
+def _compile(source: Path, directory: str, name: str, libs: tuple[str, ...]) -> str:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}-")
     os.close(fd)
     try:
         try:
-            done = subprocess.run(["gcc", "-O2", "-Wall", "-o", tmp, str(source)], capture_output=True,
+            done = subprocess.run(["gcc", "-O2", "-Wall", "-o", tmp, str(source),
+                                   *(f"-l{lib}" for lib in libs)], capture_output=True,
                                   text=True, timeout=COMPILE_TIMEOUT, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise BuildError(f"gcc not found: install gcc to build {source.name}") from None

@@ -29,7 +29,8 @@ class ClusterError(Exception):
 class Cluster:
     def __init__(self, lab: Lab, workdir: str, *, engine: str = "compiled",
                  extra_args: Sequence[str] = (), etcd_endpoints: str | None = None,
-                 kubeconfig: str | None = None, net_config: str | None = None, node_prefix: str = "node") -> None:
+                 kubeconfig: str | None = None, net_config: str | None = None, node_prefix: str = "node",
+                 wrapper: Sequence[str] = ()) -> None:
         self.lab = lab
         self.kubeconfig = kubeconfig
         self.net_config = net_config
@@ -37,6 +38,7 @@ class Cluster:
         self.workdir = workdir
         self.engine = engine
         self.extra_args = list(extra_args)
+        self.wrapper = list(wrapper)  # argv prefix for every daemon (lab.oldkernel.wrap)
         self.etcd_endpoints = etcd_endpoints
         self.registry_file = os.path.join(workdir, "registry.db")
         self.procs: dict[int, subprocess.Popen] = {}
@@ -57,7 +59,7 @@ class Cluster:
 
     def argv(self, i: int) -> list[str]:
         d = self.node_dir(i)
-        argv = [sys.executable, "-m", "udpflannel", "run", "--tun", "flannel0", "--iface", "eth0",
+        argv = [*self.wrapper, sys.executable, "-m", "udpflannel", "run", "--tun", "flannel0", "--iface", "eth0",
                 "--subnet-file", os.path.join(d, "subnet.env"), "--state-dir", d,
                 "--admin-socket", self.admin_path(i), "--engine", self.engine]
         if self.kubeconfig:

@@ -62,6 +62,12 @@ def families(st: NodeStatus) -> list[Metric]:
         "for packets to unleased addresses", value=count("icmp_unreachable")))
     for key, name, doc in OFFLOAD_COUNTERS:
         out.append(CounterMetricFamily(name, doc, value=count(key)))
+    calls = CounterMetricFamily("udpflannel_datagram_calls", "Send (tx) and receive (rx) system calls "
+                                "that carried overlay datagrams: packets over calls is what offloads "
+                                "(UDP GSO/GRO) and batching (sendmmsg/recvmmsg) achieve", labels=["direction"])
+    calls.add_metric(["tx"], count("tx_send_calls"))
+    calls.add_metric(["rx"], count("rx_recv_calls"))
+    out.append(calls)
     out.append(CounterMetricFamily(
         "udpflannel_socket_kernel_drops", "Datagrams the kernel dropped on the overlay UDP socket "
         "because its receive queue was full (SO_RXQ_OVFL)",

@@ -90,6 +90,19 @@ def _expiry(expiration: float, now: float) -> str:
     return f"expires in {human_duration(left)}" if left >= 0 else f"EXPIRED {human_duration(left)} ago"
 
 
+def _per_call(packets: int, calls: int) -> str:
+    return f"{packets / calls:.1f}" if calls else "-"
+
+
+def _batching(plane) -> str:
+    """The engine's batched calls, and how many packets each send and receive call
+    has carried on average: what offloads and batching achieve together."""
+    c = plane.counters
+    used = ", ".join(plane.batching) or "none (one datagram per system call)"
+    return (f"{used}; packets per call: {_per_call(int(c.get('tx_packets', 0)), int(c.get('tx_send_calls', 0)))}"
+            f" sent, {_per_call(int(c.get('rx_packets', 0)), int(c.get('rx_recv_calls', 0)))} received")
+
+
 def render(st: NodeStatus, now: float | None = None) -> str:
     """The human table. ``now`` (unix time) is injectable so tests are exact."""
     now = time.time() if now is None else now
@@ -122,6 +135,8 @@ def render(st: NodeStatus, now: float | None = None) -> str:
         rows.append(("data plane", f"{plane.kind} ({plane.reason})"))
         rows.append(("device", f"{plane.device}, MTU {plane.mtu}"))
         rows.append(("offloads", ", ".join(plane.offloads) or "none"))
+        if plane.kind == "engine":
+            rows.append(("batching", _batching(plane)))
         if plane.io:
             rows.append(("I/O", plane.io))
         rows.append(("peers", str(plane.peers)))

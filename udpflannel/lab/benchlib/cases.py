@@ -31,7 +31,7 @@ from typing import Callable, ContextManager, Iterator
 from udpflannel.core import config as netconfig
 from udpflannel.core.lease import Lease
 from udpflannel.core.wire import VXLAN_OVERHEAD, VXLAN_PORT
-from udpflannel.lab import kernelvxlan
+from udpflannel.lab import kernelvxlan, oldkernel
 from udpflannel.lab.benchlib.report import BASELINE as BASE_CASE
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab, Namespace
@@ -55,7 +55,15 @@ UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int, str]] = {
     "offload-4096-peers": (("--offload", "auto"), 4094, BIG_NETWORK),
     "no-offload": (("--offload", "off"), 0, BIG_NETWORK),
     "python": (("--engine", "python"), 0, BIG_NETWORK),
+    # the defaults on older kernels (lab.oldkernel's profiles: OLD_KERNEL below)
+    "no-uso": (("--offload", "auto"), 0, BIG_NETWORK),
+    "no-gro": (("--offload", "auto"), 0, BIG_NETWORK),
+    "no-udp-offload": (("--offload", "auto"), 0, BIG_NETWORK),
+    "no-tun-offload": (("--offload", "auto"), 0, BIG_NETWORK),
 }
+# mode -> the lab.oldkernel profile its daemons run under (a seccomp filter refusing
+# the newer kernel features, as an older kernel does); other modes see this kernel
+OLD_KERNEL: dict[str, str] = {mode: mode for mode in ("no-uso", "no-gro", "no-udp-offload", "no-tun-offload")}
 
 LAB_TAG = "ufb"
 VXLAN_DEV, VXLAN_VNI = "flannel.1", 1
@@ -131,14 +139,15 @@ def _preload_peers(registry_file: str, count: int, config: str = BIG_NETWORK) ->
     asyncio.run(write())
 
 
-def udpflannel(extra_args: tuple[str, ...], peers: int = 0,
-               config: str = BIG_NETWORK) -> Callable[[], ContextManager[Target]]:
+def udpflannel(extra_args: tuple[str, ...], peers: int = 0, config: str = BIG_NETWORK,
+               kernel: str | None = None) -> Callable[[], ContextManager[Target]]:
     @contextmanager
     def setup() -> Iterator[Target]:
         workdir = tempfile.mkdtemp(prefix="udpflannel-bench-")
+        wrapper = oldkernel.wrap(kernel) if kernel else ()
         try:
             with Lab(2, tag=LAB_TAG) as lab, \
-                    Cluster(lab, workdir, extra_args=extra_args) as cluster:
+                    Cluster(lab, workdir, extra_args=extra_args, wrapper=wrapper) as cluster:
                 _preload_peers(cluster.registry_file, peers, config)
                 cluster.start_all()
                 cluster.wait_converged(timeout=30)
@@ -151,7 +160,8 @@ def udpflannel(extra_args: tuple[str, ...], peers: int = 0,
                 yield Target(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), daemons=pids,
                              note=f"lab {lab.id}, daemons {', '.join(map(str, pids))}, "
                                   f"{st.dataplane.kind} plane, {st.dataplane.device} MTU "
-                                  f"{st.dataplane.mtu}",
+                                  f"{st.dataplane.mtu}, offloads {','.join(st.dataplane.offloads) or 'none'}"
+                                  + (f", kernel profile {kernel}" if kernel else ""),
                              restart=lambda how: _restart(cluster, 1, how))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -213,8 +223,10 @@ def all_cases() -> list[Case]:
     for mode, (extra, peers, config) in UDPFLANNEL_MODES.items():
         more = f", {peers + 1} peers in the route table" if peers else ""
         backend = ", flanneld's udp backend" if config == UDP_NETWORK else ""
-        cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}{more}{backend}",
-                          udpflannel(extra, peers, config), daemon_args=extra))
+        kernel = OLD_KERNEL.get(mode)
+        older = f", on a kernel as {oldkernel.PROFILES[kernel][1]} (seccomp)" if kernel else ""
+        cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}{more}{backend}{older}",
+                          udpflannel(extra, peers, config, kernel), daemon_args=extra))
     cases.append(Case("udpflannel-restart", "udpflannel run (defaults), node 2's daemon replaced during a "
                       "paced TCP stream: by a --takeover successor, and stopped then started (SIGTERM, "
                       "SIGKILL)", udpflannel(("--offload", "auto")), daemon_args=("--offload", "auto"),
