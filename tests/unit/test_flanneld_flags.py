@@ -36,6 +36,7 @@ HONOURED = {
     "iface-can-reach": ("10.1.2.3", "iface_can_reach", "10.1.2.3", None),
     "subnet-file": ("/tmp/s.env", "subnet_file", "/tmp/s.env", "/run/flannel/subnet.env"),
     "public-ip": ("10.0.0.9", "public_ip", "10.0.0.9", None),
+    "public-ipv6": ("fd00::9", "public_ipv6", "fd00::9", None),
     "subnet-lease-renew-margin": ("30", "renew_margin", 1800.0, 3600.0),
     "ip-masq": (None, "ip_masq", True, False),
     "ip-masq-fully-random-disable": (None, "ip_masq_fully_random", False, True),
@@ -51,11 +52,10 @@ HONOURED = {
 # flags that are not options of the node: -v is the log level, -version prints and exits
 OTHER = {"v", "version"}
 KUBE = "the Kubernetes subnet manager is not implemented; use --etcd-endpoints"
-IPV6 = "udpflannel carries an IPv4 overlay only; use "
 # flag -> the start of the reason given (the whole message is asserted against cli.REFUSED)
 REFUSED = {
     "kube-subnet-mgr": KUBE, "kube-api-url": KUBE, "kube-annotation-prefix": KUBE, "kubeconfig-file": KUBE,
-    "set-node-network-unavailable": KUBE, "public-ipv6": IPV6,
+    "set-node-network-unavailable": KUBE,
     "vmodule": "klog's per-Go-file verbosity", "log_backtrace_at": "klog's stack trace",
 }
 BOOLEAN_REFUSED = {"kube-subnet-mgr", "set-node-network-unavailable"}
@@ -117,7 +117,7 @@ def test_each_refused_flag(flag, capsys):
 
 
 def test_a_refused_flag_asking_for_nothing_passes():
-    assert options(["-kube-subnet-mgr=false", "-public-ipv6="]).ip_masq is False
+    assert options(["-kube-subnet-mgr=false", "-kube-api-url="]).ip_masq is False
     assert options([], {"FLANNELD_KUBE_SUBNET_MGR": "false"}).etcd_endpoints == FLANNELD_DEFAULT_ENDPOINTS
 
 
