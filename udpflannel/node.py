@@ -114,9 +114,7 @@ class Node:
         plane = self.plane
         return NodeStatus(
             version=__version__, started=self.started, ready=self.ready,
-            lease=None if lease is None else LeaseStatus(
-                str(lease.subnet), str(lease.public_ip), lease.backend_type or "udp",
-                lease.vtep_mac, lease.expiration),
+            lease=None if lease is None else LeaseStatus.from_lease(lease),
             registry=RegistryStatus(self.opts.registry_kind, self.opts.registry_where,
                                     self.health.ok),
             dataplane=plane.status() if plane else None,

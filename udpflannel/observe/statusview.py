@@ -25,7 +25,7 @@ def not_ready_reason(st: NodeStatus) -> str | None:
     if st.lease is None:
         return "no subnet lease yet (waiting for the registry and its network config)"
     if st.dataplane is None:
-        return f"leased {st.lease.subnet} but the data plane is not set up yet"
+        return f"leased {st.lease.describe()} but the data plane is not set up yet"
     if not st.dataplane.forwarding:
         return f"the {st.dataplane.kind} data plane on {st.dataplane.device} is not forwarding"
     return "subnet.env is not written yet"
@@ -103,8 +103,14 @@ def render(st: NodeStatus, now: float | None = None) -> str:
         rows.append(("lease", "none yet"))
     else:
         mac = f", VTEP MAC {lease.vtep_mac}" if lease.vtep_mac else ""
-        rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), "
-                              f"{_expiry(lease.expiration, now)}"))
+        if lease.subnet is not None:
+            rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), "
+                                  f"{_expiry(lease.expiration, now)}"))
+        if lease.ipv6_subnet is not None:
+            mac6 = f", VTEP MAC {lease.vtep_mac6}" if lease.vtep_mac6 else ""
+            rows.append(("lease" if lease.subnet is None else "IPv6 lease",
+                         f"{lease.ipv6_subnet} via {lease.public_ipv6} ({lease.backend_type}{mac6})"
+                         + ("" if lease.subnet is not None else f", {_expiry(lease.expiration, now)}")))
 
     reg = st.registry
     if reg is None:
