@@ -302,9 +302,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac)
             mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6, 6)  # dual stack
                     if cfg.enable_ipv6 else None)
-            log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
-                     underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
-                     cfg.network, cfg.backend_type, cfg.port)
+            log.info("underlay %s; network %s, backend %s, port %d", underlay.describe(),  # dual stack
+                     " + ".join(map(str, cfg.networks)), cfg.backend_type, cfg.port)
             if plane is None:
                 plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac, mac6))
                 plane_undo.push_async_callback(plane.stop)
