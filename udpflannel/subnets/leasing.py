@@ -287,7 +287,12 @@ class LeaseManager:
                         return None
                     if key != new.key:
                         self.lease = await self.registry.rekey_lease(new, self.ttl, key, raw)
-                        log.warning("our lease %s moved to key %s (%s)%s", key, new.key, why, _kind(self.lease))
+                        if holder is not None and self._provably_ours(holder):
+                            log.warning("our lease %s moved to key %s, keeping %s (the network's families "
+                                        "changed)%s", key, new.key, holder.describe(), _kind(self.lease))
+                        else:
+                            log.warning("subnet %s: reclaimed key %s into %s (%s)%s", new.describe(), key, new.key,
+                                        why, _kind(self.lease))
                         return self.lease
                     self.lease = await self.registry.replace_lease(new, self.ttl, raw)
                     if holder is not None and self._provably_ours(holder):
@@ -328,15 +333,18 @@ class LeaseManager:
             left = "" if e.holder is None or not e.holder.expiration else \
                 f", {max(e.holder.expiration - self._clock(), 0) / 60:.0f} min left"
             _, address, mac = self._primary(old, self.config.enable_ipv4)
-            log.warning("lease %s has our address %s but VTEP MAC %s (ours is %s) and is renewed in "
-                        "time%s: another node's, left alone", old.key, address, mac,
+            log.warning("lease %s has our %s %s but VTEP MAC %s (ours is %s) and is renewed in "
+                        "time%s: another node's, left alone", old.describe(), self._address_name(), address, mac,
                         self._primary(new, self.config.enable_ipv4)[2], left)
             return None
         _, address, mac = self._primary(old, self.config.enable_ipv4)
-        log.warning("took over lease %s: it carries our address %s (VTEP MAC %s, ours is %s) and its "
-                    "holder missed its renewal (due %.0f min before expiry)", new.key,
+        log.warning("took over lease %s: it carries our %s %s (VTEP MAC %s, ours is %s) and its "
+                    "holder missed its renewal (due %.0f min before expiry)", new.describe(), self._address_name(),
                     address, mac, self._primary(new, self.config.enable_ipv4)[2], self._margin() / 60)
         return self.lease
+
+    def _address_name(self) -> str:
+        return "PublicIP" if self.config.enable_ipv4 else "PublicIPv6"
 
     def _margin(self) -> float:
         return self.renew_margin if self.renew_margin < self.ttl else self.ttl / 2
