@@ -430,3 +430,51 @@ def test_turning_ipv6_on_keeps_each_node_s_ipv4_subnet(lab, etcd, tmp_path):
         assert "moved to key" in cluster.log_tail(a, 40)
     finally:
         cluster.stop_all()
+
+
+# -- DirectRouting -------------------------------------------------------------------------
+
+def _direct_routes(ns: Namespace) -> set[tuple[str, str, str]]:
+    """(subnet, gateway, device) of the routes to the overlay via a gateway on eth0."""
+    out = set()
+    with ns.ipr() as ipr:
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for r in ipr.route("dump", family=family, table=254):
+                if r.get_attr("RTA_OIF") == eth0 and r.get_attr("RTA_GATEWAY") and r.get_attr("RTA_DST"):
+                    out.add((f"{r.get_attr('RTA_DST')}/{r['dst_len']}", r.get_attr("RTA_GATEWAY"), "eth0"))
+    return out
+
+
+def test_direct_routing_routes_both_families_on_the_underlay_as_flanneld(lab, etcd, tmp_path):
+    p = prefix()
+    etcd.etcdctl("put", f"{p}/config", json.dumps(dual_config(Backend={"Type": "vxlan", "DirectRouting": True})))
+    f, o = len(lab.nodes), len(lab.nodes) + 1
+    lab.add_node()
+    lab.add_node()
+    fl = Flanneld(lab.nodes[f], str(tmp_path / "flanneld"), etcd_endpoints=etcd.endpoint, etcd_prefix=p)
+    cluster = Cluster(lab, str(tmp_path), etcd_endpoints=etcd.endpoint,
+                      extra_args=["--etcd-prefix", p, "--dataplane", "kernel"])
+    try:
+        fl.start().wait_ready()
+        cluster.start(o)
+        st = cluster.wait_status(o, lambda s: s.ready and s.dataplane.peers == 2, 30)
+        ours = (ipaddress.IPv4Network(st.lease.subnet), ipaddress.IPv6Network(st.lease.ipv6_subnet))
+        theirs = (fl.subnet, fl.ipv6_subnet)
+        for i, subnets in ((o, theirs), (f, ours)):
+            other = f if i == o else o
+            want = {(str(subnets[0]), lab.addresses[other], "eth0"), (str(subnets[1]), lab.addresses6[other], "eth0")}
+            deadline = time.monotonic() + 15
+            while _direct_routes(lab.nodes[i]) != want:
+                assert time.monotonic() < deadline, (i, _direct_routes(lab.nodes[i]), want)
+                time.sleep(0.2)
+        for a, subnets in ((o, theirs), (f, ours)):
+            for subnet in subnets:
+                wait_reachable(lab.nodes[a], str(subnet.network_address))
+        with lab.nodes[o].ipr() as ipr:  # nothing of flanneld's subnets is in flannel-v6.1
+            index = ipr.link_lookup(ifname="flannel-v6.1")[0]
+            assert not [n for n in ipr.neigh("dump", ifindex=index, family=socket.AF_INET6)
+                        if n["state"] & NUD_PERMANENT]
+    finally:
+        fl.stop()
+        cluster.stop_all()

@@ -170,8 +170,8 @@ class LeaseManager:
 
     def _placed(self, wanted: Lease, base: Lease | None, current: list[Lease], refused: set = frozenset()) -> Lease:
         """``wanted`` with a subnet of each family the network enables: ``base``'s if it
-        has one in range that no other key names, else the subnet file's if free, else
-        a free one at random."""
+        has one in range, else the subnet file's if free (no key names it), else a free
+        one at random."""
         named: dict = {}
         for x in current:
             for sub in x.subnets:
@@ -183,8 +183,10 @@ class LeaseManager:
             kept = None if base is None else (base.subnet if v == 4 else base.ipv6_subnet)
             prev = self._previous if v == 4 else self._previous6
             for cand in (kept, prev):
+                # ``base``'s own subnet stays its own even where another key names it too
+                # (an alias must not move a node; the registry's write decides)
                 if (cand is not None and pool.in_range(cand) and cand not in refused
-                        and not named.get(cand, set()) - {mine}):
+                        and (cand == kept or not named.get(cand, set()) - {mine})):
                     chosen[v] = cand
                     break
             else:
@@ -417,9 +419,9 @@ class LeaseManager:
             try:
                 self.lease = await self.registry.renew_lease(self.lease, self.ttl)
                 if self.lease.reserved:
-                    log.debug("renewed %s: a reservation, still without a TTL", self.lease.key)
+                    log.debug("renewed %s: a reservation, still without a TTL", self.lease.describe())
                 else:
-                    log.debug("renewed %s until %s", self.lease.key, time.ctime(self.lease.expiration))
+                    log.debug("renewed %s until %s", self.lease.describe(), time.ctime(self.lease.expiration))
                 return
             except LeaseLost as lost:
                 holder, raw = lost.holder, lost.raw
