@@ -1,8 +1,8 @@
 """Scale benchmark: one udpflannel daemon joining an etcd that already holds 5,000 leases.
 
-    /tmp/venv0/bin/python bench/etcd_scale.py [--leases 5000] [--puts 100]   (as root)
+    sudo .venv/bin/python bench/etcd_scale.py [--leases 5000] [--puts 100]
 
-Measures (issue 3's targets in brackets):
+Measures (the registry's scale targets in brackets):
   * start → all routes: from starting `udpflannel run` to its admin socket reporting a
     route for every lease in etcd; the worst of --repeat fresh starts      [< 2 s]
   * put → route live: a new lease's etcd put until the daemon's route count includes

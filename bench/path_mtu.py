@@ -1,5 +1,5 @@
-"""Path-MTU figures (issue 7 part 1): TCP through the overlay when the underlay path is,
-or is claimed to be, narrower than the overlay expects.
+"""Path-MTU figures: TCP through the overlay when the underlay path is, or is claimed to
+be (a forged ICMP), narrower than the overlay expects.
 
     sudo .venv/bin/python bench/path_mtu.py [--seconds 5] [--repeat 3] [--only udpflannel]
 
@@ -24,7 +24,7 @@ ICMP "destination unreachable" received count (proof the forged message arrived)
 PMTU node 1's kernel now holds for node 2 (`ip route get`), and node 2's reassembled
 datagrams (which cases fragment). The table shows medians; JSON goes to --out.
 
-Exit 0 when every run worked and issue 7's demands hold for udpflannel: after a forged
+Exit 0 when every run worked and the path-MTU demands hold for udpflannel: after a forged
 ICMP at least half the baseline with not one send error or GSO fallback and GSO still
 on; TCP flows with a route MTU or device MTU of 1400, without send errors. 1 otherwise,
 130 after Ctrl-C/SIGTERM (everything removed, nothing written). Needs root and iperf3.
@@ -69,7 +69,7 @@ VNI = 1
 WATCHED = ("drop_send_error", "gso_fallbacks")   # engine counters shown in the table
 # also recorded per run: proof that the run went through the offload path at all
 USED = ("tx_super_packets", "tx_packets")
-MIN_ICMP_RATIO = 0.5      # issue 7: after a forged ICMP, at least half the baseline
+MIN_ICMP_RATIO = 0.5      # demanded: after a forged ICMP, at least half the baseline
 
 
 # -- the two overlays -----------------------------------------------------------------
@@ -241,7 +241,7 @@ def summarize(runs: list[dict[str, Any]], engines: list[str]) -> dict[str, dict[
 
 
 def checks(summary: dict[str, dict[str, Any]]) -> list[tuple[str, bool]]:
-    """Issue 7's demands on udpflannel (kernel VXLAN is the reference, not judged)."""
+    """The path-MTU demands on udpflannel (kernel VXLAN is the reference, not judged)."""
     if "udpflannel/baseline" not in summary:
         return []
     icmp = summary["udpflannel/forged-icmp"]

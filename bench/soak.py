@@ -1,4 +1,4 @@
-"""Soak (issue 7): a 3-node udpflannel cluster on a real etcd under continuous traffic,
+"""Soak: a 3-node udpflannel cluster on a real etcd under continuous traffic,
 lease churn, junk keys and etcd restarts; does memory or fd count grow, does anything die?
 
     sudo .venv/bin/python bench/soak.py [--minutes 10]

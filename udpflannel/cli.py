@@ -130,6 +130,16 @@ def _level(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}, want a level such as 2") from None
 
 
+def _annotation_prefix(text: str) -> str:
+    """--kube-annotation-prefix, checked by flanneld's rules (core/kubenode.py)."""
+    from udpflannel.core.kubenode import NodeError, annotation_names
+    try:
+        annotation_names(text)
+    except NodeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _bool(text: str) -> bool:
     """`udpflannel run`'s booleans: Go's spellings in any case, and yes/no, on/off
     (flanneld's form takes Go's alone: goflag.parse_bool)."""
@@ -143,18 +153,11 @@ def _bool(text: str) -> bool:
 
 # flanneld flags udpflannel does not implement, and what to use instead.
 REFUSED = {
-    "--kube-subnet-mgr": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints "
-                         "(flanneld's etcd mode) or, on one host, the embedded registry",
-    "--kube-api-url": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
-    "--kubeconfig-file": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
-    "--kube-annotation-prefix": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints "
-                                "(and --etcd-prefix)",
     "--auto-detect-ipv6": "an older flanneld's flag: IPv6 is EnableIPv6 in the network config; use --iface "
                           "or --public-ipv6",
     "--iface-ipv6": "an older flanneld's flag: IPv6 is EnableIPv6 in the network config; use --iface",
     "--charon-executable-path": "the ipsec backend is not implemented; use the vxlan backend",
     "--charon-viciurl": "the ipsec backend is not implemented; use the vxlan backend",
-    "--set-node-network-unavailable": "the Kubernetes subnet manager is not implemented; use --etcd-endpoints",
     "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented; use one Network in the config",
     "--vmodule": "klog's per-Go-file verbosity has no meaning here; use -v=N",
     "--log_backtrace_at": "klog's stack trace at a Go source line has no meaning here; use -v=N",
@@ -216,7 +219,7 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                    help="pin the engine's data path to these CPUs (e.g. 0 or 2-3): with --io "
                         "threads or poll queue q's threads run on the list's q-th CPU (wrapping), "
                         "with --io loop the event loop thread (default: the scheduler decides; "
-                        "pinning trades throughput for latency, see bench/RESULTS.md)")
+                        "pinning trades small-packet throughput for latency, see bench/RESULTS.md)")
     p.add_argument("--udp-port", type=_port_or_off, default=8285,
                    help="flanneld udp framing towards udp peers (a cluster migrating from the "
                         "udp backend), on this port (default 8285; 0: off)")
@@ -256,6 +259,20 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                                      "many series)")
     switch("--ip-blackhole-route", False, "a blackhole route for this node's subnet, as flanneld "
                                           "(for CNI setups without a bridge route for it)")
+    switch("--kube-subnet-mgr", False,
+           "take the subnet from Kubernetes (the node's spec.podCIDR) and the peers from the nodes' "
+           "flannel annotations instead of etcd, as flanneld --kube-subnet-mgr; the node is NODE_NAME, or "
+           "the pod POD_NAMESPACE/POD_NAME's node; the network config is --net-config-path (default "
+           "/etc/kube-flannel/net-conf.json)")
+    p.add_argument("--kube-api-url", help="the Kubernetes API server's URL (default: the kubeconfig's, "
+                   "or in a pod the in-cluster one)")
+    p.add_argument("--kubeconfig-file", help="kubeconfig to reach the API server with (default: none; in a "
+                   "pod, the service account's in-cluster credentials)")
+    p.add_argument("--kube-annotation-prefix", type=_annotation_prefix, default="flannel.alpha.coreos.com",
+                   help="prefix of the node annotations (default flannel.alpha.coreos.com)")
+    switch("--set-node-network-unavailable", True,
+           "with --kube-subnet-mgr: set the node's NetworkUnavailable condition to False once it forwards "
+           "(default true)")
     p.add_argument("--takeover", nargs="?", const="exit", choices=("exit", "wait"), default=None,
                    help="upgrade without a gap: take the data plane of the daemon running for this "
                         "--tun over (its TUN queues and sockets, passed over the admin socket); it "
@@ -323,10 +340,22 @@ def node_parser(kind: type[Parser] = Parser) -> Parser:
     return p
 
 
+class _Version(argparse.Action):
+    """--version, reading the package metadata only when asked (importlib.metadata
+    costs tens of ms at every start, and a restart's first packet waits for them)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from udpflannel.version import __version__
+        print(f"udpflannel {__version__}")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> Parser:
-    from udpflannel.version import __version__
     parser = Parser(prog="udpflannel", description="flannel's node agent with a userspace data plane")
-    parser.add_argument("--version", action="version", version=f"udpflannel {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_node_flags(sub.add_parser("run", help="run the node daemon"))
     sub.add_parser("flanneld", add_help=False, help="run the node daemon from flanneld's command line "
@@ -375,14 +404,38 @@ def _io(a: argparse.Namespace) -> str:
     return a.io or default_io(a.engine)
 
 
-def _run_options(a: argparse.Namespace):
-    from udpflannel.options import RunOptions
+def _atoi(text: str, name: str) -> int:
+    """Go's strconv.Atoi, as flanneld reads EVENT_QUEUE_DEPTH."""
+    import re
+    if not re.fullmatch(r"[+-]?[0-9]+", text, re.ASCII) or not -(1 << 63) <= int(text) < 1 << 63:
+        raise BadInput(f"environment {name}={text!r}: not an integer")
+    return int(text)
+
+
+def kube_env(environ) -> dict:
+    """What flanneld's Kubernetes subnet manager reads from its environment (and
+    main.go's CONT_WHEN_CACHE_NOT_READY), as RunOptions fields. Read only with
+    --kube-subnet-mgr, as flanneld reads them only then."""
+    from udpflannel.options import EVENT_QUEUE_DEPTH
+    depth = EVENT_QUEUE_DEPTH
+    if environ.get("EVENT_QUEUE_DEPTH", "") != "":
+        n = _atoi(environ["EVENT_QUEUE_DEPTH"], "EVENT_QUEUE_DEPTH")
+        depth = n if n > 0 else EVENT_QUEUE_DEPTH  # flanneld: only a positive depth counts
+    return {"node_name": environ.get("NODE_NAME") or None, "pod_name": environ.get("POD_NAME") or None,
+            "pod_namespace": environ.get("POD_NAMESPACE") or None, "event_queue_depth": depth,
+            "cont_when_cache_not_ready": environ.get("CONT_WHEN_CACHE_NOT_READY") == "true"}
+
+
+def _run_options(a: argparse.Namespace, environ=None):
+    from udpflannel.options import KUBE_NET_CONF, RunOptions
     endpoints = tuple(e.strip() for e in (a.etcd_endpoints or "").split(",") if e.strip())
+    kube = kube_env(os.environ if environ is None else environ) if a.kube_subnet_mgr else {}
     return RunOptions(
         tun=a.tun, ifaces=tuple(a.iface), iface_regex=tuple(a.iface_regex),
         iface_can_reach=a.iface_can_reach, public_ip=a.public_ip, public_ipv6=a.public_ipv6,
         registry_file=a.registry_file,
-        net_config=a.net_config, subnet_file=a.subnet_file, state_dir=a.state_dir,
+        net_config=a.net_config or (KUBE_NET_CONF if a.kube_subnet_mgr else None),
+        subnet_file=a.subnet_file, state_dir=a.state_dir,
         admin_socket=a.admin_socket, port=a.port, vni=a.vni, dataplane=a.dataplane,
         engine=a.engine, io=_io(a), queues=a.queues, cpus=a.cpus, offload=a.offload, udp_port=a.udp_port,
         source_ports=a.source_ports,
@@ -394,7 +447,10 @@ def _run_options(a: argparse.Namespace):
         ip_masq=a.ip_masq, ip_masq_fully_random=not a.ip_masq_fully_random_disable,
         forward_rules=a.iptables_forward_rules, rules_resync=a.iptables_resync,
         healthz_ip=a.healthz_ip, healthz_port=a.healthz_port, metrics_port=a.metrics_port,
-        metrics_peers=a.metrics_peers, ip_blackhole_route=a.ip_blackhole_route, takeover=a.takeover)
+        metrics_peers=a.metrics_peers, ip_blackhole_route=a.ip_blackhole_route, takeover=a.takeover,
+        kube_subnet_mgr=a.kube_subnet_mgr, kube_api_url=a.kube_api_url or None,
+        kubeconfig_file=a.kubeconfig_file or None, kube_annotation_prefix=a.kube_annotation_prefix,
+        set_node_network_unavailable=a.set_node_network_unavailable, **kube)
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -411,6 +467,14 @@ def _cmd_run(a: argparse.Namespace) -> int:
                          f"({format_cpus(allowed)})")
 
     opts = _run_options(a)
+    if opts.kube_subnet_mgr:
+        if opts.etcd_endpoints:
+            raise BadInput("--kube-subnet-mgr and --etcd-endpoints exclude each other: in kube mode "
+                           "Kubernetes gives the subnet")
+        if not opts.node_name and not (opts.pod_name and opts.pod_namespace):
+            raise BadInput("--kube-subnet-mgr needs the node's name: NODE_NAME, or POD_NAME and POD_NAMESPACE "
+                           "(the pod's own, whose spec.nodeName is read; a DaemonSet sets them with the "
+                           "downward API)")
     warm = None
     if not opts.takeover:  # before the event loop: forwarding before anything else loads
         from udpflannel import warmstart
@@ -447,6 +511,9 @@ def _cmd_cleanup(a: argparse.Namespace) -> int:
     import asyncio
 
     from udpflannel import cleanup
+    if a.release_lease and a.kube_subnet_mgr:
+        raise BadInput("--release-lease with --kube-subnet-mgr: the subnet is the node's podCIDR, which "
+                       "Kubernetes gives and takes back (with the Node)")
     asyncio.run(cleanup.run(_run_options(a), release_lease=a.release_lease))
     return EXIT_OK
 

@@ -38,7 +38,7 @@ import resource
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
 from udpflannel import takeover, warmstart
@@ -144,18 +144,20 @@ def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
 
 
 async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Callable[[int], str | None],
-                    version: int = 4) -> str:  # dual stack: 6 is flannel-v6.<VNI>'s MAC
-    """The kept VTEP MAC. Without one, the MAC of a flannel.<VNI> already here (a
+                    stored: str | None = None, version: int = 4) -> str:  # dual stack: version 6
+    """The kept VTEP MAC (``version`` 6: flannel-v6.<VNI>'s, with dual stack). Without one,
+    ``stored`` (kube-mgr: the MAC our Node's backend-data names, flanneld's
+    GetStoredMacAddresses), else the MAC of a flannel.<VNI> already here (a
     flanneld this node replaces: its lease names that MAC, so the node keeps its subnet
     and the kernel plane its device), else a new one; kept once the state dir takes it
     (until then the node runs with it and says so: a restart before that would pick
     another)."""
     mac = localstate.load_mac(opts.state_dir, opts.tun, version)
     if mac is None:
-        mac = await asyncio.to_thread(existing, vni)
+        mac = stored or await asyncio.to_thread(existing, vni)  # kube-mgr: stored = our Node's backend-data MAC
         if mac is not None:
-            log.info("VTEP MAC %s taken from the %s already here (flanneld's?)", mac,
-                     vxlandev.device_name(vni, version))
+            log.info("VTEP MAC %s taken from %s", mac, "our Node's backend-data annotation" if stored  # kube-mgr
+                     else f"the {vxlandev.device_name(vni, version)} already here (flanneld's?)")
         else:
             mac = localstate.new_mac()
         persist.write(localstate.mac_path(opts.state_dir, opts.tun, version),
@@ -284,11 +286,14 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             # netlink sockets: netlink calls go to a worker thread.
             underlay = inherited.underlay if inherited else await asyncio.to_thread(outside.find_underlay, opts)
             source = outside.open_source(opts)
+            node.source = source  # kube-mgr: status and /metrics name the source's own where
             undo.push_async_callback(source.close)
             log.info("registry: %s (%s)", source.kind, source.where)
             cfg = await source.network_config(stop, node.health)
             if not inherited and cfg.enable_ipv6:  # dual stack: again, for the config's IP families
                 underlay = await asyncio.to_thread(outside.find_underlay, opts, cfg)
+            if source.kept.public_ip is not None and not inherited:  # kube-mgr: node-public-ip, as --public-ip
+                underlay = replace(underlay, public_ip=source.kept.public_ip)
             await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
             plane = inherited.plane if inherited else None
             if plane is not None and cfg != inherited.config:
@@ -299,8 +304,9 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             if inherited:
                 mac = inherited.vtep_mac
             else:
-                mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac)
-            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6, 6)  # dual stack
+                mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac,
+                                      source.kept.vtep_mac)  # kube-mgr: the MAC our Node names
+            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6, version=6)  # dual stack
                     if cfg.enable_ipv6 else None)
             log.info("underlay %s; network %s, backend %s, port %d", underlay.describe(),  # dual stack
                      " + ".join(map(str, cfg.networks)), cfg.backend_type, cfg.port)

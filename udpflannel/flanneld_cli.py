@@ -85,8 +85,8 @@ FLANNELD_FLAGS: dict[str, tuple[str, str]] = {
 _OLD_BOOLS = ("auto-detect-ipv6", "use-multi-cluster-cidr")
 
 # Read by flanneld's Kubernetes subnet manager only (pkg/subnet/kube, and main.go's
-# CONT_WHEN_CACHE_NOT_READY when that manager fails to start). Without
-# --kube-subnet-mgr (refused today) flanneld does not read them, and neither does this.
+# CONT_WHEN_CACHE_NOT_READY when that manager fails to start), so only with
+# -kube-subnet-mgr, here as there (cli.kube_env reads them).
 KUBE_ENV = ("NODE_NAME", "POD_NAME", "POD_NAMESPACE", "EVENT_QUEUE_DEPTH", "CONT_WHEN_CACHE_NOT_READY")
 
 
@@ -265,12 +265,23 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> tupl
     for dest, value in values.items():
         if dest != "version":
             setattr(ns, dest, value)
-    _choose_registry(ns, values)
+    _choose_registry(ns, values, warnings)
     return ns, warnings
 
 
-def _choose_registry(ns: argparse.Namespace, values: Mapping[str, object]) -> None:
-    """etcd, as flanneld, unless -registry-file asks for udpflannel's embedded one."""
+def _choose_registry(ns: argparse.Namespace, values: Mapping[str, object], warnings: list[str]) -> None:
+    """etcd, as flanneld, unless -registry-file asks for udpflannel's embedded one, or
+    -kube-subnet-mgr for Kubernetes (flanneld then ignores the etcd flags; so do we,
+    saying so if one was given)."""
+    if ns.kube_subnet_mgr:
+        if "registry_file" in values:
+            raise FlanneldUsage("-registry-file (the embedded registry) and -kube-subnet-mgr exclude each other")
+        given = sorted(f"-{n.replace('_', '-')}" for n in values if n.startswith("etcd_"))
+        if given:
+            warnings.append(f"{', '.join(given)} ignored: with -kube-subnet-mgr Kubernetes gives the subnet "
+                            "(as in flanneld)")
+        ns.etcd_endpoints = ""
+        return
     if "registry_file" in values:
         if "etcd_endpoints" in values:
             raise FlanneldUsage("-registry-file (the embedded registry) and -etcd-endpoints exclude "

@@ -39,6 +39,7 @@ class Node:
         self.started = time.time()
         self.health = RegistryHealth(starting=True)
         self.manager: SubnetManager | None = None
+        self.source = None  # subnets/source.Source once opened: its kind and where name the store
         self.plane = None
         self._snapshot_applied = False  # every peer the registry listed has a route
         self._subnet_env_written = False
@@ -51,10 +52,10 @@ class Node:
     def changed(self) -> None:
         self.generation += 1
 
-    def version(self) -> tuple[int, bool]:
+    def version(self) -> tuple[int, bool, str | None]:
         """What readiness depends on, as plain attribute reads: the HTTP thread calls
         this to tell whether a status it holds is out of date."""
-        return self.generation, self.health.ok
+        return self.generation, self.health.ok, self.health.waiting
 
     @property
     def snapshot_applied(self) -> bool:
@@ -115,11 +116,13 @@ class Node:
         return NodeStatus(
             version=__version__, started=self.started, ready=self.ready,
             lease=None if lease is None else LeaseStatus.from_lease(lease),
-            registry=RegistryStatus(self.opts.registry_kind, self.opts.registry_where,
-                                    self.health.ok),
+            registry=RegistryStatus(self.source.kind if self.source else self.opts.registry_kind,
+                                    self.source.where if self.source else self.opts.registry_where,
+                                    self.health.ok, self.health.ignored),
             dataplane=plane.status() if plane else None,
             peer_list=plane.peers() if plane and self.opts.metrics_peers else None,
-            problems=tuple(self.problems.values()), resource_errors=self.resource_errors, pid=os.getpid())
+            problems=tuple(self.problems.values()) + ((self.health.waiting,) if self.health.waiting else ()),
+            resource_errors=self.resource_errors, pid=os.getpid())
 
 
 def _describe(path: str, e: OSError) -> str:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from udpflannel.core.wire import UDP_PORT
 
 EMBEDDED_SCOPE = "single host only"  # what the embedded registry is good for, said wherever it is named
+KUBE_NET_CONF = "/etc/kube-flannel/net-conf.json"  # flanneld's --net-config-path default (kube mode)
+KUBE_ANNOTATION_PREFIX = "flannel.alpha.coreos.com"
+EVENT_QUEUE_DEPTH = 5000  # flanneld's default depth of its node event channel
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,18 @@ class RunOptions:
     # flanneld's --ip-blackhole-route: keep a blackhole route for the leased subnet in the
     # main table (host.netconf.ensure_blackhole_route), checked every rules_resync seconds
     ip_blackhole_route: bool = False
+    # flanneld's Kubernetes subnet manager (--kube-subnet-mgr): the subnet is the node's
+    # spec.podCIDR, peers are the nodes' flannel annotations (subnets/kube.py)
+    kube_subnet_mgr: bool = False
+    kube_api_url: str | None = None  # --kube-api-url: overrides the kubeconfig's server
+    kubeconfig_file: str | None = None  # --kubeconfig-file; neither: in-cluster credentials
+    kube_annotation_prefix: str = KUBE_ANNOTATION_PREFIX
+    set_node_network_unavailable: bool = True  # NetworkUnavailable=False once forwarding
+    node_name: str | None = None  # NODE_NAME; else the pod POD_NAMESPACE/POD_NAME's spec.nodeName
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    event_queue_depth: int = EVENT_QUEUE_DEPTH  # EVENT_QUEUE_DEPTH: node events held for the plane
+    cont_when_cache_not_ready: bool = False  # CONT_WHEN_CACHE_NOT_READY=true: no 10 min start limit
 
     @property
     def admin_path(self) -> str:
@@ -65,12 +80,19 @@ class RunOptions:
 
     @property
     def registry_kind(self) -> str:
+        if self.kube_subnet_mgr:
+            return "kube"
         return "etcd" if self.etcd_endpoints else "embedded"
 
     @property
     def registry_where(self) -> str:
         """Where the registry is, as the start-up log, `udpflannel status` and /readyz
-        say it: the embedded one says that it cannot span hosts."""
+        say it: the embedded one says that it cannot span hosts. (Kubernetes: the API
+        server's URL, once the source has read the credentials; this is what the
+        options alone say.)"""
+        if self.kube_subnet_mgr:
+            return self.kube_api_url or (f"kubeconfig {self.kubeconfig_file}" if self.kubeconfig_file
+                                         else "in-cluster credentials")
         if self.etcd_endpoints:
             return f"{','.join(self.etcd_endpoints)} prefix {self.etcd_prefix}"
         return f"{self.registry_file}: {EMBEDDED_SCOPE}"
@@ -82,7 +104,6 @@ def default_admin_socket(tun: str) -> str:
 
 def default_io(engine: str) -> str:
     """--io when none is given: the compiled engine on its own thread per queue (`poll`:
-    in the bench runs that compared them, a quarter to a third less ping latency than
-    the loop, more on one TCP stream, level on four and on 64 B packets; see
-    bench/RESULTS.md), the Python twin in the event loop, its only mode."""
+    in the bench it answers pings faster than the loop without carrying less; figures
+    in bench/RESULTS.md), the Python twin in the event loop, its only mode."""
     return "poll" if engine == "compiled" else "loop"

@@ -110,7 +110,7 @@ cdef void *poll_thread(void *arg) noexcept nogil:
     sockets first. What the kernel answers while packets are written to the TUN (a TCP
     receiver's ACKs, a ping reply) makes the TUN ready before the thread waits again,
     so it is read without the thread ever sleeping, where --io threads wakes a second
-    thread for it (bench/RESULTS.md, "One thread per queue"). The context's table and
+    thread for it (bench/RESULTS.md, "Conclusions that hold"). The context's table and
     quiescent state cover the sockets it drains."""
     cdef txctx_t *c = <txctx_t *>arg
     cdef rxctx_t *p

@@ -729,8 +729,8 @@ cdef class Engine:
         """Pin the threads started from now on: queue q's pair (its TUN reader and its
         socket readers) runs on cpus[q % len(cpus)]; () lets the scheduler place them.
         Why pin: a wakeup on the CPU that is already running costs a context switch;
-        one that must bring another, idle CPU out of its idle state can cost tens of
-        microseconds on a VM, several times per round trip (bench/RESULTS.md)."""
+        one that must bring another, idle CPU out of its idle state costs many times
+        that on a VM, several times per round trip (wx in bench/RESULTS.md)."""
         cpus = tuple(int(c) for c in cpus)
         if any(not 0 <= c < 1024 for c in cpus):  # CPU_SETSIZE
             raise ValueError(f"CPU numbers must be 0-1023: {cpus}")

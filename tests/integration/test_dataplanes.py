@@ -1,4 +1,5 @@
-"""Two data planes in one cluster (issue 8), on a real etcd, in namespaces.
+"""Two data planes in one cluster (kernel-plane and engine nodes side by side), on a
+real etcd, in namespaces.
 
 One Lab and one etcd (in the hub namespace, on the underlay, as in test_etcd_cluster)
 serve the whole module. Each test adds fresh node namespaces with ``lab.add_node()``

@@ -1,5 +1,5 @@
 """Registry poisoning: daemons on a real etcd while someone who can write the prefix
-writes aliases, garbage and copies (issue 7, part 4).
+writes aliases, garbage and copies.
 
 Same set-up as test_etcd_cluster (whose fixtures and helpers are used): etcd inside the
 Lab's hub namespace, daemons in the node namespaces, every hand-made write done with

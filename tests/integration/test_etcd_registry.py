@@ -443,7 +443,7 @@ def test_tls_client_certs_and_password_auth(tmp_path) -> None:
         assert value == ""
 
 
-# -- registry poisoning (issue 7): whoever can write the prefix ---------------------
+# -- registry poisoning: whoever can write the prefix -------------------------------
 
 def _client_for(server: EtcdServer) -> aetcd.Client:
     """A plain client, to write what no flanneld would (huge values, thousands of keys)."""

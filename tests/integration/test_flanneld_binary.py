@@ -99,9 +99,11 @@ def test_flanneld_with_no_registry_flag_leases_from_etcd_on_the_default_endpoint
     (["-ip-masq", "false"], 2, 'udpflannel: error: unexpected argument "false": flanneld takes flags only, and '
                                "would ignore it and all that follows; a boolean takes its value as "
                                "-ip-masq=false\n"),
-    (["-kube-subnet-mgr"], 2, "udpflannel: error: --kube-subnet-mgr is not supported: the Kubernetes subnet "
-                              "manager is not implemented; use --etcd-endpoints (flanneld's etcd mode) or, on "
-                              "one host, the embedded registry\n"),
+    (["-public-ipv6=fd00::1"], 2, "udpflannel: error: --public-ipv6 is not supported: udpflannel carries an "
+                                  "IPv4 overlay only; use --public-ip\n"),
+    (["-kube-subnet-mgr"], 1, "udpflannel: error: --kube-subnet-mgr needs the node's name: NODE_NAME, or POD_NAME "
+                              "and POD_NAMESPACE (the pod's own, whose spec.nodeName is read; a DaemonSet sets "
+                              "them with the downward API)\n"),
 ])
 def test_flanneld_refuses_in_one_line(flanneld, argv, code, err):
     proc = subprocess.run([flanneld, *argv], capture_output=True, text=True, timeout=30)

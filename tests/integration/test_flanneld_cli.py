@@ -9,6 +9,7 @@ the chosen interface's address, and the log names the interface.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -89,11 +90,14 @@ def test_no_usable_underlay_is_one_line(make_lab, workdir, monkeypatch, flags, e
     assert last.startswith("udpflannel: error:") and all(w in last for w in words), last
 
 
-def test_kube_flannel_arguments_are_refused_by_name():
-    """kube-flannel.yml's own arguments: one line naming the flag and what to use."""
+def test_kube_flannel_arguments_without_the_pod_s_identity_are_one_line():
+    """kube-flannel.yml's own arguments, without the POD_NAME and POD_NAMESPACE its
+    DaemonSet sets: one line saying what is missing (tests/integration/test_kube_mode.py
+    runs them with it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_NAME", "POD_NAME", "POD_NAMESPACE")}
     proc = subprocess.run([sys.executable, "-m", "udpflannel", "run", "--ip-masq", "--kube-subnet-mgr"],
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and proc.stdout == ""
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("udpflannel: error: --kube-subnet-mgr is not supported:")
-    assert "--etcd-endpoints" in proc.stderr
+    assert proc.stderr.startswith("udpflannel: error: --kube-subnet-mgr needs the node's name: NODE_NAME, or "
+                                  "POD_NAME and POD_NAMESPACE")

@@ -1,5 +1,5 @@
 """What reaches pods through the overlay: ICMP net unreachable for unleased addresses
-(issue 7 part 2) and routed traffic whose source is outside the overlay (part 3)."""
+and routed traffic whose source is outside the overlay."""
 
 from __future__ import annotations
 

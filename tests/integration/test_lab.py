@@ -2,7 +2,7 @@
 
 A copy of a threaded process (the test runner holds gRPC and pyroute2 threads) that
 runs Python before exec can deadlock or run gRPC's fork handlers; those aborted the
-daemons of later tests (issue 7, part 0). Python's fork hooks run for every fork that
+daemons of later tests. Python's fork hooks run for every fork that
 runs Python in the child (os.fork, preexec_fn), and for no fork+exec done in C.
 """
 

@@ -1,5 +1,5 @@
 """Health, readiness, metrics, systemd's notify protocol, --version and `status`, all
-against real daemons in namespaces (issue 10, parts 2-4).
+against real daemons in namespaces.
 
 HTTP requests are made from inside the node's namespace (its loopback), /metrics is
 read with prometheus_client's own text parser, and the notify socket is an AF_UNIX

@@ -1,4 +1,4 @@
-"""Path MTU under attack and under a genuinely narrower path (issue 7 part 1).
+"""Path MTU under attack and under a genuinely narrower path.
 
 Before: one forged ICMP "fragmentation needed" quoting the node's VXLAN flow cut TCP
 through the overlay to 0.2 Mbit/s for the 600 s the kernel keeps the PMTU, and a

@@ -1,4 +1,4 @@
-"""Restarts, lost devices and cleanup in namespaces, in both data planes (issue 10).
+"""Restarts, lost devices and cleanup in namespaces, in both data planes.
 
 Two nodes on a Lab underlay; node 1 (index 0) runs the plane under test (the engine,
 or `--dataplane kernel`), node 2 always runs the engine. Stopping a daemon leaves the
@@ -37,6 +37,7 @@ import time
 import pytest
 
 from udpflannel.lab import probe, procs
+from udpflannel.lab.silence import UnderlaySilence
 from udpflannel.registry.embedded import EmbeddedRegistry
 
 PLANES = {"engine": [], "kernel": ["--dataplane", "kernel"]}
@@ -162,31 +163,6 @@ class Silence:
             if value != last:
                 longest, since, last = max(longest, t - since), t, value
         return longest
-
-
-class UnderlaySilence:
-    """The longest time a node's underlay (eth0) received nothing: udpflannel.lab.silence
-    sampling netlink's counter every millisecond in a process of its own (at real-time
-    priority) inside the node's namespace; a thread here would share the test's GIL and
-    miss tens of ms."""
-
-    def __init__(self, ns, ifname: str = "eth0", limit: float = 120.0) -> None:
-        # real-time priority: on a busy machine a normal process can wait a scheduler
-        # tick or more, which would show up as silence that never happened
-        self._proc = ns.popen(["chrt", "--fifo", "10", sys.executable, "-m", "udpflannel.lab.silence", ifname,
-                               "--seconds", str(limit)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.longest = self.resolution = 0.0
-
-    def __enter__(self) -> "UnderlaySilence":
-        first = self._proc.stdout.readline()  # sampling from here on
-        assert "sampling" in first, first
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        out, _ = procs.communicate(self._proc, 10)
-        result = json.loads(out.strip().splitlines()[-1])
-        self.longest, self.resolution = result["longest"], result["resolution"]
 
 
 def frames(sock: socket.socket, seconds: float) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""The engine on its own threads (--io threads and --io poll, issue 12): route tables
+"""The engine on its own threads (--io threads and --io poll): route tables
 swapped under running threads, several queues, and the port still exclusive.
 
 The churn test drives two engines in this process (real TUNs in two namespaces, real

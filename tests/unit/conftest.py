@@ -2,7 +2,7 @@
 
 Every data-path test runs against both engines: the compiled ``Engine``
 (csrc/udpflannel/_engine.pyx) and its pure-Python twin ``PyEngine``
-(udpflannel/frame.py). ``make_engines`` builds one of each with identical
+(udpflannel/core/frame.py). ``make_engines`` builds one of each with identical
 arguments so a test can feed both the same input and compare outcomes.
 """
 

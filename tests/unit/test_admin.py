@@ -1,4 +1,4 @@
-"""The admin socket stays bounded against idle or hostile local clients (issue 7)."""
+"""The admin socket stays bounded against idle or hostile local clients."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """flannel's network config: defaults, case-insensitive keys, validation errors.
 
-Expected values come from flannel's pkg/subnet/config.go rules (see
-/work/shared/reference/flannel-compat.md), worked out by hand per case.
+Expected values come from flannel's rules (flannel-io/flannel pkg/subnet/config.go),
+worked out by hand per case.
 """
 
 from __future__ import annotations

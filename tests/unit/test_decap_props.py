@@ -249,7 +249,7 @@ def test_each_drop_reason_engines_agree(datagram, source, reason):
 @pytest.mark.parametrize("src", ["8.8.8.8", "192.168.64.9", "172.16.0.1"])
 def test_routed_source_outside_the_overlay_is_delivered(src):
     """A pod talking to a host address gets the reply: the peer routes it back with
-    the host's address as source (issue 7 part 3)."""
+    the host's address as source."""
     datagram = vxlan(inner(src=src))
     for e in make_engines(with_peers=True):
         assert e.decap(datagram, PEER_IP) == ("deliver", datagram[22:], None)

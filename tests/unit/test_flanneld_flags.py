@@ -45,25 +45,29 @@ HONOURED = {
     "iptables-resync": ("9", "rules_resync", 9.0, 5.0),
     "iptables-forward-rules": ("false", "forward_rules", False, True),
     "ip-blackhole-route": (None, "ip_blackhole_route", True, False),
-    # flanneld reads it only with --kube-subnet-mgr (default /etc/kube-flannel/net-conf.json);
-    # udpflannel stores this config in etcd when etcd has none, and reads no file unless asked
+    # flanneld reads it only with --kube-subnet-mgr (default /etc/kube-flannel/net-conf.json, see
+    # test_kube_mode_defaults); udpflannel stores this config in etcd when etcd has none, and
+    # reads no file unless asked
     "net-config-path": ("/etc/net.json", "net_config", "/etc/net.json", None),
+    "kube-subnet-mgr": (None, "kube_subnet_mgr", True, False),
+    "kube-api-url": ("https://10.0.0.1:6443", "kube_api_url", "https://10.0.0.1:6443", None),
+    "kubeconfig-file": ("/etc/kube.conf", "kubeconfig_file", "/etc/kube.conf", None),
+    "kube-annotation-prefix": ("example.com/x", "kube_annotation_prefix", "example.com/x",
+                               "flannel.alpha.coreos.com"),
+    "set-node-network-unavailable": ("false", "set_node_network_unavailable", False, True),
 }
 # flags that are not options of the node: -v is the log level, -version prints and exits
 OTHER = {"v", "version"}
-KUBE = "the Kubernetes subnet manager is not implemented; use --etcd-endpoints"
 # flag -> the start of the reason given (the whole message is asserted against cli.REFUSED)
 REFUSED = {
-    "kube-subnet-mgr": KUBE, "kube-api-url": KUBE, "kube-annotation-prefix": KUBE, "kubeconfig-file": KUBE,
-    "set-node-network-unavailable": KUBE,
     "vmodule": "klog's per-Go-file verbosity", "log_backtrace_at": "klog's stack trace",
 }
-BOOLEAN_REFUSED = {"kube-subnet-mgr", "set-node-network-unavailable"}
+BOOLEAN_REFUSED: set[str] = set()
 
 
 def options(argv, env=None):
     ns, _ = flanneld_cli.parse(argv, env or {})
-    return cli._run_options(ns)
+    return cli._run_options(ns, env or {})
 
 
 def test_the_table_is_flanneld_s_flag_set():
@@ -117,21 +121,62 @@ def test_each_refused_flag(flag, capsys):
 
 
 def test_a_refused_flag_asking_for_nothing_passes():
-    assert options(["-kube-subnet-mgr=false", "-kube-api-url="]).ip_masq is False
+    assert options(["-kube-subnet-mgr=false", "-vmodule="]).ip_masq is False
     assert options([], {"FLANNELD_KUBE_SUBNET_MGR": "false"}).etcd_endpoints == FLANNELD_DEFAULT_ENDPOINTS
 
 
 def test_refused_booleans_take_no_value_argument():
-    # -kube-subnet-mgr is a boolean in flanneld: the next argument is not its value
-    with pytest.raises(flanneld_cli.FlanneldUsage, match="--kube-subnet-mgr is not supported"):
-        options(["-kube-subnet-mgr", "-ip-masq"])
+    # -auto-detect-ipv6 was a boolean in flanneld: the next argument is not its value
+    with pytest.raises(flanneld_cli.FlanneldUsage, match="--auto-detect-ipv6 is not supported"):
+        options(["-auto-detect-ipv6", "-ip-masq"])
 
 
 def test_kube_manager_variables_alone_change_nothing():
     """NODE_NAME, POD_NAME, ... are read by flanneld's Kubernetes subnet manager only:
-    without --kube-subnet-mgr (refused) they change nothing, in flanneld or here."""
+    without --kube-subnet-mgr they change nothing, in flanneld or here."""
     env = dict.fromkeys(flanneld_cli.KUBE_ENV, "x")
     assert options([], env) == options([])
+
+
+def test_kube_mode_reads_the_pod_s_identity_and_flanneld_s_variables():
+    env = {"POD_NAME": "kube-flannel-ds-x", "POD_NAMESPACE": "kube-flannel", "EVENT_QUEUE_DEPTH": "5000",
+           "CONT_WHEN_CACHE_NOT_READY": "false"}
+    got = options(["-ip-masq", "-kube-subnet-mgr"], env)  # kube-flannel.yml's command line and env
+    assert (got.kube_subnet_mgr, got.pod_name, got.pod_namespace, got.node_name) == \
+        (True, "kube-flannel-ds-x", "kube-flannel", None)
+    assert (got.event_queue_depth, got.cont_when_cache_not_ready) == (5000, False)
+    assert got.registry_kind == "kube" and got.etcd_endpoints == ()
+    assert options(["-kube-subnet-mgr"], {"NODE_NAME": "n1"}).node_name == "n1"
+    assert options(["-kube-subnet-mgr"], {"CONT_WHEN_CACHE_NOT_READY": "true"}).cont_when_cache_not_ready
+    assert not options(["-kube-subnet-mgr"], {"CONT_WHEN_CACHE_NOT_READY": "True"}).cont_when_cache_not_ready
+    # EVENT_QUEUE_DEPTH: strconv.Atoi, and only a positive depth replaces flanneld's 5000
+    for text, depth in (("7", 7), ("+12", 12), ("0", 5000), ("-3", 5000), ("", 5000)):
+        assert options(["-kube-subnet-mgr"], {"EVENT_QUEUE_DEPTH": text}).event_queue_depth == depth, text
+    for bad in ("x", "1e3", " 5", "5_000"):
+        with pytest.raises(cli.BadInput, match="EVENT_QUEUE_DEPTH"):
+            options(["-kube-subnet-mgr"], {"EVENT_QUEUE_DEPTH": bad})
+
+
+def test_kube_mode_defaults():
+    got = options(["-kube-subnet-mgr"], {"NODE_NAME": "n1"})
+    assert got.net_config == "/etc/kube-flannel/net-conf.json"  # flanneld's -net-config-path default
+    assert got.kube_annotation_prefix == "flannel.alpha.coreos.com" and got.set_node_network_unavailable
+    assert options(["-kube-subnet-mgr", "-net-config-path=/x.json"], {}).net_config == "/x.json"
+
+
+def test_kube_mode_ignores_the_etcd_flags_as_flanneld_does():
+    ns, warnings = flanneld_cli.parse(["-kube-subnet-mgr", "-etcd-endpoints=http://10.0.0.1:2379"], {})
+    assert cli._run_options(ns, {}).etcd_endpoints == ()
+    assert warnings == ["-etcd-endpoints ignored: with -kube-subnet-mgr Kubernetes gives the subnet (as in "
+                        "flanneld)"]
+    with pytest.raises(flanneld_cli.FlanneldUsage, match="exclude each other"):
+        flanneld_cli.parse(["-kube-subnet-mgr", "-registry-file=/x.db"], {})
+
+
+def test_a_bad_annotation_prefix_is_one_line(capsys):
+    assert cli.main(["flanneld", "-kube-annotation-prefix=a/b/c"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-kube-annotation-prefix" in err and "at most one '/'" in err, err
 
 
 @pytest.mark.parametrize("argv, level", [([], 0), (["-v=2"], 2), (["-v", "3"], 3), (["--v=1"], 1)])

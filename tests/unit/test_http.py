@@ -1,5 +1,5 @@
-"""/healthz, /readyz and /metrics listeners with flanneld's flag semantics (issue 10,
-part 2): port 0 is off, a shared ip:port is one listener, a busy port is one line."""
+"""/healthz, /readyz and /metrics listeners with flanneld's flag semantics:
+port 0 is off, a shared ip:port is one listener, a busy port is one line."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """flannel's lease JSON, subnet keys and snapshot diffs.
 
-The literal values below are copied from flannel (pkg/lease/lease.go output as shown
-in /work/shared/reference/flannel-compat.md), not produced by udpflannel.
+The literal values below are copied from flannel (what flannel-io/flannel's
+pkg/lease/lease.go writes), not produced by udpflannel.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Local files are created with explicit modes, whatever the umask (issue 7 part 5)."""
+"""Local files are created with explicit modes, whatever the umask."""
 
 from __future__ import annotations
 

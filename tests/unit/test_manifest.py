@@ -200,3 +200,121 @@ def test_config_files_come_from_mounted_objects(docs):
         volume, name = source(env[key])
         assert volume["secret"]["secretName"] == "udpflannel-etcd"
         assert name in {item["path"] for item in volume["secret"]["items"]}, key
+
+
+# -- the kube-mode manifest (udpflannel-kube.yaml: kube-flannel.yml with flanneld swapped) --
+
+KUBE_MANIFEST = os.path.join(os.path.dirname(MANIFEST), "udpflannel-kube.yaml")
+POD_ENV = {"POD_NAME": "kube-flannel-ds-x7k2p", "POD_NAMESPACE": "kube-flannel"}  # the downward API's
+
+
+@pytest.fixture(scope="module")
+def kube_docs() -> list[dict]:
+    with open(KUBE_MANIFEST) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def kube_run_options(docs):
+    """The main container's options as the daemon would read them: flanneld's command
+    line and the container's environment (fieldRefs resolved as the kubelet would)."""
+    from udpflannel import flanneld_cli
+    c = container(docs, "kube-flannel")
+    assert c["command"] == ["flanneld"]
+    env = {}
+    for item in c["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            field = item["valueFrom"]["fieldRef"]["fieldPath"]
+            env[item["name"]] = {"metadata.name": POD_ENV["POD_NAME"],
+                                 "metadata.namespace": POD_ENV["POD_NAMESPACE"]}[field]
+    ns, warnings = flanneld_cli.parse(c["args"], env)
+    assert warnings == []
+    return cli._run_options(ns, env)
+
+
+def test_kube_manifest_has_kube_flannel_yml_s_objects_and_role(kube_docs):
+    from udpflannel.lab.kubeapi import FLANNEL_RBAC_YAML
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in kube_docs)
+    assert kinds == [("ClusterRole", "flannel"), ("ClusterRoleBinding", "flannel"), ("ConfigMap", "kube-flannel-cfg"),
+                     ("DaemonSet", "kube-flannel-ds"), ("Namespace", "kube-flannel"), ("ServiceAccount", "flannel")]
+    # kube-flannel.yml's Namespace, role, binding and account, exactly (the lab applies those)
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(FLANNEL_RBAC_YAML)}
+    for key, doc in theirs.items():
+        assert one(kube_docs, *key) == doc, key
+    ds = one(kube_docs, "DaemonSet")
+    assert ds["spec"]["selector"] == {"matchLabels": {"app": "flannel"}}  # kube-flannel-ds's, immutable
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    spec = pod_spec(kube_docs)
+    assert spec["serviceAccountName"] == "flannel" and spec.get("automountServiceAccountToken", True)
+    assert spec["hostNetwork"] is True and spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    names = [v["name"] for v in spec["volumes"]]
+    assert len(names) == len(set(names))
+    for c in spec["initContainers"] + spec["containers"]:
+        assert {m["name"] for m in c["volumeMounts"]} <= set(names), c["name"]
+
+
+def test_kube_manifest_runs_flanneld_s_command_line_in_kube_mode(kube_docs):
+    opts = kube_run_options(kube_docs)
+    assert opts.kube_subnet_mgr and opts.ip_masq and opts.etcd_endpoints == ()
+    assert (opts.pod_name, opts.pod_namespace, opts.node_name) == (POD_ENV["POD_NAME"], POD_ENV["POD_NAMESPACE"], None)
+    assert (opts.event_queue_depth, opts.cont_when_cache_not_ready) == (5000, False)
+    assert opts.kube_api_url is None and opts.kubeconfig_file is None  # the pod's in-cluster credentials
+    assert opts.set_node_network_unavailable and opts.kube_annotation_prefix == "flannel.alpha.coreos.com"
+    c = container(kube_docs, "kube-flannel")
+    sc = c["securityContext"]
+    assert sc.get("privileged", False) is False and set(sc["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW"}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        assert (get["path"], get["port"], get.get("host", "0.0.0.0")) == (path, opts.healthz_port, opts.healthz_ip)
+
+
+def test_kube_manifest_upgrades_by_takeover(kube_docs):
+    rolling = one(kube_docs, "DaemonSet")["spec"]["updateStrategy"]
+    assert rolling == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    opts = kube_run_options(kube_docs)
+    assert opts.takeover == "wait"  # the old pod idles until deleted: an exit would be restarted
+    c = container(kube_docs, "kube-flannel")
+    # the admin socket the new pod hands over through is the host's, shared by both pods
+    assert host_path(kube_docs, c, os.path.dirname(opts.admin_path))[0] == os.path.dirname(opts.admin_path)
+
+
+def test_kube_manifest_paths_are_the_hosts(kube_docs):
+    c = container(kube_docs, "kube-flannel")
+    opts = kube_run_options(kube_docs)
+    for path, kind in {os.path.dirname(opts.subnet_file): "DirectoryOrCreate", opts.state_dir: "DirectoryOrCreate",
+                       os.path.dirname(opts.admin_path): "DirectoryOrCreate", "/dev/net/tun": "CharDevice",
+                       "/run/xtables.lock": "FileOrCreate"}.items():
+        found = host_path(kube_docs, c, path)
+        assert found is not None and found[0] == path and found[1]["hostPath"]["type"] == kind, path
+    assert host_path(kube_docs, c, opts.subnet_file)[0] == cni.DEFAULT_SUBNET_FILE
+
+
+def test_kube_manifest_configs_are_the_configmap_s(kube_docs):
+    c = container(kube_docs, "kube-flannel")
+    opts = kube_run_options(kube_docs)
+    cfg_map = one(kube_docs, "ConfigMap", "kube-flannel-cfg")["data"]
+    directory, name = posixpath.split(opts.net_config)  # flanneld's default, /etc/kube-flannel/net-conf.json
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"].rstrip("/") == directory)
+    assert mount["name"] == "flannel-cfg" and mount.get("readOnly") is True
+    cfg = netconfig.parse(cfg_map[name])
+    assert (str(cfg.network), cfg.backend_type) == ("10.244.0.0/16", "vxlan")
+    # cni-conf.json is kube-flannel.yml's list with flannel's plugin swapped for ours: the shipped one
+    assert json.loads(cfg_map["cni-conf.json"]) == json.loads(install.shipped_conflist())
+
+
+def test_kube_manifest_installs_the_cni_plugin_and_the_configmap_s_list(kube_docs):
+    c = container(kube_docs, "install-cni", init=True)
+    assert c["command"][:2] == ["sh", "-c"] and len(c["command"]) == 3
+    steps = [s.strip().split() for s in c["command"][2].split("&&")]
+    assert steps[0][:2] == ["udpflannel", "install-cni"]
+    args = cli.build_parser().parse_args(steps[0][1:])
+    for path, default in ((args.bin_dir, install.DEFAULT_BIN_DIR), (args.conf_dir, install.DEFAULT_CONF_DIR)):
+        assert host_path(kube_docs, c, path)[0] == default, path
+    assert host_path(kube_docs, c, args.plugins_from) is None  # the image's plugins
+    final = os.path.join(args.conf_dir, install.CONFLIST_NAME)
+    temp = os.path.join(args.conf_dir, "." + install.CONFLIST_NAME + ".new")
+    assert steps[1] == ["cp", "/etc/kube-flannel/cni-conf.json", temp]
+    assert steps[2] == ["mv", temp, final]  # a rename: the runtime reads the old list or the new one
+    assert next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/kube-flannel/")["name"] == "flannel-cfg"

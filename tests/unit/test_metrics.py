@@ -1,5 +1,5 @@
 """/metrics: every family, label and value from NodeStatus, scraped from a real server
-on loopback and read back with the Prometheus parser (issue 10, part 3)."""
+on loopback and read back with the Prometheus parser."""
 
 from __future__ import annotations
 

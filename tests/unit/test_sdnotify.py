@@ -1,5 +1,5 @@
-"""systemd's notify protocol against a real datagram socket standing in for systemd
-(issue 10, part 4): path and abstract ('@') addresses, and never an exception."""
+"""systemd's notify protocol against a real datagram socket standing in for systemd:
+path and abstract ('@') addresses, and never an exception."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`udpflannel status`: the human table for a busy and a starting node, and JSON that
-reads back into the same NodeStatus (issue 10, part 4)."""
+reads back into the same NodeStatus."""
 
 from __future__ import annotations
 

@@ -264,7 +264,7 @@ def test_watch_follows_joins_changes_and_leaves(db):
                     (EventType.ADDED, lease.subnet, "02:00:00:00:00:09")]
 
 
-# --- registry poisoning (issue 7): whoever writes the registry file ---------------------
+# --- registry poisoning: whoever writes the registry file ------------------------------
 
 GARBAGE = b"\x00garbage, not JSON"
 
@@ -392,6 +392,16 @@ def test_first_watch_batch_is_the_snapshot_even_when_empty(db):
     assert run(go()) == []
 
 
+async def _until(predicate, timeout: float = 30.0) -> None:
+    """Until ``predicate()`` holds; a deadline generous enough for a loaded machine (the
+    test ends as soon as it holds; failing it means the event never came)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_our_key_is_defended_after_a_listing_not_only_on_watch_events(db):
     """Garbage written with no event (or missed during an outage) is seen by the next
     listing; the owner must check its key there too."""
@@ -407,10 +417,7 @@ def test_our_key_is_defended_after_a_listing_not_only_on_watch_events(db):
         poke(db, lease.key, GARBAGE, event=False)
         watch = mgr.watch()
         task = asyncio.ensure_future(_follow(watch))  # the (empty) snapshot, then changes
-        for _ in range(200):
-            if row(db, lease.key) != GARBAGE:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: row(db, lease.key) != GARBAGE)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await watch.aclose()
@@ -432,10 +439,7 @@ def test_garbage_event_for_our_key_is_noticed_by_the_watch_and_reclaimed(db):
         task = asyncio.ensure_future(_follow(watch))
         await asyncio.sleep(0.05)
         poke(db, lease.key, GARBAGE)
-        for _ in range(200):
-            if row(db, lease.key) != GARBAGE:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: row(db, lease.key) != GARBAGE)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await watch.aclose()

@@ -1,5 +1,5 @@
 """The shipped systemd unit: Type=notify, and nothing in it tears the data plane down
-on stop (restarts must be outage-free, issue 10)."""
+on stop (restarts must be outage-free)."""
 
 from __future__ import annotations
 

@@ -41,9 +41,10 @@ class LeaseStatus:
 
 @dataclass(frozen=True)
 class RegistryStatus:
-    kind: str  # "etcd" or "embedded"
-    where: str  # endpoints and prefix, or the SQLite file
+    kind: str  # "etcd", "embedded" or "kube"
+    where: str  # endpoints and prefix, the SQLite file, or the Kubernetes API server
     reachable: bool = True
+    ignored: int = 0  # entries ignored as unreadable (kube: nodes with bad flannel annotations)
 
 
 @dataclass(frozen=True)

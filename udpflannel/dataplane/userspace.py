@@ -65,7 +65,7 @@ def make_engine(kind: str, opts: PlaneOptions):
 class EnginePlane:
     kind = ENGINE
 
-    def __init__(self, opts: PlaneOptions, reason: str) -> None:
+    def __init__(self, opts: PlaneOptions, reason: str, on_loop: bool = True) -> None:
         self.opts = opts
         self.reason = reason
         self.failed: asyncio.Future[None] | None = None  # activate() makes it, on the loop
@@ -90,7 +90,8 @@ class EnginePlane:
         self.vxlan_group: list[socket.socket] = []  # one per queue (threads, --queues)
         self._events: int | None = None  # eventfd: a data thread ended
         self._recreating = False
-        self._activate_if_on_a_loop()
+        if on_loop:  # (a warm start runs before there is a loop, or asyncio is imported)
+            self.activate()
 
     # --- life cycle -----------------------------------------------------------------
     async def prepare(self, remove_kernel_device: bool = True) -> None:
@@ -261,13 +262,6 @@ class EnginePlane:
         self._readers = [self._events]
         log.info("data path: %s (%d threads running)", self._io_text(), self.engine.running_threads())
 
-    def _activate_if_on_a_loop(self) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self.activate()
-
     def activate(self) -> None:
         """On the event loop: the failure future, and (a plane started warm, before
         there was a loop) the loop's watch on the threads' eventfd."""
@@ -393,7 +387,7 @@ class EnginePlane:
         checks the device's address and routes. Threaded I/O only (poll, threads)."""
         if not (opts.io in ("threads", "poll") and opts.engine == "compiled"):
             raise DataplaneError("a warm start needs the compiled engine on its own threads")
-        plane = cls(opts, "warm start from the state dir")
+        plane = cls(opts, "warm start from the state dir", on_loop=False)
         tun_preflight()
         try:
             plane._bind_all()

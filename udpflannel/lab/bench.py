@@ -149,11 +149,42 @@ def _echoer(cpus: tuple[int, int] | None, prefix: str) -> Callable[[Target, floa
     return step
 
 
+RESTART_RATE = "20M"  # the paced stream during a restart: ACKs keep flowing without filling queues
+
+
+def _restarts(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
+    """The longest time node 1's underlay heard nothing from node 2 while node 2's
+    daemon was replaced during a paced TCP stream (each way of replacing it in turn)."""
+    import threading
+
+    from udpflannel.lab.silence import UnderlaySilence
+    if t.restart is None:
+        raise tools.ToolError("this case cannot restart its daemon")
+    texts = []
+    for how in ("takeover", "sigterm", "kill9"):
+        result: dict = {}
+
+        def run(out: dict = result) -> None:
+            out["out"] = tools.iperf3(t.src, t.dst, t.addr, max(seconds, 6.0), ["-b", RESTART_RATE])
+        stream = threading.Thread(target=run, daemon=True)
+        with UnderlaySilence(t.src) as silence:
+            stream.start()
+            time.sleep(2.0)
+            t.restart(how)
+            stream.join(max(seconds, 6.0) + 40)
+        r = parse.iperf_tcp(result["out"])
+        metrics[f"restart_{how}_silence_ms"] = silence.longest * 1000
+        detail[how] = {"silence_s": silence.longest, "resolution_s": silence.resolution, "gbps": r.gbps}
+        texts.append(f"{how} {silence.longest * 1000:.0f} ms")
+        time.sleep(SETTLE)
+    return "longest silence: " + ", ".join(texts)
+
+
 STEPS: dict[str, Callable[[Target, float, dict, dict], str]] = {
     "ping": _pinger(None, "rtt"), "ping0": _pinger(0, "rtt_cpu0"),
     "echo": _echoer(None, "echo"), "echo0": _echoer((0, 0), "echo_cpu0"),
     "echox": _echoer((0, 1), "echo_cross"),
-    "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp}
+    "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp, "restart": _restarts}
 
 
 def _daemon_cpu(pids: tuple[int, ...]) -> list[float | None]:
@@ -208,7 +239,7 @@ def run_case(case: Case, rep: int, repeat: int, seconds: float, progress: Progre
                 deltas = [b - a if a is not None and b is not None else None
                           for a, b in zip(cpu0, cpu1)]
                 detail["daemon_cpu_s"] = deltas
-                if None in deltas:
+                if None in deltas and name != "restart":  # (replacing one is the restart step's point)
                     run["errors"].setdefault("daemon", "a udpflannel daemon exited during " + name)
                 else:
                     daemon_total += sum(deltas)

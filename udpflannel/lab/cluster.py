@@ -1,8 +1,10 @@
 """Run `udpflannel run` daemons inside a Lab's namespaces (demo, bench, tests).
 
 Each node gets its own state dir, subnet.env, admin socket and log file under
-``workdir``; all share one registry (the embedded file, or etcd endpoints). Daemons
-are real processes, stopped by pid: SIGTERM, then SIGKILL after a grace period.
+``workdir``; all share one registry (the embedded file, or etcd endpoints), or, given
+a ``kubeconfig``, one Kubernetes API server (--kube-subnet-mgr: node i is the Node
+``node_name(i)``, its NODE_NAME, and reads ``net_config``). Daemons are real processes,
+stopped by pid: SIGTERM, then SIGKILL after a grace period.
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ class ClusterError(Exception):
 
 class Cluster:
     def __init__(self, lab: Lab, workdir: str, *, engine: str = "compiled",
-                 extra_args: Sequence[str] = (), etcd_endpoints: str | None = None) -> None:
+                 extra_args: Sequence[str] = (), etcd_endpoints: str | None = None,
+                 kubeconfig: str | None = None, net_config: str | None = None, node_prefix: str = "node") -> None:
         self.lab = lab
+        self.kubeconfig = kubeconfig
+        self.net_config = net_config
+        self.node_prefix = node_prefix
         self.workdir = workdir
         self.engine = engine
         self.extra_args = list(extra_args)
@@ -54,20 +60,32 @@ class Cluster:
         argv = [sys.executable, "-m", "udpflannel", "run", "--tun", "flannel0", "--iface", "eth0",
                 "--subnet-file", os.path.join(d, "subnet.env"), "--state-dir", d,
                 "--admin-socket", self.admin_path(i), "--engine", self.engine]
-        if self.etcd_endpoints:
+        if self.kubeconfig:
+            argv += ["--kube-subnet-mgr", "--kubeconfig-file", self.kubeconfig]
+            if self.net_config:
+                argv += ["--net-config-path", self.net_config]
+        elif self.etcd_endpoints:
             argv += ["--etcd-endpoints", self.etcd_endpoints]
         else:
             argv += ["--registry-file", self.registry_file]
         return argv + self.extra_args
+
+    def node_name(self, i: int) -> str:
+        """Node i's Kubernetes Node name (kube mode)."""
+        return f"{self.node_prefix}-{i + 1}"
 
     def start(self, i: int, extra: Sequence[str] = ()) -> subprocess.Popen:
         if i in self.procs and self.procs[i].poll() is None:
             raise ClusterError(f"node {i + 1} already running")
         if os.path.exists(self.admin_path(i)):
             os.unlink(self.admin_path(i))
+        env = None
+        if self.kubeconfig:
+            env = {k: v for k, v in os.environ.items() if k not in ("POD_NAME", "POD_NAMESPACE")}
+            env["NODE_NAME"] = self.node_name(i)
         log = open(os.path.join(self.node_dir(i), "daemon.log"), "ab")
         proc = self.lab.nodes[i].popen(self.argv(i) + list(extra), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL, env=env)
         log.close()
         self.procs[i] = proc
         return proc

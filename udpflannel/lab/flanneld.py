@@ -58,12 +58,21 @@ class Flanneld:
     """One flanneld in namespace ``ns``; its files (subnet.env, log) under ``workdir``.
 
     ``ip_masq`` and ``healthz_port`` map to flanneld's --ip-masq and --healthz-port;
-    ``extra_args`` are further flanneld flags (e.g. ``--public-ip``)."""
+    ``extra_args`` are further flanneld flags (e.g. ``--public-ip``). With a
+    ``kubeconfig`` it runs as kube-flannel.yml runs it, --kube-subnet-mgr, as the Node
+    ``node_name`` (its NODE_NAME), reading ``net_config`` (--net-config-path), instead
+    of on etcd."""
 
-    def __init__(self, ns: Namespace, workdir: str, *, etcd_endpoints: str,
+    def __init__(self, ns: Namespace, workdir: str, *, etcd_endpoints: str = "",
                  etcd_prefix: str = DEFAULT_PREFIX, iface: str = "eth0", ip_masq: bool = False,
                  healthz_port: int = 0, extra_args: Sequence[str] = (),
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, kubeconfig: str | None = None, node_name: str | None = None,
+                 net_config: str | None = None) -> None:
+        if not etcd_endpoints and not kubeconfig:
+            raise ValueError("Flanneld needs etcd_endpoints or a kubeconfig")
+        self.kubeconfig = kubeconfig
+        self.node_name = node_name
+        self.net_config = net_config
         self.ns = ns
         self.workdir = workdir
         self.etcd_endpoints = etcd_endpoints
@@ -79,8 +88,13 @@ class Flanneld:
         self._previous: tuple[int, int] | None = None
 
     def argv(self) -> list[str]:
-        argv = [self.binary, "--etcd-endpoints", self.etcd_endpoints, "--etcd-prefix", self.etcd_prefix,
-                "--iface", self.iface, "--subnet-file", self.subnet_file]
+        if self.kubeconfig:
+            argv = [self.binary, "--kube-subnet-mgr", "--kubeconfig-file", self.kubeconfig]
+            if self.net_config:
+                argv += ["--net-config-path", self.net_config]
+        else:
+            argv = [self.binary, "--etcd-endpoints", self.etcd_endpoints, "--etcd-prefix", self.etcd_prefix]
+        argv += ["--iface", self.iface, "--subnet-file", self.subnet_file]
         if self.ip_masq:
             argv.append("--ip-masq")
         if self.healthz_port:
@@ -95,6 +109,8 @@ class Flanneld:
         os.makedirs(self.workdir, exist_ok=True)
         self._previous = _identity(self.subnet_file)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+        if self.node_name:
+            env["NODE_NAME"] = self.node_name
         with open(self.log_path, "ab") as log:
             self.proc = self.ns.popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
                                       stderr=subprocess.STDOUT, env=env)

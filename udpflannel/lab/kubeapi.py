@@ -2,8 +2,12 @@
 
 ``KubeAPILab`` runs etcd (an ``EtcdServer``), kube-apiserver and kube-controller-manager
 on 127.0.0.1 with free ports, all built by `make setup` (peers/etcd, peers/kube) and found
-through lab/peers.py. Not Debian's etcd 3.4.23: it lacks on-demand watch progress, so the
-API server's watch cache lags behind it (lists at a recent resourceVersion time out).
+through lab/peers.py; or, given a ``netns`` (a lab's hub namespace) and a ``host`` address
+there (its bridge's), all three run in that namespace and the API server listens on
+``host``, where daemons in the lab's node namespaces reach it as nodes reach a real one
+(the lab's own calls, ``Api`` and ``kubectl``, then go through that namespace too).
+Not Debian's etcd 3.4.23: it lacks on-demand watch progress, so the API server's watch
+cache lags behind it (lists at a recent resourceVersion time out).
 What it provides:
 
 - a PKI made with openssl in its folder: a CA, the API server's serving certificate for
@@ -35,6 +39,7 @@ import atexit
 import http.client
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -132,9 +137,10 @@ class ClientCert:
 
 
 class KubePKI:
-    """The cluster's CA and keys in ``directory``, made with openssl (EC P-256)."""
+    """The cluster's CA and keys in ``directory``, made with openssl (EC P-256); the
+    API server's certificate names 127.0.0.1, ``hosts`` and the Service's names."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, hosts: tuple[str, ...] = ()) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = str(self.dir / "ca.crt")
@@ -144,7 +150,8 @@ class KubePKI:
         self.sa_pub = str(self.dir / "sa.pub")
         self._openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                       "-keyout", self.ca_key, "-out", self.ca, "-days", "2", "-subj", "/CN=udpflannel kube lab CA")
-        sans = ",".join(["IP:127.0.0.1", f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes",
+        sans = ",".join(["IP:127.0.0.1", *(f"IP:{h}" for h in hosts if h != "127.0.0.1"),
+                         f"IP:{SERVICE_IP}", "DNS:localhost", "DNS:kubernetes",
                          "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
                          "DNS:kubernetes.default.svc.cluster.local"])
         self._sign("apiserver", "/CN=kube-apiserver", f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
@@ -211,12 +218,32 @@ class KubeHTTPError(Exception):
         return self.body.get("reason") if isinstance(self.body, dict) else None
 
 
-class Api:
-    """JSON over HTTPS to one API server, as one user (client certificate or token)."""
+Opener = Callable[[tuple[str, int], float], socket.socket]
 
-    def __init__(self, server: str, ca: str, *, cert: ClientCert | None = None, token: str | None = None) -> None:
+
+class _Connection(http.client.HTTPSConnection):
+    """An HTTPS connection whose socket ``opener`` makes (e.g. inside a namespace)."""
+
+    def __init__(self, host: str, port: int, *, opener: Opener | None, **kw: Any) -> None:
+        super().__init__(host, port, **kw)
+        self._opener = opener
+
+    def connect(self) -> None:
+        if self._opener is None:
+            return super().connect()
+        sock = self._opener((self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class Api:
+    """JSON over HTTPS to one API server, as one user (client certificate or token);
+    ``opener`` makes the TCP connection (default: from this process's namespace)."""
+
+    def __init__(self, server: str, ca: str, *, cert: ClientCert | None = None, token: str | None = None,
+                 opener: Opener | None = None) -> None:
         url = urllib.parse.urlsplit(server)
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 443
+        self.opener = opener
         self.ctx = ssl.create_default_context(cafile=ca)
         if cert is not None:
             self.ctx.load_cert_chain(cert.cert, cert.key)
@@ -226,7 +253,7 @@ class Api:
 
     def _send(self, method: str, path: str, body: Any, content_type: str, timeout: float
               ) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=timeout)
+        conn = _Connection(self.host, self.port, opener=self.opener, context=self.ctx, timeout=timeout)
         data = None
         headers = dict(self.headers)
         if body is not None:
@@ -294,8 +321,16 @@ class KubeAPILab:
     """etcd + kube-apiserver + kube-controller-manager (node IPAM) on loopback."""
 
     def __init__(self, base_dir: Path, *, cluster_cidr: str = CLUSTER_CIDR,
-                 node_cidr_mask_size: int = NODE_CIDR_MASK_SIZE, service_cidr: str = SERVICE_CIDR) -> None:
+                 node_cidr_mask_size: int = NODE_CIDR_MASK_SIZE, service_cidr: str = SERVICE_CIDR,
+                 host: str = "127.0.0.1", netns: Any = None) -> None:
         self.base_dir = Path(base_dir)
+        self.host = host
+        self.netns = netns  # a lab.netns.Namespace: everything runs there
+        self._popen: Callable[..., subprocess.Popen] = netns.popen if netns is not None else subprocess.Popen
+        self.opener: Opener | None = None
+        if netns is not None:
+            self.opener = lambda address, timeout: netns.call(socket.create_connection, address, timeout,
+                                                              timeout=timeout + 5)
         self.cluster_cidr = cluster_cidr
         self.node_cidr_mask_size = node_cidr_mask_size
         self.service_cidr = service_cidr
@@ -304,9 +339,9 @@ class KubeAPILab:
         self.kubectl_bin = peers.binary("kubectl")
         self.port = free_port()
         self.kcm_port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.server = f"https://{host}:{self.port}"
         # etcd built by peers/etcd: Debian's 3.4.23 is older than kube-apiserver supports.
-        self.etcd = EtcdServer(self.base_dir / "etcd", binary=peers.binary("etcd"))
+        self.etcd = EtcdServer(self.base_dir / "etcd", binary=peers.binary("etcd"), popen=self._popen)
         self.apiserver: subprocess.Popen | None = None
         self.controller_manager: subprocess.Popen | None = None
         self.pki: KubePKI | None = None
@@ -324,7 +359,7 @@ class KubeAPILab:
         try:
             self.base_dir.mkdir(parents=True, exist_ok=True)
             if self.pki is None:
-                self.pki = KubePKI(self.base_dir / "pki")
+                self.pki = KubePKI(self.base_dir / "pki", hosts=(self.host,))
                 write_kubeconfig(Path(self.admin_kubeconfig), self.server, self.pki.ca, user=ADMIN_USER,
                                  cert=self.pki.admin)
             self.etcd.start(timeout=max(1.0, deadline - time.monotonic()))
@@ -378,7 +413,7 @@ class KubeAPILab:
         cmd = [
             self.apiserver_bin,
             f"--etcd-servers={self.etcd.endpoint}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.port}", "--advertise-address=127.0.0.1",
+            f"--bind-address={self.host}", f"--secure-port={self.port}", f"--advertise-address={self.host}",
             f"--tls-cert-file={pki.serving.cert}", f"--tls-private-key-file={pki.serving.key}",
             f"--client-ca-file={pki.ca}",
             "--authorization-mode=RBAC",
@@ -395,7 +430,7 @@ class KubeAPILab:
             "--profiling=false",
         ]
         self.apiserver = self._spawn("kube-apiserver", cmd)
-        self._wait_serving(self.apiserver, "kube-apiserver", self.port, "/readyz", deadline)
+        self._wait_serving(self.apiserver, "kube-apiserver", self.host, self.port, "/readyz", deadline)
 
     def _start_controller_manager(self, deadline: float) -> None:
         assert self.pki is not None
@@ -421,21 +456,22 @@ class KubeAPILab:
         self.controller_manager = self._spawn("kube-controller-manager", cmd)
         # /healthz answers before the controllers are built; each controller's check
         # joins it once the controller is built (a bad flag ends the process instead).
-        self._wait_serving(self.controller_manager, "kube-controller-manager", self.kcm_port, "/healthz?verbose",
+        self._wait_serving(self.controller_manager, "kube-controller-manager", "127.0.0.1", self.kcm_port,
+                           "/healthz?verbose",
                            deadline, expect="[+]node-ipam-controller ok")
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         if shutil.which("setpriv"):
             cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]  # setpriv execs: same pid
         with open(self.base_dir / f"{name}.log", "ab") as log:
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            return self._popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
-    def _wait_serving(self, proc: subprocess.Popen, name: str, port: int, path: str, deadline: float,
+    def _wait_serving(self, proc: subprocess.Popen, name: str, host: str, port: int, path: str, deadline: float,
                       expect: str = "") -> None:
         """Poll ``path`` until it answers 2xx (and its text holds ``expect``), while the
         process lives, until ``deadline``."""
         assert self.pki is not None
-        api = Api(f"https://127.0.0.1:{port}", self.pki.ca, cert=self.pki.admin)
+        api = Api(f"https://{host}:{port}", self.pki.ca, cert=self.pki.admin, opener=self.opener)
         last = "no answer"
         while True:
             if proc.poll() is not None:
@@ -466,7 +502,7 @@ class KubeAPILab:
     def api(self) -> Api:
         """The admin (system:masters)."""
         assert self.pki is not None, "start() first"
-        return Api(self.server, self.pki.ca, cert=self.pki.admin)
+        return Api(self.server, self.pki.ca, cert=self.pki.admin, opener=self.opener)
 
     def client_kubeconfig(self, user: str, groups: tuple[str, ...] = ()) -> str:
         """A kubeconfig with a fresh client certificate for ``user`` in ``groups``."""
@@ -478,15 +514,15 @@ class KubeAPILab:
 
     def client_api(self, user: str, groups: tuple[str, ...] = ()) -> Api:
         assert self.pki is not None, "start() first"
-        return Api(self.server, self.pki.ca, cert=self.pki.client_cert(user, groups))
+        return Api(self.server, self.pki.ca, cert=self.pki.client_cert(user, groups), opener=self.opener)
 
     def kubectl(self, *args: str, kubeconfig: str | None = None, input: str | None = None,
                 timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess:
         """kubectl with the admin's (or ``kubeconfig``'s) credentials; killed on timeout."""
         argv = [self.kubectl_bin, f"--kubeconfig={kubeconfig or self.admin_kubeconfig}",
                 f"--request-timeout={int(timeout)}s", *args]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = self._popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = procs.communicate(proc, timeout, input=input)
         res = subprocess.CompletedProcess(argv, proc.returncode, out, err)
         if check and res.returncode != 0:
@@ -525,18 +561,23 @@ class KubeAPILab:
     def flannel_api(self, how: str = "token") -> Api:
         assert self.pki is not None, "start() first"
         if how == "token":
-            return Api(self.server, self.pki.ca, token=self.flannel_token())
-        return Api(self.server, self.pki.ca, cert=self.pki.client_cert(FLANNEL_USER))
+            return Api(self.server, self.pki.ca, token=self.flannel_token(), opener=self.opener)
+        return Api(self.server, self.pki.ca, cert=self.pki.client_cert(FLANNEL_USER), opener=self.opener)
 
     # -- nodes ------------------------------------------------------------------
 
-    def register_node(self, name: str, internal_ip: str, *, labels: dict[str, str] | None = None) -> dict:
-        """Create a Node as a kubelet registers itself: a name, hostname label,
-        addresses InternalIP and Hostname, no podCIDR (node IPAM assigns one)."""
+    def register_node(self, name: str, internal_ip: str, *, labels: dict[str, str] | None = None,
+                      annotations: dict[str, str] | None = None) -> dict:
+        """Create a Node as a kubelet registers itself: a name, hostname label, the
+        annotations a kubelet sets (flanneld assumes a node has some), addresses
+        InternalIP and Hostname, no podCIDR (node IPAM assigns one)."""
         body = {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                                  **(labels or {})}},
+                                                  **(labels or {})},
+                         "annotations": {"node.alpha.kubernetes.io/ttl": "0",
+                                         "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+                                         **(annotations or {})}},
             "spec": {},
             "status": {"addresses": [{"type": "InternalIP", "address": internal_ip},
                                      {"type": "Hostname", "address": name}]},

@@ -57,3 +57,29 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class UnderlaySilence:
+    """Context manager: this module run inside ``ns`` (at real-time priority: on a busy
+    machine a normal process can wait a scheduler tick or more, which would show up as
+    silence that never happened) for the duration of the ``with`` block; afterwards
+    ``longest`` and ``resolution`` (seconds) hold its result."""
+
+    def __init__(self, ns, ifname: str = "eth0", limit: float = 120.0) -> None:
+        import subprocess
+        self._proc = ns.popen(["chrt", "--fifo", "10", sys.executable, "-m", "udpflannel.lab.silence", ifname,
+                               "--seconds", str(limit)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.longest = self.resolution = 0.0
+
+    def __enter__(self) -> "UnderlaySilence":
+        first = self._proc.stdout.readline()  # sampling from here on
+        if "sampling" not in first:
+            raise RuntimeError(f"the silence sampler did not start: {first!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from udpflannel.lab import procs
+        out, _ = procs.communicate(self._proc, 10)
+        result = json.loads(out.strip().splitlines()[-1])
+        self.longest, self.resolution = result["longest"], result["resolution"]

@@ -73,6 +73,10 @@ def families(st: NodeStatus) -> list[Metric]:
         "udpflannel_registry_up", "1 when the last registry operation succeeded (a forwarding "
         "node stays ready while this is 0)",
         value=1 if st.registry is not None and st.registry.reachable else 0))
+    out.append(CounterMetricFamily(
+        "udpflannel_registry_ignored_entries", "Entries of the registry ignored as unreadable, each time "
+        "seen (Kubernetes: nodes whose flannel annotations or podCIDR cannot be read as a lease)",
+        value=st.registry.ignored if st.registry is not None else 0))
     if st.lease is not None and st.lease.expiration > 0:  # 0 means unknown: no false alarm
         out.append(GaugeMetricFamily("udpflannel_lease_expiry_timestamp_seconds",
                                      "Unix time at which this node's subnet lease expires (+Inf: a reservation)",

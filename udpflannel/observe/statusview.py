@@ -103,21 +103,23 @@ def render(st: NodeStatus, now: float | None = None) -> str:
         rows.append(("lease", "none yet"))
     else:
         mac = f", VTEP MAC {lease.vtep_mac}" if lease.vtep_mac else ""
+        kube = st.registry is not None and st.registry.kind == "kube"
+        expiry = "the node's podCIDR (no expiry)" if kube else _expiry(lease.expiration, now)
         if lease.subnet is not None:
-            rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), "
-                                  f"{_expiry(lease.expiration, now)}"))
+            rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), {expiry}"))
         if lease.ipv6_subnet is not None:
             mac6 = f", VTEP MAC {lease.vtep_mac6}" if lease.vtep_mac6 else ""
             rows.append(("lease" if lease.subnet is None else "IPv6 lease",
                          f"{lease.ipv6_subnet} via {lease.public_ipv6} ({lease.backend_type}{mac6})"
-                         + ("" if lease.subnet is not None else f", {_expiry(lease.expiration, now)}")))
+                         + ("" if lease.subnet is not None else f", {expiry}")))
 
     reg = st.registry
     if reg is None:
         rows.append(("registry", "not opened yet"))
     else:
+        ignored = f", {reg.ignored} entries ignored" if reg.ignored else ""
         rows.append(("registry", f"{reg.kind} {reg.where}, "
-                                 f"{'reachable' if reg.reachable else 'UNREACHABLE (still forwarding)'}"))
+                                 f"{'reachable' if reg.reachable else 'UNREACHABLE (still forwarding)'}{ignored}"))
 
     plane = st.dataplane
     if plane is None:

@@ -1,6 +1,6 @@
 """The etcd v3 registry: flannel's key layout, so udpflannel joins real flannel clusters.
 
-Layout (see flannel-compat.md): ``<prefix>/config`` holds the network config;
+Layout (flannel-io/flannel pkg/subnet/etcd): ``<prefix>/config`` holds the network config;
 ``<prefix>/subnets/10.244.7.0-24`` holds a lease's JSON, attached to an etcd lease
 whose TTL is the lease's lifetime. Expiry is etcd deleting the key, which a watch
 reports as a DELETE.
@@ -444,7 +444,7 @@ class EtcdRegistry:
         of the keys. Values are decoded page by page and not kept.
 
         Expirations cost one LeaseTimeToLive call per etcd lease (flannel makes them
-        too): ~1 s for 5,000 leases, and the subnet manager never needs the other nodes'
+        too), a round trip each, and the subnet manager never needs the other nodes'
         expirations (its own come from create/renew). So they are looked up only when
         asked for; otherwise ``expiration`` is 0, "unknown", as the contract allows."""
         loop = asyncio.get_running_loop()

@@ -72,10 +72,16 @@ class Backoff:
 
 class RegistryHealth:
     """Logs once per change of state, not once per failed call. ``recovered`` is set
-    when the registry answers again after a failure (and cleared by whoever waits)."""
+    when the registry answers again after a failure (and cleared by whoever waits).
+    ``waiting``: what start-up waits for in the store, one line (e.g. a node without a
+    podCIDR yet), shown by /readyz and `status` while it lasts; ``ignored``: how many
+    entries of the store were ignored as unreadable (Kubernetes: nodes with bad
+    flannel annotations), for /metrics."""
 
     def __init__(self, starting: bool = False) -> None:
         self.ok = True
+        self.waiting: str | None = None
+        self.ignored = 0
         self.recovered = asyncio.Event()
         # before the data plane runs there are no routes to keep: say so honestly
         self.consequence = "retrying" if starting else "data plane keeps its routes, retrying"

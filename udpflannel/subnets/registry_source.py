@@ -21,7 +21,7 @@ from udpflannel.options import RunOptions
 from udpflannel.registry.base import Registry
 from udpflannel.subnets.base import RegistryHealth, SubnetManager
 from udpflannel.subnets.leasing import LeaseManager
-from udpflannel.subnets.source import Stopped, pause, until_reachable
+from udpflannel.subnets.source import Kept, Stopped, pause, until_reachable
 
 log = logging.getLogger("udpflannel")
 
@@ -35,6 +35,7 @@ class RegistrySource:
         self.kind = opts.registry_kind
         self.where = opts.registry_where
         self.retry = bool(opts.etcd_endpoints)
+        self.kept = Kept()
 
     async def network_config(self, stop: asyncio.Event, health: RegistryHealth) -> netconfig.NetworkConfig:
         opts, registry, retry = self.opts, self.registry, self.retry

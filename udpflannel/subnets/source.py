@@ -1,9 +1,11 @@
 """Where a node's network config and subnet come from, as the daemon sees it.
 
-A source gives the daemon three things, whichever store is behind it:
+A source gives the daemon these, whichever store is behind it:
 
     network_config(stop, health)  the flannel network config (waiting for one when
                                   the store has none yet, as flanneld does)
+    kept                          what the store keeps about this node from an earlier
+                                  run, known once network_config returned (Kept)
     manager(cfg, health)          the SubnetManager (base.py) that leases this node's
                                   subnet and watches the others'
     close()
@@ -19,6 +21,8 @@ Kubernetes subnet manager's source (flanneld's --kube-subnet-mgr).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol, TypeVar
 
 from udpflannel.core.config import NetworkConfig
@@ -32,10 +36,21 @@ class Stopped(Exception):
     """SIGTERM/SIGINT arrived while start-up was still waiting for the store."""
 
 
+@dataclass(frozen=True)
+class Kept:
+    """What a store keeps about this node for its next start, as flanneld asks its
+    subnet manager before it sets the backend up (GetStoredPublicIP, GetStoredMacAddresses).
+    Kubernetes keeps both on the Node (node-public-ip, backend-data); a registry keeps
+    neither (a lease is found by our PublicIP and our VTEP MAC, which the state dir keeps)."""
+    public_ip: ipaddress.IPv4Address | None = None  # stands for --public-ip
+    vtep_mac: str | None = None  # the VTEP MAC to keep when the state dir has none
+
+
 class Source(Protocol):
     kind: str  # "etcd", "embedded", "kube": what status and /metrics call it
-    where: str
+    where: str  # may be refined by network_config (kube: the API server's URL)
     retry: bool
+    kept: Kept
 
     async def network_config(self, stop: asyncio.Event, health: RegistryHealth) -> NetworkConfig: ...
 

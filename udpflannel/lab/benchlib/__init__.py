@@ -1,4 +1,4 @@
-"""Pieces of `udpflannel bench` (the entry point is udpflannel/bench.py).
+"""Pieces of `udpflannel bench` (the entry point is udpflannel/lab/bench.py).
 
 - ``report``: metrics, medians, percentiles, ratios, the table and the JSON (pure)
 - ``parse``:  iperf3 JSON, ping output and /proc text into numbers (pure)

@@ -5,7 +5,7 @@ on exit.
 
 - ``veth``: nothing on top; target node 2's underlay address.
 - ``kernel-vxlan``: ``flannel.1`` configured by netlink exactly as flannel's vxlan
-  backend does (see flannel-compat.md); target node 2's ``<subnet>.0``.
+  backend does (flannel-io/flannel pkg/backend/vxlan); target node 2's ``<subnet>.0``.
 - ``udpflannel-<mode>``: two ``udpflannel run`` daemons sharing an embedded registry,
   with the mode's extra daemon arguments and network config; target node 2's overlay
   address (the TUN's, or flannel.1's with the kernel plane).
@@ -69,6 +69,7 @@ class Target:
     addr: str                      # where traffic goes, inside dst
     daemons: tuple[int, ...] = ()  # pids of udpflannel daemons (node 1, node 2)
     note: str = ""
+    restart: Callable[[str], None] | None = None  # node 2's daemon: "takeover", "sigterm" or "kill9"
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,32 @@ def udpflannel(extra_args: tuple[str, ...], peers: int = 0,
                 yield Target(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), daemons=pids,
                              note=f"lab {lab.id}, daemons {', '.join(map(str, pids))}, "
                                   f"{st.dataplane.kind} plane, {st.dataplane.device} MTU "
-                                  f"{st.dataplane.mtu}")
+                                  f"{st.dataplane.mtu}",
+                             restart=lambda how: _restart(cluster, 1, how))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return setup
+
+
+def _restart(cluster: Cluster, i: int, how: str) -> None:
+    """Node i's daemon replaced: by a --takeover successor, or stopped (SIGTERM, or
+    SIGKILL as in a crash) and started again; returns once the new one is ready."""
+    import os
+    import signal
+    import subprocess
+    old = cluster.procs[i]
+    if how == "takeover":
+        with open(os.path.join(cluster.node_dir(i), "daemon.log"), "ab") as log:
+            new = cluster.lab.nodes[i].popen(cluster.argv(i) + ["--takeover"], stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if old.wait(30) != 0:
+            raise RuntimeError(f"the old daemon exited with {old.returncode} on a takeover")
+        cluster.procs[i] = new
+    else:
+        old.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        old.wait(30)
+        cluster.start(i)
+    cluster.wait_status(i, lambda st: st.ready and st.pid == cluster.procs[i].pid, 30, f"ready after a {how}")
 
 
 @contextmanager
@@ -192,6 +215,10 @@ def all_cases() -> list[Case]:
         backend = ", flanneld's udp backend" if config == UDP_NETWORK else ""
         cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}{more}{backend}",
                           udpflannel(extra, peers, config), daemon_args=extra))
+    cases.append(Case("udpflannel-restart", "udpflannel run (defaults), node 2's daemon replaced during a "
+                      "paced TCP stream: by a --takeover successor, and stopped then started (SIGTERM, "
+                      "SIGKILL)", udpflannel(("--offload", "auto")), daemon_args=("--offload", "auto"),
+                      steps=("restart",)))
     cases.append(Case("flanneld-udp", "flanneld's udp backend: the lab's stand-in with flannel's "
                       "C proxy design (one packet per syscall)", flanneld_udp))
     return cases

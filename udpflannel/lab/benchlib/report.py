@@ -45,6 +45,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("echo_p50_us", "UDP echo RTT p50", "us", "lower", "echo"),
     Metric("echo_cpu0_p50_us", "  UDP echo on CPU 0, p50", "us", "lower", "echo0"),
     Metric("echo_cross_p50_us", "  UDP echo across CPUs, p50", "us", "lower", "echox"),
+    Metric("restart_takeover_silence_ms", "silence: --takeover", "ms", "lower", "restart", daemon_only=True),
+    Metric("restart_sigterm_silence_ms", "  stop (SIGTERM), start", "ms", "lower", "restart", daemon_only=True),
+    Metric("restart_kill9_silence_ms", "  kill -9, start", "ms", "lower", "restart", daemon_only=True),
     Metric("daemon_cpu_s", "daemon CPU, both nodes", "s", "lower", "daemon", daemon_only=True),
     Metric("daemon_rss_mib", "daemon peak RSS, max node", "MiB", "lower", "daemon", daemon_only=True),
 )

@@ -1,0 +1,301 @@
+"""flanneld's Kubernetes node annotations and what a Node means as a lease (pure).
+
+In kube mode (flanneld --kube-subnet-mgr; flannel v0.28.9 pkg/subnet/kube) there is no
+registry of leases: a node's subnet is its ``spec.podCIDR`` (``spec.podCIDRs``), given
+by Kubernetes, and the rest of what an etcd lease holds is published as annotations on
+the node, under a prefix (``--kube-annotation-prefix``, flannel.alpha.coreos.com):
+
+    <prefix>/backend-type         "vxlan" (flanneld's udp backend: "")
+    <prefix>/backend-data         {"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"} (udp: null)
+    <prefix>/public-ip            192.168.64.3
+    <prefix>/kube-subnet-manager  true
+
+and, with IPv6 (dual stack, not carried yet), ``backend-v6-data`` and ``public-ipv6``.
+An administrator may set ``public-ip-overwrite`` (the address published instead of
+the node's own) and ``node-public-ip`` (used as --public-ip). Peers are the nodes
+whose ``kube-subnet-manager`` annotation is "true".
+
+The values are a wire format shared with flanneld, so this module produces them byte
+for byte as flanneld's Go code does (annotations.go newAnnotations for the names,
+kube.go AcquireLease for what is written and when, nodeToLease for reading a node,
+CompleteLease for the NetworkUnavailable condition). Nodes come from anyone who can
+write them, so reading is strict and every refusal is one line (NodeError).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from udpflannel.core.errors import BadInput
+from udpflannel.core.lease import Lease, _short, normalize_mac
+
+DEFAULT_PREFIX = "flannel.alpha.coreos.com"
+TRUE = "true"  # the kube-subnet-manager annotation's value on a flannel node
+UDP_BACKEND_DATA = "null"  # flanneld's udp backend has no backend data: a nil RawMessage
+
+# newAnnotations' check (a regexp.MatchString, so not anchored at the start).
+_PREFIX_FORM = re.compile(r"(?:[a-z0-9_-]+\.)+[a-z0-9_-]+/(?:[a-z0-9_-]+-)?$")
+
+
+class NodeError(BadInput):
+    """A Node (or the annotation prefix) that cannot be read as flannel's."""
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """The annotation names for one prefix (annotations.go's ``annotations``)."""
+    subnet_kube_managed: str
+    backend_data: str
+    backend_v6_data: str
+    backend_type: str
+    public_ip: str
+    public_ipv6: str
+    node_public_ip: str
+    node_public_ipv6: str
+    public_ip_overwrite: str
+    public_ipv6_overwrite: str
+
+    def ours(self) -> tuple[str, ...]:
+        """The annotations flanneld writes (what a change to a peer is judged by)."""
+        return (self.backend_type, self.backend_data, self.public_ip, self.subnet_kube_managed,
+                self.backend_v6_data, self.public_ipv6)
+
+
+def annotation_names(prefix: str = DEFAULT_PREFIX) -> Annotations:
+    """The names under ``prefix``, by newAnnotations' rules: at most one "/"; without
+    one, "/" is appended; a prefix not ending in "/" or "-" gets "-"; then it must look
+    like ``fqdn/[name-]``. NodeError otherwise."""
+    slashes = prefix.count("/")
+    if slashes > 1:
+        raise NodeError(f"annotation prefix {_short(prefix)}: it can contain at most one '/'")
+    if slashes == 0:
+        prefix += "/"
+    if not prefix.endswith(("/", "-")):
+        prefix += "-"
+    if not _PREFIX_FORM.search(prefix):
+        raise NodeError(f"annotation prefix {_short(prefix)}: it must be in the form fqdn/[0-9a-z-_]*")
+    return Annotations(
+        subnet_kube_managed=prefix + "kube-subnet-manager",
+        backend_data=prefix + "backend-data",
+        backend_v6_data=prefix + "backend-v6-data",
+        backend_type=prefix + "backend-type",
+        public_ip=prefix + "public-ip",
+        public_ipv6=prefix + "public-ipv6",
+        node_public_ip=prefix + "node-public-ip",
+        node_public_ipv6=prefix + "node-public-ipv6",
+        public_ip_overwrite=prefix + "public-ip-overwrite",
+        public_ipv6_overwrite=prefix + "public-ipv6-overwrite",
+    )
+
+
+# -- writing ------------------------------------------------------------------------
+
+def backend_data(lease: Lease) -> str:
+    """What flanneld marshals as the lease's BackendData: the vxlan backend's
+    ``vxlanLeaseAttrs`` (VNI, then the MAC in Go's lower-case form), or ``null``."""
+    if lease.backend_type == "vxlan" and lease.vtep_mac is not None:
+        return json.dumps({"VNI": lease.vni or 0, "VtepMAC": normalize_mac(lease.vtep_mac)},
+                          separators=(",", ":"))
+    return UDP_BACKEND_DATA
+
+
+@dataclass(frozen=True)
+class Published:
+    """What AcquireLease decides for a node's annotations: ``changes`` (name -> value,
+    only what differs: the body of its two-way merge patch; empty when the node is
+    already right), and ``overwritten``, the public-ip-overwrite value it publishes
+    instead of our own address (None when it publishes ours)."""
+    changes: dict[str, str]
+    overwritten: str | None = None
+
+
+def publish(names: Annotations, lease: Lease, current: Mapping[str, str], *,
+            public_ipv6: str | None = None, backend_v6_data: str | None = None) -> Published:
+    """The annotations flanneld's AcquireLease writes on our node, given its
+    ``current`` annotations: nothing if they already say our backend type, data and
+    public IP (or the public-ip-overwrite an administrator set) and that the node is
+    flannel's; else the backend type, data and public IP (the overwrite if one is
+    set), the v6 pair when ``public_ipv6`` is given (dual stack), and
+    kube-subnet-manager "true". A missing annotation reads as "" (Go's map lookup)."""
+    def get(name: str) -> str:
+        return current.get(name, "")
+
+    bt, bd, pip = lease.backend_type, backend_data(lease), str(lease.public_ip)
+    stale = (get(names.backend_data) != bd or get(names.backend_type) != bt or get(names.public_ip) != pip
+             or get(names.subnet_kube_managed) != TRUE
+             or (get(names.public_ip_overwrite) != "" and get(names.public_ip_overwrite) != pip))
+    v6 = backend_v6_data if backend_v6_data is not None else UDP_BACKEND_DATA
+    if public_ipv6 is not None:
+        stale = stale or (get(names.backend_v6_data) != v6 or get(names.backend_type) != bt
+                          or get(names.public_ipv6) != public_ipv6 or get(names.subnet_kube_managed) != TRUE
+                          or (get(names.public_ipv6_overwrite) != ""
+                              and get(names.public_ipv6_overwrite) != public_ipv6))
+    if not stale:
+        return Published({})
+    new = dict(current)
+    overwritten = None
+    new[names.backend_type] = bt
+    if (bt in ("vxlan", "wireguard") and bd != UDP_BACKEND_DATA) or bt != "vxlan":
+        new[names.backend_data] = bd
+        if get(names.public_ip_overwrite) != "":
+            overwritten = get(names.public_ip_overwrite)
+            new[names.public_ip] = overwritten
+        else:
+            new[names.public_ip] = pip
+    if public_ipv6 is not None and (bt in ("vxlan", "wireguard") and v6 != UDP_BACKEND_DATA):
+        new[names.backend_v6_data] = v6
+        overwrite6 = get(names.public_ipv6_overwrite)
+        new[names.public_ipv6] = overwrite6 if overwrite6 != "" else public_ipv6
+    new[names.subnet_kube_managed] = TRUE
+    changes = {k: v for k, v in new.items() if k not in current or current[k] != v}
+    return Published(changes, overwritten)
+
+
+def annotations_patch(changes: Mapping[str, str]) -> bytes:
+    """The strategic merge patch flanneld sends to nodes/status for ``changes``: what
+    CreateTwoWayMergePatch makes of them (Go's encoder: keys sorted, no spaces)."""
+    return json.dumps({"metadata": {"annotations": dict(changes)}}, separators=(",", ":"),
+                      sort_keys=True).encode()
+
+
+def network_available_patch(now: str) -> bytes:
+    """CompleteLease's strategic merge patch of nodes/status: the NetworkUnavailable
+    condition False, reason FlannelIsUp; ``now`` is RFC 3339 in UTC, to the second
+    (metav1.Now() as Go marshals it), e.g. "2026-01-02T03:04:05Z". The fields are in
+    v1.NodeCondition's order."""
+    condition = {"type": "NetworkUnavailable", "status": "False", "lastHeartbeatTime": now,
+                 "lastTransitionTime": now, "reason": "FlannelIsUp", "message": "Flannel is running on this node"}
+    return b'{"status":{"conditions":' + json.dumps([condition], separators=(",", ":")).encode() + b"}}"
+
+
+# -- reading ------------------------------------------------------------------------
+
+def node_name(node: Mapping[str, Any]) -> str:
+    meta = node.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    return name if isinstance(name, str) else ""
+
+
+def node_annotations(node: Mapping[str, Any]) -> Mapping[str, str]:
+    meta = node.get("metadata")
+    found = meta.get("annotations") if isinstance(meta, Mapping) else None
+    return found if isinstance(found, Mapping) else {}
+
+
+def is_flannel_node(names: Annotations, node: Mapping[str, Any]) -> bool:
+    """Whether a node is a peer: its kube-subnet-manager annotation is "true"."""
+    return node_annotations(node).get(names.subnet_kube_managed) == TRUE
+
+
+def pod_cidr(node: Mapping[str, Any]) -> ipaddress.IPv4Network | None:
+    """The node's IPv4 pod CIDR as nodeToLease picks it: the first IPv4 one of
+    spec.podCIDRs (one or two entries), else spec.podCIDR; None when it has none yet.
+    Like Go's net.ParseCIDR, host bits are masked off. NodeError if malformed."""
+    spec = node.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+    many = spec.get("podCIDRs") or []
+    if not isinstance(many, list):
+        raise NodeError(f"spec.podCIDRs {_short(str(many))} is not a list")
+    if len(many) >= 3:
+        raise NodeError(f"spec.podCIDRs has {len(many)} entries: IPv4, IPv6 or one of each")
+    texts = many or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    if not texts:
+        return None
+    for text in texts:
+        net = _cidr(text)
+        if isinstance(net, ipaddress.IPv4Network):
+            return net
+    raise NodeError(f"no IPv4 pod CIDR in {', '.join(_short(str(t)) for t in texts)}")
+
+
+def _cidr(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(text, str) or "/" not in text:
+        raise NodeError(f"pod CIDR {_short(str(text))} is not a CIDR")
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise NodeError(f"pod CIDR {_short(text)} is not a CIDR") from None
+
+
+def contains(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network) -> bool:
+    """kube.go containsCIDR: ``subnet`` is inside ``network`` (and not larger)."""
+    return network.prefixlen <= subnet.prefixlen and subnet.network_address in network
+
+
+def node_lease(names: Annotations, node: Mapping[str, Any]) -> Lease:
+    """A peer node as a lease (nodeToLease): its pod CIDR, the public-ip annotation,
+    the backend type and, for vxlan, VNI and VtepMAC from backend-data. Whether that
+    lease may become a route is core.peers' decision; this only refuses what cannot be
+    read (NodeError, one line)."""
+    ann = node_annotations(node)
+    text = ann.get(names.public_ip, "")
+    try:
+        public_ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise NodeError(f"annotation {names.public_ip} {_short(str(text))} is not an IPv4 address") from None
+    subnet = pod_cidr(node)
+    if subnet is None:
+        raise NodeError("no pod CIDR (spec.podCIDR) yet")
+    btype = ann.get(names.backend_type, "")
+    if not isinstance(btype, str):
+        raise NodeError(f"annotation {names.backend_type} is not a string")
+    vni, mac = None, None
+    if btype == "vxlan":
+        vni, mac = _vxlan_data(names, ann.get(names.backend_data, ""))
+    return Lease(subnet, public_ip, btype, vni, mac)
+
+
+def _vxlan_data(names: Annotations, raw: Any) -> tuple[int | None, str | None]:
+    """(VNI, VtepMAC) from a vxlan node's backend-data, as Go's decoder reads it into
+    vxlanLeaseAttrs (field names in any case); ``null`` gives neither."""
+    where = f"annotation {names.backend_data}"
+    try:
+        data = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):
+        raise NodeError(f"{where} {_short(str(raw))} is not JSON") from None
+    if data is None:
+        return None, None
+    if not isinstance(data, dict):
+        raise NodeError(f"{where} {_short(str(raw))} is not an object")
+    fold = {str(k).lower(): v for k, v in data.items()}
+    vni = fold.get("vni")
+    if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni < 1 << 24):
+        shown = _short(vni) if isinstance(vni, str) else repr(vni)[:40]
+        raise NodeError(f"{where}: VNI {shown} is not a 24-bit integer")
+    mac = fold.get("vtepmac")
+    if mac is not None:
+        try:
+            mac = normalize_mac(str(mac))
+        except ValueError as e:
+            raise NodeError(f"{where}: {e}") from None
+    return vni, mac
+
+
+def stored_vtep_mac(names: Annotations, node: Mapping[str, Any]) -> str | None:
+    """The VTEP MAC our node's backend-data names (flanneld's GetStoredMacAddresses:
+    after a restart flannel.<VNI> gets the MAC the node already advertises), or None
+    when there is none or it is not a usable unicast MAC."""
+    try:
+        _, mac = _vxlan_data(names, node_annotations(node).get(names.backend_data, ""))
+    except NodeError:
+        return None
+    if mac is None:
+        return None
+    first = int(mac[:2], 16)
+    return None if first & 1 or mac == "00:00:00:00:00:00" else mac
+
+
+def stored_public_ip(names: Annotations, node: Mapping[str, Any]) -> ipaddress.IPv4Address | None:
+    """The node-public-ip annotation an administrator set (flanneld's
+    GetStoredPublicIP: it stands for --public-ip), or None. NodeError if malformed."""
+    text = node_annotations(node).get(names.node_public_ip, "")
+    if text == "":
+        return None
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise NodeError(f"annotation {names.node_public_ip} {_short(str(text))} is not an IPv4 address") from None
