@@ -4,10 +4,16 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT    := python3-venv gcc libc6-dev iproute2 iputils-ping iperf3 etcd-server etcd-client openssl util-linux \
-          iptables nftables containernetworking-plugins
+          iptables nftables containernetworking-plugins \
+          libpython3-dev zlib1g-dev libexpat1-dev patchelf ccache
 STAMP  := $(VENV)/.installed
+# udpflannel-cni frozen into one static executable (packaging/cni/freeze.py); its build
+# is cached by the plugin's sources, so this rule re-runs only when one may have changed.
+CNI_FROZEN := udpflannel/cni/frozen/udpflannel-cni
+CNI_INPUTS := $(wildcard udpflannel/__init__.py udpflannel/cni/*.py udpflannel/core/*.py) \
+              packaging/cni/freeze.py packaging/cni/requirements.txt
 
-.PHONY: demo test bench setup system-packages peers clean
+.PHONY: demo test bench setup system-packages peers cni-plugin clean
 
 demo: setup
 	$(VENV)/bin/udpflannel demo
@@ -29,7 +35,13 @@ test: setup
 bench: setup
 	$(VENV)/bin/udpflannel bench
 
-setup: system-packages $(STAMP) peers
+setup: system-packages $(STAMP) peers cni-plugin
+
+cni-plugin: $(CNI_FROZEN)
+
+$(CNI_FROZEN): $(STAMP) $(CNI_INPUTS)
+	$(PY) packaging/cni/freeze.py --out $@
+	@touch $@
 
 # The lab's real peers (flanneld, kube-apiserver, ...) built from their Go modules,
 # cached outside the repository: see peers/build.sh.
@@ -53,4 +65,4 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/udpflannel/*.pyx csrc/udpflann
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build *.egg-info udpflannel/*.so csrc/udpflannel/*.c
+	rm -rf $(VENV) build *.egg-info udpflannel/*.so csrc/udpflannel/*.c udpflannel/cni/frozen

@@ -389,6 +389,10 @@ def build_parser() -> Parser:
                      "and loopback from here when missing in --bin-dir (default /usr/lib/cni; '': none)")
     cni.add_argument("--replace-plugins", action="store_true",
                      help="also replace standard plugins in --bin-dir that differ from --plugins-from")
+    cni.add_argument("--plugin-form", choices=("auto", "frozen", "zipapp"), default="auto",
+                     help="udpflannel-cni as one static executable that needs no Python on the host "
+                     "(frozen: built by `make setup`), as a zipapp that needs python3 there, or auto "
+                     "(default): frozen if built for these sources, else the zipapp with a warning")
     cni.add_argument("-v", "--verbose", action="store_true")
 
     status = sub.add_parser("status", help="ask a running daemon for its lease, data plane and counters")
@@ -538,7 +542,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 def _cmd_install_cni(a: argparse.Namespace) -> int:
     from udpflannel.cni import install
-    install.run(a.bin_dir, a.conf_dir, a.plugins_from or None, a.replace_plugins)
+    install.run(a.bin_dir, a.conf_dir, a.plugins_from or None, a.replace_plugins, a.plugin_form)
     return EXIT_OK
 
 

@@ -3,7 +3,9 @@
 The plugin runs as the runtime would run it: a process inside a node namespace with
 CNI_* in its environment and the netconf on stdin (built from the shipped conflist, as
 a runtime builds it from a list). Pods are extra namespaces of the lab. The delegate's
-state (saved netconf, host-local's reservations) lives in the test's workdir.
+state (saved netconf, host-local's reservations) lives in the test's workdir. Every
+test runs twice: with the plugin as Python runs it (the virtualenv's entry point) and
+with the frozen executable `make setup` builds (what install-cni installs).
 """
 
 from __future__ import annotations
@@ -23,12 +25,24 @@ import pytest
 from pyroute2 import netns
 
 from udpflannel.cni import delegate as cni
+from udpflannel.cni import install
 from udpflannel.lab import probe
 from udpflannel.lab.netns import Namespace
 
 CNI_BIN = "/usr/lib/cni"
 PLUGIN = os.path.join(os.path.dirname(sys.executable), "udpflannel-cni")  # the installed entry point
 CONFLIST = os.path.join(os.path.dirname(cni.__file__), "10-udpflannel.conflist")
+
+
+@pytest.fixture(params=["python", "frozen"])
+def plugin(request) -> str:
+    """udpflannel-cni in each form: the entry point, then the frozen executable."""
+    if request.param == "python":
+        return PLUGIN
+    data, why = install.frozen_plugin()
+    if data is None:
+        pytest.fail(f"the frozen plugin {install.frozen_path()} is {why}")
+    return install.frozen_path()
 
 
 @dataclass(frozen=True)
@@ -118,14 +132,14 @@ def pod_address(result: dict) -> ipaddress.IPv4Interface:
 
 # the shipped conflist's, the newest Debian's bridge speaks, and CNI 1.1 (the bridge gets 1.0.0)
 @pytest.mark.parametrize("cni_version", ["0.3.1", "1.0.0", "1.1.0"])
-def test_add_check_del_on_one_node(make_lab, workdir, cni_version):
+def test_add_check_del_on_one_node(make_lab, workdir, cni_version, plugin):
     lab = make_lab(1)
     node, pod = lab.nodes[0], lab.add_namespace("podA")
     subnet_file = write_subnet_env(os.path.join(workdir, "subnet.env"), "10.250.0.0/16", "10.250.7.1/24",
                                    1400, ipmasq=False)
     conf = pod_netconf(workdir, subnet_file, "n1", cni_version)
 
-    add = cni_call(node, "ADD", conf, "pod-a", pod.path)
+    add = cni_call(node, "ADD", conf, "pod-a", pod.path, plugin=plugin)
     assert add.rc == 0, add
     result = add.out
     assert result["cniVersion"] == cni_version
@@ -162,7 +176,7 @@ def test_add_check_del_on_one_node(make_lab, workdir, cni_version):
         assert chained.out["ips"] == result["ips"] and chained.out["interfaces"] == result["interfaces"]
 
     check_conf = dict(conf, prevResult=result)
-    check = cni_call(node, "CHECK", check_conf, "pod-a", pod.path)
+    check = cni_call(node, "CHECK", check_conf, "pod-a", pod.path, plugin=plugin)
     if cni_version == "0.3.1":
         # CHECK came with 0.4.0: refused as libcni's skel does (runtimes do not send it)
         assert check.rc == 1 and check.out["code"] == cni.INCOMPATIBLE_VERSION
@@ -171,39 +185,39 @@ def test_add_check_del_on_one_node(make_lab, workdir, cni_version):
         # CHECK really asks the bridge plugin: without the address the pod is not as ADD left it
         with pod.ipr() as ipr:
             ipr.addr("del", index=ipr.link_lookup(ifname="eth0")[0], address=str(ip.ip), prefixlen=24)
-        broken = cni_call(node, "CHECK", check_conf, "pod-a", pod.path)
+        broken = cni_call(node, "CHECK", check_conf, "pod-a", pod.path, plugin=plugin)
         assert broken.rc == 1 and set(broken.out) == {"cniVersion", "code", "msg", "details"}, broken
         assert str(ip) in broken.out["msg"], broken  # the bridge looked for the pod's address
 
-    delete = cni_call(node, "DEL", conf, "pod-a", pod.path)
+    delete = cni_call(node, "DEL", conf, "pod-a", pod.path, plugin=plugin)
     assert delete.rc == 0 and delete.out is None, delete
     assert link(pod, "eth0") is None and addresses(pod, "eth0") == []
     assert not os.path.exists(saved)
     assert not os.path.exists(reservation(conf, str(ip.ip)))
-    again = cni_call(node, "DEL", conf, "pod-a", pod.path)
+    again = cni_call(node, "DEL", conf, "pod-a", pod.path, plugin=plugin)
     assert again.rc == 0 and again.out is None, again
 
 
-def test_del_after_the_pod_namespace_is_gone(make_lab, workdir):
+def test_del_after_the_pod_namespace_is_gone(make_lab, workdir, plugin):
     lab = make_lab(1)
     node, pod = lab.nodes[0], lab.add_namespace("podB")
     subnet_file = write_subnet_env(os.path.join(workdir, "subnet.env"), "10.250.0.0/16", "10.250.9.1/24",
                                    1450, ipmasq=False)
     conf = pod_netconf(workdir, subnet_file, "n1")
-    add = cni_call(node, "ADD", conf, "pod-b", pod.path)
+    add = cni_call(node, "ADD", conf, "pod-b", pod.path, plugin=plugin)
     assert add.rc == 0, add
     ip = str(pod_address(add.out).ip)
     netns.remove(pod.name)  # the sandbox died first (it takes its end of the veth along)
     assert not os.path.exists(pod.path)
 
-    delete = cni_call(node, "DEL", conf, "pod-b", pod.path)
+    delete = cni_call(node, "DEL", conf, "pod-b", pod.path, plugin=plugin)
     assert delete.rc == 0 and delete.out is None, delete
     assert not os.path.exists(os.path.join(conf["dataDir"], "pod-b"))
     assert not os.path.exists(reservation(conf, ip))  # the address is free for the next pod
-    assert cni_call(node, "DEL", conf, "pod-b", "").rc == 0  # and once more, without a netns at all
+    assert cni_call(node, "DEL", conf, "pod-b", "", plugin=plugin).rc == 0  # and once more, without a netns at all
 
 
-def test_errors_are_cni_json_and_leave_nothing(make_lab, workdir):
+def test_errors_are_cni_json_and_leave_nothing(make_lab, workdir, plugin):
     lab = make_lab(1)
     node, pod = lab.nodes[0], lab.add_namespace("podC")
     subnet_file = write_subnet_env(os.path.join(workdir, "subnet.env"), "10.250.0.0/16", "10.250.8.1/24",
@@ -217,7 +231,7 @@ def test_errors_are_cni_json_and_leave_nothing(make_lab, workdir):
         ("unknown version", dict(good, cniVersion="2.0.0"), None, cni.INCOMPATIBLE_VERSION),
     ]  # (a dual-stack subnet.env is served since dual stack: test_pods_dual_stack.py)
     for what, conf, stdin, code in cases:
-        run = cni_call(node, "ADD", conf, "pod-c", pod.path, stdin=stdin)
+        run = cni_call(node, "ADD", conf, "pod-c", pod.path, stdin=stdin, plugin=plugin)
         assert run.rc != 0, what
         assert set(run.out) == {"cniVersion", "code", "msg", "details"} and run.out["code"] == code, (what, run)
     assert not os.path.exists(good["dataDir"])
@@ -225,13 +239,13 @@ def test_errors_are_cni_json_and_leave_nothing(make_lab, workdir):
 
     # the bridge plugin's own error comes back as it said it
     failing = dict(good, ipam=dict(good["ipam"], type="no-such-ipam"))
-    run = cni_call(node, "ADD", failing, "pod-c", pod.path)
+    run = cni_call(node, "ADD", failing, "pod-c", pod.path, plugin=plugin)
     assert run.rc != 0 and "no-such-ipam" in run.out["msg"], run
     # saved before the delegate ran: the runtime's DEL after a failed ADD replays it
     assert os.path.exists(os.path.join(good["dataDir"], "pod-c"))
 
 
-def test_status_and_gc_at_cni_1_1(make_lab, workdir):
+def test_status_and_gc_at_cni_1_1(make_lab, workdir, plugin):
     """STATUS: ready with a usable subnet.env, code 50 without. GC: the saved delegates
     of pods the runtime no longer lists are forgotten, the listed ones kept. Debian's
     bridge (1.0.0 at most) gets neither call, so host-local keeps a gone pod's address
@@ -242,26 +256,26 @@ def test_status_and_gc_at_cni_1_1(make_lab, workdir):
     subnet_file = write_subnet_env(os.path.join(workdir, "subnet.env"), "10.250.0.0/16", "10.250.11.1/24",
                                    1450, ipmasq=False)
     conf = pod_netconf(workdir, subnet_file, "n1", "1.1.0")
-    status = cni_call(node, "STATUS", conf, "")
+    status = cni_call(node, "STATUS", conf, "", plugin=plugin)
     assert (status.rc, status.out) == (0, None), status
     ips = {}
     for cid, pod in pods.items():
-        add = cni_call(node, "ADD", conf, cid, pod.path)
+        add = cni_call(node, "ADD", conf, cid, pod.path, plugin=plugin)
         assert add.rc == 0, add
         ips[cid] = str(pod_address(add.out).ip)
 
     gc = dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "pod-s1", "ifname": "eth0"}]})
-    run = cni_call(node, "GC", gc, "")
+    run = cni_call(node, "GC", gc, "", plugin=plugin)
     assert (run.rc, run.out) == (0, None), run
     assert os.listdir(conf["dataDir"]) == ["pod-s1"]
     assert os.path.exists(reservation(conf, ips["pod-s1"]))
-    delete = cni_call(node, "DEL", conf, "pod-s1", pods["pod-s1"].path)
+    delete = cni_call(node, "DEL", conf, "pod-s1", pods["pod-s1"].path, plugin=plugin)
     assert delete.rc == 0 and not os.path.exists(reservation(conf, ips["pod-s1"])), delete
 
     os.unlink(subnet_file)
-    status = cni_call(node, "STATUS", conf, "")
+    status = cni_call(node, "STATUS", conf, "", plugin=plugin)
     assert status.rc == 1 and status.out["code"] == cni.NOT_AVAILABLE, status
-    old = cni_call(node, "STATUS", dict(conf, cniVersion="1.0.0"), "")
+    old = cni_call(node, "STATUS", dict(conf, cniVersion="1.0.0"), "", plugin=plugin)
     assert old.rc == 1 and old.out["code"] == cni.INCOMPATIBLE_VERSION
 
 
@@ -323,7 +337,7 @@ def tcp_exchange(src: Namespace, dst: Namespace, dst_addr: str, port: int, paylo
     return answer, seen["peer"]
 
 
-def test_pods_on_two_nodes_talk_over_the_overlay(make_lab, make_cluster, workdir):
+def test_pods_on_two_nodes_talk_over_the_overlay(make_lab, make_cluster, workdir, plugin):
     lab = make_lab(2)
     cluster = make_cluster(lab)
     cluster.start_all()
@@ -333,7 +347,7 @@ def test_pods_on_two_nodes_talk_over_the_overlay(make_lab, make_cluster, workdir
     for i, node in enumerate(lab.nodes):
         pod = lab.add_namespace(f"pod{i + 1}")
         conf = pod_netconf(workdir, os.path.join(cluster.node_dir(i), "subnet.env"), f"cni{i + 1}")
-        add = cni_call(node, "ADD", conf, f"pod-{i + 1}", pod.path)
+        add = cni_call(node, "ADD", conf, f"pod-{i + 1}", pod.path, plugin=plugin)
         assert add.rc == 0, add
         ip = pod_address(add.out)
         assert ip.network == ipaddress.IPv4Network(cluster.status(i).lease.subnet)  # from its node's lease
@@ -354,6 +368,6 @@ def test_pods_on_two_nodes_talk_over_the_overlay(make_lab, make_cluster, workdir
         assert stream.bytes > 1_000_000
 
     for i, node in enumerate(lab.nodes):
-        delete = cni_call(node, "DEL", confs[i], f"pod-{i + 1}", pods[i].path)
+        delete = cni_call(node, "DEL", confs[i], f"pod-{i + 1}", pods[i].path, plugin=plugin)
         assert delete.rc == 0, delete
         assert link(pods[i], "eth0") is None

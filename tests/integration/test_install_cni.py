@@ -1,10 +1,11 @@
 """A pod through what `udpflannel install-cni` installed, and nothing else.
 
 install-cni runs as a command into a temporary bin and conf dir, copying Debian's real
-plugins from /usr/lib/cni. The runtime's part is then played with only those two dirs:
-the netconf is built from the installed conflist, CNI_PATH is the installed bin dir, and
-the installed zipapp is exec'd through its `#!/usr/bin/env python3` with a PATH that finds
-the system python3 (which has no udpflannel installed).
+plugins from /usr/lib/cni, once per plugin form. The runtime's part is then played with
+only those two dirs: the netconf is built from the installed conflist, CNI_PATH is the
+installed bin dir, and the installed plugin is exec'd: the frozen executable as it is,
+the zipapp through its `#!/usr/bin/env python3` with a PATH that finds the system
+python3 (which has no udpflannel installed). test_cni_no_python.py takes Python away.
 """
 
 from __future__ import annotations
@@ -27,22 +28,25 @@ except ImportError:
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def run_install(workdir: str) -> tuple[str, str]:
+def run_install(workdir: str, form: str = "frozen") -> tuple[str, str]:
     bin_dir, conf_dir = os.path.join(workdir, "opt-cni-bin"), os.path.join(workdir, "etc-cni-net.d")
     proc = subprocess.run([sys.executable, "-m", "udpflannel", "install-cni", "--bin-dir", bin_dir,
-                           "--conf-dir", conf_dir, "--plugins-from", "/usr/lib/cni"],
+                           "--conf-dir", conf_dir, "--plugins-from", "/usr/lib/cni", f"--plugin-form={form}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     return bin_dir, conf_dir
 
 
-def test_a_pod_through_the_installed_plugins(make_lab, workdir, monkeypatch):
+@pytest.mark.parametrize("form", ["frozen", "zipapp"])
+def test_a_pod_through_the_installed_plugins(make_lab, workdir, monkeypatch, form):
     for name in ("bridge", "host-local"):
         if not os.path.exists(os.path.join("/usr/lib/cni", name)):
             pytest.skip(f"/usr/lib/cni/{name} missing: install containernetworking-plugins")
-    bin_dir, conf_dir = run_install(workdir)
+    bin_dir, conf_dir = run_install(workdir, form)
     assert {"udpflannel-cni", "bridge", "host-local", "portmap", "loopback"} <= set(os.listdir(bin_dir))
     plugin = os.path.join(bin_dir, "udpflannel-cni")
+    with open(plugin, "rb") as f:
+        assert f.read(4) == (b"\x7fELF" if form == "frozen" else b"#!/u")
 
     # the runtime's view: the installed conflist, our entry with the list's name and version
     with open(os.path.join(conf_dir, "10-udpflannel.conflist")) as f:
@@ -75,7 +79,7 @@ def test_a_pod_through_the_installed_plugins(make_lab, workdir, monkeypatch):
     again = cni_call(node, "DEL", conf, "pod-i", pod.path, plugin=plugin, cni_path=bin_dir)
     assert again.rc == 0, again
 
-    # the plugin really came from the zip: a failing delegate search names the installed bin dir only
+    # the plugin really came from what was installed: a failing delegate search names its bin dir only
     missing = cni_call(node, "ADD", dict(conf, delegate={"type": "no-such-plugin"}), "pod-j", pod.path,
                        plugin=plugin, cni_path=bin_dir)
     assert missing.rc == 1 and bin_dir in missing.out["msg"] and "/usr/lib/cni" not in missing.out["msg"]

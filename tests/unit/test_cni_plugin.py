@@ -1,5 +1,9 @@
 """udpflannel-cni as a process, with a fake delegate (a shell script on CNI_PATH that
-logs what it was given). The real bridge/host-local run in tests/integration/test_cni.py."""
+logs what it was given). The real bridge/host-local run in tests/integration/test_cni.py.
+
+Every test runs against both forms install-cni installs: the zipapp (run by this
+Python) and the frozen executable `make setup` builds (packaging/cni/freeze.py); a
+missing or stale frozen plugin fails the test, saying how to build it."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import sys
 import pytest
 
 from udpflannel.cni import delegate as cni
+from udpflannel.cni import install
+
+FORMS = ("zipapp", "frozen")
 
 FAKE_DELEGATE = """#!/bin/sh
 input=$(cat)
@@ -34,8 +41,22 @@ RESULT_040 = '{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.1.17.2/2
 SUBNET_ENV = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
 
 
+def plugin_argv(form: str, tmp: str) -> list[str]:
+    """How to run udpflannel-cni in ``form``, as install-cni would install it."""
+    if form == "frozen":
+        data, why = install.frozen_plugin()
+        if data is None:
+            pytest.fail(f"the frozen plugin {install.frozen_path()} is {why}")
+        return [install.frozen_path()]
+    zipapp = os.path.join(tmp, "udpflannel-cni.pyz")
+    with open(zipapp, "wb") as f:
+        f.write(install.plugin_zipapp())
+    return [sys.executable, zipapp]
+
+
 class Rig:
-    def __init__(self, tmp: str) -> None:
+    def __init__(self, tmp: str, form: str) -> None:
+        self.argv = plugin_argv(form, tmp)
         self.bin = os.path.join(tmp, "bin")
         os.mkdir(self.bin)
         fake = os.path.join(self.bin, "bridge")
@@ -58,8 +79,7 @@ class Rig:
                 "DEBIAN_VERSIONS": DEBIAN_VERSIONS, "RESULT_040": RESULT_040}
         full.update(env)
         full = {k: v for k, v in full.items() if v is not None}
-        proc = subprocess.run([sys.executable, "-m", "udpflannel.cni.plugin"],
-                              input=json.dumps(conf if conf is not None else self.conf).encode(),
+        proc = subprocess.run(self.argv, input=json.dumps(conf if conf is not None else self.conf).encode(),
                               capture_output=True, env=full, timeout=30)
         assert b"Traceback" not in proc.stderr, proc.stderr
         out = json.loads(proc.stdout) if proc.stdout.strip() else None
@@ -75,9 +95,9 @@ class Rig:
         return os.path.join(self.data_dir, cid)
 
 
-@pytest.fixture
-def rig(tmp_path):
-    return Rig(str(tmp_path))
+@pytest.fixture(params=FORMS)
+def rig(tmp_path, request):
+    return Rig(str(tmp_path), request.param)
 
 
 def test_add_saves_the_delegate_runs_it_and_converts_its_result(rig):
@@ -179,8 +199,7 @@ def test_errors_are_cni_json(rig, command, conf_change, env, code):
 
 
 def test_not_json_on_stdin(rig):
-    proc = subprocess.run([sys.executable, "-m", "udpflannel.cni.plugin"], input=b"\xff{",
-                          capture_output=True, timeout=30,
+    proc = subprocess.run(rig.argv, input=b"\xff{", capture_output=True, timeout=30,
                           env={"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_PATH": "/x"})
     assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == cni.DECODING_FAILURE
 

@@ -2,16 +2,19 @@
 
 Standard plugins come from a made-up --plugins-from directory here (their bytes are all
 that matters); tests/integration/test_install_cni.py installs the real ones and runs a
-pod through what it installed.
+pod through what it installed. The plugin itself is the frozen executable `make setup`
+builds (--plugin-form auto finds it) unless a test asks for the zipapp.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import zipfile
 
@@ -74,16 +77,17 @@ def test_a_changed_file_is_replaced_by_rename(dirs):
     with open(target, "ab") as f:
         f.write(b"damaged")
     os.chmod(target, 0o700)
+    plugin, _, _ = install.plugin_executable()
     with open(target, "rb") as reader:  # a runtime exec'ing the plugin at that moment
-        outcome = install.write_if_changed(target, install.plugin_zipapp(), 0o755)
+        outcome = install.write_if_changed(target, plugin, 0o755)
         assert outcome.action == "written"
         assert reader.read().endswith(b"damaged")  # it keeps the whole old file: a new inode replaced it
     with open(target, "rb") as f:
-        assert f.read() == install.plugin_zipapp()
+        assert f.read() == plugin
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
     # a mode change alone is repaired too
     os.chmod(target, 0o600)
-    assert install.write_if_changed(target, install.plugin_zipapp(), 0o755).action == "written"
+    assert install.write_if_changed(target, plugin, 0o755).action == "written"
 
 
 def test_a_different_host_plugin_is_kept_unless_asked(dirs):
@@ -125,8 +129,8 @@ def test_the_zipapp_holds_exactly_the_plugin_modules():
 
 
 @pytest.mark.skipif(SYSTEM_PYTHON is None, reason="no python3 in /usr/bin or /bin to run the zipapp with")
-def test_the_installed_plugin_runs_on_the_bare_standard_library(dirs):
-    install.install(**dirs)
+def test_the_installed_zipapp_runs_on_the_bare_standard_library(dirs):
+    install.install(**dirs, plugin_form="zipapp")
     plugin = os.path.join(dirs["bin_dir"], "udpflannel-cni")
     env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
     # -S -I: no site-packages, no user paths, no PYTHON* variables: only the stdlib and the zip
@@ -139,6 +143,67 @@ def test_the_installed_plugin_runs_on_the_bare_standard_library(dirs):
     assert proc.returncode == 0 and json.loads(proc.stdout)["cniVersion"] == SUPPORTED_VERSIONS[-1], proc.stderr
 
 
+# --- the plugin's two forms ------------------------------------------------------------
+
+def elf_interpreter(data: bytes) -> bytes | None:
+    """The PT_INTERP of an x86-64 ELF executable (its dynamic loader); None if static."""
+    assert data[:5] == b"\x7fELF\x02", data[:16]
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return data[p_offset:p_offset + p_filesz]
+    return None
+
+
+def test_auto_installs_the_frozen_plugin_a_static_executable(dirs, tmp_path):
+    data, why = install.frozen_plugin()
+    assert data is not None, f"the frozen plugin {install.frozen_path()} is {why}"
+    outcome = install.install(**dirs)[0]
+    assert outcome.note.startswith("frozen") and not outcome.warn
+    target = os.path.join(dirs["bin_dir"], "udpflannel-cni")
+    with open(target, "rb") as f:
+        installed = f.read()
+    assert installed == data
+    assert elf_interpreter(installed) is None  # no dynamic loader, so no libc, no libpython from the host
+    assert len(installed) < 12_000_000, len(installed)  # flannel's own plugin is 2.8 MB; ours carries Python
+    # alone in an empty folder, with an empty environment: what it needs, it carries
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(target, alone / "udpflannel-cni")
+    proc = subprocess.run([str(alone / "udpflannel-cni")], env={"CNI_COMMAND": "VERSION"}, input=b"{}",
+                          capture_output=True, cwd=str(alone), timeout=30)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["supportedVersions"] == list(SUPPORTED_VERSIONS)
+    assert os.listdir(alone) == ["udpflannel-cni"]  # nothing unpacked beside it
+
+
+def test_zipapp_when_asked(dirs):
+    outcome = install.install(**dirs, plugin_form="zipapp")[0]
+    assert (outcome.action, outcome.warn) == ("written", False) and "python3" in outcome.note
+    with open(outcome.path, "rb") as f:
+        assert f.read() == install.plugin_zipapp()
+    # back to auto: the frozen one replaces it, by rename
+    assert install.install(**dirs)[0].action == "written"
+
+
+@pytest.mark.parametrize("broken, why", [("missing", "not built"), ("stale", "stale")])
+def test_without_a_fresh_frozen_plugin(dirs, monkeypatch, caplog, broken, why):
+    if broken == "missing":
+        monkeypatch.setattr(install, "FROZEN_PATH", "frozen/nothing-here")
+    else:  # built from other sources: never installed, it would run old code
+        monkeypatch.setattr(install, "sources_digest", lambda: "0" * 64)
+    assert install.frozen_plugin()[0] is None and why in install.frozen_plugin()[1]
+    with caplog.at_level(logging.INFO, logger="udpflannel"):
+        install.run(dirs["bin_dir"], dirs["conf_dir"], None, False)  # auto: the zipapp, loudly
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and why in warned[0] and "python3" in warned[0], warned
+    with open(os.path.join(dirs["bin_dir"], "udpflannel-cni"), "rb") as f:
+        assert f.read() == install.plugin_zipapp()
+    with pytest.raises(install.InstallError, match=f"--plugin-form=frozen: the frozen plugin is {why}"):
+        install.install(**dirs, plugin_form="frozen")
+
+
 def test_command_line(dirs, capsys, caplog):
     argv = ["install-cni", "--bin-dir", dirs["bin_dir"], "--conf-dir", dirs["conf_dir"],
             "--plugins-from", dirs["plugins_from"]]
@@ -147,8 +212,12 @@ def test_command_line(dirs, capsys, caplog):
     args = cli.build_parser().parse_args(["install-cni"])
     assert (args.bin_dir, args.conf_dir, args.plugins_from) == (
         install.DEFAULT_BIN_DIR, install.DEFAULT_CONF_DIR, install.DEFAULT_PLUGINS_FROM)
+    assert args.plugin_form == "auto"
     # --plugins-from '': ours only
     assert cli.main([*argv[:5], "--plugins-from", ""]) == cli.EXIT_OK
+    assert cli.main([*argv, "--plugin-form", "zipapp"]) == cli.EXIT_OK
+    with open(os.path.join(dirs["bin_dir"], "udpflannel-cni"), "rb") as f:
+        assert f.read().startswith(b"#!/usr/bin/env python3\n")
 
 
 def test_an_unwritable_target_is_one_line(dirs, capsys):

@@ -177,6 +177,7 @@ def test_install_cni_writes_where_the_runtime_looks(docs):
         assert found is not None and found[0] == host_default, path
     # the standard plugins come from the image, not from a host directory mounted over them
     assert host_path(docs, c, args.plugins_from) is None
+    assert args.plugin_form == "frozen"  # the host may have no Python: never the zipapp
     assert not any(args.plugins_from.startswith(m["mountPath"]) for m in c["volumeMounts"])
 
 
@@ -313,6 +314,7 @@ def test_kube_manifest_installs_the_cni_plugin_and_the_configmap_s_list(kube_doc
     for path, default in ((args.bin_dir, install.DEFAULT_BIN_DIR), (args.conf_dir, install.DEFAULT_CONF_DIR)):
         assert host_path(kube_docs, c, path)[0] == default, path
     assert host_path(kube_docs, c, args.plugins_from) is None  # the image's plugins
+    assert args.plugin_form == "frozen"  # the host may have no Python: never the zipapp
     final = os.path.join(args.conf_dir, install.CONFLIST_NAME)
     temp = os.path.join(args.conf_dir, "." + install.CONFLIST_NAME + ".new")
     assert steps[1] == ["cp", "/etc/kube-flannel/cni-conf.json", temp]

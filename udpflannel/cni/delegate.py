@@ -44,9 +44,12 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from udpflannel.core import subnetenv
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is for the type checker only: the plugin starts once per pod
+    from typing import Any
 
 SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
