@@ -40,7 +40,7 @@ def _read_env(path: str) -> subnetenv.SubnetEnv | None:
         return None
 
 
-def _remove_devices(opts: RunOptions, mac: str | None) -> list[str]:
+def _remove_devices(opts: RunOptions, mac: str | None, mac6: str | None = None) -> list[str]:
     from pyroute2 import IPRoute
     gone = []
     if tun.delete(opts.tun):
@@ -50,22 +50,29 @@ def _remove_devices(opts: RunOptions, mac: str | None) -> list[str]:
             name = link.get("ifname")
             info = link.get_attr("IFLA_LINKINFO")
             kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-            if kind == "vxlan" and name.startswith("flannel.") and mac and link.get("address") == mac:
+            ours = ((name.startswith("flannel.") and mac and link.get("address") == mac)
+                    or (name.startswith("flannel-v6.") and mac6 and link.get("address") == mac6))
+            if kind == "vxlan" and ours:
                 ipr.link("del", index=link["index"])
                 gone.append(name)
     return gone
 
 
-def _remove_direct_routes(network: ipaddress.IPv4Network) -> int:
+def _networks(env: subnetenv.SubnetEnv) -> list:
+    return [n for n in (env.network, env.ipv6_network) if n is not None]
+
+
+def _remove_direct_routes(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
     import socket
 
     from pyroute2 import IPRoute
     removed = 0
     with IPRoute() as ipr:
-        for route in ipr.route("dump", family=socket.AF_INET, table=254):
+        family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+        for route in ipr.route("dump", family=family, table=254):
             dst = route.get_attr("RTA_DST")
             if route["proto"] == netconf.RTPROT_UDPFLANNEL and dst is not None:
-                subnet = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}")
+                subnet = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
                 if subnet.subnet_of(network):
                     ipr.route("del", dst=str(subnet), oif=route.get_attr("RTA_OIF"))
                     removed += 1
@@ -74,7 +81,8 @@ def _remove_direct_routes(network: ipaddress.IPv4Network) -> int:
 
 def _remove_rules(env: subnetenv.SubnetEnv) -> list[str]:
     gone = []
-    spec = RuleSpec(env.network, env.subnet_network, masquerade=True, forward=True)
+    spec = RuleSpec(env.network, env.subnet_network, masquerade=True, forward=True,
+                    network6=env.ipv6_network, subnet6=env.ipv6_subnet_network)
     for backend in BACKENDS:
         try:
             if backend == "nftables":  # both tables, also the empty ones flanneld's Init makes
@@ -92,14 +100,16 @@ async def _release(opts: RunOptions, env: subnetenv.SubnetEnv, mac: str | None) 
     registry = open_registry(opts)
     try:
         leases, _ = await registry.list_leases()
-        mine: Lease | None = next((x for x in leases if x.subnet == env.subnet_network), None)
+        ours = (env.subnet_network, env.ipv6_subnet_network)
+        mine: Lease | None = next((x for x in leases if (x.subnet, x.ipv6_subnet) == ours), None)
+        what = " + ".join(str(s) for s in ours if s is not None)
         if mine is None:
-            return f"no lease for {env.subnet_network}"
+            return f"no lease for {what}"
         if mac is not None and mine.vtep_mac not in (None, mac):
-            raise CleanupError(f"the lease for {env.subnet_network} carries VTEP MAC "
+            raise CleanupError(f"the lease for {what} carries VTEP MAC "
                                f"{mine.vtep_mac}, not ours ({mac}): left alone")
-        await registry.delete_lease(env.subnet_network)
-        return f"lease {env.subnet_network}"
+        await registry.delete_lease(mine.key)
+        return f"lease {what}"
     finally:
         await registry.close()
 
@@ -112,10 +122,13 @@ async def run(opts: RunOptions, release_lease: bool = False) -> None:
                            "stop it first")
     env = _read_env(opts.subnet_file)
     mac = localstate.load_mac(opts.state_dir, opts.tun)
-    gone = await asyncio.to_thread(_remove_devices, opts, mac)
+    gone = await asyncio.to_thread(_remove_devices, opts, mac, localstate.load_mac(opts.state_dir, opts.tun, 6))
     if env is not None:
-        await asyncio.to_thread(netconf.remove_overlay_routes, env.network)
-        if await asyncio.to_thread(_remove_direct_routes, env.network):
+        direct = 0
+        for network in _networks(env):
+            await asyncio.to_thread(netconf.remove_overlay_routes, network)
+            direct += await asyncio.to_thread(_remove_direct_routes, network)
+        if direct:
             gone.append("direct routes")
         gone += await asyncio.to_thread(_remove_rules, env)
         if release_lease:

@@ -55,6 +55,20 @@ def _ipv4(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
 
 
+def _ipv6(text: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv6 address") from None
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
 def _offloads(text: str) -> str:
     from udpflannel.dataplane.sockets import parse_offloads
     try:
@@ -139,9 +153,9 @@ def _bool(text: str) -> bool:
 
 # flanneld flags udpflannel does not implement, and what to use instead.
 REFUSED = {
-    "--public-ipv6": "udpflannel carries an IPv4 overlay only; use --public-ip",
-    "--auto-detect-ipv6": "udpflannel carries an IPv4 overlay only; use --iface or --public-ip",
-    "--iface-ipv6": "udpflannel carries an IPv4 overlay only; use --iface",
+    "--auto-detect-ipv6": "an older flanneld's flag: IPv6 is EnableIPv6 in the network config; use --iface "
+                          "or --public-ipv6",
+    "--iface-ipv6": "an older flanneld's flag: IPv6 is EnableIPv6 in the network config; use --iface",
     "--charon-executable-path": "the ipsec backend is not implemented; use the vxlan backend",
     "--charon-viciurl": "the ipsec backend is not implemented; use the vxlan backend",
     "--use-multi-cluster-cidr": "multiple cluster CIDRs are not implemented; use one Network in the config",
@@ -172,9 +186,11 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
                         "(default: the default route's)")
     p.add_argument("--iface-regex", action="append", default=[],
                    help="pick the underlay by a regex on interface names or addresses")
-    p.add_argument("--iface-can-reach", type=_ipv4,
+    p.add_argument("--iface-can-reach", type=_ip,
                    help="pick the underlay the kernel would use to reach this address")
     p.add_argument("--public-ip", type=_ipv4, help="IP advertised to other nodes (default: --iface's)")
+    p.add_argument("--public-ipv6", type=_ipv6, help="IPv6 address advertised to other nodes when the network "
+                   "config has EnableIPv6 (default: --iface's)")
     p.add_argument("--registry-file", default="/var/lib/udpflannel/registry.db",
                    help="embedded registry (SQLite) shared by daemons on this host, used without "
                         "--etcd-endpoints (in flanneld's form: given instead of -etcd-endpoints)")
@@ -420,7 +436,8 @@ def _run_options(a: argparse.Namespace, environ=None):
     kube = kube_env(os.environ if environ is None else environ) if a.kube_subnet_mgr else {}
     return RunOptions(
         tun=a.tun, ifaces=tuple(a.iface), iface_regex=tuple(a.iface_regex),
-        iface_can_reach=a.iface_can_reach, public_ip=a.public_ip, registry_file=a.registry_file,
+        iface_can_reach=a.iface_can_reach, public_ip=a.public_ip, public_ipv6=a.public_ipv6,
+        registry_file=a.registry_file,
         net_config=a.net_config or (KUBE_NET_CONF if a.kube_subnet_mgr else None),
         subnet_file=a.subnet_file, state_dir=a.state_dir,
         admin_socket=a.admin_socket, port=a.port, vni=a.vni, dataplane=a.dataplane,

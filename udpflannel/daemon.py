@@ -45,7 +45,7 @@ from udpflannel import takeover, warmstart
 from udpflannel.core import config as netconfig
 from udpflannel.core import subnetenv
 from udpflannel.core.errors import UdpflannelError
-from udpflannel.core.lease import EventType, Lease, LeaseEvent
+from udpflannel.core.lease import UNSPECIFIED, EventType, Lease, LeaseEvent
 from udpflannel.core.underlay import Underlay
 from udpflannel.dataplane.base import AUTO, ENGINE, DataPlane, DataplaneError, PlaneOptions
 from udpflannel.dataplane.select import prepare_plane
@@ -61,7 +61,7 @@ from udpflannel.observe.http import start_http
 from udpflannel.options import RunOptions
 from udpflannel.registry.base import Registry
 from udpflannel.registry.select import open_registry
-from udpflannel.subnets.base import SubnetManager
+from udpflannel.subnets.base import SubnetManager, wanted_lease
 from udpflannel.subnets.registry_source import RegistrySource
 from udpflannel.subnets.source import Source, Stopped, until_reachable
 from udpflannel.takeover import TakeoverError
@@ -75,16 +75,29 @@ class FatalError(UdpflannelError):
     """Stops the daemon with one clear line and a non-zero exit."""
 
 
-def _find_underlay(opts: RunOptions) -> Underlay:
-    return netconf.find_underlay(opts.ifaces, opts.public_ip, regexes=opts.iface_regex,
-                                 can_reach=opts.iface_can_reach)
+def _find_underlay(opts: RunOptions, cfg: netconfig.NetworkConfig | None = None) -> Underlay:
+    """With ``cfg``, for its IP families (dual stack); before the config is known, for
+    IPv4, else (an IPv6-only host) IPv6, so that a bad --iface fails before the registry."""
+    def find(ipv4: bool, ipv6: bool) -> Underlay:
+        return netconf.find_underlay(opts.ifaces, opts.public_ip, regexes=opts.iface_regex,
+                                     can_reach=opts.iface_can_reach, public_ipv6=opts.public_ipv6,
+                                     ipv4=ipv4, ipv6=ipv6)
+    if cfg is not None:
+        return find(cfg.enable_ipv4, cfg.enable_ipv6)
+    try:
+        return find(True, False)
+    except netconf.NetconfError as first:
+        try:
+            return find(False, True)
+        except netconf.NetconfError:
+            raise first from None
 
 
 def _rules(opts: RunOptions, cfg: netconfig.NetworkConfig, lease: Lease):
     if not (opts.ip_masq or opts.forward_rules):
         return None
-    spec = RuleSpec(cfg.network, lease.subnet, masquerade=opts.ip_masq,
-                    fully_random=opts.ip_masq_fully_random, forward=opts.forward_rules)
+    spec = RuleSpec.for_lease(cfg, lease, masquerade=opts.ip_masq,  # dual stack: both families' rules
+                              fully_random=opts.ip_masq_fully_random, forward=opts.forward_rules)
     return make_rules(spec, "nftables" if cfg.enable_nftables else "iptables")
 
 
@@ -92,7 +105,7 @@ def _rules(opts: RunOptions, cfg: netconfig.NetworkConfig, lease: Lease):
 class Outside:
     """What the daemon reaches outside Python; unit tests swap in fakes."""
     has_net_admin: Callable[[], bool] = has_net_admin
-    find_underlay: Callable[[RunOptions], Underlay] = _find_underlay
+    find_underlay: Callable[..., Underlay] = _find_underlay  # (opts, cfg=None); dual stack: cfg
     underlay_present: Callable[[Underlay], bool] = netconf.underlay_address_present
     open_registry: Callable[[RunOptions], Registry] = open_registry
     open_kube: Callable[[RunOptions], Source] | None = None  # --kube-subnet-mgr (None: subnets/kube.py)
@@ -112,6 +125,8 @@ class Outside:
     wait_for_signal: Callable[[], Awaitable[Any]] = lambda: _stop_on_signals().wait()  # handed over, "wait"
     adopt_plane: Callable[..., DataPlane] = EnginePlane.adopt  # (popts, reason, state, handed), --takeover
     existing_vtep_mac: Callable[[int], str | None] = lambda vni: vxlandev.device_mac(vxlandev.device_name(vni))
+    existing_vtep_mac6: Callable[[int], str | None] = lambda vni: vxlandev.device_mac(  # dual stack
+        vxlandev.device_name(vni, 6))
 
 
 def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
@@ -129,42 +144,42 @@ def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
 
 
 async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Callable[[int], str | None],
-                    stored: str | None = None) -> str:
-    """The kept VTEP MAC. Without one, ``stored`` (kube-mgr: the MAC our Node's backend-data
-    names, flanneld's GetStoredMacAddresses), else the MAC of a flannel.<VNI> already here (a
+                    stored: str | None = None, version: int = 4) -> str:  # dual stack: version 6
+    """The kept VTEP MAC (``version`` 6: flannel-v6.<VNI>'s, with dual stack). Without one,
+    ``stored`` (kube-mgr: the MAC our Node's backend-data names, flanneld's
+    GetStoredMacAddresses), else the MAC of a flannel.<VNI> already here (a
     flanneld this node replaces: its lease names that MAC, so the node keeps its subnet
     and the kernel plane its device), else a new one; kept once the state dir takes it
     (until then the node runs with it and says so: a restart before that would pick
     another)."""
-    mac = localstate.load_mac(opts.state_dir, opts.tun)
+    mac = localstate.load_mac(opts.state_dir, opts.tun, version)
     if mac is None:
         mac = stored or await asyncio.to_thread(existing, vni)  # kube-mgr: stored = our Node's backend-data MAC
         if mac is not None:
             log.info("VTEP MAC %s taken from %s", mac, "our Node's backend-data annotation" if stored  # kube-mgr
-                     else f"the {vxlandev.device_name(vni)} already here (flanneld's?)")
+                     else f"the {vxlandev.device_name(vni, version)} already here (flanneld's?)")
         else:
             mac = localstate.new_mac()
-        persist.write(localstate.mac_path(opts.state_dir, opts.tun),
-                      lambda: localstate.write_mac(opts.state_dir, opts.tun, mac))
+        persist.write(localstate.mac_path(opts.state_dir, opts.tun, version),
+                      lambda: localstate.write_mac(opts.state_dir, opts.tun, mac, version))
     return mac
 
 
 async def _acquire(node: Node, source: Source, cfg: netconfig.NetworkConfig, underlay: Underlay,
-                   mac: str, stop: asyncio.Event) -> Lease:
+                   mac: str, stop: asyncio.Event, mac6: str | None = None) -> Lease:
     opts = node.opts
     manager = source.manager(cfg, node.health)
     node.manager = manager
-    if cfg.backend_type == "vxlan":
-        wanted = Lease(cfg.network, underlay.public_ip, "vxlan", cfg.vni, mac)
-    else:  # flanneld udp's lease: PublicIP only
-        wanted = Lease(cfg.network, underlay.public_ip, "", None, None)
+    # vxlan: our PublicIP and VTEP MAC (and PublicIPv6 and flannel-v6's); udp: PublicIP only
+    wanted = wanted_lease(cfg, underlay.public_ip, mac, underlay.public_ip6, mac6)  # dual stack
     previous = (localstate.previous_subnet(opts.subnet_file)
                 or localstate.recorded_subnet(opts.state_dir, opts.tun))
     lease = await until_reachable("acquiring a lease", lambda: manager.acquire(wanted, previous),
                                   source.retry, stop, node.health)
     node.changed()
     node.health.consequence = "data plane keeps its routes, retrying"
-    log.info("leased %s (%s)", lease.subnet, f"VTEP MAC {mac}" if lease.vtep_mac else "flanneld udp lease")
+    log.info("leased %s (%s)", lease.describe(),  # dual stack: both subnets
+             f"VTEP MAC {mac}" if lease.vtep_mac else "flanneld udp lease" if lease.subnet else "IPv6 only")
     return lease
 
 
@@ -196,16 +211,17 @@ async def _follow(node: Node, manager: SubnetManager, plane) -> None:
 
 def stale_routes(plane, snapshot: list[LeaseEvent]) -> list[LeaseEvent]:
     """REMOVED events for the plane's routes whose subnets the snapshot does not hold."""
-    listed = {ev.lease.subnet for ev in snapshot if ev.type is EventType.ADDED}
-    return [LeaseEvent(EventType.REMOVED, Lease(ipaddress.IPv4Network(p.subnet), ipaddress.IPv4Address(p.public_ip),
-                                                "", None, None))
-            for p in plane.peers() if ipaddress.IPv4Network(p.subnet) not in listed]
+    listed = {s for ev in snapshot if ev.type is EventType.ADDED for s in ev.lease.subnets}  # dual stack
+    gone = [ipaddress.ip_network(p.subnet) for p in plane.peers()]
+    return [LeaseEvent(EventType.REMOVED, Lease(s if s.version == 4 else None, UNSPECIFIED, "",  # dual stack
+                                                ipv6_subnet=s if s.version == 6 else None))
+            for s in gone if s not in listed]
 
 
 def _announce_if_ready(node: Node) -> None:
     if node.ready:
         st = node.plane.status()
-        sdnotify.ready(f"leased {node.manager.lease.subnet}, {node.plane.kind} plane, {st.peers} peers")
+        sdnotify.ready(f"leased {node.manager.lease.describe()}, {node.plane.kind} plane, {st.peers} peers")
         log.info("running: %s plane on %s, %d peers", node.plane.kind, st.device, st.peers)
 
 
@@ -274,6 +290,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             undo.push_async_callback(source.close)
             log.info("registry: %s (%s)", source.kind, source.where)
             cfg = await source.network_config(stop, node.health)
+            if not inherited and cfg.enable_ipv6:  # dual stack: again, for the config's IP families
+                underlay = await asyncio.to_thread(outside.find_underlay, opts, cfg)
             if source.kept.public_ip is not None and not inherited:  # kube-mgr: node-public-ip, as --public-ip
                 underlay = replace(underlay, public_ip=source.kept.public_ip)
             await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
@@ -288,23 +306,24 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             else:
                 mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac,
                                       source.kept.vtep_mac)  # kube-mgr: the MAC our Node names
-            log.info("underlay %s (%s, public %s, MTU %d); network %s, backend %s, port %d",
-                     underlay.ifname, underlay.address, underlay.public_ip, underlay.mtu,
-                     cfg.network, cfg.backend_type, cfg.port)
+            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6, version=6)  # dual stack
+                    if cfg.enable_ipv6 else None)
+            log.info("underlay %s; network %s, backend %s, port %d", underlay.describe(),  # dual stack
+                     " + ".join(map(str, cfg.networks)), cfg.backend_type, cfg.port)
             if plane is None:
-                plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac))
+                plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac, mac6))
                 plane_undo.push_async_callback(plane.stop)
             node.plane = plane
             node.changed()
 
-            lease = await _acquire(node, source, cfg, underlay, mac, stop)
+            lease = await _acquire(node, source, cfg, underlay, mac, stop, mac6)  # dual stack: mac6
             persist.write(localstate.subnet_path(opts.state_dir, opts.tun),
-                          lambda: localstate.record_subnet(opts.state_dir, opts.tun, lease.subnet))
+                          lambda: localstate.record_lease(opts.state_dir, opts.tun, lease))  # dual stack
             if inherited is not None and plane is inherited.plane and lease.subnet != inherited.subnet:
                 log.warning("the registry leased %s, the data plane (%s) ran %s: setting it up again",
                             lease.subnet, inherited.how, inherited.subnet)
                 await plane.stop()
-                plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac))
+                plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac, mac6))
                 plane_undo.push_async_callback(plane.stop)
                 node.plane = plane
             await plane.start(lease)
@@ -312,7 +331,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             rules = await _install_rules(opts, outside, cfg, lease)
 
             def write_subnet_env(mtu: int) -> None:  # CNI gives new pods this MTU
-                text = subnetenv.render(cfg.network, lease.subnet, mtu, opts.ip_masq)
+                text = subnetenv.render_for(cfg, lease, mtu, opts.ip_masq)  # dual stack: FLANNEL_IPV6_*
 
                 def written() -> None:
                     node.subnet_env_written = True
@@ -337,7 +356,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 tasks.append(asyncio.create_task(keep_rules(node, rules, opts.rules_resync), name="rules"))
             if opts.ip_blackhole_route:
                 tasks.append(asyncio.create_task(keep_blackhole_route(
-                    node, lambda: node.manager.lease.subnet if node.manager.lease else None,
+                    node, lambda: node.manager.lease.subnets if node.manager.lease else None,  # dual stack
                     opts.rules_resync), name="blackhole"))
             try:
                 await _supervise(tasks)
@@ -346,7 +365,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 if giver.handed_over is None:  # else the new daemon is the service now
                     sdnotify.stopping(f"stopping; {plane.status().device} stays in place")
             log.info("stopping: lease %s kept, %s left in place for the %s",
-                     lease.subnet, plane.status().device,
+                     lease.describe(), plane.status().device,
                      "new daemon" if giver.handed_over else "next start")
         except Stopped as e:
             log.info("stopped while %s; nothing was changed", e)

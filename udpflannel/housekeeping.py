@@ -59,14 +59,16 @@ async def keep_rules(node: Node, rules, period: float) -> None:
             node.out_of_resources("checking the rules", e)
 
 
-async def keep_blackhole_route(node: Node, subnet: Callable[[], ipaddress.IPv4Network | None], period: float,
+async def keep_blackhole_route(node: Node, subnet: Callable[[], object], period: float,
                                ensure: Callable[[ipaddress.IPv4Network], bool] = netconf.ensure_blackhole_route
                                ) -> None:
     """--ip-blackhole-route, as flanneld runs it: every ``period`` (--iptables-resync)
     seconds, starting one period after the start, a blackhole route for the subnet
-    leased now (``subnet()``; None: no lease yet) is put back if it is missing. A
-    failure (the kernel refusing it beside a CNI bridge's route, say) is logged when it
-    first appears or changes, not every period, and never ends the daemon."""
+    leased now (``subnet()``: one subnet, or a tuple of them (dual stack: flanneld adds
+    one per family, AddBlackholeV4Route and AddBlackholeV6Route); None: no lease yet) is
+    put back if it is missing. A failure (the kernel refusing it beside a CNI bridge's
+    route, say) is logged when it first appears or changes, not every period, and never
+    ends the daemon."""
     last_error = None
     while True:
         await asyncio.sleep(period)
@@ -74,8 +76,9 @@ async def keep_blackhole_route(node: Node, subnet: Callable[[], ipaddress.IPv4Ne
         if current is None:
             continue
         try:
-            if await asyncio.to_thread(ensure, current):
-                log.info("blackhole route for %s added", current)
+            for one in current if isinstance(current, (tuple, list)) else (current,):
+                if await asyncio.to_thread(ensure, one):
+                    log.info("blackhole route for %s added", one)
             last_error = None
         except Exception as e:
             if is_resource_exhaustion(e):

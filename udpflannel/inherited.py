@@ -15,20 +15,26 @@ from udpflannel.dataplane.sockets import parse_offloads
 from udpflannel.options import RunOptions
 
 
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def node_state(cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str, subnet: ipaddress.IPv4Network) -> dict:
     """The node's part of the state (the plane adds its own: describe())."""
-    return {"config": cfg.to_json(), "vtep_mac": mac, "lease_subnet": str(subnet),
+    return {"config": cfg.to_json(), "vtep_mac": mac, "lease_subnet": _text(subnet),
             "underlay": {"ifname": underlay.ifname, "ifindex": underlay.ifindex,
-                         "address": str(underlay.address), "public_ip": str(underlay.public_ip),
-                         "mtu": underlay.mtu, "network": str(underlay.network) if underlay.network else None}}
+                         "address": _text(underlay.address), "public_ip": _text(underlay.public_ip),
+                         "mtu": underlay.mtu, "network": _text(underlay.network),
+                         "address6": _text(underlay.address6), "public_ip6": _text(underlay.public_ip6)}}
 
 
-def plane_options(opts: RunOptions, cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str) -> PlaneOptions:
+def plane_options(opts: RunOptions, cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str,
+                  mac6: str | None = None) -> PlaneOptions:
     return PlaneOptions(
         config=cfg, underlay=underlay, vtep_mac=mac, tun=opts.tun, engine=opts.engine,
         offloads=parse_offloads(opts.offload), udp_port=opts.udp_port or None,
         source_ports=opts.source_ports, strict_source=opts.strict_source, io=opts.io,
-        queues=opts.queues, cpus=opts.cpus)
+        queues=opts.queues, cpus=opts.cpus, vtep_mac6=mac6)
 
 
 @dataclass
@@ -44,9 +50,12 @@ class Inherited:
     @property
     def underlay(self) -> Underlay:
         u = self.state["underlay"]
-        return Underlay(u["ifname"], u["ifindex"], ipaddress.IPv4Address(u["address"]),
-                        ipaddress.IPv4Address(u["public_ip"]), u["mtu"],
-                        ipaddress.IPv4Network(u["network"]) if u.get("network") else None)
+
+        def of(cls, key: str):  # absent or None in an older daemon's state, or IPv6-only
+            return cls(u[key]) if u.get(key) else None
+        return Underlay(u["ifname"], u["ifindex"], of(ipaddress.IPv4Address, "address"),
+                        of(ipaddress.IPv4Address, "public_ip"), u["mtu"], of(ipaddress.IPv4Network, "network"),
+                        of(ipaddress.IPv6Address, "address6"), of(ipaddress.IPv6Address, "public_ip6"))
 
     @property
     def vtep_mac(self) -> str:

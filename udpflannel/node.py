@@ -115,9 +115,7 @@ class Node:
         plane = self.plane
         return NodeStatus(
             version=__version__, started=self.started, ready=self.ready,
-            lease=None if lease is None else LeaseStatus(
-                str(lease.subnet), str(lease.public_ip), lease.backend_type or "udp",
-                lease.vtep_mac, lease.expiration),
+            lease=None if lease is None else LeaseStatus.from_lease(lease),
             registry=RegistryStatus(self.source.kind if self.source else self.opts.registry_kind,
                                     self.source.where if self.source else self.opts.registry_where,
                                     self.health.ok, self.health.ignored),

@@ -23,6 +23,7 @@ class RunOptions:
     iface_regex: tuple[str, ...] = ()
     iface_can_reach: str | None = None
     public_ip: str | None = None
+    public_ipv6: str | None = None  # --public-ipv6 (with EnableIPv6)
     registry_file: str = "/var/lib/udpflannel/registry.db"
     net_config: str | None = None
     subnet_file: str = "/run/flannel/subnet.env"

@@ -457,7 +457,8 @@ def test_only_canonical_keys_are_leases_and_aliases_are_never_events(etcd_server
     prefix = unique_prefix()
     subnets = f"{prefix}/subnets"
     attacker = FLANNEL_VALUE.replace("192.168.64.3", "192.168.64.66")
-    aliases = [f"{subnets}/10.244.07.0-24", f"{subnets}/10.244.7.0-024", f"{subnets}/10.244.7.0-24&fc00::-64",
+    # (a dual-stack key is a key of its own since dual stack: test_etcd_dual_stack.py)
+    aliases = [f"{subnets}/10.244.07.0-24", f"{subnets}/10.244.7.0-024",
                f"{subnets}/x/10.244.7.0-24", f"{subnets}/10.244.7.0-24 "]
 
     async def body():

@@ -351,17 +351,6 @@ def test_plugin_imports_nothing_heavy():
         "udpflannel.core", "udpflannel.core.errors", "udpflannel.core.subnetenv"]
 
 
-def test_a_dual_stack_subnet_env_is_refused():
-    with pytest.raises(CniError) as e:
-        env(FLANNEL_TEST_ENV + "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:7::1/64\n")
-    assert e.value.code == cni.DUAL_STACK_UNSUPPORTED
-    assert "FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET" in e.value.msg
-    with pytest.raises(CniError) as e:  # IPv6 only: no IPv4 lines at all
-        env("FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:7::1/64\nFLANNEL_MTU=1450\n"
-            "FLANNEL_IPMASQ=false\n")
-    assert e.value.code == cni.DUAL_STACK_UNSUPPORTED
-
-
 def test_valid_attachments_are_container_ids():
     conf = cni.load_netconf({"name": "n", "cni.dev/valid-attachments": [
         {"containerID": "a", "ifname": "eth0"}, {"containerID": "b", "ifname": "net1"}]})

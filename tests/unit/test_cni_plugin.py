@@ -272,15 +272,16 @@ def test_check_after_a_downgraded_add_gives_the_delegate_its_own_version(rig):
 
 # --- a dual-stack node --------------------------------------------------------------------
 
-def test_a_dual_stack_subnet_env_is_refused_not_half_served(rig):
+def test_a_dual_stack_subnet_env_is_served_with_both_families(rig):
     with open(rig.subnet_file, "a") as f:
         f.write("FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:7::1/64\n")
-    rc, out, _ = rig.run("ADD")
-    assert rc == 1 and out["code"] == cni.DUAL_STACK_UNSUPPORTED
-    assert "FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET" in out["msg"] and "IPv4 only" in out["msg"]
-    assert rig.calls() == [] and not os.path.exists(rig.saved())
-    rc, out, _ = rig.run("STATUS", dict(rig.conf, cniVersion="1.1.0"))
-    assert rc == 1 and out["code"] == cni.NOT_AVAILABLE and "dual-stack" in out["msg"]
+    rc, _, _ = rig.run("ADD")
+    assert rc == 0
+    (cmd, added), = rig.calls()
+    assert cmd == "ADD" and added["ipam"]["ranges"][1] == [{"subnet": "fc00:0:0:7::/64"}]
+    assert added["ipam"]["routes"][-1] == {"dst": "fc00::/48"} and os.path.exists(rig.saved())
+    rc, _, _ = rig.run("STATUS", dict(rig.conf, cniVersion="1.1.0"))
+    assert rc == 0
 
 
 # --- CNI 1.1: STATUS and GC ----------------------------------------------------------------

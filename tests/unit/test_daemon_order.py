@@ -76,7 +76,7 @@ class Harness:
         def adopt(*args):
             self.plane = FakePlane.adopter(self.journal)(*args)
             return self.plane
-        return daemon.Outside(has_net_admin=lambda: True, find_underlay=lambda opts: UNDERLAY,
+        return daemon.Outside(has_net_admin=lambda: True, find_underlay=lambda opts, cfg=None: UNDERLAY,
                               underlay_present=lambda u: self.underlay_present(u),
                               open_registry=lambda opts: JournalRegistry(opts.registry_file, self.journal,
                                                                          self.gates),

@@ -38,6 +38,7 @@ HONOURED = {
     "iface-can-reach": ("10.1.2.3", "iface_can_reach", "10.1.2.3", None),
     "subnet-file": ("/tmp/s.env", "subnet_file", "/tmp/s.env", "/run/flannel/subnet.env"),
     "public-ip": ("10.0.0.9", "public_ip", "10.0.0.9", None),
+    "public-ipv6": ("fd00::9", "public_ipv6", "fd00::9", None),
     "subnet-lease-renew-margin": ("30", "renew_margin", 1800.0, 3600.0),
     "ip-masq": (None, "ip_masq", True, False),
     "ip-masq-fully-random-disable": (None, "ip_masq_fully_random", False, True),
@@ -59,10 +60,8 @@ HONOURED = {
 }
 # flags that are not options of the node: -v is the log level, -version prints and exits
 OTHER = {"v", "version"}
-IPV6 = "udpflannel carries an IPv4 overlay only; use "
 # flag -> the start of the reason given (the whole message is asserted against cli.REFUSED)
 REFUSED = {
-    "public-ipv6": IPV6,
     "vmodule": "klog's per-Go-file verbosity", "log_backtrace_at": "klog's stack trace",
 }
 BOOLEAN_REFUSED: set[str] = set()
@@ -138,7 +137,7 @@ def test_each_refused_flag(flag, capsys):
 
 
 def test_a_refused_flag_asking_for_nothing_passes():
-    assert options(["-kube-subnet-mgr=false", "-public-ipv6="]).ip_masq is False
+    assert options(["-kube-subnet-mgr=false", "-vmodule="]).ip_masq is False
     assert options([], {"FLANNELD_KUBE_SUBNET_MGR": "false"}).etcd_endpoints == FLANNELD_DEFAULT_ENDPOINTS
 
 

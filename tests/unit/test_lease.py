@@ -149,15 +149,6 @@ def test_subnet_key_round_trip(subnet, key):
     assert parse_subnet_key(key) == N(subnet)
 
 
-def test_dual_stack_key_is_refused_in_an_ipv4_only_network():
-    """flanneld writes "v4&v6" keys only when the network config enables IPv6, which
-    udpflannel refuses; accepted, "<subnet>&..." would be a second key for any subnet."""
-    with pytest.raises(LeaseError, match="dual-stack"):
-        parse_subnet_key("10.244.1.0-24&fc00::-64")
-    with pytest.raises(LeaseError, match="dual-stack"):
-        decode("10.244.1.0-24&fc00::-64", FLANNEL_VXLAN_VALUE)
-
-
 @pytest.mark.parametrize("alias", [
     "010.244.1.0-24",
     "10.244.01.0-24",

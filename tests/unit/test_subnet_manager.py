@@ -530,8 +530,9 @@ def test_a_copy_of_our_lease_elsewhere_does_not_move_us(db):
     assert sorted(str(x.subnet) for x in leases) == ["10.244.1.0/24", "10.244.200.0/24"]  # copy left
 
 
-ALIASES = ["10.244.077.0-24", "10.244.77.0-024", "10.244.77.0-24&fc00::-64", "x/10.244.77.0-24",
-           "10.244.77.0-24 "]
+# (a dual-stack key naming the subnet is a key of its own since dual stack: the routing
+# policy keeps the subnet's own key winning, tests/unit/test_subnet_manager_v6.py)
+ALIASES = ["10.244.077.0-24", "10.244.77.0-024", "x/10.244.77.0-24", "10.244.77.0-24 "]
 
 
 def test_alias_keys_neither_win_at_start_nor_change_routes(db):

@@ -16,8 +16,10 @@ Rendering, in flannel's order (doCmdAdd + getDelegateIPAM):
   ``isGateway`` <- true for type bridge unless the delegate says;
   ``cniVersion`` <- netconf cniVersion (always: a delegate cannot pick its own);
 - ``ipam`` <- the netconf's ``ipam`` (other keys kept, e.g. dataDir), ``type``
-  host-local unless given, ``ranges`` always [[{"subnet": node subnet}]], ``routes``
-  the netconf's ipam routes followed by {"dst": the cluster network}.
+  host-local unless given, ``ranges`` always one range set per family of subnet.env,
+  IPv4 first: [[{"subnet": node subnet}], [{"subnet": node IPv6 subnet}]], ``routes``
+  the netconf's ipam routes followed by {"dst": the cluster network} and {"dst": the
+  IPv6 cluster network} (flannel's getDelegateIPAM; dual stack and IPv6-only alike).
 
 Versions. Like flannel's plugin (libcni's version.All: 0.1.0 to 1.1.0) and libcni's
 skel (pkg/skel/skel.go): a missing cniVersion means 0.1.0; a version not in
@@ -29,9 +31,9 @@ below it whose result converts (0.3.0 to 1.1.0 all do: they differ only in
 ips[].version, and 1.1.0 results are 1.0.0's), and converts the result back. flannel
 passes the netconf's version through unchanged, so 1.1.0 with that bridge fails there.
 
-subnet.env with FLANNEL_IPV6_NETWORK or FLANNEL_IPV6_SUBNET (a dual-stack node) is
-refused: until udpflannel has dual stack, rendering only the IPv4 range would give
-pods IPv4 only, silently.
+subnet.env holds one family or both (FLANNEL_NETWORK / FLANNEL_SUBNET,
+FLANNEL_IPV6_NETWORK / FLANNEL_IPV6_SUBNET), as flannel's plugin reads it; a family
+given half is refused.
 
 Error codes are the spec's well-known ones; 100+ are ours.
 """
@@ -72,7 +74,6 @@ NOT_AVAILABLE = 50  # STATUS: the plugin cannot service ADD now
 BAD_SUBNET_ENV = 100
 DELEGATE_FAILED = 101
 NO_SAVED_DELEGATE = 102
-DUAL_STACK_UNSUPPORTED = 103
 INTERNAL = 999  # libcni's ErrInternal: anything unforeseen
 
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")  # libcni utils: network name, container ID (fullmatch)
@@ -279,17 +280,15 @@ def valid_attachments(conf: NetConf) -> set[str]:
 
 
 def load_subnet_env(text: str, path: str) -> subnetenv.SubnetEnv:
-    """subnet.env as flannel's plugin demands it: FLANNEL_MTU and FLANNEL_IPMASQ are
-    required too (subnetenv.parse would default them; a wrong MTU breaks pods quietly).
-    A dual-stack node's file is refused (the module docstring says why)."""
+    """subnet.env as flannel's plugin demands it (subnetEnv.missing): a network and a
+    subnet of either family, and FLANNEL_MTU and FLANNEL_IPMASQ too (subnetenv.parse
+    would default them; a wrong MTU breaks pods quietly)."""
     present = subnetenv.parse_lines(text)
-    v6 = [k for k in ("FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET") if k in present]
-    if v6:
-        raise CniError(DUAL_STACK_UNSUPPORTED, f"{path} has {', '.join(v6)}: this node's network is dual-stack "
-                       "(or IPv6-only), and udpflannel-cni gives pods IPv4 only (dual stack is not "
-                       "implemented yet): use flannel's CNI plugin on this node")
-    missing = [k for k in ("FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ")
-               if k not in present]
+    missing = []
+    for keys in (("FLANNEL_NETWORK", "FLANNEL_IPV6_NETWORK"), ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")):
+        if not any(k in present for k in keys):
+            missing += keys
+    missing += [k for k in ("FLANNEL_MTU", "FLANNEL_IPMASQ") if k not in present]
     if missing:
         raise CniError(BAD_SUBNET_ENV, f"{path} is missing {', '.join(missing)}")
     try:
@@ -334,7 +333,9 @@ def render_delegate(conf: NetConf, env: subnetenv.SubnetEnv, version: str | None
 
     ipam = dict(conf.ipam or {})
     ipam.setdefault("type", "host-local")
-    ipam["ranges"] = [[{"subnet": str(env.subnet_network)}]]
-    ipam["routes"] = _ipam_routes(ipam) + [{"dst": str(env.network)}]
+    subnets = [s for s in (env.subnet_network, env.ipv6_subnet_network) if s is not None]
+    networks = [n for n in (env.network, env.ipv6_network) if n is not None]
+    ipam["ranges"] = [[{"subnet": str(s)}] for s in subnets]
+    ipam["routes"] = _ipam_routes(ipam) + [{"dst": str(n)} for n in networks]
     delegate["ipam"] = ipam
     return delegate

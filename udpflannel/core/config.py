@@ -2,10 +2,18 @@
 
 Pure: no I/O. The JSON is the one flanneld reads from ``<prefix>/config`` (etcd) or
 ``net-conf.json``; Go's decoder matches field names case-insensitively, so we do too.
-Only the IPv4 overlay is carried by udpflannel; an IPv6 network is refused with a
-clear message rather than silently ignored. Every key flanneld knows is either
-honoured or refused with one line; keys flanneld does not know are ignored, as
-flanneld's decoder ignores them.
+Every key flanneld knows is either honoured or refused with one line; keys flanneld
+does not know are ignored, as flanneld's decoder ignores them.
+
+Dual stack (flannel's pkg/subnet/config.go CheckNetworkConfig): ``EnableIPv4`` (true
+unless false: false is IPv6-only) and ``EnableIPv6`` choose the families; each enabled
+family is a ``SubnetPool`` (network, subnet length, SubnetMin..SubnetMax) with
+flanneld's defaults and limits: IPv4 /24 subnets when the network is /22 or larger,
+else the network's prefix + 2, at most /30, networks no smaller than /28; IPv6 /64
+when the network is /62 or larger, else prefix + 2, at most /126, networks no smaller
+than /124; SubnetMin defaults to the second subnet, SubnetMax to the last. The udp
+backend carries IPv4 only (flanneld's udp backend has no IPv6), so IPv6 with it is
+refused rather than leaving pods with IPv6 addresses nothing routes.
 """
 
 from __future__ import annotations
@@ -38,41 +46,129 @@ class ConfigError(BadInput):
     """The network configuration is unusable; the message says what to fix."""
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class SubnetPool:
+    """One family's overlay: its network, the length of a node's subnet, and the
+    subnets a node may lease (SubnetMin..SubnetMax, both included)."""
+    network: Network
+    subnet_len: int
+    subnet_min: Address
+    subnet_max: Address
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    @property
+    def subnet_count(self) -> int:
+        return 1 << (self.subnet_len - self.network.prefixlen)
+
+    def _size(self) -> int:
+        return 1 << (self.network.max_prefixlen - self.subnet_len)
+
+    def subnet_at(self, index: int) -> Network:
+        """The index-th subnet of subnet_len inside the network."""
+        base = int(self.network.network_address) + index * self._size()
+        return ipaddress.ip_network((ipaddress.ip_address(base) if self.version == 4
+                                     else ipaddress.IPv6Address(base), self.subnet_len))
+
+    def index_of(self, subnet: Network) -> int:
+        return (int(subnet.network_address) - int(self.network.network_address)) // self._size()
+
+    def usable_range(self) -> range:
+        """Indices of subnets between subnet_min and subnet_max, inclusive."""
+        lo = (int(self.subnet_min) - int(self.network.network_address)) // self._size()
+        hi = (int(self.subnet_max) - int(self.network.network_address)) // self._size()
+        return range(lo, hi + 1)
+
+    def contains_subnet(self, subnet: Network | None) -> bool:
+        """A subnet of this pool's length inside its network (of this family)."""
+        return (subnet is not None and subnet.version == self.version
+                and subnet.prefixlen == self.subnet_len and subnet.subnet_of(self.network))
+
+    def in_range(self, subnet: Network | None) -> bool:
+        """contains_subnet, and between subnet_min and subnet_max."""
+        return self.contains_subnet(subnet) and self.index_of(subnet) in self.usable_range()
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
-    network: ipaddress.IPv4Network
+    network: ipaddress.IPv4Network | None  # None when IPv6-only (EnableIPv4 false)
     subnet_len: int
-    subnet_min: ipaddress.IPv4Address
-    subnet_max: ipaddress.IPv4Address
+    subnet_min: ipaddress.IPv4Address | None
+    subnet_max: ipaddress.IPv4Address | None
     backend_type: str = "vxlan"
     vni: int = DEFAULT_VNI
     port: int = VXLAN_PORT
     mtu: int | None = None  # vxlan Backend.MTU: the underlay MTU to assume (flanneld's meaning); None: the real one
     direct_routing: bool = False  # Backend.DirectRouting (vxlan)
     enable_nftables: bool = False  # EnableNFTables: masquerade/forward rules via nftables
+    enable_ipv6: bool = False  # EnableIPv6
+    ipv6_network: ipaddress.IPv6Network | None = None  # IPv6Network (with EnableIPv6)
+    ipv6_subnet_len: int = 0
+    ipv6_subnet_min: ipaddress.IPv6Address | None = None
+    ipv6_subnet_max: ipaddress.IPv6Address | None = None
 
     @property
+    def enable_ipv4(self) -> bool:
+        return self.network is not None
+
+    @property
+    def v4(self) -> SubnetPool | None:
+        """The IPv4 pool, or None (IPv6-only)."""
+        if self.network is None:
+            return None
+        return SubnetPool(self.network, self.subnet_len, self.subnet_min, self.subnet_max)
+
+    @property
+    def v6(self) -> SubnetPool | None:
+        """The IPv6 pool, or None (EnableIPv6 off)."""
+        if not self.enable_ipv6 or self.ipv6_network is None:
+            return None
+        return SubnetPool(self.ipv6_network, self.ipv6_subnet_len, self.ipv6_subnet_min, self.ipv6_subnet_max)
+
+    @property
+    def pools(self) -> tuple[SubnetPool, ...]:
+        """The enabled families' pools, IPv4 first."""
+        return tuple(p for p in (self.v4, self.v6) if p is not None)
+
+    def pool(self, version: int) -> SubnetPool | None:
+        return self.v4 if version == 4 else self.v6
+
+    @property
+    def networks(self) -> tuple[Network, ...]:
+        return tuple(p.network for p in self.pools)
+
+    # The IPv4 pool's, kept for callers that know the network is IPv4.
+    @property
     def subnet_count(self) -> int:
-        return 1 << (self.subnet_len - self.network.prefixlen)
+        return self._v4().subnet_count
 
     def subnet_at(self, index: int) -> ipaddress.IPv4Network:
         """The index-th subnet of SubnetLen inside the network."""
-        size = 1 << (32 - self.subnet_len)
-        base = int(self.network.network_address) + index * size
-        return ipaddress.IPv4Network((base, self.subnet_len))
+        return self._v4().subnet_at(index)
 
     def index_of(self, subnet: ipaddress.IPv4Network) -> int:
-        size = 1 << (32 - self.subnet_len)
-        return (int(subnet.network_address) - int(self.network.network_address)) // size
+        return self._v4().index_of(subnet)
 
     def usable_range(self) -> range:
         """Indices of subnets between SubnetMin and SubnetMax, inclusive."""
-        lo = self.index_of(ipaddress.IPv4Network((self.subnet_min, self.subnet_len), strict=False))
-        hi = self.index_of(ipaddress.IPv4Network((self.subnet_max, self.subnet_len), strict=False))
-        return range(lo, hi + 1)
+        return self._v4().usable_range()
 
-    def contains_subnet(self, subnet: ipaddress.IPv4Network) -> bool:
-        return subnet.prefixlen == self.subnet_len and subnet.subnet_of(self.network)
+    def contains_subnet(self, subnet: Network | None) -> bool:
+        """A subnet of the right length inside the network of its family."""
+        pool = self.pool(subnet.version) if subnet is not None else None
+        return pool is not None and pool.contains_subnet(subnet)
+
+    def _v4(self) -> SubnetPool:
+        pool = self.v4
+        if pool is None:
+            raise ValueError("this network is IPv6-only")
+        return pool
 
     def to_json(self) -> str:
         backend: dict[str, Any] = {"Type": self.backend_type}
@@ -83,13 +179,16 @@ class NetworkConfig:
             backend["MTU"] = self.mtu
         if self.direct_routing:
             backend["DirectRouting"] = True
-        doc: dict[str, Any] = {
-            "Network": str(self.network),
-            "SubnetLen": self.subnet_len,
-            "SubnetMin": str(self.subnet_min),
-            "SubnetMax": str(self.subnet_max),
-            "Backend": backend,
-        }
+        doc: dict[str, Any] = {}
+        if self.network is not None:
+            doc.update(Network=str(self.network), SubnetLen=self.subnet_len,
+                       SubnetMin=str(self.subnet_min), SubnetMax=str(self.subnet_max))
+        else:
+            doc["EnableIPv4"] = False
+        if self.enable_ipv6:
+            doc.update(EnableIPv6=True, IPv6Network=str(self.ipv6_network), IPv6SubnetLen=self.ipv6_subnet_len,
+                       IPv6SubnetMin=str(self.ipv6_subnet_min), IPv6SubnetMax=str(self.ipv6_subnet_max))
+        doc["Backend"] = backend
         if self.enable_nftables:
             doc["EnableNFTables"] = True
         return json.dumps(doc)
@@ -99,11 +198,11 @@ def _fold(obj: dict[str, Any]) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in obj.items()}
 
 
-def _addr(value: Any, name: str) -> ipaddress.IPv4Address:
+def _addr(value: Any, name: str, cls: type = ipaddress.IPv4Address, label: str = "IPv4") -> Any:
     try:
-        return ipaddress.IPv4Address(str(value))
+        return cls(str(value))
     except ValueError:
-        raise ConfigError(f"{name} {value!r} is not an IPv4 address") from None
+        raise ConfigError(f"{name} {value!r} is not an {label} address") from None
 
 
 def _int(value: Any, name: str, lo: int, hi: int) -> int:
@@ -124,41 +223,12 @@ def parse(text: str | bytes, *, default_port: int | None = None) -> NetworkConfi
         raise ConfigError("network config must be a JSON object")
     cfg = _fold(raw)
 
-    if cfg.get("enableipv6") is True:
-        raise ConfigError("EnableIPv6 is set: udpflannel carries an IPv4 overlay only")
-    if cfg.get("enableipv4") is False:
-        raise ConfigError("EnableIPv4 is false: udpflannel needs an IPv4 Network")
-    if "network" not in cfg:
-        raise ConfigError('network config has no "Network" (e.g. "10.244.0.0/16")')
-    try:
-        network = ipaddress.IPv4Network(str(cfg["network"]))
-    except ValueError as e:
-        raise ConfigError(f"Network {cfg['network']!r} is not an IPv4 network: {e}") from None
-    if network.prefixlen > 28:
-        raise ConfigError(f"Network {network} is smaller than /28")
-
-    if cfg.get("subnetlen") in (None, 0):
-        subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
-    else:
-        subnet_len = _int(cfg["subnetlen"], "SubnetLen", 1, 32)
-    if subnet_len > 30:
-        raise ConfigError(f"SubnetLen {subnet_len} is larger than 30")
-    if subnet_len < network.prefixlen + 2:
-        raise ConfigError(f"SubnetLen {subnet_len} must be at least the Network's /{network.prefixlen} "
-                          "+ 2 (room for four subnets)")
-
-    step = 1 << (32 - subnet_len)
-    first = ipaddress.IPv4Address(int(network.network_address) + step)  # zeroth subnet is skipped
-    last = ipaddress.IPv4Address(int(network.broadcast_address) + 1 - step)
-    subnet_min = _addr(cfg["subnetmin"], "SubnetMin") if cfg.get("subnetmin") else first
-    subnet_max = _addr(cfg["subnetmax"], "SubnetMax") if cfg.get("subnetmax") else last
-    for name, addr in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
-        if addr not in network:
-            raise ConfigError(f"{name} {addr} is not inside Network {network}")
-        if int(addr) % step:
-            raise ConfigError(f"{name} {addr} is not aligned to SubnetLen /{subnet_len}")
-    if subnet_max < subnet_min:
-        raise ConfigError(f"SubnetMax {subnet_max} is below SubnetMin {subnet_min}")
+    enable_ipv4 = _bool(cfg.get("enableipv4", True), "EnableIPv4")
+    enable_ipv6 = _bool(cfg.get("enableipv6", False), "EnableIPv6")
+    if not (enable_ipv4 or enable_ipv6):
+        raise ConfigError("EnableIPv4 and EnableIPv6 are both false: enable at least one family")
+    v4 = _pool(cfg, 4) if enable_ipv4 else None
+    v6 = _pool(cfg, 6) if enable_ipv6 else None
 
     enable_nftables = _bool(cfg.get("enablenftables", False), "EnableNFTables")
     backend = cfg.get("backend")
@@ -186,8 +256,72 @@ def parse(text: str | bytes, *, default_port: int | None = None) -> NetworkConfi
         if backend.get("mtu") not in (None, 0):
             mtu = _int(backend["mtu"], "Backend.MTU", 68, 65535)
         direct = _bool(backend.get("directrouting", False), "Backend.DirectRouting")
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, btype, vni, port, mtu,
-                         direct, enable_nftables)
+    elif enable_ipv6:
+        raise ConfigError(f'EnableIPv6 with the {btype} backend: flanneld\'s udp backend carries IPv4 only '
+                          '(set "Backend": {"Type": "vxlan"})')
+    v4_fields = (v4.network, v4.subnet_len, v4.subnet_min, v4.subnet_max) if v4 else (None, 0, None, None)
+    v6_fields = (v6.network, v6.subnet_len, v6.subnet_min, v6.subnet_max) if v6 else (None, 0, None, None)
+    return NetworkConfig(*v4_fields, btype, vni, port, mtu, direct, enable_nftables, enable_ipv6, *v6_fields)
+
+
+# Per family: the config keys, flanneld's limits and defaults (CheckNetworkConfig).
+_FAMILY = {
+    4: dict(prefix="", name="Network", cls=ipaddress.IPv4Network, addr=ipaddress.IPv4Address,
+            smallest=28, max_len=30, default_len=24, big=22),
+    6: dict(prefix="ipv6", name="IPv6Network", cls=ipaddress.IPv6Network, addr=ipaddress.IPv6Address,
+            smallest=124, max_len=126, default_len=64, big=62),
+}
+# IPv6 networks whose addresses Go prints as IPv4 (flanneld's keys could not name them)
+_V4_IN_V6 = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("::ffff:0:0/96"))
+
+
+def _pool(cfg: dict[str, Any], version: int) -> SubnetPool:
+    """One family's pool from the folded config, with flanneld's defaults and limits."""
+    f = _FAMILY[version]
+    p, name, label = f["prefix"], f["name"], f"IPv{version}"
+    key, len_name = f"{p}network", f"{'IPv6' if p else ''}SubnetLen"
+    if cfg.get(key) in (None, ""):
+        example = "10.244.0.0/16" if version == 4 else "fd00:10:244::/56"
+        why = "" if version == 4 else ' (EnableIPv6 is true)'
+        raise ConfigError(f'network config has no "{name}" (e.g. "{example}"){why}')
+    try:
+        network = f["cls"](str(cfg[key]))
+    except ValueError as e:
+        raise ConfigError(f"{name} {cfg[key]!r} is not an {label} network: {e}") from None
+    if version == 6 and any(network.overlaps(n) for n in _V4_IN_V6):
+        raise ConfigError(f"{name} {network} holds IPv4-mapped or -compatible addresses; use a "
+                          "global or unique local prefix (e.g. fd00:10:244::/56)")
+    bits = network.max_prefixlen
+    if cfg.get(f"{p}subnetlen") in (None, 0):
+        if network.prefixlen > f["smallest"]:
+            raise ConfigError(f"{name} {network} is smaller than /{f['smallest']}")
+        subnet_len = f["default_len"] if network.prefixlen <= f["big"] else network.prefixlen + 2
+    else:
+        subnet_len = _int(cfg[f"{p}subnetlen"], len_name, 1, bits)
+    if subnet_len > f["max_len"]:
+        raise ConfigError(f"{len_name} {subnet_len} is larger than {f['max_len']}")
+    if subnet_len < network.prefixlen + 2:
+        raise ConfigError(f"{len_name} {subnet_len} must be at least the {name}'s /{network.prefixlen} "
+                          "+ 2 (room for four subnets)")
+
+    step = 1 << (bits - subnet_len)
+    first = f["addr"](int(network.network_address) + step)  # zeroth subnet is skipped
+    last = f["addr"](int(network.broadcast_address) + 1 - step)
+    bounds = []
+    for bound, default in (("Min", first), ("Max", last)):
+        bname = f"{'IPv6' if p else ''}Subnet{bound}"
+        given = cfg.get(f"{p}subnet{bound.lower()}")
+        addr = _addr(given, bname, f["addr"], label) if given else default
+        if addr not in network:
+            raise ConfigError(f"{bname} {addr} is not inside {name} {network}")
+        if int(addr) % step:
+            raise ConfigError(f"{bname} {addr} is not aligned to {len_name} /{subnet_len}")
+        bounds.append(addr)
+    subnet_min, subnet_max = bounds
+    if subnet_max < subnet_min:
+        pre = "IPv6" if p else ""
+        raise ConfigError(f"{pre}SubnetMax {subnet_max} is below {pre}SubnetMin {subnet_min}")
+    return SubnetPool(network, subnet_len, subnet_min, subnet_max)
 
 
 def _bool(value: Any, name: str) -> bool:

@@ -16,11 +16,27 @@ from udpflannel.core.wire import COUNTERS, DROP_REASONS
 
 @dataclass(frozen=True)
 class LeaseStatus:
-    subnet: str  # "10.244.7.0/24"
+    subnet: str | None  # "10.244.7.0/24"; None: an IPv6-only lease
     public_ip: str
     backend_type: str  # "vxlan" or "udp"
     vtep_mac: str | None = None
     expiration: float = 0.0  # unix time; 0 when unknown
+    # dual stack (absent from older daemons' maps: from_dict leaves them None)
+    ipv6_subnet: str | None = None  # "fd10:0:0:7::/64"
+    public_ipv6: str | None = None
+    vtep_mac6: str | None = None
+
+    @classmethod
+    def from_lease(cls, lease) -> "LeaseStatus":
+        """From a core.lease.Lease."""
+        def text(value) -> str | None:
+            return None if value is None else str(value)
+        return cls(text(lease.subnet), str(lease.public_ip), lease.backend_type or "udp", lease.vtep_mac,
+                   lease.expiration, text(lease.ipv6_subnet), text(lease.public_ipv6), lease.vtep_mac6)
+
+    def describe(self) -> str:
+        """The leased subnets: "10.244.7.0/24", "10.244.7.0/24 + fd10:0:0:7::/64"."""
+        return " + ".join(s for s in (self.subnet, self.ipv6_subnet) if s)
 
 
 @dataclass(frozen=True)

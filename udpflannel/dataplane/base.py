@@ -60,6 +60,7 @@ class PlaneOptions:
     io: str = "loop"  # engine: "loop" (the event loop drains), "threads" or "poll" (its own threads)
     queues: int = 1  # engine, threads or poll: TUN queues and VXLAN sockets, their threads each
     cpus: tuple[int, ...] = ()  # engine: CPUs its data path is pinned to (() unpinned)
+    vtep_mac6: str | None = None  # kernel, EnableIPv6: flannel-v6.<VNI>'s MAC
 
     @property
     def mtu(self) -> int:
@@ -96,8 +97,8 @@ class DataPlane(Protocol):
     def resume(self) -> None: ...
 
 
-def on_link(underlay: Underlay, peer: ipaddress.IPv4Address, gateway: str | None,
+def on_link(underlay: Underlay, peer: ipaddress.IPv4Address | ipaddress.IPv6Address, gateway: str | None,
             oif: int | None) -> bool:
-    """DirectRouting's test, as flanneld's: the peer's PublicIP is reached on our
-    underlay interface without a gateway."""
-    return gateway is None and oif == underlay.ifindex and peer != underlay.address
+    """DirectRouting's test, as flanneld's: the peer's PublicIP (PublicIPv6) is reached
+    on our underlay interface without a gateway."""
+    return gateway is None and oif == underlay.ifindex and peer not in (underlay.address, underlay.address6)

@@ -5,6 +5,9 @@ prepare() creates the real flannel.<VNI>, so the probe is the real thing), and t
 engine otherwise, saying why in one line: no VXLAN in the kernel, no permission in a
 container, the port held by someone else, a VXLAN device of that VNI already there.
 The config's udp backend always means the engine (the kernel speaks VXLAN only).
+IPv6 (EnableIPv6, dual stack or IPv6-only) always means the kernel plane: the engine
+does not carry IPv6 yet, so ``engine`` refuses to start with one line and ``auto``
+does not fall back to it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from udpflannel.dataplane.kernel import KernelPlane
 from udpflannel.dataplane.userspace import EnginePlane
 
 log = logging.getLogger(__name__)
+
+ENGINE_NO_IPV6 = "the engine does not carry IPv6 yet; use --dataplane kernel"
 
 _WHY = {
     errno.EOPNOTSUPP: "the kernel has no VXLAN (vxlan module missing?)",
@@ -42,6 +47,8 @@ def why_not(error: BaseException) -> str:
 
 async def prepare_plane(mode: str, opts: PlaneOptions) -> DataPlane:
     """The chosen plane, prepared (ports bound, kernel device up): one log line."""
+    if mode == ENGINE and opts.config.enable_ipv6:
+        raise DataplaneError(f"EnableIPv6 is set: {ENGINE_NO_IPV6}")
     if mode == ENGINE:
         plane: DataPlane = EnginePlane(opts, "--dataplane engine")
     elif mode == KERNEL:
@@ -53,7 +60,7 @@ async def prepare_plane(mode: str, opts: PlaneOptions) -> DataPlane:
             await plane.prepare()
         except (NetlinkError, OSError) as e:
             raise DataplaneError(f"cannot set up kernel VXLAN: {why_not(e)}") from None
-        log.info("data plane: kernel VXLAN (%s)", plane.spec.name)
+        log.info("data plane: kernel VXLAN (%s)", ", ".join(spec.name for spec in plane.specs.values()))
         return plane
     elif mode == AUTO:
         plane = await _auto(opts)
@@ -69,13 +76,17 @@ async def _auto(opts: PlaneOptions) -> DataPlane:
     if opts.config.backend_type != "vxlan":
         return EnginePlane(opts, f"auto: the config's {opts.config.backend_type} backend "
                                  "is spoken by the engine only")
-    kernel = KernelPlane(opts, "auto: kernel VXLAN works here")
+    ipv6 = opts.config.enable_ipv6
+    kernel = KernelPlane(opts, "auto: EnableIPv6 (the engine has no IPv6 yet)" if ipv6
+                         else "auto: kernel VXLAN works here")
     try:
         await kernel.prepare()
         return kernel
     except (NetlinkError, OSError) as e:
         reason = why_not(e)
     await _remove_half_made(kernel)
+    if ipv6:
+        raise DataplaneError(f"cannot set up kernel VXLAN: {reason}; and {ENGINE_NO_IPV6.split(';')[0]}")
     return EnginePlane(opts, f"auto: kernel VXLAN unavailable: {reason}")
 
 
@@ -87,11 +98,12 @@ async def _remove_half_made(kernel: KernelPlane) -> None:
 
     def delete() -> None:
         with IPRoute() as ipr:
-            index = vxlandev.find(ipr, kernel.spec.name)
-            if index is not None:
-                link = ipr.link("get", index=index)[0]
-                if link.get("address") == kernel.spec.mac:  # ours, not a stranger's
-                    ipr.link("del", index=index)
+            for spec in kernel.specs.values():
+                index = vxlandev.find(ipr, spec.name)
+                if index is not None:
+                    link = ipr.link("get", index=index)[0]
+                    if link.get("address") == spec.mac:  # ours, not a stranger's
+                        ipr.link("del", index=index)
     try:
         import asyncio
         await asyncio.to_thread(delete)

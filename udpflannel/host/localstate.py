@@ -1,4 +1,5 @@
-"""Files a node keeps locally: subnet.env (flannel's format) and its VTEP MAC."""
+"""Files a node keeps locally: subnet.env (flannel's format), its VTEP MACs (flannel.<VNI>'s,
+and flannel-v6.<VNI>'s with dual stack) and the subnets it leased."""
 
 from __future__ import annotations
 
@@ -81,33 +82,49 @@ def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
         return None
 
 
-def recorded_subnet(state_dir: str, name: str) -> ipaddress.IPv4Network | None:
-    """The subnet this node last leased, kept in the state dir: it survives a reboot
-    that empties /run (and subnet.env with it)."""
+def previous_ipv6_subnet(path: str) -> ipaddress.IPv6Network | None:
+    """The IPv6 subnet recorded in an existing subnet.env (FLANNEL_IPV6_SUBNET)."""
     try:
-        with open(subnet_path(state_dir, name)) as f:
-            return ipaddress.IPv4Network(f.read().strip())
+        with open(path) as f:
+            return subnetenv.previous_ipv6_subnet(f.read())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def recorded_subnet(state_dir: str, name: str, version: int = 4):
+    """The subnet (``version`` 6: the IPv6 subnet) this node last leased, kept in the
+    state dir: it survives a reboot that empties /run (and subnet.env with it)."""
+    try:
+        with open(subnet_path(state_dir, name, version)) as f:
+            return ipaddress.ip_network(f.read().strip()) if version == 6 else ipaddress.IPv4Network(f.read().strip())
     except (OSError, ValueError):
         return None
 
 
-def record_subnet(state_dir: str, name: str, subnet: ipaddress.IPv4Network) -> None:
-    if recorded_subnet(state_dir, name) != subnet:
-        write_atomically(subnet_path(state_dir, name), f"{subnet}\n", dir_mode=0o700)
+def record_subnet(state_dir: str, name: str, subnet) -> None:
+    if subnet is not None and recorded_subnet(state_dir, name, subnet.version) != subnet:
+        write_atomically(subnet_path(state_dir, name, subnet.version), f"{subnet}\n", dir_mode=0o700)
 
 
-def mac_path(state_dir: str, name: str) -> str:
-    return os.path.join(state_dir, f"{name}.vtep-mac")
+def record_lease(state_dir: str, name: str, lease) -> None:
+    """Both subnets of ``lease`` (core.lease.Lease) that it holds."""
+    for subnet in lease.subnets:
+        record_subnet(state_dir, name, subnet)
 
 
-def subnet_path(state_dir: str, name: str) -> str:
-    return os.path.join(state_dir, f"{name}.subnet")
+def mac_path(state_dir: str, name: str, version: int = 4) -> str:
+    return os.path.join(state_dir, f"{name}.vtep-mac" if version == 4 else f"{name}.vtep-mac6")
 
 
-def load_mac(state_dir: str, name: str) -> str | None:
-    """The VTEP MAC kept for device ``name``, or None (none yet, or unreadable)."""
+def subnet_path(state_dir: str, name: str, version: int = 4) -> str:
+    return os.path.join(state_dir, f"{name}.subnet" if version == 4 else f"{name}.subnet6")
+
+
+def load_mac(state_dir: str, name: str, version: int = 4) -> str | None:
+    """The VTEP MAC kept for device ``name`` (``version`` 6: for flannel-v6), or None
+    (none yet, or unreadable)."""
     try:
-        with open(mac_path(state_dir, name)) as f:
+        with open(mac_path(state_dir, name, version)) as f:
             return normalize_mac(f.read().strip())
     except (OSError, ValueError):
         return None
@@ -120,8 +137,8 @@ def new_mac() -> str:
     return ":".join(f"{b:02x}" for b in raw)
 
 
-def write_mac(state_dir: str, name: str, mac: str) -> None:
-    write_atomically(mac_path(state_dir, name), mac + "\n", dir_mode=0o700)
+def write_mac(state_dir: str, name: str, mac: str, version: int = 4) -> None:
+    write_atomically(mac_path(state_dir, name, version), mac + "\n", dir_mode=0o700)
 
 
 def load_or_create_mac(state_dir: str, name: str) -> str:

@@ -28,90 +28,151 @@ def _ipv4_addresses(ipr: IPRoute, index: int) -> list[ipaddress.IPv4Address]:
             for a in ipr.addr("dump", family=socket.AF_INET, index=index)]
 
 
+IFA_F_TEMPORARY, IFA_F_DEPRECATED, IFA_F_PERMANENT = 0x01, 0x20, 0x80
+
+
+def _ipv6_addresses(ipr: IPRoute, index: int) -> list[ipaddress.IPv6Address]:
+    """The interface's usable IPv6 addresses in flanneld's order (pkg/ip
+    GetInterfaceIP6Addrs): unicast (global, unique local or link-local) and not
+    deprecated; global before link-local, permanent (set by hand) before autoconfigured,
+    stable before temporary."""
+    found = []
+    for a in ipr.addr("dump", family=socket.AF_INET6, index=index):
+        addr = ipaddress.IPv6Address(a.get("IFA_ADDRESS"))
+        flags = a.get("IFA_FLAGS") or a["flags"]
+        if addr.is_unspecified or addr.is_loopback or addr.is_multicast or flags & IFA_F_DEPRECATED:
+            continue
+        found.append((addr.is_link_local, not flags & IFA_F_PERMANENT, bool(flags & IFA_F_TEMPORARY), addr))
+    return [x[-1] for x in sorted(found, key=lambda x: x[:3])]
+
+
+def _default_route_oif(ipr: IPRoute, family: int) -> int | None:
+    for route in ipr.route("dump", family=family, table=254):
+        if route["dst_len"] == 0 and route.get("RTA_OIF"):
+            return route.get("RTA_OIF")
+    return None
+
+
 def find_underlay(ifaces: tuple[str, ...] = (), public_ip: str | None = None, *,
-                  regexes: tuple[str, ...] = (), can_reach: str | None = None) -> Underlay:
-    """The interface the overlay runs over, in flanneld's order: the first usable of
-    --iface (names or addresses), else the first interface whose name or address
-    matches an --iface-regex, else the one the kernel would use to reach
-    --iface-can-reach, else the one holding --public-ip, else the default route's."""
+                  regexes: tuple[str, ...] = (), can_reach: str | None = None,
+                  public_ipv6: str | None = None, ipv4: bool = True, ipv6: bool = False) -> Underlay:
+    """The interface the overlay runs over, in flanneld's order (main.go and pkg/ipmatch
+    LookupExtIface, per IP stack: ``ipv4`` and/or ``ipv6``, the network's families): the
+    first usable of --iface (names or addresses; usable: it holds an address of every
+    family), else the first interface whose name or address (of those families; dual
+    stack: both) matches an --iface-regex, else the one the kernel would use to reach
+    --iface-can-reach, else the one holding --public-ip (or --public-ipv6), else the
+    default route's (dual stack: IPv4's and IPv6's, which must be one interface). Its
+    IPv4 address is the one named, else its first; its IPv6 address the one named (or
+    --public-ipv6 when the interface holds it), else its first in flanneld's order."""
     import re
     with IPRoute() as ipr:
         links = {link["index"]: link.get("ifname") for link in ipr.get_links()}
-        addrs = {i: _ipv4_addresses(ipr, i) for i in links}
-        chosen: tuple[int, ipaddress.IPv4Address | None] | None = None
+        addrs = {i: _ipv4_addresses(ipr, i) if ipv4 else [] for i in links}
+        addrs6 = {i: _ipv6_addresses(ipr, i) if ipv6 else [] for i in links}
+
+        def usable(index: int) -> bool:
+            return (not ipv4 or bool(addrs[index])) and (not ipv6 or bool(addrs6[index]))
+
+        chosen: tuple[int, ipaddress.IPv4Address | None, ipaddress.IPv6Address | None] | None = None
         if ifaces:
             for item in ifaces:
-                chosen = _by_name_or_address(item, links, addrs)
+                chosen = _by_name_or_address(item, links, addrs, addrs6, usable)
                 if chosen is not None:
                     break
             if chosen is None:
+                need = " and ".join(f for f, on in (("an IPv4", ipv4), ("an IPv6", ipv6)) if on)
                 raise NetconfError(f"no usable interface among --iface {', '.join(ifaces)} "
-                                   "(each must exist and hold an IPv4 address)")
+                                   f"(each must exist and hold {need} address)")
         elif regexes:
             try:
                 patterns = [re.compile(r) for r in regexes]
             except re.error as e:
                 raise NetconfError(f"--iface-regex: {e}") from None
-            for pattern in patterns:
-                for index, name in sorted(links.items()):
-                    for addr in addrs[index]:
-                        if pattern.fullmatch(name) or pattern.fullmatch(str(addr)):
-                            chosen = (index, addr)
-                            break
-                    if chosen:
-                        break
-                if chosen:
-                    break
+            chosen = _by_regex(patterns, links, addrs, addrs6, ipv4, ipv6)
             if chosen is None:
                 raise NetconfError(f"no interface name or address matches --iface-regex "
                                    f"{', '.join(regexes)}")
         elif can_reach:
             try:
-                route = ipr.route("get", dst=str(ipaddress.IPv4Address(can_reach)))[0]
+                route = ipr.route("get", dst=str(ipaddress.ip_address(can_reach)))[0]
             except (ValueError, NetlinkError) as e:
                 raise NetconfError(f"--iface-can-reach {can_reach}: {e}") from None
             src = route.get_attr("RTA_PREFSRC")
-            chosen = (route.get_attr("RTA_OIF"), ipaddress.IPv4Address(src) if src else None)
-        elif public_ip:
-            want = ipaddress.IPv4Address(public_ip)
-            for index, held in addrs.items():
-                if want in held:
-                    chosen = (index, want)
+            src = ipaddress.ip_address(src) if src else None
+            chosen = (route.get_attr("RTA_OIF"), src if src and src.version == 4 else None,
+                      src if src and src.version == 6 else None)
+        elif public_ip or public_ipv6:
+            want = ipaddress.ip_address(public_ip or public_ipv6)
+            for index in links:
+                if want in addrs[index] or want in addrs6[index]:
+                    chosen = (index, want if want.version == 4 else None, want if want.version == 6 else None)
         if chosen is None:
-            for route in ipr.route("dump", family=socket.AF_INET, table=254):
-                if route["dst_len"] == 0 and route.get("RTA_OIF"):
-                    chosen = (route.get("RTA_OIF"), None)
-                    break
+            oif = _default_route_oif(ipr, socket.AF_INET) if ipv4 else None
+            oif6 = _default_route_oif(ipr, socket.AF_INET6) if ipv6 else None
+            if ipv4 and ipv6 and oif and oif6 and oif != oif6:
+                raise NetconfError(f"the IPv6 default route's interface {links.get(oif6)} is not the IPv4 "
+                                   f"default route's {links.get(oif)}; pass --iface")
+            if (oif or not ipv4) and (oif6 or not ipv6):
+                chosen = (oif or oif6, None, None)
         if chosen is None:
-            if public_ip:  # e.g. a NATed public address on no local interface
-                raise NetconfError(f"no interface holds {public_ip} and there is no default "
-                                   "route; pass --iface")
-            raise NetconfError("no default route to pick the underlay interface; pass --iface")
-        index, addr = chosen
+            if public_ip or public_ipv6:  # e.g. a NATed public address on no local interface
+                raise NetconfError(f"no interface holds {public_ip or public_ipv6} and there is no "
+                                   "default route; pass --iface")
+            which = "IPv6 default route" if ipv6 and not ipv4 else "default route"
+            if ipv4 and ipv6:
+                which = "IPv4 and IPv6 default route"
+            raise NetconfError(f"no {which} to pick the underlay interface; pass --iface")
+        index, addr, addr6 = chosen
         link = ipr.link("get", index=index)[0]
         prefixes = {ipaddress.IPv4Address(a.get("IFA_ADDRESS")): a["prefixlen"]
                     for a in ipr.addr("dump", family=socket.AF_INET, index=index)}
-    held = addrs.get(index, [])
-    if not held:
-        raise NetconfError(f"interface {link.get('ifname')} has no IPv4 address")
-    local = addr if addr in held else held[0]
-    if public_ip and ipaddress.IPv4Address(public_ip) in held:
-        local = ipaddress.IPv4Address(public_ip)
+        held6 = _ipv6_addresses(ipr, index) if ipv6 else []
+    local = None
+    if ipv4:
+        held = addrs.get(index, [])
+        if not held:
+            raise NetconfError(f"interface {link.get('ifname')} has no IPv4 address")
+        local = addr if addr in held else held[0]
+        if public_ip and ipaddress.IPv4Address(public_ip) in held:
+            local = ipaddress.IPv4Address(public_ip)
+    local6 = None
+    if ipv6:
+        if not held6:
+            raise NetconfError(f"interface {link.get('ifname')} has no IPv6 address")
+        local6 = addr6 if addr6 in held6 else held6[0]
+        if public_ipv6 and ipaddress.IPv6Address(public_ipv6) in held6:
+            local6 = ipaddress.IPv6Address(public_ipv6)
     return Underlay(link.get("ifname"), index, local,
-                    ipaddress.IPv4Address(public_ip) if public_ip else local, link.get("mtu"),
-                    ipaddress.IPv4Interface(f"{local}/{prefixes[local]}").network if local in prefixes else None)
+                    (ipaddress.IPv4Address(public_ip) if public_ip else local) if ipv4 else None, link.get("mtu"),
+                    ipaddress.IPv4Interface(f"{local}/{prefixes[local]}").network if local in prefixes else None,
+                    local6, (ipaddress.IPv6Address(public_ipv6) if public_ipv6 else local6) if ipv6 else None)
 
 
-def _by_name_or_address(item: str, links: dict, addrs: dict):
+def _by_name_or_address(item: str, links: dict, addrs: dict, addrs6: dict, usable):
     try:
-        want = ipaddress.IPv4Address(item)
+        want = ipaddress.ip_address(item)
     except ValueError:
         want = None
     for index, name in links.items():
-        if want is not None and want in addrs[index]:
-            return index, want
-        if want is None and name == item and addrs[index]:
-            return index, None
+        if want is not None and (want in addrs[index] or want in addrs6[index]):
+            return index, want if want.version == 4 else None, want if want.version == 6 else None
+        if want is None and name == item and usable(index):
+            return index, None, None
+    return None
+
+
+def _by_regex(patterns, links: dict, addrs: dict, addrs6: dict, ipv4: bool, ipv6: bool):
+    """The first interface with an address of each family matching (IPv4 and IPv6
+    both, in dual stack), else the first whose name matches."""
+    for pattern in patterns:
+        for index, name in sorted(links.items()):
+            hit4 = next((a for a in addrs[index] if pattern.fullmatch(str(a))), None)
+            hit6 = next((a for a in addrs6[index] if pattern.fullmatch(str(a))), None)
+            if (not ipv4 or hit4) and (not ipv6 or hit6) and (hit4 or hit6):
+                return index, hit4, hit6
+            if pattern.fullmatch(name) and (not ipv4 or addrs[index]) and (not ipv6 or addrs6[index]):
+                return index, None, None
     return None
 
 
@@ -140,10 +201,13 @@ def set_tun_mtu(name: str, mtu: int, tso: bool) -> None:
 
 
 def underlay_address_present(underlay: Underlay) -> bool:
-    """Whether the underlay interface still holds the address our socket is bound to."""
+    """Whether the underlay interface still holds the addresses our sockets and devices
+    are bound to (IPv4, and IPv6 with dual stack)."""
     with IPRoute() as ipr:
         try:
-            return underlay.address in _ipv4_addresses(ipr, underlay.ifindex)
+            return ((underlay.address is None or underlay.address in _ipv4_addresses(ipr, underlay.ifindex))
+                    and (underlay.address6 is None
+                         or underlay.address6 in _ipv6_addresses(ipr, underlay.ifindex)))
         except NetlinkError:  # the interface itself is gone
             return False
 
@@ -214,7 +278,7 @@ RTN_BLACKHOLE = 6
 RTPROT_BOOT = 3  # the protocol flanneld's routes carry (netlink's default)
 
 
-def ensure_blackhole_route(subnet: ipaddress.IPv4Network) -> bool:
+def ensure_blackhole_route(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     """flanneld's --ip-blackhole-route (pkg/ip AddBlackholeV4Route): a blackhole route
     for this node's leased subnet in the main table, so that traffic for an address of
     the subnet no pod holds is dropped here rather than sent out by the default route;
@@ -225,7 +289,8 @@ def ensure_blackhole_route(subnet: ipaddress.IPv4Network) -> bool:
     kernel refuse it with EEXIST, for flanneld too: a NetconfError saying so."""
     with IPRoute() as ipr:
         try:
-            for route in ipr.route("dump", family=socket.AF_INET, table=RT_TABLE_MAIN):
+            family = socket.AF_INET if subnet.version == 4 else socket.AF_INET6
+            for route in ipr.route("dump", family=family, table=RT_TABLE_MAIN):
                 if (route["type"] == RTN_BLACKHOLE and route["dst_len"] == subnet.prefixlen
                         and route.get_attr("RTA_DST") == str(subnet.network_address)
                         and (route.get_attr("RTA_TABLE") or route["table"]) == RT_TABLE_MAIN):

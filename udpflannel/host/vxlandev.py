@@ -16,6 +16,14 @@ Per peer three entries, all permanent, none ever learnt from the wire:
 With DirectRouting a peer on our underlay's own link gets ``route <subnet> via
 <PublicIP> dev <underlay>`` instead (no VXLAN at all).
 
+IPv6 (EnableIPv6), as flanneld's: a second device ``flannel-v6.<VNI>`` with ``local``
+our IPv6 underlay address (VXLAN over IPv6), its own MAC, MTU the same request as
+flannel.<VNI>'s capped where the kernel caps it (an IPv6 underlay's VXLAN header is 20
+bytes longer: the underlay's MTU - 70), IPv6 kept on (accept_ra 0), exactly one
+non-link-local address ``<subnet ::>/128``, and per peer the same three entries in
+IPv6: ``neigh <peer subnet ::> lladdr <v6 VtepMAC>``, ``fdb <v6 VtepMAC> dst
+<PublicIPv6>``, ``route <peer subnet> via <peer subnet ::> onlink``.
+
 Blocking netlink calls (pyroute2's sync API): the daemon runs them on a worker thread.
 """
 
@@ -35,8 +43,12 @@ from udpflannel.host.netconf import RTPROT_UDPFLANNEL, disable_ipv6
 log = logging.getLogger(__name__)
 
 NUD_PERMANENT = 0x80
+RTPROT_KERNEL = 2
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
+
+
+VXLAN6_EXTRA = 20  # an IPv6 outer header is 20 bytes longer than IPv4's
 
 
 @dataclass(frozen=True)
@@ -44,25 +56,40 @@ class DeviceSpec:
     name: str
     vni: int
     port: int
-    local: ipaddress.IPv4Address  # our underlay address
+    local: ipaddress.IPv4Address | ipaddress.IPv6Address  # our underlay address
     underlay_index: int
     mac: str
     mtu: int
 
+    @property
+    def version(self) -> int:
+        """The family the device carries (and its underlay's): 4 or 6."""
+        return self.local.version
+
 
 @dataclass(frozen=True)
 class PeerEntry:
-    subnet: ipaddress.IPv4Network
-    public_ip: ipaddress.IPv4Address
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
+    public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     vtep_mac: str | None  # None: a direct route (DirectRouting)
 
     @property
     def gateway(self) -> str:
         return str(self.subnet.network_address)
 
+    @property
+    def family(self) -> int:
+        return socket.AF_INET if self.subnet.version == 4 else socket.AF_INET6
 
-def device_name(vni: int) -> str:
-    return f"flannel.{vni}"
+
+def device_name(vni: int, version: int = 4) -> str:
+    return f"flannel.{vni}" if version == 4 else f"flannel-v6.{vni}"
+
+
+def device_mtu(requested: int, underlay_mtu: int, version: int) -> int:
+    """flanneld asks for the same MTU for both devices; the kernel caps an IPv6 VXLAN
+    device at its underlay's MTU minus the longer headers (as flanneld's ends up)."""
+    return requested if version == 4 else min(requested, underlay_mtu - 50 - VXLAN6_EXTRA)
 
 
 def device_mac(name: str) -> str | None:
@@ -91,8 +118,9 @@ def _mismatch(ipr: IPRoute, index: int, spec: DeviceSpec) -> str | None:
     if kind != "vxlan":
         return f"it is a {kind or 'non-VXLAN'} device"
     data = dict(info.get_attr("IFLA_INFO_DATA")["attrs"])
+    local = "IFLA_VXLAN_LOCAL" if spec.version == 4 else "IFLA_VXLAN_LOCAL6"
     wanted = {"IFLA_VXLAN_ID": spec.vni, "IFLA_VXLAN_PORT": spec.port,
-              "IFLA_VXLAN_LOCAL": str(spec.local), "IFLA_VXLAN_LINK": spec.underlay_index,
+              local: str(spec.local), "IFLA_VXLAN_LINK": spec.underlay_index,
               "IFLA_VXLAN_LEARNING": 0}
     for key, value in wanted.items():
         if data.get(key) != value:
@@ -117,30 +145,44 @@ def ensure_device(ipr: IPRoute, spec: DeviceSpec) -> tuple[int, bool]:
         # As flanneld asks for it: no UDP checksum setting (the kernel's default, which
         # computes outer checksums) and no transmit queue (txqlen 0, as netlink's Go
         # LinkAttrs leaves it).
+        local = {"vxlan_local" if spec.version == 4 else "vxlan_local6": str(spec.local)}
         ipr.link("add", ifname=spec.name, kind="vxlan", vxlan_id=spec.vni, vxlan_port=spec.port,
-                 vxlan_learning=0, vxlan_local=str(spec.local), vxlan_link=spec.underlay_index,
-                 address=spec.mac, txqlen=0)
+                 vxlan_learning=0, vxlan_link=spec.underlay_index, address=spec.mac, txqlen=0, **local)
         index = find(ipr, spec.name)
         created = True
         if index is None:
             raise NetlinkError(errno.ENODEV, f"{spec.name} vanished after creation")
     ipr.link("set", index=index, mtu=spec.mtu)
-    # No IPv6 on it: the overlay is IPv4, and a link-local address would make the kernel
-    # send MLD reports and router solicitations that no fdb entry carries, counted as
-    # tx_dropped (send errors in the metrics) on an idle node.
-    disable_ipv6(spec.name)
+    if spec.version == 4:
+        # No IPv6 on it: the overlay is IPv4, and a link-local address would make the kernel
+        # send MLD reports and router solicitations that no fdb entry carries, counted as
+        # tx_dropped (send errors in the metrics) on an idle node.
+        disable_ipv6(spec.name)
+    else:
+        _sysctl(f"/proc/sys/net/ipv6/conf/{spec.name}/accept_ra", "0")  # as flanneld (newVXLANDevice)
     ipr.link("set", index=index, state="up")  # binds the UDP port: EADDRINUSE if busy
     return index, created
 
 
-def set_address(ipr: IPRoute, index: int, subnet: ipaddress.IPv4Network) -> None:
-    """Exactly one IPv4 address: <subnet .0>/32 (an old lease's is removed)."""
+def _sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value + "\n")
+    except OSError as e:  # flanneld ignores this too; a read-only /proc/sys (a container) is cosmetic
+        log.debug("cannot write %s: %s", path, e)
+
+
+def set_address(ipr: IPRoute, index: int, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    """Exactly one address of the subnet's family: <subnet .0>/32, or <subnet ::>/128
+    (an old lease's is removed; IPv6 link-local addresses stay, as flanneld's
+    EnsureV6AddressOnLink leaves them)."""
     own = str(subnet.network_address)
-    for addr in ipr.addr("dump", family=socket.AF_INET, index=index):
-        if addr.get_attr("IFA_ADDRESS") != own:
-            ipr.addr("del", index=index, address=addr.get_attr("IFA_ADDRESS"),
-                     prefixlen=addr["prefixlen"])
-    ipr.addr("replace", index=index, address=own, prefixlen=32)
+    family = socket.AF_INET if subnet.version == 4 else socket.AF_INET6
+    for addr in ipr.addr("dump", family=family, index=index):
+        found = addr.get_attr("IFA_ADDRESS")
+        if found != own and not (subnet.version == 6 and ipaddress.IPv6Address(found).is_link_local):
+            ipr.addr("del", index=index, address=found, prefixlen=addr["prefixlen"])
+    ipr.addr("replace", index=index, address=own, prefixlen=subnet.max_prefixlen)
 
 
 def add_peer(ipr: IPRoute, index: int, peer: PeerEntry, underlay_index: int) -> None:
@@ -149,7 +191,7 @@ def add_peer(ipr: IPRoute, index: int, peer: PeerEntry, underlay_index: int) -> 
                   oif=underlay_index, proto=RTPROT_UDPFLANNEL)
         return
     ipr.neigh("replace", dst=peer.gateway, lladdr=peer.vtep_mac, ifindex=index,
-              state=NUD_PERMANENT, family=socket.AF_INET)
+              state=NUD_PERMANENT, family=peer.family)
     ipr.fdb("replace", ifindex=index, lladdr=peer.vtep_mac, dst=str(peer.public_ip),
             state=NUD_PERMANENT, flags=NTF_SELF)
     ipr.route("replace", dst=str(peer.subnet), gateway=peer.gateway, oif=index,
@@ -174,19 +216,23 @@ def remove_peer(ipr: IPRoute, index: int, peer: PeerEntry, underlay_index: int) 
     _quietly(ipr.fdb, "del", ifindex=index, lladdr=peer.vtep_mac, dst=str(peer.public_ip),
              flags=NTF_SELF)
     _quietly(ipr.neigh, "del", dst=peer.gateway, lladdr=peer.vtep_mac, ifindex=index,
-             family=socket.AF_INET)
+             family=peer.family)
 
 
-def prune(ipr: IPRoute, index: int, network: ipaddress.IPv4Network,
-          keep: set[ipaddress.IPv4Network], underlay_index: int) -> int:
+def prune(ipr: IPRoute, index: int, network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+          keep: set, underlay_index: int) -> int:
     """After a restart: remove the routes, neighbours and fdb entries of peers that
-    left while we were down (everything of ours not in ``keep``). Returns how many."""
+    left while we were down (everything of ours in ``network``'s family not in
+    ``keep``). Returns how many."""
     removed = 0
-    for route in ipr.route("dump", family=socket.AF_INET, table=254):
+    family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+    for route in ipr.route("dump", family=family, table=254):
         dst = route.get_attr("RTA_DST")
         if dst is None or route.get_attr("RTA_OIF") not in (index, underlay_index):
             continue
-        subnet = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}")
+        if route["proto"] == RTPROT_KERNEL:  # e.g. the route of flannel-v6's own /128
+            continue
+        subnet = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
         if subnet in keep or not subnet.subnet_of(network) or subnet == network:
             continue
         if route.get_attr("RTA_OIF") == underlay_index and route["proto"] != RTPROT_UDPFLANNEL:
@@ -194,10 +240,12 @@ def prune(ipr: IPRoute, index: int, network: ipaddress.IPv4Network,
         _quietly(ipr.route, "del", dst=str(subnet), oif=route.get_attr("RTA_OIF"))
         removed += 1
     gateways = {str(s.network_address) for s in keep}
-    for neigh in ipr.neigh("dump", ifindex=index, family=socket.AF_INET):
+    for neigh in ipr.neigh("dump", ifindex=index, family=family):
         dst = neigh.get_attr("NDA_DST")
+        if family == socket.AF_INET6 and not neigh["state"] & NUD_PERMANENT:
+            continue  # the kernel's own (multicast, NOARP): never ours
         if dst not in gateways:
-            _quietly(ipr.neigh, "del", dst=dst, ifindex=index, family=socket.AF_INET,
+            _quietly(ipr.neigh, "del", dst=dst, ifindex=index, family=family,
                      lladdr=neigh.get_attr("NDA_LLADDR"))
             removed += 1
     return removed

@@ -141,9 +141,14 @@ class Flanneld:
             return f.read()
 
     @property
-    def subnet(self) -> ipaddress.IPv4Network:
-        """The leased subnet (from subnet.env)."""
+    def subnet(self) -> ipaddress.IPv4Network | None:
+        """The leased subnet (from subnet.env; None when IPv6-only)."""
         return subnetenv.parse(self.subnet_env()).subnet_network
+
+    @property
+    def ipv6_subnet(self) -> ipaddress.IPv6Network | None:
+        """The leased IPv6 subnet (subnet.env's FLANNEL_IPV6_SUBNET; None without EnableIPv6)."""
+        return subnetenv.parse(self.subnet_env()).ipv6_subnet_network
 
     @property
     def overlay_addr(self) -> str:
@@ -152,15 +157,25 @@ class Flanneld:
         return str(self.subnet.network_address)
 
     @property
+    def overlay_addr6(self) -> str:
+        """<IPv6 subnet ::>, flanneld's address on flannel-v6.<VNI>."""
+        return str(self.ipv6_subnet.network_address)
+
+    @property
+    def key_name(self) -> str:
+        """Its lease's key under <prefix>/subnets/ (dual stack: ``<v4>&<v6>``)."""
+        return leases.subnet_key(self.subnet, self.ipv6_subnet)
+
+    @property
     def lease_key(self) -> str:
-        return f"{self.etcd_prefix}/subnets/{leases.subnet_key(self.subnet)}"
+        return f"{self.etcd_prefix}/subnets/{self.key_name}"
 
     def lease(self, etcd) -> leases.Lease:
         """flanneld's lease as stored in ``etcd`` (a lab.etcd.EtcdServer), parsed."""
         value = etcd.etcdctl("get", self.lease_key, "--print-value-only").strip()
         if not value:
             raise FlanneldError(f"no lease at {self.lease_key}")
-        return leases.decode(leases.subnet_key(self.subnet), value)
+        return leases.decode(self.key_name, value)
 
     @property
     def pid(self) -> int | None:

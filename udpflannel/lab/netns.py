@@ -2,7 +2,9 @@
 
 A ``Lab`` is a private underlay: one hub namespace holding a bridge, and one namespace
 per node joined to it by a veth pair, all with unique names and all removed on exit,
-also after a failure or Ctrl-C. Work runs inside a namespace either as a process
+also after a failure or Ctrl-C. With ``underlay6`` the underlay is dual-stack: each node
+also gets an IPv6 address of that prefix (without duplicate address detection, so it
+is usable at once), and the hub's bridge one too. Work runs inside a namespace either as a process
 (``popen``: `nsenter --net=...` execs the command there) or as a Python thread
 (``call``: setns is per thread on Linux, and sockets keep the namespace they were
 made in). Netlink goes through pyroute2; nothing shells out to `ip`.
@@ -33,6 +35,7 @@ from pyroute2 import IPRoute, netns
 from udpflannel.lab import procs
 
 CLONE_NEWNET = 0x40000000
+IFA_F_NODAD = 0x02  # an address usable at once: no duplicate address detection
 NETNS_RUN_DIR = "/var/run/netns"
 
 
@@ -112,7 +115,8 @@ class Namespace:
             return fn(*args)
         return on_own_thread(inside, f"in-{self.name}", timeout)
 
-    def link_up(self, ifname: str, address: str | None = None, mtu: int | None = None) -> int:
+    def link_up(self, ifname: str, address: str | None = None, mtu: int | None = None,
+                address6: str | None = None) -> int:
         with self.ipr() as ipr:
             index = ipr.link_lookup(ifname=ifname)[0]
             if mtu:
@@ -120,6 +124,10 @@ class Namespace:
             if address:
                 iface = ipaddress.IPv4Interface(address)
                 ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            if address6:
+                iface6 = ipaddress.IPv6Interface(address6)
+                ipr.addr("add", index=index, address=str(iface6.ip), prefixlen=iface6.network.prefixlen,
+                         flags=IFA_F_NODAD)
             ipr.link("set", index=index, state="up")
             return index
 
@@ -133,15 +141,19 @@ def lab_prefix(tag: str, pid: int) -> str:
 class Lab:
     """Hub namespace with a bridge + ``count`` node namespaces on ``underlay``."""
 
+    HUB6 = 2  # the hub bridge's IPv6 address: <underlay6>::2
+
     def __init__(self, count: int, *, tag: str = "uf", underlay: str = "192.168.250.0/24",
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, underlay6: str | None = None) -> None:
         self.id = f"{lab_prefix(tag, os.getpid())}{secrets.token_hex(2)}"
         self.count = count
         self.underlay = ipaddress.IPv4Network(underlay)
+        self.underlay6 = ipaddress.IPv6Network(underlay6) if underlay6 else None
         self.mtu = mtu
         self.hub = Namespace(f"{self.id}-hub")
         self.nodes: list[Namespace] = []
         self.addresses: list[str] = []
+        self.addresses6: list[str] = []  # with underlay6
         self._made: list[str] = []
 
     def __enter__(self) -> "Lab":
@@ -150,7 +162,7 @@ class Lab:
             with self.hub.ipr() as ipr:
                 ipr.link("add", ifname="br0", kind="bridge")
             self.hub.link_up("lo")
-            self.hub.link_up("br0")
+            self.hub.link_up("br0", address6=self._address6(self.HUB6))
             for _ in range(self.count):
                 self.add_node()
         except BaseException:
@@ -169,10 +181,18 @@ class Lab:
             port = ipr.link_lookup(ifname=f"p{i}")[0]
             ipr.link("set", index=port, master=bridge, mtu=self.mtu, state="up")
         node.link_up("lo")
-        node.link_up("eth0", f"{address}/{self.underlay.prefixlen}", self.mtu)
+        address6 = self._address6(10 + i)
+        node.link_up("eth0", f"{address}/{self.underlay.prefixlen}", self.mtu, address6)
         self.nodes.append(node)
         self.addresses.append(address)
+        if address6:
+            self.addresses6.append(address6.split("/")[0])
         return node
+
+    def _address6(self, host: int) -> str | None:
+        if self.underlay6 is None:
+            return None
+        return f"{self.underlay6.network_address + host}/{self.underlay6.prefixlen}"
 
     def add_namespace(self, suffix: str) -> Namespace:
         """An extra, unconnected namespace of this lab (a pod, an outside host...),

@@ -87,6 +87,13 @@ def families(st: NodeStatus) -> list[Metric]:
         out.append(GaugeMetricFamily("udpflannel_lease_expiry_timestamp_seconds",
                                      "Unix time at which this node's subnet lease expires (+Inf: a reservation)",
                                      value=st.lease.expiration))
+    if st.lease is not None:
+        lease_info = GaugeMetricFamily("udpflannel_lease_info", "Always 1; the labels are this node's lease "
+                                       "(empty: that family is not leased)",
+                                       labels=["subnet", "ipv6_subnet", "public_ip", "public_ipv6"])
+        lease_info.add_metric([st.lease.subnet or "", st.lease.ipv6_subnet or "",
+                               st.lease.public_ip if st.lease.subnet else "", st.lease.public_ipv6 or ""], 1)
+        out.append(lease_info)
     out.append(GaugeMetricFamily("udpflannel_ready", "1 once subnet.env is written and the data "
                                  "plane forwards", value=1 if st.ready else 0))
     out.append(GaugeMetricFamily("udpflannel_problems", "Conditions the daemon is retrying while it "

@@ -25,7 +25,7 @@ def not_ready_reason(st: NodeStatus) -> str | None:
     if st.lease is None:
         return "no subnet lease yet (waiting for the registry and its network config)"
     if st.dataplane is None:
-        return f"leased {st.lease.subnet} but the data plane is not set up yet"
+        return f"leased {st.lease.describe()} but the data plane is not set up yet"
     if not st.dataplane.forwarding:
         return f"the {st.dataplane.kind} data plane on {st.dataplane.device} is not forwarding"
     return "subnet.env is not written yet"
@@ -118,7 +118,13 @@ def render(st: NodeStatus, now: float | None = None) -> str:
         mac = f", VTEP MAC {lease.vtep_mac}" if lease.vtep_mac else ""
         kube = st.registry is not None and st.registry.kind == "kube"
         expiry = "the node's podCIDR (no expiry)" if kube else _expiry(lease.expiration, now)
-        rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), {expiry}"))
+        if lease.subnet is not None:
+            rows.append(("lease", f"{lease.subnet} via {lease.public_ip} ({lease.backend_type}{mac}), {expiry}"))
+        if lease.ipv6_subnet is not None:
+            mac6 = f", VTEP MAC {lease.vtep_mac6}" if lease.vtep_mac6 else ""
+            rows.append(("lease" if lease.subnet is None else "IPv6 lease",
+                         f"{lease.ipv6_subnet} via {lease.public_ipv6} ({lease.backend_type}{mac6})"
+                         + ("" if lease.subnet is not None else f", {expiry}")))
 
     reg = st.registry
     if reg is None:

@@ -13,6 +13,9 @@ loop thread: only canonical subnet keys holding a lease count (as in etcd; anyon
 can write the file can write any row), the rest is skipped with bounded warnings
 (badkeys), and a change that leaves a canonical key without a lease is a REMOVED
 event. renew_lease and replace_lease are one compare-and-swap on the stored bytes.
+Dual stack: create_lease also refuses, in the same transaction, a key whose IPv4 or
+IPv6 subnet another row's key names; rekey_lease deletes one row and inserts another
+in one transaction (two events).
 
 Reservations (flannel's Documentation/reservations.md: a key without a TTL holding a
 lease) are rows whose ``expires`` is infinite (SQLite's REAL Inf; in the sqlite3 shell, write 9e999):
@@ -42,7 +45,6 @@ from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryE
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_UNKNOWN_IP = ipaddress.IPv4Address(0)  # a REMOVED event's lease carries only its subnet
 KEEP_EVENTS = 10_000  # history kept for watchers; older revisions are "compacted"
 LOCK_PATIENCE = 30.0  # seconds a call keeps retrying a locked database
 
@@ -170,27 +172,48 @@ class EmbeddedRegistry:
         expires = self._clock() + ttl
         value = leases.encode_value(lease)
 
-        def create(db: sqlite3.Connection) -> tuple[bytes, float] | None:
+        def create(db: sqlite3.Connection) -> tuple[str, bytes, float] | None:
             self._sweep(db)
 
-            def insert(db: sqlite3.Connection) -> tuple[bytes, float] | None:
+            def insert(db: sqlite3.Connection) -> tuple[str, bytes, float] | None:
+                other = self._namesake(db, lease)
+                if other is not None:
+                    return other
                 try:
                     db.execute("INSERT INTO leases (subnet, value, expires) VALUES (?, ?, ?)",
                                (lease.key, value, expires))
                 except sqlite3.IntegrityError:
-                    return self._row_of(db, lease.key) or (b"", 0.0)
+                    return (lease.key, *(self._row_of(db, lease.key) or (b"", 0.0)))
                 self._record(db, lease.key, value, expires)
                 return None
             return self._write(db, insert)
         found = await self._run(create)
         if found is not None:
-            raise LeaseTaken(f"subnet {lease.subnet} is already leased", self._decode(lease.key, *found), found[0])
+            key, raw, held = found
+            raise LeaseTaken(f"{lease.describe()} is already leased (key {key})", self._decode(key, raw, held), raw,
+                             None if key == lease.key else key)
         return replace(lease, expiration=expires)
+
+    @staticmethod
+    def _namesake(db: sqlite3.Connection, lease: Lease, moving: str = "") -> tuple[str, bytes, float] | None:
+        """Another row (not ``moving``'s) whose key names one of ``lease``'s subnets:
+        (key, value, expires)."""
+        clauses, args = [], []
+        if lease.subnet is not None:
+            v4 = leases.subnet_key(lease.subnet)
+            clauses.append("subnet = ? OR subnet LIKE ?")
+            args += [v4, f"{v4}&%"]
+        if lease.ipv6_subnet is not None:
+            clauses.append("subnet LIKE ?")
+            args.append(f"%&{leases.subnet_key(None, lease.ipv6_subnet).split('&', 1)[1]}")
+        row = db.execute(f"SELECT subnet, value, expires FROM leases WHERE subnet NOT IN (?, ?) "
+                         f"AND ({' OR '.join(clauses)}) LIMIT 1", (lease.key, moving, *args)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]), float(row[2]))
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         swapped, found, expires = await self._swap(lease, ttl, leases.encode_value(lease))
         if not swapped:
-            raise LeaseLost(lease.subnet, None if found is None else self._decode(lease.key, *found),
+            raise LeaseLost(lease.key, None if found is None else self._decode(lease.key, *found),
                             None if found is None else found[0])
         return replace(lease, expiration=expires)
 
@@ -198,7 +221,7 @@ class EmbeddedRegistry:
         swapped, found, expires = await self._swap(lease, ttl, bytes(expected))
         if not swapped:
             holder = None if found is None else self._decode(lease.key, *found)
-            raise LeaseTaken(f"subnet {lease.subnet} no longer holds the expected value", holder,
+            raise LeaseTaken(f"lease {lease.key} no longer holds the expected value", holder,
                              None if found is None else found[0])
         return replace(lease, expiration=expires)
 
@@ -255,7 +278,7 @@ class EmbeddedRegistry:
             return self._write(db, update)
         taken, found = await self._run(take)
         if not taken:
-            raise LeaseTaken(f"subnet {lease.subnet} is not due for a take-over",
+            raise LeaseTaken(f"lease {lease.key} is not due for a take-over",
                              None if found is None else self._decode(lease.key, *found),
                              None if found is None else found[0])
         return replace(lease, expiration=expires)
@@ -265,8 +288,40 @@ class EmbeddedRegistry:
         row = db.execute("SELECT value, expires FROM leases WHERE subnet = ?", (key,)).fetchone()
         return None if row is None else (bytes(row[0]), float(row[1]))
 
-    async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
-        key = leases.subnet_key(subnet)
+    async def rekey_lease(self, lease: Lease, ttl: float, old_key: str, expected: bytes) -> Lease:
+        expires = self._clock() + ttl
+        value = leases.encode_value(lease)
+
+        def move(db: sqlite3.Connection) -> tuple[str | None, tuple[bytes, float] | None, float]:
+            self._sweep(db)
+
+            def update(db: sqlite3.Connection) -> tuple[str | None, tuple[bytes, float] | None, float]:
+                old = self._row_of(db, old_key)
+                if old is None or old[0] != bytes(expected):
+                    return old_key, old, 0.0
+                here = self._row_of(db, lease.key)
+                if here is not None:
+                    return lease.key, here, 0.0
+                other = self._namesake(db, lease, old_key)
+                if other is not None:
+                    return other[0], other[1:], 0.0
+                until = NEVER if old[1] == NEVER and _is_lease(old_key, old[0]) else expires
+                db.execute("DELETE FROM leases WHERE subnet = ?", (old_key,))
+                self._record(db, old_key, None, None)
+                db.execute("INSERT INTO leases (subnet, value, expires) VALUES (?, ?, ?)", (lease.key, value, until))
+                self._record(db, lease.key, value, until)
+                return None, None, until
+            return self._write(db, update)
+        where, found, until = await self._run(move)
+        if where is not None:
+            raise LeaseTaken(f"moving lease {old_key} to {lease.key}: {where} "
+                             f"{'holds something else' if found else 'is gone'}",
+                             None if found is None else self._decode(where, *found),
+                             None if found is None else found[0], where)
+        return replace(lease, expiration=until)
+
+    async def delete_lease(self, subnet: ipaddress.IPv4Network | str) -> None:
+        key = subnet if isinstance(subnet, str) else leases.subnet_key(subnet)
 
         def delete(db: sqlite3.Connection) -> None:
             if db.execute("DELETE FROM leases WHERE subnet = ?", (key,)).rowcount:
@@ -291,7 +346,7 @@ class EmbeddedRegistry:
                 events = []
                 for _rev, key, value, expires in rows:
                     try:
-                        subnet = leases.parse_subnet_key(key)
+                        gone = leases.placeholder(key)  # a REMOVED event's lease names only its subnets
                     except leases.LeaseError as e:
                         self.bad_keys.skipped(key, str(e))
                         continue
@@ -299,7 +354,7 @@ class EmbeddedRegistry:
                     if decoded is not None:
                         events.append(LeaseEvent(EventType.ADDED, decoded))
                     else:  # deleted, or no longer a lease: to a watcher it is gone
-                        events.append(LeaseEvent(EventType.REMOVED, Lease(subnet, _UNKNOWN_IP, "")))
+                        events.append(LeaseEvent(EventType.REMOVED, gone))
                 since = rows[-1][0] + 1
                 yield events, rows[-1][0]
             await asyncio.sleep(self.poll_interval)

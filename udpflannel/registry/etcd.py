@@ -18,7 +18,14 @@ Theory of operation
   Callers retry with backoff; gRPC's own reconnect backoff is capped at 1 s so a
   channel recovers soon after etcd comes back.
 * create_lease: grant, then ``If(Version(key) == 0) Then(Put(key, value, lease))
-  Else(Get(key))``, flannel's transaction plus a read of what holds the key.
+  Else(Get(key))``, flannel's transaction plus a read of what holds the key. A lease
+  with an IPv4 subnet also compares the other keys that name that subnet
+  (``<v4>`` and the range of ``<v4>&...``) to be absent: a dual-stack key cannot
+  double an IPv4 subnet another key holds. (An IPv6 subnet ends its key, so no range
+  finds its namesakes: two racing nodes could pick one IPv6 subnet, as two flanneld
+  can; each picks at random among 100 free ones.) rekey_lease is ``If(Value(old) ==
+  expected, Lease(old) == its lease, Version(new) == 0, namesakes absent)
+  Then(Delete(old), Put(new, value, lease)) Else(Get(old), Get(new), ...)``.
   renew_lease: grant, then ``If(Value(key) == our value) Then(Put(key, value, new
   lease)) Else(Get(key))``; unlike flannel's blind put it cannot steal a subnet someone
   else took after our key expired. replace_lease is the same with the value a failed
@@ -95,7 +102,8 @@ from udpflannel.core.lease import (
     LeaseEvent,
     decode,
     encode_value,
-    parse_subnet_key,
+    parse_key,
+    placeholder,
     subnet_key,
 )
 from udpflannel.registry.badkeys import BadKeyLog
@@ -106,7 +114,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "/coreos.com/network"
-UNKNOWN_IP = ipaddress.IPv4Address("0.0.0.0")
 _TTL_LOOKUPS = 16  # concurrent LeaseTimeToLive calls while listing
 PAGE_MAX = 1000  # keys per listing page; fewer after a page was too large to receive
 MAX_RECEIVE = 64 << 20  # bytes one gRPC response may carry
@@ -338,8 +345,25 @@ class EtcdRegistry:
                 attempts -= 1
         raise RegistryError(f"etcd {what} failed: {'; '.join(errors)}")
 
-    def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
-        return self._subnets + subnet_key(subnet).encode()
+    def _key(self, name: str) -> bytes:
+        return self._subnets + name.encode()
+
+    def _namesakes(self, lease: Lease, moving: bytes = b"") -> list[tuple[bytes, bytes | None]]:
+        """The keys (exact, or [start, end) ranges) that must not exist for ``lease``'s
+        IPv4 subnet to be its alone: ``<v4>`` and ``<v4>&...``; ``moving``, the key the
+        lease leaves, is left out of them."""
+        if lease.subnet is None:
+            return []
+        v4 = self._key(subnet_key(lease.subnet))
+        ranges: list[tuple[bytes, bytes | None]] = []
+        if v4 != self._key(lease.key) and v4 != moving:
+            ranges.append((v4, None))
+        start, end = v4 + b"&", aetcd.utils.prefix_range_end(v4 + b"&")
+        if start <= moving < end:
+            ranges += [(start, moving), (moving + b"\0", end)]
+        else:
+            ranges.append((start, end))
+        return ranges
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -364,7 +388,7 @@ class EtcdRegistry:
             name = key[len(self._subnets):].decode("ascii")
         except UnicodeDecodeError:
             raise LeaseError(f"not a canonical subnet key: {key[:80]!r}") from None
-        parse_subnet_key(name)
+        parse_key(name)
         return name
 
     def _decode(self, key: bytes, value: bytes, expiration: float = 0.0) -> Lease | None:
@@ -509,33 +533,82 @@ class EtcdRegistry:
         deadline = loop.time() + self.timeout
         started = time.time()
         lease_id, granted = await self._grant(ttl, deadline)
-        key, value = self._key(lease.subnet), encode_value(lease)
+        key, value = self._key(lease.key), encode_value(lease)
+        others = self._namesakes(lease)
 
         async def txn(c: _Client):
             return await c.transaction(
-                compare=[c.transactions.version(key) == 0],
+                compare=[c.transactions.version(key) == 0, *(_absent(k, end) for k, end in others)],
                 success=[c.transactions.put(key, value, lease=lease_id)],
-                failure=[c.transactions.get(key)])
+                failure=[c.transactions.get(key), *(aetcd.transactions.Get(k, end) for k, end in others)])
 
         ok, responses = await self._txn("create lease", txn, lease_id, deadline)
         if not ok:
             self._revoke_later(lease_id)
-            raw, held_by = _got(responses)
-            raise LeaseTaken(f"subnet {lease.subnet} is already leased",
-                             None if raw is None else self._decode(key, raw, _no_lease(held_by)), raw)
+            where, raw, held_by = _first_found(responses, key)
+            raise LeaseTaken(f"{lease.describe()} is already leased ({where.decode('utf-8', 'replace')})",
+                             None if raw is None else self._decode(where, raw, _no_lease(held_by)), raw,
+                             None if where == key else self._name_or_raw(where))
         return _with_expiration(lease, started + granted)
+
+    def _name_or_raw(self, key: bytes) -> str:
+        try:
+            return self._name(key)
+        except LeaseError:
+            return key.decode("utf-8", "replace")
+
+    async def rekey_lease(self, lease: Lease, ttl: float, old_key: str, expected: bytes) -> Lease:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        old, key, value = self._key(old_key), self._key(lease.key), encode_value(lease)
+        got = await self._run("move lease", lambda c: c.get(old), deadline=deadline)
+        if got is None or bytes(got.value) != bytes(expected):
+            raw = None if got is None else bytes(got.value)
+            raise LeaseTaken(f"moving lease {old_key}: it {'is gone' if raw is None else 'changed'}",
+                             None if raw is None else self._decode(old, raw, _no_lease(got.lease)), raw, old_key)
+        held_by = got.lease
+        reserved = held_by == 0 and _is_lease(old_key, bytes(expected))
+        lease_id, granted, started = 0, 0, time.time()
+        if not reserved:
+            lease_id, granted = await self._grant(ttl, deadline)
+        others = self._namesakes(lease, moving=old)
+
+        async def txn(c: _Client):
+            return await c.transaction(
+                compare=[c.transactions.value(old) == bytes(expected), _LeaseOf(old) == held_by,
+                         c.transactions.version(key) == 0, *(_absent(k, end) for k, end in others)],
+                success=[c.transactions.delete(old), c.transactions.put(key, value, lease=lease_id)],
+                failure=[c.transactions.get(old), c.transactions.get(key),
+                         *(aetcd.transactions.Get(k, end) for k, end in others)])
+
+        ok, responses = await self._txn("move lease", txn, lease_id, deadline)
+        if not ok:
+            if lease_id:
+                self._revoke_later(lease_id)
+            raw_old, held_old = _got(responses)
+            if raw_old != bytes(expected) or held_old != held_by:
+                raise LeaseTaken(f"moving lease {old_key}: it changed",
+                                 None if raw_old is None else self._decode(old, raw_old, _no_lease(held_old)),
+                                 raw_old, old_key)
+            where, raw, held = _first_found(responses[1:], key)
+            raise LeaseTaken(f"moving lease {old_key} to {lease.key}: {where.decode('utf-8', 'replace')} is taken",
+                             None if raw is None else self._decode(where, raw, _no_lease(held)), raw,
+                             self._name_or_raw(where))
+        if held_by:
+            self._revoke_later(held_by)  # nothing else should be on the old key's lease
+        return _with_expiration(lease, NEVER if reserved else started + granted)
 
     async def renew_lease(self, lease: Lease, ttl: float) -> Lease:
         try:
             return await self._swap("renew lease", lease, ttl, encode_value(lease))
         except _Found as found:
-            raise LeaseLost(lease.subnet, found.holder, found.raw) from None
+            raise LeaseLost(lease.key, found.holder, found.raw) from None
 
     async def replace_lease(self, lease: Lease, ttl: float, expected: bytes) -> Lease:
         try:
             return await self._swap("replace lease", lease, ttl, bytes(expected))
         except _Found as found:
-            raise LeaseTaken(f"subnet {lease.subnet} no longer holds the expected value",
+            raise LeaseTaken(f"lease {lease.key} no longer holds the expected value",
                              found.holder, found.raw) from None
 
     async def _swap(self, what: str, lease: Lease, ttl: float, expected: bytes) -> Lease:
@@ -545,7 +618,7 @@ class EtcdRegistry:
         what the key holds if the compare failed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        key, value = self._key(lease.subnet), encode_value(lease)
+        key, value = self._key(lease.key), encode_value(lease)
 
         async def reserved(c: _Client):
             return await c.transaction(
@@ -587,10 +660,10 @@ class EtcdRegistry:
         new lease, even with the same value) in between makes the compare fail."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        key, value = self._key(lease.subnet), encode_value(lease)
+        key, value = self._key(lease.key), encode_value(lease)
         got = await self._run("take over lease", lambda c: c.get(key), deadline=deadline)
         if got is None:
-            raise LeaseTaken(f"subnet {lease.subnet} is free", None, None)
+            raise LeaseTaken(f"lease {lease.key} is free", None, None)
         raw, held_by = bytes(got.value), got.lease
         found = self._decode(key, raw, _no_lease(held_by))
         if held_by:
@@ -599,7 +672,7 @@ class EtcdRegistry:
             if found is not None:
                 found = _with_expiration(found, time.time() + max(info.TTL, 0))
         if found is None or not held_by or not found.same_route(holder) or found.expiration >= due:
-            raise LeaseTaken(f"subnet {lease.subnet} is not due for a take-over", found, raw)
+            raise LeaseTaken(f"lease {lease.key} is not due for a take-over", found, raw)
 
         started = time.time()
         lease_id, granted = await self._grant(ttl, deadline)
@@ -614,7 +687,7 @@ class EtcdRegistry:
         if not ok:
             self._revoke_later(lease_id)
             raw2, held_by2 = _got(responses)
-            raise LeaseTaken(f"subnet {lease.subnet} changed during a take-over",
+            raise LeaseTaken(f"lease {lease.key} changed during a take-over",
                              None if raw2 is None else self._decode(key, raw2, _no_lease(held_by2)), raw2)
         return _with_expiration(lease, started + granted)
 
@@ -626,8 +699,8 @@ class EtcdRegistry:
             self._revoke_later(lease_id)  # outcome unknown: make sure we hold nothing
             raise
 
-    async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
-        key = self._key(subnet)
+    async def delete_lease(self, subnet: ipaddress.IPv4Network | str) -> None:
+        key = self._key(subnet if isinstance(subnet, str) else subnet_key(subnet))
         await self._run("delete lease", lambda c: c.delete(key))
 
     async def watch_leases(self, revision: int) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
@@ -701,7 +774,6 @@ class EtcdRegistry:
             except LeaseError as e:  # never a route change: see core.lease.parse_subnet_key
                 self.bad_keys.skipped(ev.kv.key.decode("utf-8", "replace"), str(e))
                 continue
-            subnet = parse_subnet_key(name)
             if ev.type == rpc.Event.PUT:
                 lease = self._decode(ev.kv.key, ev.kv.value, _no_lease(ev.kv.lease))
                 if lease is not None:
@@ -714,7 +786,7 @@ class EtcdRegistry:
                     lease = decode(name, ev.prev_kv.value)
                 except LeaseError:
                     pass
-            events.append(LeaseEvent(EventType.REMOVED, lease or Lease(subnet, UNKNOWN_IP, "")))
+            events.append(LeaseEvent(EventType.REMOVED, lease or placeholder(name)))
         return events
 
     async def close(self) -> None:
@@ -753,13 +825,27 @@ def _got(responses) -> tuple[bytes | None, int]:
     return (bytes(got[0][0]), got[0][1].lease) if got else (None, 0)
 
 
-def _is_lease(lease: Lease, value: bytes) -> bool:
-    """Whether ``value`` at ``lease``'s key is a lease (else: garbage)."""
+def _is_lease(lease: Lease | str, value: bytes) -> bool:
+    """Whether ``value`` at ``lease``'s key (or the key name ``lease``) is a lease (else: garbage)."""
     try:
-        decode(lease.key, value)
+        decode(lease if isinstance(lease, str) else lease.key, value)
     except LeaseError:
         return False
     return True
+
+
+def _absent(key: bytes, range_end: bytes | None) -> aetcd.transactions.BaseCompare:
+    """Compare: no key ``key`` (or none in [key, range_end))."""
+    return aetcd.transactions.Version(key, range_end) == 0
+
+
+def _first_found(responses, key: bytes) -> tuple[bytes, bytes | None, int]:
+    """(key, value, etcd lease id) of the first key a failure branch's Gets found;
+    (``key``, None, 0) when none: everything was absent by the time it was read."""
+    for got in responses:
+        if got:
+            return bytes(got[0][1].key), bytes(got[0][0]), got[0][1].lease
+    return key, None, 0
 
 
 def _no_lease(lease_id: int) -> float:

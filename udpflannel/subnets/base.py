@@ -16,6 +16,7 @@ flannel annotations). The daemon asks a manager for three things:
                                first batch is a snapshot, later ones changes
 
 ``lease`` is the current lease; ``health`` says whether the store answers.
+``wanted_lease`` builds what a node asks for from its config, addresses and MACs.
 """
 
 from __future__ import annotations
@@ -25,10 +26,26 @@ import ipaddress
 import logging
 from typing import AsyncIterator, Protocol
 
+from udpflannel.core.config import NetworkConfig
 from udpflannel.core.errors import UdpflannelError
-from udpflannel.core.lease import Lease, LeaseEvent
+from udpflannel.core.lease import UNSPECIFIED, Lease, LeaseEvent
 
 log = logging.getLogger("udpflannel.subnets")
+
+
+def wanted_lease(cfg: NetworkConfig, public_ip: ipaddress.IPv4Address | None, mac: str | None,
+                 public_ipv6: ipaddress.IPv6Address | None = None, mac6: str | None = None) -> Lease:
+    """What this node publishes, its subnets left for the manager to choose: as
+    flanneld's vxlan backend (newSubnetAttrs), the IPv4 side (PublicIP, BackendData with
+    flannel.<VNI>'s MAC) when the network has IPv4, the IPv6 side (PublicIPv6,
+    BackendV6Data with flannel-v6.<VNI>'s MAC) when it has IPv6; an IPv6-only node's
+    PublicIP is 0.0.0.0. flanneld's udp backend publishes PublicIP alone."""
+    if cfg.backend_type != "vxlan":
+        return Lease(None, public_ip or UNSPECIFIED, "", None, None)
+    v4 = cfg.enable_ipv4 and public_ip is not None
+    v6 = cfg.enable_ipv6 and public_ipv6 is not None
+    return Lease(None, public_ip if v4 else UNSPECIFIED, "vxlan", cfg.vni if v4 else None, mac if v4 else None,
+                 public_ipv6=public_ipv6 if v6 else None, vni6=cfg.vni if v6 else None, vtep_mac6=mac6 if v6 else None)
 
 
 class SubnetLost(UdpflannelError):

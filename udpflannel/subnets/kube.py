@@ -107,6 +107,9 @@ class KubeSource:
     async def network_config(self, stop: asyncio.Event, health: RegistryHealth) -> netconfig.NetworkConfig:
         path = self.opts.net_config or "/etc/kube-flannel/net-conf.json"
         cfg = with_overrides(parse(read_net_config(path), path), self.opts)
+        if cfg.enable_ipv6:  # dual stack: the v6 annotations (public-ipv6, backend-v6-data) are not published yet
+            raise BadInput(f"{path}: EnableIPv6 is not implemented in kube mode yet (the IPv6 annotations are "
+                           "not published); use etcd mode (--etcd-endpoints) for dual stack")
         if self.api is None:
             self.api = await self._connect(self.opts.kube_api_url, self.opts.kubeconfig_file)
             log.info("Kubernetes API server %s (annotations %s*)", self.api.server,

@@ -41,6 +41,16 @@ are serialized: the watch (our key deleted) and the renewal timer may both find 
 gone at once, and the loser of that re-create must not mistake the winner's lease for
 another node's.
 
+Dual stack. A lease holds a subnet of each family the network enables, and its key
+names them (core.lease); a node is identified by its primary family (IPv4, or IPv6
+when the network is IPv6-only): PublicIP and VtepMAC, or PublicIPv6 and the IPv6
+VtepMAC. A provably-ours lease whose key does not fit the network's families (IPv6
+turned on: a v4-only key; or off) keeps the subnets it has that still fit and gains
+the missing family's (the subnet file's FLANNEL_IPV6_SUBNET if free, else a free one),
+moved to its new key in one registry step (rekey_lease): the node keeps its IPv4
+subnet, and its pods their addresses, where flanneld deletes the lease and leases a
+new pair. Other keys naming our subnets are never routes; the watch skips them.
+
 The clock and the random source are injected so tests can drive time.
 """
 
@@ -55,8 +65,8 @@ from dataclasses import replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from udpflannel.core import peers
-from udpflannel.core.config import NetworkConfig
-from udpflannel.core.lease import EventType, Lease, LeaseEvent, diff, snapshot
+from udpflannel.core.config import NetworkConfig, SubnetPool
+from udpflannel.core.lease import EventType, Lease, LeaseEvent, diff, encode_value, snapshot
 from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, Registry, RegistryError
 from udpflannel.subnets.base import Backoff, NoFreeSubnet, RegistryHealth, SubnetLost
@@ -75,7 +85,8 @@ class LeaseManager:
                  ttl: float = DEFAULT_TTL, renew_margin: float = DEFAULT_RENEW_MARGIN,
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: random.Random | None = None, health: RegistryHealth | None = None) -> None:
+                 rng: random.Random | None = None, health: RegistryHealth | None = None,
+                 previous_v6: ipaddress.IPv6Network | None = None) -> None:
         self.registry = registry
         self.config = config
         self.ttl = ttl
@@ -88,89 +99,152 @@ class LeaseManager:
         self._listing: tuple[list[Lease], int] | None = None  # acquire's, for the first watch
         self._identity: Lease | None = None  # acquire's ``wanted``: our PublicIP and VTEP MAC
         self._previous: ipaddress.IPv4Network | None = None  # the subnet file's subnet
+        self._previous6: ipaddress.IPv6Network | None = previous_v6  # ... and its IPv6 subnet
         self.bad_leases = BadKeyLog(log, "ignoring lease")
         self._renewing = asyncio.Lock()
 
     # --- acquire ------------------------------------------------------------------
     async def acquire(self, wanted: Lease, previous: ipaddress.IPv4Network | None = None,
-                      attempts: int = 20) -> Lease:
-        """Lease a subnet for ``wanted`` (whose subnet field is ignored); ``previous`` is
-        the subnet in subnet.env, which this node's pods may still be using."""
+                      attempts: int = 20, *, previous_v6: ipaddress.IPv6Network | None = None) -> Lease:
+        """Lease subnets for ``wanted`` (whose subnet fields are ignored); ``previous``
+        (and ``previous_v6``) are the subnets in subnet.env, which this node's pods may
+        still be using."""
         self._identity = wanted
         self._previous = previous
-        refused: set[ipaddress.IPv4Network] = set()  # found taken by a key the listing skipped
+        self._previous6 = previous_v6 or self._previous6
+        refused: set = set()  # subnets found taken by a key the listing skipped
+        try_previous = True
         for _ in range(attempts):
             current, rev = await self.registry.list_leases()
             self._listing = (current, rev)
-            held = {x.subnet: x for x in current}
-            for old in self._ours_first(current, wanted, previous):
-                got = await self._claim(replace(wanted, subnet=old.subnet), reclaim=True, listed=old)
+            for old in self._ours_first(current):
+                got = await self._claim(self._placed(wanted, old, current), reclaim=True, listed=old)
                 if got:
                     return got
-            for old in self._for_our_address(current, wanted, previous):
+            for old in self._for_our_address(current):
                 if old.reserved:
-                    got = await self._claim(replace(wanted, subnet=old.subnet), reclaim=True, listed=old)
+                    got = await self._claim(self._placed(wanted, old, current), reclaim=True, listed=old)
+                elif self._fits(old):
+                    got = await self._take_over(replace(wanted, subnet=old.subnet, ipv6_subnet=old.ipv6_subnet), old)
                 else:
-                    got = await self._take_over(replace(wanted, subnet=old.subnet), old)
+                    got = None
                 if got:
                     return got
-            if previous is not None and self._in_range(previous):
-                holder = held.get(previous)
-                if holder is None or self._reclaimable(holder) is not None:
-                    got = await self._claim(replace(wanted, subnet=previous), reclaim=True, listed=holder)
+            prev = self._previous_primary()
+            if try_previous and prev is not None and self._primary_pool().in_range(prev):
+                holders = [x for x in current if prev in x.subnets]
+                if all(self._reclaimable(h) is not None for h in holders):
+                    holder = holders[0] if holders else None
+                    got = await self._claim(self._placed(wanted, holder, current), reclaim=True, listed=holder)
                     if got:
                         return got
-                log.info("subnet %s from the subnet file is leased by %s; choosing another",
-                         previous, holder.public_ip if holder else "another node")
-                previous = None
-            choice = self._pick_free(set(held) | refused)
-            got = await self._claim(replace(wanted, subnet=choice), reclaim=False, listed=None)
+                log.info("subnet %s from the subnet file is leased by %s; choosing another", prev,
+                         _address(holders[0]) if holders else "another node")
+                try_previous = False
+                refused.add(prev)
+            choice = self._placed(wanted, None, current, refused)
+            got = await self._claim(choice, reclaim=False, listed=None)
             if got:
                 return got
-            refused.add(choice)
-            log.info("subnet %s was taken by a racing node; choosing again", choice)
+            refused.update(choice.subnets)
+            log.info("%s was taken by a racing node; choosing again", choice.describe())
         raise NoFreeSubnet(f"could not lease a subnet after {attempts} attempts")
 
-    def _ours_first(self, current: list[Lease], wanted: Lease,
-                    previous: ipaddress.IPv4Network | None) -> list[Lease]:
-        """Leases that are provably ours (our PublicIP and our VTEP MAC), the one in the
-        subnet file first."""
-        mine = [x for x in current if x.public_ip == wanted.public_ip and self._in_range(x.subnet)
-                and self._provably_ours(x)]
-        mine.sort(key=lambda x: (x.subnet != previous, x.subnet))
+    def _primary_pool(self) -> SubnetPool:
+        return self.config.pools[0]
+
+    def _previous_primary(self):
+        return self._previous if self.config.enable_ipv4 else self._previous6
+
+    @staticmethod
+    def _primary(lease: Lease, ipv4: bool):
+        """(subnet, public address, VTEP MAC) of the family that identifies a node."""
+        if ipv4:
+            return lease.subnet, lease.public_ip, lease.vtep_mac
+        return lease.ipv6_subnet, lease.public_ipv6, lease.vtep_mac6
+
+    def _fits(self, lease: Lease) -> bool:
+        """The lease's key has the network's families, each subnet in range."""
+        return all((sub is not None) == (pool is not None) and (pool is None or pool.in_range(sub))
+                   for sub, pool in ((lease.subnet, self.config.v4), (lease.ipv6_subnet, self.config.v6)))
+
+    def _placed(self, wanted: Lease, base: Lease | None, current: list[Lease], refused: set = frozenset()) -> Lease:
+        """``wanted`` with a subnet of each family the network enables: ``base``'s if it
+        has one in range, else the subnet file's if free (no key names it), else a free
+        one at random."""
+        named: dict = {}
+        for x in current:
+            for sub in x.subnets:
+                named.setdefault(sub, set()).add(x.key)
+        mine = base.key if base is not None else None
+        chosen = {}
+        for pool in self.config.pools:
+            v = pool.version
+            kept = None if base is None else (base.subnet if v == 4 else base.ipv6_subnet)
+            prev = self._previous if v == 4 else self._previous6
+            for cand in (kept, prev):
+                # ``base``'s own subnet stays its own even where another key names it too
+                # (an alias must not move a node; the registry's write decides)
+                if (cand is not None and pool.in_range(cand) and cand not in refused
+                        and (cand == kept or not named.get(cand, set()) - {mine})):
+                    chosen[v] = cand
+                    break
+            else:
+                chosen[v] = self._pick_free(pool, set(named) | set(refused))
+        return replace(wanted, subnet=chosen.get(4), ipv6_subnet=chosen.get(6))
+
+    def _ours_first(self, current: list[Lease]) -> list[Lease]:
+        """Leases that are provably ours (our PublicIP and our VTEP MAC, of the primary
+        family), those whose key fits the network first, then the subnet file's."""
+        prev = self._previous_primary()
+        mine = [x for x in current if self._provably_ours(x) and self._primary_in_range(x)]
+        mine.sort(key=lambda x: (not self._fits(x), self._primary(x, self.config.enable_ipv4)[0] != prev, x.key))
         if len(mine) > 1:
-            log.warning("%d leases carry our PublicIP and VTEP MAC (%s); using %s, leaving the others",
-                        len(mine), ", ".join(str(x.subnet) for x in mine), mine[0].subnet)
+            log.warning("%d leases carry our address and VTEP MAC (%s); using %s, leaving the others",
+                        len(mine), ", ".join(x.key for x in mine), mine[0].key)
         return mine
 
-    def _for_our_address(self, current: list[Lease], wanted: Lease,
-                         previous: ipaddress.IPv4Network | None) -> list[Lease]:
+    def _for_our_address(self, current: list[Lease]) -> list[Lease]:
         """Leases that carry our PublicIP but are not provably ours (another VTEP MAC, or
         a MAC-less one at a subnet we never had): flanneld reuses any of them; we reuse
         one only where no live node can be keeping it (README, Security): reservations
         first (an administrator bound the subnet to our address), then leases whose
         holder missed its renewal (_take_over decides, atomically). The subnet file's
         first within each kind."""
-        found = [x for x in current if x.public_ip == wanted.public_ip and self._in_range(x.subnet)
-                 and not self._provably_ours(x)]
-        found.sort(key=lambda x: (not x.reserved, x.subnet != previous, x.subnet))
+        me = self._identity or self.lease
+        ipv4 = self.config.enable_ipv4
+        prev = self._previous_primary()
+        found = [x for x in current if me is not None and self._primary(x, ipv4)[1] is not None
+                 and self._primary(x, ipv4)[1] == self._primary(me, ipv4)[1]
+                 and self._primary_in_range(x) and not self._provably_ours(x)]
+        found.sort(key=lambda x: (not x.reserved, self._primary(x, ipv4)[0] != prev, x.key))
         return found
 
-    def _provably_ours(self, lease: Lease) -> bool:
-        """Our PublicIP and our VTEP MAC. A udp lease (flanneld's udp backend writes
-        PublicIP only) carries no MAC: then our PublicIP at a subnet this node
-        demonstrably had (the subnet file's, or the one we hold) is the proof, whatever
-        our own backend is now: a node restarted under a vxlan config after running udp
-        (the migration runbook) keeps its subnet, as flanneld does."""
-        me = self._identity or self.lease
-        if me is None or lease.public_ip != me.public_ip:
-            return False
-        if lease.vtep_mac is None:
-            return lease.subnet in self._our_subnets()
-        return lease.vtep_mac == me.vtep_mac
+    def _primary_in_range(self, lease: Lease) -> bool:
+        return self._primary_pool().in_range(self._primary(lease, self.config.enable_ipv4)[0])
 
-    def _our_subnets(self) -> set[ipaddress.IPv4Network]:
-        return {s for s in (self._previous, self.lease.subnet if self.lease else None) if s}
+    def _provably_ours(self, lease: Lease) -> bool:
+        """Our PublicIP and our VTEP MAC (PublicIPv6 and the IPv6 VTEP MAC when the
+        network is IPv6-only). A udp lease (flanneld's udp backend writes PublicIP only)
+        carries no MAC: then our PublicIP at a subnet this node demonstrably had (the
+        subnet file's, or the one we hold) is the proof, whatever our own backend is now:
+        a node restarted under a vxlan config after running udp (the migration runbook)
+        keeps its subnet, as flanneld does."""
+        me = self._identity or self.lease
+        if me is None:
+            return False
+        ipv4 = self.config.enable_ipv4
+        subnet, address, mac = self._primary(lease, ipv4)
+        _, my_address, my_mac = self._primary(me, ipv4)
+        if subnet is None or address is None or address != my_address:
+            return False
+        if mac is None:
+            return subnet in self._our_subnets()
+        return mac == my_mac
+
+    def _our_subnets(self) -> set:
+        held = self.lease.subnets if self.lease else ()
+        return {s for s in (self._previous, self._previous6, *held) if s}
 
     def _reclaimable(self, holder: Lease | None, *, acquiring: bool = False) -> str | None:
         """Why a key holding ``holder`` (None: a value that is no lease) may be written
@@ -188,8 +262,9 @@ class LeaseManager:
         if self._provably_ours(holder):
             return "it held our lease"
         me = self._identity or self.lease
-        if (holder.reserved and me is not None and holder.public_ip == me.public_ip
-                and (acquiring or holder.vtep_mac is None)):
+        ipv4 = self.config.enable_ipv4
+        if (holder.reserved and me is not None and self._primary(holder, ipv4)[1] == self._primary(me, ipv4)[1]
+                and (acquiring or self._primary(holder, ipv4)[2] is None)):
             return "it is a reservation for our PublicIP"
         reason = peers.implausible(holder)
         if reason is not None:
@@ -199,34 +274,49 @@ class LeaseManager:
     async def _claim(self, new: Lease, *, reclaim: bool, listed: Lease | None) -> Lease | None:
         """Write ``new`` at its key: create it if free, renew it if it holds our exact
         value, and, if ``reclaim``, write over a value that _reclaimable allows (compare-
-        and-swap on the bytes seen, so a racing writer wins or loses cleanly). None if
-        the key is another node's."""
-        found: tuple[Lease | None, bytes] | None = None  # (holder, raw) seen at the key
+        and-swap on the bytes seen, so a racing writer wins or loses cleanly). ``listed``
+        at another key (our lease under its old key, or garbage at the subnet file's
+        subnet) is moved to ``new``'s key in one step. None if a key is another node's."""
+        found: tuple[str, Lease | None, bytes] | None = None  # (key, holder, raw) seen
+        if listed is not None and listed.key != new.key:
+            found = (listed.key, listed, encode_value(listed))  # the stored bytes, most likely
         for _ in range(4):
             try:
                 if found is not None:
-                    holder, raw = found
+                    key, holder, raw = found
                     why = self._reclaimable(holder, acquiring=True) if reclaim else None
                     if why is None:
                         return None
+                    if key != new.key:
+                        self.lease = await self.registry.rekey_lease(new, self.ttl, key, raw)
+                        if holder is not None and self._provably_ours(holder):
+                            log.warning("our lease %s moved to key %s, keeping %s (the network's families "
+                                        "changed)%s", key, new.key, holder.describe(), _kind(self.lease))
+                        else:
+                            log.warning("subnet %s: reclaimed key %s into %s (%s)%s", new.describe(), key, new.key,
+                                        why, _kind(self.lease))
+                        return self.lease
                     self.lease = await self.registry.replace_lease(new, self.ttl, raw)
                     if holder is not None and self._provably_ours(holder):
-                        log.info("reusing our lease %s%s%s", new.subnet,
+                        log.info("reusing our lease %s%s%s", new.describe(),
                                  "" if holder.same_route(new) else " with updated backend data",
                                  _kind(self.lease))
                     else:
-                        log.warning("subnet %s: reclaimed our key (%s)%s", new.subnet, why, _kind(self.lease))
+                        log.warning("subnet %s: reclaimed our key (%s)%s", new.describe(), why, _kind(self.lease))
                 elif listed is not None:
                     self.lease = await self.registry.renew_lease(new, self.ttl)
-                    log.info("reusing our lease %s%s", new.subnet, _kind(self.lease))
+                    log.info("reusing our lease %s%s", new.describe(), _kind(self.lease))
                 else:
                     self.lease = await self.registry.create_lease(new, self.ttl)
                 return self.lease
-            except (LeaseTaken, LeaseLost) as e:
+            except LeaseLost as e:
+                found = None if e.raw is None else (new.key, e.holder, e.raw)
+                listed = None if e.raw is None else listed
+            except LeaseTaken as e:
                 if e.raw is None:  # the key is absent (now): create it
                     found, listed = None, None
                 else:
-                    found = (e.holder, e.raw)
+                    found = (e.key or new.key, e.holder, e.raw)
         return None
 
     async def _take_over(self, new: Lease, old: Lease) -> Lease | None:
@@ -244,33 +334,34 @@ class LeaseManager:
                 return await self._claim(new, reclaim=False, listed=None)
             left = "" if e.holder is None or not e.holder.expiration else \
                 f", {max(e.holder.expiration - self._clock(), 0) / 60:.0f} min left"
-            log.warning("lease %s has our PublicIP %s but VTEP MAC %s (ours is %s) and is renewed in "
-                        "time%s: another node's, left alone", old.subnet, old.public_ip, old.vtep_mac,
-                        new.vtep_mac, left)
+            _, address, mac = self._primary(old, self.config.enable_ipv4)
+            log.warning("lease %s has our %s %s but VTEP MAC %s (ours is %s) and is renewed in "
+                        "time%s: another node's, left alone", old.describe(), self._address_name(), address, mac,
+                        self._primary(new, self.config.enable_ipv4)[2], left)
             return None
-        log.warning("took over lease %s: it carries our PublicIP %s (VTEP MAC %s, ours is %s) and its "
-                    "holder missed its renewal (due %.0f min before expiry)", new.subnet,
-                    old.public_ip, old.vtep_mac, new.vtep_mac, self._margin() / 60)
+        _, address, mac = self._primary(old, self.config.enable_ipv4)
+        log.warning("took over lease %s: it carries our %s %s (VTEP MAC %s, ours is %s) and its "
+                    "holder missed its renewal (due %.0f min before expiry)", new.describe(), self._address_name(),
+                    address, mac, self._primary(new, self.config.enable_ipv4)[2], self._margin() / 60)
         return self.lease
+
+    def _address_name(self) -> str:
+        return "PublicIP" if self.config.enable_ipv4 else "PublicIPv6"
 
     def _margin(self) -> float:
         return self.renew_margin if self.renew_margin < self.ttl else self.ttl / 2
 
-    def _in_range(self, subnet: ipaddress.IPv4Network) -> bool:
-        return (self.config.contains_subnet(subnet)
-                and self.config.index_of(subnet) in self.config.usable_range())
-
-    def _pick_free(self, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    def _pick_free(self, pool: SubnetPool, taken: set):
         free = []
-        for index in self.config.usable_range():
-            subnet = self.config.subnet_at(index)
+        for index in pool.usable_range():
+            subnet = pool.subnet_at(index)
             if subnet not in taken:
                 free.append(subnet)
                 if len(free) == CANDIDATES:
                     break
         if not free:
-            raise NoFreeSubnet(f"all subnets of {self.config.network} between "
-                               f"{self.config.subnet_min} and {self.config.subnet_max} are leased")
+            raise NoFreeSubnet(f"all subnets of {pool.network} between "
+                               f"{pool.subnet_min} and {pool.subnet_max} are leased")
         return self._rng.choice(free)
 
     # --- renew --------------------------------------------------------------------
@@ -328,16 +419,16 @@ class LeaseManager:
             try:
                 self.lease = await self.registry.renew_lease(self.lease, self.ttl)
                 if self.lease.reserved:
-                    log.debug("renewed %s: a reservation, still without a TTL", self.lease.subnet)
+                    log.debug("renewed %s: a reservation, still without a TTL", self.lease.describe())
                 else:
-                    log.debug("renewed %s until %s", self.lease.subnet, time.ctime(self.lease.expiration))
+                    log.debug("renewed %s until %s", self.lease.describe(), time.ctime(self.lease.expiration))
                 return
             except LeaseLost as lost:
                 holder, raw = lost.holder, lost.raw
             if raw is None:
                 try:
                     self.lease = await self.registry.create_lease(self.lease, self.ttl)
-                    log.warning("our lease %s had vanished from the registry; re-created it", self.lease.subnet)
+                    log.warning("our lease %s had vanished from the registry; re-created it", self.lease.describe())
                     return
                 except LeaseTaken as taken:  # written between our renew and create
                     holder, raw = taken.holder, taken.raw
@@ -346,15 +437,15 @@ class LeaseManager:
             why = self._reclaimable(holder)
             if why is None:
                 assert holder is not None
-                raise SubnetLost(f"our subnet {self.lease.subnet} is now leased by {holder.public_ip}; "
+                raise SubnetLost(f"our subnet {self.lease.describe()} is now leased by {_address(holder)}; "
                                  "refusing to take another subnet (it would strand this node's pods)")
             try:
                 self.lease = await self.registry.replace_lease(self.lease, self.ttl, raw)
-                log.warning("our lease %s: reclaimed our key (%s)", self.lease.subnet, why)
+                log.warning("our lease %s: reclaimed our key (%s)", self.lease.describe(), why)
                 return
             except LeaseTaken:
                 continue  # changed again under us: look again
-        raise SubnetLost(f"our subnet {self.lease.subnet} keeps changing hands in the registry; "
+        raise SubnetLost(f"our subnet {self.lease.describe()} keeps changing hands in the registry; "
                          "refusing to take another subnet (it would strand this node's pods)")
 
     # --- watch --------------------------------------------------------------------
@@ -364,7 +455,7 @@ class LeaseManager:
         Our own key is defended after every listing and on every change to it: gone,
         or holding anything but our lease, it is renewed, re-created or reclaimed
         (SubnetLost if another node validly holds it)."""
-        known: dict[ipaddress.IPv4Network, Lease] = {}
+        known: dict[str, Lease] = {}  # by key
         backoff = Backoff()
         first = True
         while True:
@@ -376,7 +467,8 @@ class LeaseManager:
                     (current, rev), self._listing = self._listing, None
                 else:
                     current, rev = await self.registry.list_leases()
-                fresh = snapshot(x for x in current if not self._is_ours(x) and self._in_network(x))
+                fresh = snapshot(x for x in current if not self._is_ours(x) and not self._names_ours(x)
+                                 and self._in_network(x))
                 changes = diff(known, fresh)
                 known = fresh
                 self.health.succeeded()
@@ -384,26 +476,27 @@ class LeaseManager:
                     yield changes  # the first batch always: "the snapshot is applied"
                 first = False
                 if not from_acquire and self.lease is not None:
-                    now = next((x for x in current if x.subnet == self.lease.subnet), None)
+                    now = next((x for x in current if x.key == self.lease.key), None)
                     if now is None or not now.same_route(self.lease):
                         await self.renew_or_recreate()
                 backoff.reset()
                 async for events, _rev in self.registry.watch_leases(rev):
                     out = []
                     for ev in events:
-                        if self.lease is not None and ev.lease.subnet == self.lease.subnet:
+                        key = ev.lease.key
+                        if self._is_ours(ev.lease):
                             if ev.type is EventType.REMOVED or not ev.lease.same_route(self.lease):
                                 await self.renew_or_recreate()
                             continue
-                        prev = known.get(ev.lease.subnet)
-                        if ev.type is EventType.REMOVED:
+                        prev = known.get(key)
+                        if ev.type is EventType.REMOVED or self._names_ours(ev.lease):
                             if prev is not None:
-                                del known[ev.lease.subnet]
+                                del known[key]
                                 out.append(LeaseEvent(EventType.REMOVED, prev))
                         elif not self._in_network(ev.lease):
                             continue
                         elif prev is None or not prev.same_route(ev.lease):
-                            known[ev.lease.subnet] = ev.lease
+                            known[key] = ev.lease
                             out.append(ev)
                     if out:
                         yield out
@@ -414,18 +507,33 @@ class LeaseManager:
                 await self._sleep(backoff.delay())
 
     def _is_ours(self, lease: Lease) -> bool:
-        return self.lease is not None and lease.subnet == self.lease.subnet
+        return self.lease is not None and lease.key == self.lease.key
+
+    def _names_ours(self, lease: Lease) -> bool:
+        """Another key naming one of our subnets: never a route (our own subnets are
+        ours to serve), logged at a bounded rate."""
+        if self.lease is None or not set(lease.subnets) & set(self.lease.subnets):
+            return False
+        self.bad_leases.skipped(lease.key, f"{lease.key} from {_address(lease)}: names our subnet "
+                                f"{self.lease.describe()}")
+        return True
 
     def _in_network(self, lease: Lease) -> bool:
         """Only a /SubnetLen inside our network is a subnet of this network: another
-        length would be a second name for part of a node's subnet."""
-        if self.config.contains_subnet(lease.subnet):
-            self.bad_leases.good(str(lease.subnet))
+        length would be a second name for part of a node's subnet. A lease counts when
+        one of its subnets is one of the network's families'."""
+        if any(self.config.contains_subnet(sub) for sub in lease.subnets):
+            self.bad_leases.good(lease.key)
             return True
-        self.bad_leases.skipped(str(lease.subnet), f"{lease.subnet} from {lease.public_ip}: not a "
-                                f"/{self.config.subnet_len} inside {self.config.network}")
+        wanted = " or ".join(f"/{p.subnet_len} inside {p.network}" for p in self.config.pools)
+        self.bad_leases.skipped(lease.key, f"{lease.describe() or lease.key} from {_address(lease)}: not a {wanted}")
         return False
 
 
 def _kind(lease: Lease) -> str:
     return " (a reservation: it keeps no TTL)" if lease.reserved else ""
+
+
+def _address(lease: Lease) -> str:
+    """The address a lease names its node by: PublicIP, or PublicIPv6 when IPv6-only."""
+    return str(lease.public_ip if lease.subnet is not None or lease.public_ipv6 is None else lease.public_ipv6)

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from udpflannel.core import config as netconfig
 from udpflannel.core.errors import BadInput
+from udpflannel.host import localstate
 from udpflannel.observe import sdnotify
 from udpflannel.options import RunOptions
 from udpflannel.registry.base import Registry
@@ -62,8 +63,14 @@ class RegistrySource:
         return with_overrides(parse(stored, key), opts)
 
     def manager(self, cfg: netconfig.NetworkConfig, health: RegistryHealth) -> SubnetManager:
-        return LeaseManager(self.registry, cfg, ttl=self.opts.lease_ttl, renew_margin=self.opts.renew_margin,
-                            health=health)
+        """The IPv6 subnet the node had (subnet.env's, else the state dir's) is handed over
+        here, as flanneld hands it to its etcd manager (the daemon hands the IPv4 one to
+        acquire)."""
+        opts = self.opts
+        previous_v6 = (localstate.previous_ipv6_subnet(opts.subnet_file)
+                       or localstate.recorded_subnet(opts.state_dir, opts.tun, 6))
+        return LeaseManager(self.registry, cfg, ttl=opts.lease_ttl, renew_margin=opts.renew_margin,
+                            health=health, previous_v6=previous_v6)
 
     async def close(self) -> None:
         await self.registry.close()

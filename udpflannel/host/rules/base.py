@@ -21,20 +21,50 @@ class RulesError(UdpflannelError):
 class RuleSpec:
     """What to install. Field names follow flanneld's switches:
     ``masquerade`` is --ip-masq, ``fully_random`` is the opposite of
-    --ip-masq-fully-random-disable, ``forward`` is --iptables-forward-rules."""
+    --ip-masq-fully-random-disable, ``forward`` is --iptables-forward-rules. Each
+    family with a network gets its rules (IPv6: ip6tables, nft table ip6 flannel-ipv6),
+    as flanneld's SetupAndEnsure* for IPv4Network and IPv6Network."""
 
-    network: ipaddress.IPv4Network  # the cluster network (FLANNEL_NETWORK)
-    subnet: ipaddress.IPv4Network   # this node's lease
+    network: ipaddress.IPv4Network | None  # the cluster network (FLANNEL_NETWORK); None: IPv6-only
+    subnet: ipaddress.IPv4Network | None   # this node's lease
     masquerade: bool
     fully_random: bool = True
     forward: bool = True
+    network6: ipaddress.IPv6Network | None = None  # FLANNEL_IPV6_NETWORK (EnableIPv6)
+    subnet6: ipaddress.IPv6Network | None = None  # this node's IPv6 subnet
 
     def __post_init__(self) -> None:
-        if not isinstance(self.network, ipaddress.IPv4Network) or \
-                not isinstance(self.subnet, ipaddress.IPv4Network):
-            raise RulesError("rules: network and subnet must be IPv4 networks")
-        if not self.subnet.subnet_of(self.network):
-            raise RulesError(f"rules: subnet {self.subnet} is not inside network {self.network}")
+        for version, (network, subnet) in ((4, (self.network, self.subnet)), (6, (self.network6, self.subnet6))):
+            cls = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+            if (network is None) != (subnet is None):
+                raise RulesError(f"rules: an IPv{version} network needs this node's IPv{version} subnet")
+            if network is None:
+                continue
+            if not isinstance(network, cls) or not isinstance(subnet, cls):
+                raise RulesError(f"rules: network and subnet must be IPv{version} networks")
+            if not subnet.subnet_of(network):
+                raise RulesError(f"rules: subnet {subnet} is not inside network {network}")
+        if not self.versions:
+            raise RulesError("rules: no network to make rules for")
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The families with rules: 4, 6 or both."""
+        return tuple(v for v, net in ((4, self.network), (6, self.network6)) if net is not None)
+
+    def pair(self, version: int) -> tuple:
+        """(network, subnet) of a family."""
+        return (self.network, self.subnet) if version == 4 else (self.network6, self.subnet6)
+
+    @classmethod
+    def for_lease(cls, cfg, lease, **switches) -> "RuleSpec":
+        """The spec for ``lease`` (core.lease.Lease) in ``cfg`` (NetworkConfig): the
+        families the network enables."""
+        v4 = cfg.enable_ipv4 and lease.subnet is not None
+        v6 = cfg.enable_ipv6 and lease.ipv6_subnet is not None
+        return cls(cfg.network if v4 else None, lease.subnet if v4 else None,
+                   network6=cfg.ipv6_network if v6 else None, subnet6=lease.ipv6_subnet if v6 else None,
+                   **switches)
 
 
 class Rules(abc.ABC):

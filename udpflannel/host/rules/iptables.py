@@ -18,6 +18,10 @@ than the jumps into them are never touched. Nothing is remembered between calls:
 kernel is the state, so restarts and repeated calls never duplicate anything. If the
 tables change between our read and our write the restore fails; we read and try again
 once.
+
+IPv6 (EnableIPv6): the same two chains in ip6tables, for the IPv6 network and subnet,
+the multicast exception being ff00::/8 (masqIP6Rules); the tools are ip6tables-save and
+ip6tables-restore. A spec without IPv6 never runs an ip6tables tool.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ MASQ_COMMENT = "flanneld masq"
 FWD_COMMENT = "flanneld forward"
 KUBE_PROXY_MARK = "0x4000/0x4000"  # flannel pkg/trafficmngr/trafficmngr.go KubeProxyMark
 MULTICAST = "224.0.0.0/4"
+MULTICAST6 = "ff00::/8"
 RESTORE = ("iptables-restore", "-w", "5", "--noflush")  # -w: wait for the xtables lock
+RESTORE6 = ("ip6tables-restore", "-w", "5", "--noflush")
+TOOLS = {4: ("iptables", "iptables-save", RESTORE), 6: ("ip6tables", "ip6tables-save", RESTORE6)}
 # flanneld's IPTablesManager.CleanUp runs for both families, on these chains of table nat
 CLEANUP_TOOLS = (("iptables", "iptables-save", RESTORE),
                  ("ip6tables", "ip6tables-save", ("ip6tables-restore", "-w", "5", "--noflush")))
@@ -69,9 +76,9 @@ def _masq(match: tuple[str, ...], target: tuple[str, ...]) -> IptRule:
     return IptRule(MASQ_CHAIN, (*match, "-m", "comment", "--comment", MASQ_COMMENT, *target))
 
 
-def masq_chain(spec: RuleSpec) -> OwnedChain:
-    """flannel's masqRules, IPv4 (iptables.go); the jump is its rule 0."""
-    net, sub = str(spec.network), str(spec.subnet)
+def masq_chain(spec: RuleSpec, version: int = 4) -> OwnedChain:
+    """flannel's masqRules (IPv4) and masqIP6Rules (iptables.go); the jump is its rule 0."""
+    net, sub = (str(x) for x in spec.pair(version))
     ret = ("-j", "RETURN")
     masquerade = ("-j", "MASQUERADE", "--random-fully") if spec.fully_random else ("-j", "MASQUERADE")
     rules = (
@@ -83,7 +90,7 @@ def masq_chain(spec: RuleSpec) -> OwnedChain:
         # outside traffic to a pod of this node keeps its source (externalTrafficPolicy=Local)
         _masq(("!", "-s", net, "-d", sub), ret),
         # pods leaving the cluster network, except multicast
-        _masq(("-s", net, "!", "-d", MULTICAST), masquerade),
+        _masq(("-s", net, "!", "-d", MULTICAST if version == 4 else MULTICAST6), masquerade),
         # the host (or anything outside) talking into the cluster network
         _masq(("!", "-s", net, "-d", net), masquerade),
     )
@@ -91,24 +98,24 @@ def masq_chain(spec: RuleSpec) -> OwnedChain:
     return OwnedChain("nat", MASQ_CHAIN, "POSTROUTING", jump, rules)
 
 
-def forward_chain(spec: RuleSpec) -> OwnedChain:
-    """flannel's forwardRules (iptables.go); the jump is its rule 0."""
-    net = str(spec.network)
+def forward_chain(spec: RuleSpec, version: int = 4) -> OwnedChain:
+    """flannel's forwardRules (iptables.go), for either family; the jump is its rule 0."""
+    net = str(spec.pair(version)[0])
     rules = tuple(IptRule(FWD_CHAIN, (flag, net, "-m", "comment", "--comment", FWD_COMMENT, "-j", "ACCEPT"))
                   for flag in ("-s", "-d"))
     jump = IptRule("FORWARD", ("-m", "comment", "--comment", FWD_COMMENT, "-j", FWD_CHAIN))
     return OwnedChain("filter", FWD_CHAIN, "FORWARD", jump, rules)
 
 
-def owned_chains(spec: RuleSpec) -> list[tuple[OwnedChain, bool]]:
-    """Both chains we may own, each with whether the spec wants it."""
-    return [(masq_chain(spec), spec.masquerade), (forward_chain(spec), spec.forward)]
+def owned_chains(spec: RuleSpec, version: int = 4) -> list[tuple[OwnedChain, bool]]:
+    """Both chains we may own (in ``version``'s tables), each with whether the spec wants it."""
+    return [(masq_chain(spec, version), spec.masquerade), (forward_chain(spec, version), spec.forward)]
 
 
-def flannel_rule_list(spec: RuleSpec) -> list[str]:
+def flannel_rule_list(spec: RuleSpec, version: int = 4) -> list[str]:
     """The wanted rules in flanneld's order, as `TABLE -A CHAIN SPEC` lines."""
     out = []
-    for chain, wanted in owned_chains(spec):
+    for chain, wanted in owned_chains(spec, version):
         if wanted:
             out += [f"{chain.table} {r.line()}" for r in (chain.jump, *chain.rules)]
     return out
@@ -130,16 +137,18 @@ def _targets(line: str, chain: str) -> bool:
     return line.split()[-2:] == ["-j", chain]
 
 
-def plan(chain: OwnedChain, state: dict[str, list[str]], wanted: bool) -> tuple[list[str], list[str], list[str]]:
+def plan(chain: OwnedChain, state: dict[str, list[str]], wanted: bool,
+         tool: str = "iptables") -> tuple[list[str], list[str], list[str]]:
     """What one chain needs, given its table's saved state: (chain declarations,
-    restore lines, one message per repair). Empty lists: nothing to do."""
+    restore lines, one message per repair; ``tool`` names the family in them). Empty
+    lists: nothing to do."""
     hook_lines = state.get(chain.hook, [])
     if not wanted:
         if chain.name not in state:
             return [], [], []
         unhook = [f"-D {line[3:]}" for line in hook_lines if _targets(line, chain.name)]
         lines = [*unhook, f"-F {chain.name}", f"-X {chain.name}"]
-        return [], lines, [f"iptables: removed {chain.table} chain {chain.name} (not wanted)"]
+        return [], lines, [f"{tool}: removed {chain.table} chain {chain.name} (not wanted)"]
     decls: list[str] = []
     lines: list[str] = []
     msgs: list[str] = []
@@ -149,18 +158,18 @@ def plan(chain: OwnedChain, state: dict[str, list[str]], wanted: bool) -> tuple[
         decls.append(f":{chain.name} - [0:0]")  # creates it, or empties it (--noflush)
         lines += want
         if have is None:
-            msgs.append(f"iptables: created {chain.table} chain {chain.name} ({len(want)} rules)")
+            msgs.append(f"{tool}: created {chain.table} chain {chain.name} ({len(want)} rules)")
         else:
             kept = sum(1 for w in want if w in have)
-            msgs.append(f"iptables: rewrote {chain.table} chain {chain.name} "
+            msgs.append(f"{tool}: rewrote {chain.table} chain {chain.name} "
                         f"({kept} of {len(want)} rules were in place)")
     jumps = hook_lines.count(chain.jump.line())
     if jumps == 0:
         lines.append(chain.jump.line())
-        msgs.append(f"iptables: added jump {chain.hook} -> {chain.name}")
+        msgs.append(f"{tool}: added jump {chain.hook} -> {chain.name}")
     elif jumps > 1:
         lines += [f"-D {chain.hook} {chain.jump.spec()}"] * (jumps - 1)
-        msgs.append(f"iptables: removed {jumps - 1} duplicate jump(s) {chain.hook} -> {chain.name}")
+        msgs.append(f"{tool}: removed {jumps - 1} duplicate jump(s) {chain.hook} -> {chain.name}")
     return decls, lines, msgs
 
 
@@ -217,23 +226,25 @@ class IptablesRules(Rules):
         super().__init__(spec)
         self._lock = threading.Lock()  # one repair at a time from this process
 
-    def _read(self, table: str) -> dict[str, list[str]]:
-        proc = run(["iptables-save", "-t", table])
+    def _read(self, table: str, version: int = 4) -> dict[str, list[str]]:
+        save = TOOLS[version][1]
+        proc = run([save, "-t", table])
         if proc.returncode != 0:
-            raise failed(proc, f"iptables-save -t {table}")
+            raise failed(proc, f"{save} -t {table}")
         return parse_save(proc.stdout)
 
-    def _plan_all(self, chains: list[tuple[OwnedChain, bool]]) -> tuple[list[str], list[str]]:
+    def _plan_all(self, chains: list[tuple[OwnedChain, bool]],
+                  version: int = 4) -> tuple[list[str], list[str]]:
         """(one restore payload per table that needs work, the repair messages)."""
         payloads: list[str] = []
         msgs: list[str] = []
         for table in dict.fromkeys(chain.table for chain, _ in chains):
-            state = self._read(table)
+            state = self._read(table, version)
             decls: list[str] = []
             lines: list[str] = []
             for chain, wanted in chains:
                 if chain.table == table:
-                    more_decls, more_lines, why = plan(chain, state, wanted)
+                    more_decls, more_lines, why = plan(chain, state, wanted, TOOLS[version][0])
                     decls += more_decls
                     lines += more_lines
                     msgs += why
@@ -241,28 +252,29 @@ class IptablesRules(Rules):
                 payloads.append(restore_payload(table, decls, lines))
         return payloads, msgs
 
-    def _apply(self, chains: list[tuple[OwnedChain, bool]]) -> list[str]:
+    def _apply(self, chains: list[tuple[OwnedChain, bool]], version: int = 4) -> list[str]:
+        restore = TOOLS[version][2]
         with self._lock:
             error = None
             for _attempt in range(2):  # a failed restore changed nothing: read again, retry once
-                payloads, msgs = self._plan_all(chains)
+                payloads, msgs = self._plan_all(chains, version)
                 error = None
                 for payload in payloads:
-                    proc = run(RESTORE, payload)
+                    proc = run(restore, payload)
                     if proc.returncode != 0:
-                        error = failed(proc, "iptables-restore")
+                        error = failed(proc, restore[0])
                         break
                 if error is None:
                     return msgs
             raise error
 
     def ensure(self) -> list[str]:
-        return self._apply(owned_chains(self.spec))
+        return [m for v in self.spec.versions for m in self._apply(owned_chains(self.spec, v), v)]
 
     def remove(self) -> None:
-        self._apply([(chain, False) for chain, _ in owned_chains(self.spec)])
+        for v in self.spec.versions:
+            self._apply([(chain, False) for chain, _ in owned_chains(self.spec, v)], v)
 
     def present(self) -> bool:
         with self._lock:
-            payloads, _ = self._plan_all(owned_chains(self.spec))
-            return not payloads
+            return not any(self._plan_all(owned_chains(self.spec, v), v)[0] for v in self.spec.versions)

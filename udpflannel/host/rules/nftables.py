@@ -21,6 +21,9 @@ Two details copied from flanneld on purpose: the kube-proxy mark test is `meta m
 masquerade rule is `ip saddr != <subnet> ip daddr <network> return` (the iptables
 rule is `! -s <network> -d <subnet>`). fully-random follows the spec (flanneld's
 nftables code uses it whenever the kernel supports it).
+
+IPv6 (EnableIPv6): the same chains and rules in the table `ip6 flannel-ipv6` (rules
+`ip6 saddr ...`, multicast ff00::/8), as flanneld's SetupAndEnsure* for IPv6Network.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ POSTRTG = "postrtg"
 FORWARD = "forward"
 KUBE_PROXY_MARK = 0x4000
 MULTICAST = "224.0.0.0/4"
+MULTICAST6 = "ff00::/8"
+FAMILY6 = "ip6"
+TABLES = {4: (FAMILY, TABLE), 6: (FAMILY6, TABLE6)}  # by IP version: (nft family, table)
 
 
 @dataclass(frozen=True)
@@ -53,31 +59,34 @@ class NftChain:
     rules: tuple[str, ...]  # rule text, as flanneld writes it
 
 
-def _masq_rules(spec: RuleSpec) -> tuple[str, ...]:
-    """flannel's addMasqRules for the ip family (nftables.go)."""
-    net, sub = spec.network, spec.subnet
+def _masq_rules(spec: RuleSpec, version: int = 4) -> tuple[str, ...]:
+    """flannel's addMasqRules for the ip (or ip6) family (nftables.go)."""
+    net, sub = spec.pair(version)
+    ip, mcast = (FAMILY, MULTICAST) if version == 4 else (FAMILY6, MULTICAST6)
     masquerade = "masquerade fully-random" if spec.fully_random else "masquerade"
     return (
         f"meta mark 0x{KUBE_PROXY_MARK:x} return",
-        f"ip saddr {sub} ip daddr {net} return",
-        f"ip saddr {net} ip daddr {sub} return",
-        f"ip saddr != {sub} ip daddr {net} return",
-        f"ip saddr {net} ip daddr != {MULTICAST} {masquerade}",
-        f"ip saddr != {net} ip daddr {net} {masquerade}",
+        f"{ip} saddr {sub} {ip} daddr {net} return",
+        f"{ip} saddr {net} {ip} daddr {sub} return",
+        f"{ip} saddr != {sub} {ip} daddr {net} return",
+        f"{ip} saddr {net} {ip} daddr != {mcast} {masquerade}",
+        f"{ip} saddr != {net} {ip} daddr {net} {masquerade}",
     )
 
 
-def chains(spec: RuleSpec) -> list[tuple[NftChain, bool]]:
-    """Both chains we may own, each with whether the spec wants it."""
+def chains(spec: RuleSpec, version: int = 4) -> list[tuple[NftChain, bool]]:
+    """Both chains we may own (in ``version``'s table), each with whether the spec wants it."""
+    net, ip = spec.pair(version)[0], TABLES[version][0]
     postrtg = NftChain(POSTRTG, "chain to manage traffic masquerading by flannel",
-                       "nat", "postrouting", "srcnat", 100, _masq_rules(spec))
+                       "nat", "postrouting", "srcnat", 100, _masq_rules(spec, version))
     forward = NftChain(FORWARD, "chain to accept flannel traffic", "filter", "forward", "filter", 0,
-                       (f"ip saddr {spec.network} accept", f"ip daddr {spec.network} accept"))
+                       (f"{ip} saddr {net} accept", f"{ip} daddr {net} accept"))
     return [(postrtg, spec.masquerade), (forward, spec.forward)]
 
 
-def add_chain_script(chain: NftChain, recreate: bool = False) -> list[str]:
-    where = f"{FAMILY} {TABLE} {chain.name}"
+def add_chain_script(chain: NftChain, recreate: bool = False, version: int = 4) -> list[str]:
+    family, table = TABLES[version]
+    where = f"{family} {table} {chain.name}"
     head = [f"flush chain {where}", f"delete chain {where}"] if recreate else []
     return [*head,
             f"add chain {where} {{ type {chain.type} hook {chain.hook} priority {chain.priority} ; "
@@ -133,30 +142,32 @@ def clean_up_as_flanneld() -> list[str]:
         raise
 
 
-def nft_script(spec: RuleSpec) -> str:
+def nft_script(spec: RuleSpec, version: int = 4) -> str:
     """The full install from scratch, in flanneld's order: table, masquerade, forward."""
-    lines = [table_script()]
-    for chain, wanted in chains(spec):
+    lines = [table_script(*TABLES[version])]
+    for chain, wanted in chains(spec, version):
         if wanted:
-            lines += add_chain_script(chain)
+            lines += add_chain_script(chain, version=version)
     return "\n".join(lines) + "\n"
 
 
 # --- what `nft -j list table` shows for those chains -------------------------------
 
-def _addr(net: ipaddress.IPv4Network) -> Any:
-    if net.prefixlen == 32:
+def _addr(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
+    if net.prefixlen == net.max_prefixlen:
         return str(net.network_address)
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
-def _ip(field: str, op: str, net: ipaddress.IPv4Network) -> dict:
-    return {"match": {"op": op, "left": {"payload": {"protocol": "ip", "field": field}}, "right": _addr(net)}}
+def _ip(field: str, op: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> dict:
+    protocol = "ip" if net.version == 4 else "ip6"
+    return {"match": {"op": op, "left": {"payload": {"protocol": protocol, "field": field}}, "right": _addr(net)}}
 
 
-def expected_exprs(spec: RuleSpec) -> dict[str, list[list[dict]]]:
+def expected_exprs(spec: RuleSpec, version: int = 4) -> dict[str, list[list[dict]]]:
     """Per chain, the JSON `expr` of each rule in order, mirroring ``chains``."""
-    net, sub, mcast = spec.network, spec.subnet, ipaddress.IPv4Network(MULTICAST)
+    net, sub = spec.pair(version)
+    mcast = ipaddress.ip_network(MULTICAST if version == 4 else MULTICAST6)
     masq = {"masquerade": {"flags": ["fully-random"]} if spec.fully_random else None}
     ret, accept = {"return": None}, {"accept": None}
     return {
@@ -201,33 +212,35 @@ def parse_table(text: str) -> dict[str, ChainState]:
     return found
 
 
-def plan(spec: RuleSpec, state: dict[str, ChainState] | None) -> tuple[list[str], list[str]]:
-    """(script lines, one message per repair) that bring the table to the spec;
-    ([], []) when all is in place. ``state`` None: the table does not exist."""
+def plan(spec: RuleSpec, state: dict[str, ChainState] | None, version: int = 4) -> tuple[list[str], list[str]]:
+    """(script lines, one message per repair) that bring ``version``'s table to the
+    spec; ([], []) when all is in place. ``state`` None: the table does not exist."""
+    family, table = TABLES[version]
+    name = "" if version == 4 else " (ipv6)"
     lines: list[str] = []
     msgs: list[str] = []
     if state is None:
-        lines.append(table_script())
-        msgs.append(f"nftables: created table {FAMILY} {TABLE}")
+        lines.append(table_script(family, table))
+        msgs.append(f"nftables: created table {family} {table}")
         state = {}
-    exprs = expected_exprs(spec)
-    for chain, wanted in chains(spec):
+    exprs = expected_exprs(spec, version)
+    for chain, wanted in chains(spec, version):
         have = state.get(chain.name)
         if not wanted:
             if have is not None:
-                lines += [f"flush chain {FAMILY} {TABLE} {chain.name}", f"delete chain {FAMILY} {TABLE} {chain.name}"]
-                msgs.append(f"nftables: removed chain {chain.name} (not wanted)")
+                lines += [f"flush chain {family} {table} {chain.name}", f"delete chain {family} {table} {chain.name}"]
+                msgs.append(f"nftables: removed chain {chain.name}{name} (not wanted)")
             continue
         want = [_normal(e) for e in exprs[chain.name]]
         header = (chain.type, chain.hook, chain.prio, "accept")
         if have is not None and have.header == header and have.rules == want:
             continue
-        lines += add_chain_script(chain, recreate=have is not None and have.header != header)
+        lines += add_chain_script(chain, recreate=have is not None and have.header != header, version=version)
         if have is None:
-            msgs.append(f"nftables: installed chain {chain.name} ({len(want)} rules)")
+            msgs.append(f"nftables: installed chain {chain.name}{name} ({len(want)} rules)")
         else:
             kept = sum(1 for w in want if w in have.rules)
-            msgs.append(f"nftables: rewrote chain {chain.name} ({kept} of {len(want)} rules were in place)")
+            msgs.append(f"nftables: rewrote chain {chain.name}{name} ({kept} of {len(want)} rules were in place)")
     return lines, msgs
 
 
@@ -238,16 +251,17 @@ class NftablesRules(Rules):
         super().__init__(spec)
         self._lock = threading.Lock()
 
-    def _read(self) -> dict[str, ChainState] | None:
-        proc = run(["nft", "-j", "list", "table", FAMILY, TABLE])
+    def _read(self, version: int = 4) -> dict[str, ChainState] | None:
+        family, table = TABLES[version]
+        proc = run(["nft", "-j", "list", "table", family, table])
         if proc.returncode != 0:
             if "No such file or directory" in proc.stderr:
                 return None
-            raise failed(proc, f"nft list table {FAMILY} {TABLE}")
+            raise failed(proc, f"nft list table {family} {table}")
         try:
             return parse_table(proc.stdout)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise RulesError(f"nft list table {FAMILY} {TABLE}: unreadable JSON ({e})") from None
+            raise RulesError(f"nft list table {family} {table}: unreadable JSON ({e})") from None
 
     def _apply(self, lines: list[str], what: str) -> None:
         proc = run(["nft", "-f", "-"], "\n".join(lines) + "\n")
@@ -258,7 +272,12 @@ class NftablesRules(Rules):
         with self._lock:
             error = None
             for _attempt in range(2):  # a failed script changed nothing: read again, retry once
-                lines, msgs = plan(self.spec, self._read())
+                lines: list[str] = []
+                msgs: list[str] = []
+                for version in self.spec.versions:  # both tables in one script: one transaction
+                    more_lines, more_msgs = plan(self.spec, self._read(version), version)
+                    lines += more_lines
+                    msgs += more_msgs
                 if not lines:
                     return []
                 try:
@@ -274,5 +293,4 @@ class NftablesRules(Rules):
 
     def present(self) -> bool:
         with self._lock:
-            lines, _ = plan(self.spec, self._read())
-            return not lines
+            return not any(plan(self.spec, self._read(v), v)[0] for v in self.spec.versions)
