@@ -12,35 +12,19 @@ import json
 import os
 import subprocess
 import sys
-import threading
+
+from support.namespaces import NamespaceWatch
 
 from udpflannel.lab import procs
 from udpflannel.lab.benchlib.cases import LAB_TAG
-from udpflannel.lab.netns import NETNS_RUN_DIR, lab_prefix
-
-
-def namespaces(prefix: str) -> set[str]:
-    return {n for n in os.listdir(NETNS_RUN_DIR) if n.startswith(prefix)} if os.path.isdir(NETNS_RUN_DIR) else set()
 
 
 def test_bench_runs_every_step_of_two_cases(workdir):
     popen = subprocess.Popen([sys.executable, "-m", "udpflannel", "bench", "--seconds", "1", "--repeat", "1",
                               "--only", "veth,udpflannel-poll-cpu0", "--out", workdir],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ours = lab_prefix(LAB_TAG, popen.pid)  # what the bench names its namespaces
-    made: set[str] = set()
-    done = threading.Event()
-
-    def watch() -> None:  # the bench's namespaces exist for seconds each: seen at 0.1 s
-        while not done.wait(0.1):
-            made.update(namespaces(ours))
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with NamespaceWatch(LAB_TAG, popen.pid) as made:
         out, err = procs.communicate(popen, timeout=240)
-    finally:
-        done.set()
-        watcher.join(5)
     proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     [path] = glob.glob(f"{workdir}/bench-*.json")
@@ -59,5 +43,4 @@ def test_bench_runs_every_step_of_two_cases(workdir):
     assert pinned["tcp1_cores_per_gbps"] > 0 and veth["tcp1_cores_per_gbps"] is None  # no daemons
     assert doc["cases"]["udpflannel-poll-cpu0"]["daemon_args"] == ["--io", "poll", "--cpus", "0"]
     assert "ping on CPU 0, p50" in proc.stdout
-    assert made, f"no namespace named {ours}* seen while the bench ran: the check below would prove nothing"
-    assert namespaces(ours) == set()  # every namespace it made is gone
+    made.assert_all_removed()

@@ -100,8 +100,8 @@ def test_flanneld_with_no_registry_flag_leases_from_etcd_on_the_default_endpoint
     (["-ip-masq", "false"], 2, 'udpflannel: error: unexpected argument "false": flanneld takes flags only, and '
                                "would ignore it and all that follows; a boolean takes its value as "
                                "-ip-masq=false\n"),
-    (["-public-ipv6=fd00::1"], 2, "udpflannel: error: --public-ipv6 is not supported: udpflannel carries an "
-                                  "IPv4 overlay only; use --public-ip\n"),
+    (["-charon-viciurl=unix:///run/charon.vici"], 2, "udpflannel: error: --charon-viciurl is not supported: the "
+                                                     "ipsec backend is not implemented; use the vxlan backend\n"),
     (["-kube-subnet-mgr"], 1, "udpflannel: error: --kube-subnet-mgr needs the node's name: NODE_NAME, or POD_NAME "
                               "and POD_NAMESPACE (the pod's own, whose spec.nodeName is read; a DaemonSet sets "
                               "them with the downward API)\n"),

@@ -17,6 +17,8 @@ from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.netns import Lab, interrupt_on_sigterm
 
+LAB_TAG = "ufd"  # the demo's namespaces: netns.lab_prefix(LAB_TAG, pid)
+
 
 class DemoFailed(UdpflannelError):
     pass
@@ -30,7 +32,7 @@ def main(nodes: int, seconds: float, engine: str) -> int:
     interrupt_on_sigterm()
     workdir = tempfile.mkdtemp(prefix="udpflannel-demo-")
     try:
-        with Lab(nodes, tag="ufd") as lab, Cluster(lab, workdir, engine=engine) as cluster:
+        with Lab(nodes, tag=LAB_TAG) as lab, Cluster(lab, workdir, engine=engine) as cluster:
             _say(f"underlay: {nodes} namespaces on bridge {lab.hub.name}/br0 "
                  f"({lab.underlay}), registry {cluster.registry_file}")
             cluster.start_all()
