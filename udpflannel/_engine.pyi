@@ -9,19 +9,14 @@ from typing import Literal
 
 from typing_extensions import disjoint_base
 
+from udpflannel.core.frame import Decap, Encap
+
 # Counter names in slot order (udpflannel.core.wire.COUNTERS; tests/unit/test_wire.py).
 COUNTERS: tuple[str, ...]
 # Route framings by their C value: ("vxlan", "udp") (udpflannel.core.wire.FRAMINGS).
 FRAMINGS: tuple[str, ...]
 # The C side's copy of the wire's numbers: int values, but "ICMP_ERROR_TYPES" (a frozenset).
 CONSTANTS: dict[str, int | frozenset[int]]
-
-# encap: a frame for a peer at (ip, port), an ICMP error for the TUN, or a drop's reason.
-_Encap = (tuple[Literal["send"], bytes, tuple[str, int]]
-          | tuple[Literal["icmp"], bytes, None]
-          | tuple[Literal["drop"], str, None])
-# decap / decap_bare: the inner packet for the TUN, or a drop's reason.
-_Decap = tuple[Literal["deliver"], bytes, None] | tuple[Literal["drop"], str, None]
 
 @disjoint_base  # an extension type: its C layout rules out a second such base
 class Engine:
@@ -40,10 +35,10 @@ class Engine:
     def kernel_drops(self) -> int: ...
     def offloads(self) -> dict[str, bool]: ...
 
-    # one packet at a time (tests and tools)
-    def encap(self, packet: bytes) -> _Encap: ...
-    def decap(self, datagram: bytes, source: str) -> _Decap: ...
-    def decap_bare(self, datagram: bytes, source: str) -> _Decap: ...
+    # one packet at a time (tests and tools), as core.frame.Forwarder
+    def encap(self, packet: bytes) -> Encap: ...
+    def decap(self, datagram: bytes, source: str) -> Decap: ...
+    def decap_bare(self, datagram: bytes, source: str) -> Decap: ...
     def flow_index(self, packet: bytes, ways: int) -> int: ...
     def segment(self, data: bytes) -> list[bytes]: ...
     def coalesce(self, packets: list[bytes]) -> list[bytes]: ...
