@@ -36,6 +36,7 @@ IO_SELECT := not python and not (test_restarts and kernel) and not (oldkernel an
 test: setup
 	@date +%s > $(VENV)/.test-started
 	$(VENV)/bin/ruff check udpflannel tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 	FLANNELD_IO=threads $(PY) -m pytest -q -p no:cacheprovider --durations=5 -k "$(IO_SELECT)" $(IO_TESTS)
 	FLANNELD_IO=loop $(PY) -m pytest -q -p no:cacheprovider --durations=5 -k "$(IO_SELECT) and not warm_start" \

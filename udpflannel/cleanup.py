@@ -16,6 +16,7 @@ import logging
 import os
 
 from udpflannel.core import subnetenv
+from udpflannel.core.config import subnet_within
 from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.lease import Lease
 from udpflannel.host import localstate, netconf, tun
@@ -73,7 +74,7 @@ def _remove_direct_routes(network: ipaddress.IPv4Network | ipaddress.IPv6Network
             dst = route.get_attr("RTA_DST")
             if route["proto"] == netconf.RTPROT_UDPFLANNEL and dst is not None:
                 subnet = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
-                if subnet.subnet_of(network):
+                if subnet_within(subnet, network):
                     ipr.route("del", dst=str(subnet), oif=route.get_attr("RTA_OIF"))
                     removed += 1
     return removed

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import os
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 from udpflannel.core.errors import BadInput
 
@@ -294,7 +294,7 @@ class _EnvParser(Parser):
         raise _EnvError(message)
 
 
-def env_flags(environ: dict[str, str] | None = None, command_line: Sequence[str] = ()) -> list[str]:
+def env_flags(environ: Mapping[str, str] | None = None, command_line: Sequence[str] = ()) -> list[str]:
     """FLANNELD_<FLAG> environment values as `--flag=value` arguments, by flanneld's
     rules (coreos/pkg flagutil.SetFlagsFromEnv): a variable is used only when its flag
     is not on ``command_line`` (so the command line wins whole: FLANNELD_IFACE=eth0
@@ -500,7 +500,8 @@ async def _node(opts, warm) -> None:
 
 def format_cpus(cpus) -> str:
     """{0, 1, 2, 5} -> "0-2,5": a CPU list as Linux writes one (the reverse of _cpus)."""
-    out, run = [], []
+    out: list[str] = []
+    run: list[int] = []
     for c in sorted(cpus):
         if run and c != run[-1] + 1:
             out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))

@@ -219,10 +219,11 @@ def stale_routes(plane, snapshot: list[LeaseEvent]) -> list[LeaseEvent]:
 
 
 def _announce_if_ready(node: Node) -> None:
-    if node.ready:
-        st = node.plane.status()
-        sdnotify.ready(f"leased {node.manager.lease.describe()}, {node.plane.kind} plane, {st.peers} peers")
-        log.info("running: %s plane on %s, %d peers", node.plane.kind, st.device, st.peers)
+    plane, manager = node.plane, node.manager
+    if node.ready and plane is not None and manager is not None and manager.lease is not None:
+        st = plane.status()
+        sdnotify.ready(f"leased {manager.lease.describe()}, {plane.kind} plane, {st.peers} peers")
+        log.info("running: %s plane on %s, %d peers", plane.kind, st.device, st.peers)
 
 
 async def _supervise(tasks: list[asyncio.Future]) -> None:
@@ -296,7 +297,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 underlay = replace(underlay, public_ip=source.kept.public_ip)
             await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
             plane = inherited.plane if inherited else None
-            if plane is not None and cfg != inherited.config:
+            if inherited is not None and plane is not None and cfg != inherited.config:
                 log.warning("the network config changed since the data plane (%s) was set up: setting it "
                             "up again", inherited.how)
                 await plane.stop()  # its ports are needed again
@@ -342,8 +343,10 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             state = node_state(cfg, underlay, mac, lease.subnet)
             giver = takeover.Giver(opts.tun, plane, state, on_handed_over=stop.set)
 
-            tasks = [asyncio.create_task(_follow(node, node.manager, plane), name="watch"),
-                     asyncio.create_task(node.manager.keep_renewed(), name="renew"),
+            manager = node.manager
+            assert manager is not None  # (_acquire)
+            tasks = [asyncio.create_task(_follow(node, manager, plane), name="watch"),
+                     asyncio.create_task(manager.keep_renewed(), name="renew"),
                      asyncio.create_task(watch_underlay_and_plane(
                          node, plane, underlay, write_subnet_env, outside.underlay_present,
                          outside.link_events), name="housekeeping"),
@@ -356,7 +359,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 tasks.append(asyncio.create_task(keep_rules(node, rules, opts.rules_resync), name="rules"))
             if opts.ip_blackhole_route:
                 tasks.append(asyncio.create_task(keep_blackhole_route(
-                    node, lambda: node.manager.lease.subnets if node.manager.lease else None,  # dual stack
+                    node, lambda: manager.lease.subnets if manager.lease else None,  # dual stack
                     opts.rules_resync), name="blackhole"))
             try:
                 await _supervise(tasks)

@@ -37,7 +37,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, cast
 
 from udpflannel import goflag
 
@@ -164,12 +164,13 @@ def specs() -> dict[str, Spec]:
                 boolean = go_type == "bool" or name in _OLD_BOOLS
                 out[name] = Spec(name, action.dest, "refused", str, boolean)
                 continue
-            convert: Callable[[str], object] = action.type or str
+            given = action.type if callable(action.type) else None  # (no FileType or names here)
+            convert: Callable[[str], object] = given or str
             if action.type is cli._bool:
                 out[name] = Spec(name, action.dest, "bool", goflag.parse_bool, True, action.help or "")
                 continue
             if go_type == "int" or action.type in ints:
-                convert = _go_int(action.type)
+                convert = _go_int(given)
             elif action.type in floats:
                 convert = _go_float(action.type)
             if action.choices:
@@ -204,8 +205,7 @@ def _set(spec: Spec, raw: str | None, values: dict[str, object], where: str) -> 
             raise FlanneldUsage(f"invalid boolean value {_go_quote(text)} for {where}: {e}") from None
         raise FlanneldUsage(f"invalid value {_go_quote(text)} for flag {where}: {e}") from None
     if spec.kind == "list":
-        values.setdefault(spec.dest, [])
-        values[spec.dest].append(value)  # type: ignore[union-attr]
+        cast("list[object]", values.setdefault(spec.dest, [])).append(value)
     else:
         values[spec.dest] = value
 

@@ -105,7 +105,7 @@ async def watch_underlay_and_plane(node: Node, plane, underlay: Underlay, on_mtu
     changed = asyncio.Event()
     watch = _open_link_watch() if link_events else None
 
-    def on_link_event() -> None:
+    def on_link_event(watch: LinkWatch) -> None:
         try:
             if watch.drain((underlay.ifindex,)):
                 changed.set()
@@ -115,7 +115,7 @@ async def watch_underlay_and_plane(node: Node, plane, underlay: Underlay, on_mtu
             loop.remove_reader(watch.fileno())
 
     if watch is not None:
-        loop.add_reader(watch.fileno(), on_link_event)
+        loop.add_reader(watch.fileno(), on_link_event, watch)
     mtu = plane.status().mtu
     try:
         while True:

@@ -19,7 +19,8 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def node_state(cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str, subnet: ipaddress.IPv4Network) -> dict:
+def node_state(cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str,
+               subnet: ipaddress.IPv4Network | None) -> dict:
     """The node's part of the state (the plane adds its own: describe())."""
     return {"config": cfg.to_json(), "vtep_mac": mac, "lease_subnet": _text(subnet),
             "underlay": {"ifname": underlay.ifname, "ifindex": underlay.ifindex,

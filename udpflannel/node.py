@@ -19,13 +19,17 @@ import errno
 import logging
 import os
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from udpflannel.core.errors import is_resource_exhaustion
 from udpflannel.core.status import LeaseStatus, NodeStatus, RegistryStatus
 from udpflannel.options import RunOptions
 from udpflannel.subnets.base import RegistryHealth, SubnetManager
 from udpflannel.version import __version__
+
+if TYPE_CHECKING:
+    from udpflannel.dataplane.base import DataPlane
+    from udpflannel.subnets.source import Source
 
 log = logging.getLogger("udpflannel")
 
@@ -39,8 +43,8 @@ class Node:
         self.started = time.time()
         self.health = RegistryHealth(starting=True)
         self.manager: SubnetManager | None = None
-        self.source = None  # subnets/source.Source once opened: its kind and where name the store
-        self.plane = None
+        self.source: Source | None = None  # once opened: its kind and where name the store
+        self.plane: DataPlane | None = None
         self._snapshot_applied = False  # every peer the registry listed has a route
         self._subnet_env_written = False
         self._stopping = False
@@ -137,7 +141,7 @@ class Persist:
         self._node = node
         self._pending: dict[str, Callable[[], None]] = {}  # path -> the newest write
 
-    def write(self, path: str, write: Callable[[], None], on_success: Callable[[], None] = lambda: None) -> bool:
+    def write(self, path: str, write: Callable[[], object], on_success: Callable[[], None] = lambda: None) -> bool:
         def attempt() -> None:
             write()
             on_success()

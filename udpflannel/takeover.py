@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import cast
 
 from udpflannel.core.errors import UdpflannelError
 from udpflannel.dataplane import handoff
@@ -54,6 +55,7 @@ class Taken:
 
 async def ask(opts: RunOptions) -> Taken | None:
     """The running daemon's data plane, or None when none runs (then simply start)."""
+    assert opts.takeover is not None  # asked only under --takeover
     got = await asyncio.to_thread(handoff.request, opts.admin_path, opts.tun, opts.takeover, __version__)
     if got is None:
         log.info("--takeover: no daemon answers at %s; starting afresh", opts.admin_path)
@@ -78,10 +80,15 @@ async def confirm(taken: Taken, running: bool, why: str = "") -> None:
 
 # --- the old daemon ------------------------------------------------------------------
 
+def _read_side(writer: asyncio.StreamWriter) -> asyncio.Transport:
+    """The connection's transport, which reads too (a StreamWriter types it write-only)."""
+    return cast(asyncio.Transport, writer.transport)
+
+
 async def refuse_for_now(writer: asyncio.StreamWriter, why: str) -> None:
     """A takeover asked of a daemon still starting: one error reply, no fds."""
     sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
-    writer.transport.pause_reading()
+    _read_side(writer).pause_reading()
     try:
         sock.setblocking(True)
         await asyncio.to_thread(handoff.refuse, sock, why)
@@ -102,7 +109,7 @@ class Giver:
         self._busy = False
 
     async def __call__(self, request: dict, writer: asyncio.StreamWriter) -> None:
-        writer.transport.pause_reading()  # the connection is read by the handoff from here on
+        _read_side(writer).pause_reading()  # the connection is read by the handoff from here on
         sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
         sock.setblocking(True)
         why = handoff.check_request(request, self.tun)

@@ -18,8 +18,8 @@ import threading
 import time
 
 import pytest
-from udpflannel._engine import Engine
 
+from udpflannel._engine import Engine
 from udpflannel.cli import format_cpus
 from udpflannel.dataplane import sockets
 from udpflannel.host import netconf

@@ -10,8 +10,8 @@ import socket
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.vxlan import VXLAN
-from udpflannel._engine import Engine
 
+from udpflannel._engine import Engine
 from udpflannel.host import netconf
 from udpflannel.host import tun as tunmod
 

@@ -7,7 +7,6 @@ Kept out of conftest.py so test modules can import it by a unique name
 from __future__ import annotations
 
 from udpflannel._engine import Engine
-
 from udpflannel.dataplane.pyengine import PyEngine
 
 ENGINE_CLASSES = (Engine, PyEngine)

@@ -14,8 +14,8 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
-from udpflannel._engine import Engine
 
+from udpflannel._engine import Engine
 from udpflannel.core import offload
 from udpflannel.dataplane.pyengine import PyEngine
 from udpflannel.dataplane.userspace import EnginePlane

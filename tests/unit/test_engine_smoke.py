@@ -12,10 +12,10 @@ import importlib.machinery
 import pickle
 
 import pytest
-import udpflannel._engine as engine_module
 from enginekit import OWN_MAC, engine_args
-from udpflannel._engine import Engine
 
+import udpflannel._engine as engine_module
+from udpflannel._engine import Engine
 from udpflannel.core.wire import COUNTERS
 from udpflannel.dataplane.pyengine import PyEngine
 

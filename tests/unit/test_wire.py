@@ -4,7 +4,6 @@ one copy in udpflannel/core/wire.py (and core/offload.py for the virtio header).
 from __future__ import annotations
 
 import udpflannel._engine as compiled
-
 from udpflannel.core import offload, wire
 
 

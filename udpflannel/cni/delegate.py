@@ -284,7 +284,7 @@ def load_subnet_env(text: str, path: str) -> subnetenv.SubnetEnv:
     subnet of either family, and FLANNEL_MTU and FLANNEL_IPMASQ too (subnetenv.parse
     would default them; a wrong MTU breaks pods quietly)."""
     present = subnetenv.parse_lines(text)
-    missing = []
+    missing: list[str] = []
     for keys in (("FLANNEL_NETWORK", "FLANNEL_IPV6_NETWORK"), ("FLANNEL_SUBNET", "FLANNEL_IPV6_SUBNET")):
         if not any(k in present for k in keys):
             missing += keys

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from udpflannel.core.errors import BadInput
 from udpflannel.core.wire import UDP_PORT, VXLAN_PORT
@@ -48,6 +48,15 @@ class ConfigError(BadInput):
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def subnet_within(subnet: Network, network: Network) -> bool:
+    """subnet.subnet_of(network), and False (not TypeError) across families."""
+    if isinstance(subnet, ipaddress.IPv4Network) and isinstance(network, ipaddress.IPv4Network):
+        return subnet.subnet_of(network)
+    if isinstance(subnet, ipaddress.IPv6Network) and isinstance(network, ipaddress.IPv6Network):
+        return subnet.subnet_of(network)
+    return False
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,12 @@ class SubnetPool:
     def contains_subnet(self, subnet: Network | None) -> bool:
         """A subnet of this pool's length inside its network (of this family)."""
         return (subnet is not None and subnet.version == self.version
-                and subnet.prefixlen == self.subnet_len and subnet.subnet_of(self.network))
+                and subnet.prefixlen == self.subnet_len and subnet_within(subnet, self.network))
 
     def in_range(self, subnet: Network | None) -> bool:
         """contains_subnet, and between subnet_min and subnet_max."""
-        return self.contains_subnet(subnet) and self.index_of(subnet) in self.usable_range()
+        return (subnet is not None and self.contains_subnet(subnet)
+                and self.index_of(subnet) in self.usable_range())
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,7 @@ class NetworkConfig:
         """The IPv4 pool, or None (IPv6-only)."""
         if self.network is None:
             return None
+        assert self.subnet_min is not None and self.subnet_max is not None  # set with the network
         return SubnetPool(self.network, self.subnet_len, self.subnet_min, self.subnet_max)
 
     @property
@@ -129,6 +140,7 @@ class NetworkConfig:
         """The IPv6 pool, or None (EnableIPv6 off)."""
         if not self.enable_ipv6 or self.ipv6_network is None:
             return None
+        assert self.ipv6_subnet_min is not None and self.ipv6_subnet_max is not None  # set with the network
         return SubnetPool(self.ipv6_network, self.ipv6_subnet_len, self.ipv6_subnet_min, self.ipv6_subnet_max)
 
     @property
@@ -150,7 +162,7 @@ class NetworkConfig:
 
     def subnet_at(self, index: int) -> ipaddress.IPv4Network:
         """The index-th subnet of SubnetLen inside the network."""
-        return self._v4().subnet_at(index)
+        return cast(ipaddress.IPv4Network, self._v4().subnet_at(index))  # the IPv4 pool's
 
     def index_of(self, subnet: ipaddress.IPv4Network) -> int:
         return self._v4().index_of(subnet)
@@ -259,17 +271,36 @@ def parse(text: str | bytes, *, default_port: int | None = None) -> NetworkConfi
     elif enable_ipv6:
         raise ConfigError(f'EnableIPv6 with the {btype} backend: flanneld\'s udp backend carries IPv4 only '
                           '(set "Backend": {"Type": "vxlan"})')
-    v4_fields = (v4.network, v4.subnet_len, v4.subnet_min, v4.subnet_max) if v4 else (None, 0, None, None)
-    v6_fields = (v6.network, v6.subnet_len, v6.subnet_min, v6.subnet_max) if v6 else (None, 0, None, None)
+    # _pool(cfg, 4) holds IPv4 objects, _pool(cfg, 6) IPv6 ones
+    v4_fields = cast(_V4Fields, (v4.network, v4.subnet_len, v4.subnet_min, v4.subnet_max) if v4
+                     else (None, 0, None, None))
+    v6_fields = cast(_V6Fields, (v6.network, v6.subnet_len, v6.subnet_min, v6.subnet_max) if v6
+                     else (None, 0, None, None))
     return NetworkConfig(*v4_fields, btype, vni, port, mtu, direct, enable_nftables, enable_ipv6, *v6_fields)
 
 
-# Per family: the config keys, flanneld's limits and defaults (CheckNetworkConfig).
+_V4Fields = tuple[ipaddress.IPv4Network | None, int, ipaddress.IPv4Address | None, ipaddress.IPv4Address | None]
+_V6Fields = tuple[ipaddress.IPv6Network | None, int, ipaddress.IPv6Address | None, ipaddress.IPv6Address | None]
+
+
+@dataclass(frozen=True)
+class _Family:
+    """One family's config keys, flanneld's limits and defaults (CheckNetworkConfig)."""
+    prefix: str
+    name: str
+    cls: type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network]
+    addr: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address]
+    smallest: int
+    max_len: int
+    default_len: int
+    big: int
+
+
 _FAMILY = {
-    4: dict(prefix="", name="Network", cls=ipaddress.IPv4Network, addr=ipaddress.IPv4Address,
-            smallest=28, max_len=30, default_len=24, big=22),
-    6: dict(prefix="ipv6", name="IPv6Network", cls=ipaddress.IPv6Network, addr=ipaddress.IPv6Address,
-            smallest=124, max_len=126, default_len=64, big=62),
+    4: _Family(prefix="", name="Network", cls=ipaddress.IPv4Network, addr=ipaddress.IPv4Address,
+               smallest=28, max_len=30, default_len=24, big=22),
+    6: _Family(prefix="ipv6", name="IPv6Network", cls=ipaddress.IPv6Network, addr=ipaddress.IPv6Address,
+               smallest=124, max_len=126, default_len=64, big=62),
 }
 # IPv6 networks whose addresses Go prints as IPv4 (flanneld's keys could not name them)
 _V4_IN_V6 = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("::ffff:0:0/96"))
@@ -278,14 +309,14 @@ _V4_IN_V6 = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("::ffff:0:0/9
 def _pool(cfg: dict[str, Any], version: int) -> SubnetPool:
     """One family's pool from the folded config, with flanneld's defaults and limits."""
     f = _FAMILY[version]
-    p, name, label = f["prefix"], f["name"], f"IPv{version}"
+    p, name, label = f.prefix, f.name, f"IPv{version}"
     key, len_name = f"{p}network", f"{'IPv6' if p else ''}SubnetLen"
     if cfg.get(key) in (None, ""):
         example = "10.244.0.0/16" if version == 4 else "fd00:10:244::/56"
         why = "" if version == 4 else ' (EnableIPv6 is true)'
         raise ConfigError(f'network config has no "{name}" (e.g. "{example}"){why}')
     try:
-        network = f["cls"](str(cfg[key]))
+        network = f.cls(str(cfg[key]))
     except ValueError as e:
         raise ConfigError(f"{name} {cfg[key]!r} is not an {label} network: {e}") from None
     if version == 6 and any(network.overlaps(n) for n in _V4_IN_V6):
@@ -293,32 +324,32 @@ def _pool(cfg: dict[str, Any], version: int) -> SubnetPool:
                           "global or unique local prefix (e.g. fd00:10:244::/56)")
     bits = network.max_prefixlen
     if cfg.get(f"{p}subnetlen") in (None, 0):
-        if network.prefixlen > f["smallest"]:
-            raise ConfigError(f"{name} {network} is smaller than /{f['smallest']}")
-        subnet_len = f["default_len"] if network.prefixlen <= f["big"] else network.prefixlen + 2
+        if network.prefixlen > f.smallest:
+            raise ConfigError(f"{name} {network} is smaller than /{f.smallest}")
+        subnet_len = f.default_len if network.prefixlen <= f.big else network.prefixlen + 2
     else:
         subnet_len = _int(cfg[f"{p}subnetlen"], len_name, 1, bits)
-    if subnet_len > f["max_len"]:
-        raise ConfigError(f"{len_name} {subnet_len} is larger than {f['max_len']}")
+    if subnet_len > f.max_len:
+        raise ConfigError(f"{len_name} {subnet_len} is larger than {f.max_len}")
     if subnet_len < network.prefixlen + 2:
         raise ConfigError(f"{len_name} {subnet_len} must be at least the {name}'s /{network.prefixlen} "
                           "+ 2 (room for four subnets)")
 
     step = 1 << (bits - subnet_len)
-    first = f["addr"](int(network.network_address) + step)  # zeroth subnet is skipped
-    last = f["addr"](int(network.broadcast_address) + 1 - step)
+    first = f.addr(int(network.network_address) + step)  # zeroth subnet is skipped
+    last = f.addr(int(network.broadcast_address) + 1 - step)
     bounds = []
     for bound, default in (("Min", first), ("Max", last)):
         bname = f"{'IPv6' if p else ''}Subnet{bound}"
         given = cfg.get(f"{p}subnet{bound.lower()}")
-        addr = _addr(given, bname, f["addr"], label) if given else default
+        addr = _addr(given, bname, f.addr, label) if given else default
         if addr not in network:
             raise ConfigError(f"{bname} {addr} is not inside {name} {network}")
         if int(addr) % step:
             raise ConfigError(f"{bname} {addr} is not aligned to {len_name} /{subnet_len}")
         bounds.append(addr)
     subnet_min, subnet_max = bounds
-    if subnet_max < subnet_min:
+    if int(subnet_max) < int(subnet_min):  # (one family: mypy cannot see it)
         pre = "IPv6" if p else ""
         raise ConfigError(f"{pre}SubnetMax {subnet_max} is below {pre}SubnetMin {subnet_min}")
     return SubnetPool(network, subnet_len, subnet_min, subnet_max)

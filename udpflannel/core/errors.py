@@ -35,9 +35,10 @@ RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 def is_resource_exhaustion(e: BaseException) -> bool:
     """An OSError that means "no file descriptor / memory now", anywhere in its chain."""
     seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError) and e.errno in RESOURCE_ERRNOS:
+    link: BaseException | None = e
+    while link is not None and seen < 8:
+        if isinstance(link, OSError) and link.errno in RESOURCE_ERRNOS:
             return True
-        e = e.__cause__ or e.__context__
+        link = link.__cause__ or link.__context__
         seen += 1
     return False

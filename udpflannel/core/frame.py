@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Final, Literal
 
 from udpflannel.core import offload
 from udpflannel.core.wire import (
@@ -38,7 +39,15 @@ from udpflannel.core.wire import (
 
 # What encap / decap decide (both engines return these): a frame to send to a peer, an
 # ICMP error for the TUN, a packet to deliver to the TUN, or a counted drop.
-SEND, ICMP, DELIVER, DROP = "send", "icmp", "deliver", "drop"
+SEND: Final = "send"
+ICMP: Final = "icmp"
+DELIVER: Final = "deliver"
+DROP: Final = "drop"
+Drop = tuple[Literal["drop"], str, None]  # (DROP, reason, None)
+# encap: a frame for the peer at (ip, port), an ICMP error for the TUN, or a drop
+Encap = tuple[Literal["send"], bytes, tuple[str, int]] | tuple[Literal["icmp"], bytes, None] | Drop
+# decap / decap_bare: the inner packet for the TUN, or a drop
+Decap = tuple[Literal["deliver"], bytes, None] | Drop
 
 
 def icmp_net_unreachable(packet: bytes) -> bytes:
@@ -176,7 +185,7 @@ class Forwarder:
         if ip in (0, 0xFFFFFFFF):
             raise ValueError(f"{public_ip} cannot be a peer's address")
         self.del_route(subnet)
-        mac = bytes(vtep_mac) if framing == "vxlan" else None
+        mac = bytes(vtep_mac) if framing == "vxlan" and vtep_mac is not None else None
         self._routes[base] = (ip, port, mac, framing)
         self._senders[ip] = self._senders.get(ip, 0) + 1
 
@@ -206,12 +215,12 @@ class Forwarder:
             return None
         return self._routes.get(addr >> self._shift << self._shift)
 
-    def _drop(self, reason: str) -> tuple[str, str, None]:
+    def _drop(self, reason: str) -> Drop:
         self._c["drop_" + reason] += 1
         return DROP, reason, None
 
     # --- data path ----------------------------------------------------------------
-    def encap(self, packet: bytes) -> tuple[str, object, tuple[str, int] | None]:
+    def encap(self, packet: bytes) -> Encap:
         """TUN -> UDP. (SEND, datagram, (ip, port)) | (ICMP, packet, None) | (DROP, reason, None)."""
         n = len(packet)
         version = packet[0] >> 4 if n else 0
@@ -230,12 +239,13 @@ class Forwarder:
             if frame is None:
                 return self._drop("ttl_expired")
         else:
+            assert mac is not None  # set_route gives every vxlan route its VtepMAC
             frame = self._vxlan + mac + self._mac + ETH_P_IP.to_bytes(2, "big") + packet
         self._c["tx_packets"] += 1
         self._c["tx_bytes"] += n
         return SEND, frame, (str(ipaddress.IPv4Address(ip)), port)
 
-    def _unroutable(self, packet: bytes, dst: int):
+    def _unroutable(self, packet: bytes, dst: int) -> Encap:
         ihl = (packet[0] & 0x0F) * 4
         frag_offset = int.from_bytes(packet[6:8], "big") & 0x1FFF
         is_icmp_error = packet[9] == 1 and len(packet) > ihl and packet[ihl] in ICMP_ERROR_TYPES
@@ -245,7 +255,7 @@ class Forwarder:
         self._c["icmp_unreachable"] += 1
         return ICMP, icmp_net_unreachable(packet), None
 
-    def decap(self, datagram: bytes, source: str) -> tuple[str, object, None]:
+    def decap(self, datagram: bytes, source: str) -> Decap:
         """A VXLAN datagram -> (DELIVER, packet, None) | (DROP, reason, None)."""
         d = datagram
         if len(d) < HEADROOM + 20:
@@ -261,13 +271,13 @@ class Forwarder:
             return self._drop("bad_ethertype")
         return self._accept_inner(bytes(d[HEADROOM:]), family, source, bare=False)
 
-    def decap_bare(self, datagram: bytes, source: str) -> tuple[str, object, None]:
+    def decap_bare(self, datagram: bytes, source: str) -> Decap:
         """A flanneld-udp datagram (the bare IP packet) -> as decap."""
         if len(datagram) < 20:
             return self._drop("short")
         return self._accept_inner(bytes(datagram), datagram[0] >> 4, source, bare=True)
 
-    def _accept_inner(self, p: bytes, family: int, source: str, bare: bool):
+    def _accept_inner(self, p: bytes, family: int, source: str, bare: bool) -> Decap:
         if family == 4:
             ihl = (p[0] & 0x0F) * 4
             total = int.from_bytes(p[2:4], "big")
@@ -297,9 +307,10 @@ class Forwarder:
         if bare:
             if inet_checksum(packet[:ihl]) != 0:  # a corrupt header stays one (flannel's proxy)
                 return self._drop("bad_ip")
-            packet = decrement_ttl(packet)
-            if packet is None:
+            decremented = decrement_ttl(packet)
+            if decremented is None:
                 return self._drop("ttl_expired")
+            packet = decremented
         completed = complete_partial_checksum(packet)
         if completed is not None:
             packet = completed
@@ -322,19 +333,19 @@ class Forwarder:
             dst = int.from_bytes(packets[0][16:20], "big")  # all segments share it
             peer = self._find(dst)
             if peer is None:
-                kind, reply, _ = self._unroutable(data[offload.VNET_HLEN:], dst)
-                return [offload.ZERO_VNET + reply] if kind == ICMP else []
+                reply = self._unroutable(data[offload.VNET_HLEN:], dst)
+                return [offload.ZERO_VNET + reply[1]] if reply[0] == ICMP else []
             if peer[3] == "udp" and packets[0][8] <= 1:
                 self._drop("ttl_expired")  # one super-packet, one drop
                 return []
             self._c["tx_super_packets"] += 1
         out = []
         for packet in packets:
-            kind, frame, _addr = self.encap(packet)
-            if kind == SEND:
-                out.append(frame)
-            elif kind == ICMP:
-                out.append(offload.ZERO_VNET + frame)
+            sent = self.encap(packet)
+            if sent[0] == SEND:
+                out.append(sent[1])
+            elif sent[0] == ICMP:
+                out.append(offload.ZERO_VNET + sent[1])
         return out
 
     def coalesce(self, packets: list[bytes]) -> list[bytes]:

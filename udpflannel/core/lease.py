@@ -26,7 +26,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping, TypeVar
 
 from udpflannel.core.errors import BadInput
 
@@ -39,6 +39,7 @@ class LeaseError(BadInput):
     """A lease key or value that cannot be understood."""
 
 
+K = TypeVar("K", bound=Hashable)  # diff: snapshots by key, or by subnet
 UNSPECIFIED = ipaddress.IPv4Address(0)  # an IPv6-only lease's PublicIP, as flanneld writes it
 
 
@@ -236,7 +237,7 @@ class LeaseEvent:
     lease: Lease
 
 
-def diff(old: Mapping[str, Lease], new: Mapping[str, Lease]) -> list[LeaseEvent]:
+def diff(old: Mapping[K, Lease], new: Mapping[K, Lease]) -> list[LeaseEvent]:
     """Events that turn snapshot ``old`` into snapshot ``new`` (used after re-listing)."""
     events = [LeaseEvent(EventType.REMOVED, lease) for key, lease in old.items() if key not in new]
     for key, lease in new.items():

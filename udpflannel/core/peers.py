@@ -266,8 +266,9 @@ class RouteBook:
         ignored: list[tuple[Lease, str]] = []
         for key, lease in latest.items():
             claimed = self._claimed(lease)
-            if not claimed:
-                ignored.append((lease, self.route(lease, 4 if self.config.enable_ipv4 else 6)))
+            if not claimed:  # so no route either: the reason why
+                got = self.route(lease, 4 if self.config.enable_ipv4 else 6)
+                ignored.append((lease, got if isinstance(got, str) else "no subnet this network carries"))
             for subnet in claimed:
                 if winners.get(subnet) != key:
                     got = self.route(lease, subnet.version)

@@ -76,7 +76,9 @@ class PlaneOptions:
 class DataPlane(Protocol):
     kind: str
     reason: str
-    failed: asyncio.Future[None]
+
+    @property
+    def failed(self) -> asyncio.Future[None]: ...
 
     async def prepare(self) -> None: ...
 

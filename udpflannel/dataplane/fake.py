@@ -27,6 +27,7 @@ class FakePlane:
         self.journal = journal
         self.gates = gates or {}
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.adopted_subnet: ipaddress.IPv4Network | None = None  # adopter(): the handed state's
         self.book = RouteBook(opts.config, opts.underlay.public_ip, Framings(opts.config.port, opts.udp_port),
                               opts.underlay.network)
         self.lease: Lease | None = None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import msgpack
 
@@ -76,7 +76,7 @@ def _read_message(sock: socket.socket, first: bytes = b"") -> Any:
             return message
 
 
-def send_message(sock: socket.socket, message: Any, fds: list[int] = ()) -> None:
+def send_message(sock: socket.socket, message: Any, fds: Sequence[int] = ()) -> None:
     data = msgpack.packb(message, use_bin_type=True)
     if fds:
         sent = socket.send_fds(sock, [data], list(fds))

@@ -46,6 +46,7 @@ class KernelPlane:
         cfg, underlay = opts.config, opts.underlay
         self.specs: dict[int, vxlandev.DeviceSpec] = {}  # by family: flannel.<VNI>, flannel-v6.<VNI>
         if cfg.enable_ipv4:
+            assert underlay.address is not None  # found for IPv4 (find_underlay)
             self.specs[4] = vxlandev.DeviceSpec(vxlandev.device_name(cfg.vni), cfg.vni, cfg.port,
                                                 underlay.address, underlay.ifindex, opts.vtep_mac, opts.mtu)
         if cfg.enable_ipv6:
@@ -93,6 +94,7 @@ class KernelPlane:
             log.info("removed %s, left by the engine data plane", self.opts.tun)
 
     def _addresses(self, ipr: IPRoute) -> None:
+        assert self._lease is not None  # (start)
         for subnet in self._lease.subnets:
             if subnet.version in self.indexes:
                 vxlandev.set_address(ipr, self.indexes[subnet.version], subnet)
@@ -131,7 +133,9 @@ class KernelPlane:
         for version, index in self.indexes.items():
             mine = {s: e for s, e in self.entries.items() if s.version == version}
             macs = {e.vtep_mac for e in mine.values() if e.vtep_mac}
-            removed += (vxlandev.prune(ipr, index, self.opts.config.pool(version).network, set(mine),
+            pool = self.opts.config.pool(version)
+            assert pool is not None  # a device exists for each family the network has
+            removed += (vxlandev.prune(ipr, index, pool.network, set(mine),
                                        self.opts.underlay.ifindex)
                         + vxlandev.prune_fdb(ipr, index, macs))
         return removed

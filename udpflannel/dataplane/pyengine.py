@@ -60,8 +60,8 @@ class PyEngine(Forwarder):
     def kernel_drops(self) -> int:
         return self._kernel_drops
 
-    def _sender(self, packet: bytes, peer) -> socket.socket:
-        if peer[3] == "udp":
+    def _sender(self, packet: bytes, peer) -> socket.socket | None:
+        if peer[3] == "udp":  # (None while the flanneld udp port is closed)
             return self._bare
         return self._tx[flow_index(packet, len(self._tx))] if self._tx else self._sock
 
@@ -76,18 +76,20 @@ class PyEngine(Forwarder):
             except OSError as e:
                 return -(e.errno or errno.EIO)
             done += 1
-            kind, data, addr = self.encap(packet)
-            if kind == SEND:
+            sent = self.encap(packet)
+            if sent[0] == SEND:
                 try:
-                    self._sender(packet, self._find(int.from_bytes(packet[16:20], "big"))
-                                 ).sendto(data, addr)
+                    sock = self._sender(packet, self._find(int.from_bytes(packet[16:20], "big")))
+                    if sock is None:  # the compiled engine's send on bare_fd -1
+                        raise OSError(errno.EBADF, "no flanneld udp socket")
+                    sock.sendto(sent[1], sent[2])
                     self._c["tx_send_calls"] += 1
                 except OSError:
                     self._c["tx_packets"] -= 1
                     self._c["tx_bytes"] -= len(packet)
                     self._c["drop_send_error"] += 1
-            elif kind == ICMP:
-                _write_quietly(self._tun_fd, data)
+            elif sent[0] == ICMP:
+                _write_quietly(self._tun_fd, sent[1])
         return done
 
     def drain_udp(self, budget: int) -> int:

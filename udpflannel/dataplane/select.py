@@ -38,8 +38,8 @@ _WHY = {
 
 
 def why_not(error: BaseException) -> str:
-    code = getattr(error, "code", None) or getattr(error, "errno", None)
-    text = _WHY.get(code)
+    code: int | None = getattr(error, "code", None) or getattr(error, "errno", None)
+    text = _WHY.get(code) if code is not None else None
     if text is None:
         text = os.strerror(code) if code else str(error)
     return text

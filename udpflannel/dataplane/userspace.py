@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from udpflannel.core.lease import Lease, LeaseEvent, mac_bytes
 from udpflannel.core.peers import Framings, PeerRoute, RouteBook
@@ -40,7 +41,13 @@ from udpflannel.lazyimport import lazy
 log = logging.getLogger(__name__)
 # Needed once the node forwards, not before: a warm start (warmstart.py) runs before
 # asyncio or netlink (pyroute2) are loaded, and must not wait for them.
-asyncio = lazy("asyncio")
+if TYPE_CHECKING:
+    import asyncio
+
+    from udpflannel._engine import Engine
+    from udpflannel.dataplane.pyengine import PyEngine
+else:
+    asyncio = lazy("asyncio")
 netconf = lazy("udpflannel.host.netconf")
 vxlandev = lazy("udpflannel.host.vxlandev")
 
@@ -50,16 +57,17 @@ BUDGET = 256
 GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EFAULT)
 
 
-def make_engine(kind: str, opts: PlaneOptions):
+def make_engine(kind: str, opts: PlaneOptions) -> Engine | PyEngine:
     """'compiled' (the default) or 'python' (the reference twin, slow)."""
     cfg = opts.config
-    args = dict(vni=cfg.vni, vtep_mac=mac_bytes(opts.vtep_mac), network=str(cfg.network),
-                subnet_len=cfg.subnet_len, strict_source=opts.strict_source)
+    vtep_mac = mac_bytes(opts.vtep_mac)
     if kind == "python":
         from udpflannel.dataplane.pyengine import PyEngine
-        return PyEngine(**args)
+        return PyEngine(vni=cfg.vni, vtep_mac=vtep_mac, network=str(cfg.network), subnet_len=cfg.subnet_len,
+                        strict_source=opts.strict_source)
     from udpflannel._engine import Engine
-    return Engine(**args)
+    return Engine(vni=cfg.vni, vtep_mac=vtep_mac, network=str(cfg.network), subnet_len=cfg.subnet_len,
+                  strict_source=opts.strict_source)
 
 
 class EnginePlane:
@@ -68,7 +76,7 @@ class EnginePlane:
     def __init__(self, opts: PlaneOptions, reason: str, on_loop: bool = True) -> None:
         self.opts = opts
         self.reason = reason
-        self.failed: asyncio.Future[None] | None = None  # activate() makes it, on the loop
+        self._failed: asyncio.Future[None] | None = None  # activate() makes it, on the loop
         self.offloads = opts.offloads if opts.engine == "compiled" else frozenset()
         cfg = opts.config
         # Ours is the config's port; the other framing's port is where we meet peers
@@ -76,7 +84,7 @@ class EnginePlane:
         self.vxlan_port = cfg.port if cfg.backend_type == "vxlan" else VXLAN_PORT
         self.udp_port = cfg.port if cfg.backend_type == "udp" else opts.udp_port
         self.book: RouteBook | None = None
-        self.engine = None
+        self.engine: Engine | PyEngine | None = None  # start() (or adopt(), warm()) makes it
         self.tun: Tun | None = None
         self.vxlan_sock: socket.socket | None = None
         self.udp_sock: socket.socket | None = None
@@ -84,7 +92,7 @@ class EnginePlane:
         self._udp_offloads: frozenset[str] = frozenset()
         self._gso = False
         self._batching: tuple[str, ...] = ()  # sendmmsg / recvmmsg, as at attach (check() logs a loss)
-        self._subnet = None
+        self._subnet: ipaddress.IPv4Network | None = None
         self._readers: list[int] = []
         self._direct: dict = {}  # subnet -> PublicIP of peers routed directly
         self.mtu = opts.mtu  # follows the underlay's (unless Backend.MTU): see check()
@@ -93,6 +101,34 @@ class EnginePlane:
         self._recreating = False
         if on_loop:  # (a warm start runs before there is a loop, or asyncio is imported)
             self.activate()
+
+    # What exists once the plane runs (start(), adopt(), warm()); a call before is a bug.
+    @property
+    def failed(self) -> asyncio.Future[None]:
+        assert self._failed is not None, "activate() first"
+        return self._failed
+
+    @property
+    def _eng(self) -> Engine | PyEngine:
+        assert self.engine is not None, "no engine yet"
+        return self.engine
+
+    @property
+    def _compiled(self) -> Engine:
+        """The engine, where only the compiled one gets here (threads, queues)."""
+        from udpflannel._engine import Engine
+        assert isinstance(self.engine, Engine), "the compiled engine only"
+        return self.engine
+
+    @property
+    def _book(self) -> RouteBook:
+        assert self.book is not None, "prepare() first"
+        return self.book
+
+    @property
+    def _dev(self) -> Tun:
+        assert self.tun is not None, "no TUN yet"
+        return self.tun
 
     # --- life cycle -----------------------------------------------------------------
     async def prepare(self, remove_kernel_device: bool = True) -> None:
@@ -108,10 +144,12 @@ class EnginePlane:
 
     def _bind_all(self) -> None:
         address = self.opts.underlay.address
+        assert address is not None  # the engine carries IPv4 (IPv6-only is refused: select.py)
         own = self.opts.config.backend_type
         self.vxlan_group = self._bind_group(address, self.vxlan_port, required=own == "vxlan")
         self.vxlan_sock = self.vxlan_group[0] if self.vxlan_group else None
         if own == "udp":  # else bound only while a peer speaks it (_sync_bare_socket)
+            assert self.udp_port is not None  # (the config's port)
             self.udp_sock = self._bind(address, self.udp_port, "flanneld udp", required=True)
         if self.vxlan_sock is None and self.udp_sock is None:
             raise DataplaneError("no UDP port could be bound")
@@ -129,7 +167,7 @@ class EnginePlane:
         config's backend is udp, or a peer's lease is (a cluster migrating from udp):
         a port that is open in every vxlan cluster would only let spoofed packets in."""
         return self.opts.config.backend_type == "udp" or any(
-            r.framing == "udp" for r in self.book.routes.values())
+            r.framing == "udp" for r in self._book.routes.values())
 
     def _sync_bare_socket(self, running: bool) -> None:
         """Open or close the udp framing port as _wants_bare_socket says; with the data
@@ -139,12 +177,12 @@ class EnginePlane:
             return
         if running:
             self._stop_reading()
-        if want:
+        if want and self.udp_port:  # (want says it is set)
             self.udp_sock = self._bind(self.opts.underlay.address, self.udp_port, "flanneld udp", required=False)
             if self.udp_sock is not None:
                 sockets.enable_udp_offloads(self.udp_sock, self._udp_offloads & {"gro"}, quiet=True)
                 log.info("flanneld udp framing: listening on port %d (a peer speaks it)", self.udp_port)
-        else:
+        elif self.udp_sock is not None:  # (want is False: it is open)
             self.udp_sock.close()
             self.udp_sock = None
             log.info("flanneld udp framing: port %d closed (no peer speaks it)", self.udp_port)
@@ -175,12 +213,12 @@ class EnginePlane:
         if self.engine is not None and self._subnet == lease.subnet:
             # forwarding already (taken over, or a warm start): make sure the device
             # still has its address, routes and MTU, as a fresh start sets them
-            await asyncio.to_thread(netconf.configure_tun, self.tun.name, self._subnet,
-                                    self.opts.config.network, self.mtu, self.tun.tso)
+            await asyncio.to_thread(netconf.configure_tun, self._dev.name, self._subnet,
+                                    self.opts.config.network, self.mtu, self._dev.tso)
             return
         self._subnet = lease.subnet
         self.engine = make_engine(self.opts.engine, self.opts)
-        self.engine.set_subnet(str(self._subnet))
+        self._eng.set_subnet(str(self._subnet))
         await self._attach_tun()
 
     def _sockets(self) -> list[socket.socket]:
@@ -211,16 +249,16 @@ class EnginePlane:
         """Give the engine the TUN's queue fds and our sockets."""
         gso = "gso" in self._udp_offloads and bool(self.pool or self.vxlan_sock or self.udp_sock)
         tx_fds = [s.fileno() for s in self.pool] or ([self.vxlan_sock.fileno()] if self.vxlan_sock else [])
-        self.engine.attach(
+        self._eng.attach(
             tun.fd, self.vxlan_sock.fileno() if self.vxlan_sock else -1,
             bare_fd=self.udp_sock.fileno() if self.udp_sock else -1,
             tx_fds=tx_fds, vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads)
-        for q in range(self.engine.queues(), self.opts.queues):  # first attach only
-            self.engine.add_queue(tun.fds[q], self.vxlan_group[q].fileno() if self.vxlan_group else -1)
+        for q in range(self._eng.queues(), self.opts.queues):  # first attach only
+            self._compiled.add_queue(tun.fds[q], self.vxlan_group[q].fileno() if self.vxlan_group else -1)
         for q in range(1, self.opts.queues):  # a re-created TUN: its new queue fds
-            self.engine.set_tun_fd(q, tun.fds[q])
+            self._compiled.set_tun_fd(q, tun.fds[q])
         self._gso = gso
-        self._batching = batching(self.engine.offloads())
+        self._batching = batching(self._eng.offloads())
         log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; batching: %s; VXLAN source ports: %d",
                  tun.offloads, "on" if gso else "off", "on" if "gro" in self._udp_offloads else "off",
                  ", ".join(self._batching) or "none (one datagram per system call)",
@@ -229,7 +267,7 @@ class EnginePlane:
     def _start_reading(self) -> None:
         """The data path runs from here: its threads, or the loop's readers."""
         loop = asyncio.get_running_loop()
-        for fd in self.tun.fds:  # (adopted fds keep the mode their first owner set)
+        for fd in self._dev.fds:  # (adopted fds keep the mode their first owner set)
             os.set_blocking(fd, self.threaded)
         if self.threaded:
             self._start_threads(loop)
@@ -237,7 +275,7 @@ class EnginePlane:
         if self.opts.cpus:  # the loop thread is the data path (threads it starts inherit)
             os.sched_setaffinity(0, self.opts.cpus)
             log.info("data path: %s", self._io_text())
-        tun = self.tun
+        tun = self._dev
         for sock in self._sockets():
             sock.setblocking(False)
         loop.add_reader(tun.fd, self._on_tun)
@@ -260,27 +298,28 @@ class EnginePlane:
             sock.setblocking(True)  # threads block in recvmsg; sends wait instead of drop
         if self._events is None:
             self._events = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.engine.set_cpus(self.opts.cpus)
-        self.engine.start_threads(self._events, poll=self.opts.io == "poll")
+        self._compiled.set_cpus(self.opts.cpus)
+        self._compiled.start_threads(self._events, poll=self.opts.io == "poll")
         self._readers = [self._events]
-        log.info("data path: %s (%d threads running)", self._io_text(), self.engine.running_threads())
+        log.info("data path: %s (%d threads running)", self._io_text(), self._compiled.running_threads())
 
     def activate(self) -> None:
         """On the event loop: the failure future, and (a plane started warm, before
         there was a loop) the loop's watch on the threads' eventfd."""
         loop = asyncio.get_running_loop()
-        if self.failed is None:
-            self.failed = loop.create_future()
+        if self._failed is None:
+            self._failed = loop.create_future()
         if self._events is not None and self._readers == [self._events]:
             loop.add_reader(self._events, self._on_thread_event)
             self._on_thread_event()  # a thread that ended meanwhile
 
     def _on_thread_event(self) -> None:
+        assert self._events is not None  # (it is what calls us)
         try:
             os.eventfd_read(self._events)
         except BlockingIOError:
             return
-        for role, queue, err in self.engine.thread_errors():
+        for role, queue, err in self._compiled.thread_errors():
             if role == "tun" and err in GONE:
                 if not self._recreating:
                     self._recreating = True
@@ -290,13 +329,13 @@ class EnginePlane:
                 self._fail(f"reading {what} failed: {os.strerror(err)}")
 
     def _stop_reading(self) -> None:
-        if self._readers and self.failed is not None:  # activated: the loop watches these fds
+        if self._readers and self._failed is not None:  # activated: the loop watches these fds
             loop = asyncio.get_running_loop()
             for fd in self._readers:
                 loop.remove_reader(fd)
         self._readers = []
         if self.threaded and self.engine is not None:
-            self.engine.stop_threads()
+            self._compiled.stop_threads()
 
     async def stop(self) -> None:
         """Close our fds; the TUN, its address and routes stay for the next daemon."""
@@ -319,12 +358,12 @@ class EnginePlane:
         to set it up again before the registry answers (a warm start, warmstart.py)."""
         return {
             "kind": ENGINE, "queues": self.opts.queues, "subnet": str(self._subnet), "mtu": self.mtu,
-            "tun": {"name": self.tun.name, "vnet_hdr": self.tun.vnet_hdr, "tso": self.tun.tso,
-                    "offloads": self.tun.offloads},
+            "tun": {"name": self._dev.name, "vnet_hdr": self._dev.vnet_hdr, "tso": self._dev.tso,
+                    "offloads": self._dev.offloads},
             "vxlan_port": self.vxlan_port,
             "udp_offloads": sorted(self._udp_offloads), "pool": len(self.pool),
             "routes": [[str(r.subnet), str(r.public_ip), r.framing, r.port, r.vtep_mac]
-                       for r in self.book.routes.values()],
+                       for r in self._book.routes.values()],
             "direct": [[str(subnet), str(via)] for subnet, via in self._direct.items()],
         }
 
@@ -332,7 +371,7 @@ class EnginePlane:
         """Stop reading (threads joined, loop readers removed), keep every fd open, and
         say what a new daemon needs to go on forwarding with them: (state, fds by role)."""
         self._stop_reading()
-        fds = {f"tun{q}": fd for q, fd in enumerate(self.tun.fds)}
+        fds = {f"tun{q}": fd for q, fd in enumerate(self._dev.fds)}
         fds.update({f"vxlan{q}": s.fileno() for q, s in enumerate(self.vxlan_group)})
         if self.udp_sock is not None:
             fds["udp"] = self.udp_sock.fileno()
@@ -407,21 +446,21 @@ class EnginePlane:
         except BaseException:
             plane.close()
             raise
-        log.info("warm start: forwarding on %s with the %d routes it last had", opts.tun, len(plane.book.routes))
+        log.info("warm start: forwarding on %s with the %d routes it last had", opts.tun, len(plane._book.routes))
         return plane
 
     def _load_routes(self, state: dict) -> None:
         """The routes of describe()'s ``state``, into the book and the engine at once."""
         for subnet, public_ip, framing, port, mac in state["routes"]:
             route = PeerRoute(ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(public_ip), framing, port, mac)
-            self.book.routes[route.subnet] = route
-            self.engine.set_route(subnet, public_ip, port, mac_bytes(mac) if mac else None, framing)
-        self.engine.publish()
+            self._book.routes[route.subnet] = route
+            self._eng.set_route(subnet, public_ip, port, mac_bytes(mac) if mac else None, framing)
+        self._eng.publish()
         self._direct = {ipaddress.IPv4Network(s): ipaddress.IPv4Address(v) for s, v in state["direct"]}
 
     # --- data path callbacks ----------------------------------------------------------
     def _on_tun(self) -> None:
-        n = self.engine.drain_tun(BUDGET)
+        n = self._eng.drain_tun(BUDGET)
         if n < 0:
             if -n in GONE:
                 self._stop_reading()
@@ -430,12 +469,12 @@ class EnginePlane:
                 self._fail(f"reading the TUN device failed: {os.strerror(-n)}")
 
     def _on_vxlan(self) -> None:
-        n = self.engine.drain_udp(BUDGET)
+        n = self._eng.drain_udp(BUDGET)
         if n < 0:
             self._fail(f"receiving on the VXLAN socket failed: {os.strerror(-n)}")
 
     def _on_bare(self) -> None:
-        n = self.engine.drain_bare(BUDGET)
+        n = self._eng.drain_bare(BUDGET)
         if n < 0:
             self._fail(f"receiving on the flanneld udp socket failed: {os.strerror(-n)}")
 
@@ -462,22 +501,22 @@ class EnginePlane:
 
     # --- control: lease events -> routes ----------------------------------------------
     async def apply(self, events: list[LeaseEvent]) -> None:
-        changes = self.book.plan(events)
+        changes = self._book.plan(events)
         for route in changes.remove:
-            self.engine.del_route(str(route.subnet))
+            self._eng.del_route(str(route.subnet))
             if route.subnet in self._direct:
                 await asyncio.to_thread(netconf.set_direct_route, route.subnet,
                                         self._direct.pop(route.subnet), self.opts.underlay, False)
         for route in changes.add:
-            self.engine.set_route(str(route.subnet), str(route.public_ip), route.port,
+            self._eng.set_route(str(route.subnet), str(route.public_ip), route.port,
                                   mac_bytes(route.vtep_mac) if route.vtep_mac else None,
                                   route.framing)
-        self.engine.publish()  # threads: the new table in one atomic store
+        self._eng.publish()  # threads: the new table in one atomic store
         if changes.add or changes.remove:
             self._sync_bare_socket(running=bool(self._readers))
         for route in changes.add:
             await self._direct_routing(route)
-        log_changes(events, changes, self.engine.route_count())
+        log_changes(events, changes, self._eng.route_count())
 
     async def _direct_routing(self, route: PeerRoute) -> None:
         """DirectRouting: a vxlan peer on our own link gets a kernel route via its
@@ -550,7 +589,7 @@ class EnginePlane:
         return text
 
     def peers(self) -> tuple[PeerStatus, ...]:
-        routes = self.book.routes.values() if self.book else ()
+        routes = self._book.routes.values() if self.book else ()
         return tuple(PeerStatus(str(r.subnet), str(r.public_ip), r.framing) for r in routes)
 
 

@@ -10,6 +10,7 @@ import socket
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from udpflannel.core.config import Address, Network
 from udpflannel.core.errors import UdpflannelError
 from udpflannel.core.underlay import Underlay
 from udpflannel.core.wire import HEADROOM, UDP_MAX_PAYLOAD
@@ -102,8 +103,8 @@ def find_underlay(ifaces: tuple[str, ...] = (), public_ip: str | None = None, *,
             src = ipaddress.ip_address(src) if src else None
             chosen = (route.get_attr("RTA_OIF"), src if src and src.version == 4 else None,
                       src if src and src.version == 6 else None)
-        elif public_ip or public_ipv6:
-            want = ipaddress.ip_address(public_ip or public_ipv6)
+        elif given := public_ip or public_ipv6:
+            want = ipaddress.ip_address(given)
             for index in links:
                 if want in addrs[index] or want in addrs6[index]:
                     chosen = (index, want if want.version == 4 else None, want if want.version == 6 else None)
@@ -113,8 +114,9 @@ def find_underlay(ifaces: tuple[str, ...] = (), public_ip: str | None = None, *,
             if ipv4 and ipv6 and oif and oif6 and oif != oif6:
                 raise NetconfError(f"the IPv6 default route's interface {links.get(oif6)} is not the IPv4 "
                                    f"default route's {links.get(oif)}; pass --iface")
-            if (oif or not ipv4) and (oif6 or not ipv6):
-                chosen = (oif or oif6, None, None)
+            either = oif or oif6
+            if either and (oif or not ipv4) and (oif6 or not ipv6):  # (no family at all: none)
+                chosen = (either, None, None)
         if chosen is None:
             if public_ip or public_ipv6:  # e.g. a NATed public address on no local interface
                 raise NetconfError(f"no interface holds {public_ip or public_ipv6} and there is no "
@@ -257,11 +259,11 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.I
             raise NetconfError(f"configuring {name}: {e.args[1] if len(e.args) > 1 else e}") from None
 
 
-def _fallback_route(ipr: IPRoute, network: ipaddress.IPv4Network) -> None:
+def _fallback_route(ipr: IPRoute, network: Network) -> None:
     ipr.route("replace", dst=str(network), type="unreachable", priority=FALLBACK_METRIC)
 
 
-def ensure_fallback_route(network: ipaddress.IPv4Network) -> None:
+def ensure_fallback_route(network: Network) -> None:
     """The overlay's unreachable route, behind every route of the data plane: an
     address of the overlay that no route covers (an unleased subnet, or everything
     once a device is gone while no daemon runs) is refused here instead of leaving
@@ -326,7 +328,7 @@ def disable_ipv6(name: str) -> None:
         log.warning("cannot turn IPv6 off on %s (%s): it may send a few MLD reports", name, e.strerror)
 
 
-def route_get(address: ipaddress.IPv4Address) -> tuple[str | None, int | None]:
+def route_get(address: Address) -> tuple[str | None, int | None]:
     """(gateway, output interface) of the route the kernel would use to reach address."""
     with IPRoute() as ipr:
         try:

@@ -73,7 +73,7 @@ class Tun:
             flags |= IFF_MULTI_QUEUE
         self.existed = exists(name)
         self._raw: list[int] = []  # fds handed over by another daemon (adopt), closed by us
-        self._devs = []
+        self._devs: list[pytun.TunTapDevice] = []
         try:
             self._open_queues(name, flags, queues)
         except TunError:
@@ -144,6 +144,7 @@ class Tun:
                 return True
             except OSError as e:
                 error = e
+        assert error is not None  # every request failed
         log.warning("TUN offloads refused (%s); reading one packet at a time", error.strerror)
         return False
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from udpflannel.core.config import subnet_within
 from udpflannel.host.netconf import RTPROT_UDPFLANNEL, disable_ipv6
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def prune(ipr: IPRoute, index: int, network: ipaddress.IPv4Network | ipaddress.I
         if route["proto"] == RTPROT_KERNEL:  # e.g. the route of flannel-v6's own /128
             continue
         subnet = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
-        if subnet in keep or not subnet.subnet_of(network) or subnet == network:
+        if subnet in keep or not subnet_within(subnet, network) or subnet == network:
             continue
         if route.get_attr("RTA_OIF") == underlay_index and route["proto"] != RTPROT_UDPFLANNEL:
             continue  # a route on the underlay that we did not make

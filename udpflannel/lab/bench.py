@@ -242,10 +242,11 @@ def run_case(case: Case, rep: int, repeat: int, seconds: float, progress: Progre
                 if None in deltas and name != "restart":  # (replacing one is the restart step's point)
                     run["errors"].setdefault("daemon", "a udpflannel daemon exited during " + name)
                 else:
-                    daemon_total += sum(deltas)
-                    summary += f"; daemons {sum(deltas):.2f} CPU-s"
+                    cpu_s = sum(d for d in deltas if d is not None)  # (restart: the replaced one's is None)
+                    daemon_total += cpu_s
+                    summary += f"; daemons {cpu_s:.2f} CPU-s"
                     if detail.get("gbps"):  # cores busy per Gbit/s carried (TCP steps)
-                        run["metrics"][f"{name}_cores_per_gbps"] = sum(deltas) / detail["wall_s"] / detail["gbps"]
+                        run["metrics"][f"{name}_cores_per_gbps"] = cpu_s / detail["wall_s"] / detail["gbps"]
             run["steps"][name] = detail
             progress.end(summary)
         if target.daemons and "daemon" not in run["errors"]:
@@ -304,7 +305,7 @@ def main(args: argparse.Namespace) -> int:
 
     doc = report.build_document(meta, {
         name: {"description": cases[name].description,
-               "daemon_args": list(cases[name].daemon_args) if cases[name].daemon_args else None,
+               "daemon_args": list(extra) if (extra := cases[name].daemon_args) else None,
                "runs": runs[name]} for name in order})
     stem = os.path.join(args.out, "bench-" + started.strftime("%Y%m%d-%H%M%S"))
     with open(stem + ".json", "w") as f:
@@ -326,7 +327,7 @@ def main(args: argparse.Namespace) -> int:
     print(report.render_table(order, medians))
     for line in doc["floor"]:
         print(line)
-    for e in doc["errors"]:
-        print(f"FAILED {e['case']} rep {e['rep']} {e['step']}: {report.one_line(e['error'])}")
+    for err in doc["errors"]:
+        print(f"FAILED {err['case']} rep {err['rep']} {err['step']}: {report.one_line(err['error'])}")
     print("wrote " + ", ".join(written))
     return 0 if doc["ok"] else 1

@@ -133,7 +133,9 @@ class Cluster:
 
     def overlay_addr(self, i: int) -> str:
         """The node's TUN address (<subnet .0>), which answers pings over the overlay."""
-        return str(ipaddress.IPv4Network(self.status(i).lease.subnet).network_address)
+        lease = self.status(i).lease
+        assert lease is not None, f"node {i} has no lease"
+        return str(ipaddress.IPv4Network(lease.subnet).network_address)
 
     def wait_status(self, i: int, predicate, timeout: float = 20.0, what: str = "ready") -> NodeStatus:
         deadline = time.monotonic() + timeout

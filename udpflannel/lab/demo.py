@@ -38,6 +38,7 @@ def main(nodes: int, seconds: float, engine: str) -> int:
             cluster.start_all()
             cluster.wait_converged(timeout=30)
             for i, st in enumerate(cluster.statuses()):
+                assert st.lease is not None and st.dataplane is not None  # (converged)
                 _say(f"  node {i + 1}  ns {lab.nodes[i].name:<16} underlay {lab.addresses[i]:<15} "
                      f"leased {st.lease.subnet:<16} VTEP {st.lease.vtep_mac}  "
                      f"{st.dataplane.kind} plane, peers {st.dataplane.peers}")
@@ -49,6 +50,7 @@ def main(nodes: int, seconds: float, engine: str) -> int:
                  f"{result.seconds:.1f} s = {result.gbps:.2f} Gbit/s")
             _say()
             for i, st in enumerate(cluster.statuses()):
+                assert st.dataplane is not None
                 c = st.dataplane.counters
                 drops = {k[5:]: v for k, v in c.items() if k.startswith("drop_") and v}
                 _say(f"  node {i + 1} counters: tx {c['tx_packets']} pkts, rx {c['rx_packets']} pkts, "

@@ -154,12 +154,16 @@ class Flanneld:
     def overlay_addr(self) -> str:
         """<subnet .0>, flanneld's address on flannel.<VNI> or flannel0: it answers
         pings over the overlay."""
-        return str(self.subnet.network_address)
+        subnet = self.subnet
+        assert subnet is not None, "no IPv4 subnet"
+        return str(subnet.network_address)
 
     @property
     def overlay_addr6(self) -> str:
         """<IPv6 subnet ::>, flanneld's address on flannel-v6.<VNI>."""
-        return str(self.ipv6_subnet.network_address)
+        subnet = self.ipv6_subnet
+        assert subnet is not None, "no IPv6 subnet"
+        return str(subnet.network_address)
 
     @property
     def key_name(self) -> str:

@@ -234,13 +234,16 @@ async def run(opts: AgentOptions) -> None:
     undo: list = []
     try:
         cfg = await load_config(registry, opts, stop)
+        network = cfg.network
+        # flanneld's udp backend: IPv4 only (the config's parse refuses IPv6 with it)
+        assert underlay.address is not None and underlay.public_ip is not None and network is not None
         sock = bind_udp(underlay.address, cfg.port)
         undo.append(sock.close)
         mtu = underlay.mtu - UDP_FRAMING_OVERHEAD
         manager = LeaseManager(registry, cfg)
         lease = await _patient(
             "acquiring a lease",
-            lambda: manager.acquire(udp_lease(underlay.public_ip, cfg.network),
+            lambda: manager.acquire(udp_lease(underlay.public_ip, network),
                                     localstate.previous_subnet(opts.subnet_file)),
             bool(opts.etcd_endpoints), stop)
         log.info("leased %s for %s; network %s, port %d, MTU %d", lease.subnet, underlay.public_ip,
@@ -250,7 +253,7 @@ async def run(opts: AgentOptions) -> None:
         except TunError as e:
             raise AgentError(str(e)) from None
         undo.append(tun.close)
-        await asyncio.to_thread(configure_tun, tun.name, lease.subnet, cfg.network, mtu)
+        await asyncio.to_thread(configure_tun, tun.name, lease.subnet, network, mtu)
         proc, control = _start_proxy(tun.fd, sock, lease.subnet.network_address, mtu, opts.verbose)
         undo.append(control.close)
         undo.append(lambda: _stop_proxy(proc, control))
@@ -382,6 +385,7 @@ class FlanneldUdpPeer:
         if self.etcd_endpoints:
             argv += ["--etcd-endpoints", self.etcd_endpoints, "--etcd-prefix", self.etcd_prefix]
         else:
+            assert self.registry_file is not None  # (one or the other)
             argv += ["--registry-file", self.registry_file]
         if self.port:
             argv += ["--port", str(self.port)]
@@ -425,7 +429,9 @@ class FlanneldUdpPeer:
     @property
     def subnet(self) -> ipaddress.IPv4Network:
         with open(self.subnet_file) as f:
-            return subnetenv.parse(f.read()).subnet_network
+            subnet = subnetenv.parse(f.read()).subnet_network
+        assert subnet is not None, f"no FLANNEL_SUBNET in {self.subnet_file}"
+        return subnet
 
     @property
     def overlay_addr(self) -> str:

@@ -224,6 +224,8 @@ Opener = Callable[[tuple[str, int], float], socket.socket]
 class _Connection(http.client.HTTPSConnection):
     """An HTTPS connection whose socket ``opener`` makes (e.g. inside a namespace)."""
 
+    _context: ssl.SSLContext  # HTTPSConnection's own (typeshed leaves it out)
+
     def __init__(self, host: str, port: int, *, opener: Opener | None, **kw: Any) -> None:
         super().__init__(host, port, **kw)
         self._opener = opener
@@ -231,6 +233,7 @@ class _Connection(http.client.HTTPSConnection):
     def connect(self) -> None:
         if self._opener is None:
             return super().connect()
+        assert self.timeout is not None  # (Api._send always gives one)
         sock = self._opener((self.host, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 

@@ -11,10 +11,12 @@ thread of the test would share the test's GIL and miss tens of milliseconds.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import select
 import sys
 import time
+from typing import cast
 
 
 def longest_still(samples: list[tuple[float, int]]) -> float:
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < deadline:
             stats = ipr.link("get", index=index)[0].get_attr("IFLA_STATS64")
             samples.append((time.monotonic(), int(stats["rx_packets"])))
-            if select.select([sys.stdin], [], [], a.period)[0] and not sys.stdin.buffer.read1(4096):
+            stdin = cast(io.BufferedReader, sys.stdin.buffer)  # (typeshed: a BinaryIO, without read1)
+            if select.select([sys.stdin], [], [], a.period)[0] and not stdin.read1(4096):
                 break  # stdin closed: the caller is done
     print(json.dumps({"longest": round(longest_still(samples), 4), "resolution": round(largest_gap(samples), 4),
                       "samples": len(samples)}), flush=True)

@@ -350,8 +350,8 @@ class _Server:
         if reason is not None:
             return _response(503, (reason + "\n").encode(), head_only=head_only)
         if st.registry is not None and not st.registry.reachable:
-            body = f"ready (registry {st.registry.kind} unreachable; still forwarding)\n"
-            return _response(200, body.encode(), head_only=head_only)
+            text = f"ready (registry {st.registry.kind} unreachable; still forwarding)\n"
+            return _response(200, text.encode(), head_only=head_only)
         if st.registry is not None and st.registry.kind == "embedded":  # where says "single host only"
             return _response(200, f"ready (embedded registry {st.registry.where})\n".encode(), head_only=head_only)
         return _response(200, b"ready\n", head_only=head_only)
@@ -421,10 +421,10 @@ async def start_http(status: Callable[[], NodeStatus], *, healthz: tuple[str, in
     of what readiness depends on, read on the HTTP thread (plain attribute reads), so
     /readyz answers a change at once while a flood of requests costs one status."""
     plan: dict[tuple[str, int], tuple[str, ...]] = {}
-    for what, where, paths in (("healthz", healthz, HEALTH_PATHS), ("metrics", metrics, METRICS_PATHS)):
+    for what, where, own in (("healthz", healthz, HEALTH_PATHS), ("metrics", metrics, METRICS_PATHS)):
         address = None if where is None else _address(what, where)
         if address is not None:
-            plan[address] = plan.get(address, ()) + paths
+            plan[address] = plan.get(address, ()) + own
     if not plan:
         return HttpEndpoints(None, {})
     listeners: list[tuple[socket.socket, tuple[str, ...]]] = []

@@ -136,8 +136,10 @@ class EmbeddedRegistry:
     def _record(db: sqlite3.Connection, subnet: str, value: bytes | None, expires: float | None) -> None:
         cur = db.execute("INSERT INTO events (subnet, value, expires) VALUES (?, ?, ?)",
                          (subnet, value, expires))
-        if cur.lastrowid % 1000 == 0:
-            db.execute("DELETE FROM events WHERE rev <= ?", (cur.lastrowid - KEEP_EVENTS,))
+        rev = cur.lastrowid
+        assert rev is not None  # (an INSERT's)
+        if rev % 1000 == 0:
+            db.execute("DELETE FROM events WHERE rev <= ?", (rev - KEEP_EVENTS,))
 
     @staticmethod
     def _revision(db: sqlite3.Connection) -> int:

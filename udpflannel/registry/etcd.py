@@ -203,6 +203,8 @@ def _is_connection_error(exc: BaseException) -> bool:
 class _Client(aetcd.Client):
     """aetcd.Client whose channel may be TLS, and which can re-authenticate."""
 
+    channel: grpc.aio.Channel | None  # aetcd.Client's: None until connect()
+
     def __init__(self, index: int, endpoint: Endpoint, credentials: grpc.ChannelCredentials | None,
                  username: str | None, password: str | None, timeout: float,
                  options: dict[str, object]) -> None:
@@ -334,9 +336,9 @@ class EtcdRegistry:
                 if self._username is not None and not reauthenticated and _is_auth_expiry(e):
                     reauthenticated = True
                     log.debug("etcd %s at %s: %s; authenticating again", what, endpoint.url, _one_line(e))
-                    client = self._clients.get(index)
-                    if client is not None:
-                        client._connected.clear()  # connect() re-authenticates
+                    stale = self._clients.get(index)
+                    if stale is not None:
+                        stale._connected.clear()  # connect() re-authenticates
                     continue
                 if not _is_connection_error(e):
                     raise RegistryError(f"etcd {what} failed at {endpoint.url}: {_one_line(e)}") from None
@@ -709,6 +711,7 @@ class EtcdRegistry:
             start_revision=revision + 1, progress_notify=True, prev_kv=True, fragment=True))
 
         async def open_stream(c: _Client) -> tuple[_Client, grpc.aio.StreamStreamCall, rpc.WatchResponse]:
+            assert c.watchstub is not None  # c is connected
             call = c.watchstub.Watch(metadata=c.metadata)
             self._watches.add(call)
             try:

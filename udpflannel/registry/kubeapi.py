@@ -107,8 +107,8 @@ def _library() -> types.SimpleNamespace:
         configuration = importlib.import_module("kubernetes_asyncio.client.configuration")
         api_client = importlib.import_module("kubernetes_asyncio.client.api_client")
         client = sys.modules["kubernetes_asyncio.client"]
-        client.Configuration = configuration.Configuration  # what the config loaders import
-        client.ApiClient = api_client.ApiClient
+        # what the config loaders import
+        vars(client).update(Configuration=configuration.Configuration, ApiClient=api_client.ApiClient)
         kube_config = importlib.import_module("kubernetes_asyncio.config.kube_config")
         incluster = importlib.import_module("kubernetes_asyncio.config.incluster_config")
         exception = importlib.import_module("kubernetes_asyncio.config.config_exception")

@@ -44,7 +44,8 @@ def wanted_lease(cfg: NetworkConfig, public_ip: ipaddress.IPv4Address | None, ma
         return Lease(None, public_ip or UNSPECIFIED, "", None, None)
     v4 = cfg.enable_ipv4 and public_ip is not None
     v6 = cfg.enable_ipv6 and public_ipv6 is not None
-    return Lease(None, public_ip if v4 else UNSPECIFIED, "vxlan", cfg.vni if v4 else None, mac if v4 else None,
+    ip = public_ip if v4 and public_ip is not None else UNSPECIFIED
+    return Lease(None, ip, "vxlan", cfg.vni if v4 else None, mac if v4 else None,
                  public_ipv6=public_ipv6 if v6 else None, vni6=cfg.vni if v6 else None, vtep_mac6=mac6 if v6 else None)
 
 

@@ -121,8 +121,10 @@ class KubeSource:
         node = await self._node_with_pod_cidr(stop, health)
         subnet = kubenode.pod_cidr(node)
         assert subnet is not None
-        if not kubenode.contains(cfg.network, subnet):
-            raise BadInput(f"node {self.node_name}'s podCIDR {subnet} is not inside the Network {cfg.network} of "
+        network = cfg.network
+        assert network is not None  # EnableIPv4 false needs EnableIPv6, refused above
+        if not kubenode.contains(network, subnet):
+            raise BadInput(f"node {self.node_name}'s podCIDR {subnet} is not inside the Network {network} of "
                            f"{path}: Kubernetes' cluster CIDR (kube-controller-manager --cluster-cidr) and "
                            "net-conf.json must agree")
         if subnet.prefixlen > 30:
@@ -130,8 +132,8 @@ class KubeSource:
         if subnet.prefixlen != cfg.subnet_len:
             log.info("subnets are /%d, the length of node %s's podCIDR %s (Kubernetes decides it; %s says /%d)",
                      subnet.prefixlen, self.node_name, subnet, path, cfg.subnet_len)
-            last = cfg.network.broadcast_address + 1 - (1 << (32 - subnet.prefixlen))
-            cfg = replace(cfg, subnet_len=subnet.prefixlen, subnet_min=cfg.network.network_address,
+            last = network.broadcast_address + 1 - (1 << (32 - subnet.prefixlen))
+            cfg = replace(cfg, subnet_len=subnet.prefixlen, subnet_min=network.network_address,
                           subnet_max=ipaddress.IPv4Address(last))
         try:
             public_ip = kubenode.stored_public_ip(self.names, node)
@@ -269,7 +271,9 @@ class KubeManager:
         """Our podCIDR as the lease, our annotations published (AcquireLease)."""
         node = await self.api.get_node(self.node_name)
         subnet = kubenode.pod_cidr(node)
-        if subnet is None or not kubenode.contains(self.config.network, subnet):
+        network = self.config.network
+        assert network is not None  # (KubeSource.network_config)
+        if subnet is None or not kubenode.contains(network, subnet):
             raise BadInput(f"node {self.node_name}'s podCIDR is now {subnet}, not a subnet of {self.config.network}")
         lease = replace(wanted, subnet=subnet, expiration=0.0)
         await self._publish(lease, kubenode.node_annotations(node), "published")
@@ -463,7 +467,7 @@ class KubeManager:
         return None
 
     def _claim(self, name: str, lease: Lease) -> None:
-        claimants = self._claims.setdefault(lease.subnet, {})
+        claimants = self._claims.setdefault(_pod_cidr(lease), {})
         claimants[name] = None
         if self.lease is not None and lease.subnet == self.lease.subnet:
             self.health.ignored += 1
@@ -478,11 +482,12 @@ class KubeManager:
         old = self._leases.pop(name, None)
         if old is None:
             return None
-        claimants = self._claims.get(old.subnet, {})
+        subnet = _pod_cidr(old)
+        claimants = self._claims.get(subnet, {})
         claimants.pop(name, None)
         if not claimants:
-            self._claims.pop(old.subnet, None)
-        return old.subnet
+            self._claims.pop(subnet, None)
+        return subnet
 
     def _update(self, name: str, lease: Lease | None) -> list[LeaseEvent]:
         """The events one node's new state makes (a watch event)."""
@@ -492,7 +497,7 @@ class KubeManager:
         if lease is not None:
             self._leases[name] = lease
             self._claim(name, lease)
-            touched.add(lease.subnet)
+            touched.add(_pod_cidr(lease))
         events = []
         for subnet in touched:
             now, before = self._effective(subnet), self._routed.get(subnet)
@@ -526,3 +531,9 @@ class KubeManager:
         events = diff(self._routed, fresh)
         self._routed = fresh
         return events
+
+
+def _pod_cidr(lease: Lease) -> ipaddress.IPv4Network:
+    """A node's lease here: its subnet is the node's podCIDR (kubenode.node_lease)."""
+    assert lease.subnet is not None
+    return lease.subnet

@@ -62,10 +62,10 @@ import logging
 import random
 import time
 from dataclasses import replace
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AbstractSet, AsyncIterator, Awaitable, Callable, cast
 
 from udpflannel.core import peers
-from udpflannel.core.config import NetworkConfig, SubnetPool
+from udpflannel.core.config import Network, NetworkConfig, SubnetPool
 from udpflannel.core.lease import EventType, Lease, LeaseEvent, diff, encode_value, snapshot
 from udpflannel.registry.badkeys import BadKeyLog
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, Registry, RegistryError
@@ -168,7 +168,8 @@ class LeaseManager:
         return all((sub is not None) == (pool is not None) and (pool is None or pool.in_range(sub))
                    for sub, pool in ((lease.subnet, self.config.v4), (lease.ipv6_subnet, self.config.v6)))
 
-    def _placed(self, wanted: Lease, base: Lease | None, current: list[Lease], refused: set = frozenset()) -> Lease:
+    def _placed(self, wanted: Lease, base: Lease | None, current: list[Lease],
+                refused: AbstractSet[Network] = frozenset()) -> Lease:
         """``wanted`` with a subnet of each family the network enables: ``base``'s if it
         has one in range, else the subnet file's if free (no key names it), else a free
         one at random."""
@@ -191,7 +192,9 @@ class LeaseManager:
                     break
             else:
                 chosen[v] = self._pick_free(pool, set(named) | set(refused))
-        return replace(wanted, subnet=chosen.get(4), ipv6_subnet=chosen.get(6))
+        # each pool's subnets are of its family
+        return replace(wanted, subnet=cast(ipaddress.IPv4Network | None, chosen.get(4)),
+                       ipv6_subnet=cast(ipaddress.IPv6Network | None, chosen.get(6)))
 
     def _ours_first(self, current: list[Lease]) -> list[Lease]:
         """Leases that are provably ours (our PublicIP and our VTEP MAC, of the primary
@@ -485,7 +488,8 @@ class LeaseManager:
                     for ev in events:
                         key = ev.lease.key
                         if self._is_ours(ev.lease):
-                            if ev.type is EventType.REMOVED or not ev.lease.same_route(self.lease):
+                            if (ev.type is EventType.REMOVED or self.lease is None  # (_is_ours: it is not)
+                                    or not ev.lease.same_route(self.lease)):
                                 await self.renew_or_recreate()
                             continue
                         prev = known.get(key)

@@ -9,6 +9,7 @@ exit would be a crash loop under a DaemonSet), saying so every CONFIG_WAIT_LOG s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import replace
@@ -48,7 +49,7 @@ class RegistrySource:
             if opts.net_config or not opts.etcd_endpoints:
                 text = read_net_config(opts.net_config) if opts.net_config else netconfig.default_config().to_json()
                 stored = await until_reachable(
-                    "writing config", lambda t=text: registry.put_config_if_absent(t), retry, stop, health)
+                    "writing config", functools.partial(registry.put_config_if_absent, text), retry, stop, health)
                 break
             now = time.monotonic()
             if waited_since is None or now - waited_since >= CONFIG_WAIT_LOG:

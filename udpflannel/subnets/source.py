@@ -48,9 +48,11 @@ class Kept:
 
 class Source(Protocol):
     kind: str  # "etcd", "embedded", "kube": what status and /metrics call it
-    where: str  # may be refined by network_config (kube: the API server's URL)
     retry: bool
     kept: Kept
+
+    @property
+    def where(self) -> str: ...  # may be refined by network_config (kube: the API server's URL)
 
     async def network_config(self, stop: asyncio.Event, health: RegistryHealth) -> NetworkConfig: ...
 

@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Sequence
 
+from udpflannel.core.config import subnet_within
 from udpflannel.core.errors import UdpflannelError
 
 TOOL_TIMEOUT = 30.0  # seconds; iptables-restore also waits up to 5 s for the xtables lock
@@ -42,7 +43,7 @@ class RuleSpec:
                 continue
             if not isinstance(network, cls) or not isinstance(subnet, cls):
                 raise RulesError(f"rules: network and subnet must be IPv{version} networks")
-            if not subnet.subnet_of(network):
+            if not subnet_within(subnet, network):
                 raise RulesError(f"rules: subnet {subnet} is not inside network {network}")
         if not self.versions:
             raise RulesError("rules: no network to make rules for")

@@ -147,8 +147,8 @@ def plan(chain: OwnedChain, state: dict[str, list[str]], wanted: bool,
         if chain.name not in state:
             return [], [], []
         unhook = [f"-D {line[3:]}" for line in hook_lines if _targets(line, chain.name)]
-        lines = [*unhook, f"-F {chain.name}", f"-X {chain.name}"]
-        return [], lines, [f"{tool}: removed {chain.table} chain {chain.name} (not wanted)"]
+        return ([], [*unhook, f"-F {chain.name}", f"-X {chain.name}"],
+                [f"{tool}: removed {chain.table} chain {chain.name} (not wanted)"])
     decls: list[str] = []
     lines: list[str] = []
     msgs: list[str] = []
@@ -255,7 +255,7 @@ class IptablesRules(Rules):
     def _apply(self, chains: list[tuple[OwnedChain, bool]], version: int = 4) -> list[str]:
         restore = TOOLS[version][2]
         with self._lock:
-            error = None
+            error: RulesError | None = None
             for _attempt in range(2):  # a failed restore changed nothing: read again, retry once
                 payloads, msgs = self._plan_all(chains, version)
                 error = None
@@ -266,6 +266,7 @@ class IptablesRules(Rules):
                         break
                 if error is None:
                     return msgs
+            assert error is not None  # both attempts failed
             raise error
 
     def ensure(self) -> list[str]:

@@ -270,7 +270,7 @@ class NftablesRules(Rules):
 
     def ensure(self) -> list[str]:
         with self._lock:
-            error = None
+            error: RulesError | None = None
             for _attempt in range(2):  # a failed script changed nothing: read again, retry once
                 lines: list[str] = []
                 msgs: list[str] = []
@@ -285,6 +285,7 @@ class NftablesRules(Rules):
                     return msgs
                 except RulesError as e:
                     error = e
+            assert error is not None  # both attempts failed
             raise error
 
     def remove(self) -> None:

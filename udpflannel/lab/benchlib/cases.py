@@ -157,6 +157,7 @@ def udpflannel(extra_args: tuple[str, ...], peers: int = 0, config: str = BIG_NE
                                             f"routing to {peers + 1} peers")
                 pids = tuple(cluster.procs[i].pid for i in sorted(cluster.procs))
                 st = cluster.status(1)
+                assert st.dataplane is not None  # (routing, waited for above)
                 yield Target(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), daemons=pids,
                              note=f"lab {lab.id}, daemons {', '.join(map(str, pids))}, "
                                   f"{st.dataplane.kind} plane, {st.dataplane.device} MTU "

@@ -170,6 +170,7 @@ def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
     client_cpu, server_cpu = cpus if cpus is not None else (None, None)
     server = _start(dst, [*_on_cpu(server_cpu), binary, "server", addr, str(port)],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout is not None and server.stderr is not None  # (PIPE)
     try:
         if server.stdout.readline().strip() != "ready":
             raise ToolError(f"udpecho server did not start: {server.stderr.read().strip()}")
