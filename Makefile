@@ -30,6 +30,12 @@ IO_TESTS := $(addprefix tests/integration/,test_overlay.py test_offload_modes.py
             test_udp_backend.py test_restarts.py)
 IO_SELECT := not python and not (test_restarts and kernel) and not (oldkernel and not oldkernel_no_udp_offload)
 
+# Three test processes on two cores (pytest-xdist), each taking whole files: most
+# integration tests wait on daemons, etcd and the kernel, so the suite takes about
+# half the time it takes in one process; every test names its namespaces after its own
+# process (netns.lab_prefix), so they never meet.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n 3 --dist loadfile
+
 # Then the engine built with ASan and UBSan, outside the tree, under the tests of its C
 # paths (tests/sanitize.sh). The slowest tests and the total are printed: the whole
 # command must stay within 15 minutes.
@@ -37,10 +43,9 @@ test: setup
 	@date +%s > $(VENV)/.test-started
 	$(VENV)/bin/ruff check udpflannel tests bench
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
-	FLANNELD_IO=threads $(PY) -m pytest -q -p no:cacheprovider --durations=5 -k "$(IO_SELECT)" $(IO_TESTS)
-	FLANNELD_IO=loop $(PY) -m pytest -q -p no:cacheprovider --durations=5 -k "$(IO_SELECT) and not warm_start" \
-	    $(IO_TESTS)
+	$(PYTEST) --durations=15
+	FLANNELD_IO=threads $(PYTEST) --durations=5 -k "$(IO_SELECT)" $(IO_TESTS)
+	FLANNELD_IO=loop $(PYTEST) --durations=5 -k "$(IO_SELECT) and not warm_start" $(IO_TESTS)
 	bash tests/sanitize.sh
 	@echo "make test: passed in $$(( $$(date +%s) - $$(cat $(VENV)/.test-started) )) s (budget 900 s)"
 
