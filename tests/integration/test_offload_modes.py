@@ -64,12 +64,13 @@ def test_an_older_kernel_falls_back_and_batches(make_lab, make_cluster, kernel):
         assert (c["rx_merged_writes"] > 0) == (bool(batching) or "gro" in wanted)
         if batching or "gso" in wanted:
             assert c["tx_send_calls"] * 2 < c["tx_packets"]
-        else:  # one datagram per call: sendmsg each
-            assert c["tx_send_calls"] == c["tx_packets"]
+        else:  # one datagram per call: sendmsg each (a status read between a packet's
+            # encapsulation, which counts it, and its send call may see it in flight)
+            assert c["tx_packets"] - c["tx_send_calls"] in (0, 1)
         if batching or "gro" in wanted:
             assert c["rx_recv_calls"] < c["rx_packets"]
-        else:
-            assert c["rx_recv_calls"] == c["rx_packets"]
+        else:  # (the same: a call counted before its datagram is)
+            assert abs(c["rx_recv_calls"] - c["rx_packets"]) <= 1
         bad = {k: v for k, v in c.items() if k.startswith("drop_") and k != "drop_no_route" and v}
         assert bad == {} and c["gso_fallbacks"] == 0
 
