@@ -35,6 +35,7 @@ def test_bench_runs_every_step_of_two_cases(workdir):
     for m in (veth, pinned):
         assert m["rtt_p50_us"] > 0 and m["rtt_cpu0_p50_us"] > 0 and m["tcp1_gbps"] > 0
         assert m["udp_kpps"] > 0
+        assert m["rr_ktps"] > 0 and 0 < m["rr_p50_us"] <= m["rr_p99_us"] and m["rr_lost"] is not None
     assert veth["echo_p50_us"] > 0 and veth["echo_cpu0_p50_us"] > 0 and pinned["daemon_cpu_s"] > 0
     if {0, 1} <= os.sched_getaffinity(0):   # the cross-CPU echo needs a second CPU
         assert veth["echo_cross_p50_us"] > 0 and "floor across CPUs" in proc.stdout
@@ -42,5 +43,5 @@ def test_bench_runs_every_step_of_two_cases(workdir):
         assert veth["echo_cross_p50_us"] is None and "skipped" in proc.stderr
     assert pinned["tcp1_cores_per_gbps"] > 0 and veth["tcp1_cores_per_gbps"] is None  # no daemons
     assert doc["cases"]["udpflannel-poll-cpu0"]["daemon_args"] == ["--io", "poll", "--cpus", "0"]
-    assert "ping on CPU 0, p50" in proc.stdout
+    assert "ping on CPU 0, p50" in proc.stdout and "UDP 64 flows req/resp" in proc.stdout
     made.assert_all_removed()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 
@@ -329,6 +330,65 @@ def test_ping_output_all_lost():
 def test_ping_output_without_summary():
     with pytest.raises(parse.ParseError):
         parse.ping_output("ping: connect: Network is unreachable\n")
+
+
+FLOWS = "transactions=48211 seconds=1.001 p50_us=1270.4 p99_us=3011.9 lost=2 late=1\n"
+
+
+def test_udp_flows():
+    r = parse.udp_flows(FLOWS)
+    assert (r.transactions, r.seconds, r.p50_us, r.p99_us, r.lost, r.late) == (48211, 1.001, 1270.4, 3011.9, 2, 1)
+    assert r.tps == pytest.approx(48211 / 1.001)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no summary"),
+    ("flow socket: Too many open files\n", "no summary"),
+    ("transactions=5 seconds=1.0 p50_us=3.0 lost=0 late=0\n", "lacks 'p99_us'"),
+    ("transactions=x seconds=1.0 p50_us=3.0 p99_us=4.0 lost=0 late=0\n", "invalid literal"),
+    ("transactions=0 seconds=1.000 p50_us=-1.0 p99_us=-1.0 lost=320 late=0\n", "320 given up"),
+])
+def test_udp_flows_errors_are_parse_errors(text, message):
+    with pytest.raises(parse.ParseError, match=message):
+        parse.udp_flows(text)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build csrc/lab/udpecho.c")
+def test_udpecho_flows_output_is_what_the_parser_reads():
+    """The C client against a Python echo server on loopback (no privileges): every
+    flow's source port is its own, and the summary line parses."""
+    import socket
+    import subprocess
+    import threading
+
+    from udpflannel.lab import cbuild
+    binary = cbuild.build(cbuild.LAB_SOURCES / "udpecho.c")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    senders: set[tuple[str, int]] = set()
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                data, peer = sock.recvfrom(2048)
+            except socket.timeout:
+                continue
+            senders.add(peer)
+            sock.sendto(data, peer)
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        out = subprocess.run([binary, "flows", "127.0.0.1", str(sock.getsockname()[1]), "8", "0.3"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    finally:
+        done.set()
+        server.join(5)
+        sock.close()
+    r = parse.udp_flows(out)
+    assert r.transactions >= 8 and 0.29 < r.seconds < 1.0 and 0 < r.p50_us <= r.p99_us
+    assert len(senders) == 8   # (lost is not checked: a loaded machine may pause the server)
 
 
 # -- parsers: /proc ---------------------------------------------------------------------

@@ -20,6 +20,9 @@ an echo from node 1, then runs these steps from node 1 to node 2:
     tcp1   iperf3 TCP, 1 stream                           -> Gbit/s, retransmits
     tcp4   iperf3 TCP, 4 streams                          -> Gbit/s, retransmits
     udp    iperf3 UDP, 64 B datagrams, unlimited rate     -> received kpkt/s, loss %
+    rr     64 UDP flows (each its own source port), each one 64 B request in flight,
+           answered by one echo server: DNS-like request/response, so coalescing is
+           not tuned to one bulk flow      -> k transactions/s, RTT p50 / p99, lost
 
 Around each step it samples the daemons' utime+stime (/proc/<pid>/stat) and the whole
 machine's busy time (/proc/stat); after the last step the daemons' VmHWM. A failed
@@ -50,6 +53,7 @@ from udpflannel.lab.netns import interrupt_on_sigterm, owned_handler
 log = logging.getLogger("udpflannel.lab.bench")
 
 UDP_LENGTH = 64
+RR_FLOWS = 64         # the rr step's request/response flows
 PING_COUNT, PING_INTERVAL = 200, 0.01
 SETTLE = 0.3          # seconds between steps, for queues and TIME_WAITs to drain
 
@@ -134,6 +138,15 @@ def _udp(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
             f"loss {r.loss_pct:.1f} %")
 
 
+def _rr(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
+    r = tools.udp_flows(t.src, t.dst, t.addr, RR_FLOWS, seconds)
+    metrics.update(rr_ktps=r.tps / 1e3, rr_p50_us=r.p50_us, rr_p99_us=r.p99_us, rr_lost=r.lost)
+    detail.update(flows=RR_FLOWS, transactions=r.transactions, seconds=r.seconds,
+                  p50_us=r.p50_us, p99_us=r.p99_us, lost=r.lost, late=r.late)
+    return (f"{RR_FLOWS} flows: {r.tps / 1e3:.1f} k transactions/s, RTT p50 "
+            f"{report.format_value(r.p50_us)} us, p99 {report.format_value(r.p99_us)} us, lost {r.lost}")
+
+
 def _echoer(cpus: tuple[int, int] | None, prefix: str) -> Callable[[Target, float, dict, dict], str]:
     """A UDP echo step; `cpus` = (client's CPU, server's CPU), or None: unpinned."""
     def step(t: Target, seconds: float, metrics: dict, detail: dict) -> str:
@@ -184,7 +197,7 @@ STEPS: dict[str, Callable[[Target, float, dict, dict], str]] = {
     "ping": _pinger(None, "rtt"), "ping0": _pinger(0, "rtt_cpu0"),
     "echo": _echoer(None, "echo"), "echo0": _echoer((0, 0), "echo_cpu0"),
     "echox": _echoer((0, 1), "echo_cross"),
-    "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp, "restart": _restarts}
+    "tcp1": _tcp(1), "tcp4": _tcp(4), "udp": _udp, "rr": _rr, "restart": _restarts}
 
 
 def _daemon_cpu(pids: tuple[int, ...]) -> list[float | None]:
@@ -271,7 +284,8 @@ def _meta(args: argparse.Namespace, order: list[str], started: dt.datetime) -> d
             "kernel": platform.release(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "iperf3": tools.iperf3_version(),
             "seconds": args.seconds, "iperf_seconds": tools.iperf_duration(args.seconds),
-            "repeat": args.repeat, "udp_length": UDP_LENGTH, "ping_count": PING_COUNT,
+            "repeat": args.repeat, "udp_length": UDP_LENGTH, "rr_flows": RR_FLOWS,
+            "ping_count": PING_COUNT,
             "ping_interval_s": PING_INTERVAL, "cases": order, "only": args.only,
             "underlay": "2 namespaces, veth into a bridge in a hub namespace, MTU 1500"}
 

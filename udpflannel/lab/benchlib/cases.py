@@ -86,7 +86,7 @@ class Case:
     description: str
     setup: Callable[[], ContextManager[Target]]
     daemon_args: tuple[str, ...] | None = None
-    steps: tuple[str, ...] = ("ping", "ping0", "tcp1", "tcp4", "udp")
+    steps: tuple[str, ...] = ("ping", "ping0", "tcp1", "tcp4", "udp", "rr")
 
 
 @contextmanager
@@ -216,7 +216,7 @@ def flanneld_udp() -> Iterator[Target]:
 def all_cases() -> list[Case]:
     cases = [
         Case("veth", "bare underlay: veth pairs through a bridge, no overlay", veth,
-             steps=("ping", "ping0", "echo", "echo0", "echox", "tcp1", "tcp4", "udp")),
+             steps=("ping", "ping0", "echo", "echo0", "echox", "tcp1", "tcp4", "udp", "rr")),
         Case(BASE_CASE, "kernel VXLAN set up as flannel's vxlan backend (flannel.1, "
                         f"VNI {VXLAN_VNI}, port {VXLAN_PORT}, nolearning, static neigh/fdb/route)",
              kernel_vxlan),

@@ -117,6 +117,44 @@ def ping_output(text: str) -> PingResult:
     return PingResult(sent=int(sent_m.group(1)), rtts_ms=tuple(seen[k] for k in sorted(seen)))
 
 
+@dataclass(frozen=True)
+class FlowsResult:
+    """``udpecho flows``: closed-loop request/response over many UDP flows."""
+    transactions: int     # requests answered
+    seconds: float        # how long the client ran
+    p50_us: float         # RTT percentiles of the answered requests
+    p99_us: float
+    lost: int             # requests unanswered for 200 ms (given up and sent again)
+    late: int             # answers that came after their request was given up
+
+    @property
+    def tps(self) -> float:
+        return self.transactions / self.seconds if self.seconds > 0 else 0.0
+
+
+def udp_flows(text: str) -> FlowsResult:
+    """The summary line of ``udpecho flows``:
+    ``transactions=N seconds=S p50_us=X p99_us=Y lost=L late=K``."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("transactions=")]
+    if not lines:
+        raise ParseError(f"udpecho flows printed no summary: {text.strip()[:200] or '(no output)'}")
+    fields = {}
+    for item in lines[-1].split():
+        key, _, value = item.partition("=")
+        fields[key] = value
+    try:
+        r = FlowsResult(transactions=int(fields["transactions"]), seconds=float(fields["seconds"]),
+                        p50_us=float(fields["p50_us"]), p99_us=float(fields["p99_us"]),
+                        lost=int(fields["lost"]), late=int(fields["late"]))
+    except KeyError as e:
+        raise ParseError(f"udpecho flows summary lacks {e}") from None
+    except ValueError as e:
+        raise ParseError(f"udpecho flows summary: {e}") from None
+    if r.transactions == 0:   # (its percentiles are then -1: none measured)
+        raise ParseError(f"no request answered in {r.seconds:g} s ({r.lost} given up after 200 ms)")
+    return r
+
+
 def proc_cpu_ticks(stat_text: str) -> int:
     """utime + stime (clock ticks) from /proc/<pid>/stat; the name in parentheses may
     hold spaces and parentheses, so split after the last ')'."""

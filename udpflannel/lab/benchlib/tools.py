@@ -185,3 +185,31 @@ def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
         return [float(x) for x in out.split() if x != "lost"]
     finally:
         stop(server, grace=0)
+
+
+def udp_flows(src: Namespace, dst: Namespace, addr: str, flows: int, seconds: float,
+              port: int = 7008) -> parse.FlowsResult:
+    """``flows`` closed-loop request/response UDP flows (64-byte requests, one in flight
+    per flow, each from its own source port) for ``seconds``, from ``src`` to the echo
+    server on ``addr`` in ``dst`` (lab csrc/lab/udpecho.c, mode ``flows``)."""
+    from udpflannel.lab import cbuild
+    binary = cbuild.build(cbuild.LAB_SOURCES / "udpecho.c")
+    server = _start(dst, [binary, "server", addr, str(port)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert server.stdout is not None and server.stderr is not None  # (PIPE)
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise ToolError(f"udpecho server did not start: {server.stderr.read().strip()}")
+        client = _start(src, [binary, "flows", addr, str(port), str(flows), f"{seconds:g}"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = client.communicate(timeout=seconds + 10)
+        except subprocess.TimeoutExpired:
+            raise ToolError(f"udpecho flows still running after {seconds + 10:.0f} s") from None
+        finally:
+            stop(client)
+        if client.returncode != 0:
+            raise ToolError(f"udpecho flows failed: {err.strip()[:300]}")
+        return parse.udp_flows(out)
+    finally:
+        stop(server, grace=0)
