@@ -485,7 +485,18 @@ def _cmd_run(a: argparse.Namespace) -> int:
         warm = warmstart.begin(opts)
     import uvloop
     uvloop.run(_node(opts, warm))
-    return EXIT_OK
+    _exit_at_once(EXIT_OK)
+
+
+def _exit_at_once(code: int) -> NoReturn:
+    """Gone without the interpreter's orderly finalization (60-110 ms of module teardown
+    and garbage collection, measured): the data plane has stopped, so until the next
+    daemon forwards, every moment left is silence on the wire. Nothing left needs it:
+    state files are written, the registry client closed, the fds are the kernel's to close."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _node(opts, warm) -> None:

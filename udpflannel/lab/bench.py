@@ -265,9 +265,12 @@ def run_case(case: Case, rep: int, repeat: int, seconds: float, progress: Progre
         if target.daemons and "daemon" not in run["errors"]:
             run["metrics"]["daemon_cpu_s"] = daemon_total
             try:
-                rss = [tools.peak_rss_mib(pid) for pid in target.daemons]
+                # a restart step replaced a daemon: the peak of the ones still running
+                alive = [pid for pid in target.daemons
+                         if target.restart is None or os.path.exists(f"/proc/{pid}")]
+                rss = [tools.peak_rss_mib(pid) for pid in alive]
                 run["metrics"]["daemon_rss_mib"] = max(rss)
-                run["steps"]["daemon"] = {"peak_rss_mib": rss, "pids": list(target.daemons)}
+                run["steps"]["daemon"] = {"peak_rss_mib": rss, "pids": alive}
             except (OSError, parse.ParseError) as e:
                 run["errors"]["daemon"] = f"reading VmHWM: {_error_text(e)}"
         for m in report.METRICS:          # a failed step leaves no half-filled figures
