@@ -112,6 +112,17 @@ cdef struct thr_t:
 
 cdef struct rxctx_t
 
+cdef struct txgroup_t:       # the frames of a send batch that leave by one call
+    route_t *route
+    int fd
+    int count
+    Py_ssize_t seg           # the first frame's size (UDP_SEGMENT's segment size)
+    Py_ssize_t hdr           # framing bytes in front of each queued packet
+    Py_ssize_t nbytes        # the frames' total size (UDP_SEGMENT's 64 KiB limit)
+    bint closed
+    iovec iov[64]
+
+
 cdef struct txctx_t:         # TUN -> UDP, one queue
     eng_t *e
     rxctx_t *polled[2]       # --io poll: the sockets its thread also drains (NULL: none)
@@ -123,14 +134,9 @@ cdef struct txctx_t:         # TUN -> UDP, one queue
     bint capture             # tests: frames go to Engine.captured
     void *owner              # the Engine (for `capture`; only touched with the GIL)
     uint8_t *bbuf            # the send batch: frames read and framed in place
-    Py_ssize_t b_off
-    int b_count
-    iovec b_iov[64]
-    Py_ssize_t b_seg         # the first frame's size (UDP_SEGMENT's segment size)
-    Py_ssize_t b_hdr         # framing bytes in front of each queued packet
-    bint b_closed
-    route_t *b_route
-    int b_fd
+    Py_ssize_t b_off         # the end of the last frame in bbuf
+    int b_groups             # groups in use, one per (peer, socket) of the batch
+    txgroup_t groups[16]     # TX_GROUPS
     uint8_t *obuf            # segmentation: a window of frame headers
     iovec tx_iov[128]        # frame k = tx_iov[2k] (headers) + tx_iov[2k+1] (payload)
     uint8_t *icmp            # an ICMP reply (net unreachable) for the TUN

@@ -123,6 +123,7 @@ cdef enum:
     OBUF_SIZE = 64 * 256     # one window of segment headers (payloads stay in place)
     BBUF_SIZE = 4 * 65536    # the send batch: frames read and framed in place
     MAX_WINDOW = 64          # UDP_SEGMENT's limit on segments per send
+    TX_GROUPS = 16           # (peer, socket) groups a send batch fills at once (the default --source-ports)
     MAX_TX = 64              # outer source ports (sockets) a node sends VXLAN from
     MAX_QUEUES = 16
     BUDGET = 256             # packets per burst in a thread

@@ -1,8 +1,9 @@
 # Included by _engine.pyx: TUN -> UDP. Each read lands in the send batch with HEADROOM
 # bytes in front and is framed in place (encap_c); frames to one peer and socket leave
 # together (queue_packet / flush_batch: one UDP_SEGMENT send, else sendmmsg: a burst of
-# reads costs one send call per peer, not one per packet, on kernels without UDP GSO
-# too). With vnet_hdr a read may be a TSO super-packet, cut into segments whose headers
+# reads costs one send call per peer and socket, not one per packet, on kernels without
+# UDP GSO too; up to TX_GROUPS such groups fill at once, so many flows to one peer
+# spread over the source-port sockets still leave in few calls). With vnet_hdr a read may be a TSO super-packet, cut into segments whose headers
 # are written apart and whose payloads stay in the read buffer (send_segments), all of
 # them in one call (UDP_SEGMENT, else sendmmsg). No route
 # inside the overlay: an ICMP net unreachable back into the TUN. Shared rules (drops,
@@ -111,12 +112,24 @@ cdef inline uint8_t *batch_slot(txctx_t *c) noexcept nogil:
     return c.bbuf + c.b_off + HEADROOM
 
 
+cdef txgroup_t *batch_group(txctx_t *c, route_t *r, int fd) noexcept nogil:
+    """The batch's group for frames to r by fd, or NULL: a batch of many flows to one
+    peer, spread over the source-port sockets, leaves in one call per socket instead
+    of one per change of socket (a flow keeps one socket, so its order holds)."""
+    cdef int k
+    for k in range(c.b_groups):
+        if c.groups[k].route == r and c.groups[k].fd == fd:
+            return &c.groups[k]
+    return NULL
+
+
 cdef void queue_packet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
     """Frame the packet at the batch slot in place and queue it (or answer ICMP)."""
     cdef route_t *r = NULL
     cdef int act = encap_c(c, pkt, n, &r), fd
     cdef uint8_t *frame
     cdef Py_ssize_t flen, fb
+    cdef txgroup_t *g
     if act == ACT_ICMP:
         tx_write_icmp(c)
         return
@@ -126,44 +139,62 @@ cdef void queue_packet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
     frame = pkt - fb
     flen = n + fb
     fd = tx_fd(c.e, r, pkt, n)
-    if c.b_count and (r != c.b_route or fd != c.b_fd
-                      or (gso_on(c.e) and (flen > c.b_seg or c.b_closed))):
-        flush_batch(c)  # the frame cannot join: send the others, then start anew
-        memmove(c.bbuf, frame, flen)
-        frame = c.bbuf
-    if c.b_count == 0:
-        c.b_route = r
-        c.b_fd = fd
-        c.b_hdr = fb
-        c.b_seg = flen
-        c.b_closed = False
-    c.b_iov[c.b_count].iov_base = frame
-    c.b_iov[c.b_count].iov_len = flen
-    c.b_count += 1
+    g = batch_group(c, r, fd)
+    if g != NULL and g.count and gso_on(c.e) and (flen > g.seg or g.closed):
+        flush_group(c, g)  # the frame cannot join its group: send the group first
+    if g == NULL:
+        if c.b_groups == TX_GROUPS:
+            flush_batch(c)  # every group taken: send them all, then start anew
+            memmove(c.bbuf, frame, flen)
+            frame = c.bbuf
+        g = &c.groups[c.b_groups]
+        c.b_groups += 1
+        g.route = r
+        g.fd = fd
+        g.count = 0
+    if g.count == 0:
+        g.hdr = fb
+        g.seg = flen
+        g.nbytes = 0
+        g.closed = False
+    g.iov[g.count].iov_base = frame
+    g.iov[g.count].iov_len = flen
+    g.count += 1
+    g.nbytes += flen
     c.b_off = (frame - c.bbuf) + flen
-    if flen < c.b_seg:
-        c.b_closed = True  # UDP_SEGMENT: only the last datagram may be shorter
-    if c.b_count == MAX_WINDOW or (gso_on(c.e) and c.b_off + c.b_seg > UDP_MAX_PAYLOAD):
-        flush_batch(c)  # (sendmmsg has no byte limit: batch_slot keeps room for the next read)
+    if flen < g.seg:
+        g.closed = True  # UDP_SEGMENT: only the last datagram may be shorter
+    if g.count == MAX_WINDOW or (gso_on(c.e) and g.nbytes + g.seg > UDP_MAX_PAYLOAD):
+        flush_group(c, g)  # (sendmmsg has no byte limit: batch_slot keeps room for the next read)
 
 
 cdef void flush_batch(txctx_t *c) noexcept nogil:
-    cdef int count = c.b_count, sent = 0, k
+    """Send every group of the batch; the batch's buffer is free again."""
+    cdef int k
+    for k in range(c.b_groups):
+        flush_group(c, &c.groups[k])
+    c.b_groups = 0
+    c.b_off = 0
+
+
+cdef void flush_group(txctx_t *c, txgroup_t *g) noexcept nogil:
+    """Send one group's frames: one UDP_SEGMENT send, else sendmmsg (its frames stay in
+    the buffer until the whole batch is flushed)."""
+    cdef int count = g.count, sent = 0, k
     cdef long rc
     if count == 0:
         return
-    c.b_count = 0
-    c.b_off = 0
+    g.count = 0
     if c.capture:
-        capture(c.owner, c.b_iov, count, 1)
+        capture(c.owner, g.iov, count, 1)
         return
     if count == 1:
-        sent = 1 if sendto(c.b_fd, c.b_iov[0].iov_base, c.b_iov[0].iov_len, 0,
-                           <sockaddr *>&c.b_route.addr, sizeof(sockaddr_in)) >= 0 else 0
+        sent = 1 if sendto(g.fd, g.iov[0].iov_base, g.iov[0].iov_len, 0,
+                           <sockaddr *>&g.route.addr, sizeof(sockaddr_in)) >= 0 else 0
         c.ctr[C_TX_CALLS] += sent
     else:
         if gso_on(c.e):  # queue_packet kept the sizes UDP_SEGMENT needs
-            rc = uf_send_gso_iov(c.b_fd, c.b_iov, count, <uint16_t>c.b_seg, &c.b_route.addr)
+            rc = uf_send_gso_iov(g.fd, g.iov, count, <uint16_t>g.seg, &g.route.addr)
             if rc >= 0:
                 sent = count
                 c.ctr[C_TX_CALLS] += 1
@@ -171,15 +202,15 @@ cdef void flush_batch(txctx_t *c) noexcept nogil:
                 gso_failed(c.e, c.ctr, rc)
         if sent == 0:
             for k in range(count):
-                c.tx_iov[2 * k] = c.b_iov[k]
+                c.tx_iov[2 * k] = g.iov[k]
                 c.tx_iov[2 * k + 1].iov_base = NULL
                 c.tx_iov[2 * k + 1].iov_len = 0
-            rc = uf_send_many_iov(c.b_fd, c.tx_iov, count, &c.b_route.addr, &c.e.mmsg_tx,
+            rc = uf_send_many_iov(g.fd, c.tx_iov, count, &g.route.addr, &c.e.mmsg_tx,
                                   &c.ctr[C_TX_CALLS])
             sent = <int>rc if rc > 0 else 0
     for k in range(sent, count):  # exact counters: undo what did not leave
         c.ctr[C_TX_PACKETS] -= 1
-        c.ctr[C_TX_BYTES] -= c.b_iov[k].iov_len - c.b_hdr
+        c.ctr[C_TX_BYTES] -= g.iov[k].iov_len - g.hdr
         c.ctr[D_SEND_ERROR] += 1
 
 

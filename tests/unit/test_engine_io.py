@@ -7,6 +7,7 @@ and at run time), byte for byte against the pure twin."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
@@ -223,6 +224,40 @@ def test_small_packets_leave_in_batches_in_order(wires, vnet, refuse):
     assert c["tx_bytes"] == sum(map(len, sent))
     assert a.offloads()["gso"] is True  # EINVAL concerns one send: GSO stays on
     assert (c["gso_fallbacks"] > 0) is refuse
+
+
+@pytest.mark.parametrize("gso", [True, False], ids=["udp-segment", "sendmmsg"])
+def test_many_flows_to_one_peer_leave_in_one_call_per_source_port(wires, gso):
+    """64 small flows to one peer, hashed over 4 source-port sockets and read in one
+    drain: each socket's packets leave together (one call per socket, not one per
+    change of socket), every packet arrives, and each flow keeps its order and its
+    socket."""
+    udp, tun = wires
+    rx = udp()
+    pool = [udp() for _ in range(4)]
+    app, tun_fd = tun()
+    a = engine(A_MAC)
+    a.set_route("10.244.2.0/24", "127.0.0.1", rx.getsockname()[1], B_MAC)
+    a.attach(tun_fd.fileno(), pool[0].fileno(), tx_fds=[s.fileno() for s in pool], gso=gso)
+    sent = [_small("10.244.2.9", 64, flow) for _ in range(3) for flow in range(64)]
+    for p in sent:
+        app.send(p)
+    assert a.drain_tun(256) == len(sent)
+    rx.settimeout(0.5)
+    got: list[tuple[int, bytes]] = []
+    with contextlib.suppress(socket.timeout):
+        while True:
+            data, (_, port) = rx.recvfrom(65535)
+            got.append((port, bytes(VXLAN(data)[IP])))
+    assert sorted(p for _, p in got) == sorted(sent)
+    for flow in range(64):  # in order, all by one socket
+        mine = [(port, p) for port, p in got if IP(p)[UDP].sport == 1000 + flow]
+        assert [p for _, p in mine] == [p for p in sent if IP(p)[UDP].sport == 1000 + flow]
+        assert len({port for port, _ in mine}) == 1
+    assert len({port for port, _ in got}) > 1  # the flows were spread over the sockets
+    c = a.counters()
+    assert c["tx_packets"] == len(sent) and c["drop_send_error"] == 0
+    assert c["tx_send_calls"] <= len(pool)
 
 
 def twin_of(mac: bytes, subnet: str, port: int, peer_mac: bytes) -> PyEngine:
