@@ -295,6 +295,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 underlay = await asyncio.to_thread(outside.find_underlay, opts, cfg)
             if source.kept.public_ip is not None and not inherited:  # kube-mgr: node-public-ip, as --public-ip
                 underlay = replace(underlay, public_ip=source.kept.public_ip)
+            if source.kept.public_ipv6 is not None and not inherited:  # kube-mgr: node-public-ipv6 (dual stack)
+                underlay = replace(underlay, public_ip6=source.kept.public_ipv6)
             await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
             plane = inherited.plane if inherited else None
             if inherited is not None and plane is not None and cfg != inherited.config:
@@ -307,7 +309,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             else:
                 mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac,
                                       source.kept.vtep_mac)  # kube-mgr: the MAC our Node names
-            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6, version=6)  # dual stack
+            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6,  # dual stack
+                                    source.kept.vtep_mac6, version=6)  # kube-mgr: backend-v6-data's MAC
                     if cfg.enable_ipv6 else None)
             log.info("underlay %s; network %s, backend %s, port %d", underlay.describe(),  # dual stack
                      " + ".join(map(str, cfg.networks)), cfg.backend_type, cfg.port)
