@@ -19,6 +19,12 @@ is "true". So:
   the Node keeps for a restart (``kept``): node-public-ip (flanneld's
   GetStoredPublicIP: it stands for --public-ip) and the VTEP MAC of backend-data
   (GetStoredMacAddresses), which the daemon takes when the state dir has none.
+- Dual stack (EnableIPv6): the IPv6 subnet is the IPv6 entry of spec.podCIDRs, inside
+  IPv6Network (IPv6SubnetLen becomes its length); IPv6-only (EnableIPv4 false) takes
+  that entry alone (node_subnets). The v6 annotations (backend-v6-data, public-ipv6)
+  are published beside the v4 ones, node-public-ipv6 and backend-v6-data's MAC are
+  kept as their v4 forms, and a peer's v6 annotations make its lease's IPv6 side.
+  Peers are known by their IPv4 podCIDR (an IPv6-only node's: its IPv6 one).
 - ``KubeManager.acquire`` is AcquireLease: the lease is the podCIDR with our PublicIP
   and MAC, and our annotations are patched (nodes/status, a strategic merge) unless
   they already say so; public-ip-overwrite is honoured as flanneld does.
