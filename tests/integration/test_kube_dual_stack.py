@@ -7,7 +7,10 @@ over IPv4 and IPv6 and carries TCP over IPv6; each node's subnets are its podCID
 node annotations (backend-v6-data with flannel-v6.1's MAC, public-ipv6) are flanneld's,
 byte for byte; flannel-v6.1's per-peer entries come from the peers' annotations; a
 restart without the state dir takes both MACs back from the Node's annotations; the
-engine refuses EnableIPv6 in kube mode too.
+engine refuses EnableIPv6 in kube mode too. IPv6-only (EnableIPv4 false) in the same
+cluster under an annotation prefix of its own: two udpflannel nodes (--dataplane auto,
+which picks the kernel plane) and a flanneld take the IPv6 podCIDR alone, ping and
+carry TCP over IPv6, and publish flanneld's annotations (no backend-data, no public-ip).
 """
 
 from __future__ import annotations
@@ -202,3 +205,75 @@ def test_the_engine_refuses_ipv6_in_kube_mode_too(mix):
     finally:
         mix.cluster.start(i)
         mix.cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 4, 60, "ready again")
+
+
+# -- IPv6-only (EnableIPv4 false), in the same cluster under its own annotation prefix ----
+
+V6_PREFIX = "v6.flannel.example.com"  # so the dual-stack nodes are not its peers
+
+
+@pytest.fixture(scope="module")
+def only6(lab, kube, tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("konly6"))
+    kubeconfig = kube.flannel_kubeconfig("token")
+    conf = os.path.join(work, "net-conf.json")
+    with open(conf, "w") as f:
+        json.dump({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": NETWORK6, "Backend": {"Type": "vxlan"}}, f)
+    first = len(lab.nodes)
+    for _ in range(3):
+        lab.add_node()
+    ours, fi = (first, first + 1), first + 2
+    prefix = ["--kube-annotation-prefix", V6_PREFIX]
+    cluster = Cluster(lab, work, kubeconfig=kubeconfig, net_config=conf, node_prefix="k6o",
+                      extra_args=["--dataplane", "auto", *prefix])
+    fl = Flanneld(lab.nodes[fi], os.path.join(work, "flanneld"), kubeconfig=kubeconfig,
+                  node_name=cluster.node_name(fi), net_config=conf, extra_args=prefix)
+    m = Mixed(lab, kube, cluster, fl, ours, fi)
+    try:
+        for i in m.nodes:
+            kube.register_node(m.name(i), lab.addresses[i])
+            got = [ipaddress.ip_network(c) for c in kube.wait_pod_cidrs(m.name(i))]
+            m.cidrs[i] = tuple(sorted(got, key=lambda c: c.version))  # type: ignore[assignment]
+        fl.start()
+        for i in ours:
+            cluster.start(i)
+        fl.wait_ready(timeout=60)
+        for i in ours:
+            cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 2, 60, "routing to both others")
+        yield m
+    finally:
+        fl.stop()
+        cluster.stop_all()
+
+
+def test_ipv6_only_nodes_ping_and_carry_tcp_beside_flanneld(only6):
+    m = only6
+    for i in m.ours:
+        lease = m.cluster.status(i).lease
+        assert lease.subnet is None and ipaddress.IPv6Network(lease.ipv6_subnet) == m.cidrs[i][1]
+        assert m.cluster.status(i).dataplane.kind == "kernel"  # --dataplane auto picked the kernel plane
+    assert m.flanneld.ipv6_subnet == m.cidrs[m.f][1]
+    pairs = [(a, b) for a in m.nodes for b in m.nodes if a != b]
+    for a, b in pairs:
+        wait_reachable(m.lab.nodes[a], m.addrs(b)[1], timeout=30)
+    assert [(a, b) for a, b in pairs if ping(m.lab.nodes[a], m.addrs(b)[1], 3) != 3] == []
+    payload = os.urandom(TCP_BYTES)
+    expected = (len(payload), hashlib.sha256(payload).hexdigest())
+    for port, (a, b) in enumerate(pairs, start=5911):
+        assert tcp_transfer(m.lab.nodes[a], m.lab.nodes[b], m.addrs(b)[1], payload, port) == expected, (a, b)
+    names = kubenode.annotation_names(V6_PREFIX)
+
+    def published(i: int) -> dict[str, str]:
+        got = m.kube.api.get(f"/api/v1/nodes/{m.name(i)}")["metadata"].get("annotations", {})
+        return {k: v for k, v in got.items() if k.startswith(V6_PREFIX + "/")}
+
+    def lease6(i: int) -> Lease:
+        mac6 = device(m.lab.nodes[i], "flannel-v6.1")["mac"]
+        return Lease(None, ipaddress.IPv4Address(0), "vxlan", None, None, ipv6_subnet=m.cidrs[i][1],
+                     public_ipv6=ipaddress.IPv6Address(m.lab.addresses6[i]), vni6=1, vtep_mac6=mac6)
+    theirs = published(m.f)
+    assert theirs == kubenode.publish(names, lease6(m.f), {}).changes
+    assert names.public_ip not in theirs and names.backend_data not in theirs
+    for i in m.ours:
+        assert published(i) == kubenode.publish(names, lease6(i), {}).changes, i
+    assert m.flanneld.running(), m.flanneld.log_tail()
