@@ -163,6 +163,7 @@ def test_publish_honours_public_ipv6_overwrite():
     right = kubenode.publish(NAMES, dual(), {}).changes
     got = kubenode.publish(NAMES, dual(), {**right, P + "public-ipv6-overwrite": "2001:db8::7"})
     assert got.changes == {P + "public-ipv6": "2001:db8::7"}
+    assert (got.overwritten, got.overwritten6) == (None, "2001:db8::7")
     settled = {**right, P + "public-ipv6-overwrite": "2001:db8::7", P + "public-ipv6": "2001:db8::7"}
     assert kubenode.publish(NAMES, dual(), settled).changes == {}
 

@@ -124,9 +124,11 @@ class Published:
     """What AcquireLease decides for a node's annotations: ``changes`` (name -> value,
     only what differs: the body of its two-way merge patch; empty when the node is
     already right), and ``overwritten``, the public-ip-overwrite value it publishes
-    instead of our own address (None when it publishes ours)."""
+    instead of our own address (None when it publishes ours); ``overwritten6`` the same
+    for public-ipv6-overwrite."""
     changes: dict[str, str]
     overwritten: str | None = None
+    overwritten6: str | None = None
 
 
 def publish(names: Annotations, lease: Lease, current: Mapping[str, str]) -> Published:
@@ -157,7 +159,7 @@ def publish(names: Annotations, lease: Lease, current: Mapping[str, str]) -> Pub
     if not stale:
         return Published({})
     new = dict(current)
-    overwritten = None
+    overwritten = overwritten6 = None
     new[names.backend_type] = bt
     if (bt in ("vxlan", "wireguard") and bd != UDP_BACKEND_DATA) or bt != "vxlan":
         new[names.backend_data] = bd
@@ -169,10 +171,11 @@ def publish(names: Annotations, lease: Lease, current: Mapping[str, str]) -> Pub
     if public_ipv6 is not None and (bt in ("vxlan", "wireguard") and v6 != UDP_BACKEND_DATA):
         new[names.backend_v6_data] = v6
         overwrite6 = get(names.public_ipv6_overwrite)
+        overwritten6 = overwrite6 or None
         new[names.public_ipv6] = overwrite6 if overwrite6 != "" else public_ipv6
     new[names.subnet_kube_managed] = TRUE
     changes = {k: v for k, v in new.items() if k not in current or current[k] != v}
-    return Published(changes, overwritten)
+    return Published(changes, overwritten, overwritten6)
 
 
 def annotations_patch(changes: Mapping[str, str]) -> bytes:

@@ -297,6 +297,9 @@ class KubeManager:
         if got.overwritten is not None:
             log.info("public IP published as %s: the annotation %s overrides ours (%s)", got.overwritten,
                      self.names.public_ip_overwrite, lease.public_ip)
+        if got.overwritten6 is not None:
+            log.info("public IPv6 published as %s: the annotation %s overrides ours (%s)", got.overwritten6,
+                     self.names.public_ipv6_overwrite, lease.public_ipv6)
         if not got.changes:
             return False
         await self.api.patch_node_status(self.node_name, kubenode.annotations_patch(got.changes))
