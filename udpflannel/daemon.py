@@ -156,7 +156,8 @@ async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Call
     if mac is None:
         mac = stored or await asyncio.to_thread(existing, vni)  # kube-mgr: stored = our Node's backend-data MAC
         if mac is not None:
-            log.info("VTEP MAC %s taken from %s", mac, "our Node's backend-data annotation" if stored  # kube-mgr
+            annotation = "backend-v6-data" if version == 6 else "backend-data"
+            log.info("VTEP MAC %s taken from %s", mac, f"our Node's {annotation} annotation" if stored  # kube-mgr
                      else f"the {vxlandev.device_name(vni, version)} already here (flanneld's?)")
         else:
             mac = localstate.new_mac()

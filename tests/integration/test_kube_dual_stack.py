@@ -188,6 +188,7 @@ def test_a_restart_without_the_state_dir_takes_both_macs_from_the_node(mix):
     mix.cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 4, 60, "ready again")
     after = node_lease(mix, i)
     assert (after.vtep_mac, after.vtep_mac6) == (before.vtep_mac, before.vtep_mac6)
+    mix.cluster.wait_log(i, "taken from our Node's backend-v6-data annotation")
     assert annotations(mix.kube, mix.name(i)) == kubenode.publish(NAMES, before, {}).changes
     for b in mix.nodes:
         if b != i:
