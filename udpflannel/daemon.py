@@ -156,7 +156,8 @@ async def _vtep_mac(opts: RunOptions, persist: Persist, vni: int, existing: Call
     if mac is None:
         mac = stored or await asyncio.to_thread(existing, vni)  # kube-mgr: stored = our Node's backend-data MAC
         if mac is not None:
-            log.info("VTEP MAC %s taken from %s", mac, "our Node's backend-data annotation" if stored  # kube-mgr
+            annotation = "backend-v6-data" if version == 6 else "backend-data"
+            log.info("VTEP MAC %s taken from %s", mac, f"our Node's {annotation} annotation" if stored  # kube-mgr
                      else f"the {vxlandev.device_name(vni, version)} already here (flanneld's?)")
         else:
             mac = localstate.new_mac()
@@ -295,6 +296,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 underlay = await asyncio.to_thread(outside.find_underlay, opts, cfg)
             if source.kept.public_ip is not None and not inherited:  # kube-mgr: node-public-ip, as --public-ip
                 underlay = replace(underlay, public_ip=source.kept.public_ip)
+            if source.kept.public_ipv6 is not None and not inherited:  # kube-mgr: node-public-ipv6 (dual stack)
+                underlay = replace(underlay, public_ip6=source.kept.public_ipv6)
             await asyncio.to_thread(outside.start_rules, cfg.enable_nftables)  # as flanneld, before a lease
             plane = inherited.plane if inherited else None
             if inherited is not None and plane is not None and cfg != inherited.config:
@@ -307,7 +310,8 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             else:
                 mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac,
                                       source.kept.vtep_mac)  # kube-mgr: the MAC our Node names
-            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6, version=6)  # dual stack
+            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6,  # dual stack
+                                    source.kept.vtep_mac6, version=6)  # kube-mgr: backend-v6-data's MAC
                     if cfg.enable_ipv6 else None)
             log.info("underlay %s; network %s, backend %s, port %d", underlay.describe(),  # dual stack
                      " + ".join(map(str, cfg.networks)), cfg.backend_type, cfg.port)

@@ -128,10 +128,53 @@ def test_publish_honours_public_ip_overwrite():
     assert kubenode.publish(NAMES, vx(), same).changes == {}
 
 
-def test_publish_the_v6_pair_for_dual_stack():
-    v6 = '{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:45"}'
-    got = kubenode.publish(NAMES, vx(), {}, public_ipv6="fd00::3", backend_v6_data=v6)
-    assert got.changes[P + "backend-v6-data"] == v6 and got.changes[P + "public-ipv6"] == "fd00::3"
+def dual(subnet="10.244.1.0/24", subnet6="fd00:10:244:1::/64", ip="192.168.64.3", ip6="fd00:64::3",
+         mac="c6:d2:32:6f:8f:44", mac6="c6:d2:32:6f:8f:45", vni=1):
+    return Lease(N(subnet), A(ip), "vxlan", vni, mac, ipv6_subnet=ipaddress.IPv6Network(subnet6),
+                 public_ipv6=ipaddress.IPv6Address(ip6), vni6=vni, vtep_mac6=mac6)
+
+
+def v6only(subnet6="fd00:10:244:1::/64", ip6="fd00:64::3", mac6="c6:d2:32:6f:8f:45", vni=1):
+    return Lease(None, A("0.0.0.0"), "vxlan", None, None, ipv6_subnet=ipaddress.IPv6Network(subnet6),
+                 public_ipv6=ipaddress.IPv6Address(ip6), vni6=vni, vtep_mac6=mac6)
+
+
+def test_publish_dual_stack_writes_flanneld_s_v6_pair():
+    got = kubenode.publish(NAMES, dual(), {})
+    # byte for byte what flanneld v0.28.9 (vxlan, EnableIPv6) writes on its node
+    assert got.changes == {
+        P + "backend-type": "vxlan",
+        P + "backend-data": '{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}',
+        P + "public-ip": "192.168.64.3",
+        P + "backend-v6-data": '{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:45"}',
+        P + "public-ipv6": "fd00:64::3",
+        P + "kube-subnet-manager": "true",
+    }
+    assert kubenode.publish(NAMES, dual(), got.changes).changes == {}
+    # the IPv6 side alone changed: the IPv6 annotations are sent again
+    moved = kubenode.publish(NAMES, dual(ip6="fd00:64::9"), got.changes).changes
+    assert moved == {P + "public-ipv6": "fd00:64::9"}
+    # an IPv4-only node's annotations are stale for a dual-stack lease
+    assert kubenode.publish(NAMES, dual(), kubenode.publish(NAMES, vx(), {}).changes).changes == {
+        P + "backend-v6-data": '{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:45"}', P + "public-ipv6": "fd00:64::3"}
+
+
+def test_publish_honours_public_ipv6_overwrite():
+    right = kubenode.publish(NAMES, dual(), {}).changes
+    got = kubenode.publish(NAMES, dual(), {**right, P + "public-ipv6-overwrite": "2001:db8::7"})
+    assert got.changes == {P + "public-ipv6": "2001:db8::7"}
+    assert (got.overwritten, got.overwritten6) == (None, "2001:db8::7")
+    settled = {**right, P + "public-ipv6-overwrite": "2001:db8::7", P + "public-ipv6": "2001:db8::7"}
+    assert kubenode.publish(NAMES, dual(), settled).changes == {}
+
+
+def test_publish_ipv6_only_writes_no_ipv4_side():
+    got = kubenode.publish(NAMES, v6only(), {})
+    # flanneld: BackendData null, so neither backend-data nor public-ip (0.0.0.0) is written
+    assert got.changes == {P + "backend-type": "vxlan",
+                           P + "backend-v6-data": '{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:45"}',
+                           P + "public-ipv6": "fd00:64::3", P + "kube-subnet-manager": "true"}
+    assert kubenode.publish(NAMES, v6only(), got.changes).changes == {}  # stale to flanneld, nothing differs
 
 
 def test_network_available_patch_is_complete_lease_s():
@@ -148,6 +191,53 @@ def test_node_lease_reads_what_publish_writes():
         n = node(annotations=kubenode.publish(NAMES, lease, {}).changes, pod_cidr=str(lease.subnet))
         assert kubenode.node_lease(NAMES, n) == lease
         assert kubenode.is_flannel_node(NAMES, n)
+
+
+def test_node_lease_reads_dual_stack_and_ipv6_only_as_published():
+    n = node(annotations=kubenode.publish(NAMES, dual(), {}).changes,
+             pod_cidr="10.244.1.0/24", pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"])
+    assert kubenode.node_lease(NAMES, n, ipv6=True) == dual()
+    assert kubenode.node_lease(NAMES, n) == vx()  # an IPv4-only network reads the IPv4 side alone
+    n6 = node(annotations=kubenode.publish(NAMES, v6only(), {}).changes,
+              pod_cidr="fd00:10:244:1::/64", pod_cidrs=["fd00:10:244:1::/64"])
+    assert kubenode.node_lease(NAMES, n6, ipv4=False, ipv6=True) == v6only()
+    # a dual-stack network, a node with no IPv6 side yet: an IPv4-only lease (as etcd's)
+    assert kubenode.node_lease(NAMES, flannel(pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"]), ipv6=True) == vx()
+
+
+def test_pod_cidrs_pairs():
+    v6 = ipaddress.IPv6Network
+    both = (N("10.244.1.0/24"), v6("fd00:1::/64"))
+    assert kubenode.pod_cidrs(node(pod_cidrs=["10.244.1.0/24", "fd00:1::/64"])) == both
+    assert kubenode.pod_cidrs(node(pod_cidrs=["fd00:1::5/64", "10.244.1.0/24"])) == both  # masked, as Go
+    assert kubenode.pod_cidrs(node(pod_cidr="fd00:1::/64", pod_cidrs=[])) == (None, v6("fd00:1::/64"))
+    assert kubenode.pod_cidrs(node(pod_cidr=None)) == (None, None)
+    with pytest.raises(NodeError, match="3 entries"):
+        kubenode.pod_cidrs(node(pod_cidrs=["10.244.1.0/24", "fd00::/64", "fd01::/64"]))
+
+
+@pytest.mark.parametrize("ann, cidrs, words", [
+    ({P + "public-ipv6": "10.0.0.1"}, ["10.244.1.0/24", "fd00:1::/64"], "public-ipv6 '10.0.0.1' is not an IPv6"),
+    ({P + "public-ipv6": ""}, ["10.244.1.0/24", "fd00:1::/64"], "is not an IPv6 address"),
+    ({P + "public-ipv6": "fd00:64::3"}, ["10.244.1.0/24"], "no IPv6 pod CIDR"),
+    ({P + "public-ipv6": "fd00:64::3", P + "backend-v6-data": "{"}, ["10.244.1.0/24", "fd00:1::/64"],
+     "backend-v6-data '{' is not JSON"),
+    ({P + "public-ipv6": "fd00:64::3", P + "backend-v6-data": '{"VNI":1,"VtepMAC":"x"}'},
+     ["10.244.1.0/24", "fd00:1::/64"], "backend-v6-data: .*MAC"),
+])
+def test_unreadable_v6_sides_say_why(ann, cidrs, words):
+    n = flannel(pod_cidrs=cidrs)
+    n["metadata"]["annotations"].update(ann)
+    with pytest.raises(NodeError, match=words):
+        kubenode.node_lease(NAMES, n, ipv6=True)
+    kubenode.node_lease(NAMES, n)  # an IPv4-only network does not read them
+
+
+def test_ipv6_only_node_needs_public_ipv6():
+    n = node(annotations={P + "backend-type": "vxlan", P + "kube-subnet-manager": "true"},
+             pod_cidr="fd00:1::/64", pod_cidrs=["fd00:1::/64"])
+    with pytest.raises(NodeError, match="public-ipv6 '' is not an IPv6"):
+        kubenode.node_lease(NAMES, n, ipv4=False, ipv6=True)
 
 
 def test_node_lease_picks_the_ipv4_pod_cidr():
@@ -198,6 +288,18 @@ def test_stored_vtep_mac_and_public_ip():
     assert kubenode.stored_vtep_mac(NAMES, node()) is None
     assert kubenode.stored_public_ip(NAMES, node()) is None
     assert kubenode.stored_public_ip(NAMES, node(annotations={P + "node-public-ip": "10.1.1.1"})) == A("10.1.1.1")
+
+
+def test_stored_v6_mac_and_public_ipv6():
+    n = node(annotations=kubenode.publish(NAMES, dual(), {}).changes)
+    assert kubenode.stored_vtep_mac(NAMES, n, 6) == "c6:d2:32:6f:8f:45"
+    assert kubenode.stored_vtep_mac(NAMES, n) == "c6:d2:32:6f:8f:44"
+    assert kubenode.stored_vtep_mac(NAMES, flannel(), 6) is None
+    assert kubenode.stored_public_ipv6(NAMES, node()) is None
+    assert kubenode.stored_public_ipv6(NAMES, node(annotations={P + "node-public-ipv6": "fd00::9"})) == \
+        ipaddress.IPv6Address("fd00::9")
+    with pytest.raises(NodeError, match="node-public-ipv6"):
+        kubenode.stored_public_ipv6(NAMES, node(annotations={P + "node-public-ipv6": "10.1.1.1"}))
     with pytest.raises(NodeError, match="node-public-ip 'x'"):
         kubenode.stored_public_ip(NAMES, node(annotations={P + "node-public-ip": "x"}))
 

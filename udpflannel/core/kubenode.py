@@ -10,10 +10,17 @@ the node, under a prefix (``--kube-annotation-prefix``, flannel.alpha.coreos.com
     <prefix>/public-ip            192.168.64.3
     <prefix>/kube-subnet-manager  true
 
-and, with IPv6 (dual stack, not carried yet), ``backend-v6-data`` and ``public-ipv6``.
-An administrator may set ``public-ip-overwrite`` (the address published instead of
-the node's own) and ``node-public-ip`` (used as --public-ip). Peers are the nodes
-whose ``kube-subnet-manager`` annotation is "true".
+and, with IPv6 (EnableIPv6: dual stack, or IPv6-only with EnableIPv4 false)
+
+    <prefix>/backend-v6-data      {"VNI":1,"VtepMAC":"..."} (flannel-v6.<VNI>'s MAC)
+    <prefix>/public-ipv6          fd00:64::3
+
+(an IPv6-only node writes neither backend-data nor public-ip: its BackendData is
+null). The node's subnets are spec.podCIDRs' IPv4 and IPv6 entries. An administrator
+may set ``public-ip-overwrite`` / ``public-ipv6-overwrite`` (the address published
+instead of the node's own) and ``node-public-ip`` / ``node-public-ipv6`` (used as
+--public-ip / --public-ipv6). Peers are the nodes whose ``kube-subnet-manager``
+annotation is "true".
 
 The values are a wire format shared with flanneld, so this module produces them byte
 for byte as flanneld's Go code does (annotations.go newAnnotations for the names,
@@ -27,11 +34,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from udpflannel.core.errors import BadInput
-from udpflannel.core.lease import Lease, _short, normalize_mac
+from udpflannel.core.lease import UNSPECIFIED, Lease, _short, normalize_mac
 
 DEFAULT_PREFIX = "flannel.alpha.coreos.com"
 TRUE = "true"  # the kube-subnet-manager annotation's value on a flannel node
@@ -103,32 +110,47 @@ def backend_data(lease: Lease) -> str:
     return UDP_BACKEND_DATA
 
 
+def backend_v6_data(lease: Lease) -> str:
+    """The lease's BackendV6Data as flanneld marshals it: flannel-v6.<VNI>'s
+    ``vxlanLeaseAttrs``, or ``null`` (no IPv6 side)."""
+    if lease.backend_type == "vxlan" and lease.vtep_mac6 is not None:
+        return json.dumps({"VNI": lease.vni6 or 0, "VtepMAC": normalize_mac(lease.vtep_mac6)},
+                          separators=(",", ":"))
+    return UDP_BACKEND_DATA
+
+
 @dataclass(frozen=True)
 class Published:
     """What AcquireLease decides for a node's annotations: ``changes`` (name -> value,
     only what differs: the body of its two-way merge patch; empty when the node is
     already right), and ``overwritten``, the public-ip-overwrite value it publishes
-    instead of our own address (None when it publishes ours)."""
+    instead of our own address (None when it publishes ours); ``overwritten6`` the same
+    for public-ipv6-overwrite."""
     changes: dict[str, str]
     overwritten: str | None = None
+    overwritten6: str | None = None
 
 
-def publish(names: Annotations, lease: Lease, current: Mapping[str, str], *,
-            public_ipv6: str | None = None, backend_v6_data: str | None = None) -> Published:
+def publish(names: Annotations, lease: Lease, current: Mapping[str, str]) -> Published:
     """The annotations flanneld's AcquireLease writes on our node, given its
     ``current`` annotations: nothing if they already say our backend type, data and
-    public IP (or the public-ip-overwrite an administrator set) and that the node is
-    flannel's; else the backend type, data and public IP (the overwrite if one is
-    set), the v6 pair when ``public_ipv6`` is given (dual stack), and
-    kube-subnet-manager "true". A missing annotation reads as "" (Go's map lookup)."""
+    public IP (or the public-ip-overwrite an administrator set), the same of the IPv6
+    side when the lease has a PublicIPv6, and that the node is flannel's; else the
+    backend type, the data and public IP (the overwrite if one is set) when the lease
+    has an IPv4 side, backend-v6-data and public-ipv6 (public-ipv6-overwrite if set)
+    when it has an IPv6 side, and kube-subnet-manager "true". A missing annotation
+    reads as "" (Go's map lookup). An IPv6-only lease (BackendData null) is never
+    "already right" for the IPv4 test, as in flanneld: its patch then holds what
+    differs, often nothing."""
     def get(name: str) -> str:
         return current.get(name, "")
 
     bt, bd, pip = lease.backend_type, backend_data(lease), str(lease.public_ip)
+    public_ipv6 = str(lease.public_ipv6) if lease.public_ipv6 is not None else None
     stale = (get(names.backend_data) != bd or get(names.backend_type) != bt or get(names.public_ip) != pip
              or get(names.subnet_kube_managed) != TRUE
              or (get(names.public_ip_overwrite) != "" and get(names.public_ip_overwrite) != pip))
-    v6 = backend_v6_data if backend_v6_data is not None else UDP_BACKEND_DATA
+    v6 = backend_v6_data(lease)
     if public_ipv6 is not None:
         stale = stale or (get(names.backend_v6_data) != v6 or get(names.backend_type) != bt
                           or get(names.public_ipv6) != public_ipv6 or get(names.subnet_kube_managed) != TRUE
@@ -137,7 +159,7 @@ def publish(names: Annotations, lease: Lease, current: Mapping[str, str], *,
     if not stale:
         return Published({})
     new = dict(current)
-    overwritten = None
+    overwritten = overwritten6 = None
     new[names.backend_type] = bt
     if (bt in ("vxlan", "wireguard") and bd != UDP_BACKEND_DATA) or bt != "vxlan":
         new[names.backend_data] = bd
@@ -149,10 +171,11 @@ def publish(names: Annotations, lease: Lease, current: Mapping[str, str], *,
     if public_ipv6 is not None and (bt in ("vxlan", "wireguard") and v6 != UDP_BACKEND_DATA):
         new[names.backend_v6_data] = v6
         overwrite6 = get(names.public_ipv6_overwrite)
+        overwritten6 = overwrite6 or None
         new[names.public_ipv6] = overwrite6 if overwrite6 != "" else public_ipv6
     new[names.subnet_kube_managed] = TRUE
     changes = {k: v for k, v in new.items() if k not in current or current[k] != v}
-    return Published(changes, overwritten)
+    return Published(changes, overwritten, overwritten6)
 
 
 def annotations_patch(changes: Mapping[str, str]) -> bytes:
@@ -191,10 +214,11 @@ def is_flannel_node(names: Annotations, node: Mapping[str, Any]) -> bool:
     return node_annotations(node).get(names.subnet_kube_managed) == TRUE
 
 
-def pod_cidr(node: Mapping[str, Any]) -> ipaddress.IPv4Network | None:
-    """The node's IPv4 pod CIDR as nodeToLease picks it: the first IPv4 one of
-    spec.podCIDRs (one or two entries), else spec.podCIDR; None when it has none yet.
-    Like Go's net.ParseCIDR, host bits are masked off. NodeError if malformed."""
+def pod_cidrs(node: Mapping[str, Any]) -> tuple[ipaddress.IPv4Network | None, ipaddress.IPv6Network | None]:
+    """The node's pod CIDRs, (IPv4, IPv6), as flanneld reads them: spec.podCIDRs (one
+    or two entries; the first of each family), else spec.podCIDR; (None, None) when it
+    has none yet. Like Go's net.ParseCIDR, host bits are masked off. NodeError if
+    malformed."""
     spec = node.get("spec")
     spec = spec if isinstance(spec, Mapping) else {}
     many = spec.get("podCIDRs") or []
@@ -203,13 +227,24 @@ def pod_cidr(node: Mapping[str, Any]) -> ipaddress.IPv4Network | None:
     if len(many) >= 3:
         raise NodeError(f"spec.podCIDRs has {len(many)} entries: IPv4, IPv6 or one of each")
     texts = many or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
-    if not texts:
-        return None
+    v4: ipaddress.IPv4Network | None = None
+    v6: ipaddress.IPv6Network | None = None
     for text in texts:
         net = _cidr(text)
         if isinstance(net, ipaddress.IPv4Network):
-            return net
-    raise NodeError(f"no IPv4 pod CIDR in {', '.join(_short(str(t)) for t in texts)}")
+            v4 = v4 or net
+        else:
+            v6 = v6 or net
+    return v4, v6
+
+
+def pod_cidr(node: Mapping[str, Any]) -> ipaddress.IPv4Network | None:
+    """The node's IPv4 pod CIDR (pod_cidrs); None when it has none yet; NodeError when
+    it has only IPv6 ones."""
+    v4, v6 = pod_cidrs(node)
+    if v4 is None and v6 is not None:
+        raise NodeError(f"no IPv4 pod CIDR in {v6}")
+    return v4
 
 
 def _cidr(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -221,38 +256,58 @@ def _cidr(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise NodeError(f"pod CIDR {_short(text)} is not a CIDR") from None
 
 
-def contains(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network) -> bool:
+def contains(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+             subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     """kube.go containsCIDR: ``subnet`` is inside ``network`` (and not larger)."""
     return network.prefixlen <= subnet.prefixlen and subnet.network_address in network
 
 
-def node_lease(names: Annotations, node: Mapping[str, Any]) -> Lease:
-    """A peer node as a lease (nodeToLease): its pod CIDR, the public-ip annotation,
-    the backend type and, for vxlan, VNI and VtepMAC from backend-data. Whether that
-    lease may become a route is core.peers' decision; this only refuses what cannot be
-    read (NodeError, one line)."""
+def node_lease(names: Annotations, node: Mapping[str, Any], *, ipv4: bool = True, ipv6: bool = False) -> Lease:
+    """A peer node as a lease (nodeToLease): with ``ipv4`` (EnableIPv4) its IPv4 pod
+    CIDR, the public-ip annotation and backend-data's VNI and VtepMAC; with ``ipv6``
+    (EnableIPv6) its IPv6 pod CIDR, public-ipv6 and backend-v6-data's; the backend
+    type. A node without a public-ipv6 annotation in a dual-stack network is read as an
+    IPv4-only lease (routed over IPv4 alone, as an IPv4-only etcd lease is; flanneld
+    skips such a node). Whether the lease may become a route is core.peers' decision;
+    this only refuses what cannot be read (NodeError, one line)."""
     ann = node_annotations(node)
-    text = ann.get(names.public_ip, "")
-    try:
-        public_ip = ipaddress.IPv4Address(text)
-    except ValueError:
-        raise NodeError(f"annotation {names.public_ip} {_short(str(text))} is not an IPv4 address") from None
-    subnet = pod_cidr(node)
-    if subnet is None:
-        raise NodeError("no pod CIDR (spec.podCIDR) yet")
     btype = ann.get(names.backend_type, "")
     if not isinstance(btype, str):
         raise NodeError(f"annotation {names.backend_type} is not a string")
-    vni, mac = None, None
-    if btype == "vxlan":
-        vni, mac = _vxlan_data(names, ann.get(names.backend_data, ""))
-    return Lease(subnet, public_ip, btype, vni, mac)
+    v4_cidr, v6_cidr = pod_cidrs(node)
+    if v4_cidr is None and v6_cidr is None:
+        raise NodeError("no pod CIDR (spec.podCIDR) yet")
+    lease = Lease(None, UNSPECIFIED, btype)
+    if ipv4:
+        text = ann.get(names.public_ip, "")
+        try:
+            public_ip = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise NodeError(f"annotation {names.public_ip} {_short(str(text))} is not an IPv4 address") from None
+        if v4_cidr is None:
+            raise NodeError(f"no IPv4 pod CIDR in {v6_cidr}")
+        vni, mac = (_vxlan_data(names.backend_data, ann.get(names.backend_data, "")) if btype == "vxlan"
+                    else (None, None))
+        lease = replace(lease, subnet=v4_cidr, public_ip=public_ip, vni=vni, vtep_mac=mac)
+    if ipv6 and (not ipv4 or names.public_ipv6 in ann):
+        text = ann.get(names.public_ipv6, "")
+        try:
+            public_ipv6 = ipaddress.IPv6Address(text)
+        except ValueError:
+            raise NodeError(f"annotation {names.public_ipv6} {_short(str(text))} is not an IPv6 address") from None
+        if v6_cidr is None:
+            raise NodeError(f"no IPv6 pod CIDR in {v4_cidr}")
+        vni6, mac6 = (_vxlan_data(names.backend_v6_data, ann.get(names.backend_v6_data, "")) if btype == "vxlan"
+                      else (None, None))
+        lease = replace(lease, ipv6_subnet=v6_cidr, public_ipv6=public_ipv6, vni6=vni6, vtep_mac6=mac6)
+    return lease
 
 
-def _vxlan_data(names: Annotations, raw: Any) -> tuple[int | None, str | None]:
-    """(VNI, VtepMAC) from a vxlan node's backend-data, as Go's decoder reads it into
-    vxlanLeaseAttrs (field names in any case); ``null`` gives neither."""
-    where = f"annotation {names.backend_data}"
+def _vxlan_data(name: str, raw: Any) -> tuple[int | None, str | None]:
+    """(VNI, VtepMAC) from a vxlan node's backend-data (or backend-v6-data: ``name``),
+    as Go's decoder reads it into vxlanLeaseAttrs (field names in any case); ``null``
+    gives neither."""
+    where = f"annotation {name}"
     try:
         data = json.loads(raw)
     except (TypeError, ValueError, RecursionError):
@@ -275,12 +330,14 @@ def _vxlan_data(names: Annotations, raw: Any) -> tuple[int | None, str | None]:
     return vni, mac
 
 
-def stored_vtep_mac(names: Annotations, node: Mapping[str, Any]) -> str | None:
-    """The VTEP MAC our node's backend-data names (flanneld's GetStoredMacAddresses:
-    after a restart flannel.<VNI> gets the MAC the node already advertises), or None
-    when there is none or it is not a usable unicast MAC."""
+def stored_vtep_mac(names: Annotations, node: Mapping[str, Any], version: int = 4) -> str | None:
+    """The VTEP MAC our node's backend-data names (``version`` 6: backend-v6-data's,
+    flannel-v6.<VNI>'s); flanneld's GetStoredMacAddresses: after a restart the device
+    gets the MAC the node already advertises. None when there is none or it is not a
+    usable unicast MAC."""
+    name = names.backend_v6_data if version == 6 else names.backend_data
     try:
-        _, mac = _vxlan_data(names, node_annotations(node).get(names.backend_data, ""))
+        _, mac = _vxlan_data(name, node_annotations(node).get(name, ""))
     except NodeError:
         return None
     if mac is None:
@@ -299,3 +356,15 @@ def stored_public_ip(names: Annotations, node: Mapping[str, Any]) -> ipaddress.I
         return ipaddress.IPv4Address(text)
     except ValueError:
         raise NodeError(f"annotation {names.node_public_ip} {_short(str(text))} is not an IPv4 address") from None
+
+
+def stored_public_ipv6(names: Annotations, node: Mapping[str, Any]) -> ipaddress.IPv6Address | None:
+    """The node-public-ipv6 annotation (GetStoredPublicIP's second value: it stands for
+    --public-ipv6), or None. NodeError if malformed."""
+    text = node_annotations(node).get(names.node_public_ipv6, "")
+    if text == "":
+        return None
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        raise NodeError(f"annotation {names.node_public_ipv6} {_short(str(text))} is not an IPv6 address") from None

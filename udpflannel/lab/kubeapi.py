@@ -15,7 +15,9 @@ What it provides:
   system:masters) and ``client_kubeconfig(user, groups)`` for any other user;
 - the controller manager running only the node IPAM controller (``--allocate-node-cidrs``,
   ``cluster_cidr``, ``node_cidr_mask_size``) with per-controller service-account
-  credentials, as kubeadm runs it; it gives every new Node a ``spec.podCIDR``;
+  credentials, as kubeadm runs it; it gives every new Node a ``spec.podCIDR``; with
+  ``cluster_cidr6`` the cluster is dual-stack (``--cluster-cidr=<v4>,<v6>``,
+  ``--node-cidr-mask-size-ipv4/-ipv6``): every Node gets ``spec.podCIDRs`` of both;
 - kube-flannel.yml's ServiceAccount, ClusterRole and ClusterRoleBinding
   (``apply_flannel_rbac``), applied with ``kubectl apply --server-side``, and a
   kubeconfig bound to exactly that role (``flannel_kubeconfig``: a TokenRequest token for
@@ -56,6 +58,7 @@ STOP_GRACE = 10.0  # kube-apiserver drains requests on SIGTERM before it exits
 CLUSTER_CIDR = "10.244.0.0/16"
 NODE_CIDR_MASK_SIZE = 24
 SERVICE_CIDR = "10.96.0.0/12"
+NODE_CIDR_MASK_SIZE6 = 64  # dual stack (cluster_cidr6): the IPv6 podCIDRs' length
 SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
 ADMIN_USER = "udpflannel-admin"
 
@@ -325,7 +328,8 @@ class KubeAPILab:
 
     def __init__(self, base_dir: Path, *, cluster_cidr: str = CLUSTER_CIDR,
                  node_cidr_mask_size: int = NODE_CIDR_MASK_SIZE, service_cidr: str = SERVICE_CIDR,
-                 host: str = "127.0.0.1", netns: Any = None) -> None:
+                 host: str = "127.0.0.1", netns: Any = None, cluster_cidr6: str | None = None,
+                 node_cidr_mask_size6: int = NODE_CIDR_MASK_SIZE6) -> None:
         self.base_dir = Path(base_dir)
         self.host = host
         self.netns = netns  # a lab.netns.Namespace: everything runs there
@@ -336,6 +340,8 @@ class KubeAPILab:
                                                               timeout=timeout + 5)
         self.cluster_cidr = cluster_cidr
         self.node_cidr_mask_size = node_cidr_mask_size
+        self.cluster_cidr6 = cluster_cidr6  # dual stack: the IPv6 cluster CIDR
+        self.node_cidr_mask_size6 = node_cidr_mask_size6
         self.service_cidr = service_cidr
         self.apiserver_bin = peers.binary("kube-apiserver")
         self.controller_manager_bin = peers.binary("kube-controller-manager")
@@ -451,8 +457,11 @@ class KubeAPILab:
             # way): node IPAM as node-controller, through TokenRequest.
             "--use-service-account-credentials=true",
             "--controllers=nodeipam",
-            "--allocate-node-cidrs=true", f"--cluster-cidr={self.cluster_cidr}",
-            f"--node-cidr-mask-size={self.node_cidr_mask_size}",
+            "--allocate-node-cidrs=true",
+            *([f"--cluster-cidr={self.cluster_cidr},{self.cluster_cidr6}",  # dual stack: a podCIDR of each family
+               f"--node-cidr-mask-size-ipv4={self.node_cidr_mask_size}",
+               f"--node-cidr-mask-size-ipv6={self.node_cidr_mask_size6}"] if self.cluster_cidr6 else
+              [f"--cluster-cidr={self.cluster_cidr}", f"--node-cidr-mask-size={self.node_cidr_mask_size}"]),
             f"--service-cluster-ip-range={self.service_cidr}",
             "--profiling=false",
         ]
@@ -604,6 +613,14 @@ class KubeAPILab:
         node = self.wait_node(name, lambda n: bool(n.get("spec", {}).get("podCIDR")), timeout,
                               f"a podCIDR on node {name}")
         return node["spec"]["podCIDR"]
+
+    def wait_pod_cidrs(self, name: str, timeout: float = 30.0) -> list[str]:
+        """The node's spec.podCIDRs once it has as many as the cluster's families (two
+        when dual-stack)."""
+        want = 2 if self.cluster_cidr6 else 1
+        node = self.wait_node(name, lambda n: len(n.get("spec", {}).get("podCIDRs") or []) >= want, timeout,
+                              f"{want} podCIDRs on node {name}")
+        return list(node["spec"]["podCIDRs"])
 
     def _await_node(self, name: str, predicate: Callable[[dict], bool] | None, timeout: float,
                     what: str) -> dict | None:

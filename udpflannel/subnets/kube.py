@@ -19,6 +19,12 @@ is "true". So:
   the Node keeps for a restart (``kept``): node-public-ip (flanneld's
   GetStoredPublicIP: it stands for --public-ip) and the VTEP MAC of backend-data
   (GetStoredMacAddresses), which the daemon takes when the state dir has none.
+- Dual stack (EnableIPv6): the IPv6 subnet is the IPv6 entry of spec.podCIDRs, inside
+  IPv6Network (IPv6SubnetLen becomes its length); IPv6-only (EnableIPv4 false) takes
+  that entry alone (node_subnets). The v6 annotations (backend-v6-data, public-ipv6)
+  are published beside the v4 ones, node-public-ipv6 and backend-v6-data's MAC are
+  kept as their v4 forms, and a peer's v6 annotations make its lease's IPv6 side.
+  Peers are known by their IPv4 podCIDR (an IPv6-only node's: its IPv6 one).
 - ``KubeManager.acquire`` is AcquireLease: the lease is the podCIDR with our PublicIP
   and MAC, and our annotations are patched (nodes/status, a strategic merge) unless
   they already say so; public-ip-overwrite is honoured as flanneld does.
@@ -107,9 +113,6 @@ class KubeSource:
     async def network_config(self, stop: asyncio.Event, health: RegistryHealth) -> netconfig.NetworkConfig:
         path = self.opts.net_config or "/etc/kube-flannel/net-conf.json"
         cfg = with_overrides(parse(read_net_config(path), path), self.opts)
-        if cfg.enable_ipv6:  # dual stack: the v6 annotations (public-ipv6, backend-v6-data) are not published yet
-            raise BadInput(f"{path}: EnableIPv6 is not implemented in kube mode yet (the IPv6 annotations are "
-                           "not published); use etcd mode (--etcd-endpoints) for dual stack")
         if self.api is None:
             self.api = await self._connect(self.opts.kube_api_url, self.opts.kubeconfig_file)
             log.info("Kubernetes API server %s (annotations %s*)", self.api.server,
@@ -119,31 +122,39 @@ class KubeSource:
         if self.node_name is None:
             self.node_name = await self._name_from_pod(stop, health)
         node = await self._node_with_pod_cidr(stop, health)
-        subnet = kubenode.pod_cidr(node)
-        assert subnet is not None
-        network = cfg.network
-        assert network is not None  # EnableIPv4 false needs EnableIPv6, refused above
-        if not kubenode.contains(network, subnet):
-            raise BadInput(f"node {self.node_name}'s podCIDR {subnet} is not inside the Network {network} of "
-                           f"{path}: Kubernetes' cluster CIDR (kube-controller-manager --cluster-cidr) and "
-                           "net-conf.json must agree")
-        if subnet.prefixlen > 30:
-            raise BadInput(f"node {self.node_name}'s podCIDR {subnet} is smaller than a /30: no room for pods")
-        if subnet.prefixlen != cfg.subnet_len:
-            log.info("subnets are /%d, the length of node %s's podCIDR %s (Kubernetes decides it; %s says /%d)",
-                     subnet.prefixlen, self.node_name, subnet, path, cfg.subnet_len)
-            last = network.broadcast_address + 1 - (1 << (32 - subnet.prefixlen))
-            cfg = replace(cfg, subnet_len=subnet.prefixlen, subnet_min=network.network_address,
-                          subnet_max=ipaddress.IPv4Address(last))
+        subnet, subnet6 = node_subnets(self.node_name, node, cfg, path)
+        if subnet is not None:
+            network = cfg.network
+            assert network is not None
+            if subnet.prefixlen != cfg.subnet_len:
+                log.info("subnets are /%d, the length of node %s's podCIDR %s (Kubernetes decides it; %s says /%d)",
+                         subnet.prefixlen, self.node_name, subnet, path, cfg.subnet_len)
+                last = network.broadcast_address + 1 - (1 << (32 - subnet.prefixlen))
+                cfg = replace(cfg, subnet_len=subnet.prefixlen, subnet_min=network.network_address,
+                              subnet_max=ipaddress.IPv4Address(last))
+        if subnet6 is not None:  # dual stack: the IPv6 podCIDR's length, as the IPv4 one's
+            network6 = cfg.ipv6_network
+            assert network6 is not None
+            if subnet6.prefixlen != cfg.ipv6_subnet_len:
+                log.info("IPv6 subnets are /%d, the length of node %s's IPv6 podCIDR %s (%s says /%d)",
+                         subnet6.prefixlen, self.node_name, subnet6, path, cfg.ipv6_subnet_len)
+                last6 = int(network6.broadcast_address) + 1 - (1 << (128 - subnet6.prefixlen))
+                cfg = replace(cfg, ipv6_subnet_len=subnet6.prefixlen, ipv6_subnet_min=network6.network_address,
+                              ipv6_subnet_max=ipaddress.IPv6Address(last6))
         try:
             public_ip = kubenode.stored_public_ip(self.names, node)
+            public_ipv6 = kubenode.stored_public_ipv6(self.names, node) if cfg.enable_ipv6 else None
         except kubenode.NodeError as e:
             raise BadInput(f"node {self.node_name}: {e}") from None
         mac = kubenode.stored_vtep_mac(self.names, node)
-        self.kept = Kept(public_ip, mac)
+        mac6 = kubenode.stored_vtep_mac(self.names, node, 6) if cfg.enable_ipv6 else None
+        self.kept = Kept(public_ip, mac, public_ipv6, mac6)
         if public_ip is not None:
             log.info("public IP %s from node %s's annotation %s (flanneld's node-public-ip)", public_ip,
                      self.node_name, self.names.node_public_ip)
+        if public_ipv6 is not None:
+            log.info("public IPv6 %s from node %s's annotation %s (flanneld's node-public-ipv6)", public_ipv6,
+                     self.node_name, self.names.node_public_ipv6)
         return cfg
 
     def manager(self, cfg: netconfig.NetworkConfig, health: RegistryHealth) -> "KubeManager":
@@ -216,7 +227,7 @@ class KubeSource:
                     node = None
                 if node is not None:
                     try:
-                        if kubenode.pod_cidr(node) is not None:
+                        if kubenode.pod_cidrs(node) != (None, None):
                             return node
                     except kubenode.NodeError as e:
                         raise BadInput(f"node {name}: {e}") from None
@@ -258,10 +269,10 @@ class KubeManager:
         self.bad_nodes = BadKeyLog(log, "ignoring node")
         # the other nodes: name -> lease; subnet -> claimants in order; what the plane was told
         self._leases: dict[str, Lease] = {}
-        self._claims: dict[ipaddress.IPv4Network, dict[str, None]] = {}
-        self._routed: dict[ipaddress.IPv4Network, Lease] = {}
-        # our own Node as last seen: its annotations and podCIDR; None while deleted
-        self._own: tuple[Mapping[str, str], ipaddress.IPv4Network | None] | None = None
+        self._claims: dict[_Subnet, dict[str, None]] = {}
+        self._routed: dict[_Subnet, Lease] = {}
+        # our own Node as last seen: its annotations and podCIDRs (IPv4, IPv6); None while deleted
+        self._own: tuple[Mapping[str, str], tuple | None] | None = None
         self._own_seen = asyncio.Event()  # set on every sighting of our Node (or its deletion)
         self._snapshot_applied = asyncio.Event()
 
@@ -270,14 +281,10 @@ class KubeManager:
     async def acquire(self, wanted: Lease, previous: ipaddress.IPv4Network | None = None) -> Lease:
         """Our podCIDR as the lease, our annotations published (AcquireLease)."""
         node = await self.api.get_node(self.node_name)
-        subnet = kubenode.pod_cidr(node)
-        network = self.config.network
-        assert network is not None  # (KubeSource.network_config)
-        if subnet is None or not kubenode.contains(network, subnet):
-            raise BadInput(f"node {self.node_name}'s podCIDR is now {subnet}, not a subnet of {self.config.network}")
-        lease = replace(wanted, subnet=subnet, expiration=0.0)
+        subnet, subnet6 = node_subnets(self.node_name, node, self.config, "the network config")
+        lease = replace(wanted, subnet=subnet, ipv6_subnet=subnet6, expiration=0.0)
         await self._publish(lease, kubenode.node_annotations(node), "published")
-        if previous is not None and previous != subnet:
+        if previous is not None and subnet is not None and previous != subnet:
             log.warning("subnet.env said %s; node %s's podCIDR is %s: Kubernetes decides, %s it is",
                         previous, self.node_name, subnet, subnet)
         self.lease = lease
@@ -290,6 +297,9 @@ class KubeManager:
         if got.overwritten is not None:
             log.info("public IP published as %s: the annotation %s overrides ours (%s)", got.overwritten,
                      self.names.public_ip_overwrite, lease.public_ip)
+        if got.overwritten6 is not None:
+            log.info("public IPv6 published as %s: the annotation %s overrides ours (%s)", got.overwritten6,
+                     self.names.public_ipv6_overwrite, lease.public_ipv6)
         if not got.changes:
             return False
         await self.api.patch_node_status(self.node_name, kubenode.annotations_patch(got.changes))
@@ -318,12 +328,14 @@ class KubeManager:
                     log.warning("node %s was deleted; forwarding goes on, waiting for it to return", self.node_name)
                 gone = True
                 continue
-            annotations, subnet = own
-            if subnet is None:  # back, without its podCIDR yet: wait for node IPAM
+            annotations, cidrs = own
+            if cidrs is None:  # back, without its podCIDR yet: wait for node IPAM
                 continue
-            if subnet != self.lease.subnet:
-                raise SubnetLost(f"node {self.node_name} now has podCIDR {subnet}, this node runs "
-                                 f"{self.lease.subnet}: restart to take the new one (the pods' addresses "
+            ours = (self.lease.subnet, self.lease.ipv6_subnet)
+            if any(mine is not None and now != mine for now, mine in zip(cidrs, ours)):
+                now_text = " + ".join(str(c) for c in cidrs if c is not None)
+                raise SubnetLost(f"node {self.node_name} now has podCIDR {now_text}, this node runs "
+                                 f"{self.lease.describe()}: restart to take the new one (the pods' addresses "
                                  "change with it)")
             if not gone and not kubenode.publish(self.names, self.lease, annotations).changes:
                 continue
@@ -439,18 +451,22 @@ class KubeManager:
         lease) if it is a flannel node that can be read as one, else (name, None)."""
         name = kubenode.node_name(node)
         if name == self.node_name:
+            cidrs: tuple | None
             try:
-                subnet = kubenode.pod_cidr(node)
+                cidrs = kubenode.pod_cidrs(node)
             except kubenode.NodeError:
-                subnet = None
-            self._own = (dict(kubenode.node_annotations(node)), subnet)
+                cidrs = None
+            if cidrs == (None, None):
+                cidrs = None
+            self._own = (dict(kubenode.node_annotations(node)), cidrs)
             self._own_seen.set()
             return name, None
         if not kubenode.is_flannel_node(self.names, node):
             self.bad_nodes.good(name)
             return name, None
         try:
-            lease = kubenode.node_lease(self.names, node)
+            lease = kubenode.node_lease(self.names, node, ipv4=self.config.enable_ipv4,
+                                        ipv6=self.config.enable_ipv6)  # dual stack
         except kubenode.NodeError as e:
             self.health.ignored += 1
             self.bad_nodes.skipped(name, f"{name[:80]!r}: {e}")
@@ -458,9 +474,9 @@ class KubeManager:
         self.bad_nodes.good(name)
         return name, lease
 
-    def _effective(self, subnet: ipaddress.IPv4Network) -> Lease | None:
+    def _effective(self, subnet: "_Subnet") -> Lease | None:
         """The lease routed for ``subnet``: its first claimant's; never our own subnet."""
-        if self.lease is not None and subnet == self.lease.subnet:
+        if self.lease is not None and subnet == _pod_cidr(self.lease):
             return None
         for name in self._claims.get(subnet, ()):
             return self._leases[name]
@@ -469,16 +485,16 @@ class KubeManager:
     def _claim(self, name: str, lease: Lease) -> None:
         claimants = self._claims.setdefault(_pod_cidr(lease), {})
         claimants[name] = None
-        if self.lease is not None and lease.subnet == self.lease.subnet:
+        if self.lease is not None and _pod_cidr(lease) == _pod_cidr(self.lease):
             self.health.ignored += 1
-            self.bad_nodes.skipped(f"{name}\0ours", f"{name[:80]!r}: its podCIDR {lease.subnet} is ours")
+            self.bad_nodes.skipped(f"{name}\0ours", f"{name[:80]!r}: its podCIDR {_pod_cidr(lease)} is ours")
         elif len(claimants) > 1:
             first = next(iter(claimants))
             self.health.ignored += 1
-            self.bad_nodes.skipped(f"{name}\0dup", f"{name[:80]!r}: podCIDR {lease.subnet} is node {first[:80]!r}'s "
-                                   "too; the first keeps the route")
+            self.bad_nodes.skipped(f"{name}\0dup", f"{name[:80]!r}: podCIDR {_pod_cidr(lease)} is node "
+                                   f"{first[:80]!r}'s too; the first keeps the route")
 
-    def _unclaim(self, name: str) -> ipaddress.IPv4Network | None:
+    def _unclaim(self, name: str) -> "_Subnet | None":
         old = self._leases.pop(name, None)
         if old is None:
             return None
@@ -533,7 +549,50 @@ class KubeManager:
         return events
 
 
-def _pod_cidr(lease: Lease) -> ipaddress.IPv4Network:
-    """A node's lease here: its subnet is the node's podCIDR (kubenode.node_lease)."""
-    assert lease.subnet is not None
-    return lease.subnet
+_Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _pod_cidr(lease: Lease) -> _Subnet:
+    """What a node's lease is known by here: its IPv4 podCIDR, an IPv6-only node's
+    IPv6 one (kubenode.node_lease)."""
+    subnet = lease.subnet or lease.ipv6_subnet
+    assert subnet is not None
+    return subnet
+
+
+def node_subnets(name: str, node: Mapping[str, Any], cfg: netconfig.NetworkConfig,
+                 where: str) -> tuple[ipaddress.IPv4Network | None, ipaddress.IPv6Network | None]:
+    """Our node's subnets as AcquireLease takes them from spec.podCIDRs: the IPv4 one
+    with EnableIPv4, inside Network; the IPv6 one with EnableIPv6, inside IPv6Network.
+    One missing or outside its network is one line (BadInput) naming both."""
+    try:
+        v4, v6 = kubenode.pod_cidrs(node)
+    except kubenode.NodeError as e:
+        raise BadInput(f"node {name}: {e}") from None
+    got = " + ".join(str(c) for c in (v4, v6) if c is not None) or "none"
+    agree = ("Kubernetes' cluster CIDR (kube-controller-manager --cluster-cidr) and net-conf.json must agree")
+    subnet = subnet6 = None
+    if cfg.enable_ipv4:
+        network = cfg.network
+        assert network is not None
+        if v4 is None:
+            raise BadInput(f"node {name}'s podCIDRs ({got}) have no IPv4 one for the Network {network} of {where}: "
+                           f"{agree}")
+        if not kubenode.contains(network, v4):
+            raise BadInput(f"node {name}'s podCIDR {v4} is not inside the Network {network} of {where}: {agree}")
+        if v4.prefixlen > 30:
+            raise BadInput(f"node {name}'s podCIDR {v4} is smaller than a /30: no room for pods")
+        subnet = v4
+    if cfg.enable_ipv6:
+        network6 = cfg.ipv6_network
+        assert network6 is not None
+        if v6 is None:
+            raise BadInput(f"node {name}'s podCIDRs ({got}) have no IPv6 one for the IPv6Network {network6} of "
+                           f"{where} (EnableIPv6): {agree}, dual-stack (--cluster-cidr=<IPv4>,<IPv6>)")
+        if not kubenode.contains(network6, v6):
+            raise BadInput(f"node {name}'s IPv6 podCIDR {v6} is not inside the IPv6Network {network6} of {where}: "
+                           f"{agree}")
+        if v6.prefixlen > 126:
+            raise BadInput(f"node {name}'s IPv6 podCIDR {v6} is smaller than a /126: no room for pods")
+        subnet6 = v6
+    return subnet, subnet6

@@ -44,6 +44,8 @@ class Kept:
     neither (a lease is found by our PublicIP and our VTEP MAC, which the state dir keeps)."""
     public_ip: ipaddress.IPv4Address | None = None  # stands for --public-ip
     vtep_mac: str | None = None  # the VTEP MAC to keep when the state dir has none
+    public_ipv6: ipaddress.IPv6Address | None = None  # dual stack: stands for --public-ipv6
+    vtep_mac6: str | None = None  # dual stack: flannel-v6.<VNI>'s, as vtep_mac
 
 
 class Source(Protocol):
