@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import pytest
 
 from udpflannel.core import lease as leases
+from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.flanneld import Flanneld
 from udpflannel.lab.netns import Lab, Namespace
@@ -85,47 +86,6 @@ def wait_reachable(ns: Namespace, addr: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while ping(ns, addr, 1) != 1:
         assert time.monotonic() < deadline, f"{addr} unreachable from {ns.name} after {timeout:.0f} s"
-
-
-def tcp_transfer(src: Namespace, dst: Namespace, dst_addr: str, payload: bytes, port: int,
-                 timeout: float = 20.0) -> tuple[int, str]:
-    """``payload`` over one TCP connection (either family); (bytes received, sha256) as
-    the receiver counted them. Every socket operation has ``timeout``."""
-    family = socket.AF_INET6 if ipaddress.ip_address(dst_addr).version == 6 else socket.AF_INET
-    listener = dst.call(lambda: socket.create_server(("::" if family == socket.AF_INET6 else "0.0.0.0", port),
-                                                     family=family))
-    listener.settimeout(timeout)
-    got: dict = {}
-
-    def receive() -> None:
-        try:
-            conn, _ = listener.accept()
-            conn.settimeout(timeout)
-            digest, total = hashlib.sha256(), 0
-            with conn:
-                while chunk := conn.recv(1 << 20):
-                    digest.update(chunk)
-                    total += len(chunk)
-            got["result"] = (total, digest.hexdigest())
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            got["error"] = e
-
-    receiver = threading.Thread(target=receive, daemon=True)
-    receiver.start()
-    try:
-        client = src.call(socket.socket, family)
-        client.settimeout(timeout)
-        with client:
-            client.connect((dst_addr, port))
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            receiver.join(timeout)
-    finally:
-        listener.close()
-    if "error" in got:
-        raise got["error"]
-    assert "result" in got, "TCP receiver did not finish"
-    return got["result"]
 
 
 def device(ns: Namespace, name: str) -> dict:
@@ -233,7 +193,7 @@ def test_every_pair_pings_over_both_families_and_carries_tcp_over_ipv6(mix):
     payload = os.urandom(TCP_BYTES)
     expected = (len(payload), hashlib.sha256(payload).hexdigest())
     for port, (a, b) in enumerate(pairs, start=5611):
-        assert tcp_transfer(mix.ns(a), mix.ns(b), mix.addrs(b)[1], payload, port) == expected, (a, b)
+        assert probe.tcp_transfer(mix.ns(a), mix.ns(b), mix.addrs(b)[1], payload, port) == expected, (a, b)
     assert mix.flanneld.running(), mix.flanneld.log_tail()
 
 
@@ -365,7 +325,7 @@ def test_an_ipv6_only_cluster_and_its_leases_as_flanneld_writes_them(lab, etcd, 
                     assert ping(lab.nodes[a], addrs[b], 3) == 3, (a, b)
         payload = os.urandom(TCP_BYTES)
         for port, (a, b) in enumerate([(nodes[0], nodes[1]), (nodes[1], nodes[0])], start=5711):
-            assert tcp_transfer(lab.nodes[a], lab.nodes[b], addrs[b], payload, port)[0] == len(payload)
+            assert probe.tcp_transfer(lab.nodes[a], lab.nodes[b], addrs[b], payload, port)[0] == len(payload)
 
         stored, theirs = subnet_leases(etcd, p), subnet_leases(etcd, alone)
         assert [k.split("&")[0] for k in theirs] == ["0.0.0.0-0"]

@@ -26,15 +26,16 @@ import pytest
 from udpflannel.core import kubenode
 from udpflannel.core.lease import Lease
 from udpflannel.host import localstate
+from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.flanneld import Flanneld
 from udpflannel.lab.kubeapi import CLUSTER_CIDR, KubeAPILab
 from udpflannel.lab.netns import Lab
 
 try:
-    from .test_dual_stack import device, ping, tcp_transfer, wait_reachable
+    from .test_dual_stack import device, ping, wait_reachable
 except ImportError:
-    from test_dual_stack import device, ping, tcp_transfer, wait_reachable
+    from test_dual_stack import device, ping, wait_reachable
 
 HUB_ADDR = "192.168.250.2"  # the API server's address, on the hub's bridge
 UNDERLAY6 = "fd00:251::/64"
@@ -141,7 +142,8 @@ def test_every_pair_pings_over_both_families_and_carries_tcp_over_ipv6(mix):
     payload = os.urandom(TCP_BYTES)
     expected = (len(payload), hashlib.sha256(payload).hexdigest())
     for port, (a, b) in enumerate(pairs, start=5811):
-        assert tcp_transfer(mix.lab.nodes[a], mix.lab.nodes[b], mix.addrs(b)[1], payload, port) == expected, (a, b)
+        got = probe.tcp_transfer(mix.lab.nodes[a], mix.lab.nodes[b], mix.addrs(b)[1], payload, port)
+        assert got == expected, (a, b)
     assert mix.flanneld.running(), mix.flanneld.log_tail()
 
 
@@ -261,7 +263,7 @@ def test_ipv6_only_nodes_ping_and_carry_tcp_beside_flanneld(only6):
     payload = os.urandom(TCP_BYTES)
     expected = (len(payload), hashlib.sha256(payload).hexdigest())
     for port, (a, b) in enumerate(pairs, start=5911):
-        assert tcp_transfer(m.lab.nodes[a], m.lab.nodes[b], m.addrs(b)[1], payload, port) == expected, (a, b)
+        assert probe.tcp_transfer(m.lab.nodes[a], m.lab.nodes[b], m.addrs(b)[1], payload, port) == expected, (a, b)
     names = kubenode.annotation_names(V6_PREFIX)
 
     def published(i: int) -> dict[str, str]:

@@ -16,6 +16,7 @@ import socket
 import threading
 from typing import Any
 
+from udpflannel.lab import probe
 from udpflannel.lab.netns import Namespace
 
 try:
@@ -24,49 +25,6 @@ except ImportError:
     from test_cni import cni_call, pod_netconf
 
 NETWORK, NETWORK6 = "10.247.0.0/16", "fd20::/56"
-
-
-def exchange(src: Namespace, dst: Namespace, dst_addr: str, port: int, payload: bytes,
-             timeout: float = 10.0) -> tuple[bytes, str]:
-    """``payload`` to a server in ``dst`` that answers it reversed (either family); the
-    answer and the client address the server saw."""
-    v6 = ipaddress.ip_address(dst_addr).version == 6
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    listener = dst.call(lambda: socket.create_server(("::" if v6 else "0.0.0.0", port), family=family))
-    listener.settimeout(timeout)
-    seen: dict[str, Any] = {}
-
-    def serve() -> None:
-        try:
-            conn, peer = listener.accept()
-            with conn:
-                conn.settimeout(timeout)
-                data = b""
-                while chunk := conn.recv(1 << 16):
-                    data += chunk
-                conn.sendall(data[::-1])
-            seen["peer"] = peer[0]
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            seen["error"] = e
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        client = src.call(socket.socket, family)
-        client.settimeout(timeout)
-        with client:
-            client.connect((dst_addr, port))
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            answer = b""
-            while chunk := client.recv(1 << 16):
-                answer += chunk
-        server.join(timeout)
-    finally:
-        listener.close()
-    if "error" in seen:
-        raise seen["error"]
-    return answer, seen["peer"]
 
 
 def test_dual_stack_pods_reach_each_other_over_both_families(make_lab, make_cluster, workdir):
@@ -100,9 +58,9 @@ def test_dual_stack_pods_reach_each_other_over_both_families(make_lab, make_clus
     payload = os.urandom(100_000)
     for a, b in ((0, 1), (1, 0)):
         for family in (0, 1):  # IPv4, then IPv6: the remote pod sees the sending pod itself
-            answer, peer = exchange(pods[a], pods[b], ips[b][family], 7400 + 2 * a + family, payload)
+            answer, peer = probe.tcp_exchange(pods[a], pods[b], ips[b][family], 7400 + 2 * a + family, payload)
             assert answer == payload[::-1] and peer == ips[a][family], (a, b, family, peer)
 
     # out of the cluster network over IPv6: masqueraded to the node's IPv6 address
-    answer, peer = exchange(pods[0], lab.nodes[2], lab.addresses6[2], 7500, payload)
+    answer, peer = probe.tcp_exchange(pods[0], lab.nodes[2], lab.addresses6[2], 7500, payload)
     assert answer == payload[::-1] and peer == lab.addresses6[0], peer

@@ -9,6 +9,7 @@ from any thread afterwards: a socket keeps the namespace it was created in.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import socket
 import struct
@@ -129,11 +130,17 @@ def tcp_stream(src: Namespace, dst: Namespace, dst_addr: str, seconds: float = 3
     return got["result"]  # type: ignore[return-value]
 
 
-def _serve_once(dst: Namespace, port: int, timeout: float, handle) -> tuple[socket.socket, threading.Thread, dict]:
-    """A listener on ``port`` in ``dst`` and a thread that accepts one connection and
-    gives it (with the peer's address) to ``handle``, whose result or error lands in
-    the returned dict ("result" / "error")."""
-    listener = dst.call(socket.create_server, ("0.0.0.0", port))
+def _family(addr: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+
+
+def _serve_once(dst: Namespace, port: int, timeout: float, handle,
+                family: socket.AddressFamily = socket.AF_INET) -> tuple[socket.socket, threading.Thread, dict]:
+    """A listener on ``port`` in ``dst`` (of ``family``) and a thread that accepts one
+    connection and gives it (with the peer's address) to ``handle``, whose result or
+    error lands in the returned dict ("result" / "error")."""
+    any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    listener = dst.call(lambda: socket.create_server((any_addr, port), family=family))
     listener.settimeout(timeout)
     got: dict[str, object] = {}
 
@@ -160,9 +167,9 @@ def _served(got: dict) -> object:
 
 def tcp_transfer(src: Namespace, dst: Namespace, dst_addr: str, payload: bytes, port: int = 5311,
                  timeout: float = 20.0) -> tuple[int, str]:
-    """``payload`` over one TCP connection from ``src`` to ``dst_addr`` (in ``dst``);
-    (bytes received, their sha256) as the receiver counted them. Every socket
-    operation has ``timeout``."""
+    """``payload`` over one TCP connection from ``src`` to ``dst_addr`` (in ``dst``,
+    either family); (bytes received, their sha256) as the receiver counted them. Every
+    socket operation has ``timeout``."""
     def receive(conn: socket.socket, _peer: object) -> tuple[int, str]:
         digest, total = hashlib.sha256(), 0
         while chunk := conn.recv(1 << 20):
@@ -170,9 +177,9 @@ def tcp_transfer(src: Namespace, dst: Namespace, dst_addr: str, payload: bytes, 
             total += len(chunk)
         return total, digest.hexdigest()
 
-    listener, receiver, got = _serve_once(dst, port, timeout, receive)
+    listener, receiver, got = _serve_once(dst, port, timeout, receive, _family(dst_addr))
     try:
-        client = src.call(socket.socket)
+        client = src.call(socket.socket, _family(dst_addr))
         client.settimeout(timeout)
         with client:
             client.connect((dst_addr, port))
@@ -186,8 +193,9 @@ def tcp_transfer(src: Namespace, dst: Namespace, dst_addr: str, payload: bytes, 
 
 def tcp_exchange(src: Namespace, dst: Namespace, dst_addr: str, port: int, payload: bytes,
                  timeout: float = 10.0) -> tuple[bytes, str]:
-    """Send ``payload`` from ``src`` to a server in ``dst`` that answers it reversed;
-    the answer, and the client address the server saw (masquerading shows there)."""
+    """Send ``payload`` from ``src`` to a server in ``dst`` (``dst_addr``, either
+    family) that answers it reversed; the answer, and the client address the server
+    saw (masquerading shows there)."""
     def reverse(conn: socket.socket, peer: tuple[str, int]) -> str:
         data = b""
         while chunk := conn.recv(1 << 16):
@@ -195,9 +203,9 @@ def tcp_exchange(src: Namespace, dst: Namespace, dst_addr: str, port: int, paylo
         conn.sendall(data[::-1])
         return peer[0]
 
-    listener, server, got = _serve_once(dst, port, timeout, reverse)
+    listener, server, got = _serve_once(dst, port, timeout, reverse, _family(dst_addr))
     try:
-        client = src.call(socket.socket)
+        client = src.call(socket.socket, _family(dst_addr))
         client.settimeout(timeout)
         with client:
             client.connect((dst_addr, port))
