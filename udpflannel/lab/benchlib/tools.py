@@ -160,11 +160,11 @@ def iperf3_version() -> str:
     return out.splitlines()[0].strip() if out else "unknown"
 
 
-def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
-             port: int = 7007, cpus: tuple[int, int] | None = None) -> list[float]:
-    """RTTs in microseconds of ``count`` UDP echoes ``gap`` seconds apart between two
-    compiled programs (lab csrc/lab/udpecho.c), server in ``dst`` on ``addr``; with
-    `cpus` = (client's CPU, server's CPU) each pinned there."""
+def _udpecho(src: Namespace, dst: Namespace, addr: str, port: int, client: list[str], timeout: float,
+             cpus: tuple[int, int] | None = None) -> str:
+    """The compiled echo (lab csrc/lab/udpecho.c): its server in ``dst`` on ``addr``,
+    then its client in ``src`` run as ``udpecho CLIENT...`` for at most ``timeout``
+    seconds; the client's output. `cpus` = (client's CPU, server's CPU) pins each."""
     from udpflannel.lab import cbuild
     binary = cbuild.build(cbuild.LAB_SOURCES / "udpecho.c")
     client_cpu, server_cpu = cpus if cpus is not None else (None, None)
@@ -174,17 +174,29 @@ def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
     try:
         if server.stdout.readline().strip() != "ready":
             raise ToolError(f"udpecho server did not start: {server.stderr.read().strip()}")
-        client = _start(src, [*_on_cpu(client_cpu), binary, "client", addr, str(port), str(count),
-                              str(int(gap * 1e6))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = _start(src, [*_on_cpu(client_cpu), binary, *client], stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
         try:
-            out, err = client.communicate(timeout=count * (gap + 1.0) + 10)
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ToolError(f"udpecho {client[0]} still running after {timeout:.0f} s") from None
         finally:
-            stop(client)
-        if client.returncode != 0:
-            raise ToolError(f"udpecho client failed: {err.strip()}")
-        return [float(x) for x in out.split() if x != "lost"]
+            stop(proc)
+        if proc.returncode != 0:
+            raise ToolError(f"udpecho {client[0]} failed: {err.strip()[:300]}")
+        return out
     finally:
         stop(server, grace=0)
+
+
+def udp_echo(src: Namespace, dst: Namespace, addr: str, count: int, gap: float,
+             port: int = 7007, cpus: tuple[int, int] | None = None) -> list[float]:
+    """RTTs in microseconds of ``count`` UDP echoes ``gap`` seconds apart between two
+    compiled programs (lab csrc/lab/udpecho.c), server in ``dst`` on ``addr``; with
+    `cpus` = (client's CPU, server's CPU) each pinned there."""
+    out = _udpecho(src, dst, addr, port, ["client", addr, str(port), str(count), str(int(gap * 1e6))],
+                   count * (gap + 1.0) + 10, cpus)
+    return [float(x) for x in out.split() if x != "lost"]
 
 
 def udp_flows(src: Namespace, dst: Namespace, addr: str, flows: int, seconds: float,
@@ -192,24 +204,5 @@ def udp_flows(src: Namespace, dst: Namespace, addr: str, flows: int, seconds: fl
     """``flows`` closed-loop request/response UDP flows (64-byte requests, one in flight
     per flow, each from its own source port) for ``seconds``, from ``src`` to the echo
     server on ``addr`` in ``dst`` (lab csrc/lab/udpecho.c, mode ``flows``)."""
-    from udpflannel.lab import cbuild
-    binary = cbuild.build(cbuild.LAB_SOURCES / "udpecho.c")
-    server = _start(dst, [binary, "server", addr, str(port)],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert server.stdout is not None and server.stderr is not None  # (PIPE)
-    try:
-        if server.stdout.readline().strip() != "ready":
-            raise ToolError(f"udpecho server did not start: {server.stderr.read().strip()}")
-        client = _start(src, [binary, "flows", addr, str(port), str(flows), f"{seconds:g}"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = client.communicate(timeout=seconds + 10)
-        except subprocess.TimeoutExpired:
-            raise ToolError(f"udpecho flows still running after {seconds + 10:.0f} s") from None
-        finally:
-            stop(client)
-        if client.returncode != 0:
-            raise ToolError(f"udpecho flows failed: {err.strip()[:300]}")
-        return parse.udp_flows(out)
-    finally:
-        stop(server, grace=0)
+    out = _udpecho(src, dst, addr, port, ["flows", addr, str(port), str(flows), f"{seconds:g}"], seconds + 10)
+    return parse.udp_flows(out)
