@@ -140,9 +140,12 @@ def wait_routes(admin: Admin, want: int, timeout: float, proc: subprocess.Popen)
         time.sleep(0.0005)
 
 
-def log_times(path: str, started_wall: float) -> dict[str, float]:
-    """Seconds from the daemon's start to its own log lines (where start-up time goes)."""
-    marks = {"underlay ": "config_read_s", "leased ": "leased_s", "running: ": "running_s"}
+LOG_MARKS = {"underlay ": "config_read_s", "leased ": "leased_s", "running: ": "running_s"}
+
+
+def log_times(path: str, started_wall: float, marks: dict[str, str] = LOG_MARKS) -> dict[str, float]:
+    """Seconds from the daemon's start to its own log lines (where start-up time goes):
+    the first INFO line starting with each of ``marks`` (text -> figure's name)."""
     out: dict[str, float] = {}
     with open(path, errors="replace") as f:
         for line in f:

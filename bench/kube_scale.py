@@ -42,7 +42,7 @@ ROOT = Path(os.path.abspath(__file__)).parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from etcd_scale import memory, wait_admin, wait_routes  # noqa: E402
+from etcd_scale import log_times, memory, wait_admin, wait_routes  # noqa: E402
 from pyroute2 import netns  # noqa: E402
 
 from udpflannel.lab import procs  # noqa: E402
@@ -132,17 +132,8 @@ class Daemon:
         procs.terminate(self.proc, 10)
 
 
-def log_times(path: str, started_wall: float) -> dict[str, float]:
-    """Seconds from the daemon's start to its own log lines."""
-    marks = {"Kubernetes API server": "api_found_s", "leased ": "leased_s", "running: ": "running_s"}
-    out: dict[str, float] = {}
-    with open(path, errors="replace") as f:
-        for line in f:
-            for needle, name in marks.items():
-                if name not in out and f"INFO {needle}" in line:
-                    stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
-                    out[name] = round(stamp - started_wall, 3)
-    return out
+# where a kube-mode start-up's time goes (etcd_scale.log_times' marks for this mode)
+LOG_MARKS = {"Kubernetes API server": "api_found_s", "leased ": "leased_s", "running: ": "running_s"}
 
 
 def bench(lab: Lab, kube: KubeAPILab, work: str, args) -> dict:
@@ -171,7 +162,7 @@ def bench(lab: Lab, kube: KubeAPILab, work: str, args) -> dict:
             admin_up = time.monotonic() - daemon.started
             all_routes = wait_routes(admin, args.nodes, 120, daemon.proc) - daemon.started
             start = {"admin_socket_up_s": round(admin_up, 3), "start_to_all_routes_s": round(all_routes, 3),
-                     **log_times(daemon.log_path, daemon.started_wall),
+                     **log_times(daemon.log_path, daemon.started_wall, LOG_MARKS),
                      "rss_mb": round(memory(daemon.proc.pid)["VmRSS"], 1)}
             starts.append(start)
             log.info("start %d: %s", rep + 1, start)
