@@ -11,6 +11,10 @@
 * Every socket: big buffers (SO_*BUFFORCE as root), outer DF clear and ICMP "frag
   needed" ignored (IP_PMTUDISC_OMIT; a forged one cannot shrink what we send), and
   SO_RXQ_OVFL so that each read reports the kernel's drops on the socket.
+* The family is the address's: with EnableIPv6 the engine has a second VXLAN group
+  and source-port pool on the underlay's IPv6 address (VXLAN over IPv6, as
+  flannel-v6.<VNI>), IPV6_V6ONLY so that it never shares the IPv4 sockets' ports
+  through mapped addresses, and IPV6_PMTUDISC_OMIT for the same reason as IPv4's.
 """
 
 from __future__ import annotations
@@ -31,12 +35,30 @@ SOCKET_BUFFER = 32 << 20  # room for ~250 GRO batches of 64 KB while the daemon 
 SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_ATTACH_FILTER = 32, 33, 26
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_OMIT = 10, 0, 5
+IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT, IPV6_PMTUDISC_OMIT = 23, 0, 5
 OFFLOADS = ("tso", "gso", "gro")  # TUN super-packets, UDP_SEGMENT sends, UDP_GRO receives
 EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range, as kernel VXLAN uses
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 class SocketError(UdpflannelError):
     """A port cannot be bound; the message says which and why, in one line."""
+
+
+def endpoint(address: Address, port: int) -> str:
+    """``10.0.0.5:8472`` or ``[fd00::5]:8472``, for messages and status."""
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _new_socket(address: Address) -> socket.socket:
+    """A UDP socket of the address's family; IPv6 ones carry IPv6 only."""
+    if address.version == 4:
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return sock
 
 
 def parse_offloads(text: str) -> frozenset[str]:
@@ -84,15 +106,18 @@ def set_no_path_mtu(sock: socket.socket) -> None:
     interface MTU, as kernel VXLAN's are by default; ICMP "fragmentation needed"
     is ignored for this socket (IP_PMTUDISC_OMIT, Linux >= 3.16), so a forged one
     from any host cannot shrink what the node sends. Older kernels get DF clear
-    alone (IP_PMTUDISC_DONT)."""
+    alone (IP_PMTUDISC_DONT). IPv6 has no DF bit: the same options there make the
+    sending host fragment to the interface's MTU and ignore "packet too big"."""
+    level, option = ((socket.IPPROTO_IP, IP_MTU_DISCOVER) if sock.family == socket.AF_INET
+                     else (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
     try:
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_OMIT)
+        sock.setsockopt(level, option, IP_PMTUDISC_OMIT)  # (IPV6_PMTUDISC_OMIT: the same 5)
     except OSError:
-        sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        sock.setsockopt(level, option, IP_PMTUDISC_DONT)
 
 
-def open_udp_socket(address: ipaddress.IPv4Address, port: int, what: str = "UDP") -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def open_udp_socket(address: Address, port: int, what: str = "UDP") -> socket.socket:
+    sock = _new_socket(address)
     try:
         sock.bind((str(address), port))
     except OSError as e:
@@ -100,12 +125,12 @@ def open_udp_socket(address: ipaddress.IPv4Address, port: int, what: str = "UDP"
         if e.errno == errno.EADDRINUSE:
             raise SocketError(f"{what} port {port} on {address} is already in use "
                               "(another flanneld/udpflannel or a kernel VXLAN device?)") from None
-        raise SocketError(f"cannot bind {what} {address}:{port}: {e.strerror}") from None
+        raise SocketError(f"cannot bind {what} {endpoint(address, port)}: {e.strerror}") from None
     _tune(sock)
     return sock
 
 
-def open_udp_group(address: ipaddress.IPv4Address, port: int, count: int,
+def open_udp_group(address: Address, port: int, count: int,
                    what: str = "UDP") -> list[socket.socket]:
     """``count`` sockets sharing one port with SO_REUSEPORT (one per queue; the kernel
     spreads datagrams over them by their addresses and ports). SO_REUSEPORT would also
@@ -118,7 +143,7 @@ def open_udp_group(address: ipaddress.IPv4Address, port: int, count: int,
     group = []
     try:
         for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = _new_socket(address)
             group.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((str(address), port))
@@ -126,7 +151,7 @@ def open_udp_group(address: ipaddress.IPv4Address, port: int, count: int,
     except OSError as e:
         for sock in group:
             sock.close()
-        raise SocketError(f"cannot bind {what} {address}:{port} for {count} queues: "
+        raise SocketError(f"cannot bind {what} {endpoint(address, port)} for {count} queues: "
                           f"{e.strerror}") from None
     return group
 
@@ -141,7 +166,7 @@ def _refuse_everything(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def open_source_port_pool(address: ipaddress.IPv4Address, count: int,
+def open_source_port_pool(address: Address, count: int,
                           ports: tuple[int, int] = EPHEMERAL,
                           rng: random.Random | None = None) -> list[socket.socket]:
     """``count`` send-only sockets on distinct random ports of ``ports`` (ports in use
@@ -155,7 +180,7 @@ def open_source_port_pool(address: ipaddress.IPv4Address, count: int,
         if port in tried:
             continue
         tried.add(port)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = _new_socket(address)
         try:
             _refuse_everything(sock)
             sock.bind((str(address), port))
@@ -165,5 +190,5 @@ def open_source_port_pool(address: ipaddress.IPv4Address, count: int,
         _tune(sock)
         pool.append(sock)
     if len(pool) < count:
-        log.warning("only %d of %d VXLAN source ports could be bound", len(pool), count)
+        log.warning("only %d of %d VXLAN source ports could be bound on %s", len(pool), count, address)
     return pool
