@@ -97,7 +97,7 @@ class KernelPlane:
         assert self._lease is not None  # (start)
         for subnet in self._lease.subnets:
             if subnet.version in self.indexes:
-                vxlandev.set_address(ipr, self.indexes[subnet.version], subnet)
+                netconf.set_address(ipr, self.indexes[subnet.version], subnet)
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         changes = self.book.plan(events)

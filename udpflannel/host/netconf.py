@@ -187,21 +187,6 @@ def link_mtu(ifindex: int) -> int | None:
             return None
 
 
-def set_tun_mtu(name: str, mtu: int, tso: bool) -> None:
-    """A new MTU for the TUN (and its TSO cap): the local stack sizes TCP segments
-    and answers its senders' path-MTU probes by it."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            return
-        ipr.link("set", index=found[0], mtu=mtu)
-        if tso:
-            try:
-                ipr.link("set", index=found[0], gso_max_size=tso_size_for_one_send(mtu))
-            except NetlinkError:
-                pass
-
-
 def underlay_address_present(underlay: Underlay) -> bool:
     """Whether the underlay interface still holds the addresses our sockets and devices
     are bound to (IPv4, and IPv6 with dual stack)."""
@@ -226,19 +211,27 @@ FALLBACK_METRIC = 4096  # below the TUN's own route; only ever used without it
 TUN_QUEUE = 2000  # packets the TUN holds for the engine (the kernel's default 500 overflows on bursts)
 
 
-def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.IPv4Network,
-                  mtu: int, tso: bool = False) -> None:
-    """<subnet .0>/32 on the TUN, MTU, no IPv6, link up, and the whole overlay routed
-    into it, with an unreachable route for the overlay behind it: should the TUN ever
-    go (deleted while no daemon runs), traffic for remote pods is refused here rather
+def configure_tun(name: str, subnet: ipaddress.IPv4Network | None, network: ipaddress.IPv4Network | None,
+                  mtu: int, tso: bool = False, *, subnet6: ipaddress.IPv6Network | None = None,
+                  network6: ipaddress.IPv6Network | None = None, mtu6: int | None = None) -> None:
+    """<subnet .0>/32 on the TUN, MTU, link up, and the whole overlay routed into it,
+    with an unreachable route for the overlay behind it: should the TUN ever go
+    (deleted while no daemon runs), traffic for remote pods is refused here rather
     than sent unencapsulated out of the default route. With TSO, cap the super-packet
-    size so each leaves in one UDP_SEGMENT send. Idempotent (a restart re-runs it)."""
+    size so each leaves in one UDP_SEGMENT send. Idempotent (a restart re-runs it).
+    IPv6 (``subnet6``: EnableIPv6) as flanneld gives flannel-v6.<VNI>: <subnet6 ::>/128
+    and the IPv6 overlay routed in with ``mtu6`` (VXLAN over IPv6 takes 20 bytes more
+    than over IPv4: a per-route MTU, so the IPv4 side keeps the device's); without it,
+    no IPv6 on the TUN (None: an IPv6-only network, no IPv4 address or route)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
             raise NetconfError(f"TUN device {name} vanished")
         index = found[0]
-        disable_ipv6(name)
+        if subnet6 is None:
+            disable_ipv6(name)
+        else:
+            enable_ipv6(name)
         if tso:
             try:
                 ipr.link("set", index=index, gso_max_size=tso_size_for_one_send(mtu))
@@ -246,17 +239,33 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network, network: ipaddress.I
                 log.info("cannot cap the TUN's TSO size (%s); continuing", e)
         try:
             ipr.link("set", index=index, mtu=mtu, txqlen=TUN_QUEUE)
-            own = str(subnet.network_address)
-            for addr in ipr.addr("dump", family=socket.AF_INET, index=index):
-                if addr.get_attr("IFA_ADDRESS") != own:  # an earlier lease's address
-                    ipr.addr("del", index=index, address=addr.get_attr("IFA_ADDRESS"),
-                             prefixlen=addr["prefixlen"])
-            ipr.addr("replace", index=index, address=own, prefixlen=32)
+            for own, overlay, route_mtu in ((subnet, network, None), (subnet6, network6, mtu6)):
+                if own is not None and overlay is not None:
+                    set_address(ipr, index, own)
+                    _overlay_route(ipr, index, overlay, route_mtu)
             ipr.link("set", index=index, state="up")
-            ipr.route("replace", dst=str(network), oif=index, scope=253)  # link scope
-            _fallback_route(ipr, network)
         except NetlinkError as e:
             raise NetconfError(f"configuring {name}: {e.args[1] if len(e.args) > 1 else e}") from None
+
+
+def _overlay_route(ipr: IPRoute, index: int, network: Network, mtu: int | None) -> None:
+    """The overlay into the device (link scope), and the unreachable route behind it."""
+    extra = {"metrics": {"mtu": mtu}} if mtu else {}
+    ipr.route("replace", dst=str(network), oif=index, scope=253, **extra)
+    _fallback_route(ipr, network)
+
+
+def set_address(ipr: IPRoute, index: int, subnet: Network) -> None:
+    """Exactly one address of the subnet's family on an overlay device: <subnet .0>/32,
+    or <subnet ::>/128 (an old lease's is removed; IPv6 link-local addresses stay, as
+    flanneld's EnsureV6AddressOnLink leaves them)."""
+    own = str(subnet.network_address)
+    family = socket.AF_INET if subnet.version == 4 else socket.AF_INET6
+    for addr in ipr.addr("dump", family=family, index=index):
+        found = addr.get_attr("IFA_ADDRESS")
+        if found != own and not (subnet.version == 6 and ipaddress.IPv6Address(found).is_link_local):
+            ipr.addr("del", index=index, address=found, prefixlen=addr["prefixlen"])
+    ipr.addr("replace", index=index, address=own, prefixlen=subnet.max_prefixlen)
 
 
 def _fallback_route(ipr: IPRoute, network: Network) -> None:
@@ -326,6 +335,21 @@ def disable_ipv6(name: str) -> None:
         pass
     except OSError as e:  # an unprivileged container mounts /proc/sys read-only: cosmetic, go on
         log.warning("cannot turn IPv6 off on %s (%s): it may send a few MLD reports", name, e.strerror)
+
+
+def enable_ipv6(name: str) -> None:
+    """IPv6 on an overlay device that carries it (a TUN an IPv4-only run turned it off
+    on), accepting no router advertisements, as flanneld's flannel-v6.<VNI>."""
+    write_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "0")
+    write_sysctl(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "0")
+
+
+def write_sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value + "\n")
+    except OSError as e:  # flanneld ignores this too; a read-only /proc/sys (a container) is cosmetic
+        log.debug("cannot write %s: %s", path, e)
 
 
 def route_get(address: Address) -> tuple[str | None, int | None]:

@@ -39,7 +39,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from udpflannel.core.config import subnet_within
-from udpflannel.host.netconf import RTPROT_UDPFLANNEL, disable_ipv6
+from udpflannel.host.netconf import RTPROT_UDPFLANNEL, disable_ipv6, write_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -160,30 +160,9 @@ def ensure_device(ipr: IPRoute, spec: DeviceSpec) -> tuple[int, bool]:
         # tx_dropped (send errors in the metrics) on an idle node.
         disable_ipv6(spec.name)
     else:
-        _sysctl(f"/proc/sys/net/ipv6/conf/{spec.name}/accept_ra", "0")  # as flanneld (newVXLANDevice)
+        write_sysctl(f"/proc/sys/net/ipv6/conf/{spec.name}/accept_ra", "0")  # as flanneld (newVXLANDevice)
     ipr.link("set", index=index, state="up")  # binds the UDP port: EADDRINUSE if busy
     return index, created
-
-
-def _sysctl(path: str, value: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value + "\n")
-    except OSError as e:  # flanneld ignores this too; a read-only /proc/sys (a container) is cosmetic
-        log.debug("cannot write %s: %s", path, e)
-
-
-def set_address(ipr: IPRoute, index: int, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
-    """Exactly one address of the subnet's family: <subnet .0>/32, or <subnet ::>/128
-    (an old lease's is removed; IPv6 link-local addresses stay, as flanneld's
-    EnsureV6AddressOnLink leaves them)."""
-    own = str(subnet.network_address)
-    family = socket.AF_INET if subnet.version == 4 else socket.AF_INET6
-    for addr in ipr.addr("dump", family=family, index=index):
-        found = addr.get_attr("IFA_ADDRESS")
-        if found != own and not (subnet.version == 6 and ipaddress.IPv6Address(found).is_link_local):
-            ipr.addr("del", index=index, address=found, prefixlen=addr["prefixlen"])
-    ipr.addr("replace", index=index, address=own, prefixlen=subnet.max_prefixlen)
 
 
 def add_peer(ipr: IPRoute, index: int, peer: PeerEntry, underlay_index: int) -> None:

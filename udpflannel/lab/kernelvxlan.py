@@ -15,7 +15,7 @@ import ipaddress
 from pyroute2 import IPRoute
 
 from udpflannel.core.wire import VXLAN_OVERHEAD, VXLAN_PORT
-from udpflannel.host import vxlandev
+from udpflannel.host import netconf, vxlandev
 
 
 def create(ipr: IPRoute, *, local_ip: str, underlay: str, subnet: str, vtep_mac: str,
@@ -27,7 +27,7 @@ def create(ipr: IPRoute, *, local_ip: str, underlay: str, subnet: str, vtep_mac:
                                ipaddress.IPv4Address(local_ip), link, vtep_mac,
                                mtu or underlay_mtu - VXLAN_OVERHEAD)
     index, _ = vxlandev.ensure_device(ipr, spec)
-    vxlandev.set_address(ipr, index, ipaddress.IPv4Network(subnet))
+    netconf.set_address(ipr, index, ipaddress.IPv4Network(subnet))
     return index
 
 
