@@ -310,9 +310,12 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             else:
                 mac = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac,
                                       source.kept.vtep_mac)  # kube-mgr: the MAC our Node names
-            mac6 = (await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6,  # dual stack
-                                    source.kept.vtep_mac6, version=6)  # kube-mgr: backend-v6-data's MAC
-                    if cfg.enable_ipv6 else None)
+            mac6 = None
+            if inherited and inherited.vtep_mac6:  # the MAC the inherited engine frames IPv6 with
+                mac6 = inherited.vtep_mac6
+            elif cfg.enable_ipv6:  # dual stack
+                mac6 = await _vtep_mac(opts, persist, cfg.vni, outside.existing_vtep_mac6,
+                                       source.kept.vtep_mac6, version=6)  # kube-mgr: backend-v6-data's MAC
             log.info("underlay %s; network %s, backend %s, port %d", underlay.describe(),  # dual stack
                      " + ".join(map(str, cfg.networks)), cfg.backend_type, cfg.port)
             if plane is None:
@@ -324,9 +327,9 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
             lease = await _acquire(node, source, cfg, underlay, mac, stop, mac6)  # dual stack: mac6
             persist.write(localstate.subnet_path(opts.state_dir, opts.tun),
                           lambda: localstate.record_lease(opts.state_dir, opts.tun, lease))  # dual stack
-            if inherited is not None and plane is inherited.plane and lease.subnet != inherited.subnet:
+            if inherited is not None and plane is inherited.plane and lease.subnets != inherited.subnets:
                 log.warning("the registry leased %s, the data plane (%s) ran %s: setting it up again",
-                            lease.subnet, inherited.how, inherited.subnet)
+                            lease.describe(), inherited.how, " + ".join(map(str, inherited.subnets)))
                 await plane.stop()
                 plane = await outside.prepare_plane(opts.dataplane, plane_options(opts, cfg, underlay, mac, mac6))
                 plane_undo.push_async_callback(plane.stop)
@@ -344,7 +347,7 @@ async def run(opts: RunOptions, outside: Outside = Outside(), stop: asyncio.Even
                 persist.write(opts.subnet_file, lambda: localstate.write_if_changed(opts.subnet_file, text),
                               on_success=written)
             write_subnet_env(plane.status().mtu)
-            state = node_state(cfg, underlay, mac, lease.subnet)
+            state = node_state(cfg, underlay, mac, lease.subnet, mac6, lease.ipv6_subnet)
             giver = takeover.Giver(opts.tun, plane, state, on_handed_over=stop.set)
 
             manager = node.manager

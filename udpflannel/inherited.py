@@ -20,9 +20,11 @@ def _text(value: Any) -> str | None:
 
 
 def node_state(cfg: netconfig.NetworkConfig, underlay: Underlay, mac: str,
-               subnet: ipaddress.IPv4Network | None) -> dict:
+               subnet: ipaddress.IPv4Network | None, mac6: str | None = None,
+               subnet6: ipaddress.IPv6Network | None = None) -> dict:
     """The node's part of the state (the plane adds its own: describe())."""
     return {"config": cfg.to_json(), "vtep_mac": mac, "lease_subnet": _text(subnet),
+            "vtep_mac6": mac6, "lease_subnet6": _text(subnet6),  # dual stack
             "underlay": {"ifname": underlay.ifname, "ifindex": underlay.ifindex,
                          "address": _text(underlay.address), "public_ip": _text(underlay.public_ip),
                          "mtu": underlay.mtu, "network": _text(underlay.network),
@@ -63,8 +65,15 @@ class Inherited:
         return self.state["vtep_mac"]
 
     @property
-    def subnet(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.state["lease_subnet"])
+    def vtep_mac6(self) -> str | None:
+        """The IPv6 VTEP MAC (dual stack), None without IPv6 (or from an older daemon)."""
+        return self.state.get("vtep_mac6")
+
+    @property
+    def subnets(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The subnets of the lease the plane was set up for, IPv4 first (as Lease.subnets)."""
+        texts = (self.state.get("lease_subnet"), self.state.get("lease_subnet6"))
+        return tuple(ipaddress.ip_network(t) for t in texts if t)
 
     def plane_options(self, opts: RunOptions) -> PlaneOptions:
-        return plane_options(opts, self.config, self.underlay, self.vtep_mac)
+        return plane_options(opts, self.config, self.underlay, self.vtep_mac, self.vtep_mac6)

@@ -70,6 +70,9 @@ class DataplaneStatus:
     forwarding: bool = False  # the data path runs (readiness)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     kernel_drops: int = 0  # datagrams the kernel dropped on our socket (queue full)
+    # engine: the sockets peers send to, "VXLAN 10.0.0.5:8472", "VXLAN [fd00::5]:8472"
+    # (dual stack), "flanneld udp 10.0.0.5:8285"; absent from older daemons' maps
+    listening: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class NodeStatus:
         plane = build(DataplaneStatus, d.get("dataplane"))
         if plane is not None:
             plane = DataplaneStatus(**{**asdict(plane), "offloads": tuple(plane.offloads),
-                                       "batching": tuple(plane.batching)})
+                                       "batching": tuple(plane.batching), "listening": tuple(plane.listening)})
         peers = d.get("peer_list")
         return cls(version=d["version"], started=d["started"], ready=d["ready"],
                    lease=build(LeaseStatus, d.get("lease")),

@@ -16,6 +16,14 @@ The TUN is persistent (host.tun): stop() closes our fds and leaves the device, i
 address and its routes, so the next daemon re-attaches without an outage. If the
 device is deleted under a running daemon, the TUN read fails (EBADFD) and the plane
 builds it again and carries on, as flanneld re-creates its device.
+
+Dual stack (EnableIPv6), as flanneld's vxlan backend: the IPv6 subnets travel as VXLAN
+over IPv6 between the nodes' PublicIPv6 addresses, from a second set of sockets on the
+underlay's IPv6 address (a VXLAN group and a source-port pool, sockets.py), framed
+with the IPv6 VTEP MAC the lease publishes (BackendV6Data, flannel-v6.<VNI>'s). One
+TUN carries both families: <subnet ::>/128 on it and the IPv6 overlay routed into it
+with a route MTU 20 bytes below the device's (the longer outer header). IPv6-only
+(EnableIPv4 false): no IPv4 sockets, address or route.
 """
 
 from __future__ import annotations
@@ -59,15 +67,25 @@ GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EFAULT)
 
 def make_engine(kind: str, opts: PlaneOptions) -> Engine | PyEngine:
     """'compiled' (the default) or 'python' (the reference twin, slow)."""
-    cfg = opts.config
-    vtep_mac = mac_bytes(opts.vtep_mac)
+    args = engine_args(opts)
     if kind == "python":
         from udpflannel.dataplane.pyengine import PyEngine
-        return PyEngine(vni=cfg.vni, vtep_mac=vtep_mac, network=str(cfg.network), subnet_len=cfg.subnet_len,
-                        strict_source=opts.strict_source)
+        return PyEngine(**args)
     from udpflannel._engine import Engine
-    return Engine(vni=cfg.vni, vtep_mac=vtep_mac, network=str(cfg.network), subnet_len=cfg.subnet_len,
-                  strict_source=opts.strict_source)
+    return Engine(**args)
+
+
+def engine_args(opts: PlaneOptions) -> dict:
+    """The engine's constructor arguments: the network of each family it carries
+    (``network`` None: IPv6-only), and with IPv6 the VTEP MAC its IPv6 frames use."""
+    cfg = opts.config
+    args: dict = {"vni": cfg.vni, "vtep_mac": mac_bytes(opts.vtep_mac), "strict_source": opts.strict_source,
+                  "network": str(cfg.network) if cfg.network else None, "subnet_len": cfg.subnet_len}
+    if cfg.v6 is not None:
+        if opts.vtep_mac6 is None:
+            raise DataplaneError("EnableIPv6 needs a VTEP MAC for IPv6 (BackendV6Data)")
+        args.update(network6=str(cfg.v6.network), subnet_len6=cfg.v6.subnet_len, vtep_mac6=mac_bytes(opts.vtep_mac6))
+    return args
 
 
 class EnginePlane:
@@ -89,10 +107,13 @@ class EnginePlane:
         self.vxlan_sock: socket.socket | None = None
         self.udp_sock: socket.socket | None = None
         self.pool: list[socket.socket] = []
+        self.vxlan6_group: list[socket.socket] = []  # EnableIPv6: VXLAN over IPv6, one per queue
+        self.pool6: list[socket.socket] = []  # and its source ports
         self._udp_offloads: frozenset[str] = frozenset()
         self._gso = False
         self._batching: tuple[str, ...] = ()  # sendmmsg / recvmmsg, as at attach (check() logs a loss)
         self._subnet: ipaddress.IPv4Network | None = None
+        self._subnet6: ipaddress.IPv6Network | None = None
         self._readers: list[int] = []
         self._direct: dict = {}  # subnet -> PublicIP of peers routed directly
         self.mtu = opts.mtu  # follows the underlay's (unless Backend.MTU): see check()
@@ -137,30 +158,50 @@ class EnginePlane:
         # Our own flannel.<VNI>, left up by the kernel plane, holds the VXLAN port: it
         # goes before we bind (after a lease would be too late: the bind fails).
         if remove_kernel_device:
-            name = vxlandev.device_name(self.opts.config.vni)
-            if await asyncio.to_thread(_delete_link, name, self.opts.vtep_mac):
-                log.info("removed %s, left by the kernel data plane (it holds the VXLAN port)", name)
+            for version, mac in ((4, self.opts.vtep_mac), (6, self.opts.vtep_mac6)):  # (6: dual stack)
+                name = vxlandev.device_name(self.opts.config.vni, version)
+                if mac is None:
+                    continue
+                if await asyncio.to_thread(_delete_link, name, mac):
+                    log.info("removed %s, left by the kernel data plane (it holds the VXLAN port)", name)
         self._bind_all()
 
     def _bind_all(self) -> None:
-        address = self.opts.underlay.address
-        assert address is not None  # the engine carries IPv4 (IPv6-only is refused: select.py)
-        own = self.opts.config.backend_type
-        self.vxlan_group = self._bind_group(address, self.vxlan_port, required=own == "vxlan")
-        self.vxlan_sock = self.vxlan_group[0] if self.vxlan_group else None
-        if own == "udp":  # else bound only while a peer speaks it (_sync_bare_socket)
-            assert self.udp_port is not None  # (the config's port)
-            self.udp_sock = self._bind(address, self.udp_port, "flanneld udp", required=True)
-        if self.vxlan_sock is None and self.udp_sock is None:
+        cfg, underlay = self.opts.config, self.opts.underlay
+        own = cfg.backend_type
+        if cfg.enable_ipv4:
+            assert underlay.address is not None  # found for IPv4 (find_underlay)
+            self.vxlan_group, self.pool = self._bind_vxlan(underlay.address, required=own == "vxlan")
+            self.vxlan_sock = self.vxlan_group[0] if self.vxlan_group else None
+            if own == "udp":  # else bound only while a peer speaks it (_sync_bare_socket)
+                assert self.udp_port is not None  # (the config's port)
+                self.udp_sock = self._bind(underlay.address, self.udp_port, "flanneld udp", required=True)
+        if cfg.enable_ipv6:  # (a udp backend has no IPv6: config.py refuses it)
+            if underlay.address6 is None:
+                raise DataplaneError("EnableIPv6 needs an IPv6 address on the underlay")
+            self.vxlan6_group, self.pool6 = self._bind_vxlan(underlay.address6, required=True)
+        if not self._listening():
             raise DataplaneError("no UDP port could be bound")
-        if self.vxlan_sock is not None and self.opts.source_ports:
-            self.pool = sockets.open_source_port_pool(address, self.opts.source_ports)
+        first = self._listening()[0]
         for sock in self._sockets():
-            got = sockets.enable_udp_offloads(sock, self.offloads & {"gso", "gro"},
-                                              quiet=sock is not self.vxlan_sock)
-            self._udp_offloads = got if sock is (self.vxlan_sock or self.udp_sock) else self._udp_offloads
-        self.book = RouteBook(self.opts.config, self.opts.underlay.public_ip,
-                              Framings(self.vxlan_port, self.udp_port or None), self.opts.underlay.network)
+            got = sockets.enable_udp_offloads(sock, self.offloads & {"gso", "gro"}, quiet=sock is not first)
+            self._udp_offloads = got if sock is first else self._udp_offloads
+        self.book = make_book(self.opts, self.vxlan_port, self.udp_port)
+
+    def _bind_vxlan(self, address, required: bool) -> tuple[list[socket.socket], list[socket.socket]]:
+        """The VXLAN group on ``address`` (one socket per queue) and its source-port pool."""
+        group = self._bind_group(address, self.vxlan_port, required)
+        pool = (sockets.open_source_port_pool(address, self.opts.source_ports)
+                if group and self.opts.source_ports else [])
+        return group, pool
+
+    def _listening(self) -> list[socket.socket]:
+        """The sockets peers send to, queue 0's: VXLAN over IPv4, flanneld udp, VXLAN over IPv6."""
+        return [s for s in (self.vxlan_sock, self.udp_sock, self.vxlan6_sock) if s is not None]
+
+    @property
+    def vxlan6_sock(self) -> socket.socket | None:
+        return self.vxlan6_group[0] if self.vxlan6_group else None
 
     def _wants_bare_socket(self) -> bool:
         """flanneld's udp framing port is open only while it is spoken here: the
@@ -210,19 +251,34 @@ class EnginePlane:
             return None
 
     async def start(self, lease: Lease) -> None:
-        if self.engine is not None and self._subnet == lease.subnet:
+        if self.engine is not None and (self._subnet, self._subnet6) == (lease.subnet, lease.ipv6_subnet):
             # forwarding already (taken over, or a warm start): make sure the device
             # still has its address, routes and MTU, as a fresh start sets them
-            await asyncio.to_thread(netconf.configure_tun, self._dev.name, self._subnet,
-                                    self.opts.config.network, self.mtu, self._dev.tso)
+            await asyncio.to_thread(self._configure_tun, self._dev, self.mtu)
             return
-        self._subnet = lease.subnet
-        self.engine = make_engine(self.opts.engine, self.opts)
-        self._eng.set_subnet(str(self._subnet))
+        self._new_engine(lease.subnet, lease.ipv6_subnet)
         await self._attach_tun()
 
+    def _new_engine(self, subnet: ipaddress.IPv4Network | None, subnet6: ipaddress.IPv6Network | None) -> None:
+        """The engine for this node's subnets (one per family the lease holds)."""
+        self._subnet, self._subnet6 = subnet, subnet6
+        self.engine = make_engine(self.opts.engine, self.opts)
+        for own in (subnet, subnet6):
+            if own is not None:
+                self.engine.set_subnet(str(own))
+
+    def _configure_tun(self, tun: Tun, mtu: int) -> None:
+        """The TUN's addresses, routes and MTU (netlink: on a worker thread). The IPv6
+        overlay's route MTU is 20 bytes less: VXLAN over IPv6 has the longer outer
+        header (flannel-v6.<VNI>'s MTU, as the kernel caps it: vxlandev.device_mtu)."""
+        cfg = self.opts.config
+        netconf.configure_tun(tun.name, self._subnet, cfg.network, mtu, tun.tso, subnet6=self._subnet6,
+                              network6=cfg.ipv6_network if cfg.enable_ipv6 else None,
+                              mtu6=mtu - vxlandev.VXLAN6_EXTRA)
+
     def _sockets(self) -> list[socket.socket]:
-        return self.vxlan_group + [s for s in (self.udp_sock,) if s] + self.pool
+        return (self.vxlan_group + [s for s in (self.udp_sock,) if s] + self.pool
+                + self.vxlan6_group + self.pool6)
 
     @property
     def threaded(self) -> bool:
@@ -234,8 +290,7 @@ class EnginePlane:
         tun = await asyncio.to_thread(Tun, self.opts.tun, "tso" in self.offloads, True,
                                       self.opts.queues, self.threaded)
         try:
-            await asyncio.to_thread(netconf.configure_tun, tun.name, self._subnet,
-                                    self.opts.config.network, self.mtu, tun.tso)
+            await asyncio.to_thread(self._configure_tun, tun, self.mtu)
         except BaseException:
             tun.close()
             raise
@@ -247,22 +302,29 @@ class EnginePlane:
 
     def _attach_engine(self, tun: Tun) -> None:
         """Give the engine the TUN's queue fds and our sockets."""
-        gso = "gso" in self._udp_offloads and bool(self.pool or self.vxlan_sock or self.udp_sock)
-        tx_fds = [s.fileno() for s in self.pool] or ([self.vxlan_sock.fileno()] if self.vxlan_sock else [])
+        gso = "gso" in self._udp_offloads and bool(self._listening())
         self._eng.attach(
-            tun.fd, self.vxlan_sock.fileno() if self.vxlan_sock else -1,
-            bare_fd=self.udp_sock.fileno() if self.udp_sock else -1,
-            tx_fds=tx_fds, vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads)
+            tun.fd, _fd(self.vxlan_sock), bare_fd=_fd(self.udp_sock), tx_fds=_send_fds(self.pool, self.vxlan_sock),
+            vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads, **self._ipv6_fds())
         for q in range(self._eng.queues(), self.opts.queues):  # first attach only
-            self._compiled.add_queue(tun.fds[q], self.vxlan_group[q].fileno() if self.vxlan_group else -1)
+            self._compiled.add_queue(tun.fds[q], _fd(_nth(self.vxlan_group, q)),
+                                     **({"udp6_fd": _fd(_nth(self.vxlan6_group, q))} if self.vxlan6_group else {}))
         for q in range(1, self.opts.queues):  # a re-created TUN: its new queue fds
             self._compiled.set_tun_fd(q, tun.fds[q])
         self._gso = gso
         self._batching = batching(self._eng.offloads())
-        log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; batching: %s; VXLAN source ports: %d",
+        log.info("offloads: TUN %s, UDP GSO %s, UDP GRO %s; batching: %s; VXLAN source ports: %s",
                  tun.offloads, "on" if gso else "off", "on" if "gro" in self._udp_offloads else "off",
                  ", ".join(self._batching) or "none (one datagram per system call)",
-                 len(self.pool) or 1)
+                 " + ".join(f"{len(pool) or 1} {family}" for family, pool, group in
+                            (("IPv4", self.pool, self.vxlan_group), ("IPv6", self.pool6, self.vxlan6_group))
+                            if group))
+
+    def _ipv6_fds(self) -> dict:
+        """attach()'s IPv6 sockets (none: the engine's IPv4-only call, as before IPv6)."""
+        if self.vxlan6_sock is None:
+            return {}
+        return {"udp6_fd": self.vxlan6_sock.fileno(), "tx6_fds": _send_fds(self.pool6, self.vxlan6_sock)}
 
     def _start_reading(self) -> None:
         """The data path runs from here: its threads, or the loop's readers."""
@@ -286,6 +348,9 @@ class EnginePlane:
         if self.udp_sock is not None:
             loop.add_reader(self.udp_sock.fileno(), self._on_bare)
             self._readers.append(self.udp_sock.fileno())
+        if self.vxlan6_sock is not None:
+            loop.add_reader(self.vxlan6_sock.fileno(), self._on_vxlan6)
+            self._readers.append(self.vxlan6_sock.fileno())
 
     def _start_threads(self, loop) -> None:
         self._start_engine_threads()
@@ -357,11 +422,12 @@ class EnginePlane:
         """What this plane forwards with: enough to go on with its fds (a takeover) or
         to set it up again before the registry answers (a warm start, warmstart.py)."""
         return {
-            "kind": ENGINE, "queues": self.opts.queues, "subnet": str(self._subnet), "mtu": self.mtu,
+            "kind": ENGINE, "queues": self.opts.queues, "subnet": _text(self._subnet),
+            "subnet6": _text(self._subnet6), "mtu": self.mtu,
             "tun": {"name": self._dev.name, "vnet_hdr": self._dev.vnet_hdr, "tso": self._dev.tso,
                     "offloads": self._dev.offloads},
             "vxlan_port": self.vxlan_port,
-            "udp_offloads": sorted(self._udp_offloads), "pool": len(self.pool),
+            "udp_offloads": sorted(self._udp_offloads), "pool": len(self.pool), "pool6": len(self.pool6),
             "routes": [[str(r.subnet), str(r.public_ip), r.framing, r.port, r.vtep_mac]
                        for r in self._book.routes.values()],
             "direct": [[str(subnet), str(via)] for subnet, via in self._direct.items()],
@@ -376,6 +442,8 @@ class EnginePlane:
         if self.udp_sock is not None:
             fds["udp"] = self.udp_sock.fileno()
         fds.update({f"pool{i}": s.fileno() for i, s in enumerate(self.pool)})
+        fds.update({f"vxlan6_{q}": s.fileno() for q, s in enumerate(self.vxlan6_group)})
+        fds.update({f"pool6_{i}": s.fileno() for i, s in enumerate(self.pool6)})
         return self.describe(), fds
 
     def resume(self) -> None:
@@ -399,6 +467,8 @@ class EnginePlane:
         plane.vxlan_sock = plane.vxlan_group[0] if plane.vxlan_group else None
         plane.udp_sock = sock("udp") if "udp" in handed.fds else None
         plane.pool = [sock(f"pool{i}") for i in range(state["pool"])]
+        plane.vxlan6_group = [sock(f"vxlan6_{q}") for q in range(opts.queues) if f"vxlan6_{q}" in handed.fds]
+        plane.pool6 = [sock(f"pool6_{i}") for i in range(state.get("pool6", 0))]  # (an older daemon: none)
         plane.vxlan_port = state["vxlan_port"]
         plane._udp_offloads = frozenset(state["udp_offloads"])
         t = state["tun"]
@@ -406,12 +476,9 @@ class EnginePlane:
                               vnet_hdr=t["vnet_hdr"], tso=t["tso"], offloads=t["offloads"])
         plane.offloads = frozenset(name for name, on in (("tso", t["vnet_hdr"]), ("gso", "gso" in plane._udp_offloads),
                                                         ("gro", "gro" in plane._udp_offloads)) if on)
-        plane._subnet = ipaddress.IPv4Network(state["subnet"])
         plane.mtu = state["mtu"]
-        plane.book = RouteBook(opts.config, opts.underlay.public_ip,
-                               Framings(plane.vxlan_port, plane.udp_port or None), opts.underlay.network)
-        plane.engine = make_engine(opts.engine, opts)
-        plane.engine.set_subnet(str(plane._subnet))
+        plane.book = make_book(opts, plane.vxlan_port, plane.udp_port)
+        plane._new_engine(*remembered_subnets(state))
         plane._attach_engine(plane.tun)
         plane._load_routes(state)
         plane._sync_bare_socket(running=False)
@@ -433,9 +500,7 @@ class EnginePlane:
         tun_preflight()
         try:
             plane._bind_all()
-            plane._subnet = ipaddress.IPv4Network(state["subnet"])
-            plane.engine = make_engine(opts.engine, opts)
-            plane.engine.set_subnet(str(plane._subnet))
+            plane._new_engine(*remembered_subnets(state))
             plane.tun = Tun(opts.tun, "tso" in plane.offloads, True, opts.queues, True)
             if not plane.tun.existed:
                 raise DataplaneError(f"{opts.tun} was gone")
@@ -452,11 +517,11 @@ class EnginePlane:
     def _load_routes(self, state: dict) -> None:
         """The routes of describe()'s ``state``, into the book and the engine at once."""
         for subnet, public_ip, framing, port, mac in state["routes"]:
-            route = PeerRoute(ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(public_ip), framing, port, mac)
+            route = PeerRoute(ipaddress.ip_network(subnet), ipaddress.ip_address(public_ip), framing, port, mac)
             self._book.routes[route.subnet] = route
             self._eng.set_route(subnet, public_ip, port, mac_bytes(mac) if mac else None, framing)
         self._eng.publish()
-        self._direct = {ipaddress.IPv4Network(s): ipaddress.IPv4Address(v) for s, v in state["direct"]}
+        self._direct = {ipaddress.ip_network(s): ipaddress.ip_address(v) for s, v in state["direct"]}
 
     # --- data path callbacks ----------------------------------------------------------
     def _on_tun(self) -> None:
@@ -472,6 +537,11 @@ class EnginePlane:
         n = self._eng.drain_udp(BUDGET)
         if n < 0:
             self._fail(f"receiving on the VXLAN socket failed: {os.strerror(-n)}")
+
+    def _on_vxlan6(self) -> None:
+        n = self._eng.drain_udp6(BUDGET)
+        if n < 0:
+            self._fail(f"receiving on the IPv6 VXLAN socket failed: {os.strerror(-n)}")
 
     def _on_bare(self) -> None:
         n = self._eng.drain_bare(BUDGET)
@@ -560,7 +630,7 @@ class EnginePlane:
         if wanted != self.mtu and wanted >= 576:
             log.warning("underlay %s MTU is now %d: %s MTU %d -> %d", self.opts.underlay.ifname,
                         underlay, self.opts.tun, self.mtu, wanted)
-            await asyncio.to_thread(netconf.set_tun_mtu, self.opts.tun, wanted, self.tun.tso)
+            await asyncio.to_thread(self._configure_tun, self.tun, wanted)  # (the IPv6 route's MTU too)
             self.mtu = wanted
 
     # --- status -----------------------------------------------------------------------
@@ -577,7 +647,12 @@ class EnginePlane:
             io=self._io_text(), peers=e.route_count() if e else 0,
             forwarding=bool(self._readers),
             counters=e.counters() if e else dict.fromkeys(COUNTERS, 0),
-            kernel_drops=e.kernel_drops() if e else 0)
+            kernel_drops=e.kernel_drops() if e else 0, listening=self._listening_text())
+
+    def _listening_text(self) -> tuple[str, ...]:
+        """Queue 0's sockets as status shows them: "VXLAN [fd00::5]:8472"."""
+        return tuple(f"{'flanneld udp' if sock is self.udp_sock else 'VXLAN'} {_where(sock)}"
+                     for sock in self._listening())
 
     def _io_text(self) -> str:
         """How the engine runs, for `udpflannel status`: "loop", "threads, 2 queues",
@@ -591,6 +666,44 @@ class EnginePlane:
     def peers(self) -> tuple[PeerStatus, ...]:
         routes = self._book.routes.values() if self.book else ()
         return tuple(PeerStatus(str(r.subnet), str(r.public_ip), r.framing) for r in routes)
+
+
+def remembered_subnets(state: dict) -> tuple[ipaddress.IPv4Network | None, ipaddress.IPv6Network | None]:
+    """The subnets describe() remembered (an older daemon's state has no IPv6 one)."""
+    subnet, subnet6 = state["subnet"], state.get("subnet6")
+    return (ipaddress.IPv4Network(subnet) if subnet else None,
+            ipaddress.IPv6Network(subnet6) if subnet6 else None)
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _where(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:  # closed
+        return "closed"
+    return sockets.endpoint(ipaddress.ip_address(host), port)
+
+
+def _fd(sock: socket.socket | None) -> int:
+    return sock.fileno() if sock is not None else -1
+
+
+def _nth(group: list[socket.socket], q: int) -> socket.socket | None:
+    return group[q] if q < len(group) else None
+
+
+def _send_fds(pool: list[socket.socket], listening: socket.socket | None) -> list[int]:
+    """The source-port pool, or (none bound) the listening socket itself."""
+    return [s.fileno() for s in pool] or ([listening.fileno()] if listening is not None else [])
+
+
+def make_book(opts: PlaneOptions, vxlan_port: int, udp_port: int | None) -> RouteBook:
+    """The plane's routing policy (core.peers): our own public addresses are no peers."""
+    return RouteBook(opts.config, opts.underlay.public_ip, Framings(vxlan_port, udp_port or None),
+                     opts.underlay.network, own_public_ipv6=opts.underlay.public_ip6)
 
 
 def batching(offloads: dict[str, bool]) -> tuple[str, ...]:

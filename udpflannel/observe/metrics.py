@@ -110,6 +110,13 @@ def families(st: NodeStatus) -> list[Metric]:
     info.add_metric([plane.kind if plane is not None else "",
                      ",".join(plane.offloads) if plane is not None else "", st.version], 1)
     out.append(info)
+    if plane is not None and plane.listening:
+        listening = GaugeMetricFamily("udpflannel_listening_info", "Always 1; one series per UDP socket "
+                                      "peers send to (engine: VXLAN over IPv4 and IPv6, flanneld udp)",
+                                      labels=["socket"])
+        for where in plane.listening:
+            listening.add_metric([where], 1)
+        out.append(listening)
 
     if st.peer_list is not None:
         peer = GaugeMetricFamily("udpflannel_peer_info", "Always 1; one series per remote subnet "

@@ -145,6 +145,8 @@ def render(st: NodeStatus, now: float | None = None) -> str:
             rows.append(("batching", _batching(plane)))
         if plane.io:
             rows.append(("I/O", plane.io))
+        if plane.listening:
+            rows.append(("listening", ", ".join(plane.listening)))
         rows.append(("peers", str(plane.peers)))
         c = plane.counters
         for d in ("tx", "rx"):
