@@ -5,9 +5,7 @@ prepare() creates the real flannel.<VNI>, so the probe is the real thing), and t
 engine otherwise, saying why in one line: no VXLAN in the kernel, no permission in a
 container, the port held by someone else, a VXLAN device of that VNI already there.
 The config's udp backend always means the engine (the kernel speaks VXLAN only).
-IPv6 (EnableIPv6, dual stack or IPv6-only) always means the kernel plane: the engine
-does not carry IPv6 yet, so ``engine`` refuses to start with one line and ``auto``
-does not fall back to it.
+IPv6 (EnableIPv6, dual stack or IPv6-only) changes nothing here: both planes carry it.
 """
 
 from __future__ import annotations
@@ -23,8 +21,6 @@ from udpflannel.dataplane.kernel import KernelPlane
 from udpflannel.dataplane.userspace import EnginePlane
 
 log = logging.getLogger(__name__)
-
-ENGINE_NO_IPV6 = "the engine does not carry IPv6 yet; use --dataplane kernel"
 
 _WHY = {
     errno.EOPNOTSUPP: "the kernel has no VXLAN (vxlan module missing?)",
@@ -47,8 +43,6 @@ def why_not(error: BaseException) -> str:
 
 async def prepare_plane(mode: str, opts: PlaneOptions) -> DataPlane:
     """The chosen plane, prepared (ports bound, kernel device up): one log line."""
-    if mode == ENGINE and opts.config.enable_ipv6:
-        raise DataplaneError(f"EnableIPv6 is set: {ENGINE_NO_IPV6}")
     if mode == ENGINE:
         plane: DataPlane = EnginePlane(opts, "--dataplane engine")
     elif mode == KERNEL:
@@ -76,17 +70,13 @@ async def _auto(opts: PlaneOptions) -> DataPlane:
     if opts.config.backend_type != "vxlan":
         return EnginePlane(opts, f"auto: the config's {opts.config.backend_type} backend "
                                  "is spoken by the engine only")
-    ipv6 = opts.config.enable_ipv6
-    kernel = KernelPlane(opts, "auto: EnableIPv6 (the engine has no IPv6 yet)" if ipv6
-                         else "auto: kernel VXLAN works here")
+    kernel = KernelPlane(opts, "auto: kernel VXLAN works here")
     try:
         await kernel.prepare()
         return kernel
     except (NetlinkError, OSError) as e:
         reason = why_not(e)
     await _remove_half_made(kernel)
-    if ipv6:
-        raise DataplaneError(f"cannot set up kernel VXLAN: {reason}; and {ENGINE_NO_IPV6.split(';')[0]}")
     return EnginePlane(opts, f"auto: kernel VXLAN unavailable: {reason}")
 
 
