@@ -239,11 +239,13 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network | None, network: ipad
                 log.info("cannot cap the TUN's TSO size (%s); continuing", e)
         try:
             ipr.link("set", index=index, mtu=mtu, txqlen=TUN_QUEUE)
-            for own, overlay, route_mtu in ((subnet, network, None), (subnet6, network6, mtu6)):
-                if own is not None and overlay is not None:
-                    set_address(ipr, index, own)
-                    _overlay_route(ipr, index, overlay, route_mtu)
-            ipr.link("set", index=index, state="up")
+            sides = [(own, overlay, route_mtu) for own, overlay, route_mtu in
+                     ((subnet, network, None), (subnet6, network6, mtu6)) if own is not None and overlay is not None]
+            for own, _, _ in sides:
+                set_address(ipr, index, own)
+            ipr.link("set", index=index, state="up")  # (a route needs the link up)
+            for _, overlay, route_mtu in sides:
+                _overlay_route(ipr, index, overlay, route_mtu)
         except NetlinkError as e:
             raise NetconfError(f"configuring {name}: {e.args[1] if len(e.args) > 1 else e}") from None
 
