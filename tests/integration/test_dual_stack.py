@@ -10,7 +10,8 @@ dual-stack underlay, on one etcd.
 - An IPv6-only cluster (EnableIPv4 false) of udpflannel nodes (flanneld v0.28.9 on etcd
   cannot hold two IPv6-only nodes: every such lease has PublicIP 0.0.0.0, and it takes
   the first it finds as its own; README, Differences), judged against one flanneld in
-  a network of its own; the engine refuses IPv6 and `--dataplane auto` picks the kernel.
+  a network of its own: an engine node beside kernel-plane ones (`--dataplane auto`
+  picks the kernel). test_dual_stack_engine.py has the engine's own cases.
 - A node's IPv4 lease moved to its dual-stack key when IPv6 is turned on: same IPv4
   subnet, no IPv4 ping lost while it restarts.
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import pytest
 
 from udpflannel.core import lease as leases
+from udpflannel.host import localstate
 from udpflannel.lab import probe
 from udpflannel.lab.cluster import Cluster
 from udpflannel.lab.flanneld import Flanneld
@@ -304,18 +306,10 @@ def test_an_ipv6_only_cluster_and_its_leases_as_flanneld_writes_them(lab, etcd, 
     fl = Flanneld(lab.nodes[first + 3], str(tmp_path / "flanneld"), etcd_endpoints=etcd.endpoint,
                   etcd_prefix=alone)
     try:
-        # the engine (the default plane) refuses IPv6 with one line, before any lease
-        engine = cluster.start(nodes[0])
-        assert engine.wait(30) == 1
-        last = cluster.log_tail(nodes[0], 1).strip()
-        assert last == ("udpflannel: error: EnableIPv6 is set: the engine does not carry IPv6 yet; "
-                        "use --dataplane kernel")
-        assert subnet_leases(etcd, p) == {}
-        cluster.procs.pop(nodes[0])
-        for i, plane in zip(nodes, ("kernel", "kernel", "auto")):
+        for i, plane in zip(nodes, ("engine", "kernel", "auto")):
             cluster.start(i, ["--dataplane", plane])
         sts = {i: cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 2, 30) for i in nodes}
-        assert sts[nodes[2]].dataplane.kind == "kernel" and "IPv6" in sts[nodes[2]].dataplane.reason
+        assert [sts[i].dataplane.kind for i in nodes] == ["engine", "kernel", "kernel"]
         fl.start().wait_ready()
         addrs = {i: str(ipaddress.IPv6Network(sts[i].lease.ipv6_subnet).network_address) for i in nodes}
         for a in nodes:
@@ -336,15 +330,17 @@ def test_an_ipv6_only_cluster_and_its_leases_as_flanneld_writes_them(lab, etcd, 
             key = leases.subnet_key(None, ipaddress.IPv6Network(sts[i].lease.ipv6_subnet))
             doc = json.loads(stored[key]["value"])
             assert shape(doc) == shape(flanneld_doc)
+            mac6 = (localstate.load_mac(cluster.node_dir(i), "flannel0", 6) if i == nodes[0]  # the engine's
+                    else device(lab.nodes[i], "flannel-v6.1")["mac"])
             assert doc == {"PublicIP": "0.0.0.0", "PublicIPv6": lab.addresses6[i], "BackendType": "vxlan",
-                           "BackendV6Data": {"VNI": 1, "VtepMAC": device(lab.nodes[i], "flannel-v6.1")["mac"]}}
+                           "BackendV6Data": {"VNI": 1, "VtepMAC": mac6}}
             with open(os.path.join(cluster.node_dir(i), "subnet.env")) as f:
                 ours = f.read().replace(f"{ipaddress.IPv6Network(sts[i].lease.ipv6_subnet).network_address}1/",
                                         "<first>/")
             assert ours == fl.subnet_env().replace(f"{fl.ipv6_subnet.network_address}1/", "<first>/")
             with lab.nodes[i].ipr() as ipr:
                 assert not ipr.link_lookup(ifname="flannel.1")  # no IPv4 device, as flanneld
-        ours_dev, their_dev = device(lab.nodes[nodes[0]], "flannel-v6.1"), device(fl.ns, "flannel-v6.1")
+        ours_dev, their_dev = device(lab.nodes[nodes[1]], "flannel-v6.1"), device(fl.ns, "flannel-v6.1")
         assert (ours_dev["vxlan"], ours_dev["mtu"]) == (their_dev["vxlan"], their_dev["mtu"])
     finally:
         fl.stop()

@@ -6,8 +6,8 @@ Two udpflannel kernel-plane nodes and one flanneld, all in one cluster: every pa
 over IPv4 and IPv6 and carries TCP over IPv6; each node's subnets are its podCIDRs; the
 node annotations (backend-v6-data with flannel-v6.1's MAC, public-ipv6) are flanneld's,
 byte for byte; flannel-v6.1's per-peer entries come from the peers' annotations; a
-restart without the state dir takes both MACs back from the Node's annotations; the
-engine refuses EnableIPv6 in kube mode too. IPv6-only (EnableIPv4 false) in the same
+restart without the state dir takes both MACs back from the Node's annotations; a node
+moved to the engine plane keeps its annotations and carries both families too. IPv6-only (EnableIPv4 false) in the same
 cluster under an annotation prefix of its own: two udpflannel nodes (--dataplane auto,
 which picks the kernel plane) and a flanneld take the IPv6 podCIDR alone, ping and
 carry TCP over IPv6, and publish flanneld's annotations (no backend-data, no public-ip).
@@ -198,13 +198,24 @@ def test_a_restart_without_the_state_dir_takes_both_macs_from_the_node(mix):
                 wait_reachable(mix.lab.nodes[b], addr, timeout=30)
 
 
-def test_the_engine_refuses_ipv6_in_kube_mode_too(mix):
+def test_the_engine_carries_ipv6_in_kube_mode_too(mix):
     i = mix.ours[1]
+    published = annotations(mix.kube, mix.name(i))
     assert mix.cluster.stop(i) == 0
     try:
-        proc = mix.cluster.start(i, ["--dataplane", "engine"])
-        assert proc.wait(60) != 0
-        assert "the engine does not carry IPv6 yet; use --dataplane kernel" in mix.cluster.log(i)
+        mix.cluster.start(i, ["--dataplane", "engine"])
+        st = mix.cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 4, 60, "ready on the engine")
+        assert st.dataplane.kind == "engine"
+        assert annotations(mix.kube, mix.name(i)) == published  # the same VTEP MACs, both families
+        for b in mix.nodes:
+            if b != i:
+                for theirs, ours in zip(mix.addrs(b), mix.addrs(i)):  # IPv4, then IPv6
+                    wait_reachable(mix.lab.nodes[i], theirs, timeout=30)
+                    wait_reachable(mix.lab.nodes[b], ours, timeout=30)
+        payload = os.urandom(TCP_BYTES)
+        for port, (a, b) in enumerate([(i, mix.f), (mix.f, i)], start=5891):
+            got = probe.tcp_transfer(mix.lab.nodes[a], mix.lab.nodes[b], mix.addrs(b)[1], payload, port)
+            assert got[0] == len(payload), (a, b)
     finally:
         mix.cluster.start(i)
         mix.cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 4, 60, "ready again")
