@@ -22,10 +22,24 @@ cdef inline int rx_drop(rxctx_t *c, int reason) noexcept nogil:
 
 
 cdef inline route_t *find(const eng_t *e, const rtab_t *t, uint32_t addr) noexcept nogil:
+    """The route to the subnet holding an IPv4 address, or NULL."""
     cdef int32_t i
-    if (addr & e.netmask) != e.net:
+    if not e.has4 or (addr & e.netmask) != e.net:
         return NULL
-    i = htab_get(&t.by_subnet, (addr >> e.shift) << e.shift)
+    i = htab_get(&t.by_subnet, uf_key4((addr >> e.shift) << e.shift))
+    return NULL if i < 0 else &t.routes[i]
+
+
+cdef inline bint in_net6(const eng_t *e, uf_u128 addr) noexcept nogil:
+    return e.has6 and (addr & e.mask6) == e.net6
+
+
+cdef inline route_t *find6(const eng_t *e, const rtab_t *t, uf_u128 addr) noexcept nogil:
+    """The route to the subnet holding an IPv6 address, or NULL."""
+    cdef int32_t i
+    if not in_net6(e, addr):
+        return NULL
+    i = htab_get(&t.by_subnet, (addr >> e.shift6) << e.shift6)
     return NULL if i < 0 else &t.routes[i]
 
 
@@ -114,11 +128,11 @@ cdef void *poll_thread(void *arg) noexcept nogil:
     quiescent state cover the sockets it drains."""
     cdef txctx_t *c = <txctx_t *>arg
     cdef rxctx_t *p
-    cdef int fds[3]
+    cdef int fds[4]
     cdef int n = 1, k, r, rc, ep, ready = 0
     cdef bint failed = False
     fds[0] = c.tun_fd
-    for k in range(2):
+    for k in range(3):
         if c.polled[k] != NULL:
             fds[n] = c.polled[k].fd
             n += 1

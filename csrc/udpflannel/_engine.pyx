@@ -20,6 +20,12 @@ datagram, its TTL decremented on each side as flannel's proxy does). VXLAN frame
 leave from one of `tx_fds`, picked by a hash of the inner flow, so each flow has its
 own outer source port (RFC 7348 section 5); udp frames leave from `bare_fd`.
 
+Dual stack, as flanneld's vxlan backend: a route's subnet is IPv4 or IPv6 (the inner
+family: IPv6 frames carry ethertype 86DD and the flannel-v6 VTEP MACs), and its peer
+address is IPv4 or IPv6 (the outer family: IPv6 peers are sent to from `udp6_fd` /
+`tx6_fds` and received on the IPv6 sockets). One route table holds both: keys are
+128-bit addresses, IPv4 in its mapped form (netio.h).
+
 Three ways to run (--io):
 * loop: the event loop calls drain_tun/drain_udp/drain_bare when an fd is readable;
   each drains with the GIL released, in queue 0's contexts. Route changes happen on
@@ -58,6 +64,7 @@ cdef extern from "<sys/socket.h>" nogil:
         pass
     ssize_t sendto(int, const void *, size_t, int, const sockaddr *, socklen_t)
     int AF_INET
+    int AF_INET6
     int MSG_DONTWAIT
     int MSG_WAITFORONE
 
@@ -65,12 +72,19 @@ cdef extern from "netio.h" nogil:
     uint64_t uf_csum_partial(const uint8_t *p, size_t n, uint64_t sum)
     uint16_t uf_csum_fold(uint64_t sum)
     uint64_t uf_pseudo4(const uint8_t *iphdr, uint8_t proto, uint16_t len)
+    uint64_t uf_pseudo6(const uint8_t *ip6, uint8_t proto, uint32_t len)
     long uf_send_gso_iov(int fd, iovec *iov, int iovcnt, uint16_t segsize,
-                         const sockaddr_in *dst)
-    long uf_send_many_iov(int fd, iovec *iov, int count, const sockaddr_in *dst, int *mmsg,
+                         const uf_sockaddr *dst)
+    long uf_send_many_iov(int fd, iovec *iov, int count, const uf_sockaddr *dst, int *mmsg,
                           uint64_t *calls)
-    long uf_recvmsg(int fd, uint8_t *buf, size_t cap, sockaddr_in *src, int *segsize,
+    long uf_recvmsg(int fd, uint8_t *buf, size_t cap, uf_sockaddr *src, int *segsize,
                     uint32_t *ovfl, int flags)
+    socklen_t uf_sockaddr_len(const uf_sockaddr *a)
+    uf_u128 uf_key4(uint32_t host_order)
+    uf_u128 uf_load128(const uint8_t *p)
+    uf_u128 uf_addr_key(const uf_sockaddr *a)
+    uint32_t uf_slot(uf_u128 key, uint32_t bits)
+    uf_u128 UF_EMPTY
     int uf_have_mmsg(int fd)
     void uf_rxbatch_init(uf_rxbatch *b, uint8_t *base, size_t stride, size_t cap)
     int uf_recvmmsg(int fd, uf_rxbatch *b, int vlen, uint32_t *ovfl, int flags)
@@ -98,6 +112,7 @@ cdef extern from "threads.h" nogil:
 # (udpflannel/core/offload.py), mirrored: tests/unit/test_wire.py compares them.
 cdef enum:
     IPV4_HLEN = 20
+    IPV6_HLEN = 40
     VXLAN_HLEN = 8
     ETH_HLEN = 14
     HEADROOM = 22            # VXLAN header + inner Ethernet header
@@ -112,6 +127,7 @@ cdef enum:
     VNET = 10                # sizeof(struct virtio_net_hdr)
     NEEDS_CSUM = 1
     GSO_TCPV4 = 1
+    GSO_TCPV6 = 4
     GSO_UDP_L4 = 5
     MAX_MERGE = 64           # segments per coalesced TUN write
     MAX_PACKET = 65535       # bytes per coalesced TUN write
@@ -127,7 +143,8 @@ cdef enum:
     MAX_TX = 64              # outer source ports (sockets) a node sends VXLAN from
     MAX_QUEUES = 16
     BUDGET = 256             # packets per burst in a thread
-    ICMP_REPLY_MAX = 128     # IPv4 + ICMP headers (28) + the quoted IP header (<= 60) + 8
+    ICMP_REPLY_MAX = 1280    # ICMPv6: the minimum IPv6 MTU (ICMP: 28 + <= 68 quoted)
+    ICMP6_QUOTE_MAX = 1232   # of the packet quoted in ICMPv6 (1280 - its 48 bytes of headers)
     BUFSIZE = 65536 + 64
     RX_BATCH = 64            # datagrams (or GRO reads) per recvmmsg: netio.h's UF_RX_BATCH
     RX_SLOT = 65536 + 4096   # one read's room in the receive buffer (BUFSIZE, whole pages)
@@ -167,6 +184,7 @@ cdef enum:
     D_BAD_ETHERTYPE
     D_BAD_IP
     D_IPV6
+    D_IPV4
     D_UNKNOWN_SENDER
     D_SPOOFED
     D_BAD_DESTINATION
@@ -186,7 +204,7 @@ _SLOT_NAMES = {
     D_SEND_ERROR: "drop_send_error", D_BAD_OFFLOAD: "drop_bad_offload",
     D_TTL_EXPIRED: "drop_ttl_expired", D_SHORT: "drop_short", D_BAD_FLAGS: "drop_bad_flags",
     D_BAD_VNI: "drop_bad_vni", D_BAD_MAC: "drop_bad_mac",
-    D_BAD_ETHERTYPE: "drop_bad_ethertype", D_BAD_IP: "drop_bad_ip", D_IPV6: "drop_ipv6",
+    D_BAD_ETHERTYPE: "drop_bad_ethertype", D_BAD_IP: "drop_bad_ip", D_IPV6: "drop_ipv6", D_IPV4: "drop_ipv4",
     D_UNKNOWN_SENDER: "drop_unknown_sender", D_SPOOFED: "drop_spoofed",
     D_BAD_DESTINATION: "drop_bad_destination",
     D_TRUNCATED: "drop_truncated", D_TUN_WRITE_ERROR: "drop_tun_write_error",
@@ -195,12 +213,12 @@ COUNTERS = tuple(_SLOT_NAMES[i] for i in range(N_COUNTERS))
 _REASONS = {i: name[len("drop_"):] for i, name in enumerate(COUNTERS) if name.startswith("drop_")}
 FRAMINGS = tuple({FRAME_VXLAN: "vxlan", FRAME_UDP: "udp"}[i] for i in range(2))
 CONSTANTS = {
-    "IPV4_HLEN": IPV4_HLEN, "VXLAN_HLEN": VXLAN_HLEN, "ETH_HLEN": ETH_HLEN,
+    "IPV4_HLEN": IPV4_HLEN, "IPV6_HLEN": IPV6_HLEN, "VXLAN_HLEN": VXLAN_HLEN, "ETH_HLEN": ETH_HLEN,
     "HEADROOM": HEADROOM, "ETH_P_IP": ETH_P_IP, "ETH_P_IPV6": ETH_P_IPV6,
     "UDP_MAX_PAYLOAD": UDP_MAX_PAYLOAD, "SO_RXQ_OVFL": SO_RXQ_OVFL,
     "ICMP_ERROR_TYPES": frozenset((ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_REDIRECT,
                                    ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)),
-    "VNET_HLEN": VNET, "NEEDS_CSUM": NEEDS_CSUM, "GSO_TCPV4": GSO_TCPV4,
+    "VNET_HLEN": VNET, "NEEDS_CSUM": NEEDS_CSUM, "GSO_TCPV4": GSO_TCPV4, "GSO_TCPV6": GSO_TCPV6,
     "GSO_UDP_L4": GSO_UDP_L4, "MAX_MERGE": MAX_MERGE, "MAX_PACKET": MAX_PACKET,
     "TCP_FIN": TCP_FIN, "TCP_PSH": TCP_PSH, "TCP_ACK": TCP_ACK,
 }
@@ -213,8 +231,36 @@ include "_tx.pxi"
 include "_rx.pxi"
 
 
-cdef uint32_t _ip(object text) except? 0:
-    return int(ipaddress.IPv4Address(text))
+cdef uf_u128 _u128(object value) except? 0:
+    """A Python int of up to 128 bits in C (through two 64-bit halves: Cython takes
+    uf_u128 for a 64-bit type, see _engine.pxd)."""
+    return (<uf_u128><uint64_t>(value >> 64) << 64) | <uint64_t>(value & 0xFFFFFFFFFFFFFFFF)
+
+
+cdef uf_u128 _key(object address) except? 0:
+    """An ipaddress address as its route-table key (IPv4 in its mapped form)."""
+    if address.version == 4:
+        return uf_key4(int(address))
+    return _u128(int(address))
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _peer_address(ip):
+    """Whether a node can have this address: not unspecified, not the all-ones address
+    of its family (the tables' free-slot marker, and IPv4's limited broadcast), not an
+    IPv4-mapped IPv6 address (its key is the IPv4 address's)."""
+    top = (1 << ip.max_prefixlen) - 1
+    return int(ip) not in (0, top) and not (ip.version == 6 and ip in _MAPPED)
+
+
+cdef object _address(uf_u128 key):
+    """A route-table key as the address it stands for."""
+    cdef object value = (<object><uint64_t>(key >> 64) << 64) | <object><uint64_t>key
+    if value >> 32 == 0xFFFF:
+        return ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    return ipaddress.IPv6Address(value)
 
 
 cdef txctx_t *tx_new(eng_t *e, int queue, void *owner) except NULL:
@@ -267,6 +313,7 @@ cdef class Engine:
     def __cinit__(self):
         memset(&self.e, 0, sizeof(eng_t))
         self.e.udp_fd = -1
+        self.e.udp6_fd = -1
         self.e.bare_fd = -1
         self.e.notify_fd = -1
         self.nq = 0
@@ -277,29 +324,49 @@ cdef class Engine:
         self.threads = False
         self.cpus = ()
 
-    def __init__(self, *, int vni, bytes vtep_mac, str network, int subnet_len,
-                 bint strict_source=False):
+    def __init__(self, *, int vni, bytes vtep_mac, network, int subnet_len,
+                 bint strict_source=False, network6=None, int subnet_len6=0, bytes vtep_mac6=None):
         if UF_RX_BATCH != RX_BATCH:
             raise RuntimeError("netio.h's UF_RX_BATCH and the engine's RX_BATCH differ")
-        net = ipaddress.IPv4Network(network)
+        if network is None and network6 is None:
+            raise ValueError("no network: give network, network6 or both")
         if not 0 < vni < (1 << 24):
             raise ValueError(f"VNI {vni} out of range")
-        if len(vtep_mac) != 6:
-            raise ValueError("vtep_mac must be 6 bytes")
-        if not net.prefixlen < subnet_len <= 30:
-            raise ValueError(f"subnet length /{subnet_len} does not fit {net}")
+        if vtep_mac6 is None:
+            vtep_mac6 = vtep_mac
+        if len(vtep_mac) != 6 or len(vtep_mac6) != 6:
+            raise ValueError("vtep_mac and vtep_mac6 must be 6 bytes")
         cdef eng_t *e = &self.e
+        self.pools = {}
+        if network is not None:
+            net = ipaddress.IPv4Network(network)
+            if not net.prefixlen < subnet_len <= 30:
+                raise ValueError(f"subnet length /{subnet_len} does not fit {net}")
+            self.pools[4] = (net, subnet_len)
+            e.has4 = True
+            e.net = int(net.network_address)
+            e.netmask = int(net.netmask)
+            e.subnet_len = subnet_len
+            e.shift = 32 - subnet_len
+        if network6 is not None:
+            net6 = ipaddress.IPv6Network(network6)
+            if not net6.prefixlen < subnet_len6 <= 126:
+                raise ValueError(f"IPv6 subnet length /{subnet_len6} does not fit {net6}")
+            if net6.overlaps(_MAPPED):  # their keys are the IPv4 routes'
+                raise ValueError(f"{net6} overlaps the IPv4-mapped addresses {_MAPPED}")
+            self.pools[6] = (net6, subnet_len6)
+            e.has6 = True
+            e.net6 = _u128(int(net6.network_address))
+            e.mask6 = _u128(int(net6.netmask))
+            e.shift6 = 128 - subnet_len6
         e.vni = vni
         memcpy(e.own_mac, <const char *>vtep_mac, 6)
+        memcpy(e.own_mac6, <const char *>vtep_mac6, 6)
         memset(e.vxlan_hdr, 0, 8)
         e.vxlan_hdr[0] = 0x08
         e.vxlan_hdr[4] = (vni >> 16) & 0xFF
         e.vxlan_hdr[5] = (vni >> 8) & 0xFF
         e.vxlan_hdr[6] = vni & 0xFF
-        e.net = int(net.network_address)
-        e.netmask = int(net.netmask)
-        e.subnet_len = subnet_len
-        e.shift = 32 - subnet_len
         e.strict_source = strict_source
         e.rt = rtab_new()
         self.w = e.rt
@@ -326,12 +393,15 @@ cdef class Engine:
 
     # ---- control path: routes (Python objects are fine here) ----------------------
 
-    cdef uint32_t _subnet_base(self, str subnet) except? 0:
-        s = ipaddress.IPv4Network(subnet)
-        cdef uint32_t base = int(s.network_address)
-        if s.prefixlen != self.e.subnet_len or (base & self.e.netmask) != self.e.net:
-            raise ValueError(f"{subnet} is not a /{self.e.subnet_len} inside the overlay network")
-        return base
+    cdef uf_u128 _subnet_key(self, str subnet) except? 0:
+        """A subnet of either family as its route-table key; ValueError unless it is a
+        /SubnetLen (IPv6: /IPv6SubnetLen) of the network of its family."""
+        s = ipaddress.ip_network(subnet)
+        pool = self.pools.get(s.version)
+        if pool is None or s.prefixlen != pool[1] or not s.subnet_of(pool[0]):
+            length = f"/{pool[1]}" if pool else f"IPv{s.version}"
+            raise ValueError(f"{subnet} is not a {length} inside the overlay network")
+        return _key(s.network_address)
 
     cdef rtab_t *_writable(self) except NULL:
         """The table to edit: the published one in place while no thread reads it,
@@ -342,32 +412,44 @@ cdef class Engine:
 
     def set_route(self, str subnet, str public_ip, int port, bytes vtep_mac=None,
                   str framing="vxlan"):
-        """Route `subnet` to the node at public_ip:port. framing "vxlan" needs the
-        node's VtepMAC; "udp" (flanneld's udp backend) takes none."""
+        """Route `subnet` (either family) to the node at public_ip:port (either family:
+        an IPv6 address is sent to from the IPv6 sockets). framing "vxlan" needs the
+        node's VtepMAC (for an IPv6 subnet its flannel-v6 one); "udp" (flanneld's udp
+        backend, IPv4 only) takes none."""
         cdef route_t r
-        cdef uint32_t ip = _ip(public_ip)
+        ip = ipaddress.ip_address(public_ip)
+        family = ipaddress.ip_network(subnet).version
         if framing not in FRAMINGS:
             raise ValueError(f"framing {framing!r} is not one of {FRAMINGS}")
         if framing == "vxlan" and (vtep_mac is None or len(vtep_mac) != 6):
             raise ValueError("VXLAN framing needs a 6-byte VtepMAC")
+        if framing == "udp" and (family == 6 or ip.version == 6):
+            raise ValueError("flanneld's udp framing carries IPv4 only")
         if not 0 < port < 65536:
             raise ValueError("bad port")
-        if ip == 0 or ip == EMPTY:  # also keeps EMPTY free as the hash maps' slot marker
+        if not _peer_address(ip):  # also keeps UF_EMPTY free as the tables' slot marker
             raise ValueError(f"{public_ip} cannot be a peer's address")
         memset(&r, 0, sizeof(route_t))
-        r.subnet = self._subnet_base(subnet)
-        r.public_ip = ip
+        r.subnet = self._subnet_key(subnet)
+        r.public_ip = _key(ip)
         r.port = port
+        r.family = family
+        r.outer6 = ip.version == 6
         r.framing = FRAME_VXLAN if framing == "vxlan" else FRAME_UDP
         if r.framing == FRAME_VXLAN:
             memcpy(r.mac, <const char *>vtep_mac, 6)
-        r.addr.sin_family = AF_INET
-        r.addr.sin_port = htons(port)
-        r.addr.sin_addr.s_addr = htonl(ip)
+        if r.outer6:
+            r.addr.in6.sin6_family = AF_INET6
+            r.addr.in6.sin6_port = htons(port)
+            memcpy(r.addr.in6.sin6_addr.s6_addr, <const char *>ip.packed, 16)
+        else:
+            r.addr.in4.sin_family = AF_INET
+            r.addr.in4.sin_port = htons(port)
+            r.addr.in4.sin_addr.s_addr = htonl(int(ip))
         rtab_put(self._writable(), &r)
 
     def del_route(self, str subnet):
-        cdef uint32_t base = self._subnet_base(subnet)
+        cdef uf_u128 base = self._subnet_key(subnet)
         if htab_get(&self.w.by_subnet, base) < 0:
             return False
         return rtab_del(self._writable(), base)
@@ -409,12 +491,15 @@ cdef class Engine:
         return len(keep)
 
     def lookup(self, str address):
-        """(public IP, port, VtepMAC or None for udp framing), or None."""
-        cdef route_t *r = find(&self.e, self.w, _ip(address))
+        """(public IP, port, VtepMAC or None for udp framing), or None: the route to
+        the subnet holding `address` (either family)."""
+        cdef route_t *r
+        ip = ipaddress.ip_address(address)
+        r = find(&self.e, self.w, int(ip)) if ip.version == 4 else find6(&self.e, self.w, _key(ip))
         if r == NULL:
             return None
         mac = (<char *>r.mac)[:6] if r.framing == FRAME_VXLAN else None
-        return (str(ipaddress.IPv4Address(r.public_ip)), r.port, mac)
+        return (str(_address(r.public_ip)), r.port, mac)
 
     def route_count(self):
         return self.w.n
@@ -464,8 +549,7 @@ cdef class Engine:
         act = encap_c(c, slot, n, &r)
         if act == ACT_SEND:
             fb = framing_bytes(r)
-            return (SEND, bytes((slot - fb)[:n + fb]),
-                    (str(ipaddress.IPv4Address(r.public_ip)), r.port))
+            return (SEND, bytes((slot - fb)[:n + fb]), (str(_address(r.public_ip)), r.port))
         if act == ACT_ICMP:
             return ICMP, bytes(c.icmp[:c.icmp_len]), None
         return DROP, _REASONS[c.last_drop], None
@@ -478,7 +562,7 @@ cdef class Engine:
 
     cdef _decap(self, bytes datagram, str source, bint bare):
         cdef Py_ssize_t n = len(datagram), plen = 0
-        cdef uint32_t src = _ip(source)
+        cdef uf_u128 src = _key(ipaddress.ip_address(source))
         cdef rxctx_t *c = self.probe_rx
         if n > BUFSIZE:
             raise ValueError("datagram too long")
@@ -493,8 +577,8 @@ cdef class Engine:
 
     def flow_index(self, bytes packet, int ways):
         """Which of `ways` source-port sockets a packet's flow takes (tests)."""
-        if len(packet) < 20:
-            raise ValueError("not an IPv4 packet")
+        if len(packet) < 20 or (packet[0] >> 4 == 6 and len(packet) < 40):
+            raise ValueError("not an IP packet")
         return (<uint64_t>flow_hash(<const uint8_t *><const char *>packet, len(packet))
                 * <uint64_t>ways) >> 32
 
@@ -556,13 +640,17 @@ cdef class Engine:
     # ---- attaching to the fds -------------------------------------------------------
 
     def set_subnet(self, str subnet):
-        """This node's subnet: received packets must be for one of its hosts (not its
-        broadcast address); the rest are dropped as bad_destination."""
-        own = ipaddress.IPv4Network(subnet)
-        if own.prefixlen != self.e.subnet_len or (int(own.network_address) & self.e.netmask) != self.e.net:
-            raise ValueError(f"{subnet} is not a /{self.e.subnet_len} of the network")
-        self.e.own_net = int(own.network_address)
-        self.e.own_mask = int(own.netmask)
+        """This node's subnet of one family (call once per family): received packets
+        must be for one of its hosts (IPv4: not its broadcast address); the rest are
+        dropped as bad_destination."""
+        self._subnet_key(subnet)
+        own = ipaddress.ip_network(subnet)
+        if own.version == 4:
+            self.e.own_net = int(own.network_address)
+            self.e.own_mask = int(own.netmask)
+        else:
+            self.e.own_net6 = _u128(int(own.network_address))
+            self.e.own_mask6 = _u128(int(own.netmask))
 
     def set_bare_fd(self, int bare_fd):
         """Start (fd >= 0) or stop (-1) speaking flanneld's udp framing on ``bare_fd``:
@@ -581,11 +669,13 @@ cdef class Engine:
         if bare_fd >= 0 and self.nq:
             self._bare_context(self.tx[0].tun_fd)
 
-    def attach(self, int tun_fd, int udp_fd, *, int bare_fd=-1, tx_fds=(), bint vnet_hdr=False,
-               bint gso=False, bint gro=False, bint mmsg=True):
+    def attach(self, int tun_fd, int udp_fd, *, int bare_fd=-1, tx_fds=(), int udp6_fd=-1,
+               tx6_fds=(), bint vnet_hdr=False, bint gso=False, bint gro=False, bint mmsg=True):
         """Give the engine queue 0's fds and the shared ones: the TUN, the VXLAN socket
-        (udp_fd), flanneld udp framing's socket (bare_fd, -1: none) and the VXLAN
-        source-port sockets (tx_fds; empty: send from udp_fd). Say which offloads they
+        (udp_fd; -1 in an IPv6-only network), flanneld udp framing's socket (bare_fd,
+        -1: none), the VXLAN source-port sockets (tx_fds; empty: send from udp_fd) and
+        their IPv6 twins for peers with IPv6 addresses (udp6_fd, -1: none; tx6_fds:
+        the IPv6 source ports, empty: send from udp6_fd). Say which offloads they
         were set up with: vnet_hdr (the TUN was opened with IFF_VNET_HDR), gso
         (UDP_SEGMENT may be used), gro (UDP_GRO is on). mmsg: batch with sendmmsg
         (several datagrams that UDP_SEGMENT cannot carry) and recvmmsg (a batch of
@@ -593,17 +683,21 @@ cdef class Engine:
         cdef int k
         if self.threads:
             raise RuntimeError("stop_threads() first")
-        if len(tx_fds) > MAX_TX:
-            raise ValueError(f"at most {MAX_TX} source-port sockets")
+        if len(tx_fds) > MAX_TX or len(tx6_fds) > MAX_TX:
+            raise ValueError(f"at most {MAX_TX} source-port sockets per family")
         self.e.udp_fd = udp_fd
+        self.e.udp6_fd = udp6_fd
         self.e.bare_fd = bare_fd
         self.e.ntx = len(tx_fds)
         for k in range(self.e.ntx):
             self.e.tx_fds[k] = tx_fds[k]
+        self.e.ntx6 = len(tx6_fds)
+        for k in range(self.e.ntx6):
+            self.e.tx6_fds[k] = tx6_fds[k]
         self.e.vnet = vnet_hdr
         self.e.gso = gso
         self.e.gro = gro
-        probe = udp_fd if udp_fd >= 0 else bare_fd
+        probe = next((fd for fd in (udp_fd, udp6_fd, bare_fd) if fd >= 0), -1)
         self.e.mmsg_tx = self.e.mmsg_rx = mmsg and probe >= 0 and uf_have_mmsg(probe)
         if self.nq == 0:
             self.tx[0] = tx_new(&self.e, 0, <void *>self)
@@ -614,7 +708,37 @@ cdef class Engine:
         self.tx[0].tun_fd = tun_fd
         self.rx[0].fd = udp_fd
         self.rx[0].tun_fd = tun_fd
+        self._socket_context(0, udp6_fd, tun_fd)
         self._bare_context(tun_fd)
+
+    cdef _socket_context(self, int queue, int udp6_fd, int tun_fd):
+        """Queue `queue`'s IPv6 socket's receive context: made when it first has a fd
+        (an unused one keeps fd -1: no thread reads it)."""
+        cdef rxctx_t *c = self._rx_of(queue, True, False)
+        if c == NULL and udp6_fd < 0:
+            return
+        if c == NULL:
+            c = rx_new(&self.e, queue, udp6_fd, False, <void *>self)
+            c.six = True
+            self._add_rx(c)
+        c.fd = udp6_fd
+        c.tun_fd = tun_fd
+
+    cdef _add_rx(self, rxctx_t *c):
+        """Add a receive context; the flanneld-udp socket's stays last."""
+        if self.nrx and self.rx[self.nrx - 1].bare and not c.bare:
+            self.rx[self.nrx] = self.rx[self.nrx - 1]
+            self.rx[self.nrx - 1] = c
+        else:
+            self.rx[self.nrx] = c
+        self.nrx += 1
+
+    cdef rxctx_t *_rx_of(self, int queue, bint six, bint bare):
+        cdef int i
+        for i in range(self.nrx):
+            if self.rx[i].queue == queue and self.rx[i].six == six and self.rx[i].bare == bare:
+                return self.rx[i]
+        return NULL
 
     cdef _bare_context(self, int tun_fd):
         """The flanneld-udp socket's receive context: the last one, after the queues."""
@@ -624,15 +748,15 @@ cdef class Engine:
         if last != NULL and last.bare:
             last.fd = self.e.bare_fd
             return
-        self.rx[self.nrx] = rx_new(&self.e, 0, self.e.bare_fd, True, <void *>self)
-        self.rx[self.nrx].tun_fd = tun_fd
-        self.nrx += 1
+        last = rx_new(&self.e, 0, self.e.bare_fd, True, <void *>self)
+        last.tun_fd = tun_fd
+        self._add_rx(last)
 
-    def add_queue(self, int tun_fd, int udp_fd):
-        """Another TUN queue and VXLAN socket (IFF_MULTI_QUEUE, SO_REUSEPORT): one more
-        thread pair with start_threads()."""
+    def add_queue(self, int tun_fd, int udp_fd, int udp6_fd=-1):
+        """Another TUN queue and VXLAN socket (IFF_MULTI_QUEUE, SO_REUSEPORT; with IPv6
+        peers its IPv6 socket too): one more thread per fd with start_threads()."""
         cdef int q = self.nq
-        cdef rxctx_t *bare = NULL
+        cdef rxctx_t *c
         if self.threads:
             raise RuntimeError("stop_threads() first")
         if self.nq == 0:
@@ -641,16 +765,11 @@ cdef class Engine:
             raise ValueError(f"at most {MAX_QUEUES} queues")
         self.tx[q] = tx_new(&self.e, q, <void *>self)
         self.tx[q].tun_fd = tun_fd
-        if self.rx[self.nrx - 1].bare:  # keep the bare context last
-            self.nrx -= 1
-            bare = self.rx[self.nrx]
-        self.rx[self.nrx] = rx_new(&self.e, q, udp_fd, False, <void *>self)
-        self.rx[self.nrx].tun_fd = tun_fd
-        self.nrx += 1
-        if bare != NULL:
-            self.rx[self.nrx] = bare
-            self.nrx += 1
+        c = rx_new(&self.e, q, udp_fd, False, <void *>self)
+        c.tun_fd = tun_fd
+        self._add_rx(c)
         self.nq += 1
+        self._socket_context(q, udp6_fd, tun_fd)
 
     def set_tun_fd(self, int queue, int tun_fd):
         """A re-created TUN: its queue's new fd, for writers and the reader to use."""
@@ -685,6 +804,13 @@ cdef class Engine:
             raise RuntimeError("attach() first")
         return self._drain_rx(self.rx[0], budget)
 
+    def drain_udp6(self, int budget):
+        """Receive VXLAN over IPv6 (queue 0's IPv6 socket), as drain_udp."""
+        cdef rxctx_t *c = self._rx_of(0, True, False)
+        if c == NULL or c.fd < 0:
+            raise RuntimeError("attach() with a udp6_fd first")
+        return self._drain_rx(c, budget)
+
     def drain_bare(self, int budget):
         """Receive flanneld udp framing until EAGAIN or budget reads (as drain_udp)."""
         if self.nrx == 0 or not self.rx[self.nrx - 1].bare:
@@ -717,12 +843,14 @@ cdef class Engine:
             raise OSError(-rc, os.strerror(-rc))
         self.e.notify_fd = notify_fd
         for i in range(self.nq):
-            self.tx[i].polled[0] = self.tx[i].polled[1] = NULL
+            self.tx[i].polled[0] = self.tx[i].polled[1] = self.tx[i].polled[2] = NULL
         for i in range(self.nrx):
             r = self.rx[i]
             r.poller = -1
             if poll and r.fd >= 0 and self.tx[r.queue].tun_fd >= 0:
-                k = 0 if self.tx[r.queue].polled[0] == NULL else 1
+                k = 0
+                while self.tx[r.queue].polled[k] != NULL:  # (3: the queue's two and bare)
+                    k += 1
                 self.tx[r.queue].polled[k] = r
                 r.poller = r.queue
         self.threads = True
@@ -733,7 +861,7 @@ cdef class Engine:
             r = self.rx[i]
             if r.fd >= 0 and r.poller < 0:  # (no fd: a udp node whose 8472 was taken)
                 self._start(&r.t, <uf_thread_fn>rx_thread, <void *>r, r.queue,
-                            "uf-bare" if r.bare else f"uf-vxlan{r.queue}")
+                            "uf-bare" if r.bare else f"uf-vxlan{'6' if r.six else ''}{r.queue}")
 
     cdef _start_tx(self, int queue):
         cdef txctx_t *c = self.tx[queue]

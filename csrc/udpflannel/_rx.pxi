@@ -10,7 +10,7 @@
 
 # ---- validating --------------------------------------------------------------------
 
-cdef int decap_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uint32_t source,
+cdef int decap_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uf_u128 source,
                  Py_ssize_t *plen) noexcept nogil:
     """A VXLAN datagram. On ACT_DELIVER the packet is d[HEADROOM : HEADROOM + plen]."""
     cdef eng_t *e = c.e
@@ -21,17 +21,18 @@ cdef int decap_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uint32_t source,
         return rx_drop(c, D_BAD_FLAGS)
     if ((<uint32_t>d[4] << 16) | (<uint32_t>d[5] << 8) | d[6]) != e.vni:
         return rx_drop(c, D_BAD_VNI)
-    if memcmp(d + VXLAN_HLEN, e.own_mac, 6) != 0:
-        return rx_drop(c, D_BAD_MAC)
     ethertype = _be16(d + VXLAN_HLEN + 12)
-    if ethertype == ETH_P_IP:
-        return accept_inner(c, d + HEADROOM, n - HEADROOM, 4, source, False, plen)
-    if ethertype == ETH_P_IPV6:
-        return accept_inner(c, d + HEADROOM, n - HEADROOM, 6, source, False, plen)
-    return rx_drop(c, D_BAD_ETHERTYPE)
+    if ethertype != ETH_P_IP and ethertype != ETH_P_IPV6:
+        return rx_drop(c, D_BAD_ETHERTYPE)
+    # each family's frames go to its own VTEP MAC (flannel.<VNI>'s, flannel-v6.<VNI>'s)
+    if memcmp(d + VXLAN_HLEN, <const uint8_t *>e.own_mac6 if ethertype == ETH_P_IPV6
+              else <const uint8_t *>e.own_mac, 6) != 0:
+        return rx_drop(c, D_BAD_MAC)
+    return accept_inner(c, d + HEADROOM, n - HEADROOM, 6 if ethertype == ETH_P_IPV6 else 4,
+                        source, False, plen)
 
 
-cdef int decap_bare_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uint32_t source,
+cdef int decap_bare_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uf_u128 source,
                       Py_ssize_t *plen) noexcept nogil:
     """A flanneld-udp datagram: the bare IP packet. On ACT_DELIVER it is d[:plen]."""
     if n < 20:
@@ -39,39 +40,35 @@ cdef int decap_bare_c(rxctx_t *c, uint8_t *d, Py_ssize_t n, uint32_t source,
     return accept_inner(c, d, n, d[0] >> 4, source, True, plen)
 
 
-cdef int accept_inner(rxctx_t *c, uint8_t *p, Py_ssize_t avail, int family, uint32_t source,
+cdef int accept_inner(rxctx_t *c, uint8_t *p, Py_ssize_t avail, int family, uf_u128 source,
                       bint bare, Py_ssize_t *plen) noexcept nogil:
     """The inner packet's rules, whatever the framing: a well-formed IP header that
-    fits, a known sender, IPv4, and an inner source that the sender may use."""
+    fits, a known sender, a family the network carries (flanneld's udp framing: IPv4
+    only), an inner source the sender may use and a destination in our subnet."""
     cdef eng_t *e = c.e
-    cdef Py_ssize_t ihl, total = 0
-    cdef uint32_t inner_src, inner_dst
-    cdef route_t *owner
+    cdef Py_ssize_t ihl = 0, total = 0
     if family == 4:
         ihl = (p[0] & 0x0F) * 4
         total = _be16(p + 2)
         if (p[0] >> 4) != 4 or ihl < 20 or total < ihl or total > avail:
             return rx_drop(c, D_BAD_IP)
     elif family == 6:
-        if avail < 40 or (p[0] >> 4) != 6 or 40 + _be16(p + 4) > avail:
+        if avail < IPV6_HLEN or (p[0] >> 4) != 6 or IPV6_HLEN + _be16(p + 4) > avail:
             return rx_drop(c, D_BAD_IP)
+        total = IPV6_HLEN + _be16(p + 4)
     else:
         return rx_drop(c, D_BAD_IP)
     if htab_get(&c.rt.by_sender, source) <= 0:
         return rx_drop(c, D_UNKNOWN_SENDER)
-    if family != 4:
-        return rx_drop(c, D_IPV6)  # the overlay carries IPv4 only
-    inner_src = _be32(p + 12)
-    # A source inside the overlay must be the sender's own subnet (no node may speak
-    # for another's pods); one outside it is routed traffic (a host address, an ICMP
-    # error from a router), delivered unless strict_source.
-    if e.strict_source or (inner_src & e.netmask) == e.net:
-        owner = find(e, c.rt, inner_src)
-        if owner == NULL or owner.public_ip != source:
-            return rx_drop(c, D_SPOOFED)
-    inner_dst = _be32(p + 16)
-    if e.own_mask and ((inner_dst & e.own_mask) != e.own_net or inner_dst == (e.own_net | ~e.own_mask)):
-        return rx_drop(c, D_BAD_DESTINATION)
+    if family == 6:
+        if not e.has6 or bare:
+            return rx_drop(c, D_IPV6)
+        if not inner6_allowed(c, p, source):
+            return ACT_DROP
+    elif not e.has4:
+        return rx_drop(c, D_IPV4)
+    elif not inner4_allowed(c, p, source):
+        return ACT_DROP
     if bare:
         # flannel's proxy patches the header checksum (RFC 1624) when it lowers the
         # TTL, so a corrupt header stays corrupt; a fresh one would launder it: check first
@@ -86,17 +83,54 @@ cdef int accept_inner(rxctx_t *c, uint8_t *p, Py_ssize_t avail, int family, uint
     return ACT_DELIVER
 
 
+cdef bint inner4_allowed(rxctx_t *c, const uint8_t *p, uf_u128 source) noexcept nogil:
+    """A source inside the overlay must be the sender's own subnet (no node may speak
+    for another's pods); one outside it is routed traffic (a host address, an ICMP
+    error from a router), delivered unless strict_source. The destination must be a
+    host of our subnet (not its broadcast address). False: dropped and counted."""
+    cdef eng_t *e = c.e
+    cdef uint32_t inner_src = _be32(p + 12), inner_dst = _be32(p + 16)
+    cdef route_t *owner
+    if e.strict_source or (inner_src & e.netmask) == e.net:
+        owner = find(e, c.rt, inner_src)
+        if owner == NULL or owner.public_ip != source:
+            rx_drop(c, D_SPOOFED)
+            return False
+    if e.own_mask and ((inner_dst & e.own_mask) != e.own_net or inner_dst == (e.own_net | ~e.own_mask)):
+        rx_drop(c, D_BAD_DESTINATION)
+        return False
+    return True
+
+
+cdef bint inner6_allowed(rxctx_t *c, const uint8_t *p, uf_u128 source) noexcept nogil:
+    """The same rules for IPv6 (no broadcast address there)."""
+    cdef eng_t *e = c.e
+    cdef uf_u128 inner_src = uf_load128(p + 8), inner_dst = uf_load128(p + 24)
+    cdef route_t *owner
+    if e.strict_source or in_net6(e, inner_src):
+        owner = find6(e, c.rt, inner_src)
+        if owner == NULL or owner.public_ip != source:
+            rx_drop(c, D_SPOOFED)
+            return False
+    if e.own_mask6 and (inner_dst & e.own_mask6) != e.own_net6:
+        rx_drop(c, D_BAD_DESTINATION)
+        return False
+    return True
+
+
 cdef void complete_partial_csum(rxctx_t *c, uint8_t *p, Py_ssize_t total) noexcept nogil:
     """A kernel VXLAN sender on the same host (bridge, veth, hypervisor) hands over
     TCP/UDP packets whose checksum was never finished: CHECKSUM_PARTIAL travels with
     the buffer and the field holds only the pseudo-header sum, which a real NIC would
     have completed. Such a packet is finished here and counted; any other bad
-    checksum is left for the kernel to drop (real corruption stays dropped)."""
-    cdef Py_ssize_t ihl = (p[0] & 0x0F) * 4, l4 = total - ihl, off
-    cdef uint8_t proto = p[9]
+    checksum is left for the kernel to drop (real corruption stays dropped). IPv6:
+    only where TCP or UDP follows the fixed header directly."""
+    cdef bint v6 = (p[0] >> 4) == 6
+    cdef Py_ssize_t ihl = IPV6_HLEN if v6 else (p[0] & 0x0F) * 4, l4 = total - ihl, off
+    cdef uint8_t proto = p[6] if v6 else p[9]
     cdef uint16_t field, pseudo, csum
     cdef uint64_t psum
-    if (_be16(p + 6) & 0x3FFF) != 0:
+    if not v6 and (_be16(p + 6) & 0x3FFF) != 0:
         return  # a fragment: its L4 checksum covers the whole datagram
     if proto == 6 and l4 >= 20:
         off = 16
@@ -105,7 +139,7 @@ cdef void complete_partial_csum(rxctx_t *c, uint8_t *p, Py_ssize_t total) noexce
     else:
         return
     field = _load_native16(p + ihl + off)
-    psum = uf_pseudo4(p, proto, <uint16_t>l4)
+    psum = uf_pseudo6(p, proto, <uint32_t>l4) if v6 else uf_pseudo4(p, proto, <uint16_t>l4)
     pseudo = uf_csum_fold(psum)
     if not (field == pseudo or (field == 0 and pseudo == 0xFFFF)
             or (field == 0xFFFF and pseudo == 0)):
@@ -131,7 +165,7 @@ cdef int udp_burst(rxctx_t *c, int budget, bint block) noexcept nogil:
     failed."""
     cdef int done = 0, segsize = 0, got, k, vlen
     cdef long n
-    cdef sockaddr_in src
+    cdef uf_sockaddr src
     cdef uf_rxbatch *b = c.batch
     while done < budget:
         if uf_load_int(&c.e.mmsg_rx):
@@ -160,14 +194,14 @@ cdef int udp_burst(rxctx_t *c, int budget, bint block) noexcept nogil:
         done += got
         c.ctr[C_RX_CALLS] += 1
         for k in range(got):
-            rx_read(c, c.buf + k * RX_SLOT, b.len[k], b.segsize[k], ntohl(b.src[k].sin_addr.s_addr))
+            rx_read(c, c.buf + k * RX_SLOT, b.len[k], b.segsize[k], uf_addr_key(&b.src[k]))
         co_flush(c)
         if got < vlen:
             break  # the socket had no more: the next call would only say EAGAIN
     return done
 
 
-cdef void rx_read(rxctx_t *c, uint8_t *buf, long n, int segsize, uint32_t source) noexcept nogil:
+cdef void rx_read(rxctx_t *c, uint8_t *buf, long n, int segsize, uf_u128 source) noexcept nogil:
     """One read: a datagram, or several same-size ones (GRO) split by the reported size."""
     cdef Py_ssize_t plen = 0, off = 0, dl
     if segsize < 0:  # control data cut short: the GRO segment size is unknown

@@ -1,26 +1,24 @@
 # Included by _engine.pyx: the route table's hash map, byte accessors and the flow
 # hash. Module-level C functions; no Python objects on any path marked nogil.
 
-# ---- hash map uint32 -> int32 ------------------------------------------------------
+# ---- hash map uf_u128 -> int32 ------------------------------------------------------
 # Open addressing, linear probing, backward-shift deletion (no tombstones). Lookups
-# cost the same with 1 or 100,000 peers. EMPTY marks a free slot, so it is never a key
-# (set_route refuses 255.255.255.255 as a peer address for that reason too).
+# cost the same with 1 or 100,000 peers. Keys are addresses of either family
+# (netio.h: IPv4 in its mapped form). UF_EMPTY (all ones) marks a free slot, so it is
+# never a key: no subnet has it, and set_route refuses it as a peer address.
 
-cdef uint32_t EMPTY = 0xFFFFFFFFu
-
-
-cdef inline uint32_t _slot(uint32_t key, uint32_t bits) noexcept nogil:
-    return (key * <uint32_t>0x9E3779B1u) >> (32 - bits)
+cdef inline uint32_t _slot(uf_u128 key, uint32_t bits) noexcept nogil:
+    return uf_slot(key, bits)
 
 
 cdef int htab_init(htab *h, uint32_t bits) except -1:
     h.bits = bits
     h.count = 0
-    h.keys = <uint32_t *>malloc((<size_t>1 << bits) * sizeof(uint32_t))
+    h.keys = <uf_u128 *>malloc((<size_t>1 << bits) * sizeof(uf_u128))
     h.vals = <int32_t *>malloc((<size_t>1 << bits) * sizeof(int32_t))
     if h.keys == NULL or h.vals == NULL:
         raise MemoryError()
-    memset(h.keys, 0xFF, (<size_t>1 << bits) * sizeof(uint32_t))
+    memset(h.keys, 0xFF, (<size_t>1 << bits) * sizeof(uf_u128))
     return 0
 
 
@@ -31,48 +29,48 @@ cdef void htab_free(htab *h) noexcept:
     h.vals = NULL
 
 
-cdef inline int32_t htab_get(const htab *h, uint32_t key) noexcept nogil:
+cdef inline int32_t htab_get(const htab *h, uf_u128 key) noexcept nogil:
     cdef uint32_t mask = (1u << h.bits) - 1
     cdef uint32_t i = _slot(key, h.bits)
-    while h.keys[i] != EMPTY:
+    while h.keys[i] != UF_EMPTY:
         if h.keys[i] == key:
             return h.vals[i]
         i = (i + 1) & mask
     return -1
 
 
-cdef int htab_put(htab *h, uint32_t key, int32_t val) except -1:
+cdef int htab_put(htab *h, uf_u128 key, int32_t val) except -1:
     cdef htab bigger
     cdef uint32_t i, mask
     if (h.count + 1) * 2 > (1u << h.bits):
         htab_init(&bigger, h.bits + 1)
         for i in range(1u << h.bits):
-            if h.keys[i] != EMPTY:
+            if h.keys[i] != UF_EMPTY:
                 htab_put(&bigger, h.keys[i], h.vals[i])
         htab_free(h)
         h[0] = bigger
     mask = (1u << h.bits) - 1
     i = _slot(key, h.bits)
-    while h.keys[i] != EMPTY and h.keys[i] != key:
+    while h.keys[i] != UF_EMPTY and h.keys[i] != key:
         i = (i + 1) & mask
-    if h.keys[i] == EMPTY:
+    if h.keys[i] == UF_EMPTY:
         h.count += 1
     h.keys[i] = key
     h.vals[i] = val
     return 0
 
 
-cdef bint htab_del(htab *h, uint32_t key) noexcept:
+cdef bint htab_del(htab *h, uf_u128 key) noexcept:
     cdef uint32_t mask = (1u << h.bits) - 1
     cdef uint32_t i = _slot(key, h.bits), j, home
     while h.keys[i] != key:
-        if h.keys[i] == EMPTY:
+        if h.keys[i] == UF_EMPTY:
             return False
         i = (i + 1) & mask
     j = i
     while True:
         j = (j + 1) & mask
-        if h.keys[j] == EMPTY:
+        if h.keys[j] == UF_EMPTY:
             break
         home = _slot(h.keys[j], h.bits)
         # move j back to i unless its home lies cyclically in (i, j]
@@ -80,7 +78,7 @@ cdef bint htab_del(htab *h, uint32_t key) noexcept:
             h.keys[i] = h.keys[j]
             h.vals[i] = h.vals[j]
             i = j
-    h.keys[i] = EMPTY
+    h.keys[i] = UF_EMPTY
     h.count -= 1
     return True
 
@@ -89,13 +87,13 @@ cdef int htab_copy(htab *dst, const htab *src) except -1:
     cdef size_t slots = <size_t>1 << src.bits
     dst.bits = src.bits
     dst.count = src.count
-    dst.keys = <uint32_t *>malloc(slots * sizeof(uint32_t))
+    dst.keys = <uf_u128 *>malloc(slots * sizeof(uf_u128))
     dst.vals = <int32_t *>malloc(slots * sizeof(int32_t))
     if dst.keys == NULL or dst.vals == NULL:
         free(dst.keys)
         free(dst.vals)
         raise MemoryError()
-    memcpy(dst.keys, src.keys, slots * sizeof(uint32_t))
+    memcpy(dst.keys, src.keys, slots * sizeof(uf_u128))
     memcpy(dst.vals, src.vals, slots * sizeof(int32_t))
     return 0
 
@@ -140,9 +138,9 @@ cdef void rtab_free(rtab_t *t) noexcept:
         free(t)
 
 
-cdef bint rtab_del(rtab_t *t, uint32_t base) except -1:
+cdef bint rtab_del(rtab_t *t, uf_u128 base) except -1:
     cdef int32_t i = htab_get(&t.by_subnet, base), n
-    cdef uint32_t ip
+    cdef uf_u128 ip
     if i < 0:
         return False
     ip = t.routes[i].public_ip
@@ -229,12 +227,27 @@ cdef inline uint32_t _fmix32(uint32_t x) noexcept nogil:
 
 
 cdef inline uint32_t flow_hash(const uint8_t *p, Py_ssize_t n) noexcept nogil:
-    """p is an IPv4 packet of n >= 20 bytes."""
+    """p is an IPv4 packet of n >= 20 bytes, or an IPv6 one of n >= 40."""
     cdef Py_ssize_t ihl = (p[0] & 0x0F) * 4
     cdef uint32_t ports = 0
     cdef uint8_t proto = p[9]
+    if (p[0] >> 4) == 6:
+        return flow_hash6(p, n)
     if ((proto == 6 or proto == 17) and (_be16(p + 6) & 0x3FFF) == 0 and ihl >= 20
             and n >= ihl + 4):
         ports = _be32(p + ihl)
     return _fmix32(_fmix32(_fmix32(_be32(p + 12) ^ 0x9747B28Cu) ^ _be32(p + 16))
                    ^ ports ^ (<uint32_t>proto << 24))
+
+
+cdef inline uint32_t flow_hash6(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    """The same over an IPv6 packet's eight address words and next header; the ports
+    only when the next header is TCP or UDP itself (no extension header between)."""
+    cdef uint32_t h = 0x9747B28Cu, ports = 0
+    cdef uint8_t nh = p[6]
+    cdef int k
+    for k in range(8):
+        h = _fmix32(h ^ _be32(p + 8 + 4 * k))
+    if (nh == 6 or nh == 17) and n >= 44:
+        ports = _be32(p + 40)
+    return _fmix32(h ^ ports ^ (<uint32_t>nh << 24))

@@ -12,13 +12,15 @@
 # ---- framing and sending -----------------------------------------------------------
 
 cdef inline void put_vxlan_headers(const eng_t *e, const route_t *r, uint8_t *h) noexcept nogil:
-    """The HEADROOM bytes in front of an inner IPv4 packet bound for r: the VXLAN header
-    (our VNI), then the inner Ethernet header from our VtepMAC to the peer's."""
+    """The HEADROOM bytes in front of an inner packet bound for r: the VXLAN header (our
+    VNI), then the inner Ethernet header from our VtepMAC to the peer's, those of the
+    route's family (IPv6: the flannel-v6 MACs) with its ethertype."""
+    cdef uint16_t ethertype = ETH_P_IPV6 if r.family == 6 else ETH_P_IP
     memcpy(h, e.vxlan_hdr, VXLAN_HLEN)
     memcpy(h + VXLAN_HLEN, r.mac, 6)
-    memcpy(h + VXLAN_HLEN + 6, e.own_mac, 6)
-    h[VXLAN_HLEN + 12] = ETH_P_IP >> 8
-    h[VXLAN_HLEN + 13] = ETH_P_IP & 0xFF
+    memcpy(h + VXLAN_HLEN + 6, <const uint8_t *>e.own_mac6 if r.family == 6 else <const uint8_t *>e.own_mac, 6)
+    h[VXLAN_HLEN + 12] = ethertype >> 8
+    h[VXLAN_HLEN + 13] = ethertype & 0xFF
 
 
 cdef inline int gso_on(eng_t *e) noexcept nogil:
@@ -39,6 +41,10 @@ cdef int tx_fd(const eng_t *e, const route_t *r, const uint8_t *pkt, Py_ssize_t 
     """The socket a packet to r leaves by (its outer source port)."""
     if r.framing == FRAME_UDP:
         return e.bare_fd
+    if r.outer6:
+        if e.ntx6 == 0:
+            return e.udp6_fd
+        return e.tx6_fds[(<uint64_t>flow_hash(pkt, n) * <uint64_t>e.ntx6) >> 32]
     if e.ntx == 0:
         return e.udp_fd
     return e.tx_fds[(<uint64_t>flow_hash(pkt, n) * <uint64_t>e.ntx) >> 32]
@@ -53,7 +59,8 @@ cdef int unroutable(txctx_t *c, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) 
     if pkt[9] == 1 and n > ihl:
         icmp_error = pkt[ihl] in (ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_REDIRECT,
                                   ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)
-    if ((dst & e.netmask) != e.net or ihl < 20 or n < ihl or frag != 0 or icmp_error):
+    if (not e.has4 or (dst & e.netmask) != e.net or ihl < 20 or n < ihl or frag != 0
+            or icmp_error):
         return tx_drop(c, D_NO_ROUTE)
     quoted = ihl + 8 if n >= ihl + 8 else n
     memset(o, 0, 28)
@@ -76,12 +83,41 @@ cdef int unroutable(txctx_t *c, const uint8_t *pkt, Py_ssize_t n, uint32_t dst) 
     return ACT_ICMP
 
 
+cdef int unreachable6(txctx_t *c, const uint8_t *pkt, Py_ssize_t n, uf_u128 dst) noexcept nogil:
+    """No route for an IPv6 packet: inside the IPv6 network, an ICMPv6 destination
+    unreachable (type 1, code 0: no route) back into the TUN, quoting as much of the
+    packet as fits the minimum MTU (RFC 4443 section 3.1); never in reply to an ICMPv6
+    error (a next header of 58 with a type below 128) or to a source that cannot be
+    answered (unspecified, multicast). Else a counted drop. From the unreachable
+    address itself, as for IPv4."""
+    cdef uint8_t *o = c.icmp
+    cdef Py_ssize_t quoted = n if n < ICMP6_QUOTE_MAX else ICMP6_QUOTE_MAX
+    cdef bint icmp_error = pkt[6] == 58 and n > 40 and pkt[40] < 128
+    if not in_net6(c.e, dst) or icmp_error or pkt[8] == 0xFF or uf_load128(pkt + 8) == 0:
+        return tx_drop(c, D_NO_ROUTE)
+    memset(o, 0, 48)
+    o[0] = 0x60
+    _put16(o + 4, <uint16_t>(8 + quoted))
+    o[6] = 58
+    o[7] = 64
+    memcpy(o + 8, pkt + 24, 16)
+    memcpy(o + 24, pkt + 8, 16)
+    o[40] = 1  # destination unreachable, code 0: no route to destination
+    memcpy(o + 48, pkt, quoted)
+    _store_native16(o + 42, ~uf_csum_fold(uf_csum_partial(
+        o + 40, 8 + quoted, uf_pseudo6(o, 58, <uint32_t>(8 + quoted)))))
+    c.icmp_len = <int>(48 + quoted)
+    c.ctr[C_ICMP] += 1
+    return ACT_ICMP
+
+
 cdef int encap_c(txctx_t *c, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept nogil:
     """pkt has HEADROOM writable bytes before it. On ACT_SEND the frame starts at
     pkt - framing_bytes(route); on ACT_ICMP the reply is in c.icmp."""
     cdef eng_t *e = c.e
     cdef uint8_t version = pkt[0] >> 4 if n > 0 else 0
     cdef uint32_t dst
+    cdef uf_u128 dst6
     cdef route_t *r
     if version == 4 and n >= 20 and (pkt[0] & 0x0F) >= 5:
         dst = _be32(pkt + 16)
@@ -89,7 +125,10 @@ cdef int encap_c(txctx_t *c, uint8_t *pkt, Py_ssize_t n, route_t **out) noexcept
         if r == NULL:
             return unroutable(c, pkt, n, dst)
     elif version == 6 and n >= 40:
-        return tx_drop(c, D_NO_ROUTE)  # the overlay carries IPv4 subnets only
+        dst6 = uf_load128(pkt + 24)
+        r = find6(e, c.rt, dst6)
+        if r == NULL:
+            return unreachable6(c, pkt, n, dst6)
     else:
         return tx_drop(c, D_BAD_PACKET)
     if r.framing == FRAME_UDP:
@@ -190,7 +229,7 @@ cdef void flush_group(txctx_t *c, txgroup_t *g) noexcept nogil:
         return
     if count == 1:
         sent = 1 if sendto(g.fd, g.iov[0].iov_base, g.iov[0].iov_len, 0,
-                           <sockaddr *>&g.route.addr, sizeof(sockaddr_in)) >= 0 else 0
+                           <sockaddr *>&g.route.addr, uf_sockaddr_len(&g.route.addr)) >= 0 else 0
         c.ctr[C_TX_CALLS] += sent
     else:
         if gso_on(c.e):  # queue_packet kept the sizes UDP_SEGMENT needs
@@ -228,11 +267,12 @@ cdef void tun_read_vnet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
     memcpy(&cstart, v + 6, 2)
     memcpy(&coff, v + 8, 2)
     if v[1] != 0:
-        if v[1] != GSO_TCPV4 and v[1] != GSO_UDP_L4:  # ECN (0x80): TSO_ECN is not asked for
-            tx_drop(c, D_BAD_OFFLOAD)
+        if v[1] != GSO_TCPV4 and v[1] != GSO_TCPV6 and v[1] != GSO_UDP_L4:
+            tx_drop(c, D_BAD_OFFLOAD)  # (ECN, 0x80: TSO_ECN is not asked for)
             return
         flush_batch(c)  # keep the order of packets on the wire
-        send_segments(c, pkt, plen, gso_size, 6 if v[1] == GSO_TCPV4 else 17)
+        send_segments(c, pkt, plen, gso_size, 17 if v[1] == GSO_UDP_L4 else 6,
+                      4 if v[1] == GSO_TCPV4 else (6 if v[1] == GSO_TCPV6 else 0))
         return
     if v[0] & NEEDS_CSUM:
         if cstart >= plen or cstart + coff + 2 > plen:
@@ -242,34 +282,40 @@ cdef void tun_read_vnet(txctx_t *c, uint8_t *pkt, Py_ssize_t n) noexcept nogil:
         # the end and inverting gives the full checksum. A UDP checksum of 0 means
         # "none": its ones' complement twin FFFF is sent.
         csum = ~uf_csum_fold(uf_csum_partial(pkt + cstart, plen - cstart, 0))
-        if csum == 0 and plen >= 20 and (pkt[0] >> 4) == 4 and pkt[9] == 17:
+        if csum == 0 and ((plen >= 20 and (pkt[0] >> 4) == 4 and pkt[9] == 17)
+                          or (plen >= 40 and (pkt[0] >> 4) == 6 and pkt[6] == 17)):
             csum = 0xFFFF
         _store_native16(pkt + cstart + coff, csum)
     queue_packet(c, pkt, plen)
 
 
 cdef void send_segments(txctx_t *c, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
-                        uint8_t proto) noexcept nogil:
-    """Cut a TCPv4 (proto 6) or UDPv4 (proto 17) super-packet into MSS-sized segments,
-    each its own frame (VXLAN, or bare for udp framing) with fresh IPv4 id/length/
-    checksum and TCP seq/flags/checksum or UDP length/checksum, and send them a window
-    at a time (one UDP_SEGMENT call, or sendmmsg). Only the headers are written (into
-    obuf); each frame's payload is an iovec into the read buffer."""
+                        uint8_t proto, int version) noexcept nogil:
+    """Cut a TCP (proto 6) or UDP (proto 17) super-packet, IPv4 or IPv6 (`version`: the
+    one its virtio GSO type names; 0: either), into MSS-sized segments, each its own
+    frame (VXLAN, or bare for udp framing) with fresh IP lengths (IPv4: id and header
+    checksum too) and TCP seq/flags/checksum or UDP length/checksum, and send them a
+    window at a time (one UDP_SEGMENT call, or sendmmsg). Only the headers are written
+    (into obuf); each frame's payload is an iovec into the read buffer. IPv6 extension
+    headers are not followed: the transport header must come first."""
     cdef eng_t *e = c.e
     cdef Py_ssize_t ihl, thl, hlen, payload, stride, off, chunk, window_bytes, fb
-    cdef uint16_t csum, ident
+    cdef uint16_t csum, ident = 0
     cdef uint32_t seq
+    cdef uint64_t pseudo
     cdef uint8_t flags
     cdef route_t *r
-    cdef int i, k, count, window, sent, built, fd
+    cdef int i, k, count, window, sent, built, fd, act
+    cdef int v = pkt[0] >> 4 if n > 0 else 0
     cdef uint8_t *f
     cdef uint8_t *ip
     cdef uint8_t *tcp
-    if n < 28 or (pkt[0] >> 4) != 4:
+    if n < 28 or (v != 4 and v != 6) or (version != 0 and v != version):
         tx_drop(c, D_BAD_OFFLOAD)
         return
-    ihl = (pkt[0] & 0x0F) * 4
-    if ihl < 20 or n < ihl + (20 if proto == 6 else 8) or pkt[9] != proto:
+    ihl = (pkt[0] & 0x0F) * 4 if v == 4 else IPV6_HLEN
+    if (ihl < 20 or n < ihl + (20 if proto == 6 else 8)
+            or (pkt[9] if v == 4 else pkt[6]) != proto):
         tx_drop(c, D_BAD_OFFLOAD)
         return
     thl = (pkt[ihl + 12] >> 4) * 4 if proto == 6 else 8
@@ -278,9 +324,13 @@ cdef void send_segments(txctx_t *c, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
             or HEADROOM + hlen + mss > UDP_MAX_PAYLOAD):
         tx_drop(c, D_BAD_OFFLOAD)  # (a segment must fit one UDP datagram)
         return
-    r = find(e, c.rt, _be32(pkt + 16))
+    r = find(e, c.rt, _be32(pkt + 16)) if v == 4 else find6(e, c.rt, uf_load128(pkt + 24))
     if r == NULL:
-        if unroutable(c, pkt, n, _be32(pkt + 16)) == ACT_ICMP:
+        if v == 4:
+            act = unroutable(c, pkt, n, _be32(pkt + 16))
+        else:
+            act = unreachable6(c, pkt, n, uf_load128(pkt + 24))
+        if act == ACT_ICMP:
             tx_write_icmp(c)
         return
     fb = framing_bytes(r)
@@ -295,7 +345,8 @@ cdef void send_segments(txctx_t *c, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
     window = MAX_WINDOW
     if gso_on(e) and window > UDP_MAX_PAYLOAD // stride:
         window = <int>(UDP_MAX_PAYLOAD // stride)
-    ident = _be16(pkt + 4)
+    if v == 4:
+        ident = _be16(pkt + 4)
     seq = _be32(pkt + ihl + 4) if proto == 6 else 0
     flags = pkt[ihl + 13] if proto == 6 else 0
     i = 0
@@ -313,23 +364,26 @@ cdef void send_segments(txctx_t *c, uint8_t *pkt, Py_ssize_t n, uint16_t mss,
             ip = f + fb
             tcp = ip + ihl
             memcpy(ip, pkt, hlen)
-            _put16(ip + 2, <uint16_t>(hlen + chunk))
-            _put16(ip + 4, <uint16_t>(ident + i + k))
-            _ip_checksum(ip, ihl)
+            if v == 4:
+                _put16(ip + 2, <uint16_t>(hlen + chunk))
+                _put16(ip + 4, <uint16_t>(ident + i + k))
+                _ip_checksum(ip, ihl)
+                pseudo = uf_pseudo4(ip, proto, <uint16_t>(thl + chunk))
+            else:
+                _put16(ip + 4, <uint16_t>(thl + chunk))  # the payload length
+                pseudo = uf_pseudo6(ip, proto, <uint32_t>(thl + chunk))
             if proto == 6:
                 _put32(tcp + 4, seq + <uint32_t>off)
                 if i + k != count - 1:
                     tcp[13] = flags & ~(TCP_FIN | TCP_PSH)
                 _store_native16(tcp + 16, 0)
                 _store_native16(tcp + 16, ~uf_csum_fold(uf_csum_partial(
-                    pkt + hlen + off, chunk,
-                    uf_csum_partial(tcp, thl, uf_pseudo4(ip, 6, <uint16_t>(thl + chunk))))))
+                    pkt + hlen + off, chunk, uf_csum_partial(tcp, thl, pseudo))))
             else:  # UDP: each datagram its own length and checksum (0 is sent as FFFF)
                 _put16(tcp + 4, <uint16_t>(8 + chunk))
                 _store_native16(tcp + 6, 0)
                 csum = ~uf_csum_fold(uf_csum_partial(
-                    pkt + hlen + off, chunk,
-                    uf_csum_partial(tcp, 8, uf_pseudo4(ip, 17, <uint16_t>(8 + chunk)))))
+                    pkt + hlen + off, chunk, uf_csum_partial(tcp, 8, pseudo)))
                 _store_native16(tcp + 6, csum if csum != 0 else 0xFFFF)
             c.tx_iov[2 * k].iov_base = f
             c.tx_iov[2 * k].iov_len = fb + hlen

@@ -31,6 +31,66 @@
 #define UDP_GRO 104
 #endif
 
+/* Addresses of either family as one 128-bit number (host order), the key of the
+ * route tables: an IPv6 address as it is, an IPv4 address in its IPv4-mapped form
+ * (::ffff:a.b.c.d), so keys of the two families never meet. */
+typedef unsigned __int128 uf_u128;
+
+/* A destination or source of either family, as the socket calls take it. */
+union uf_sockaddr {
+    struct sockaddr sa;
+    struct sockaddr_in in4;
+    struct sockaddr_in6 in6;
+};
+
+/* The route tables' free-slot marker: no subnet or node has the all-ones address. */
+#define UF_EMPTY (~(uf_u128)0)
+
+/* A key's slot in a table of 2^bits: its four 32-bit words folded, then
+ * multiplicative hashing (the top bits of the product). */
+static inline uint32_t uf_slot(uf_u128 key, uint32_t bits)
+{
+    uint32_t x = (uint32_t)key ^ (uint32_t)(key >> 32) ^ (uint32_t)(key >> 64) ^ (uint32_t)(key >> 96);
+    return (x * 0x9E3779B1u) >> (32 - bits);
+}
+
+static inline socklen_t uf_sockaddr_len(const union uf_sockaddr *a)
+{
+    return a->sa.sa_family == AF_INET6 ? sizeof a->in6 : sizeof a->in4;
+}
+
+static inline uf_u128 uf_key4(uint32_t host_order)
+{
+    return ((uf_u128)0xffff << 32) | host_order;
+}
+
+/* 16 bytes in network order (an IPv6 address in a header) as a number. */
+static inline uf_u128 uf_load128(const uint8_t *p)
+{
+    uint64_t hi, lo;
+    memcpy(&hi, p, 8);
+    memcpy(&lo, p + 8, 8);
+    return ((uf_u128)__builtin_bswap64(hi) << 64) | __builtin_bswap64(lo);
+}
+
+static inline void uf_store128(uint8_t *p, uf_u128 v)
+{
+    uint64_t hi = __builtin_bswap64((uint64_t)(v >> 64)), lo = __builtin_bswap64((uint64_t)v);
+    memcpy(p, &hi, 8);
+    memcpy(p + 8, &lo, 8);
+}
+
+/* A received datagram's source as a route-table key (0 for an unknown family: no
+ * node has that key). */
+static inline uf_u128 uf_addr_key(const union uf_sockaddr *a)
+{
+    if (a->sa.sa_family == AF_INET)
+        return uf_key4(ntohl(a->in4.sin_addr.s_addr));
+    if (a->sa.sa_family == AF_INET6)
+        return uf_load128(a->in6.sin6_addr.s6_addr);
+    return 0;
+}
+
 static inline uint64_t uf_add_carry(uint64_t a, uint64_t b)
 {
     a += b;
@@ -99,11 +159,19 @@ static inline uint64_t uf_pseudo4(const uint8_t *iphdr, uint8_t proto, uint16_t 
     return uf_csum_partial(ph, 12, 0);
 }
 
+/* Sum of the IPv6 pseudo-header (RFC 8200 section 8.1) for next header `proto`
+ * and upper-layer length `len`. */
+static inline uint64_t uf_pseudo6(const uint8_t *ip6, uint8_t proto, uint32_t len)
+{
+    uint8_t tail[8] = {len >> 24, (len >> 16) & 0xff, (len >> 8) & 0xff, len & 0xff, 0, 0, 0, proto};
+    return uf_csum_partial(tail, 8, uf_csum_partial(ip6 + 8, 32, 0));
+}
+
 /* One UDP_SEGMENT send: the kernel cuts the gathered bytes every `segsize` bytes
  * into datagrams (the last may be shorter). Frames stay scattered: header and
  * payload are separate iovecs, so the payload is never copied in userspace. */
 static inline long uf_send_gso_iov(int fd, struct iovec *iov, int iovcnt, uint16_t segsize,
-                                   const struct sockaddr_in *dst)
+                                   const union uf_sockaddr *dst)
 {
     char control[CMSG_SPACE(sizeof(uint16_t))];
     struct msghdr msg;
@@ -111,7 +179,7 @@ static inline long uf_send_gso_iov(int fd, struct iovec *iov, int iovcnt, uint16
     memset(&msg, 0, sizeof msg);
     memset(control, 0, sizeof control);
     msg.msg_name = (void *)dst;
-    msg.msg_namelen = sizeof *dst;
+    msg.msg_namelen = uf_sockaddr_len(dst);
     msg.msg_iov = iov;
     msg.msg_iovlen = iovcnt;
     msg.msg_control = control;
@@ -132,7 +200,7 @@ static inline long uf_send_gso_iov(int fd, struct iovec *iov, int iovcnt, uint16
  * sent something. */
 #define UF_MMSG_MAX 64
 static inline long uf_send_many_iov(int fd, struct iovec *iov, int count,
-                                    const struct sockaddr_in *dst, int *mmsg, uint64_t *calls)
+                                    const union uf_sockaddr *dst, int *mmsg, uint64_t *calls)
 {
     struct mmsghdr msgs[UF_MMSG_MAX];
     int sent = 0;
@@ -143,7 +211,7 @@ static inline long uf_send_many_iov(int fd, struct iovec *iov, int count,
             msgs[i].msg_hdr.msg_iov = iov + 2 * (sent + i);
             msgs[i].msg_hdr.msg_iovlen = 2;
             msgs[i].msg_hdr.msg_name = (void *)dst;
-            msgs[i].msg_hdr.msg_namelen = sizeof *dst;
+            msgs[i].msg_hdr.msg_namelen = uf_sockaddr_len(dst);
         }
         int n = sendmmsg(fd, msgs, batch, 0);
         if (n < 0 && errno == ENOSYS) {
@@ -161,7 +229,7 @@ static inline long uf_send_many_iov(int fd, struct iovec *iov, int count,
         msg.msg_iov = iov + 2 * sent;
         msg.msg_iovlen = 2;
         msg.msg_name = (void *)dst;
-        msg.msg_namelen = sizeof *dst;
+        msg.msg_namelen = uf_sockaddr_len(dst);
         if (sendmsg(fd, &msg, 0) < 0)
             return sent ? sent : -errno;
         *calls += 1;
@@ -193,7 +261,7 @@ union uf_cmsg_space {
  * size is unknown and the caller must not split the read. *ovfl: the socket's
  * kernel drop count when SO_RXQ_OVFL is on (left alone otherwise). flags: 0 (blocks
  * on a blocking socket) or MSG_DONTWAIT. */
-static inline long uf_recvmsg(int fd, uint8_t *buf, size_t cap, struct sockaddr_in *src,
+static inline long uf_recvmsg(int fd, uint8_t *buf, size_t cap, union uf_sockaddr *src,
                               int *segsize, uint32_t *ovfl, int flags)
 {
     struct iovec iov = {buf, cap};
@@ -229,7 +297,7 @@ static inline long uf_recvmsg(int fd, uint8_t *buf, size_t cap, struct sockaddr_
 struct uf_rxbatch {
     struct mmsghdr msgs[UF_RX_BATCH];
     struct iovec iov[UF_RX_BATCH];
-    struct sockaddr_in src[UF_RX_BATCH];
+    union uf_sockaddr src[UF_RX_BATCH];
     union uf_cmsg_space ctl[UF_RX_BATCH];
     int segsize[UF_RX_BATCH];  /* as uf_recvmsg's *segsize */
     long len[UF_RX_BATCH];

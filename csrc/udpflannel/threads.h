@@ -103,14 +103,14 @@ static inline long uf_read_nowait(int fd, void *buf, size_t len)
     return n < 0 ? -errno : n;
 }
 
-/* --io poll's wait: an epoll set of up to 3 fds (the TUN first), made once per thread
+/* --io poll's wait: an epoll set of up to 4 fds (the TUN first), made once per thread
  * (registering on every fd's wait queue at each wait, as poll(2) does, costs more).
  * The fd of the set, or -errno. */
 static inline int uf_waiter_open(const int *fds, int n)
 {
     struct epoll_event ev;
     int ep, i;
-    if (n < 1 || n > 3)
+    if (n < 1 || n > 4)
         return -EINVAL;
     if ((ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
         return -errno;
@@ -131,10 +131,10 @@ static inline int uf_waiter_open(const int *fds, int n)
  * i set for fds[i]. 0, or -errno (-EINTR when woken to stop). */
 static inline int uf_waiter_wait(int ep, int *ready)
 {
-    struct epoll_event ev[3];
+    struct epoll_event ev[4];
     int n, i;
     *ready = 0;
-    if ((n = epoll_wait(ep, ev, 3, -1)) < 0)
+    if ((n = epoll_wait(ep, ev, 4, -1)) < 0)
         return -errno;
     for (i = 0; i < n; i++)
         *ready |= 1 << ev[i].data.u32;

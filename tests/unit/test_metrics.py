@@ -98,7 +98,7 @@ def test_every_family_label_and_value_of_a_busy_node():
 def test_a_starting_node_has_every_drop_reason_at_zero_and_no_lease_expiry():
     s, = scrape_all(starting())
     assert s["udpflannel_drops_total"] == {(("reason", r),): 0.0 for r in DROP_REASONS}
-    assert len(DROP_REASONS) == 17
+    assert len(DROP_REASONS) == 18
     for d in ("tx", "rx"):
         assert one(s, "udpflannel_packets_total", direction=d) == 0
         assert one(s, "udpflannel_bytes_total", direction=d) == 0

@@ -253,7 +253,10 @@ def test_set_and_del_route_reject_bad_subnets(engine_cls, subnet):
     ("192.0.2.1", 8472, b"\x02" * 7),
     ("192.0.2.1", 8472, b""),
     ("192.0.2", 8472, b"\x02" * 6),
-    ("fc00::1", 8472, b"\x02" * 6),
+    ("::", 8472, b"\x02" * 6),
+    ("::ffff:192.0.2.1", 8472, b"\x02" * 6),  # its key would be 192.0.2.1's
+    ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 8472, b"\x02" * 6),
+    ("255.255.255.255", 8472, b"\x02" * 6),
 ])
 def test_set_route_rejects_bad_peer(engine_cls, public_ip, port, mac):
     e = engine_cls(**engine_args())

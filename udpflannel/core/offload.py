@@ -3,14 +3,15 @@
 The reference for the compiled engine's offload path (tests compare them byte for
 byte). With IFF_VNET_HDR every TUN read and write carries a 10-byte virtio_net_hdr:
 
-    flags u8 (NEEDS_CSUM 1) | gso_type u8 (NONE 0, TCPV4 1) | hdr_len u16 |
+    flags u8 (NEEDS_CSUM 1) | gso_type u8 (NONE 0, TCPV4 1, TCPV6 4, UDP_L4 5) | hdr_len u16 |
     gso_size u16 | csum_start u16 | csum_offset u16          (host byte order)
 
-Read side: the kernel hands us TCP super-packets of up to 64 KB (gso TCPV4), UDP ones
+Read side: the kernel hands us TCP super-packets of up to 64 KB (gso TCPV4, TCPV6), UDP ones
 (gso UDP_L4, from senders using UDP_SEGMENT, when the kernel offers USO) and
 packets whose L4 checksum is only the pseudo-header sum (NEEDS_CSUM). ``segment``
-cuts a super-packet into MSS-sized segments with their own IPv4 id, length, sequence
-number, flags and both checksums; ``complete_checksum`` finishes a NEEDS_CSUM one.
+cuts a super-packet into MSS-sized segments with their own IP length (IPv4: id and
+header checksum too), sequence number, flags and L4 checksum (IPv6: only where the
+transport header follows the fixed header directly); ``complete_checksum`` finishes a NEEDS_CSUM one.
 A peer (maybe a kernel) gets ordinary, fully checksummed packets.
 
 Write side: ``coalesce`` merges consecutive segments of one TCP flow back into one
@@ -27,7 +28,15 @@ from __future__ import annotations
 import struct
 
 from udpflannel.core.errors import BadInput
-from udpflannel.core.wire import HEADROOM, UDP_MAX_PAYLOAD, ip_checksum, ones_sum, pseudo4_sum
+from udpflannel.core.wire import (
+    HEADROOM,
+    IPV6_HLEN,
+    UDP_MAX_PAYLOAD,
+    ip_checksum,
+    ones_sum,
+    pseudo4_sum,
+    pseudo_sum,
+)
 
 VNET_HLEN = 10
 NEEDS_CSUM = 1
@@ -55,10 +64,11 @@ def parse_vnet(data: bytes) -> tuple[int, int, int, int, int, int]:
     return _vnet.unpack_from(data)
 
 
-def tcp4_checksum(ip_header: bytes, segment: bytes) -> int:
-    """Full TCP checksum of ``segment`` (its checksum field taken as zero)."""
+def tcp_checksum(ip_header: bytes, segment: bytes) -> int:
+    """Full TCP checksum of ``segment`` (its checksum field taken as zero), with the
+    pseudo-header of ``ip_header``'s family."""
     zeroed = segment[:16] + b"\0\0" + segment[18:]
-    return ~ones_sum(zeroed, pseudo4_sum(ip_header, 6, len(segment))) & 0xFFFF
+    return ~ones_sum(zeroed, pseudo_sum(ip_header, 6, len(segment))) & 0xFFFF
 
 
 def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes:
@@ -67,9 +77,15 @@ def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes
     if csum_start >= len(packet) or end > len(packet):
         raise OffloadError("checksum offsets outside the packet")
     value = ~ones_sum(packet[csum_start:]) & 0xFFFF
-    if value == 0 and len(packet) >= 20 and packet[0] >> 4 == 4 and packet[9] == 17:
+    if value == 0 and _is_udp(packet):
         value = 0xFFFF  # a UDP checksum of 0 means "none": send its twin
     return packet[:end - 2] + struct.pack("!H", value) + packet[end:]
+
+
+def _is_udp(packet: bytes) -> bool:
+    version = packet[0] >> 4 if packet else 0
+    return ((version == 4 and len(packet) >= 20 and packet[9] == 17)
+            or (version == 6 and len(packet) >= IPV6_HLEN and packet[6] == 17))
 
 
 def segment(data: bytes) -> list[bytes]:
@@ -80,13 +96,16 @@ def segment(data: bytes) -> list[bytes]:
         if flags & NEEDS_CSUM:
             packet = complete_checksum(packet, csum_start, csum_offset)
         return [packet]
-    if gso_type not in (GSO_TCPV4, GSO_UDP_L4):  # ECN (0x80) is never asked for
+    if gso_type not in (GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4):  # ECN (0x80) is never asked for
         raise OffloadError(f"unsupported gso_type {gso_type}")
-    proto = 6 if gso_type == GSO_TCPV4 else 17
-    if len(packet) < 28 or packet[0] >> 4 != 4:
-        raise OffloadError("super-packet without an IPv4 header")
-    ihl = (packet[0] & 0x0F) * 4
-    if ihl < 20 or len(packet) < ihl + (20 if proto == 6 else 8) or packet[9] != proto:
+    proto = 17 if gso_type == GSO_UDP_L4 else 6
+    version = packet[0] >> 4 if packet else 0
+    wanted = {GSO_TCPV4: (4,), GSO_TCPV6: (6,)}.get(gso_type, (4, 6))
+    if len(packet) < 28 or version not in wanted:
+        raise OffloadError("super-packet without an IP header of its gso_type's family")
+    ihl = (packet[0] & 0x0F) * 4 if version == 4 else IPV6_HLEN
+    next_header = packet[9] if version == 4 else packet[6]  # (IPv6 extension headers: not followed)
+    if ihl < 20 or len(packet) < ihl + (20 if proto == 6 else 8) or next_header != proto:
         raise OffloadError("super-packet without its TCP/UDP header")
     l4len = (packet[ihl + 12] >> 4) * 4 if proto == 6 else 8
     hlen = ihl + l4len
@@ -101,9 +120,12 @@ def segment(data: bytes) -> list[bytes]:
     for i in range(count):
         chunk = payload[i * gso_size:(i + 1) * gso_size]
         h = bytearray(ip)
-        struct.pack_into("!HH", h, 2, hlen + len(chunk), (ident + i) & 0xFFFF)
-        struct.pack_into("!H", h, 10, 0)
-        struct.pack_into("!H", h, 10, ip_checksum(bytes(h)))
+        if version == 6:
+            struct.pack_into("!H", h, 4, l4len + len(chunk))  # the payload length
+        else:
+            struct.pack_into("!HH", h, 2, hlen + len(chunk), (ident + i) & 0xFFFF)
+            struct.pack_into("!H", h, 10, 0)
+            struct.pack_into("!H", h, 10, ip_checksum(bytes(h)))
         out.append(bytes(h) + (_tcp_segment(h, l4, chunk, i, count, gso_size) if proto == 6
                                else _udp_datagram(h, l4, chunk)))
     return out
@@ -115,14 +137,14 @@ def _tcp_segment(ip: bytearray, tcp: bytes, chunk: bytes, i: int, count: int, ms
     struct.pack_into("!I", t, 4, (seq + i * mss) & 0xFFFFFFFF)
     if i != count - 1:
         t[13] = tcp[13] & ~(TCP_FIN | TCP_PSH)
-    struct.pack_into("!H", t, 16, tcp4_checksum(bytes(ip), bytes(t) + chunk))
+    struct.pack_into("!H", t, 16, tcp_checksum(bytes(ip), bytes(t) + chunk))
     return bytes(t) + chunk
 
 
 def _udp_datagram(ip: bytearray, udp: bytes, chunk: bytes) -> bytes:
     u = bytearray(udp)
     struct.pack_into("!HH", u, 4, 8 + len(chunk), 0)
-    value = ~ones_sum(bytes(u) + chunk, pseudo4_sum(bytes(ip), 17, 8 + len(chunk))) & 0xFFFF
+    value = ~ones_sum(bytes(u) + chunk, pseudo_sum(bytes(ip), 17, 8 + len(chunk))) & 0xFFFF
     struct.pack_into("!H", u, 6, value or 0xFFFF)  # 0 would mean "no checksum"
     return bytes(u) + chunk
 

@@ -10,6 +10,10 @@ A VXLAN frame (RFC 7348, as Linux and flannel's vxlan backend use it)::
     inner Ethernet (14): dst = receiver's VtepMAC, src = sender's VtepMAC, type 0800 |
     the IP packet read from the TUN
 
+An IPv6 packet (dual stack, as flanneld's flannel-v6.<VNI>) is framed the same way with
+type 86DD between the two nodes' IPv6 VTEP MACs, over an outer IPv6 header (40) when
+the peer's address is IPv6.
+
 flanneld's udp framing (its udp backend, port 8285) is the bare IPv4 packet in a UDP
 datagram.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import struct
 
 IPV4_HLEN = 20  # without options
+IPV6_HLEN = 40  # the fixed header (extension headers follow it)
 UDP_HLEN = 8
 VXLAN_HLEN = 8
 ETH_HLEN = 14
@@ -50,7 +55,7 @@ FRAMINGS = ("vxlan", "udp")
 # node's subnet, an address outside the overlay: no peer may use a node as a router).
 TX_DROPS = ("bad_packet", "no_route", "send_error", "bad_offload", "ttl_expired")
 RX_DROPS = ("short", "bad_flags", "bad_vni", "bad_mac", "bad_ethertype", "bad_ip", "ipv6",
-            "unknown_sender", "spoofed", "bad_destination", "truncated", "tun_write_error")
+            "ipv4", "unknown_sender", "spoofed", "bad_destination", "truncated", "tun_write_error")
 DROP_REASONS = TX_DROPS + RX_DROPS
 # Every engine counter, in the engine's slot order.
 # tx_super_packets: TSO super-packets read from the TUN (each sent as many datagrams);
@@ -93,6 +98,16 @@ def inet_checksum(data: bytes) -> int:
 def pseudo4_sum(ip: bytes, proto: int, length: int) -> int:
     """ones_sum of the IPv4 pseudo-header (addresses from ``ip``) for an L4 segment."""
     return ones_sum(bytes(ip[12:20]) + struct.pack("!BBH", 0, proto, length))
+
+
+def pseudo6_sum(ip: bytes, next_header: int, length: int) -> int:
+    """ones_sum of the IPv6 pseudo-header (RFC 8200 8.1; addresses from ``ip``)."""
+    return ones_sum(bytes(ip[8:40]) + struct.pack("!I3xB", length, next_header))
+
+
+def pseudo_sum(ip: bytes, proto: int, length: int) -> int:
+    """The pseudo-header sum of the packet's own family."""
+    return pseudo6_sum(ip, proto, length) if ip[0] >> 4 == 6 else pseudo4_sum(ip, proto, length)
 
 
 def ip_checksum(header: bytes) -> int:
