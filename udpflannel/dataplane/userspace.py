@@ -305,10 +305,10 @@ class EnginePlane:
         gso = "gso" in self._udp_offloads and bool(self._listening())
         self._eng.attach(
             tun.fd, _fd(self.vxlan_sock), bare_fd=_fd(self.udp_sock), tx_fds=_send_fds(self.pool, self.vxlan_sock),
-            vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads, **self._ipv6_fds())
+            udp6_fd=_fd(self.vxlan6_sock), tx6_fds=_send_fds(self.pool6, self.vxlan6_sock),
+            vnet_hdr=tun.vnet_hdr, gso=gso, gro="gro" in self._udp_offloads)
         for q in range(self._eng.queues(), self.opts.queues):  # first attach only
-            self._compiled.add_queue(tun.fds[q], _fd(_nth(self.vxlan_group, q)),
-                                     **({"udp6_fd": _fd(_nth(self.vxlan6_group, q))} if self.vxlan6_group else {}))
+            self._compiled.add_queue(tun.fds[q], _fd(_nth(self.vxlan_group, q)), _fd(_nth(self.vxlan6_group, q)))
         for q in range(1, self.opts.queues):  # a re-created TUN: its new queue fds
             self._compiled.set_tun_fd(q, tun.fds[q])
         self._gso = gso
@@ -319,12 +319,6 @@ class EnginePlane:
                  " + ".join(f"{len(pool) or 1} {family}" for family, pool, group in
                             (("IPv4", self.pool, self.vxlan_group), ("IPv6", self.pool6, self.vxlan6_group))
                             if group))
-
-    def _ipv6_fds(self) -> dict:
-        """attach()'s IPv6 sockets (none: the engine's IPv4-only call, as before IPv6)."""
-        if self.vxlan6_sock is None:
-            return {}
-        return {"udp6_fd": self.vxlan6_sock.fileno(), "tx6_fds": _send_fds(self.pool6, self.vxlan6_sock)}
 
     def _start_reading(self) -> None:
         """The data path runs from here: its threads, or the loop's readers."""
