@@ -15,7 +15,7 @@ from udpflannel.core.config import parse
 from udpflannel.core.status import DataplaneStatus, NodeStatus
 from udpflannel.core.underlay import Underlay
 from udpflannel.dataplane.base import DataplaneError, PlaneOptions
-from udpflannel.dataplane.userspace import EnginePlane, engine_args, remembered_subnets
+from udpflannel.dataplane.userspace import EnginePlane, engine_args, make_engine, remembered_subnets
 from udpflannel.inherited import Inherited, node_state
 from udpflannel.observe.metrics import families
 from udpflannel.observe.statusview import render
@@ -54,6 +54,17 @@ def test_the_engine_is_built_with_the_network_of_each_family():
     assert engine_args(_opts(V6_ONLY))["network"] is None
     ipv4_only = engine_args(_opts({"Network": "10.244.0.0/16"}, mac6=None))
     assert "network6" not in ipv4_only and "vtep_mac6" not in ipv4_only  # an IPv4-only call, as ever
+
+
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+@pytest.mark.parametrize("config", [DUAL, V6_ONLY], ids=["dual", "ipv6-only"])
+def test_both_engines_take_the_plane_s_arguments_and_route_ipv6_to_publicipv6(kind, config):
+    engine = make_engine(kind, _opts(config))
+    engine.set_subnet("fd10:0:0:7::/64")
+    peer_mac = bytes.fromhex("0e0000000008")
+    engine.set_route("fd10:0:0:8::/64", "fd00:250::8", 8472, peer_mac)
+    engine.publish()
+    assert engine.lookup("fd10:0:0:8::1") == ("fd00:250::8", 8472, peer_mac)
 
 
 def test_ipv6_without_its_vtep_mac_is_one_line():
