@@ -27,7 +27,7 @@ demo: setup
 # restart under the loop is checked to say so).
 IO_TESTS := $(addprefix tests/integration/,test_overlay.py test_offload_modes.py \
             test_kernel_interop.py test_hostile.py test_icmp_and_sources.py test_path_mtu.py \
-            test_udp_backend.py test_restarts.py)
+            test_udp_backend.py test_restarts.py test_dual_stack_engine.py)
 IO_SELECT := not python and not (test_restarts and kernel) and not (oldkernel and not oldkernel_no_udp_offload)
 
 # Three test processes on two cores (pytest-xdist), each taking whole files: most
