@@ -216,9 +216,11 @@ def test_the_engine_carries_ipv6_in_kube_mode_too(mix):
         for port, (a, b) in enumerate([(i, mix.f), (mix.f, i)], start=5891):
             got = probe.tcp_transfer(mix.lab.nodes[a], mix.lab.nodes[b], mix.addrs(b)[1], payload, port)
             assert got[0] == len(payload), (a, b)
-    finally:
+    finally:  # back on the kernel plane, for the tests after this one
+        mix.cluster.stop(i)
         mix.cluster.start(i)
-        mix.cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 4, 60, "ready again")
+        mix.cluster.wait_status(i, lambda s: s.ready and s.dataplane.kind == "kernel" and s.dataplane.peers == 4,
+                                60, "ready again")
 
 
 # -- IPv6-only (EnableIPv4 false), in the same cluster under its own annotation prefix ----
