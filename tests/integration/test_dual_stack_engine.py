@@ -28,6 +28,19 @@ import subprocess
 from dataclasses import dataclass
 
 import pytest
+from etcd_server import subnet_leases
+from test_dual_stack import (  # noqa: F401 - fixtures: lab (a dual-stack underlay) and etcd, this module's own
+    NETWORK,
+    NETWORK6,
+    device,
+    dual_config,
+    etcd,
+    lab,
+    ping,
+    prefix,
+    wait_reachable,
+)
+from test_takeover import start_successor, wait_pid_in_status
 
 from udpflannel.core import lease as leases
 from udpflannel.host import localstate
@@ -37,32 +50,10 @@ from udpflannel.lab.flanneld import Flanneld
 from udpflannel.lab.netns import Lab, Namespace
 from udpflannel.lab.probe import tcp_transfer
 
-try:
-    from .etcd_server import etcd_in_hub, subnet_leases
-    from .test_dual_stack import NETWORK, NETWORK6, device, dual_config, ping, prefix, wait_reachable
-    from .test_takeover import start_successor, wait_pid_in_status
-except ImportError:
-    from etcd_server import etcd_in_hub, subnet_leases
-    from test_dual_stack import NETWORK, NETWORK6, device, dual_config, ping, prefix, wait_reachable
-    from test_takeover import start_successor, wait_pid_in_status
-
-UNDERLAY6 = "fd00:252::/64"
 TCP_BYTES = (1 << 20) + 77
 ENGINE, KERNEL = ["--dataplane", "engine"], ["--dataplane", "kernel"]
 PYTHON_ENGINE = [*ENGINE, "--engine", "python", "--io", "loop", "--offload", "off"]
 RTAX_MTU = "RTAX_MTU"
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with Lab(0, tag="ufe6", underlay6=UNDERLAY6) as lab:
-        yield lab
-
-
-@pytest.fixture(scope="module")
-def etcd(lab, tmp_path_factory):
-    with etcd_in_hub(lab, tmp_path_factory.mktemp("etcd")) as server:
-        yield server
 
 
 @dataclass
