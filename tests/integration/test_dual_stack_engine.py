@@ -322,3 +322,14 @@ def _subnet_env(nodes: Nodes, i: int) -> str:
     (v6,) = nodes.subnets(i)
     with open(os.path.join(nodes.cluster.node_dir(i), "subnet.env")) as f:
         return f.read().replace(f"{v6.network_address}1/", "<first>/")
+
+
+def test_the_ipv6_route_mtu_follows_a_shrinking_underlay(only6):
+    """Without Backend.MTU the TUN follows the underlay's MTU, and its IPv6 route's MTU
+    with it, 20 bytes below (last here: the node's underlay stays shrunk)."""
+    e, k = only6.engines[0], only6.kernel[0]
+    only6.ns(e).link_up("eth0", mtu=1400)
+    only6.cluster.wait_status(e, lambda s: s.dataplane.mtu == 1350, 10, "following the underlay MTU")
+    assert _tun(only6.ns(e))["v6"]["routes"] == {NETWORK6: 1330}
+    payload = os.urandom(TCP_BYTES)  # sized for the smaller path from here on
+    assert tcp_transfer(only6.ns(e), only6.ns(k), only6.addr6(k), payload, 6411)[0] == len(payload)
