@@ -155,8 +155,9 @@ class EnginePlane:
     async def prepare(self, remove_kernel_device: bool = True) -> None:
         """Bind every port before a lease is taken (a clash must not cost a lease)."""
         tun_preflight()
-        # Our own flannel.<VNI>, left up by the kernel plane, holds the VXLAN port: it
-        # goes before we bind (after a lease would be too late: the bind fails).
+        # Our own flannel.<VNI> (and flannel-v6.<VNI>), left up by the kernel plane, holds
+        # the VXLAN port: it goes before we bind (after a lease would be too late: the
+        # bind fails).
         if remove_kernel_device:
             for version, mac in ((4, self.opts.vtep_mac), (6, self.opts.vtep_mac6)):  # (6: dual stack)
                 name = vxlandev.device_name(self.opts.config.vni, version)
