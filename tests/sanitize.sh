@@ -56,6 +56,7 @@ loaded=$("$PY" -c "import udpflannel._engine as e; print(e.__file__)")
   tests/unit/test_engine_smoke.py tests/unit/test_engine_io.py tests/unit/test_frame_golden.py \
   tests/unit/test_frame_scapy.py tests/unit/test_decap_props.py tests/unit/test_inner_destination.py \
   tests/unit/test_offload.py tests/unit/test_routes.py tests/unit/test_review_regressions.py \
-  tests/unit/test_wire.py tests/integration/test_threads.py \
+  tests/unit/test_wire.py tests/unit/test_frame_v6.py tests/unit/test_engine_io_v6.py \
+  tests/integration/test_threads.py \
   tests/integration/test_overlay.py::test_two_nodes_ping_and_tcp_both_ways
 echo "sanitize: no error ($((SECONDS - start)) s)"

@@ -237,38 +237,57 @@ cdef inline void deliver(rxctx_t *c, uint8_t *p, Py_ssize_t n) noexcept nogil:
 
 # ---- receive coalescing (rules: udpflannel/core/offload.py) ------------------------
 
+cdef inline Py_ssize_t tcp_at(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    """Where the TCP header of a segment that may merge starts: 20 (IPv4 without
+    options, not a fragment) or 40 (IPv6 with TCP right after the fixed header), its
+    IP length exactly n; 0 for anything else."""
+    if n >= 40 and p[0] == 0x45 and p[9] == 6 and (_be16(p + 6) & 0x3FFF) == 0 and _be16(p + 2) == n:
+        return IPV4_HLEN
+    if n >= 60 and (p[0] >> 4) == 6 and p[6] == 6 and IPV6_HLEN + _be16(p + 4) == n:
+        return IPV6_HLEN
+    return 0
+
+
+cdef inline bint same_ip_flow(const uint8_t *p, const uint8_t *g, Py_ssize_t h) noexcept nogil:
+    """The IP fields a run keeps (its first packet's headers stand for all): IPv4 TOS,
+    TTL, DF; IPv6 traffic class, flow label, hop limit; addresses and ports."""
+    if h == IPV4_HLEN:
+        return (g[0] == 0x45 and p[1] == g[1] and p[8] == g[8] and (p[6] & 0x40) == (g[6] & 0x40)
+                and memcmp(p + 12, g + 12, 12) == 0)
+    return (g[0] >> 4) == 6 and memcmp(p, g, 4) == 0 and p[7] == g[7] and memcmp(p + 8, g + 8, 36) == 0
+
+
 cdef void co_add(rxctx_t *c, uint8_t *p, Py_ssize_t n) noexcept nogil:
     """Merge p into the current run if it extends it, else flush and start anew. The
     run is kept as pointers into the receive buffer (no copy): its first packet, whose
     headers become the super-packet's, and one iovec per payload."""
     cdef uint8_t *g = c.co_first
-    cdef Py_ssize_t thl, size
-    cdef bint ok = (n >= 40 and p[0] == 0x45 and p[9] == 6 and (_be16(p + 6) & 0x3FFF) == 0
-                    and _be16(p + 2) == n)
+    cdef Py_ssize_t h = tcp_at(p, n), thl = 0, size
+    cdef uint8_t *t = p + h
+    cdef bint ok = h != 0
     if ok:
-        thl = (p[32] >> 4) * 4
-        ok = (thl >= 20 and 20 + thl < n and (p[33] & ~(TCP_ACK | TCP_PSH)) == 0
-              and (p[33] & TCP_ACK) != 0
-              and uf_csum_fold(uf_csum_partial(p + 20, n - 20,
-                                               uf_pseudo4(p, 6, <uint16_t>(n - 20)))) == 0xFFFF)
+        thl = (t[12] >> 4) * 4
+        ok = (thl >= 20 and h + thl < n and (t[13] & ~(TCP_ACK | TCP_PSH)) == 0
+              and (t[13] & TCP_ACK) != 0
+              and uf_csum_fold(uf_csum_partial(t, n - h, uf_pseudo4(p, 6, <uint16_t>(n - h)) if h == IPV4_HLEN
+                                               else uf_pseudo6(p, 6, <uint32_t>(n - h)))) == 0xFFFF)
     if not ok:
         co_flush(c)
         emit_plain(c, p, n, 1)
         return
-    size = n - 20 - thl
+    size = n - h - thl
     if (c.co_count and not c.co_closed and size <= c.co_mss and c.co_count < MAX_MERGE
-            and p[1] == g[1] and p[8] == g[8] and (p[6] & 0x40) == (g[6] & 0x40)
-            and memcmp(p + 12, g + 12, 12) == 0 and ((g[32] >> 4) * 4) == thl
-            and memcmp(p + 40, g + 40, thl - 20) == 0
-            and memcmp(p + 28, g + 28, 4) == 0
-            and _be32(p + 24) == c.co_next_seq
+            and same_ip_flow(p, g, h) and ((g[h + 12] >> 4) * 4) == thl
+            and memcmp(t + 20, g + h + 20, thl - 20) == 0
+            and memcmp(t + 8, g + h + 8, 4) == 0
+            and _be32(t + 4) == c.co_next_seq
             and c.co_len + size <= MAX_PACKET):
         c.co_count += 1
-        c.rx_iov[c.co_count].iov_base = p + 20 + thl
+        c.rx_iov[c.co_count].iov_base = t + thl
         c.rx_iov[c.co_count].iov_len = size
         c.co_len += size
         c.co_next_seq += <uint32_t>size
-        c.co_psh = (p[33] & TCP_PSH) != 0
+        c.co_psh = (t[13] & TCP_PSH) != 0
         if size < c.co_mss or c.co_psh:
             c.co_closed = True
         return
@@ -276,11 +295,11 @@ cdef void co_add(rxctx_t *c, uint8_t *p, Py_ssize_t n) noexcept nogil:
     c.co_first = p
     c.co_len = n
     c.co_count = 1
-    c.rx_iov[1].iov_base = p + 20 + thl
+    c.rx_iov[1].iov_base = t + thl
     c.rx_iov[1].iov_len = size
     c.co_mss = <uint16_t>size
-    c.co_next_seq = _be32(p + 24) + <uint32_t>size
-    c.co_psh = (p[33] & TCP_PSH) != 0
+    c.co_next_seq = _be32(t + 4) + <uint32_t>size
+    c.co_psh = (t[13] & TCP_PSH) != 0
     c.co_closed = c.co_psh
 
 
@@ -289,27 +308,32 @@ cdef void co_flush(rxctx_t *c) noexcept nogil:
     (virtio + IP + TCP, in cbuf) precede the payload iovecs."""
     cdef uint8_t *v = c.cbuf
     cdef uint8_t *g = c.cbuf + VNET
-    cdef uint16_t hlen, x
+    cdef uint16_t h, hlen, x
     if c.co_count == 0:
         return
     if c.co_count == 1:
         emit_plain(c, c.co_first, c.co_len, 1)
         c.co_count = 0
         return
-    hlen = <uint16_t>(20 + (c.co_first[32] >> 4) * 4)
+    h = IPV4_HLEN if (c.co_first[0] >> 4) == 4 else IPV6_HLEN
+    hlen = <uint16_t>(h + (c.co_first[h + 12] >> 4) * 4)
     memcpy(g, c.co_first, hlen)
-    _put16(g + 2, <uint16_t>c.co_len)
-    _ip_checksum(g, 20)
     if c.co_psh:
-        g[33] |= TCP_PSH
+        g[h + 13] |= TCP_PSH
     # NEEDS_CSUM: the TCP field holds the folded pseudo-header sum
-    _store_native16(g + 36, uf_csum_fold(uf_pseudo4(g, 6, <uint16_t>(c.co_len - 20))))
+    if h == IPV4_HLEN:
+        _put16(g + 2, <uint16_t>c.co_len)
+        _ip_checksum(g, IPV4_HLEN)
+        _store_native16(g + h + 16, uf_csum_fold(uf_pseudo4(g, 6, <uint16_t>(c.co_len - h))))
+        v[1] = GSO_TCPV4
+    else:
+        _put16(g + 4, <uint16_t>(c.co_len - h))  # the payload length
+        _store_native16(g + h + 16, uf_csum_fold(uf_pseudo6(g, 6, <uint32_t>(c.co_len - h))))
+        v[1] = GSO_TCPV6
     v[0] = NEEDS_CSUM
-    v[1] = GSO_TCPV4
     memcpy(v + 2, &hlen, 2)
     memcpy(v + 4, &c.co_mss, 2)
-    x = 20
-    memcpy(v + 6, &x, 2)
+    memcpy(v + 6, &h, 2)
     x = 16
     memcpy(v + 8, &x, 2)
     c.rx_iov[0].iov_base = c.cbuf

@@ -12,6 +12,7 @@ import json
 import uuid
 
 import pytest
+from support.moduleloop import module_loop
 
 from udpflannel.core import config as netconfig
 from udpflannel.core.lease import NEVER, EventType, Lease
@@ -38,24 +39,8 @@ FLANNELD_DUAL = ('{"PublicIP":"192.168.250.12","PublicIPv6":"fd00:250::12","Back
                  '"BackendV6Data":{"VNI":1,"VtepMAC":"fe:85:f2:4c:e9:3e"}}')
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _loop():
-    global _LOOP
-    _LOOP = asyncio.new_event_loop()
-    try:
-        yield _LOOP
-    finally:
-        _LOOP.run_until_complete(_LOOP.shutdown_asyncgens())
-        _LOOP.close()
-        _LOOP = None
-
-
-_LOOP: asyncio.AbstractEventLoop | None = None
-
-
-def run(coro):
-    assert _LOOP is not None
-    return _LOOP.run_until_complete(coro)
+_loop_fixture, run = module_loop()
+_loop = pytest.fixture(scope="module", autouse=True)(_loop_fixture)
 
 
 def prefix() -> str:

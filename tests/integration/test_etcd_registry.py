@@ -16,6 +16,7 @@ import uuid
 
 import aetcd
 import pytest
+from support.moduleloop import module_loop
 
 from udpflannel.core.lease import NEVER, EventType, Lease
 from udpflannel.registry.base import Compacted, LeaseLost, LeaseTaken, RegistryError
@@ -35,26 +36,8 @@ def lease(subnet: str = "10.244.7.0/24", ip: str = "192.168.64.3", mac: str = "c
     return Lease(NET(subnet), ipaddress.IPv4Address(ip), "vxlan", 1, mac)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _loop():
-    """One event loop for the module: grpc.aio keeps a poller bound to the first loop it
-    served, and complains ("Event loop is closed") if each test used asyncio.run."""
-    global _LOOP
-    _LOOP = asyncio.new_event_loop()
-    try:
-        yield _LOOP
-    finally:
-        _LOOP.run_until_complete(_LOOP.shutdown_asyncgens())
-        _LOOP.close()
-        _LOOP = None
-
-
-_LOOP: asyncio.AbstractEventLoop | None = None
-
-
-def run(coro):
-    assert _LOOP is not None
-    return _LOOP.run_until_complete(coro)
+_loop_fixture, run = module_loop()
+_loop = pytest.fixture(scope="module", autouse=True)(_loop_fixture)
 
 
 def unique_prefix() -> str:

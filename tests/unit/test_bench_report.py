@@ -219,6 +219,23 @@ def test_build_document_medians_ratios_errors_and_json_round_trip():
     assert again == doc
 
 
+def test_ipv6_cases_are_held_against_their_own_baseline():
+    """An -ipv6 case's ratios are to kernel-vxlan-ipv6, in the table and the JSON; the
+    IPv4 cases' stay kernel VXLAN's."""
+    kernel6 = "kernel-vxlan-ipv6"
+    cases = {BASELINE: {"runs": [_run(1, tcp1_gbps=20.0)]},
+             kernel6: {"runs": [_run(1, tcp1_gbps=10.0)], "baseline": kernel6},
+             "udpflannel-offload-ipv6": {"runs": [_run(1, tcp1_gbps=5.0)], "baseline": kernel6},
+             "udpflannel-offload": {"runs": [_run(1, tcp1_gbps=5.0)]}}
+    doc = report.build_document({}, cases)
+    ratio = {name: c["ratio_to_baseline"]["tcp1_gbps"] for name, c in doc["cases"].items()}
+    assert ratio == {BASELINE: 1.0, kernel6: 1.0, "udpflannel-offload-ipv6": 0.5, "udpflannel-offload": 0.25}
+    medians = {name: c["median"] for name, c in doc["cases"].items()}
+    text = report.render_table(list(cases), medians, {name: c.get("baseline", BASELINE) for name, c in cases.items()})
+    row = next(line for line in text.splitlines() if line.startswith("TCP 1 stream"))
+    assert row.split()[-8:] == ["20.0", "x1.00", "10.0", "x1.00", "5.00", "x0.50", "5.00", "x0.25"]
+
+
 def test_build_document_without_baseline():
     doc = report.build_document({}, {"veth": {"description": "", "daemon_args": None,
                                               "runs": [_run(1, tcp1_gbps=28.0)]}})

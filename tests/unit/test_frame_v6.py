@@ -366,3 +366,68 @@ def test_a_super_packet_for_nobody_gets_one_icmpv6_reply():
     assert out == twin.segment(read)
     assert len(out) == 1 and out[0][:offload.VNET_HLEN] == offload.ZERO_VNET
     assert IPv6(out[0][offload.VNET_HLEN:])[ICMPv6DestUnreach].code == 0
+
+
+# ---- offloads: TCPv6 segments coalesced into one TUN write -----------------------
+
+def tcp6_segments(count: int, mss: int = 1200, seq: int = 5000, **ip_fields) -> list[bytes]:
+    return [bytes(IPv6(src="fd10:244:0:2::9", dst="fd10:244:0:1::5", **ip_fields)
+                  / TCP(sport=5201, dport=40000, seq=seq + i * mss, ack=77, flags="PA" if i == count - 1 else "A")
+                  / Raw(bytes([i]) * mss)) for i in range(count)]
+
+
+def test_tcpv6_segments_are_coalesced_into_one_gso_write_scapy_accepts():
+    segments = tcp6_segments(10)
+    compiled, twin = pair()
+    writes = compiled.coalesce(segments)
+    assert writes == twin.coalesce(segments)
+    assert compiled.counters() == twin.counters()
+    assert len(writes) == 1
+    flags, gso, hlen, size, start, off = offload.parse_vnet(writes[0])
+    assert (flags, gso, hlen, size, start, off) == (1, offload.GSO_TCPV6, 60, 1200, 40, 16)
+    merged = IPv6(offload.complete_checksum(writes[0][offload.VNET_HLEN:], start, off))
+    assert merged.plen == 20 + 12000
+    assert bytes(merged[TCP].payload) == b"".join(bytes([i]) * 1200 for i in range(10))
+    assert merged[TCP].seq == 5000 and "P" in merged[TCP].flags
+    resum = IPv6(bytes(merged))
+    del resum[TCP].chksum
+    assert IPv6(bytes(resum))[TCP].chksum == merged[TCP].chksum
+
+
+@pytest.mark.parametrize("breaker", ["flow label", "hop limit", "traffic class", "gap", "bad checksum"])
+def test_tcpv6_runs_break_where_the_kernel_would_not_merge(breaker):
+    segments = tcp6_segments(6)
+    odd = IPv6(segments[3])
+    if breaker == "flow label":
+        odd.fl = 9
+    elif breaker == "hop limit":
+        odd.hlim = 3
+    elif breaker == "traffic class":
+        odd.tc = 4
+    elif breaker == "gap":
+        odd[TCP].seq += 1
+    if breaker != "bad checksum":
+        del odd[TCP].chksum
+    raw = bytearray(bytes(odd))
+    if breaker == "bad checksum":
+        raw[-1] ^= 0xFF
+    segments[3] = bytes(raw)
+    compiled, twin = pair()
+    writes = compiled.coalesce(segments)
+    assert writes == twin.coalesce(segments)
+    assert len(writes) >= 2
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from([4, 6]), st.integers(0, 3), st.integers(1, 1400)), max_size=24))
+def test_coalesce_agrees_on_mixed_families(plan):
+    packets, next_seq = [], {}
+    for family, flow, size in plan:  # each flow's segments in sequence: runs do form
+        l3 = (IP(src="10.244.2.9", dst="10.244.1.5") if family == 4
+              else IPv6(src="fd10:244:0:2::9", dst="fd10:244:0:1::5"))
+        seq = next_seq.get((family, flow), 1)
+        next_seq[(family, flow)] = seq + size
+        packets.append(bytes(l3 / TCP(sport=flow, dport=80, seq=seq, flags="A") / Raw(b"p" * size)))
+    compiled, twin = pair()
+    assert compiled.coalesce(packets) == twin.coalesce(packets)
+    assert compiled.counters() == twin.counters()

@@ -15,9 +15,10 @@ transport header follows the fixed header directly); ``complete_checksum`` finis
 A peer (maybe a kernel) gets ordinary, fully checksummed packets.
 
 Write side: ``coalesce`` merges consecutive segments of one TCP flow back into one
-super-packet written with gso TCPV4 + NEEDS_CSUM, so the kernel's stack handles 64 KB
-at a time. It merges only what is safe: IPv4 without options or fragmentation, ACK
-with at most PSH, identical TOS/TTL/DF/options, adjacent sequence numbers, equal
+super-packet written with gso TCPV4 (TCPV6) + NEEDS_CSUM, so the kernel's stack handles
+64 KB at a time. It merges only what is safe: IPv4 without options or fragmentation
+(IPv6 without extension headers), ACK with at most PSH, identical TOS/TTL/DF (traffic
+class, flow label, hop limit) and TCP options, adjacent sequence numbers, equal
 segment sizes (the last may be shorter and ends the run, as does PSH), at most
 MAX_MERGE segments, and only segments whose TCP checksum verifies (merging hides the
 originals' checksums).
@@ -34,7 +35,6 @@ from udpflannel.core.wire import (
     UDP_MAX_PAYLOAD,
     ip_checksum,
     ones_sum,
-    pseudo4_sum,
     pseudo_sum,
 )
 
@@ -149,23 +149,35 @@ def _udp_datagram(ip: bytearray, udp: bytes, chunk: bytes) -> bytes:
     return bytes(u) + chunk
 
 
+def _tcp_at(p: bytes) -> int:
+    """Where the TCP header of a segment that may merge starts (20: IPv4 without options,
+    not a fragment; 40: IPv6 with TCP right after the fixed header), its IP length
+    exactly the packet's; 0 for anything else."""
+    if len(p) >= 40 and p[0] == 0x45 and p[9] == 6:
+        frag, total = struct.unpack_from("!H", p, 6)[0], struct.unpack_from("!H", p, 2)[0]
+        return 20 if not frag & 0x3FFF and total == len(p) else 0
+    if len(p) >= 60 and p[0] >> 4 == 6 and p[6] == 6 and IPV6_HLEN + struct.unpack_from("!H", p, 4)[0] == len(p):
+        return IPV6_HLEN
+    return 0
+
+
 def _mergeable(p: bytes) -> tuple | None:
-    """The flow identity of a TCP/IPv4 segment that may be merged, else None."""
-    if len(p) < 40 or p[0] != 0x45 or p[9] != 6:
+    """The flow identity of a TCP segment (IPv4 or IPv6) that may be merged, else None."""
+    h = _tcp_at(p)
+    if not h:
         return None
-    frag = struct.unpack_from("!H", p, 6)[0]
-    if frag & 0x3FFF:  # MF or an offset: a fragment
+    thl = (p[h + 12] >> 4) * 4
+    if thl < 20 or h + thl >= len(p):  # no payload: nothing to merge
         return None
-    total = struct.unpack_from("!H", p, 2)[0]
-    thl = (p[32] >> 4) * 4
-    if total != len(p) or thl < 20 or 20 + thl >= total:  # no payload: nothing to merge
+    flags = p[h + 13]
+    if flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK:
         return None
-    if p[33] & ~(TCP_ACK | TCP_PSH) or not p[33] & TCP_ACK:
+    if ones_sum(p[h:], pseudo_sum(p, 6, len(p) - h)) != 0xFFFF:  # checksum must verify
         return None
-    if ones_sum(p[20:], pseudo4_sum(p[:20], 6, len(p) - 20)) != 0xFFFF:  # checksum must verify
-        return None
-    # flow: addresses, ports, TOS, TTL, DF, header length and options
-    return (p[1], p[8], frag & 0x4000, p[12:24], thl, p[40:20 + thl])
+    # flow: TOS, TTL, DF (IPv6: traffic class, flow label, hop limit), addresses,
+    # ports, header length and options
+    ip_fields = (p[1], p[8], p[6] & 0x40, p[12:24]) if h == 20 else (p[0:4], p[7], p[8:44])
+    return (h, ip_fields, thl, p[h + 20:h + thl])
 
 
 def coalesce(packets: list[bytes], limit: int = MAX_PACKET) -> list[bytes]:
@@ -197,8 +209,18 @@ def coalesce(packets: list[bytes], limit: int = MAX_PACKET) -> list[bytes]:
     return out
 
 
+def _hlen(p: bytes) -> int:
+    """IP + TCP header bytes of a mergeable segment."""
+    h = 20 if p[0] >> 4 == 4 else IPV6_HLEN
+    return h + (p[h + 12] >> 4) * 4
+
+
 def _payload_len(p: bytes) -> int:
-    return len(p) - 20 - (p[32] >> 4) * 4
+    return len(p) - _hlen(p)
+
+
+def _tcp_word(p: bytes, at: int) -> int:
+    return struct.unpack_from("!I", p, (20 if p[0] >> 4 == 4 else IPV6_HLEN) + at)[0]
 
 
 def _extends(group: list[bytes], p: bytes, limit: int) -> bool:
@@ -206,31 +228,37 @@ def _extends(group: list[bytes], p: bytes, limit: int) -> bool:
     if len(group) >= MAX_MERGE:
         return False
     mss = _payload_len(first)
-    if prev[33] & TCP_PSH or _payload_len(prev) != mss:  # the run already ended
+    if _tcp_flags(prev) & TCP_PSH or _payload_len(prev) != mss:  # the run already ended
         return False
     size = _payload_len(p)
     if size > mss:
         return False
-    expected = (struct.unpack_from("!I", prev, 24)[0] + _payload_len(prev)) & 0xFFFFFFFF
-    if struct.unpack_from("!I", p, 24)[0] != expected:
+    if _tcp_word(p, 4) != (_tcp_word(prev, 4) + _payload_len(prev)) & 0xFFFFFFFF:
         return False
-    if struct.unpack_from("!I", p, 28)[0] != struct.unpack_from("!I", first, 28)[0]:
+    if _tcp_word(p, 8) != _tcp_word(first, 8):
         return False  # a different ACK number: keep the kernel's view of it exact
-    hlen = 20 + (first[32] >> 4) * 4
-    return hlen + sum(map(_payload_len, group)) + size <= limit
+    return _hlen(first) + sum(map(_payload_len, group)) + size <= limit
+
+
+def _tcp_flags(p: bytes) -> int:
+    return p[(20 if p[0] >> 4 == 4 else IPV6_HLEN) + 13]
 
 
 def _merge(group: list[bytes]) -> bytes:
     first = group[0]
-    hlen = 20 + (first[32] >> 4) * 4
+    h = 20 if first[0] >> 4 == 4 else IPV6_HLEN
+    hlen = _hlen(first)
     payload = b"".join(p[hlen:] for p in group)
     total = hlen + len(payload)
-    ip = bytearray(first[:20])
-    struct.pack_into("!H", ip, 2, total)
-    struct.pack_into("!H", ip, 10, ip_checksum(bytes(ip)))
-    tcp = bytearray(first[20:hlen])
-    tcp[13] |= group[-1][33] & TCP_PSH
+    ip = bytearray(first[:h])
+    if h == 20:
+        struct.pack_into("!H", ip, 2, total)
+        struct.pack_into("!H", ip, 10, ip_checksum(bytes(ip)))
+    else:
+        struct.pack_into("!H", ip, 4, total - h)  # the payload length
+    tcp = bytearray(first[h:hlen])
+    tcp[13] |= _tcp_flags(group[-1]) & TCP_PSH
     # NEEDS_CSUM: the field holds the folded pseudo-header sum, not inverted
-    struct.pack_into("!H", tcp, 16, pseudo4_sum(bytes(ip), 6, total - 20))
-    header = vnet_header(NEEDS_CSUM, GSO_TCPV4, hlen, _payload_len(first), 20, 16)
+    struct.pack_into("!H", tcp, 16, pseudo_sum(bytes(ip), 6, total - h))
+    header = vnet_header(NEEDS_CSUM, GSO_TCPV4 if h == 20 else GSO_TCPV6, hlen, _payload_len(first), h, 16)
     return header + bytes(ip) + bytes(tcp) + payload

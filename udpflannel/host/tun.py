@@ -28,7 +28,7 @@ IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
-TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x20, 0x40
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
 
 
 class TunError(UdpflannelError):
@@ -130,13 +130,13 @@ class Tun:
             raise TunError(f"cannot create TUN {name}: {text}") from None
 
     def _ask_offloads(self) -> bool:
-        """TCP super-packets (TSO4), and UDP ones too (USO, Linux >= 6.2) where the
-        kernel accepts it. Checksum offload is part of each request: the kernel
-        refuses segmentation without it, and USO only as USO4 and USO6 together
-        (IPv6 super-packets are dropped like every IPv6 packet: the overlay is IPv4)."""
+        """TCP super-packets of both families (TSO4, TSO6), and UDP ones too (USO,
+        Linux >= 6.2) where the kernel accepts it. Checksum offload is part of each
+        request: the kernel refuses segmentation without it, and USO only as USO4 and
+        USO6 together."""
         error = None
-        for flags, what in ((TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4 | TUN_F_USO6, "TSO + USO"),
-                            (TUN_F_CSUM | TUN_F_TSO4, "TSO")):
+        tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        for flags, what in ((tso | TUN_F_USO4 | TUN_F_USO6, "TSO + USO"), (tso, "TSO")):
             try:
                 for fd in self.fds:
                     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)

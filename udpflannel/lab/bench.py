@@ -323,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
     doc = report.build_document(meta, {
         name: {"description": cases[name].description,
                "daemon_args": list(extra) if (extra := cases[name].daemon_args) else None,
-               "runs": runs[name]} for name in order})
+               "baseline": cases[name].baseline, "runs": runs[name]} for name in order})
     stem = os.path.join(args.out, "bench-" + started.strftime("%Y%m%d-%H%M%S"))
     with open(stem + ".json", "w") as f:
         json.dump(doc, f, indent=1)
@@ -339,9 +339,10 @@ def main(args: argparse.Namespace) -> int:
     medians = {name: doc["cases"][name]["median"] for name in order}
     print(f"\nudpflannel bench {meta['started']}: {meta['kernel']}, {meta['cpus']} CPUs; "
           f"node 1 -> node 2, {meta['iperf_seconds']} s per iperf3 run")
-    print(f"median of {args.repeat} run(s); xN = ratio to the {report.BASELINE} median"
-          if report.BASELINE in order else f"median of {args.repeat} run(s)")
-    print(report.render_table(order, medians))
+    print(f"median of {args.repeat} run(s); xN = ratio to the {report.BASELINE} median "
+          "(for the -ipv6 cases: to kernel-vxlan-ipv6's)" if report.BASELINE in order
+          else f"median of {args.repeat} run(s)")
+    print(report.render_table(order, medians, {name: cases[name].baseline for name in order}))
     for line in doc["floor"]:
         print(line)
     for err in doc["errors"]:

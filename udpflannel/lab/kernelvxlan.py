@@ -20,20 +20,22 @@ from udpflannel.host import netconf, vxlandev
 
 def create(ipr: IPRoute, *, local_ip: str, underlay: str, subnet: str, vtep_mac: str,
            vni: int = 1, port: int = VXLAN_PORT, name: str | None = None, mtu: int | None = None) -> int:
-    """flannel.<VNI>: nolearning, dstport, <subnet .0>/32, up. Returns its index."""
+    """flannel.<VNI>: nolearning, dstport, <subnet .0>/32, up. Returns its index. An IPv6
+    ``local_ip`` and ``subnet`` make flannel-v6.<VNI> (VXLAN over IPv6, <subnet ::>/128,
+    MTU 70 bytes under the underlay's)."""
     link = ipr.link_lookup(ifname=underlay)[0]
     underlay_mtu = ipr.link("get", index=link)[0].get("mtu")
-    spec = vxlandev.DeviceSpec(name or vxlandev.device_name(vni), vni, port,
-                               ipaddress.IPv4Address(local_ip), link, vtep_mac,
-                               mtu or underlay_mtu - VXLAN_OVERHEAD)
+    local = ipaddress.ip_address(local_ip)
+    spec = vxlandev.DeviceSpec(name or vxlandev.device_name(vni, local.version), vni, port, local, link, vtep_mac,
+                               mtu or vxlandev.device_mtu(underlay_mtu - VXLAN_OVERHEAD, underlay_mtu,
+                                                          local.version))
     index, _ = vxlandev.ensure_device(ipr, spec)
-    netconf.set_address(ipr, index, ipaddress.IPv4Network(subnet))
+    netconf.set_address(ipr, index, ipaddress.ip_network(subnet))
     return index
 
 
 def _entry(subnet: str, vtep_mac: str, public_ip: str) -> vxlandev.PeerEntry:
-    return vxlandev.PeerEntry(ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(public_ip),
-                              vtep_mac)
+    return vxlandev.PeerEntry(ipaddress.ip_network(subnet), ipaddress.ip_address(public_ip), vtep_mac)
 
 
 def add_peer(ipr: IPRoute, index: int, *, subnet: str, vtep_mac: str, public_ip: str) -> None:

@@ -11,6 +11,11 @@ on exit.
   address (the TUN's, or flannel.1's with the kernel plane).
 - ``flanneld-udp``: two of the lab's flanneld udp-backend stand-ins (flannel's C proxy
   design: one packet per syscall), the reference for the udp-mode case.
+- ``*-ipv6``: dual stack (EnableIPv6) on a dual-stack underlay, measured over IPv6:
+  ``kernel-vxlan-ipv6`` is flannel-v6.1 as flanneld's vxlan backend sets it up (VXLAN
+  over IPv6), the reference of the ``udpflannel-*-ipv6`` cases (their ratios are to
+  it); the target is node 2's IPv6 overlay address (<subnet ::>). No echo or rr step
+  (the compiled echo speaks IPv4).
 
 To add a udpflannel mode, add one line to ``UDPFLANNEL_MODES``: its daemon arguments,
 how many other (absent) peers to preload into the registry (so the route table holds
@@ -40,6 +45,10 @@ from udpflannel.registry.embedded import EmbeddedRegistry
 # A network with room for 4,096 peers and more (16,384 /24s; the default /16 holds 255).
 BIG_NETWORK = '{"Network": "10.64.0.0/10", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}'
 UDP_NETWORK = '{"Network": "10.64.0.0/10", "SubnetLen": 24, "Backend": {"Type": "udp"}}'
+DUAL_NETWORK = ('{"Network": "10.64.0.0/10", "SubnetLen": 24, "EnableIPv6": true, '
+                '"IPv6Network": "fd10:64::/48", "IPv6SubnetLen": 64, "Backend": {"Type": "vxlan"}}')
+UNDERLAY6 = "fd00:250::/64"
+IPV6_STEPS = ("ping", "tcp1", "tcp4", "udp")
 # name -> (extra `udpflannel run` arguments, extra peers preloaded, network config)
 UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int, str]] = {
     "offload": (("--offload", "auto"), 0, BIG_NETWORK),   # the defaults: --io poll
@@ -61,6 +70,11 @@ UDPFLANNEL_MODES: dict[str, tuple[tuple[str, ...], int, str]] = {
     "no-udp-offload": (("--offload", "auto"), 0, BIG_NETWORK),
     "no-tun-offload": (("--offload", "auto"), 0, BIG_NETWORK),
 }
+# IPv6 modes, measured over IPv6 against kernel-vxlan-ipv6: name -> extra arguments
+UDPFLANNEL_IPV6_MODES: dict[str, tuple[str, ...]] = {
+    "offload-ipv6": ("--offload", "auto"),
+    "kernel-ipv6": ("--dataplane", "kernel"),
+}
 # mode -> the lab.oldkernel profile its daemons run under (a seccomp filter refusing
 # the newer kernel features, as an older kernel does); other modes see this kernel
 OLD_KERNEL: dict[str, str] = {mode: mode for mode in ("no-uso", "no-gro", "no-udp-offload", "no-tun-offload")}
@@ -68,6 +82,7 @@ OLD_KERNEL: dict[str, str] = {mode: mode for mode in ("no-uso", "no-gro", "no-ud
 LAB_TAG = "ufb"
 VXLAN_DEV, VXLAN_VNI = "flannel.1", 1
 VXLAN_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")
+VXLAN6_SUBNETS = ("fd10:244:0:1::/64", "fd10:244:0:2::/64")
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,7 @@ class Case:
     setup: Callable[[], ContextManager[Target]]
     daemon_args: tuple[str, ...] | None = None
     steps: tuple[str, ...] = ("ping", "ping0", "tcp1", "tcp4", "udp", "rr")
+    baseline: str = BASE_CASE  # the case its ratios are to
 
 
 @contextmanager
@@ -123,6 +139,22 @@ def kernel_vxlan() -> Iterator[Target]:
                      note=f"lab {lab.id}, {VXLAN_DEV} MTU {lab.mtu - VXLAN_OVERHEAD}")
 
 
+@contextmanager
+def kernel_vxlan6() -> Iterator[Target]:
+    """flannel-v6.1 on both nodes, as flanneld's vxlan backend with EnableIPv6."""
+    with Lab(2, tag=LAB_TAG, underlay6=UNDERLAY6) as lab:
+        macs = (_random_mac(), _random_mac())
+        for i in (0, 1):
+            j = 1 - i
+            with lab.nodes[i].ipr() as ipr:
+                dev = kernelvxlan.create(ipr, local_ip=lab.addresses6[i], underlay="eth0",
+                                         subnet=VXLAN6_SUBNETS[i], vtep_mac=macs[i], vni=VXLAN_VNI)
+                kernelvxlan.add_peer(ipr, dev, subnet=VXLAN6_SUBNETS[j], vtep_mac=macs[j],
+                                     public_ip=lab.addresses6[j])
+        yield Target(lab.nodes[0], lab.nodes[1], VXLAN6_SUBNETS[1].split("/")[0],
+                     note=f"lab {lab.id}, flannel-v6.{VXLAN_VNI} over IPv6")
+
+
 def _preload_peers(registry_file: str, count: int, config: str = BIG_NETWORK) -> None:
     """The network config, and leases of ``count`` absent nodes so every daemon's
     route table holds them."""
@@ -140,13 +172,14 @@ def _preload_peers(registry_file: str, count: int, config: str = BIG_NETWORK) ->
 
 
 def udpflannel(extra_args: tuple[str, ...], peers: int = 0, config: str = BIG_NETWORK,
-               kernel: str | None = None) -> Callable[[], ContextManager[Target]]:
+               kernel: str | None = None, ipv6: bool = False) -> Callable[[], ContextManager[Target]]:
+    """``ipv6``: a dual-stack network and underlay, measured over IPv6."""
     @contextmanager
     def setup() -> Iterator[Target]:
         workdir = tempfile.mkdtemp(prefix="udpflannel-bench-")
         wrapper = oldkernel.wrap(kernel) if kernel else ()
         try:
-            with Lab(2, tag=LAB_TAG) as lab, \
+            with Lab(2, tag=LAB_TAG, underlay6=UNDERLAY6 if ipv6 else None) as lab, \
                     Cluster(lab, workdir, extra_args=extra_args, wrapper=wrapper) as cluster:
                 _preload_peers(cluster.registry_file, peers, config)
                 cluster.start_all()
@@ -158,7 +191,10 @@ def udpflannel(extra_args: tuple[str, ...], peers: int = 0, config: str = BIG_NE
                 pids = tuple(cluster.procs[i].pid for i in sorted(cluster.procs))
                 st = cluster.status(1)
                 assert st.dataplane is not None  # (routing, waited for above)
-                yield Target(lab.nodes[0], lab.nodes[1], cluster.overlay_addr(1), daemons=pids,
+                assert st.lease is not None
+                target = (str(ipaddress.IPv6Network(st.lease.ipv6_subnet or "::/0").network_address)
+                          if ipv6 else cluster.overlay_addr(1))
+                yield Target(lab.nodes[0], lab.nodes[1], target, daemons=pids,
                              note=f"lab {lab.id}, daemons {', '.join(map(str, pids))}, "
                                   f"{st.dataplane.kind} plane, {st.dataplane.device} MTU "
                                   f"{st.dataplane.mtu}, offloads {','.join(st.dataplane.offloads) or 'none'}"
@@ -228,6 +264,13 @@ def all_cases() -> list[Case]:
         older = f", on a kernel as {oldkernel.PROFILES[kernel][1]} (seccomp)" if kernel else ""
         cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}{more}{backend}{older}",
                           udpflannel(extra, peers, config, kernel), daemon_args=extra))
+    cases.append(Case("kernel-vxlan-ipv6", "kernel VXLAN over IPv6 set up as flannel's vxlan backend "
+                      f"with EnableIPv6 (flannel-v6.{VXLAN_VNI}), measured over IPv6", kernel_vxlan6,
+                      steps=IPV6_STEPS, baseline="kernel-vxlan-ipv6"))
+    for mode, extra in UDPFLANNEL_IPV6_MODES.items():
+        cases.append(Case(f"udpflannel-{mode}", f"udpflannel run {' '.join(extra)}, dual stack, measured "
+                          "over IPv6", udpflannel(extra, config=DUAL_NETWORK, ipv6=True), daemon_args=extra,
+                          steps=IPV6_STEPS, baseline="kernel-vxlan-ipv6"))
     cases.append(Case("udpflannel-restart", "udpflannel run (defaults), node 2's daemon replaced during a "
                       "paced TCP stream: by a --takeover successor, and stopped then started (SIGTERM, "
                       "SIGKILL)", udpflannel(("--offload", "auto")), daemon_args=("--offload", "auto"),

@@ -148,11 +148,12 @@ def one_line(text: str) -> str:
 
 
 def render_table(order: Sequence[str], medians: Mapping[str, Mapping[str, float | None]],
-                 baseline: str = BASELINE) -> str:
-    """Rows are metrics, columns cases; each cell is "median  x ratio-to-baseline"."""
-    base = medians.get(baseline)
+                 baselines: Mapping[str, str] | None = None) -> str:
+    """Rows are metrics, columns cases; each cell is "median  x ratio-to-baseline" (a
+    case's baseline: ``baselines[case]``, else BASELINE)."""
     cells: dict[str, list[tuple[str, str]]] = {}
     for case in order:
+        base = medians.get((baselines or {}).get(case, BASELINE))
         rs = ratios(medians[case], base)
         cells[case] = [(format_value(medians[case].get(m.key), m.integer),
                         format_ratio(rs[m.key]) if base is not None else "")
@@ -209,7 +210,8 @@ WAKEUPS: tuple[Wakeup, ...] = (
 )
 
 
-def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BASELINE) -> list[str]:
+def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BASELINE,
+          baselines: Mapping[str, str] | None = None) -> list[str]:
     """The latency floor, in words: w, one process wakeup (a compiled UDP echo minus a
     kernel ping between the same namespaces), and for each udpflannel case its ping
     overhead over kernel VXLAN as a multiple of 4w (a round trip passes the daemons
@@ -238,8 +240,8 @@ def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BAS
                      f"- {u.ping_words} {format_value(ping)} us = {format_value(w)} us; "
                      + u.meaning.format(name=u.name, four=format_value(4 * w)))
     for case, m in medians.items():
-        if not case.startswith("udpflannel-"):
-            continue
+        if not case.startswith("udpflannel-") or (baselines or {}).get(case, baseline) != baseline:
+            continue  # (the veth floor is IPv4's: IPv6 cases are held against their own baseline)
         parts: dict[str, list[str]] = {}   # a ping and its overhead -> it in each unit
         for u, w in units:
             rtt, base_rtt = m.get(u.held), base.get(u.held)
@@ -256,11 +258,13 @@ def floor(medians: Mapping[str, Mapping[str, float | None]], baseline: str = BAS
 def build_document(meta: Mapping[str, Any], cases: Mapping[str, Mapping[str, Any]],
                    baseline: str = BASELINE) -> dict[str, Any]:
     """The JSON written next to the chart: every run, plus medians and ratios.
-    ``cases`` maps name -> {"description", "daemon_args", "runs": [...]}, in order."""
+    ``cases`` maps name -> {"description", "daemon_args", "runs": [...]}, in order, and
+    optionally "baseline": the case its ratios are to (else ``baseline``)."""
     meds = {name: run_medians(c["runs"]) for name, c in cases.items()}
-    base = meds.get(baseline)
+    baselines = {name: c.get("baseline") or baseline for name, c in cases.items()}
     out_cases = {}
     for name, c in cases.items():
+        base = meds.get(baselines[name])
         out_cases[name] = {
             **{k: v for k, v in c.items() if k != "runs"},
             "median": meds[name],
@@ -272,4 +276,4 @@ def build_document(meta: Mapping[str, Any], cases: Mapping[str, Mapping[str, Any
               for step, text in (r.get("errors") or {}).items()]
     return {"schema": SCHEMA, "meta": dict(meta), "baseline": baseline,
             "metrics": [asdict(m) for m in METRICS], "cases": out_cases,
-            "floor": floor(meds, baseline), "errors": errors, "ok": not errors}
+            "floor": floor(meds, baseline, baselines), "errors": errors, "ok": not errors}

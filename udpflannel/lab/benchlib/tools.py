@@ -10,6 +10,7 @@ connection would itself consume a one-off server.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import subprocess
@@ -124,10 +125,16 @@ def ping(src: Namespace, addr: str, count: int, interval: float, cpu: int | None
 
 
 def wait_reachable(src: Namespace, addr: str, timeout: float = 15.0) -> float:
-    """Block until ``addr`` answers an echo from ``src``; seconds it took."""
+    """Block until ``addr`` answers an echo from ``src`` (IPv6: iputils ping's); seconds
+    it took."""
     start = time.monotonic()
+    v6 = ipaddress.ip_address(addr).version == 6
     while True:
-        if probe.ping(src, addr, count=1, timeout=0.5)[0] is not None:
+        if v6:
+            answered = src.run(["ping", "-6", "-n", "-c", "1", "-W", "1", addr], 5).returncode == 0
+        else:
+            answered = probe.ping(src, addr, count=1, timeout=0.5)[0] is not None
+        if answered:
             return time.monotonic() - start
         if time.monotonic() - start > timeout:
             raise ToolError(f"{addr} unreachable from {src.name} after {timeout:.0f} s")
