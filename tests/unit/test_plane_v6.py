@@ -148,3 +148,15 @@ def test_status_and_metrics_name_the_sockets_and_an_older_daemon_s_status_still_
     older = st.to_dict()
     del older["dataplane"]["listening"]
     assert NodeStatus.from_dict(older).dataplane.listening == ()
+
+
+@pytest.mark.parametrize("mtu, mtu6", [(1450, 1430), (1350, 1330), (8950, 8930)])
+def test_the_tun_s_tso_cap_fits_one_udp_segment_send_in_either_family(mtu, mtu6):
+    """The TUN has one cap (gso_max_size) for TSO4 and TSO6 super-packets: the segments
+    of either, each framed in VXLAN (inner packet + 22), fit one 65,507-byte send."""
+    from udpflannel.host.netconf import tso_size_for_one_send
+    cap = tso_size_for_one_send(mtu, mtu6)
+    assert tso_size_for_one_send(mtu) >= cap  # IPv6's longer headers only lower it
+    for route_mtu, headers in ((mtu, 20 + 32), (mtu6, 40 + 32)):
+        segments = -(-(cap - headers) // (route_mtu - headers))  # each carries route_mtu - headers of payload
+        assert segments * (route_mtu + 22) <= 65507, (route_mtu, cap)

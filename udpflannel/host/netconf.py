@@ -199,12 +199,18 @@ def underlay_address_present(underlay: Underlay) -> bool:
             return False
 
 
-def tso_size_for_one_send(mtu: int) -> int:
+def tso_size_for_one_send(mtu: int, mtu6: int | None = None) -> int:
     """The largest TCP super-packet the TUN should hand us so that all its segments,
     each framed in VXLAN, fit one UDP_SEGMENT send (so the peer's GRO sees one run
-    and writes one super-packet). Assumes the worst TCP header, 20 + 12 (timestamps)."""
+    and writes one super-packet). Assumes the worst TCP header, 20 + 12 (timestamps).
+    With IPv6 (``mtu6``, its route's MTU) the smaller of both families' sizes: the
+    device has one cap, and an IPv6 segment's IP header is 40 bytes."""
+    return min(_one_send(mtu, 20), _one_send(mtu6, 40) if mtu6 else UDP_MAX_PAYLOAD)
+
+
+def _one_send(mtu: int, ip_header: int) -> int:
     segments = UDP_MAX_PAYLOAD // (mtu + HEADROOM)
-    return segments * (mtu - 52) + 40
+    return segments * (mtu - ip_header - 32) + ip_header + 20
 
 
 FALLBACK_METRIC = 4096  # below the TUN's own route; only ever used without it
@@ -234,7 +240,7 @@ def configure_tun(name: str, subnet: ipaddress.IPv4Network | None, network: ipad
             enable_ipv6(name)
         if tso:
             try:
-                ipr.link("set", index=index, gso_max_size=tso_size_for_one_send(mtu))
+                ipr.link("set", index=index, gso_max_size=tso_size_for_one_send(mtu, mtu6 if subnet6 else None))
             except NetlinkError as e:  # older kernels: bigger super-packets, two sends each
                 log.info("cannot cap the TUN's TSO size (%s); continuing", e)
         try:
