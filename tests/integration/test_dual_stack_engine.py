@@ -152,9 +152,9 @@ def test_every_pair_pings_over_both_families_and_carries_tcp_over_ipv6_both_ways
     assert lost == [], "(lab node, lab node, address) with a lost echo"
     assert _tcp_both_ways_over_ipv6(mix, 6111) == []
     assert _unexpected_drops(mix) == {}
-    for i in mix.engines:
+    for i in mix.engines:  # the transfers to it (one from each other node) crossed its engine
         st = mix.cluster.status(i)
-        assert st.dataplane.kind == "engine" and st.dataplane.counters["rx_packets"] > 1000
+        assert st.dataplane.kind == "engine" and st.dataplane.counters["rx_bytes"] > 3 * TCP_BYTES
     assert mix.flanneld.running(), mix.flanneld.log_tail()
 
 
