@@ -1,5 +1,6 @@
-"""Dual-stack pods: two nodes running `udpflannel run --ip-masq --dataplane kernel` on a
-dual-stack network and underlay; pods are lab namespaces added by CNI ADD through
+"""Dual-stack pods: two nodes running `udpflannel run --ip-masq` on a dual-stack network
+and underlay, with each data plane (the kernel's flannel.1 and flannel-v6.1, the
+engine's TUN); pods are lab namespaces added by CNI ADD through
 udpflannel-cni with the real bridge and host-local plugins. Each pod gets an IPv4 and an
 IPv6 address from its node's subnets (flannel's plugin renders one range set per
 family); pods on different nodes reach each other over both families keeping their own
@@ -16,6 +17,8 @@ import socket
 import threading
 from typing import Any
 
+import pytest
+
 from udpflannel.lab import probe
 from udpflannel.lab.netns import Namespace
 
@@ -27,16 +30,18 @@ except ImportError:
 NETWORK, NETWORK6 = "10.247.0.0/16", "fd20::/56"
 
 
-def test_dual_stack_pods_reach_each_other_over_both_families(make_lab, make_cluster, workdir):
+@pytest.mark.parametrize("plane", ["kernel", "engine"])
+def test_dual_stack_pods_reach_each_other_over_both_families(make_lab, make_cluster, workdir, plane):
     lab = make_lab(3, underlay6="fd00:251::/64")  # node 3: a host outside the cluster network
     config = os.path.join(workdir, "net.json")
     with open(config, "w") as f:
         json.dump({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": NETWORK6, "Backend": {"Type": "vxlan"}}, f)
-    cluster = make_cluster(lab, extra_args=["--ip-masq", "--dataplane", "kernel", "--net-config", config])
+    cluster = make_cluster(lab, extra_args=["--ip-masq", "--dataplane", plane, "--net-config", config])
     cluster.start(0)
     cluster.start(1)
     for i in (0, 1):
-        cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 2, 30, "routing both families")
+        cluster.wait_status(i, lambda s: s.ready and s.dataplane.peers == 2 and s.dataplane.kind == plane, 30,
+                            "routing both families")
 
     pods, ips = [], []
     for i in (0, 1):
