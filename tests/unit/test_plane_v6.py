@@ -105,6 +105,15 @@ def test_ipv6_only_binds_nothing_for_ipv4():
         plane.close()
 
 
+def test_a_link_local_underlay_address_is_one_line():
+    underlay = Underlay("lo", 1, LOOPBACK.address, LOOPBACK.public_ip, 65536, None,
+                        ipaddress.IPv6Address("fe80::1"), ipaddress.IPv6Address("fe80::1"))
+    plane = EnginePlane(_opts(DUAL, underlay=underlay), "test", on_loop=False)
+    with pytest.raises(DataplaneError, match=r"^the underlay's IPv6 address fe80::1 is link-local: "):
+        plane._bind_all()
+    plane.close()
+
+
 def test_ipv6_without_an_ipv6_underlay_address_is_one_line():
     underlay = Underlay("lo", 1, LOOPBACK.address, LOOPBACK.public_ip, 65536)
     plane = EnginePlane(_opts(DUAL, underlay=underlay), "test", on_loop=False)

@@ -180,6 +180,9 @@ class EnginePlane:
         if cfg.enable_ipv6:  # (a udp backend has no IPv6: config.py refuses it)
             if underlay.address6 is None:
                 raise DataplaneError("EnableIPv6 needs an IPv6 address on the underlay")
+            if underlay.address6.is_link_local:  # (a socket cannot bind one without its scope)
+                raise DataplaneError(f"the underlay's IPv6 address {underlay.address6} is link-local: the "
+                                     "engine needs a global or unique local one (or --dataplane kernel)")
             self.vxlan6_group, self.pool6 = self._bind_vxlan(underlay.address6, required=True)
         if not self._listening():
             raise DataplaneError("no UDP port could be bound")
