@@ -6,6 +6,8 @@ Kept out of conftest.py so test modules can import it by a unique name
 
 from __future__ import annotations
 
+import socket
+
 from udpflannel._engine import Engine
 from udpflannel.dataplane.pyengine import PyEngine
 
@@ -57,3 +59,14 @@ def counter_delta(before: dict, after: dict) -> dict:
     """The counters that changed between two ``counters()`` snapshots, and by how much."""
     assert before.keys() == after.keys()
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def received(sock: socket.socket, quiet: float = 0.5) -> list[tuple[bytes, tuple]]:
+    """Every datagram (with its source) until ``sock`` has been quiet for ``quiet`` s."""
+    sock.settimeout(quiet)
+    out = []
+    try:
+        while True:
+            out.append(sock.recvfrom(70000))
+    except socket.timeout:
+        return out

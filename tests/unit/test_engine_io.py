@@ -12,6 +12,7 @@ import socket
 import struct
 
 import pytest
+from enginekit import received
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Raw
@@ -30,43 +31,13 @@ def engine(mac: bytes) -> Engine:
     return Engine(vni=1, vtep_mac=mac, network="10.244.0.0/16", subnet_len=24)
 
 
-@pytest.fixture
-def wires():
-    socks = []
-
-    def udp(opts: dict | None = None) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        for (level, name), value in (opts or {}).items():
-            s.setsockopt(level, name, value)
-        socks.append(s)
-        return s
-
-    def tun() -> tuple[socket.socket, socket.socket]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        b.setblocking(False)
-        socks.extend((a, b))
-        return a, b
-    try:
-        yield udp, tun
-    finally:
-        for s in socks:
-            s.close()
-
-
 def super_packet() -> bytes:
     raw = bytes(IP(src="10.244.1.7", dst="10.244.2.9", id=1) / TCP(flags="A", seq=7) / Raw(PAYLOAD))
     return offload.vnet_header(offload.NEEDS_CSUM, offload.GSO_TCPV4, 40, 1400, 20, 16) + raw
 
 
 def drain_datagrams(sock: socket.socket) -> list[bytes]:
-    sock.settimeout(0.5)
-    out = []
-    try:
-        while True:
-            out.append(sock.recv(65535))
-    except socket.timeout:
-        return out
+    return [data for data, _ in received(sock)]
 
 
 @pytest.mark.parametrize("refuse", [False, True])
@@ -267,13 +238,7 @@ def twin_of(mac: bytes, subnet: str, port: int, peer_mac: bytes) -> PyEngine:
 
 
 def tun_writes(app: socket.socket) -> list[bytes]:
-    app.settimeout(0.3)
-    out = []
-    try:
-        while True:
-            out.append(app.recv(70000))
-    except socket.timeout:
-        return out
+    return [data for data, _ in received(app, 0.3)]
 
 
 def _flow(seq: int, n: int, size: int, sport: int = 40000, psh_last: bool = False) -> list[bytes]:

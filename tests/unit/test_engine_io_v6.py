@@ -9,8 +9,10 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from socket import AF_INET, AF_INET6
 
 import pytest
+from enginekit import received
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import TCP, IPv6
 from scapy.layers.l2 import Ether
@@ -32,42 +34,6 @@ def dual(cls, mac: bytes, mac6: bytes):
                network6="fd10:244::/56", subnet_len6=64)
 
 
-@pytest.fixture
-def wires():
-    socks = []
-
-    def udp(family: int = socket.AF_INET6) -> socket.socket:
-        s = socket.socket(family, socket.SOCK_DGRAM)
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-        s.setblocking(False)
-        socks.append(s)
-        return s
-
-    def tun() -> tuple[socket.socket, socket.socket]:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        b.setblocking(False)
-        a.settimeout(2)
-        socks.extend((a, b))
-        return a, b
-    try:
-        yield udp, tun
-    finally:
-        for s in socks:
-            s.close()
-
-
-def received(sock: socket.socket) -> list[tuple[bytes, tuple]]:
-    sock.settimeout(0.5)
-    out = []
-    try:
-        while True:
-            out.append(sock.recvfrom(70000))
-    except socket.timeout:
-        return out
-
-
 def ping6(dst: str, n: int, src: str = "fd10:244:0:1::7") -> bytes:
     return bytes(IPv6(src=src, dst=dst) / UDP(sport=1000 + n, dport=53) / Raw(bytes([n]) * 64))
 
@@ -75,8 +41,8 @@ def ping6(dst: str, n: int, src: str = "fd10:244:0:1::7") -> bytes:
 @pytest.mark.parametrize("cls", [Engine, PyEngine], ids=["compiled", "twin"])
 def test_ipv6_peers_from_the_ipv6_sockets_ipv4_peers_from_the_ipv4_ones(wires, cls):
     udp, tun = wires
-    peer6, peer4 = udp(), udp(socket.AF_INET)
-    out6, out4 = udp(), udp(socket.AF_INET)
+    peer6, peer4 = udp(family=AF_INET6), udp(family=AF_INET)
+    out6, out4 = udp(family=AF_INET6), udp(family=AF_INET)
     app, tun_fd = tun()
     a = dual(cls, A_MAC, A6_MAC)
     a.set_route("fd10:244:0:2::/64", "::1", peer6.getsockname()[1], B6_MAC)
@@ -97,12 +63,13 @@ def test_ipv6_peers_from_the_ipv6_sockets_ipv4_peers_from_the_ipv4_ones(wires, c
 
 def test_the_ipv6_source_port_pool_spreads_flows_and_keeps_each_on_one(wires):
     udp, tun = wires
-    peer6 = udp()
-    pool = [udp() for _ in range(4)]
+    peer6 = udp(family=AF_INET6)
+    pool = [udp(family=AF_INET6) for _ in range(4)]
     app, tun_fd = tun()
     a = dual(Engine, A_MAC, A6_MAC)
     a.set_route("fd10:244:0:2::/64", "::1", peer6.getsockname()[1], B6_MAC)
-    a.attach(tun_fd.fileno(), -1, udp6_fd=udp().fileno(), tx6_fds=[s.fileno() for s in pool], gso=True)
+    a.attach(tun_fd.fileno(), -1, udp6_fd=udp(family=AF_INET6).fileno(), tx6_fds=[s.fileno() for s in pool],
+             gso=True)
     sent = [ping6("fd10:244:0:2::9", n % 16) for n in range(48)]
     for p in sent:
         app.send(p)
@@ -117,9 +84,10 @@ def test_the_ipv6_source_port_pool_spreads_flows_and_keeps_each_on_one(wires):
 @pytest.mark.parametrize("mode", ["loop", "threads", "poll"])
 def test_frames_on_the_ipv6_socket_reach_the_tun_in_every_io_mode(wires, mode):
     udp, tun = wires
-    rx6, rx4 = udp(), udp(socket.AF_INET)
-    sender = udp()
+    rx6, rx4 = udp(family=AF_INET6), udp(family=AF_INET)
+    sender = udp(family=AF_INET6)
     app, tun_fd = tun()
+    app.settimeout(2)
     b = dual(Engine, B_MAC, B6_MAC)
     b.set_subnet("fd10:244:0:2::/64")
     b.set_route("fd10:244:0:1::/64", "::1", sender.getsockname()[1], A6_MAC)
@@ -149,11 +117,11 @@ def test_frames_on_the_ipv6_socket_reach_the_tun_in_every_io_mode(wires, mode):
 
 def test_a_tcpv6_super_packet_leaves_in_one_udp_segment_send_over_ipv6(wires):
     udp, tun = wires
-    peer6 = udp()
+    peer6 = udp(family=AF_INET6)
     app, tun_fd = tun()
     a = dual(Engine, A_MAC, A6_MAC)
     a.set_route("fd10:244:0:2::/64", "::1", peer6.getsockname()[1], B6_MAC)
-    a.attach(tun_fd.fileno(), -1, udp6_fd=udp().fileno(), vnet_hdr=True, gso=True)
+    a.attach(tun_fd.fileno(), -1, udp6_fd=udp(family=AF_INET6).fileno(), vnet_hdr=True, gso=True)
     raw = bytes(IPv6(src="fd10:244:0:1::7", dst="fd10:244:0:2::9") / TCP(flags="A", seq=9) / Raw(PAYLOAD))
     app.send(offload.vnet_header(offload.NEEDS_CSUM, offload.GSO_TCPV6, 60, 1400, 40, 16) + raw)
     assert a.drain_tun(8) == 1
