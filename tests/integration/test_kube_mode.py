@@ -384,8 +384,12 @@ def test_an_api_server_outage_loses_no_ping_and_a_node_added_meanwhile_is_reache
     assert lost == {}, lost
     vx.cluster.wait_status(new, lambda s: s.ready and s.dataplane.peers == 3, 60, "the new node ready")
     for a in vx.nodes:
-        reachable(vx.lab.nodes[a], vx.addr(new))
-        reachable(vx.lab.nodes[new], vx.addr(a))
+        # flanneld's informer comes back on client-go's reflector backoff (0.8 s doubling
+        # to 30 s, each wait up to twice that with jitter): after a 10 s outage its next
+        # list can be a minute away, so a pair with flanneld gets that long
+        timeout = 90.0 if a == vx.f else 30.0
+        reachable(vx.lab.nodes[a], vx.addr(new), timeout)
+        reachable(vx.lab.nodes[new], vx.addr(a), timeout)
     wait_until(lambda: vx.cluster.status(i).registry.reachable, 30, "the API server reachable again")
     vx.ours[new] = "engine"
 
