@@ -35,7 +35,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from udpflannel.core.errors import BadInput
 from udpflannel.core.lease import UNSPECIFIED, Lease, _short, normalize_mac
@@ -279,28 +279,37 @@ def node_lease(names: Annotations, node: Mapping[str, Any], *, ipv4: bool = True
         raise NodeError("no pod CIDR (spec.podCIDR) yet")
     lease = Lease(None, UNSPECIFIED, btype)
     if ipv4:
-        text = ann.get(names.public_ip, "")
-        try:
-            public_ip = ipaddress.IPv4Address(text)
-        except ValueError:
-            raise NodeError(f"annotation {names.public_ip} {_short(str(text))} is not an IPv4 address") from None
-        if v4_cidr is None:
-            raise NodeError(f"no IPv4 pod CIDR in {v6_cidr}")
-        vni, mac = (_vxlan_data(names.backend_data, ann.get(names.backend_data, "")) if btype == "vxlan"
-                    else (None, None))
+        public_ip, vni, mac = _family_side(ann, names.public_ip, names.backend_data, btype, v4_cidr, v6_cidr,
+                                          ipaddress.IPv4Address)
         lease = replace(lease, subnet=v4_cidr, public_ip=public_ip, vni=vni, vtep_mac=mac)
     if ipv6 and (not ipv4 or names.public_ipv6 in ann):
-        text = ann.get(names.public_ipv6, "")
-        try:
-            public_ipv6 = ipaddress.IPv6Address(text)
-        except ValueError:
-            raise NodeError(f"annotation {names.public_ipv6} {_short(str(text))} is not an IPv6 address") from None
-        if v6_cidr is None:
-            raise NodeError(f"no IPv6 pod CIDR in {v4_cidr}")
-        vni6, mac6 = (_vxlan_data(names.backend_v6_data, ann.get(names.backend_v6_data, "")) if btype == "vxlan"
-                      else (None, None))
+        public_ipv6, vni6, mac6 = _family_side(ann, names.public_ipv6, names.backend_v6_data, btype, v6_cidr,
+                                               v4_cidr, ipaddress.IPv6Address)
         lease = replace(lease, ipv6_subnet=v6_cidr, public_ipv6=public_ipv6, vni6=vni6, vtep_mac6=mac6)
     return lease
+
+
+_Address = TypeVar("_Address", ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+def _family_side(ann: Mapping[str, Any], public_name: str, data_name: str, btype: str,
+                 cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+                 other_cidr: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+                 address: type[_Address]) -> tuple[_Address, int | None, str | None]:
+    """One family's side of a peer's lease (``address``: that family's address class):
+    (public address, VNI, VTEP MAC) from the annotations ``public_name`` and
+    ``data_name`` (vxlan only), given that family's pod CIDR ``cidr``; one NodeError
+    for a bad address or a missing CIDR."""
+    family = "IPv4" if address is ipaddress.IPv4Address else "IPv6"
+    text = ann.get(public_name, "")
+    try:
+        public = address(text)
+    except ValueError:
+        raise NodeError(f"annotation {public_name} {_short(str(text))} is not an {family} address") from None
+    if cidr is None:
+        raise NodeError(f"no {family} pod CIDR in {other_cidr}")
+    vni, mac = _vxlan_data(data_name, ann.get(data_name, "")) if btype == "vxlan" else (None, None)
+    return public, vni, mac
 
 
 def _vxlan_data(name: str, raw: Any) -> tuple[int | None, str | None]:
