@@ -18,6 +18,7 @@ import threading
 import time
 
 import pytest
+from support.waiting import wait_until
 
 from udpflannel._engine import Engine
 from udpflannel.cli import format_cpus
@@ -207,7 +208,7 @@ def test_queues_keep_order_and_exact_counters(make_lab, make_cluster, io):
         rx.bind((dst, 5555))
         rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         rx.settimeout(5)
-        before_a, before_b = (cluster.status(i).dataplane.counters for i in (0, 1))
+        before_a, before_b = (settled_counters(cluster, i) for i in (0, 1))
         for n in range(count):
             for f, s in enumerate(senders):
                 s.sendto(struct.pack("!II", f, n) + bytes(100), (dst, 5555))
@@ -227,6 +228,21 @@ def test_queues_keep_order_and_exact_counters(make_lab, make_cluster, io):
     assert after_a["tx_packets"] - before_a["tx_packets"] == sent
     assert after_b["rx_packets"] - before_b["rx_packets"] == sent
     assert cluster.status(0).dataplane.offloads == ("tso", "gso", "gro")
+
+
+def settled_counters(cluster, i: int, quiet: float = 0.5) -> dict[str, int]:
+    """Node i's counters once nothing has moved them for ``quiet`` s: the TCP stream
+    before has closed (its last FIN and ACK, sent after tcp_stream returns, would
+    otherwise land in the UDP test's count)."""
+    last: list[dict[str, int]] = [cluster.status(i).dataplane.counters]
+
+    def still() -> dict[str, int] | None:
+        time.sleep(quiet)
+        now = cluster.status(i).dataplane.counters
+        settled = now if now == last[0] else None
+        last[0] = now
+        return settled
+    return wait_until(still, 10, f"node {i + 1}'s counters settling", interval=0)
 
 
 def test_a_second_daemon_cannot_join_the_queue_group(make_lab, make_cluster, workdir):
